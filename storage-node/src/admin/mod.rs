@@ -1,0 +1,196 @@
+//! The admin API (`/admin/v1/...`): tenants and their access keys. Used by the
+//! operator and by `granary-node tenant|key ...`; authenticated with the node's admin
+//! token (`Authorization: Bearer <token>`). Reference: docs/admin-api.md.
+//! Also serves `/metrics`, `/healthz` and `/readyz` (unauthenticated).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::catalog::{Tenant, TenantSpec};
+use crate::jsonapi::ApiError;
+use crate::model::Store;
+use crate::telemetry::Metrics;
+use crate::tenancy::Authenticator;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub store: Store,
+    pub auth: Authenticator,
+    pub metrics: Arc<Metrics>,
+    pub token: Arc<str>,
+    pub ready: Arc<AtomicBool>,
+    pub node: Arc<serde_json::Value>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    let api = Router::new()
+        .route("/admin/v1/node", get(node))
+        .route("/admin/v1/tenants", get(list_tenants).post(create_tenant))
+        .route("/admin/v1/tenants/{name}", get(get_tenant).put(update_tenant).delete(delete_tenant))
+        .route("/admin/v1/tenants/{name}/keys", get(list_keys).post(create_key))
+        .route("/admin/v1/tenants/{name}/keys/{key}", axum::routing::delete(revoke_key))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(api)
+        .route("/metrics", get(|State(s): State<AdminState>| async move {
+            ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
+        }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(|State(s): State<AdminState>| async move {
+            if s.ready.load(Ordering::Relaxed) { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
+        }))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NoSuchRoute", "see docs/admin-api.md") })
+        .with_state(state)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(State(s): State<AdminState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if given.is_empty() || !constant_time_eq(given.trim().as_bytes(), s.token.as_bytes()) {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "a valid admin bearer token is required").into_response();
+    }
+    next.run(req).await
+}
+
+pub fn check_tenant_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if ok { Ok(()) } else { Err(ApiError::bad_request("tenant names are 1 to 128 characters of [a-z0-9._-], starting with a letter or digit")) }
+}
+
+async fn tenant(s: &AdminState, name: &str) -> Result<Tenant, ApiError> {
+    s.store
+        .catalog()
+        .tenant_by_name(name)
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "NoSuchTenant", format!("tenant {name:?} does not exist")))
+}
+
+fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "MalformedJSON", e.body_text())
+}
+
+async fn node(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    Json((*s.node).clone())
+}
+
+async fn list_tenants(State(s): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(json!({"tenants": s.store.catalog().list_tenants().await?})))
+}
+
+async fn create_tenant(
+    State(s): State<AdminState>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(v) = body.map_err(json_rejection)?;
+    // Flatten and deny_unknown_fields do not combine in serde: split by hand.
+    let mut obj = v.as_object().cloned().ok_or_else(|| ApiError::bad_request("expected a JSON object"))?;
+    let name = obj
+        .remove("name")
+        .and_then(|n| n.as_str().map(str::to_string))
+        .ok_or_else(|| ApiError::bad_request("name is required"))?;
+    let spec: TenantSpec = serde_json::from_value(serde_json::Value::Object(obj))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "MalformedJSON", e.to_string()))?;
+    check_tenant_name(&name)?;
+    let t = s.store.catalog().create_tenant(&name, &spec).await?;
+    tracing::info!(tenant = %t.name, id = %t.id, "tenant created");
+    Ok((StatusCode::CREATED, Json(t)).into_response())
+}
+
+async fn get_tenant(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<Tenant>, ApiError> {
+    Ok(Json(tenant(&s, &name).await?))
+}
+
+async fn update_tenant(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<TenantSpec>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Tenant>, ApiError> {
+    let Json(spec) = body.map_err(json_rejection)?;
+    tenant(&s, &name).await?;
+    Ok(Json(s.store.catalog().update_tenant(&name, &spec).await?))
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    purge: bool,
+}
+
+async fn delete_tenant(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    let t = tenant(&s, &name).await?;
+    if q.purge {
+        s.store.purge_tenant(t.id).await?;
+    } else if !s.store.list_buckets(t.id).await?.is_empty() || s.store.tenant_has_kv(t.id).await? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "TenantNotEmpty",
+            "the tenant still has buckets or KV keys; delete them first or pass ?purge=true",
+        ));
+    }
+    s.store.catalog().delete_tenant(t.id).await?;
+    s.auth.invalidate_tenant(t.id).await;
+    tracing::info!(tenant = %name, purge = q.purge, "tenant deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateKey {
+    #[serde(default)]
+    description: String,
+}
+
+async fn create_key(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    body: Option<Json<CreateKey>>,
+) -> Result<Response, ApiError> {
+    let t = tenant(&s, &name).await?;
+    let desc = body.map(|b| b.0.description).unwrap_or_default();
+    let c = s.store.catalog().create_access_key(t.id, &desc).await?;
+    tracing::info!(tenant = %name, access_key_id = %c.access_key_id, "access key issued");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"accessKeyId": c.access_key_id, "secretAccessKey": c.secret_access_key, "tenant": name})),
+    )
+        .into_response())
+}
+
+async fn list_keys(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+    let t = tenant(&s, &name).await?;
+    Ok(Json(json!({"keys": s.store.catalog().list_access_keys(t.id).await?})))
+}
+
+async fn revoke_key(State(s): State<AdminState>, Path((name, key)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    let t = tenant(&s, &name).await?;
+    if !s.store.catalog().revoke_access_key(t.id, &key).await? {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "NoSuchKey", "no live access key with that id for this tenant"));
+    }
+    s.auth.invalidate(&key).await;
+    tracing::info!(tenant = %name, access_key_id = %key, "access key revoked");
+    Ok(StatusCode::NO_CONTENT)
+}

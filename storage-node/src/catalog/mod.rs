@@ -1,0 +1,523 @@
+//! The catalog: tenants, access keys, buckets, nodes and (later) the partition layout.
+//!
+//! One trait, [`Catalog`], and one implementation over sqlx's `Any` driver that runs on
+//! Postgres (production, shared by every node) and SQLite (the embedded default). The
+//! same test suite runs against both (`tests/catalog.rs`).
+
+pub mod seal;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+pub use seal::MasterKey;
+
+use crate::types::{BucketId, NodeId, TenantId, now_millis};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("catalog database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("catalog migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("catalog record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
+
+/// Everything a tenant is configured with. Stored as JSON so new policy fields need no
+/// schema migration; enforcement lives in `tenancy/`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantSpec {
+    #[serde(default)]
+    pub quotas: Quotas,
+    #[serde(default)]
+    pub qos: Qos,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub tiering: Tiering,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Quotas {
+    pub storage_bytes: Option<u64>,
+    pub objects: Option<u64>,
+    pub buckets: Option<u64>,
+    pub kv_keys: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Qos {
+    pub weight: Option<u32>,
+    pub requests_per_second: Option<u64>,
+    pub bandwidth_bytes_per_second: Option<u64>,
+    pub max_concurrent_requests: Option<u32>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub zones: Vec<String>,
+    pub replication_factor: Option<u8>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Tiering {
+    pub cold_after_seconds: Option<u64>,
+    pub min_object_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tenant {
+    pub id: TenantId,
+    pub name: String,
+    pub spec: TenantSpec,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessKey {
+    pub access_key_id: String,
+    pub tenant_id: TenantId,
+    pub description: String,
+    pub created_at: i64,
+    pub revoked_at: Option<i64>,
+}
+
+/// An access key together with its secret; only ever returned at creation and to auth.
+#[derive(Clone)]
+pub struct Credentials {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub tenant_id: TenantId,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("tenant_id", &self.tenant_id)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Bucket {
+    pub tenant_id: TenantId,
+    pub name: String,
+    pub id: BucketId,
+    pub created_at: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub region: String,
+    pub zone: String,
+    pub s3_addr: String,
+    pub kv_addr: String,
+    pub admin_addr: String,
+    pub rpc_addr: String,
+    pub heartbeat_at: i64,
+}
+
+#[async_trait]
+pub trait Catalog: Send + Sync + 'static {
+    async fn create_tenant(&self, name: &str, spec: &TenantSpec) -> Result<Tenant>;
+    async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>>;
+    async fn tenant_by_id(&self, id: TenantId) -> Result<Option<Tenant>>;
+    async fn list_tenants(&self) -> Result<Vec<Tenant>>;
+    async fn update_tenant(&self, name: &str, spec: &TenantSpec) -> Result<Tenant>;
+    /// Removes the tenant, its keys and its bucket records (not the data in the engine).
+    async fn delete_tenant(&self, id: TenantId) -> Result<()>;
+
+    /// Issues a new key; the secret is returned once and stored sealed.
+    async fn create_access_key(&self, tenant: TenantId, description: &str) -> Result<Credentials>;
+    async fn list_access_keys(&self, tenant: TenantId) -> Result<Vec<AccessKey>>;
+    /// Returns false when the key does not exist, belongs to another tenant or was revoked.
+    async fn revoke_access_key(&self, tenant: TenantId, access_key_id: &str) -> Result<bool>;
+    /// The live (not revoked) key with its secret, for request authentication.
+    async fn lookup_access_key(&self, access_key_id: &str) -> Result<Option<Credentials>>;
+
+    async fn create_bucket(&self, tenant: TenantId, name: &str) -> Result<Bucket>;
+    async fn bucket(&self, tenant: TenantId, name: &str) -> Result<Option<Bucket>>;
+    async fn list_buckets(&self, tenant: TenantId) -> Result<Vec<Bucket>>;
+    async fn delete_bucket(&self, tenant: TenantId, id: BucketId) -> Result<()>;
+
+    async fn upsert_node(&self, node: &NodeRecord) -> Result<()>;
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+
+    /// Returns the stored value of a cluster setting, storing `default` first if absent.
+    async fn setting_or_init(&self, key: &str, default: &str) -> Result<String>;
+}
+
+/// Which SQL dialect a URL points at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Option<Self> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else {
+            None
+        }
+    }
+}
+
+pub struct SqlCatalog {
+    pool: AnyPool,
+    backend: Backend,
+    master: MasterKey,
+}
+
+impl std::fmt::Debug for SqlCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlCatalog").field("backend", &self.backend).finish_non_exhaustive()
+    }
+}
+
+impl SqlCatalog {
+    /// Connects and brings the schema up to date. `url` is `postgres://...` or
+    /// `sqlite:PATH` (created if missing). It is never logged: it may hold a password.
+    pub async fn connect(url: &str, master: MasterKey) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::of_url(url)
+            .ok_or_else(|| CatalogError::Corrupt("catalog URL must start with postgres:// or sqlite:".into()))?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                format!("{url}{}mode=rwc", if url.contains('?') { "&" } else { "?" })
+            }
+            _ => url.to_string(),
+        };
+        let mut opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
+        opts = match backend {
+            // SQLite allows one writer; one connection avoids SQLITE_BUSY between our own tasks.
+            Backend::Sqlite => opts.max_connections(1),
+            Backend::Postgres => opts.max_connections(8),
+        };
+        let pool = opts.connect(&url).await?;
+        match backend {
+            Backend::Sqlite => {
+                sqlx::query("PRAGMA foreign_keys = ON").execute(&pool).await?;
+                sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+                sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+            }
+            Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
+        }
+        Ok(Self { pool, backend, master })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            d.is_unique_violation() || d.message().contains("UNIQUE constraint") || d.code().as_deref() == Some("23505")
+        }
+        _ => false,
+    }
+}
+
+fn parse_id<T: FromStr>(s: &str) -> Result<T> {
+    s.parse().map_err(|_| CatalogError::Corrupt(format!("bad id {s:?}")))
+}
+
+fn tenant_from_row(r: &AnyRow) -> Result<Tenant> {
+    let spec: String = r.try_get("spec")?;
+    Ok(Tenant {
+        id: parse_id(&r.try_get::<String, _>("id")?)?,
+        name: r.try_get("name")?,
+        spec: serde_json::from_str(&spec).map_err(|e| CatalogError::Corrupt(e.to_string()))?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn bucket_from_row(r: &AnyRow) -> Result<Bucket> {
+    Ok(Bucket {
+        tenant_id: parse_id(&r.try_get::<String, _>("tenant_id")?)?,
+        name: r.try_get("name")?,
+        id: parse_id(&r.try_get::<String, _>("id")?)?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+fn random_string(alphabet: &[u8], n: usize) -> String {
+    let mut rng = rand::rng();
+    (0..n).map(|_| alphabet[rng.random_range(0..alphabet.len())] as char).collect()
+}
+
+macro_rules! select_tenants {
+    ($tail:literal) => {
+        concat!("SELECT id, name, spec, created_at, updated_at FROM tenants ", $tail)
+    };
+}
+
+#[async_trait]
+impl Catalog for SqlCatalog {
+    async fn create_tenant(&self, name: &str, spec: &TenantSpec) -> Result<Tenant> {
+        let now = now_millis();
+        let t = Tenant { id: TenantId::random(), name: name.to_string(), spec: spec.clone(), created_at: now, updated_at: now };
+        let spec_json = serde_json::to_string(spec).map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+        sqlx::query("INSERT INTO tenants (id, name, spec, created_at, updated_at) VALUES ($1, $2, $3, $4, $5)")
+            .bind(t.id.to_string())
+            .bind(name)
+            .bind(spec_json)
+            .bind(now)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| if is_unique_violation(&e) { CatalogError::Conflict(format!("tenant {name:?}")) } else { e.into() })?;
+        Ok(t)
+    }
+
+    async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>> {
+        let row = sqlx::query(select_tenants!("WHERE name = $1"))
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn tenant_by_id(&self, id: TenantId) -> Result<Option<Tenant>> {
+        let row = sqlx::query(select_tenants!("WHERE id = $1"))
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(tenant_from_row).transpose()
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query(select_tenants!("ORDER BY name"))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    async fn update_tenant(&self, name: &str, spec: &TenantSpec) -> Result<Tenant> {
+        let spec_json = serde_json::to_string(spec).map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+        let done = sqlx::query("UPDATE tenants SET spec = $1, updated_at = $2 WHERE name = $3")
+            .bind(spec_json)
+            .bind(now_millis())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(CatalogError::NotFound(format!("tenant {name:?}")));
+        }
+        self.tenant_by_name(name).await?.ok_or_else(|| CatalogError::NotFound(format!("tenant {name:?}")))
+    }
+
+    async fn delete_tenant(&self, id: TenantId) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for sql in [
+            "DELETE FROM access_keys WHERE tenant_id = $1",
+            "DELETE FROM buckets WHERE tenant_id = $1",
+            "DELETE FROM tenants WHERE id = $1",
+        ] {
+            sqlx::query(sql).bind(id.to_string()).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn create_access_key(&self, tenant: TenantId, description: &str) -> Result<Credentials> {
+        let access_key_id = format!("GK{}", random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 20));
+        let secret = random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", 40);
+        let sealed = self.master.seal(&secret, &access_key_id);
+        sqlx::query(
+            "INSERT INTO access_keys (access_key_id, tenant_id, secret_sealed, description, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&access_key_id)
+        .bind(tenant.to_string())
+        .bind(sealed)
+        .bind(description)
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(Credentials { access_key_id, secret_access_key: secret, tenant_id: tenant })
+    }
+
+    async fn list_access_keys(&self, tenant: TenantId) -> Result<Vec<AccessKey>> {
+        let rows = sqlx::query(
+            "SELECT access_key_id, tenant_id, description, created_at, revoked_at FROM access_keys \
+             WHERE tenant_id = $1 ORDER BY created_at, access_key_id",
+        )
+        .bind(tenant.to_string())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AccessKey {
+                    access_key_id: r.try_get("access_key_id")?,
+                    tenant_id: parse_id(&r.try_get::<String, _>("tenant_id")?)?,
+                    description: r.try_get("description")?,
+                    created_at: r.try_get("created_at")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn revoke_access_key(&self, tenant: TenantId, access_key_id: &str) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE access_keys SET revoked_at = $1 WHERE access_key_id = $2 AND tenant_id = $3 AND revoked_at IS NULL",
+        )
+        .bind(now_millis())
+        .bind(access_key_id)
+        .bind(tenant.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn lookup_access_key(&self, access_key_id: &str) -> Result<Option<Credentials>> {
+        let row = sqlx::query(
+            "SELECT tenant_id, secret_sealed FROM access_keys WHERE access_key_id = $1 AND revoked_at IS NULL",
+        )
+        .bind(access_key_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let sealed: String = row.try_get("secret_sealed")?;
+        let secret = self
+            .master
+            .open(&sealed, access_key_id)
+            .map_err(|e| CatalogError::Corrupt(format!("access key {access_key_id}: {e}")))?;
+        Ok(Some(Credentials {
+            access_key_id: access_key_id.to_string(),
+            secret_access_key: secret,
+            tenant_id: parse_id(&row.try_get::<String, _>("tenant_id")?)?,
+        }))
+    }
+
+    async fn create_bucket(&self, tenant: TenantId, name: &str) -> Result<Bucket> {
+        let b = Bucket { tenant_id: tenant, name: name.to_string(), id: BucketId::random(), created_at: now_millis() };
+        sqlx::query("INSERT INTO buckets (tenant_id, name, id, created_at) VALUES ($1, $2, $3, $4)")
+            .bind(tenant.to_string())
+            .bind(name)
+            .bind(b.id.to_string())
+            .bind(b.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| if is_unique_violation(&e) { CatalogError::Conflict(format!("bucket {name:?}")) } else { e.into() })?;
+        Ok(b)
+    }
+
+    async fn bucket(&self, tenant: TenantId, name: &str) -> Result<Option<Bucket>> {
+        let row = sqlx::query("SELECT tenant_id, name, id, created_at FROM buckets WHERE tenant_id = $1 AND name = $2")
+            .bind(tenant.to_string())
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(bucket_from_row).transpose()
+    }
+
+    async fn list_buckets(&self, tenant: TenantId) -> Result<Vec<Bucket>> {
+        let rows = sqlx::query("SELECT tenant_id, name, id, created_at FROM buckets WHERE tenant_id = $1 ORDER BY name")
+            .bind(tenant.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(bucket_from_row).collect()
+    }
+
+    async fn delete_bucket(&self, tenant: TenantId, id: BucketId) -> Result<()> {
+        sqlx::query("DELETE FROM buckets WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn upsert_node(&self, n: &NodeRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO nodes (id, region, zone, s3_addr, kv_addr, admin_addr, rpc_addr, heartbeat_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+             ON CONFLICT (id) DO UPDATE SET region = excluded.region, zone = excluded.zone, \
+             s3_addr = excluded.s3_addr, kv_addr = excluded.kv_addr, admin_addr = excluded.admin_addr, \
+             rpc_addr = excluded.rpc_addr, heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(&n.id.0)
+        .bind(&n.region)
+        .bind(&n.zone)
+        .bind(&n.s3_addr)
+        .bind(&n.kv_addr)
+        .bind(&n.admin_addr)
+        .bind(&n.rpc_addr)
+        .bind(n.heartbeat_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, region, zone, s3_addr, kv_addr, admin_addr, rpc_addr, heartbeat_at FROM nodes ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(NodeRecord {
+                    id: NodeId(r.try_get("id")?),
+                    region: r.try_get("region")?,
+                    zone: r.try_get("zone")?,
+                    s3_addr: r.try_get("s3_addr")?,
+                    kv_addr: r.try_get("kv_addr")?,
+                    admin_addr: r.try_get("admin_addr")?,
+                    rpc_addr: r.try_get("rpc_addr")?,
+                    heartbeat_at: r.try_get("heartbeat_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn setting_or_init(&self, key: &str, default: &str) -> Result<String> {
+        sqlx::query("INSERT INTO cluster_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(default)
+            .execute(&self.pool)
+            .await?;
+        let row = sqlx::query("SELECT value FROM cluster_settings WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+}

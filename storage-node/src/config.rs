@@ -1,0 +1,146 @@
+//! The node's one typed configuration. Sources, later ones winning: built-in defaults
+//! (documented on each field and in docs/operations.md), the TOML file given with
+//! `--config`, then `GRANARY_*` environment variables, then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Stable node name in the cluster. Default `node-0`.
+    pub node_id: String,
+    /// Region this node's cluster serves; S3 clients sign with it. Default `us-east-1`.
+    pub region: String,
+    /// Failure domain within the region. Default `local`.
+    pub zone: String,
+    /// Where the engine keeps its files. Default `./granary-data`.
+    pub data_dir: PathBuf,
+    /// `postgres://...` or `sqlite:PATH`. Default `sqlite:<data_dir>/catalog.db`.
+    pub catalog_url: Option<String>,
+    /// Listeners. Defaults 127.0.0.1:9000 (S3), :9100 (KV), :9200 (admin, metrics).
+    pub s3_listen: SocketAddr,
+    pub kv_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Addresses other nodes and clients use; default to the listen addresses.
+    pub advertise_s3: Option<String>,
+    pub advertise_kv: Option<String>,
+    pub advertise_admin: Option<String>,
+    /// Base domains for virtual-host style S3 (`bucket.<domain>`). Default `localhost`.
+    pub s3_domains: Vec<String>,
+    /// Bearer token of the admin API. Required by `serve`; `dev` generates one.
+    pub admin_token: Option<String>,
+    /// Base64 32-byte key sealing secrets in the catalog (or `master_key_file`).
+    /// Required by `serve`; `dev` generates one under the data directory.
+    pub master_key: Option<String>,
+    pub master_key_file: Option<PathBuf>,
+    /// Number of partitions of the cluster; fixed at first start. Default 1024.
+    pub partitions: u16,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: "node-0".into(),
+            region: "us-east-1".into(),
+            zone: "local".into(),
+            data_dir: PathBuf::from("./granary-data"),
+            catalog_url: None,
+            s3_listen: ([127, 0, 0, 1], 9000).into(),
+            kv_listen: ([127, 0, 0, 1], 9100).into(),
+            admin_listen: ([127, 0, 0, 1], 9200).into(),
+            advertise_s3: None,
+            advertise_kv: None,
+            advertise_admin: None,
+            s3_domains: vec!["localhost".into()],
+            admin_token: None,
+            master_key: None,
+            master_key_file: None,
+            partitions: 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let mut c = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: p.into(), source })?
+            }
+            None => NodeConfig::default(),
+        };
+        c.apply_env(|k| std::env::var(k).ok())?;
+        Ok(c)
+    }
+
+    /// Applies `GRANARY_<FIELD>` overrides (e.g. `GRANARY_CATALOG_URL`).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        fn parse<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError> {
+            v.parse().map_err(|_| ConfigError::Env { name: name.into(), message: format!("cannot parse {v:?}") })
+        }
+        let g = |k: &str| get(&format!("GRANARY_{k}"));
+        if let Some(v) = g("NODE_ID") { self.node_id = v; }
+        if let Some(v) = g("REGION") { self.region = v; }
+        if let Some(v) = g("ZONE") { self.zone = v; }
+        if let Some(v) = g("DATA_DIR") { self.data_dir = v.into(); }
+        if let Some(v) = g("CATALOG_URL") { self.catalog_url = Some(v); }
+        if let Some(v) = g("S3_LISTEN") { self.s3_listen = parse("GRANARY_S3_LISTEN", &v)?; }
+        if let Some(v) = g("KV_LISTEN") { self.kv_listen = parse("GRANARY_KV_LISTEN", &v)?; }
+        if let Some(v) = g("ADMIN_LISTEN") { self.admin_listen = parse("GRANARY_ADMIN_LISTEN", &v)?; }
+        if let Some(v) = g("ADVERTISE_S3") { self.advertise_s3 = Some(v); }
+        if let Some(v) = g("ADVERTISE_KV") { self.advertise_kv = Some(v); }
+        if let Some(v) = g("ADVERTISE_ADMIN") { self.advertise_admin = Some(v); }
+        if let Some(v) = g("S3_DOMAINS") { self.s3_domains = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(); }
+        if let Some(v) = g("ADMIN_TOKEN") { self.admin_token = Some(v); }
+        if let Some(v) = g("MASTER_KEY") { self.master_key = Some(v); }
+        if let Some(v) = g("MASTER_KEY_FILE") { self.master_key_file = Some(v.into()); }
+        if let Some(v) = g("PARTITIONS") { self.partitions = parse("GRANARY_PARTITIONS", &v)?; }
+        Ok(())
+    }
+
+    pub fn catalog_url(&self) -> String {
+        self.catalog_url.clone().unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("catalog.db").display()))
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.partitions == 0 {
+            return Err(ConfigError::Invalid("partitions must be at least 1".into()));
+        }
+        if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::Invalid("admin_token must be at least 16 characters".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_overrides_file_values_and_rejects_garbage() {
+        let mut c: NodeConfig = toml::from_str("node_id = \"a\"\nregion = \"eu-west-1\"\n").unwrap();
+        assert_eq!(c.region, "eu-west-1");
+        c.apply_env(|k| (k == "GRANARY_NODE_ID").then(|| "b".to_string())).unwrap();
+        assert_eq!(c.node_id, "b");
+        assert_eq!(c.region, "eu-west-1");
+        let bad = c.apply_env(|k| (k == "GRANARY_S3_LISTEN").then(|| "nope".to_string()));
+        assert!(matches!(bad, Err(ConfigError::Env { .. })));
+        assert!(toml::from_str::<NodeConfig>("unknown_field = 1").is_err());
+    }
+}

@@ -1,0 +1,154 @@
+//! Group commit: one thread owns the redb write side. Each loop takes every write
+//! waiting at that moment, fsyncs the chunk directories they need, applies them in
+//! arrival order inside one transaction and commits it with a single durable flush;
+//! only then is each caller answered. Under concurrency N writers share one fsync.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{EngineError, META};
+
+/// What a queued write sees: the shared transaction and the node's sequence counter.
+pub struct WriteCtx<'a> {
+    pub txn: &'a redb::WriteTransaction,
+    seq: &'a mut u64,
+}
+
+impl WriteCtx<'_> {
+    /// A fresh number, strictly greater than every one handed out before (also across
+    /// restarts). KV versions and object versions come from here.
+    pub fn next_seq(&mut self) -> u64 {
+        *self.seq += 1;
+        *self.seq
+    }
+}
+
+type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+type Job = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Done + Send>;
+
+enum Msg {
+    Write { dirs: Vec<PathBuf>, job: Job },
+    Shutdown(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub(super) struct Committer {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+/// Most writes folded into one transaction; bounds the latency of the first in line.
+const MAX_BATCH: usize = 512;
+
+impl Committer {
+    pub fn start(db: Arc<redb::Database>) -> Result<Self, EngineError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new()
+            .name("granary-commit".into())
+            .spawn(move || run(db, rx))?;
+        Ok(Self { tx })
+    }
+
+    pub async fn submit<T, F>(&self, dirs: Vec<PathBuf>, f: F) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T, EngineError> + Send + 'static,
+    {
+        let (done_tx, done_rx) = oneshot::channel::<Result<T, EngineError>>();
+        let job: Job = Box::new(move |ctx| {
+            let outcome = f(ctx);
+            Box::new(move |committed: Result<(), String>| {
+                let r = match committed {
+                    Ok(()) => outcome,
+                    Err(e) => Err(EngineError::Db(e)),
+                };
+                let _ = done_tx.send(r);
+            })
+        });
+        self.tx.send(Msg::Write { dirs, job }).map_err(|_| EngineError::Closed)?;
+        done_rx.await.map_err(|_| EngineError::Closed)?
+    }
+
+    pub async fn shutdown(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+    let mut seq = match load_seq(&db) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the sequence counter; refusing writes");
+            return;
+        }
+    };
+    let mut stop: Option<oneshot::Sender<()>> = None;
+    while stop.is_none() {
+        let Some(first) = rx.blocking_recv() else { break };
+        let mut batch = Vec::new();
+        let mut dirs = BTreeSet::new();
+        let mut push = |msg: Msg, batch: &mut Vec<Job>, stop: &mut Option<oneshot::Sender<()>>| match msg {
+            Msg::Write { dirs: d, job } => {
+                dirs.extend(d);
+                batch.push(job);
+            }
+            Msg::Shutdown(s) => *stop = Some(s),
+        };
+        push(first, &mut batch, &mut stop);
+        while batch.len() < MAX_BATCH && stop.is_none() {
+            match rx.try_recv() {
+                Ok(msg) => push(msg, &mut batch, &mut stop),
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let synced: Result<(), String> = dirs
+            .iter()
+            .try_for_each(|d| super::chunk::sync_dir(d))
+            .map_err(|e| format!("fsync of chunk directory failed: {e}"));
+        let before = seq;
+        let (dones, result) = match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
+            Err(e) => (batch.into_iter().map(|_| None).collect::<Vec<Option<Done>>>(), Err(e)),
+            Ok(txn) => {
+                let mut ctx = WriteCtx { txn: &txn, seq: &mut seq };
+                let dones: Vec<Option<Done>> = batch.into_iter().map(|job| Some(job(&mut ctx))).collect();
+                let result = store_seq(&txn, seq).and_then(|()| txn.commit().map_err(|e| e.to_string()));
+                (dones, result)
+            }
+        };
+        if result.is_err() {
+            // Nothing of this batch is durable; hand the numbers out again.
+            seq = before;
+            tracing::error!(error = ?result, "group commit failed");
+        }
+        for done in dones.into_iter().flatten() {
+            done(result.clone());
+        }
+    }
+    // Fail whatever is still queued so no caller waits forever.
+    rx.close();
+    while let Ok(Msg::Write { job: _, .. }) = rx.try_recv() {}
+    if let Some(s) = stop {
+        let _ = s.send(());
+    }
+}
+
+fn load_seq(db: &redb::Database) -> Result<u64, EngineError> {
+    use redb::ReadableDatabase;
+    let txn = db.begin_read()?;
+    let t = txn.open_table(META)?;
+    Ok(t.get("seq")?.map(|v| v.value()).unwrap_or(0))
+}
+
+fn store_seq(txn: &redb::WriteTransaction, seq: u64) -> Result<(), String> {
+    let mut t = txn.open_table(META).map_err(|e| e.to_string())?;
+    t.insert("seq", seq).map_err(|e| e.to_string())?;
+    Ok(())
+}

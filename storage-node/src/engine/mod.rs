@@ -1,0 +1,119 @@
+//! The local, crash-safe store: a redb database for metadata and KV values plus
+//! checksummed chunk files for object data.
+//!
+//! Promises:
+//! - A write returns only after it is durable (fsync of the chunk files, their
+//!   directories and the redb commit). Concurrent writers share fsyncs: the
+//!   [`commit`] thread folds every write waiting at that moment into one transaction.
+//! - Writes are applied one after the other inside that transaction, so each sees
+//!   the effect of the ones before it: compare-and-set is linearizable.
+//! - Reads see every acknowledged write.
+//! - Keys start with their partition, so a partition is a contiguous range.
+
+pub mod chunk;
+mod commit;
+pub mod keys;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{ReadableDatabase, TableDefinition};
+
+pub use chunk::{ChunkError, ChunkRef, ChunkStore, ChunkWriter};
+pub use commit::WriteCtx;
+
+pub const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
+pub const UPLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uploads");
+pub const PARTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("parts");
+pub const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("storage engine: {0}")]
+    Db(String),
+    #[error(transparent)]
+    Chunk(#[from] ChunkError),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the engine is shutting down")]
+    Closed,
+}
+
+macro_rules! db_err {
+    ($($t:ty),*) => {$(
+        impl From<$t> for EngineError {
+            fn from(e: $t) -> Self { EngineError::Db(e.to_string()) }
+        }
+    )*};
+}
+db_err!(
+    redb::Error,
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError
+);
+
+pub type ReadTxn = redb::ReadTransaction;
+
+#[derive(Clone)]
+pub struct Engine {
+    db: Arc<redb::Database>,
+    chunks: ChunkStore,
+    committer: commit::Committer,
+}
+
+impl Engine {
+    /// Opens (or creates) the engine under `dir`: `dir/meta.redb` and `dir/chunks/`.
+    pub fn open(dir: &Path) -> Result<Self, EngineError> {
+        std::fs::create_dir_all(dir)?;
+        let db = Arc::new(redb::Database::create(dir.join("meta.redb"))?);
+        {
+            let txn = db.begin_write()?;
+            for t in [OBJECTS, UPLOADS, PARTS, KV] {
+                txn.open_table(t)?;
+            }
+            txn.open_table(META)?;
+            txn.commit()?;
+        }
+        let chunks = ChunkStore::open(dir.join("chunks"))?;
+        let committer = commit::Committer::start(db.clone())?;
+        Ok(Self { db, chunks, committer })
+    }
+
+    pub fn chunks(&self) -> &ChunkStore {
+        &self.chunks
+    }
+
+    /// Runs `f` inside the next group commit and returns its result once the commit is
+    /// durable. `sync_dirs` are directories holding new chunk files `f` makes reachable.
+    pub async fn write<T, F>(&self, sync_dirs: Vec<PathBuf>, f: F) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut WriteCtx<'_>) -> Result<T, EngineError> + Send + 'static,
+    {
+        self.committer.submit(sync_dirs, f).await
+    }
+
+    /// Runs a read-only closure against a consistent snapshot, off the async runtime.
+    pub async fn read<T, F>(&self, f: F) -> Result<T, EngineError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ReadTxn) -> Result<T, EngineError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let txn = db.begin_read()?;
+            f(&txn)
+        })
+        .await
+        .map_err(|e| EngineError::Db(format!("read task failed: {e}")))?
+    }
+
+    /// Stops accepting writes after the ones already queued are committed.
+    pub async fn shutdown(&self) {
+        self.committer.shutdown().await;
+    }
+}

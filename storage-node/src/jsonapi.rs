@@ -1,0 +1,77 @@
+//! JSON error bodies shared by the KV and admin front ends:
+//! `{"error": "<Code>", "message": "<text>", ...}` with a matching HTTP status.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use crate::model;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub extra: Option<(&'static str, Value)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), extra: None }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "InvalidArgument", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": self.code, "message": self.message});
+        if let Some((k, v)) = self.extra {
+            body[k] = v;
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<model::Error> for ApiError {
+    fn from(e: model::Error) -> Self {
+        use model::Error as E;
+        match e {
+            E::VersionMismatch { current } => ApiError {
+                status: StatusCode::PRECONDITION_FAILED,
+                code: "VersionMismatch",
+                message: "the key's current version does not match the condition".into(),
+                extra: Some(("currentVersion", json!(current))),
+            },
+            E::Invalid(m) => ApiError::bad_request(m),
+            E::IncompleteBody(m) => ApiError::new(StatusCode::BAD_REQUEST, "IncompleteBody", m),
+            E::NoSuchKey => ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such key"),
+            E::Corrupt(m) => {
+                tracing::error!(error = %m, "corrupt data detected on read");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "stored data failed its checksum")
+            }
+            e @ (E::Engine(_) | E::Catalog(_)) => {
+                tracing::error!(error = %e, "internal error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "internal error")
+            }
+            other => ApiError::new(StatusCode::CONFLICT, "Conflict", other.to_string()),
+        }
+    }
+}
+
+impl From<crate::catalog::CatalogError> for ApiError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        use crate::catalog::CatalogError as C;
+        match e {
+            C::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "AlreadyExists", format!("{m} already exists")),
+            C::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "NotFound", format!("{m} not found")),
+            e => {
+                tracing::error!(error = %e, "catalog error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "internal error")
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Moving object data between request bodies, chunk files and response bodies, in
+//! bounded pieces: nothing here holds a whole large object in memory.
+
+use std::io;
+use std::ops::Range;
+use std::path::PathBuf;
+
+use bytes::{Bytes, BytesMut};
+use futures::stream::StreamExt;
+use md5::{Digest, Md5};
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Result};
+use crate::engine::chunk::CHUNK_MAX;
+use crate::engine::{ChunkError, ChunkRef, ChunkStore, ChunkWriter};
+use crate::types::PartitionId;
+
+/// A request or response body: a stream of byte pieces.
+pub type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, io::Error>> + Send + Sync>>;
+
+/// Objects up to this size are stored inline in the metadata engine: one group commit,
+/// no chunk file, no extra fsync.
+pub const INLINE_MAX: usize = 64 * 1024;
+/// Size of the pieces handed to the blocking writer and read back on GET.
+const IO_PIECE: usize = 1024 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObjectData {
+    Inline {
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        crc: u32,
+    },
+    Chunks(Vec<ChunkRef>),
+}
+
+impl ObjectData {
+    pub fn chunks(&self) -> &[ChunkRef] {
+        match self {
+            ObjectData::Inline { .. } => &[],
+            ObjectData::Chunks(c) => c,
+        }
+    }
+
+    pub fn into_chunks(self) -> Vec<ChunkRef> {
+        match self {
+            ObjectData::Inline { .. } => Vec::new(),
+            ObjectData::Chunks(c) => c,
+        }
+    }
+
+    pub fn inline(bytes: Vec<u8>) -> Self {
+        let crc = crc32c::crc32c(&bytes);
+        ObjectData::Inline { bytes, crc }
+    }
+}
+
+/// Data written for one object or part, durable on disk but not yet referenced.
+pub struct Written {
+    pub data: ObjectData,
+    pub size: u64,
+    pub md5: [u8; 16],
+    /// Directories of new chunk files, to be fsynced by the commit that references them.
+    pub dirs: Vec<PathBuf>,
+}
+
+/// The state carried between blocking write steps.
+struct Sink {
+    store: ChunkStore,
+    partition: PartitionId,
+    current: Option<ChunkWriter>,
+    done: Vec<ChunkRef>,
+    dirs: Vec<PathBuf>,
+    md5: Md5,
+    size: u64,
+}
+
+impl Sink {
+    fn write(&mut self, mut data: &[u8]) -> io::Result<()> {
+        self.md5.update(data);
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            if self.current.is_none() {
+                let w = self.store.create(self.partition)?;
+                if !self.dirs.iter().any(|d| d == w.dir()) {
+                    self.dirs.push(w.dir().to_path_buf());
+                }
+                self.current = Some(w);
+            }
+            let Some(w) = self.current.as_mut() else { continue };
+            let n = w.append(data)?;
+            data = &data[n..];
+            if w.len() >= CHUNK_MAX
+                && let Some(full) = self.current.take()
+            {
+                self.done.push(full.finish()?);
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> io::Result<Written> {
+        if let Some(w) = self.current.take() {
+            self.done.push(w.finish()?);
+        }
+        Ok(Written {
+            data: ObjectData::Chunks(self.done),
+            size: self.size,
+            md5: self.md5.finalize().into(),
+            dirs: self.dirs,
+        })
+    }
+
+    fn abandon(mut self) {
+        if let Some(w) = self.current.take() {
+            w.abandon();
+        }
+        for c in &self.done {
+            self.store.remove(c);
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Invalid(format!("worker failed: {e}")))
+}
+
+/// Streams `body` to durable storage: inline if it is small, chunk files otherwise.
+/// While one piece is written the next is received (one write in flight). On any error
+/// every file written so far is removed.
+pub async fn write_body(store: &ChunkStore, partition: PartitionId, body: ByteStream) -> Result<Written> {
+    write_body_inner(store, partition, body, INLINE_MAX).await
+}
+
+/// Like [`write_body`] but always to chunk files (multipart parts are stitched by
+/// reference, so they cannot be inline).
+pub async fn write_body_chunked(store: &ChunkStore, partition: PartitionId, body: ByteStream) -> Result<Written> {
+    write_body_inner(store, partition, body, 0).await
+}
+
+async fn write_body_inner(store: &ChunkStore, partition: PartitionId, mut body: ByteStream, inline_max: usize) -> Result<Written> {
+    let mut buf = BytesMut::new();
+    let mut ended = false;
+    // Small bodies never touch a chunk file.
+    while buf.len() <= inline_max || (inline_max == 0 && buf.is_empty()) {
+        match body.next().await {
+            Some(Ok(b)) => buf.extend_from_slice(&b),
+            Some(Err(e)) => return Err(Error::IncompleteBody(e.to_string())),
+            None if inline_max == 0 => {
+                ended = true;
+                break;
+            }
+            None => {
+                let md5: [u8; 16] = Md5::digest(&buf).into();
+                return Ok(Written { size: buf.len() as u64, md5, data: ObjectData::inline(buf.to_vec()), dirs: vec![] });
+            }
+        }
+    }
+    let sink = Sink {
+        store: store.clone(),
+        partition,
+        current: None,
+        done: Vec::new(),
+        dirs: Vec::new(),
+        md5: Md5::new(),
+        size: 0,
+    };
+    let mut in_flight: tokio::task::JoinHandle<(Sink, io::Result<()>)> = tokio::task::spawn_blocking(move || {
+        let mut sink = sink;
+        let r = sink.write(&buf);
+        (sink, r)
+    });
+    let mut next = BytesMut::with_capacity(IO_PIECE);
+    let mut failure: Option<Error> = None;
+    loop {
+        let item = if ended { None } else { body.next().await };
+        let end = match item {
+            Some(Ok(b)) => {
+                next.extend_from_slice(&b);
+                false
+            }
+            Some(Err(e)) => {
+                failure = Some(Error::IncompleteBody(e.to_string()));
+                true
+            }
+            None => true,
+        };
+        if next.len() >= IO_PIECE || end {
+            let (mut sink, r) = in_flight.await.map_err(|e| Error::Invalid(format!("worker failed: {e}")))?;
+            if let Err(e) = r {
+                blocking(move || sink.abandon()).await?;
+                return Err(Error::Engine(e.into()));
+            }
+            if let Some(f) = failure {
+                blocking(move || sink.abandon()).await?;
+                return Err(f);
+            }
+            let piece = next.split().freeze();
+            in_flight = tokio::task::spawn_blocking(move || {
+                let r = sink.write(&piece);
+                (sink, r)
+            });
+            if end {
+                break;
+            }
+        }
+    }
+    let (sink, r) = in_flight.await.map_err(|e| Error::Invalid(format!("worker failed: {e}")))?;
+    if let Err(e) = r {
+        blocking(move || sink.abandon()).await?;
+        return Err(Error::Engine(e.into()));
+    }
+    let written = blocking(move || sink.finish()).await?.map_err(|e| Error::Engine(e.into()))?;
+    Ok(written)
+}
+
+/// Removes freshly written data that will not be committed.
+pub async fn abandon(store: &ChunkStore, data: ObjectData) {
+    let store = store.clone();
+    let chunks = data.into_chunks();
+    if !chunks.is_empty() {
+        let _ = blocking(move || chunks.iter().for_each(|c| store.remove(c))).await;
+    }
+}
+
+/// A readable object body: a verified first piece plus the rest as a lazy stream.
+pub struct ObjectBody {
+    pub len: u64,
+    pub stream: ByteStream,
+}
+
+fn chunk_err(e: ChunkError) -> Error {
+    match e {
+        ChunkError::Io(e) => Error::Engine(e.into()),
+        other => Error::Corrupt(other.to_string()),
+    }
+}
+
+/// Reads `range` of `data`. The first piece is read (and verified) before this returns,
+/// so a damaged start of an object fails the request cleanly instead of mid-body; a
+/// damaged later piece ends the body stream with an error. Never yields unverified bytes.
+pub async fn read_body(store: &ChunkStore, data: &ObjectData, range: Range<u64>) -> Result<ObjectBody> {
+    let len = range.end - range.start;
+    match data {
+        ObjectData::Inline { bytes, crc } => {
+            if crc32c::crc32c(bytes) != *crc {
+                return Err(Error::Corrupt("inline object data fails its checksum".into()));
+            }
+            let piece = Bytes::copy_from_slice(&bytes[range.start as usize..range.end as usize]);
+            Ok(ObjectBody { len, stream: Box::pin(futures::stream::once(async move { Ok(piece) })) })
+        }
+        ObjectData::Chunks(chunks) => {
+            // Plan the reads: (chunk, start, end) pieces of at most IO_PIECE bytes.
+            let mut plan = Vec::new();
+            let mut offset = 0u64;
+            for c in chunks {
+                let (cs, ce) = (offset, offset + c.len);
+                let s = range.start.max(cs);
+                let e = range.end.min(ce);
+                let mut pos = s;
+                while pos < e {
+                    let stop = (pos + IO_PIECE as u64).min(e);
+                    plan.push((c.clone(), pos - cs, stop - cs));
+                    pos = stop;
+                }
+                offset = ce;
+            }
+            let mut plan = plan.into_iter();
+            let first = match plan.next() {
+                None => Bytes::new(),
+                Some((c, s, e)) => {
+                    let st = store.clone();
+                    Bytes::from(blocking(move || st.read_range(&c, s, e)).await?.map_err(chunk_err)?)
+                }
+            };
+            let store = store.clone();
+            let rest = futures::stream::unfold(plan, move |mut plan| {
+                let store = store.clone();
+                async move {
+                    let (c, s, e) = plan.next()?;
+                    let r = tokio::task::spawn_blocking(move || store.read_range(&c, s, e))
+                        .await
+                        .map_err(io::Error::other)
+                        .and_then(|r| r.map_err(io::Error::other))
+                        .map(Bytes::from);
+                    Some((r, plan))
+                }
+            });
+            let stream: ByteStream = Box::pin(futures::stream::once(async move { Ok(first) }).chain(rest));
+            Ok(ObjectBody { len, stream })
+        }
+    }
+}

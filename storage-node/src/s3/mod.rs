@@ -1,0 +1,140 @@
+//! The S3 front end: s3s does the protocol (routing, SigV4 incl. presigned URLs and
+//! `aws-chunked` payloads, XML, error bodies); this module maps each operation onto
+//! the model and nothing more. One file per operation family.
+
+mod bucket;
+pub mod convert;
+mod error;
+mod multipart;
+mod object;
+
+use async_trait::async_trait;
+use s3s::auth::{S3Auth, SecretKey};
+use s3s::dto::*;
+use s3s::{S3, S3Request, S3Response, S3Result, s3_error};
+
+pub use error::to_s3;
+
+use crate::model::Store;
+use crate::tenancy::Authenticator;
+use crate::types::TenantId;
+
+/// The S3 service of a node.
+#[derive(Clone)]
+pub struct GranaryS3 {
+    pub(crate) store: Store,
+    pub(crate) auth: Authenticator,
+    pub(crate) region: String,
+}
+
+impl GranaryS3 {
+    pub fn new(store: Store, auth: Authenticator, region: String) -> Self {
+        Self { store, auth, region }
+    }
+
+    /// The tenant the request's (already verified) access key belongs to.
+    pub(crate) async fn tenant<T>(&self, req: &S3Request<T>) -> S3Result<TenantId> {
+        let Some(c) = &req.credentials else { return Err(s3_error!(AccessDenied, "Signature is required")) };
+        let t = self
+            .auth
+            .tenant_of(&c.access_key)
+            .await
+            .map_err(|e| to_s3(e.into()))?
+            .ok_or_else(|| s3_error!(InvalidAccessKeyId))?;
+        tracing::Span::current().record("tenant", tracing::field::display(t));
+        Ok(t)
+    }
+}
+
+/// Verifies signatures with the tenants' access keys from the catalog.
+pub struct TenantKeys(pub Authenticator);
+
+#[async_trait]
+impl S3Auth for TenantKeys {
+    async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
+        match self.0.lookup(access_key).await {
+            Ok(Some(c)) => Ok(SecretKey::from(c.secret_access_key)),
+            Ok(None) => Err(s3_error!(InvalidAccessKeyId)),
+            Err(e) => Err(to_s3(e.into())),
+        }
+    }
+}
+
+#[async_trait]
+impl S3 for GranaryS3 {
+    async fn list_buckets(&self, req: S3Request<ListBucketsInput>) -> S3Result<S3Response<ListBucketsOutput>> {
+        bucket::list_buckets(self, req).await
+    }
+    async fn create_bucket(&self, req: S3Request<CreateBucketInput>) -> S3Result<S3Response<CreateBucketOutput>> {
+        bucket::create_bucket(self, req).await
+    }
+    async fn head_bucket(&self, req: S3Request<HeadBucketInput>) -> S3Result<S3Response<HeadBucketOutput>> {
+        bucket::head_bucket(self, req).await
+    }
+    async fn delete_bucket(&self, req: S3Request<DeleteBucketInput>) -> S3Result<S3Response<DeleteBucketOutput>> {
+        bucket::delete_bucket(self, req).await
+    }
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
+        bucket::get_bucket_location(self, req).await
+    }
+    async fn list_objects_v2(&self, req: S3Request<ListObjectsV2Input>) -> S3Result<S3Response<ListObjectsV2Output>> {
+        bucket::list_objects_v2(self, req).await
+    }
+    async fn list_objects(&self, req: S3Request<ListObjectsInput>) -> S3Result<S3Response<ListObjectsOutput>> {
+        bucket::list_objects(self, req).await
+    }
+    async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+        object::put_object(self, req).await
+    }
+    async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+        object::get_object(self, req).await
+    }
+    async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
+        object::head_object(self, req).await
+    }
+    async fn delete_object(&self, req: S3Request<DeleteObjectInput>) -> S3Result<S3Response<DeleteObjectOutput>> {
+        object::delete_object(self, req).await
+    }
+    async fn delete_objects(&self, req: S3Request<DeleteObjectsInput>) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        object::delete_objects(self, req).await
+    }
+    async fn copy_object(&self, req: S3Request<CopyObjectInput>) -> S3Result<S3Response<CopyObjectOutput>> {
+        object::copy_object(self, req).await
+    }
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        multipart::create(self, req).await
+    }
+    async fn upload_part(&self, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+        multipart::upload_part(self, req).await
+    }
+    async fn upload_part_copy(&self, req: S3Request<UploadPartCopyInput>) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        multipart::upload_part_copy(self, req).await
+    }
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        multipart::complete(self, req).await
+    }
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        multipart::abort(self, req).await
+    }
+    async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
+        multipart::list_parts(self, req).await
+    }
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        multipart::list_uploads(self, req).await
+    }
+}
