@@ -1,1 +1,349 @@
-//! Test harness
+//! Harness for Granary's end-to-end tests: real `granary-node` processes (killed for
+//! real), a private Postgres server, and signing helpers for real clients.
+//!
+//! Every process a test starts is owned by a guard that kills it (by pid) on drop.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// Path to a freshly built `granary-node` (built once per test binary).
+pub fn node_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("GRANARY_NODE_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = workspace_root();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "granary-storage-node", "--bin", "granary-node"])
+            .current_dir(&root)
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building granary-node failed");
+        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+        target.join("debug").join("granary-node")
+    })
+    .clone()
+}
+
+/// A running `granary-node dev` process on loopback ports chosen by the OS.
+pub struct NodeProc {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub s3: String,
+    pub kv: String,
+    pub admin: String,
+    pub admin_token: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl NodeProc {
+    /// Starts (or restarts) a dev node on `data_dir` and waits until it serves.
+    pub fn start(data_dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
+        let out = std::fs::File::create(data_dir.join("stdout.log"))?;
+        let err = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("stderr.log"))?;
+        let child = Command::new(node_binary())
+            .args(["dev", "--data-dir"])
+            .arg(data_dir)
+            .args(["--s3-listen", "127.0.0.1:0", "--kv-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .env("RUST_LOG", std::env::var("GRANARY_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .context("spawning granary-node")?;
+        let mut node = NodeProc {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            s3: String::new(),
+            kv: String::new(),
+            admin: String::new(),
+            admin_token: String::new(),
+            access_key: String::new(),
+            secret_key: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(c) = node.child.as_mut()
+                && let Some(status) = c.try_wait()?
+            {
+                let log = std::fs::read_to_string(data_dir.join("stderr.log")).unwrap_or_default();
+                bail!("granary-node exited early ({status}):\n{log}");
+            }
+            if let Ok(text) = std::fs::read_to_string(data_dir.join("endpoints.json")) {
+                let v: serde_json::Value = serde_json::from_str(&text)?;
+                let s = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+                node.s3 = s("s3");
+                node.kv = s("kv");
+                node.admin = s("admin");
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("granary-node did not start within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        node.admin_token = std::fs::read_to_string(data_dir.join("admin.token"))?.trim().to_string();
+        // The banner follows the endpoints file; wait for the credentials in it.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while node.secret_key.is_empty() {
+            let f = std::fs::File::open(data_dir.join("stdout.log"))?;
+            for line in BufReader::new(f).lines() {
+                let line = line?;
+                let line = line.trim();
+                if let Some(v) = line.strip_prefix("Access key id") {
+                    node.access_key = v.trim().to_string();
+                }
+                if let Some(v) = line.strip_prefix("Secret key") {
+                    node.secret_key = v.trim().to_string();
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no credentials in the dev banner");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(node)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: the power-loss model for crash tests.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns whether it exited cleanly.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else { return true };
+        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.success();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A private Postgres server in a temporary directory, stopped on drop.
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+fn pg_bin_dir() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("PG_BIN_DIR") {
+        return Ok(PathBuf::from(p));
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("Postgres is not installed (apt-get install postgresql); the test command installs it")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    versions.sort();
+    versions.pop().context("no initdb under /usr/lib/postgresql/*/bin")
+}
+
+/// Runs a Postgres tool, as the `postgres` user when we are root (initdb refuses root).
+fn pg_command(bin: &Path, tool: &str) -> Command {
+    let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false) || unsafe_geteuid_is_root();
+    if is_root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
+        c
+    } else {
+        Command::new(bin.join(tool))
+    }
+}
+
+fn unsafe_geteuid_is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+}
+
+impl PgServer {
+    pub fn start() -> Result<Self> {
+        let bin = pg_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("granary-pg").tempdir()?;
+        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
+        let data = dir.path().join("data");
+        let st = pg_command(&bin, "initdb")
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "granary", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("initdb failed");
+        }
+        let port = free_port();
+        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", dir.path().display());
+        let st = pg_command(&bin, "pg_ctl")
+            .args(["-D"])
+            .arg(&data)
+            .args(["-o", &opts, "-l"])
+            .arg(dir.path().join("pg.log"))
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .status()?;
+        if !st.success() {
+            let log = std::fs::read_to_string(dir.path().join("pg.log")).unwrap_or_default();
+            bail!("pg_ctl start failed:\n{log}");
+        }
+        Ok(Self { dir, bin, port })
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://granary@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates a fresh database and returns its URL.
+    pub fn create_db(&self, name: &str) -> Result<String> {
+        let st = pg_command(&self.bin, "createdb")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "granary", name])
+            .status()?;
+        if !st.success() {
+            bail!("createdb {name} failed");
+        }
+        Ok(self.url(name))
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = pg_command(&self.bin, "pg_ctl")
+            .args(["-D"])
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+/// A SigV4-signing HTTP client for the KV API (signed with the AWS SDK's signer).
+#[derive(Clone)]
+pub struct KvClient {
+    pub base: String,
+    pub access_key: String,
+    pub secret_key: String,
+    http: reqwest::Client,
+}
+
+impl KvClient {
+    pub fn new(base: &str, access_key: &str, secret_key: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_string(),
+            access_key: access_key.into(),
+            secret_key: secret_key.into(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Sends a signed request; `path` starts with `/kv/v1/`.
+    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<reqwest::Response> {
+        use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+        let url = format!("{}{}", self.base, path);
+        let mut req = http::Request::builder().method(method).uri(&url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let mut req = req.body(body.clone())?;
+        let identity = aws_credential_types::Credentials::new(&self.access_key, &self.secret_key, None, None, "test").into();
+        let params = aws_sigv4::sign::v4::SigningParams::builder()
+            .identity(&identity)
+            .region("us-east-1")
+            .name("kv")
+            .time(std::time::SystemTime::now())
+            .settings(SigningSettings::default())
+            .build()?
+            .into();
+        let hdrs: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+            .collect();
+        let signable = SignableRequest::new(
+            method,
+            &url,
+            hdrs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            SignableBody::Bytes(&body),
+        )?;
+        let (instructions, _) = sign(signable, &params)?.into_parts();
+        instructions.apply_to_request_http1x(&mut req);
+        let mut r = self.http.request(reqwest::Method::from_bytes(method.as_bytes())?, &url);
+        for (k, v) in req.headers() {
+            r = r.header(k.as_str(), v.as_bytes());
+        }
+        Ok(r.body(body).send().await?)
+    }
+}
+
+/// An admin API client for tests.
+pub struct Admin {
+    pub base: String,
+    pub token: String,
+    http: reqwest::Client,
+}
+
+impl Admin {
+    pub fn new(node: &NodeProc) -> Self {
+        Self { base: node.admin.clone(), token: node.admin_token.clone(), http: reqwest::Client::new() }
+    }
+
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> Result<(u16, serde_json::Value)> {
+        let mut r = self.http.request(method, format!("{}/admin/v1{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        let v = if text.is_empty() { serde_json::Value::Null } else { serde_json::from_str(&text)? };
+        Ok((status, v))
+    }
+
+    /// Creates a tenant with one key; returns (access key, secret).
+    pub async fn tenant_with_key(&self, name: &str) -> Result<(String, String)> {
+        let (s, v) = self.call(reqwest::Method::POST, "/tenants", Some(serde_json::json!({"name": name}))).await?;
+        anyhow::ensure!(s == 201, "create tenant: {s} {v}");
+        let (s, v) = self.call(reqwest::Method::POST, &format!("/tenants/{name}/keys"), None).await?;
+        anyhow::ensure!(s == 201, "create key: {s} {v}");
+        Ok((v["accessKeyId"].as_str().unwrap_or_default().into(), v["secretAccessKey"].as_str().unwrap_or_default().into()))
+    }
+}
