@@ -318,7 +318,7 @@ impl KvClient {
 pub struct Admin {
     pub base: String,
     pub token: String,
-    http: reqwest::Client,
+    pub http: reqwest::Client,
 }
 
 impl Admin {
