@@ -256,9 +256,12 @@ impl Drop for PgServer {
     }
 }
 
-/// A SigV4-signing HTTP client for the KV API (signed with the AWS SDK's signer).
+/// A SigV4-signing raw HTTP client (signed with the AWS SDK's signer), for the KV API
+/// and for hand-made S3 requests no SDK would send.
 #[derive(Clone)]
 pub struct KvClient {
+    /// Service name in the signature scope; `s3` also sends `x-amz-content-sha256`.
+    pub service: &'static str,
     pub base: String,
     pub access_key: String,
     pub secret_key: String,
@@ -268,6 +271,7 @@ pub struct KvClient {
 impl KvClient {
     pub fn new(base: &str, access_key: &str, secret_key: &str) -> Self {
         Self {
+            service: "kv",
             base: base.trim_end_matches('/').to_string(),
             access_key: access_key.into(),
             secret_key: secret_key.into(),
@@ -288,9 +292,16 @@ impl KvClient {
         let params = aws_sigv4::sign::v4::SigningParams::builder()
             .identity(&identity)
             .region("us-east-1")
-            .name("kv")
+            .name(self.service)
             .time(std::time::SystemTime::now())
-            .settings(SigningSettings::default())
+            .settings({
+                let mut s = SigningSettings::default();
+                if self.service == "s3" {
+                    s.payload_checksum_kind = aws_sigv4::http_request::PayloadChecksumKind::XAmzSha256;
+                    s.percent_encoding_mode = aws_sigv4::http_request::PercentEncodingMode::Single;
+                }
+                s
+            })
             .build()?
             .into();
         let hdrs: Vec<(String, String)> = req
