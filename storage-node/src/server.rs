@@ -132,10 +132,7 @@ impl Node {
 
         let mut builder = S3ServiceBuilder::new(GranaryS3::new(store.clone(), auth.clone(), config.region.clone()));
         builder.set_auth(TenantKeys(auth.clone()));
-        let domains: Vec<&str> = config.s3_domains.iter().map(String::as_str).collect();
-        if !domains.is_empty() {
-            builder.set_host(s3s::host::MultiDomain::new(domains).context("s3_domains")?);
-        }
+        builder.set_host(crate::s3::Domains(config.s3_domains.clone()));
         let s3 = Arc::new(builder.build());
 
         let kv_router = kv::router(kv::KvState { store: store.clone(), auth: auth.clone(), metrics: metrics.clone() });

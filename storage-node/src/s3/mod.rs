@@ -138,3 +138,42 @@ impl S3 for GranaryS3 {
         multipart::list_uploads(self, req).await
     }
 }
+
+/// Virtual-host addressing: `BUCKET.<domain>[:port]` names the bucket; any other host
+/// (an IP, `localhost`, a load balancer name) means path-style. Ports are ignored, so
+/// `http://bucket.localhost:9000` works as clients expect.
+pub struct Domains(pub Vec<String>);
+
+impl s3s::host::S3Host for Domains {
+    fn parse_host_header<'a>(&'a self, host: &'a str) -> S3Result<s3s::host::VirtualHost<'a>> {
+        let name = match host.rsplit_once(':') {
+            Some((h, port)) if !h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => host,
+        };
+        for d in &self.0 {
+            if let Some(bucket) = name.strip_suffix(d.as_str()).and_then(|b| b.strip_suffix('.'))
+                && !bucket.is_empty()
+            {
+                return Ok(s3s::host::VirtualHost::new(d.as_str()).with_bucket(bucket));
+            }
+        }
+        Ok(s3s::host::VirtualHost::new(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use s3s::host::S3Host;
+
+    use super::Domains;
+
+    #[test]
+    fn bucket_comes_from_the_host_only_under_a_known_domain() {
+        let d = Domains(vec!["localhost".into(), "s3.example.com".into()]);
+        assert_eq!(d.parse_host_header("logs.localhost:9000").unwrap().bucket(), Some("logs"));
+        assert_eq!(d.parse_host_header("a.b.s3.example.com").unwrap().bucket(), Some("a.b"));
+        assert_eq!(d.parse_host_header("localhost:9000").unwrap().bucket(), None);
+        assert_eq!(d.parse_host_header("127.0.0.1:9000").unwrap().bucket(), None);
+        assert_eq!(d.parse_host_header("other.example.org").unwrap().bucket(), None);
+    }
+}
