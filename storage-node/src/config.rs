@@ -66,9 +66,15 @@ impl Default for NodeConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("environment variable {name}: {message}")]
     Env { name: String, message: String },
     #[error("{0}")]
@@ -79,8 +85,14 @@ impl NodeConfig {
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
         let mut c = match file {
             Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.into(), source })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: p.into(), source })?
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.into(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: p.into(),
+                    source,
+                })?
             }
             None => NodeConfig::default(),
         };
@@ -91,30 +103,71 @@ impl NodeConfig {
     /// Applies `GRANARY_<FIELD>` overrides (e.g. `GRANARY_CATALOG_URL`).
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         fn parse<T: std::str::FromStr>(name: &str, v: &str) -> Result<T, ConfigError> {
-            v.parse().map_err(|_| ConfigError::Env { name: name.into(), message: format!("cannot parse {v:?}") })
+            v.parse().map_err(|_| ConfigError::Env {
+                name: name.into(),
+                message: format!("cannot parse {v:?}"),
+            })
         }
         let g = |k: &str| get(&format!("GRANARY_{k}"));
-        if let Some(v) = g("NODE_ID") { self.node_id = v; }
-        if let Some(v) = g("REGION") { self.region = v; }
-        if let Some(v) = g("ZONE") { self.zone = v; }
-        if let Some(v) = g("DATA_DIR") { self.data_dir = v.into(); }
-        if let Some(v) = g("CATALOG_URL") { self.catalog_url = Some(v); }
-        if let Some(v) = g("S3_LISTEN") { self.s3_listen = parse("GRANARY_S3_LISTEN", &v)?; }
-        if let Some(v) = g("KV_LISTEN") { self.kv_listen = parse("GRANARY_KV_LISTEN", &v)?; }
-        if let Some(v) = g("ADMIN_LISTEN") { self.admin_listen = parse("GRANARY_ADMIN_LISTEN", &v)?; }
-        if let Some(v) = g("ADVERTISE_S3") { self.advertise_s3 = Some(v); }
-        if let Some(v) = g("ADVERTISE_KV") { self.advertise_kv = Some(v); }
-        if let Some(v) = g("ADVERTISE_ADMIN") { self.advertise_admin = Some(v); }
-        if let Some(v) = g("S3_DOMAINS") { self.s3_domains = v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(); }
-        if let Some(v) = g("ADMIN_TOKEN") { self.admin_token = Some(v); }
-        if let Some(v) = g("MASTER_KEY") { self.master_key = Some(v); }
-        if let Some(v) = g("MASTER_KEY_FILE") { self.master_key_file = Some(v.into()); }
-        if let Some(v) = g("PARTITIONS") { self.partitions = parse("GRANARY_PARTITIONS", &v)?; }
+        if let Some(v) = g("NODE_ID") {
+            self.node_id = v;
+        }
+        if let Some(v) = g("REGION") {
+            self.region = v;
+        }
+        if let Some(v) = g("ZONE") {
+            self.zone = v;
+        }
+        if let Some(v) = g("DATA_DIR") {
+            self.data_dir = v.into();
+        }
+        if let Some(v) = g("CATALOG_URL") {
+            self.catalog_url = Some(v);
+        }
+        if let Some(v) = g("S3_LISTEN") {
+            self.s3_listen = parse("GRANARY_S3_LISTEN", &v)?;
+        }
+        if let Some(v) = g("KV_LISTEN") {
+            self.kv_listen = parse("GRANARY_KV_LISTEN", &v)?;
+        }
+        if let Some(v) = g("ADMIN_LISTEN") {
+            self.admin_listen = parse("GRANARY_ADMIN_LISTEN", &v)?;
+        }
+        if let Some(v) = g("ADVERTISE_S3") {
+            self.advertise_s3 = Some(v);
+        }
+        if let Some(v) = g("ADVERTISE_KV") {
+            self.advertise_kv = Some(v);
+        }
+        if let Some(v) = g("ADVERTISE_ADMIN") {
+            self.advertise_admin = Some(v);
+        }
+        if let Some(v) = g("S3_DOMAINS") {
+            self.s3_domains = v
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
+        }
+        if let Some(v) = g("ADMIN_TOKEN") {
+            self.admin_token = Some(v);
+        }
+        if let Some(v) = g("MASTER_KEY") {
+            self.master_key = Some(v);
+        }
+        if let Some(v) = g("MASTER_KEY_FILE") {
+            self.master_key_file = Some(v.into());
+        }
+        if let Some(v) = g("PARTITIONS") {
+            self.partitions = parse("GRANARY_PARTITIONS", &v)?;
+        }
         Ok(())
     }
 
     pub fn catalog_url(&self) -> String {
-        self.catalog_url.clone().unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("catalog.db").display()))
+        self.catalog_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite:{}", self.data_dir.join("catalog.db").display()))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -122,7 +175,9 @@ impl NodeConfig {
             return Err(ConfigError::Invalid("partitions must be at least 1".into()));
         }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
-            return Err(ConfigError::Invalid("admin_token must be at least 16 characters".into()));
+            return Err(ConfigError::Invalid(
+                "admin_token must be at least 16 characters".into(),
+            ));
         }
         Ok(())
     }
@@ -134,9 +189,11 @@ mod tests {
 
     #[test]
     fn env_overrides_file_values_and_rejects_garbage() {
-        let mut c: NodeConfig = toml::from_str("node_id = \"a\"\nregion = \"eu-west-1\"\n").unwrap();
+        let mut c: NodeConfig =
+            toml::from_str("node_id = \"a\"\nregion = \"eu-west-1\"\n").unwrap();
         assert_eq!(c.region, "eu-west-1");
-        c.apply_env(|k| (k == "GRANARY_NODE_ID").then(|| "b".to_string())).unwrap();
+        c.apply_env(|k| (k == "GRANARY_NODE_ID").then(|| "b".to_string()))
+            .unwrap();
         assert_eq!(c.node_id, "b");
         assert_eq!(c.region, "eu-west-1");
         let bad = c.apply_env(|k| (k == "GRANARY_S3_LISTEN").then(|| "nope".to_string()));

@@ -18,7 +18,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), extra: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -51,11 +56,19 @@ impl From<model::Error> for ApiError {
             E::NoSuchKey => ApiError::new(StatusCode::NOT_FOUND, "NotFound", "no such key"),
             E::Corrupt(m) => {
                 tracing::error!(error = %m, "corrupt data detected on read");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "stored data failed its checksum")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "stored data failed its checksum",
+                )
             }
             e @ (E::Engine(_) | E::Catalog(_)) => {
                 tracing::error!(error = %e, "internal error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "internal error")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "internal error",
+                )
             }
             other => ApiError::new(StatusCode::CONFLICT, "Conflict", other.to_string()),
         }
@@ -66,11 +79,21 @@ impl From<crate::catalog::CatalogError> for ApiError {
     fn from(e: crate::catalog::CatalogError) -> Self {
         use crate::catalog::CatalogError as C;
         match e {
-            C::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "AlreadyExists", format!("{m} already exists")),
-            C::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "NotFound", format!("{m} not found")),
+            C::Conflict(m) => ApiError::new(
+                StatusCode::CONFLICT,
+                "AlreadyExists",
+                format!("{m} already exists"),
+            ),
+            C::NotFound(m) => {
+                ApiError::new(StatusCode::NOT_FOUND, "NotFound", format!("{m} not found"))
+            }
             e => {
                 tracing::error!(error = %e, "catalog error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "InternalError", "internal error")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
+                    "internal error",
+                )
             }
         }
     }

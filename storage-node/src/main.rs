@@ -58,35 +58,70 @@ enum Cmd {
 #[derive(clap::Args)]
 struct AdminArgs {
     /// Admin API base URL.
-    #[arg(long, env = "GRANARY_ADMIN_URL", default_value = "http://127.0.0.1:9200", global = true)]
+    #[arg(
+        long,
+        env = "GRANARY_ADMIN_URL",
+        default_value = "http://127.0.0.1:9200",
+        global = true
+    )]
     admin_url: String,
     /// Admin token; default: the one `dev` wrote to ./granary-data/admin.token.
-    #[arg(long, env = "GRANARY_ADMIN_TOKEN", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "GRANARY_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
     admin_token: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum TenantCmd {
     /// Create a tenant; SPEC is JSON like {"quotas":{"storageBytes":1000000}}.
-    Create { name: String, #[arg(long)] spec: Option<String> },
+    Create {
+        name: String,
+        #[arg(long)]
+        spec: Option<String>,
+    },
     List,
-    Get { name: String },
+    Get {
+        name: String,
+    },
     /// Replace a tenant's settings with SPEC (JSON).
-    Update { name: String, #[arg(long)] spec: String },
+    Update {
+        name: String,
+        #[arg(long)]
+        spec: String,
+    },
     /// Delete a tenant; with --purge also all its buckets, objects and KV keys.
-    Delete { name: String, #[arg(long)] purge: bool },
+    Delete {
+        name: String,
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeyCmd {
-    Create { tenant: String, #[arg(long, default_value = "")] description: String },
-    List { tenant: String },
-    Revoke { tenant: String, access_key_id: String },
+    Create {
+        tenant: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    List {
+        tenant: String,
+    },
+    Revoke {
+        tenant: String,
+        access_key_id: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.cmd {
             Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen } => {
@@ -120,7 +155,11 @@ fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> anyhow::
         Ok(s) => Ok(s.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let v = make();
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
             std::io::Write::write_all(&mut f, v.as_bytes())?;
             f.sync_all()?;
             Ok(v)
@@ -131,9 +170,10 @@ fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> anyhow::
 
 async fn dev(mut config: NodeConfig) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)?;
-    let master = MasterKey::from_base64(&read_or_create_secret(&config.data_dir.join("master.key"), || {
-        MasterKey::generate().to_base64()
-    })?)?;
+    let master = MasterKey::from_base64(&read_or_create_secret(
+        &config.data_dir.join("master.key"),
+        || MasterKey::generate().to_base64(),
+    )?)?;
     let token = read_or_create_secret(&config.data_dir.join("admin.token"), || {
         let mut b = [0u8; 24];
         rand::rng().fill_bytes(&mut b);
@@ -196,15 +236,30 @@ impl AdminClient {
                 .map(|s| s.trim().to_string())
                 .context("no admin token: pass --admin-token or set GRANARY_ADMIN_TOKEN")?,
         };
-        Ok(Self { base: a.admin_url.trim_end_matches('/').to_string(), token, http: reqwest::Client::new() })
+        Ok(Self {
+            base: a.admin_url.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::new(),
+        })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<()> {
-        let mut req = self.http.request(method, format!("{}/admin/v1{path}", self.base)).bearer_auth(&self.token);
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<()> {
+        let mut req = self
+            .http
+            .request(method, format!("{}/admin/v1{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach the admin API at {}", self.base))?;
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the admin API at {}", self.base))?;
         let status = resp.status();
         let text = resp.text().await?;
         if !status.is_success() {
@@ -240,10 +295,20 @@ async fn tenant_cmd(a: AdminArgs, cmd: TenantCmd) -> anyhow::Result<()> {
         TenantCmd::List => c.call(Method::GET, "/tenants", None).await,
         TenantCmd::Get { name } => c.call(Method::GET, &format!("/tenants/{name}"), None).await,
         TenantCmd::Update { name, spec } => {
-            c.call(Method::PUT, &format!("/tenants/{name}"), Some(parse_spec(Some(&spec))?)).await
+            c.call(
+                Method::PUT,
+                &format!("/tenants/{name}"),
+                Some(parse_spec(Some(&spec))?),
+            )
+            .await
         }
         TenantCmd::Delete { name, purge } => {
-            c.call(Method::DELETE, &format!("/tenants/{name}?purge={purge}"), None).await
+            c.call(
+                Method::DELETE,
+                &format!("/tenants/{name}?purge={purge}"),
+                None,
+            )
+            .await
         }
     }
 }
@@ -252,12 +317,31 @@ async fn key_cmd(a: AdminArgs, cmd: KeyCmd) -> anyhow::Result<()> {
     use reqwest::Method;
     let c = AdminClient::new(a)?;
     match cmd {
-        KeyCmd::Create { tenant, description } => {
-            c.call(Method::POST, &format!("/tenants/{tenant}/keys"), Some(serde_json::json!({"description": description}))).await
+        KeyCmd::Create {
+            tenant,
+            description,
+        } => {
+            c.call(
+                Method::POST,
+                &format!("/tenants/{tenant}/keys"),
+                Some(serde_json::json!({"description": description})),
+            )
+            .await
         }
-        KeyCmd::List { tenant } => c.call(Method::GET, &format!("/tenants/{tenant}/keys"), None).await,
-        KeyCmd::Revoke { tenant, access_key_id } => {
-            c.call(Method::DELETE, &format!("/tenants/{tenant}/keys/{access_key_id}"), None).await
+        KeyCmd::List { tenant } => {
+            c.call(Method::GET, &format!("/tenants/{tenant}/keys"), None)
+                .await
+        }
+        KeyCmd::Revoke {
+            tenant,
+            access_key_id,
+        } => {
+            c.call(
+                Method::DELETE,
+                &format!("/tenants/{tenant}/keys/{access_key_id}"),
+                None,
+            )
+            .await
         }
     }
 }

@@ -52,19 +52,32 @@ pub fn load_master_key(c: &NodeConfig) -> anyhow::Result<MasterKey> {
         return MasterKey::from_base64(k).context("master_key");
     }
     if let Some(p) = &c.master_key_file {
-        let text = std::fs::read_to_string(p).with_context(|| format!("reading master key file {}", p.display()))?;
-        return MasterKey::from_base64(&text).with_context(|| format!("master key file {}", p.display()));
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("reading master key file {}", p.display()))?;
+        return MasterKey::from_base64(&text)
+            .with_context(|| format!("master key file {}", p.display()));
     }
-    anyhow::bail!("no master key: set master_key or master_key_file (GRANARY_MASTER_KEY / GRANARY_MASTER_KEY_FILE)")
+    anyhow::bail!(
+        "no master key: set master_key or master_key_file (GRANARY_MASTER_KEY / GRANARY_MASTER_KEY_FILE)"
+    )
 }
 
 impl Node {
-    pub async fn open(config: NodeConfig, master: MasterKey, admin_token: String) -> anyhow::Result<Self> {
+    pub async fn open(
+        config: NodeConfig,
+        master: MasterKey,
+        admin_token: String,
+    ) -> anyhow::Result<Self> {
         config.validate()?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-        let engine = Engine::open(&config.data_dir.join("engine")).context("opening the storage engine")?;
-        let catalog = Arc::new(SqlCatalog::connect(&config.catalog_url(), master).await.context("opening the catalog")?);
+        let engine =
+            Engine::open(&config.data_dir.join("engine")).context("opening the storage engine")?;
+        let catalog = Arc::new(
+            SqlCatalog::connect(&config.catalog_url(), master)
+                .await
+                .context("opening the catalog")?,
+        );
         // The partition count is the cluster's, fixed at first start.
         let partitions: u16 = catalog
             .setting_or_init("partitions", &config.partitions.to_string())
@@ -72,28 +85,50 @@ impl Node {
             .parse()
             .context("stored partition count")?;
         if partitions != config.partitions {
-            tracing::warn!(configured = config.partitions, stored = partitions, "partition count is fixed at cluster creation; using the stored value");
+            tracing::warn!(
+                configured = config.partitions,
+                stored = partitions,
+                "partition count is fixed at cluster creation; using the stored value"
+            );
         }
         let dyn_catalog: Arc<dyn Catalog> = catalog.clone();
         let store = Store::new(engine, dyn_catalog.clone(), partitions);
         let swept = store.sweep_orphan_chunks().await?;
         if swept > 0 {
-            tracing::info!(files = swept, "removed unreferenced chunk files left by an earlier stop");
+            tracing::info!(
+                files = swept,
+                "removed unreferenced chunk files left by an earlier stop"
+            );
         }
         let bind = |a: SocketAddr, what: &'static str| async move {
-            TcpListener::bind(a).await.with_context(|| format!("binding the {what} listener on {a}"))
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the {what} listener on {a}"))
         };
         let s3 = bind(config.s3_listen, "S3").await?;
         let kvl = bind(config.kv_listen, "KV").await?;
         let adm = bind(config.admin_listen, "admin").await?;
-        let endpoints = Endpoints { s3: s3.local_addr()?, kv: kvl.local_addr()?, admin: adm.local_addr()? };
+        let endpoints = Endpoints {
+            s3: s3.local_addr()?,
+            kv: kvl.local_addr()?,
+            admin: adm.local_addr()?,
+        };
         let node = NodeRecord {
             id: NodeId(config.node_id.clone()),
             region: config.region.clone(),
             zone: config.zone.clone(),
-            s3_addr: config.advertise_s3.clone().unwrap_or_else(|| endpoints.s3.to_string()),
-            kv_addr: config.advertise_kv.clone().unwrap_or_else(|| endpoints.kv.to_string()),
-            admin_addr: config.advertise_admin.clone().unwrap_or_else(|| endpoints.admin.to_string()),
+            s3_addr: config
+                .advertise_s3
+                .clone()
+                .unwrap_or_else(|| endpoints.s3.to_string()),
+            kv_addr: config
+                .advertise_kv
+                .clone()
+                .unwrap_or_else(|| endpoints.kv.to_string()),
+            admin_addr: config
+                .advertise_admin
+                .clone()
+                .unwrap_or_else(|| endpoints.admin.to_string()),
             rpc_addr: String::new(),
             heartbeat_at: now_millis(),
         };
@@ -127,15 +162,32 @@ impl Node {
     }
 
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-        let Node { config, store, catalog, listeners, metrics, auth, admin_token, .. } = self;
+        let Node {
+            config,
+            store,
+            catalog,
+            listeners,
+            metrics,
+            auth,
+            admin_token,
+            ..
+        } = self;
         let ready = Arc::new(AtomicBool::new(false));
 
-        let mut builder = S3ServiceBuilder::new(GranaryS3::new(store.clone(), auth.clone(), config.region.clone()));
+        let mut builder = S3ServiceBuilder::new(GranaryS3::new(
+            store.clone(),
+            auth.clone(),
+            config.region.clone(),
+        ));
         builder.set_auth(TenantKeys(auth.clone()));
         builder.set_host(crate::s3::Domains(config.s3_domains.clone()));
         let s3 = Arc::new(builder.build());
 
-        let kv_router = kv::router(kv::KvState { store: store.clone(), auth: auth.clone(), metrics: metrics.clone() });
+        let kv_router = kv::router(kv::KvState {
+            store: store.clone(),
+            auth: auth.clone(),
+            metrics: metrics.clone(),
+        });
         let node_info = serde_json::json!({
             "nodeId": config.node_id, "region": config.region, "zone": config.zone,
             "version": env!("CARGO_PKG_VERSION"), "apiVersion": "v1",
@@ -153,10 +205,14 @@ impl Node {
             let _ = rx.wait_for(|v| *v).await;
         };
         let kv_task = tokio::spawn(
-            axum::serve(listeners.1, kv_router).with_graceful_shutdown(signal(shutdown.clone())).into_future(),
+            axum::serve(listeners.1, kv_router)
+                .with_graceful_shutdown(signal(shutdown.clone()))
+                .into_future(),
         );
         let admin_task = tokio::spawn(
-            axum::serve(listeners.2, admin_router).with_graceful_shutdown(signal(shutdown.clone())).into_future(),
+            axum::serve(listeners.2, admin_router)
+                .with_graceful_shutdown(signal(shutdown.clone()))
+                .into_future(),
         );
         ready.store(true, Ordering::Relaxed);
         serve_s3(listeners.0, s3, metrics, shutdown.clone()).await;
@@ -172,7 +228,12 @@ impl Node {
     }
 }
 
-async fn serve_s3(listener: TcpListener, s3: Arc<s3s::service::S3Service>, metrics: Arc<Metrics>, mut shutdown: watch::Receiver<bool>) {
+async fn serve_s3(
+    listener: TcpListener,
+    s3: Arc<s3s::service::S3Service>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
@@ -219,7 +280,10 @@ async fn serve_s3(listener: TcpListener, s3: Arc<s3s::service::S3Service>, metri
         }
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight S3 requests did not finish within {DRAIN_TIMEOUT:?}");
     }
 }
@@ -228,13 +292,14 @@ async fn serve_s3(listener: TcpListener, s3: Arc<s3s::service::S3Service>, metri
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

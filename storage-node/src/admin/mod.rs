@@ -35,20 +35,51 @@ pub fn router(state: AdminState) -> Router {
     let api = Router::new()
         .route("/admin/v1/node", get(node))
         .route("/admin/v1/tenants", get(list_tenants).post(create_tenant))
-        .route("/admin/v1/tenants/{name}", get(get_tenant).put(update_tenant).delete(delete_tenant))
-        .route("/admin/v1/tenants/{name}/keys", get(list_keys).post(create_key))
-        .route("/admin/v1/tenants/{name}/keys/{key}", axum::routing::delete(revoke_key))
+        .route(
+            "/admin/v1/tenants/{name}",
+            get(get_tenant).put(update_tenant).delete(delete_tenant),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/keys",
+            get(list_keys).post(create_key),
+        )
+        .route(
+            "/admin/v1/tenants/{name}/keys/{key}",
+            axum::routing::delete(revoke_key),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(api)
-        .route("/metrics", get(|State(s): State<AdminState>| async move {
-            ([("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
-        }))
+        .route(
+            "/metrics",
+            get(|State(s): State<AdminState>| async move {
+                (
+                    [(
+                        "content-type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    s.metrics.render(),
+                )
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(|State(s): State<AdminState>| async move {
-            if s.ready.load(Ordering::Relaxed) { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "starting") }
-        }))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "NoSuchRoute", "see docs/admin-api.md") })
+        .route(
+            "/readyz",
+            get(|State(s): State<AdminState>| async move {
+                if s.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NoSuchRoute",
+                "see docs/admin-api.md",
+            )
+        })
         .with_state(state)
 }
 
@@ -64,7 +95,12 @@ async fn require_token(State(s): State<AdminState>, req: Request, next: Next) ->
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if given.is_empty() || !constant_time_eq(given.trim().as_bytes(), s.token.as_bytes()) {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", "a valid admin bearer token is required").into_response();
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "a valid admin bearer token is required",
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -72,9 +108,17 @@ async fn require_token(State(s): State<AdminState>, req: Request, next: Next) ->
 pub fn check_tenant_name(name: &str) -> Result<(), ApiError> {
     let ok = !name.is_empty()
         && name.len() <= 128
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
         && name.as_bytes()[0].is_ascii_alphanumeric();
-    if ok { Ok(()) } else { Err(ApiError::bad_request("tenant names are 1 to 128 characters of [a-z0-9._-], starting with a letter or digit")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "tenant names are 1 to 128 characters of [a-z0-9._-], starting with a letter or digit",
+        ))
+    }
 }
 
 async fn tenant(s: &AdminState, name: &str) -> Result<Tenant, ApiError> {
@@ -82,7 +126,13 @@ async fn tenant(s: &AdminState, name: &str) -> Result<Tenant, ApiError> {
         .catalog()
         .tenant_by_name(name)
         .await?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "NoSuchTenant", format!("tenant {name:?} does not exist")))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NoSuchTenant",
+                format!("tenant {name:?} does not exist"),
+            )
+        })
 }
 
 fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
@@ -94,7 +144,9 @@ async fn node(State(s): State<AdminState>) -> Json<serde_json::Value> {
 }
 
 async fn list_tenants(State(s): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {
-    Ok(Json(json!({"tenants": s.store.catalog().list_tenants().await?})))
+    Ok(Json(
+        json!({"tenants": s.store.catalog().list_tenants().await?}),
+    ))
 }
 
 async fn create_tenant(
@@ -103,7 +155,10 @@ async fn create_tenant(
 ) -> Result<Response, ApiError> {
     let Json(v) = body.map_err(json_rejection)?;
     // Flatten and deny_unknown_fields do not combine in serde: split by hand.
-    let mut obj = v.as_object().cloned().ok_or_else(|| ApiError::bad_request("expected a JSON object"))?;
+    let mut obj = v
+        .as_object()
+        .cloned()
+        .ok_or_else(|| ApiError::bad_request("expected a JSON object"))?;
     let name = obj
         .remove("name")
         .and_then(|n| n.as_str().map(str::to_string))
@@ -116,7 +171,10 @@ async fn create_tenant(
     Ok((StatusCode::CREATED, Json(t)).into_response())
 }
 
-async fn get_tenant(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<Tenant>, ApiError> {
+async fn get_tenant(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<Tenant>, ApiError> {
     Ok(Json(tenant(&s, &name).await?))
 }
 
@@ -180,15 +238,27 @@ async fn create_key(
         .into_response())
 }
 
-async fn list_keys(State(s): State<AdminState>, Path(name): Path<String>) -> Result<Json<serde_json::Value>, ApiError> {
+async fn list_keys(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let t = tenant(&s, &name).await?;
-    Ok(Json(json!({"keys": s.store.catalog().list_access_keys(t.id).await?})))
+    Ok(Json(
+        json!({"keys": s.store.catalog().list_access_keys(t.id).await?}),
+    ))
 }
 
-async fn revoke_key(State(s): State<AdminState>, Path((name, key)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+async fn revoke_key(
+    State(s): State<AdminState>,
+    Path((name, key)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     let t = tenant(&s, &name).await?;
     if !s.store.catalog().revoke_access_key(t.id, &key).await? {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "NoSuchKey", "no live access key with that id for this tenant"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NoSuchKey",
+            "no live access key with that id for this tenant",
+        ));
     }
     s.auth.invalidate(&key).await;
     tracing::info!(tenant = %name, access_key_id = %key, "access key revoked");

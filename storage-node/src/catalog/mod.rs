@@ -199,7 +199,9 @@ pub struct SqlCatalog {
 
 impl std::fmt::Debug for SqlCatalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqlCatalog").field("backend", &self.backend).finish_non_exhaustive()
+        f.debug_struct("SqlCatalog")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
     }
 }
 
@@ -208,8 +210,9 @@ impl SqlCatalog {
     /// `sqlite:PATH` (created if missing). It is never logged: it may hold a password.
     pub async fn connect(url: &str, master: MasterKey) -> Result<Self> {
         sqlx::any::install_default_drivers();
-        let backend = Backend::of_url(url)
-            .ok_or_else(|| CatalogError::Corrupt("catalog URL must start with postgres:// or sqlite:".into()))?;
+        let backend = Backend::of_url(url).ok_or_else(|| {
+            CatalogError::Corrupt("catalog URL must start with postgres:// or sqlite:".into())
+        })?;
         let url = match backend {
             Backend::Sqlite if !url.contains("mode=") => {
                 format!("{url}{}mode=rwc", if url.contains('?') { "&" } else { "?" })
@@ -225,13 +228,21 @@ impl SqlCatalog {
         let pool = opts.connect(&url).await?;
         match backend {
             Backend::Sqlite => {
-                sqlx::query("PRAGMA foreign_keys = ON").execute(&pool).await?;
-                sqlx::query("PRAGMA journal_mode = WAL").execute(&pool).await?;
+                sqlx::query("PRAGMA foreign_keys = ON")
+                    .execute(&pool)
+                    .await?;
+                sqlx::query("PRAGMA journal_mode = WAL")
+                    .execute(&pool)
+                    .await?;
                 sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
             }
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }
-        Ok(Self { pool, backend, master })
+        Ok(Self {
+            pool,
+            backend,
+            master,
+        })
     }
 
     pub fn backend(&self) -> Backend {
@@ -246,14 +257,17 @@ impl SqlCatalog {
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Database(d) => {
-            d.is_unique_violation() || d.message().contains("UNIQUE constraint") || d.code().as_deref() == Some("23505")
+            d.is_unique_violation()
+                || d.message().contains("UNIQUE constraint")
+                || d.code().as_deref() == Some("23505")
         }
         _ => false,
     }
 }
 
 fn parse_id<T: FromStr>(s: &str) -> Result<T> {
-    s.parse().map_err(|_| CatalogError::Corrupt(format!("bad id {s:?}")))
+    s.parse()
+        .map_err(|_| CatalogError::Corrupt(format!("bad id {s:?}")))
 }
 
 fn tenant_from_row(r: &AnyRow) -> Result<Tenant> {
@@ -278,12 +292,17 @@ fn bucket_from_row(r: &AnyRow) -> Result<Bucket> {
 
 fn random_string(alphabet: &[u8], n: usize) -> String {
     let mut rng = rand::rng();
-    (0..n).map(|_| alphabet[rng.random_range(0..alphabet.len())] as char).collect()
+    (0..n)
+        .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+        .collect()
 }
 
 macro_rules! select_tenants {
     ($tail:literal) => {
-        concat!("SELECT id, name, spec, created_at, updated_at FROM tenants ", $tail)
+        concat!(
+            "SELECT id, name, spec, created_at, updated_at FROM tenants ",
+            $tail
+        )
     };
 }
 
@@ -291,8 +310,15 @@ macro_rules! select_tenants {
 impl Catalog for SqlCatalog {
     async fn create_tenant(&self, name: &str, spec: &TenantSpec) -> Result<Tenant> {
         let now = now_millis();
-        let t = Tenant { id: TenantId::random(), name: name.to_string(), spec: spec.clone(), created_at: now, updated_at: now };
-        let spec_json = serde_json::to_string(spec).map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+        let t = Tenant {
+            id: TenantId::random(),
+            name: name.to_string(),
+            spec: spec.clone(),
+            created_at: now,
+            updated_at: now,
+        };
+        let spec_json =
+            serde_json::to_string(spec).map_err(|e| CatalogError::Corrupt(e.to_string()))?;
         sqlx::query("INSERT INTO tenants (id, name, spec, created_at, updated_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(t.id.to_string())
             .bind(name)
@@ -329,7 +355,8 @@ impl Catalog for SqlCatalog {
     }
 
     async fn update_tenant(&self, name: &str, spec: &TenantSpec) -> Result<Tenant> {
-        let spec_json = serde_json::to_string(spec).map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+        let spec_json =
+            serde_json::to_string(spec).map_err(|e| CatalogError::Corrupt(e.to_string()))?;
         let done = sqlx::query("UPDATE tenants SET spec = $1, updated_at = $2 WHERE name = $3")
             .bind(spec_json)
             .bind(now_millis())
@@ -339,7 +366,9 @@ impl Catalog for SqlCatalog {
         if done.rows_affected() == 0 {
             return Err(CatalogError::NotFound(format!("tenant {name:?}")));
         }
-        self.tenant_by_name(name).await?.ok_or_else(|| CatalogError::NotFound(format!("tenant {name:?}")))
+        self.tenant_by_name(name)
+            .await?
+            .ok_or_else(|| CatalogError::NotFound(format!("tenant {name:?}")))
     }
 
     async fn delete_tenant(&self, id: TenantId) -> Result<()> {
@@ -349,15 +378,24 @@ impl Catalog for SqlCatalog {
             "DELETE FROM buckets WHERE tenant_id = $1",
             "DELETE FROM tenants WHERE id = $1",
         ] {
-            sqlx::query(sql).bind(id.to_string()).execute(&mut *tx).await?;
+            sqlx::query(sql)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
     }
 
     async fn create_access_key(&self, tenant: TenantId, description: &str) -> Result<Credentials> {
-        let access_key_id = format!("GK{}", random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 20));
-        let secret = random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", 40);
+        let access_key_id = format!(
+            "GK{}",
+            random_string(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", 20)
+        );
+        let secret = random_string(
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+            40,
+        );
         let sealed = self.master.seal(&secret, &access_key_id);
         sqlx::query(
             "INSERT INTO access_keys (access_key_id, tenant_id, secret_sealed, description, created_at) \
@@ -370,7 +408,11 @@ impl Catalog for SqlCatalog {
         .bind(now_millis())
         .execute(&self.pool)
         .await?;
-        Ok(Credentials { access_key_id, secret_access_key: secret, tenant_id: tenant })
+        Ok(Credentials {
+            access_key_id,
+            secret_access_key: secret,
+            tenant_id: tenant,
+        })
     }
 
     async fn list_access_keys(&self, tenant: TenantId) -> Result<Vec<AccessKey>> {
@@ -427,15 +469,28 @@ impl Catalog for SqlCatalog {
     }
 
     async fn create_bucket(&self, tenant: TenantId, name: &str) -> Result<Bucket> {
-        let b = Bucket { tenant_id: tenant, name: name.to_string(), id: BucketId::random(), created_at: now_millis() };
-        sqlx::query("INSERT INTO buckets (tenant_id, name, id, created_at) VALUES ($1, $2, $3, $4)")
-            .bind(tenant.to_string())
-            .bind(name)
-            .bind(b.id.to_string())
-            .bind(b.created_at)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| if is_unique_violation(&e) { CatalogError::Conflict(format!("bucket {name:?}")) } else { e.into() })?;
+        let b = Bucket {
+            tenant_id: tenant,
+            name: name.to_string(),
+            id: BucketId::random(),
+            created_at: now_millis(),
+        };
+        sqlx::query(
+            "INSERT INTO buckets (tenant_id, name, id, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(tenant.to_string())
+        .bind(name)
+        .bind(b.id.to_string())
+        .bind(b.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                CatalogError::Conflict(format!("bucket {name:?}"))
+            } else {
+                e.into()
+            }
+        })?;
         Ok(b)
     }
 

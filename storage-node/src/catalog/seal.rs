@@ -47,7 +47,13 @@ impl MasterKey {
         let mut nonce = [0u8; 24];
         rand::rng().fill_bytes(&mut nonce);
         let ct = cipher
-            .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext.as_bytes(), aad: aad.as_bytes() })
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext.as_bytes(),
+                    aad: aad.as_bytes(),
+                },
+            )
             .unwrap_or_default();
         let mut out = nonce.to_vec();
         out.extend_from_slice(&ct);
@@ -63,7 +69,13 @@ impl MasterKey {
         let (nonce, ct) = raw.split_at(24);
         let cipher = XChaCha20Poly1305::new((&self.0).into());
         let pt = cipher
-            .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad: aad.as_bytes() })
+            .decrypt(
+                XNonce::from_slice(nonce),
+                Payload {
+                    msg: ct,
+                    aad: aad.as_bytes(),
+                },
+            )
             .map_err(|_| SealError::Open)?;
         String::from_utf8(pt).map_err(|_| SealError::Open)
     }
@@ -80,7 +92,10 @@ mod tests {
         assert!(!s.contains("s3cr3t"));
         assert_eq!(k.open(&s, "GKA").unwrap(), "s3cr3t");
         assert!(k.open(&s, "GKB").is_err(), "moved to another row");
-        assert!(MasterKey::generate().open(&s, "GKA").is_err(), "other master key");
+        assert!(
+            MasterKey::generate().open(&s, "GKA").is_err(),
+            "other master key"
+        );
         let k2 = MasterKey::from_base64(&k.to_base64()).unwrap();
         assert_eq!(k2.open(&s, "GKA").unwrap(), "s3cr3t");
     }

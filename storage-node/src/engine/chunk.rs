@@ -59,7 +59,10 @@ impl ChunkStore {
 
     pub fn path(&self, partition: PartitionId, id: ChunkId) -> PathBuf {
         let hex = id.0.simple().to_string();
-        self.root.join(partition.to_string()).join(&hex[..2]).join(hex)
+        self.root
+            .join(partition.to_string())
+            .join(&hex[..2])
+            .join(hex)
     }
 
     /// Creates a new chunk file. The caller must pass its directory to the commit that
@@ -78,27 +81,44 @@ impl ChunkStore {
                 }
             }
         }
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&path)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
         file.write_all(&[0u8; HEADER as usize])?;
         Ok(ChunkWriter {
             file,
             path,
             dir,
-            r#ref: ChunkRef { id, partition, len: 0 },
+            r#ref: ChunkRef {
+                id,
+                partition,
+                len: 0,
+            },
             block_fill: 0,
             block_crc: 0,
         })
     }
 
     /// Reads `[start, end)` of a chunk's data, verifying every block it touches.
-    pub fn read_range(&self, chunk: &ChunkRef, start: u64, end: u64) -> Result<Vec<u8>, ChunkError> {
+    pub fn read_range(
+        &self,
+        chunk: &ChunkRef,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, ChunkError> {
         let path = self.path(chunk.partition, chunk.id);
         let file = match File::open(&path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(ChunkError::Missing { id: chunk.id }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ChunkError::Missing { id: chunk.id });
+            }
             Err(e) => return Err(e.into()),
         };
-        let corrupt = |what: &str| ChunkError::Corrupt { id: chunk.id, what: what.to_string() };
+        let corrupt = |what: &str| ChunkError::Corrupt {
+            id: chunk.id,
+            what: what.to_string(),
+        };
         let mut header = [0u8; HEADER as usize];
         file.read_exact_at(&mut header, 0)?;
         let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
@@ -124,7 +144,13 @@ impl ChunkStore {
             let data_len = (len - block_start).min(BLOCK as u64) as usize;
             let raw = &mut buf[..data_len + 4];
             file.read_exact_at(raw, HEADER + b * BLOCK_ON_DISK)
-                .map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { corrupt("truncated") } else { e.into() })?;
+                .map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof {
+                        corrupt("truncated")
+                    } else {
+                        e.into()
+                    }
+                })?;
             let (data, crc) = raw.split_at(data_len);
             if crc32c::crc32c(data) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
                 return Err(corrupt(&format!("checksum mismatch in block {b}")));
@@ -161,14 +187,22 @@ impl ChunkStore {
         let mut out = Vec::new();
         for pdir in fs::read_dir(&self.root)? {
             let pdir = pdir?;
-            let Some(partition) = pdir.file_name().to_str().and_then(|s| u16::from_str_radix(s, 16).ok()) else {
+            let Some(partition) = pdir
+                .file_name()
+                .to_str()
+                .and_then(|s| u16::from_str_radix(s, 16).ok())
+            else {
                 continue;
             };
             for sub in fs::read_dir(pdir.path())? {
                 for f in fs::read_dir(sub?.path())? {
                     let f = f?;
                     if let Some(id) = f.file_name().to_str().and_then(|s| s.parse().ok()) {
-                        out.push(ChunkRef { id: ChunkId(id), partition: PartitionId(partition), len: 0 });
+                        out.push(ChunkRef {
+                            id: ChunkId(id),
+                            partition: PartitionId(partition),
+                            len: 0,
+                        });
                     }
                 }
             }
@@ -270,8 +304,18 @@ mod tests {
         }
         let r = w.finish().unwrap();
         assert_eq!(r.len, data.len() as u64);
-        for (s, e) in [(0, data.len()), (5, 6), (BLOCK - 1, BLOCK + 1), (2 * BLOCK, data.len()), (100, 3 * BLOCK)] {
-            assert_eq!(store.read_range(&r, s as u64, e as u64).unwrap(), &data[s..e], "range {s}..{e}");
+        for (s, e) in [
+            (0, data.len()),
+            (5, 6),
+            (BLOCK - 1, BLOCK + 1),
+            (2 * BLOCK, data.len()),
+            (100, 3 * BLOCK),
+        ] {
+            assert_eq!(
+                store.read_range(&r, s as u64, e as u64).unwrap(),
+                &data[s..e],
+                "range {s}..{e}"
+            );
         }
         store.verify(&r).unwrap();
     }
@@ -291,7 +335,10 @@ mod tests {
         fs::write(&path, raw).unwrap();
         // The first block is intact and still readable; the second is refused.
         assert_eq!(store.read_range(&r, 0, 100).unwrap(), &data[..100]);
-        assert!(matches!(store.read_range(&r, 0, 2 * BLOCK as u64), Err(ChunkError::Corrupt { .. })));
+        assert!(matches!(
+            store.read_range(&r, 0, 2 * BLOCK as u64),
+            Err(ChunkError::Corrupt { .. })
+        ));
         assert!(store.verify(&r).is_err());
     }
 

@@ -67,7 +67,9 @@ impl Committer {
                 let _ = done_tx.send(r);
             })
         });
-        self.tx.send(Msg::Write { dirs, job }).map_err(|_| EngineError::Closed)?;
+        self.tx
+            .send(Msg::Write { dirs, job })
+            .map_err(|_| EngineError::Closed)?;
         done_rx.await.map_err(|_| EngineError::Closed)?
     }
 
@@ -89,16 +91,19 @@ fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     };
     let mut stop: Option<oneshot::Sender<()>> = None;
     while stop.is_none() {
-        let Some(first) = rx.blocking_recv() else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut batch = Vec::new();
         let mut dirs = BTreeSet::new();
-        let mut push = |msg: Msg, batch: &mut Vec<Job>, stop: &mut Option<oneshot::Sender<()>>| match msg {
-            Msg::Write { dirs: d, job } => {
-                dirs.extend(d);
-                batch.push(job);
-            }
-            Msg::Shutdown(s) => *stop = Some(s),
-        };
+        let mut push =
+            |msg: Msg, batch: &mut Vec<Job>, stop: &mut Option<oneshot::Sender<()>>| match msg {
+                Msg::Write { dirs: d, job } => {
+                    dirs.extend(d);
+                    batch.push(job);
+                }
+                Msg::Shutdown(s) => *stop = Some(s),
+            };
         push(first, &mut batch, &mut stop);
         while batch.len() < MAX_BATCH && stop.is_none() {
             match rx.try_recv() {
@@ -114,15 +119,27 @@ fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
             .try_for_each(|d| super::chunk::sync_dir(d))
             .map_err(|e| format!("fsync of chunk directory failed: {e}"));
         let before = seq;
-        let (dones, result) = match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
-            Err(e) => (batch.into_iter().map(|_| None).collect::<Vec<Option<Done>>>(), Err(e)),
-            Ok(txn) => {
-                let mut ctx = WriteCtx { txn: &txn, seq: &mut seq };
-                let dones: Vec<Option<Done>> = batch.into_iter().map(|job| Some(job(&mut ctx))).collect();
-                let result = store_seq(&txn, seq).and_then(|()| txn.commit().map_err(|e| e.to_string()));
-                (dones, result)
-            }
-        };
+        let (dones, result) =
+            match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
+                Err(e) => (
+                    batch
+                        .into_iter()
+                        .map(|_| None)
+                        .collect::<Vec<Option<Done>>>(),
+                    Err(e),
+                ),
+                Ok(txn) => {
+                    let mut ctx = WriteCtx {
+                        txn: &txn,
+                        seq: &mut seq,
+                    };
+                    let dones: Vec<Option<Done>> =
+                        batch.into_iter().map(|job| Some(job(&mut ctx))).collect();
+                    let result =
+                        store_seq(&txn, seq).and_then(|()| txn.commit().map_err(|e| e.to_string()));
+                    (dones, result)
+                }
+            };
         if result.is_err() {
             // Nothing of this batch is durable; hand the numbers out again.
             seq = before;

@@ -80,7 +80,11 @@ impl Engine {
         }
         let chunks = ChunkStore::open(dir.join("chunks"))?;
         let committer = commit::Committer::start(db.clone())?;
-        Ok(Self { db, chunks, committer })
+        Ok(Self {
+            db,
+            chunks,
+            committer,
+        })
     }
 
     pub fn chunks(&self) -> &ChunkStore {

@@ -35,7 +35,10 @@ pub struct KvState {
 
 pub fn router(state: KvState) -> Router {
     Router::new()
-        .route("/kv/v1/openapi.json", get(|| async { ([("content-type", "application/json")], OPENAPI) }))
+        .route(
+            "/kv/v1/openapi.json",
+            get(|| async { ([("content-type", "application/json")], OPENAPI) }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ok" }))
         .fallback(handle)
@@ -44,11 +47,29 @@ pub fn router(state: KvState) -> Router {
 
 fn sig_error(e: SigError) -> ApiError {
     match e {
-        SigError::Missing => ApiError::new(StatusCode::UNAUTHORIZED, "MissingAuthentication", e.to_string()),
-        SigError::Malformed(_) => ApiError::new(StatusCode::BAD_REQUEST, "AuthorizationHeaderMalformed", e.to_string()),
-        SigError::TimeTooSkewed => ApiError::new(StatusCode::FORBIDDEN, "RequestTimeTooSkewed", e.to_string()),
-        SigError::Mismatch => ApiError::new(StatusCode::FORBIDDEN, "SignatureDoesNotMatch", e.to_string()),
-        SigError::ContentSha256Mismatch => ApiError::new(StatusCode::BAD_REQUEST, "XAmzContentSHA256Mismatch", e.to_string()),
+        SigError::Missing => ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "MissingAuthentication",
+            e.to_string(),
+        ),
+        SigError::Malformed(_) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "AuthorizationHeaderMalformed",
+            e.to_string(),
+        ),
+        SigError::TimeTooSkewed => {
+            ApiError::new(StatusCode::FORBIDDEN, "RequestTimeTooSkewed", e.to_string())
+        }
+        SigError::Mismatch => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "SignatureDoesNotMatch",
+            e.to_string(),
+        ),
+        SigError::ContentSha256Mismatch => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "XAmzContentSHA256Mismatch",
+            e.to_string(),
+        ),
     }
 }
 
@@ -60,7 +81,9 @@ fn decode(s: &str) -> Result<Vec<u8>, ApiError> {
     while i < b.len() {
         match b[i] {
             b'%' => {
-                let hex = b.get(i + 1..i + 3).ok_or_else(|| ApiError::bad_request("truncated percent-encoding"))?;
+                let hex = b
+                    .get(i + 1..i + 3)
+                    .ok_or_else(|| ApiError::bad_request("truncated percent-encoding"))?;
                 let v = std::str::from_utf8(hex)
                     .ok()
                     .and_then(|h| u8::from_str_radix(h, 16).ok())
@@ -110,7 +133,9 @@ fn parse_version(h: &HeaderValue) -> Result<u64, ApiError> {
 
 fn condition(h: &HeaderMap) -> Result<KvCondition, ApiError> {
     match (h.get("if-match"), h.get("if-none-match")) {
-        (Some(_), Some(_)) => Err(ApiError::bad_request("use If-Match or If-None-Match, not both")),
+        (Some(_), Some(_)) => Err(ApiError::bad_request(
+            "use If-Match or If-None-Match, not both",
+        )),
         (Some(v), None) => Ok(KvCondition::IfVersion(parse_version(v)?)),
         (None, Some(v)) if v.as_bytes() == b"*" => Ok(KvCondition::IfAbsent),
         (None, Some(_)) => Err(ApiError::bad_request("If-None-Match supports only *")),
@@ -118,18 +143,24 @@ fn condition(h: &HeaderMap) -> Result<KvCondition, ApiError> {
     }
 }
 
-async fn authenticate(st: &KvState, parts: &axum::http::request::Parts, body: &[u8]) -> Result<TenantId, ApiError> {
+async fn authenticate(
+    st: &KvState,
+    parts: &axum::http::request::Parts,
+    body: &[u8],
+) -> Result<TenantId, ApiError> {
     let h = parts
         .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| sig_error(SigError::Missing))?;
     let a = sigv4::parse_authorization(h).map_err(sig_error)?;
-    let creds = st
-        .auth
-        .lookup(a.access_key_id)
-        .await?
-        .ok_or_else(|| ApiError::new(StatusCode::FORBIDDEN, "InvalidAccessKeyId", "the access key does not exist or was revoked"))?;
+    let creds = st.auth.lookup(a.access_key_id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "InvalidAccessKeyId",
+            "the access key does not exist or was revoked",
+        )
+    })?;
     let req = SignedRequest {
         method: parts.method.as_str(),
         raw_path: parts.uri.path(),
@@ -145,8 +176,15 @@ async fn authenticate(st: &KvState, parts: &axum::http::request::Parts, body: &[
 async fn handle(State(st): State<KvState>, req: Request) -> Response {
     let started = Instant::now();
     let slot = OpSlot::default();
-    let span = tracing::info_span!("kv", front = "kv", operation = tracing::field::Empty, tenant = tracing::field::Empty,
-        bucket = tracing::field::Empty, status = tracing::field::Empty, bytes = tracing::field::Empty);
+    let span = tracing::info_span!(
+        "kv",
+        front = "kv",
+        operation = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+        bucket = tracing::field::Empty,
+        status = tracing::field::Empty,
+        bytes = tracing::field::Empty
+    );
     let resp = async {
         match dispatch(&st, req, &slot).await {
             Ok(r) => r,
@@ -156,24 +194,34 @@ async fn handle(State(st): State<KvState>, req: Request) -> Response {
     .instrument(span.clone())
     .await;
     span.record("status", resp.status().as_u16());
-    st.metrics.observe("kv", slot.get(), resp.status().as_u16(), started);
+    st.metrics
+        .observe("kv", slot.get(), resp.status().as_u16(), started);
     resp
 }
 
 async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = to_bytes(body, MAX_VALUE + 64 * 1024).await.map_err(|_| {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "EntityTooLarge", format!("request bodies are at most {MAX_VALUE} bytes"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "EntityTooLarge",
+            format!("request bodies are at most {MAX_VALUE} bytes"),
+        )
     })?;
     let path = parts.uri.path().to_string();
-    let rest = path
-        .strip_prefix("/kv/v1/")
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "NoSuchRoute", "KV paths start with /kv/v1/"))?;
+    let rest = path.strip_prefix("/kv/v1/").ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NoSuchRoute",
+            "KV paths start with /kv/v1/",
+        )
+    })?;
     let (ns, key) = match rest.split_once('/') {
         Some((ns, key)) => (ns.to_string(), Some(decode(key)?)),
         None => (rest.to_string(), None),
     };
-    let ns = String::from_utf8(decode(&ns)?).map_err(|_| ApiError::bad_request("namespace must be UTF-8"))?;
+    let ns = String::from_utf8(decode(&ns)?)
+        .map_err(|_| ApiError::bad_request("namespace must be UTF-8"))?;
     let tenant = authenticate(st, &parts, &body).await?;
     let span = tracing::Span::current();
     span.record("tenant", tracing::field::display(tenant));
@@ -182,12 +230,27 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
     match (parts.method.clone(), key) {
         (Method::GET | Method::HEAD, Some(key)) => {
             slot.set("Get");
-            let e = st.store.kv_get(tenant, &ns, &key).await?.ok_or_else(|| ApiError::from(crate::model::Error::NoSuchKey))?;
+            let e = st
+                .store
+                .kv_get(tenant, &ns, &key)
+                .await?
+                .ok_or_else(|| ApiError::from(crate::model::Error::NoSuchKey))?;
             span.record("bytes", e.value.len());
-            let mut r = Response::new(if parts.method == Method::HEAD { Body::empty() } else { Body::from(e.value) });
+            let mut r = Response::new(if parts.method == Method::HEAD {
+                Body::empty()
+            } else {
+                Body::from(e.value)
+            });
             let h = r.headers_mut();
-            h.insert("content-type", HeaderValue::from_static("application/octet-stream"));
-            h.insert("etag", HeaderValue::from_str(&format!("\"{}\"", e.version)).unwrap_or(HeaderValue::from_static("\"0\"")));
+            h.insert(
+                "content-type",
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            h.insert(
+                "etag",
+                HeaderValue::from_str(&format!("\"{}\"", e.version))
+                    .unwrap_or(HeaderValue::from_static("\"0\"")),
+            );
             h.insert("x-granary-version", HeaderValue::from(e.version));
             if let Some(t) = e.expires_at {
                 h.insert("x-granary-expires-at", HeaderValue::from(t));
@@ -203,15 +266,26 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                         .ok()
                         .and_then(|s| s.trim().parse::<u64>().ok())
                         .filter(|s| *s > 0)
-                        .ok_or_else(|| ApiError::bad_request("X-Granary-TTL must be a positive number of seconds"))?
+                        .ok_or_else(|| {
+                            ApiError::bad_request(
+                                "X-Granary-TTL must be a positive number of seconds",
+                            )
+                        })?
                         .saturating_mul(1000),
                 ),
                 None => None,
             };
             span.record("bytes", body.len());
-            let version = st.store.kv_put(tenant, &ns, &key, body.to_vec(), cond, ttl).await?;
+            let version = st
+                .store
+                .kv_put(tenant, &ns, &key, body.to_vec(), cond, ttl)
+                .await?;
             let mut r = axum::Json(json!({"version": version})).into_response();
-            r.headers_mut().insert("etag", HeaderValue::from_str(&format!("\"{version}\"")).unwrap_or(HeaderValue::from_static("\"0\"")));
+            r.headers_mut().insert(
+                "etag",
+                HeaderValue::from_str(&format!("\"{version}\""))
+                    .unwrap_or(HeaderValue::from_static("\"0\"")),
+            );
             Ok(r)
         }
         (Method::DELETE, Some(key)) => {
@@ -229,12 +303,24 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                 None => ScanQuery::default(),
             };
             let after = match &q.cursor {
-                Some(c) => Some(URL_SAFE_NO_PAD.decode(c).map_err(|_| ApiError::bad_request("bad cursor"))?),
+                Some(c) => Some(
+                    URL_SAFE_NO_PAD
+                        .decode(c)
+                        .map_err(|_| ApiError::bad_request("bad cursor"))?,
+                ),
                 None => None,
             };
             let page = st
                 .store
-                .kv_scan(tenant, &ns, &query_bytes(&q.prefix)?.unwrap_or_default(), query_bytes(&q.start)?, query_bytes(&q.end)?, after, q.limit.unwrap_or(100))
+                .kv_scan(
+                    tenant,
+                    &ns,
+                    &query_bytes(&q.prefix)?.unwrap_or_default(),
+                    query_bytes(&q.start)?,
+                    query_bytes(&q.end)?,
+                    after,
+                    q.limit.unwrap_or(100),
+                )
                 .await?;
             Ok(axum::Json(json!({
                 "entries": page.entries.iter().map(entry_json).collect::<Vec<_>>(),
@@ -248,12 +334,17 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
             struct Batch {
                 keys: Vec<String>,
             }
-            let b: Batch = serde_json::from_slice(&body)
-                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "MalformedJSON", e.to_string()))?;
+            let b: Batch = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::new(StatusCode::BAD_REQUEST, "MalformedJSON", e.to_string())
+            })?;
             let keys = b
                 .keys
                 .iter()
-                .map(|k| STANDARD.decode(k).map_err(|_| ApiError::bad_request("keys are base64")))
+                .map(|k| {
+                    STANDARD
+                        .decode(k)
+                        .map_err(|_| ApiError::bad_request("keys are base64"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let found = st.store.kv_get_many(tenant, &ns, keys.clone()).await?;
             let out: Vec<_> = keys
@@ -270,7 +361,11 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                 .collect();
             Ok(axum::Json(json!({"entries": out})).into_response())
         }
-        _ => Err(ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "see docs/kv-api.md for the routes")),
+        _ => Err(ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "see docs/kv-api.md for the routes",
+        )),
     }
 }
 
@@ -292,7 +387,11 @@ fn serde_urlencoded_lite(q: &str) -> Result<ScanQuery, ApiError> {
                         .ok_or_else(|| ApiError::bad_request("limit must be a number"))?,
                 )
             }
-            _ => return Err(ApiError::bad_request(format!("unknown query parameter {k:?}"))),
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown query parameter {k:?}"
+                )));
+            }
         }
     }
     Ok(s)

@@ -1,7 +1,6 @@
 //! Buckets: per-tenant names mapped to bucket incarnations (catalog) whose objects live
 //! in one partition of the engine.
 
-
 use super::{Error, Result, Store};
 use crate::catalog::{Bucket, CatalogError};
 use crate::engine::{EngineError, OBJECTS, UPLOADS, keys};
@@ -14,8 +13,17 @@ impl Store {
         if let Some(b) = self.inner.buckets.read().await.get(&cache_key) {
             return Ok(b.clone());
         }
-        let b = self.inner.catalog.bucket(tenant, name).await?.ok_or(Error::NoSuchBucket)?;
-        self.inner.buckets.write().await.insert(cache_key, b.clone());
+        let b = self
+            .inner
+            .catalog
+            .bucket(tenant, name)
+            .await?
+            .ok_or(Error::NoSuchBucket)?;
+        self.inner
+            .buckets
+            .write()
+            .await
+            .insert(cache_key, b.clone());
         Ok(b)
     }
 
@@ -43,7 +51,11 @@ impl Store {
             .read(move |txn| {
                 for table in [OBJECTS, UPLOADS] {
                     let t = txn.open_table(table).map_err(EngineError::from)?;
-                    if let Some(first) = t.range(prefix.as_slice()..).map_err(EngineError::from)?.next() {
+                    if let Some(first) = t
+                        .range(prefix.as_slice()..)
+                        .map_err(EngineError::from)?
+                        .next()
+                    {
                         let (k, _) = first.map_err(EngineError::from)?;
                         if k.value().starts_with(&prefix) {
                             return Ok(false);
@@ -57,7 +69,11 @@ impl Store {
             return Err(Error::BucketNotEmpty);
         }
         self.inner.catalog.delete_bucket(tenant, b.id).await?;
-        self.inner.buckets.write().await.remove(&(tenant, name.to_string()));
+        self.inner
+            .buckets
+            .write()
+            .await
+            .remove(&(tenant, name.to_string()));
         Ok(())
     }
 
@@ -65,7 +81,9 @@ impl Store {
     pub async fn purge_tenant(&self, tenant: TenantId) -> Result<()> {
         for b in self.list_buckets(tenant).await? {
             loop {
-                let page = self.list_objects(tenant, &b.name, "", None, None, 1000).await?;
+                let page = self
+                    .list_objects(tenant, &b.name, "", None, None, 1000)
+                    .await?;
                 for (key, _) in &page.objects {
                     self.delete_object(tenant, &b.name, key).await?;
                 }
@@ -74,7 +92,8 @@ impl Store {
                 }
             }
             for u in self.list_uploads(tenant, &b.name).await? {
-                self.abort_upload(tenant, &b.name, &u.key, u.upload_id).await?;
+                self.abort_upload(tenant, &b.name, &u.key, u.upload_id)
+                    .await?;
             }
             self.delete_bucket(tenant, &b.name).await?;
         }

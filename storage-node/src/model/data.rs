@@ -16,7 +16,8 @@ use crate::engine::{ChunkError, ChunkRef, ChunkStore, ChunkWriter};
 use crate::types::PartitionId;
 
 /// A request or response body: a stream of byte pieces.
-pub type ByteStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, io::Error>> + Send + Sync>>;
+pub type ByteStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, io::Error>> + Send + Sync>>;
 
 /// Objects up to this size are stored inline in the metadata engine: one group commit,
 /// no chunk file, no extra fsync.
@@ -87,7 +88,9 @@ impl Sink {
                 }
                 self.current = Some(w);
             }
-            let Some(w) = self.current.as_mut() else { continue };
+            let Some(w) = self.current.as_mut() else {
+                continue;
+            };
             let n = w.append(data)?;
             data = &data[n..];
             if w.len() >= CHUNK_MAX
@@ -122,23 +125,38 @@ impl Sink {
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Invalid(format!("worker failed: {e}")))
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Invalid(format!("worker failed: {e}")))
 }
 
 /// Streams `body` to durable storage: inline if it is small, chunk files otherwise.
 /// While one piece is written the next is received (one write in flight). On any error
 /// every file written so far is removed.
-pub async fn write_body(store: &ChunkStore, partition: PartitionId, body: ByteStream) -> Result<Written> {
+pub async fn write_body(
+    store: &ChunkStore,
+    partition: PartitionId,
+    body: ByteStream,
+) -> Result<Written> {
     write_body_inner(store, partition, body, INLINE_MAX).await
 }
 
 /// Like [`write_body`] but always to chunk files (multipart parts are stitched by
 /// reference, so they cannot be inline).
-pub async fn write_body_chunked(store: &ChunkStore, partition: PartitionId, body: ByteStream) -> Result<Written> {
+pub async fn write_body_chunked(
+    store: &ChunkStore,
+    partition: PartitionId,
+    body: ByteStream,
+) -> Result<Written> {
     write_body_inner(store, partition, body, 0).await
 }
 
-async fn write_body_inner(store: &ChunkStore, partition: PartitionId, mut body: ByteStream, inline_max: usize) -> Result<Written> {
+async fn write_body_inner(
+    store: &ChunkStore,
+    partition: PartitionId,
+    mut body: ByteStream,
+    inline_max: usize,
+) -> Result<Written> {
     let mut buf = BytesMut::new();
     let mut ended = false;
     // Small bodies never touch a chunk file.
@@ -152,7 +170,12 @@ async fn write_body_inner(store: &ChunkStore, partition: PartitionId, mut body: 
             }
             None => {
                 let md5: [u8; 16] = Md5::digest(&buf).into();
-                return Ok(Written { size: buf.len() as u64, md5, data: ObjectData::inline(buf.to_vec()), dirs: vec![] });
+                return Ok(Written {
+                    size: buf.len() as u64,
+                    md5,
+                    data: ObjectData::inline(buf.to_vec()),
+                    dirs: vec![],
+                });
             }
         }
     }
@@ -165,11 +188,12 @@ async fn write_body_inner(store: &ChunkStore, partition: PartitionId, mut body: 
         md5: Md5::new(),
         size: 0,
     };
-    let mut in_flight: tokio::task::JoinHandle<(Sink, io::Result<()>)> = tokio::task::spawn_blocking(move || {
-        let mut sink = sink;
-        let r = sink.write(&buf);
-        (sink, r)
-    });
+    let mut in_flight: tokio::task::JoinHandle<(Sink, io::Result<()>)> =
+        tokio::task::spawn_blocking(move || {
+            let mut sink = sink;
+            let r = sink.write(&buf);
+            (sink, r)
+        });
     let mut next = BytesMut::with_capacity(IO_PIECE);
     let mut failure: Option<Error> = None;
     loop {
@@ -186,7 +210,9 @@ async fn write_body_inner(store: &ChunkStore, partition: PartitionId, mut body: 
             None => true,
         };
         if next.len() >= IO_PIECE || end {
-            let (mut sink, r) = in_flight.await.map_err(|e| Error::Invalid(format!("worker failed: {e}")))?;
+            let (mut sink, r) = in_flight
+                .await
+                .map_err(|e| Error::Invalid(format!("worker failed: {e}")))?;
             if let Err(e) = r {
                 blocking(move || sink.abandon()).await?;
                 return Err(Error::Engine(e.into()));
@@ -205,12 +231,16 @@ async fn write_body_inner(store: &ChunkStore, partition: PartitionId, mut body: 
             }
         }
     }
-    let (sink, r) = in_flight.await.map_err(|e| Error::Invalid(format!("worker failed: {e}")))?;
+    let (sink, r) = in_flight
+        .await
+        .map_err(|e| Error::Invalid(format!("worker failed: {e}")))?;
     if let Err(e) = r {
         blocking(move || sink.abandon()).await?;
         return Err(Error::Engine(e.into()));
     }
-    let written = blocking(move || sink.finish()).await?.map_err(|e| Error::Engine(e.into()))?;
+    let written = blocking(move || sink.finish())
+        .await?
+        .map_err(|e| Error::Engine(e.into()))?;
     Ok(written)
 }
 
@@ -239,15 +269,24 @@ fn chunk_err(e: ChunkError) -> Error {
 /// Reads `range` of `data`. The first piece is read (and verified) before this returns,
 /// so a damaged start of an object fails the request cleanly instead of mid-body; a
 /// damaged later piece ends the body stream with an error. Never yields unverified bytes.
-pub async fn read_body(store: &ChunkStore, data: &ObjectData, range: Range<u64>) -> Result<ObjectBody> {
+pub async fn read_body(
+    store: &ChunkStore,
+    data: &ObjectData,
+    range: Range<u64>,
+) -> Result<ObjectBody> {
     let len = range.end - range.start;
     match data {
         ObjectData::Inline { bytes, crc } => {
             if crc32c::crc32c(bytes) != *crc {
-                return Err(Error::Corrupt("inline object data fails its checksum".into()));
+                return Err(Error::Corrupt(
+                    "inline object data fails its checksum".into(),
+                ));
             }
             let piece = Bytes::copy_from_slice(&bytes[range.start as usize..range.end as usize]);
-            Ok(ObjectBody { len, stream: Box::pin(futures::stream::once(async move { Ok(piece) })) })
+            Ok(ObjectBody {
+                len,
+                stream: Box::pin(futures::stream::once(async move { Ok(piece) })),
+            })
         }
         ObjectData::Chunks(chunks) => {
             // Plan the reads: (chunk, start, end) pieces of at most IO_PIECE bytes.
@@ -270,7 +309,11 @@ pub async fn read_body(store: &ChunkStore, data: &ObjectData, range: Range<u64>)
                 None => Bytes::new(),
                 Some((c, s, e)) => {
                     let st = store.clone();
-                    Bytes::from(blocking(move || st.read_range(&c, s, e)).await?.map_err(chunk_err)?)
+                    Bytes::from(
+                        blocking(move || st.read_range(&c, s, e))
+                            .await?
+                            .map_err(chunk_err)?,
+                    )
                 }
             };
             let store = store.clone();
@@ -286,7 +329,8 @@ pub async fn read_body(store: &ChunkStore, data: &ObjectData, range: Range<u64>)
                     Some((r, plan))
                 }
             });
-            let stream: ByteStream = Box::pin(futures::stream::once(async move { Ok(first) }).chain(rest));
+            let stream: ByteStream =
+                Box::pin(futures::stream::once(async move { Ok(first) }).chain(rest));
             Ok(ObjectBody { len, stream })
         }
     }

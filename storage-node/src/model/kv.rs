@@ -65,8 +65,16 @@ pub struct ScanPage {
 pub fn check_namespace(ns: &str) -> Result<()> {
     let ok = !ns.is_empty()
         && ns.len() <= MAX_NAMESPACE
-        && ns.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok { Ok(()) } else { Err(Error::Invalid(format!("namespace names are 1 to {MAX_NAMESPACE} characters of [A-Za-z0-9._-]"))) }
+        && ns
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "namespace names are 1 to {MAX_NAMESPACE} characters of [A-Za-z0-9._-]"
+        )))
+    }
 }
 
 fn check_key(key: &[u8]) -> Result<()> {
@@ -77,7 +85,8 @@ fn check_key(key: &[u8]) -> Result<()> {
 }
 
 fn decode(b: &[u8]) -> Result<Stored, EngineError> {
-    let s: Stored = postcard::from_bytes(b).map_err(|e| EngineError::Db(format!("kv record: {e}")))?;
+    let s: Stored =
+        postcard::from_bytes(b).map_err(|e| EngineError::Db(format!("kv record: {e}")))?;
     if crc32c::crc32c(&s.value) != s.crc {
         return Err(EngineError::Db("kv value fails its checksum".into()));
     }
@@ -89,7 +98,9 @@ fn check(cond: KvCondition, current: Option<&Stored>) -> Result<()> {
         (KvCondition::None, _) => Ok(()),
         (KvCondition::IfVersion(v), Some(c)) if c.version == v => Ok(()),
         (KvCondition::IfAbsent, None) => Ok(()),
-        (_, c) => Err(Error::VersionMismatch { current: c.map(|c| c.version) }),
+        (_, c) => Err(Error::VersionMismatch {
+            current: c.map(|c| c.version),
+        }),
     }
 }
 
@@ -104,10 +115,17 @@ impl Store {
     }
 
     /// Reads several keys from one consistent snapshot.
-    pub async fn kv_get_many(&self, tenant: TenantId, ns: &str, keys: Vec<Vec<u8>>) -> Result<Vec<Option<Entry>>> {
+    pub async fn kv_get_many(
+        &self,
+        tenant: TenantId,
+        ns: &str,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<Option<Entry>>> {
         check_namespace(ns)?;
         if keys.len() > MAX_BATCH {
-            return Err(Error::Invalid(format!("at most {MAX_BATCH} keys per batch")));
+            return Err(Error::Invalid(format!(
+                "at most {MAX_BATCH} keys per batch"
+            )));
         }
         for k in &keys {
             check_key(k)?;
@@ -125,7 +143,12 @@ impl Store {
                     let e = match t.get(full.as_slice())? {
                         Some(v) => {
                             let s = decode(v.value())?;
-                            s.live(now).then(|| Entry { key, version: s.version, expires_at: s.expires_at, value: s.value })
+                            s.live(now).then_some(Entry {
+                                key,
+                                version: s.version,
+                                expires_at: s.expires_at,
+                                value: s.value,
+                            })
                         }
                         None => None,
                     };
@@ -149,7 +172,9 @@ impl Store {
         check_namespace(ns)?;
         check_key(key)?;
         if value.len() > MAX_VALUE {
-            return Err(Error::Invalid(format!("values are at most {MAX_VALUE} bytes")));
+            return Err(Error::Invalid(format!(
+                "values are at most {MAX_VALUE} bytes"
+            )));
         }
         let mut full = self.kv_prefix(tenant, ns);
         full.extend_from_slice(key);
@@ -167,7 +192,12 @@ impl Store {
                 }
                 let version = ctx.next_seq();
                 let crc = crc32c::crc32c(&value);
-                let s = Stored { version, expires_at, value, crc };
+                let s = Stored {
+                    version,
+                    expires_at,
+                    value,
+                    crc,
+                };
                 t.insert(full.as_slice(), encode(&s)?.as_slice())?;
                 Ok(Ok(version))
             })
@@ -175,7 +205,13 @@ impl Store {
     }
 
     /// Deletes a key; returns the version it had, or None if it did not exist.
-    pub async fn kv_delete(&self, tenant: TenantId, ns: &str, key: &[u8], cond: KvCondition) -> Result<Option<u64>> {
+    pub async fn kv_delete(
+        &self,
+        tenant: TenantId,
+        ns: &str,
+        key: &[u8],
+        cond: KvCondition,
+    ) -> Result<Option<u64>> {
         check_namespace(ns)?;
         check_key(key)?;
         let mut full = self.kv_prefix(tenant, ns);
@@ -247,7 +283,9 @@ impl Store {
                 };
                 if let Some(e) = &end {
                     let fe = full(e);
-                    if matches!(&hi, Bound::Excluded(h) if fe < *h) || matches!(hi, Bound::Unbounded) {
+                    if matches!(&hi, Bound::Excluded(h) if fe < *h)
+                        || matches!(hi, Bound::Unbounded)
+                    {
                         hi = Bound::Excluded(fe);
                     }
                 }
@@ -257,7 +295,10 @@ impl Store {
                 {
                     return Ok(page);
                 }
-                let range = t.range::<&[u8]>((lo.as_ref().map(Vec::as_slice), hi.as_ref().map(Vec::as_slice)))?;
+                let range = t.range::<&[u8]>((
+                    lo.as_ref().map(Vec::as_slice),
+                    hi.as_ref().map(Vec::as_slice),
+                ))?;
                 for e in range {
                     let (k, v) = e?;
                     let key = k.value()[base.len()..].to_vec();
@@ -267,7 +308,12 @@ impl Store {
                     }
                     let s = decode(v.value())?;
                     if s.live(now) {
-                        page.entries.push(Entry { key, version: s.version, expires_at: s.expires_at, value: s.value });
+                        page.entries.push(Entry {
+                            key,
+                            version: s.version,
+                            expires_at: s.expires_at,
+                            value: s.value,
+                        });
                     }
                 }
                 Ok(page)

@@ -117,7 +117,9 @@ impl Store {
         let store = self.inner.engine.chunks().clone();
         tokio::spawn(async move {
             tokio::time::sleep(CHUNK_GRACE).await;
-            let _ = tokio::task::spawn_blocking(move || chunks.iter().for_each(|c| store.remove(c))).await;
+            let _ =
+                tokio::task::spawn_blocking(move || chunks.iter().for_each(|c| store.remove(c)))
+                    .await;
         });
     }
 
@@ -136,9 +138,13 @@ impl Store {
                     for entry in t.iter().map_err(EngineError::from)? {
                         let (_, v) = entry.map_err(EngineError::from)?;
                         let refs = if is_part {
-                            postcard::from_bytes::<multipart::PartRecord>(v.value()).map(|p| p.chunks).ok()
+                            postcard::from_bytes::<multipart::PartRecord>(v.value())
+                                .map(|p| p.chunks)
+                                .ok()
                         } else {
-                            postcard::from_bytes::<ObjectRecord>(v.value()).map(|o| o.data.chunks().to_vec()).ok()
+                            postcard::from_bytes::<ObjectRecord>(v.value())
+                                .map(|o| o.data.chunks().to_vec())
+                                .ok()
                         };
                         live.extend(refs.unwrap_or_default().into_iter().map(|c| c.id));
                     }

@@ -52,7 +52,12 @@ fn decode_part(b: &[u8]) -> Result<PartRecord, EngineError> {
 }
 
 impl Store {
-    async fn upload_key(&self, tenant: TenantId, bucket: &str, upload: UploadId) -> Result<(crate::types::PartitionId, crate::types::BucketId, Vec<u8>)> {
+    async fn upload_key(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        upload: UploadId,
+    ) -> Result<(crate::types::PartitionId, crate::types::BucketId, Vec<u8>)> {
         let b = self.bucket(tenant, bucket).await?;
         let p = self.partition(tenant, bucket);
         Ok((p, b.id, keys::upload_key(p, b.id, upload)))
@@ -64,7 +69,9 @@ impl Store {
             .engine()
             .read(move |txn| {
                 let t = txn.open_table(UPLOADS)?;
-                t.get(ukey.as_slice())?.map(|v| decode_upload(v.value())).transpose()
+                t.get(ukey.as_slice())?
+                    .map(|v| decode_upload(v.value()))
+                    .transpose()
             })
             .await?
             .ok_or(Error::NoSuchUpload)?;
@@ -74,14 +81,26 @@ impl Store {
         Ok(rec)
     }
 
-    pub async fn create_upload(&self, tenant: TenantId, bucket: &str, key: &str, meta: ObjectMeta) -> Result<UploadId> {
+    pub async fn create_upload(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        meta: ObjectMeta,
+    ) -> Result<UploadId> {
         check_key(key)?;
         let id = UploadId::random();
         let (_, _, ukey) = self.upload_key(tenant, bucket, id).await?;
-        let rec = UploadRecord { key: key.to_string(), meta, initiated: now_millis() };
+        let rec = UploadRecord {
+            key: key.to_string(),
+            meta,
+            initiated: now_millis(),
+        };
         self.engine()
             .write(vec![], move |ctx| {
-                ctx.txn.open_table(UPLOADS)?.insert(ukey.as_slice(), encode(&rec)?.as_slice())?;
+                ctx.txn
+                    .open_table(UPLOADS)?
+                    .insert(ukey.as_slice(), encode(&rec)?.as_slice())?;
                 Ok(())
             })
             .await?;
@@ -101,7 +120,9 @@ impl Store {
         content_md5: Option<[u8; 16]>,
     ) -> Result<PartRecord> {
         if !(1..=MAX_PART_NUMBER).contains(&part) {
-            return Err(Error::Invalid(format!("part numbers must be 1 to {MAX_PART_NUMBER}")));
+            return Err(Error::Invalid(format!(
+                "part numbers must be 1 to {MAX_PART_NUMBER}"
+            )));
         }
         let (p, bid, ukey) = self.upload_key(tenant, bucket, upload).await?;
         self.load_upload(ukey.clone(), key).await?;
@@ -112,7 +133,12 @@ impl Store {
             data::abandon(self.engine().chunks(), written.data).await;
             return Err(Error::BadDigest);
         }
-        let rec = PartRecord { size: written.size, md5: written.md5, last_modified: now_millis(), chunks: written.data.chunks().to_vec() };
+        let rec = PartRecord {
+            size: written.size,
+            md5: written.md5,
+            last_modified: now_millis(),
+            chunks: written.data.chunks().to_vec(),
+        };
         let pkey = keys::part_key(p, bid, upload, part);
         let rec2 = rec.clone();
         let r = self
@@ -123,7 +149,9 @@ impl Store {
                     return Ok(None);
                 }
                 let mut t = ctx.txn.open_table(PARTS)?;
-                let old = t.insert(pkey.as_slice(), encode(&rec2)?.as_slice())?.map(|v| v.value().to_vec());
+                let old = t
+                    .insert(pkey.as_slice(), encode(&rec2)?.as_slice())?
+                    .map(|v| v.value().to_vec());
                 Ok(Some(old))
             })
             .await;
@@ -145,7 +173,13 @@ impl Store {
         }
     }
 
-    pub async fn list_parts(&self, tenant: TenantId, bucket: &str, key: &str, upload: UploadId) -> Result<Vec<(u32, PartRecord)>> {
+    pub async fn list_parts(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        upload: UploadId,
+    ) -> Result<Vec<(u32, PartRecord)>> {
         let (_, _, ukey) = self.upload_key(tenant, bucket, upload).await?;
         self.load_upload(ukey.clone(), key).await?;
         Ok(self
@@ -157,7 +191,12 @@ impl Store {
                 for e in t.range(ukey.as_slice()..end.as_slice())? {
                     let (k, v) = e?;
                     let k = k.value();
-                    let n = u32::from_be_bytes([k[k.len() - 4], k[k.len() - 3], k[k.len() - 2], k[k.len() - 1]]);
+                    let n = u32::from_be_bytes([
+                        k[k.len() - 4],
+                        k[k.len() - 3],
+                        k[k.len() - 2],
+                        k[k.len() - 1],
+                    ]);
                     out.push((n, decode_part(v.value())?));
                 }
                 Ok(out)
@@ -187,7 +226,12 @@ impl Store {
         let r = self
             .engine()
             .write(vec![], move |ctx| {
-                let Some(up) = ctx.txn.open_table(UPLOADS)?.get(ukey.as_slice())?.map(|v| v.value().to_vec()) else {
+                let Some(up) = ctx
+                    .txn
+                    .open_table(UPLOADS)?
+                    .get(ukey.as_slice())?
+                    .map(|v| v.value().to_vec())
+                else {
                     return Ok(Err(Error::NoSuchUpload));
                 };
                 let up = decode_upload(&up)?;
@@ -201,7 +245,12 @@ impl Store {
                     for e in t.range(ukey.as_slice()..end.as_slice())? {
                         let (k, v) = e?;
                         let k = k.value();
-                        let n = u32::from_be_bytes([k[k.len() - 4], k[k.len() - 3], k[k.len() - 2], k[k.len() - 1]]);
+                        let n = u32::from_be_bytes([
+                            k[k.len() - 4],
+                            k[k.len() - 3],
+                            k[k.len() - 2],
+                            k[k.len() - 1],
+                        ]);
                         stored.insert(n, decode_part(v.value())?);
                     }
                 }
@@ -210,12 +259,17 @@ impl Store {
                 let mut size = 0u64;
                 let last = parts.len() - 1;
                 for (i, (n, etag)) in parts.iter().enumerate() {
-                    let Some(part) = stored.get(n) else { return Ok(Err(Error::InvalidPart(*n))) };
+                    let Some(part) = stored.get(n) else {
+                        return Ok(Err(Error::InvalidPart(*n)));
+                    };
                     if etag.trim_matches('"') != part.etag() {
                         return Ok(Err(Error::InvalidPart(*n)));
                     }
                     if i != last && part.size < MIN_PART_SIZE {
-                        return Ok(Err(Error::EntityTooSmall { part: *n, size: part.size }));
+                        return Ok(Err(Error::EntityTooSmall {
+                            part: *n,
+                            size: part.size,
+                        }));
                     }
                     md5s.update(part.md5);
                     size += part.size;
@@ -223,7 +277,9 @@ impl Store {
                 }
                 let mut objects = ctx.txn.open_table(OBJECTS)?;
                 let current = match objects.get(okey.as_slice())? {
-                    Some(v) => Some(decode_record(v.value()).map_err(|e| EngineError::Db(e.to_string()))?),
+                    Some(v) => {
+                        Some(decode_record(v.value()).map_err(|e| EngineError::Db(e.to_string()))?)
+                    }
                     None => None,
                 };
                 if let Err(e) = cond.check_write(current.as_ref()) {
@@ -261,7 +317,13 @@ impl Store {
         Ok((etag, size))
     }
 
-    pub async fn abort_upload(&self, tenant: TenantId, bucket: &str, key: &str, upload: UploadId) -> Result<()> {
+    pub async fn abort_upload(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        upload: UploadId,
+    ) -> Result<()> {
         let (_, _, ukey) = self.upload_key(tenant, bucket, upload).await?;
         let key = key.to_string();
         let garbage = self
@@ -302,14 +364,22 @@ impl Store {
                 let mut out = Vec::new();
                 for e in t.range(prefix.as_slice()..end.as_slice())? {
                     let (k, v) = e?;
-                    let id: [u8; 16] = k.value()[prefix.len()..].try_into().map_err(|_| EngineError::Db("bad upload key".into()))?;
+                    let id: [u8; 16] = k.value()[prefix.len()..]
+                        .try_into()
+                        .map_err(|_| EngineError::Db("bad upload key".into()))?;
                     let rec = decode_upload(v.value())?;
-                    out.push(UploadInfo { key: rec.key, upload_id: UploadId(uuid::Uuid::from_bytes(id)), initiated: rec.initiated });
+                    out.push(UploadInfo {
+                        key: rec.key,
+                        upload_id: UploadId(uuid::Uuid::from_bytes(id)),
+                        initiated: rec.initiated,
+                    });
                 }
                 Ok(out)
             })
             .await?;
-        out.sort_by(|a, b| (&a.key, a.initiated, a.upload_id).cmp(&(&b.key, b.initiated, b.upload_id)));
+        out.sort_by(|a, b| {
+            (&a.key, a.initiated, a.upload_id).cmp(&(&b.key, b.initiated, b.upload_id))
+        });
         Ok(out)
     }
 }

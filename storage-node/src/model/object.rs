@@ -155,7 +155,9 @@ pub const MAX_KEY_LEN: usize = 1024;
 
 pub fn check_key(key: &str) -> Result<()> {
     if key.is_empty() || key.len() > MAX_KEY_LEN {
-        return Err(Error::Invalid(format!("object keys must be 1 to {MAX_KEY_LEN} bytes")));
+        return Err(Error::Invalid(format!(
+            "object keys must be 1 to {MAX_KEY_LEN} bytes"
+        )));
     }
     Ok(())
 }
@@ -167,7 +169,11 @@ pub struct PutOutcome {
 }
 
 impl Store {
-    async fn object_location(&self, tenant: TenantId, bucket: &str) -> Result<(PartitionId, Vec<u8>)> {
+    async fn object_location(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+    ) -> Result<(PartitionId, Vec<u8>)> {
         let b = self.bucket(tenant, bucket).await?;
         let p = self.partition(tenant, bucket);
         Ok((p, keys::bucket_prefix(p, b.id)))
@@ -192,22 +198,38 @@ impl Store {
             .write(written.dirs, move |ctx| {
                 let mut t = ctx.txn.open_table(OBJECTS)?;
                 let current = match t.get(key_bytes.as_slice())? {
-                    Some(v) => Some(decode_record(v.value()).map_err(|e| EngineError::Db(e.to_string()))?),
+                    Some(v) => {
+                        Some(decode_record(v.value()).map_err(|e| EngineError::Db(e.to_string()))?)
+                    }
                     None => None,
                 };
                 if let Err(e) = cond.check_write(current.as_ref()) {
                     return Ok(Err(e));
                 }
                 let version = ctx.next_seq();
-                let rec = ObjectRecord { size, etag: etag2, last_modified: now_millis(), version, meta, data };
+                let rec = ObjectRecord {
+                    size,
+                    etag: etag2,
+                    last_modified: now_millis(),
+                    version,
+                    meta,
+                    data,
+                };
                 t.insert(key_bytes.as_slice(), encode(&rec)?.as_slice())?;
-                Ok(Ok((version, current.map(|c| c.data.into_chunks()).unwrap_or_default())))
+                Ok(Ok((
+                    version,
+                    current.map(|c| c.data.into_chunks()).unwrap_or_default(),
+                )))
             })
             .await;
         match r {
             Ok(Ok((version, replaced))) => {
                 self.discard_chunks(replaced);
-                Ok(PutOutcome { etag, size, version })
+                Ok(PutOutcome {
+                    etag,
+                    size,
+                    version,
+                })
             }
             Ok(Err(e)) => {
                 data::abandon(self.engine().chunks(), written.data).await;
@@ -220,6 +242,7 @@ impl Store {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub async fn put_object(
         &self,
         tenant: TenantId,
@@ -245,7 +268,12 @@ impl Store {
         self.commit_object(k, written, etag, meta, cond).await
     }
 
-    pub async fn head_object(&self, tenant: TenantId, bucket: &str, key: &str) -> Result<ObjectRecord> {
+    pub async fn head_object(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<ObjectRecord> {
         check_key(key)?;
         let (_, mut k) = self.object_location(tenant, bucket).await?;
         k.extend_from_slice(key.as_bytes());
@@ -311,7 +339,9 @@ impl Store {
         meta: Option<ObjectMeta>,
     ) -> Result<(ObjectRecord, PutOutcome)> {
         check_key(dst_key)?;
-        let (src, _, body) = self.get_object(tenant, src_bucket, src_key, None, src_cond).await?;
+        let (src, _, body) = self
+            .get_object(tenant, src_bucket, src_key, None, src_cond)
+            .await?;
         let (p, mut k) = self.object_location(tenant, dst_bucket).await?;
         k.extend_from_slice(dst_key.as_bytes());
         let written = data::write_body(self.engine().chunks(), p, body.stream).await?;
@@ -319,7 +349,9 @@ impl Store {
         // stored as one part, so its ETag is the MD5 of the bytes.
         let etag = hex::encode(written.md5);
         let meta = meta.unwrap_or_else(|| src.meta.clone());
-        let out = self.commit_object(k, written, etag, meta, Conditions::default()).await?;
+        let out = self
+            .commit_object(k, written, etag, meta, Conditions::default())
+            .await?;
         Ok((src, out))
     }
 
@@ -368,7 +400,9 @@ impl Store {
                     ))?;
                     for entry in range {
                         let (k, v) = entry?;
-                        let Ok(key) = std::str::from_utf8(&k.value()[bprefix.len()..]) else { continue };
+                        let Ok(key) = std::str::from_utf8(&k.value()[bprefix.len()..]) else {
+                            continue;
+                        };
                         if page.objects.len() + page.common_prefixes.len() >= max {
                             page.is_truncated = true;
                             break 'scan;

@@ -6,7 +6,10 @@ use s3s::{S3Request, S3Response, S3Result};
 use super::convert::{self, note, timestamp};
 use super::{GranaryS3, to_s3};
 
-pub async fn list_buckets(s: &GranaryS3, req: S3Request<ListBucketsInput>) -> S3Result<S3Response<ListBucketsOutput>> {
+pub async fn list_buckets(
+    s: &GranaryS3,
+    req: S3Request<ListBucketsInput>,
+) -> S3Result<S3Response<ListBucketsOutput>> {
     note(&req, "ListBuckets", None);
     let t = s.tenant(&req).await?;
     let prefix = req.input.prefix.unwrap_or_default();
@@ -14,33 +17,60 @@ pub async fn list_buckets(s: &GranaryS3, req: S3Request<ListBucketsInput>) -> S3
     let buckets = buckets
         .into_iter()
         .filter(|b| b.name.starts_with(&prefix))
-        .map(|b| Bucket { name: Some(b.name), creation_date: Some(timestamp(b.created_at)), bucket_region: Some(s.region.clone()) })
+        .map(|b| Bucket {
+            name: Some(b.name),
+            creation_date: Some(timestamp(b.created_at)),
+            bucket_region: Some(s.region.clone()),
+        })
         .collect();
     Ok(S3Response::new(ListBucketsOutput {
         buckets: Some(buckets),
-        owner: Some(Owner { id: Some(t.to_string()), display_name: None }),
+        owner: Some(Owner {
+            id: Some(t.to_string()),
+            display_name: None,
+        }),
         ..Default::default()
     }))
 }
 
-pub async fn create_bucket(s: &GranaryS3, req: S3Request<CreateBucketInput>) -> S3Result<S3Response<CreateBucketOutput>> {
+pub async fn create_bucket(
+    s: &GranaryS3,
+    req: S3Request<CreateBucketInput>,
+) -> S3Result<S3Response<CreateBucketOutput>> {
     note(&req, "CreateBucket", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
-    s.store.create_bucket(t, &req.input.bucket).await.map_err(to_s3)?;
-    Ok(S3Response::new(CreateBucketOutput { location: Some(format!("/{}", req.input.bucket)), ..Default::default() }))
+    s.store
+        .create_bucket(t, &req.input.bucket)
+        .await
+        .map_err(to_s3)?;
+    Ok(S3Response::new(CreateBucketOutput {
+        location: Some(format!("/{}", req.input.bucket)),
+    }))
 }
 
-pub async fn head_bucket(s: &GranaryS3, req: S3Request<HeadBucketInput>) -> S3Result<S3Response<HeadBucketOutput>> {
+pub async fn head_bucket(
+    s: &GranaryS3,
+    req: S3Request<HeadBucketInput>,
+) -> S3Result<S3Response<HeadBucketOutput>> {
     note(&req, "HeadBucket", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     s.store.bucket(t, &req.input.bucket).await.map_err(to_s3)?;
-    Ok(S3Response::new(HeadBucketOutput { bucket_region: Some(s.region.clone()), ..Default::default() }))
+    Ok(S3Response::new(HeadBucketOutput {
+        bucket_region: Some(s.region.clone()),
+        ..Default::default()
+    }))
 }
 
-pub async fn delete_bucket(s: &GranaryS3, req: S3Request<DeleteBucketInput>) -> S3Result<S3Response<DeleteBucketOutput>> {
+pub async fn delete_bucket(
+    s: &GranaryS3,
+    req: S3Request<DeleteBucketInput>,
+) -> S3Result<S3Response<DeleteBucketOutput>> {
     note(&req, "DeleteBucket", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
-    s.store.delete_bucket(t, &req.input.bucket).await.map_err(to_s3)?;
+    s.store
+        .delete_bucket(t, &req.input.bucket)
+        .await
+        .map_err(to_s3)?;
     Ok(S3Response::new(DeleteBucketOutput {}))
 }
 
@@ -53,7 +83,9 @@ pub async fn get_bucket_location(
     s.store.bucket(t, &req.input.bucket).await.map_err(to_s3)?;
     // us-east-1 is spelled as an empty constraint in S3.
     let loc = (s.region != "us-east-1").then(|| BucketLocationConstraint::from(s.region.clone()));
-    Ok(S3Response::new(GetBucketLocationOutput { location_constraint: loc }))
+    Ok(S3Response::new(GetBucketLocationOutput {
+        location_constraint: loc,
+    }))
 }
 
 /// Keys as the client asked for them: `encoding-type=url` percent-encodes every byte
@@ -93,17 +125,26 @@ fn contents(enc: &Enc, objects: Vec<(String, crate::model::ObjectRecord)>) -> Ve
             e_tag: Some(convert::etag(&o.etag)),
             last_modified: Some(timestamp(o.last_modified)),
             size: Some(o.size as i64),
-            storage_class: Some(ObjectStorageClass::from_static(ObjectStorageClass::STANDARD)),
+            storage_class: Some(ObjectStorageClass::from_static(
+                ObjectStorageClass::STANDARD,
+            )),
             ..Default::default()
         })
         .collect()
 }
 
 fn prefixes(enc: &Enc, p: Vec<String>) -> Vec<CommonPrefix> {
-    p.into_iter().map(|p| CommonPrefix { prefix: Some(enc.s(p)) }).collect()
+    p.into_iter()
+        .map(|p| CommonPrefix {
+            prefix: Some(enc.s(p)),
+        })
+        .collect()
 }
 
-pub async fn list_objects_v2(s: &GranaryS3, req: S3Request<ListObjectsV2Input>) -> S3Result<S3Response<ListObjectsV2Output>> {
+pub async fn list_objects_v2(
+    s: &GranaryS3,
+    req: S3Request<ListObjectsV2Input>,
+) -> S3Result<S3Response<ListObjectsV2Output>> {
     note(&req, "ListObjectsV2", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = &req.input;
@@ -115,12 +156,23 @@ pub async fn list_objects_v2(s: &GranaryS3, req: S3Request<ListObjectsV2Input>) 
     let prefix = i.prefix.clone().unwrap_or_default();
     let page = s
         .store
-        .list_objects(t, &i.bucket, &prefix, i.delimiter.as_deref(), after.as_deref(), max)
+        .list_objects(
+            t,
+            &i.bucket,
+            &prefix,
+            i.delimiter.as_deref(),
+            after.as_deref(),
+            max,
+        )
         .await
         .map_err(to_s3)?;
     let key_count = (page.objects.len() + page.common_prefixes.len()) as i32;
     let enc = Enc::of(&i.encoding_type);
-    let next = if page.is_truncated { page.last.as_deref().map(convert::token_encode) } else { None };
+    let next = if page.is_truncated {
+        page.last.as_deref().map(convert::token_encode)
+    } else {
+        None
+    };
     Ok(S3Response::new(ListObjectsV2Output {
         name: Some(i.bucket.clone()),
         prefix: Some(enc.s(prefix)),
@@ -138,7 +190,10 @@ pub async fn list_objects_v2(s: &GranaryS3, req: S3Request<ListObjectsV2Input>) 
     }))
 }
 
-pub async fn list_objects(s: &GranaryS3, req: S3Request<ListObjectsInput>) -> S3Result<S3Response<ListObjectsOutput>> {
+pub async fn list_objects(
+    s: &GranaryS3,
+    req: S3Request<ListObjectsInput>,
+) -> S3Result<S3Response<ListObjectsOutput>> {
     note(&req, "ListObjects", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = &req.input;
@@ -146,11 +201,22 @@ pub async fn list_objects(s: &GranaryS3, req: S3Request<ListObjectsInput>) -> S3
     let prefix = i.prefix.clone().unwrap_or_default();
     let page = s
         .store
-        .list_objects(t, &i.bucket, &prefix, i.delimiter.as_deref(), i.marker.as_deref(), max)
+        .list_objects(
+            t,
+            &i.bucket,
+            &prefix,
+            i.delimiter.as_deref(),
+            i.marker.as_deref(),
+            max,
+        )
         .await
         .map_err(to_s3)?;
     // V1 returns NextMarker only with a delimiter; clients use the last key otherwise.
-    let next_marker = if page.is_truncated && i.delimiter.is_some() { page.last.clone() } else { None };
+    let next_marker = if page.is_truncated && i.delimiter.is_some() {
+        page.last.clone()
+    } else {
+        None
+    };
     let enc = Enc::of(&i.encoding_type);
     Ok(S3Response::new(ListObjectsOutput {
         name: Some(i.bucket.clone()),

@@ -9,7 +9,8 @@ use crate::model::object::ByteRange;
 use crate::model::{Conditions, ObjectMeta};
 
 pub fn timestamp(ms: i64) -> Timestamp {
-    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
     Timestamp::from(t)
 }
 
@@ -48,10 +49,15 @@ pub fn content_md5(v: Option<&str>) -> S3Result<Option<[u8; 16]>> {
     let Some(v) = v else { return Ok(None) };
     let raw = base64::engine::general_purpose::STANDARD
         .decode(v.trim())
-        .map_err(|_| S3Error::with_message(S3ErrorCode::InvalidDigest, "Content-MD5 is not valid base64"))?;
-    let d: [u8; 16] = raw
-        .try_into()
-        .map_err(|_| S3Error::with_message(S3ErrorCode::InvalidDigest, "Content-MD5 must be 16 bytes"))?;
+        .map_err(|_| {
+            S3Error::with_message(
+                S3ErrorCode::InvalidDigest,
+                "Content-MD5 is not valid base64",
+            )
+        })?;
+    let d: [u8; 16] = raw.try_into().map_err(|_| {
+        S3Error::with_message(S3ErrorCode::InvalidDigest, "Content-MD5 must be 16 bytes")
+    })?;
     Ok(Some(d))
 }
 
@@ -72,7 +78,11 @@ pub fn meta(
         content_encoding,
         content_language,
         expires: expires.map(millis),
-        user: user.unwrap_or_default().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect(),
+        user: user
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect(),
     }
 }
 
@@ -90,7 +100,12 @@ pub fn range(r: Option<s3s::dto::Range>) -> Option<ByteRange> {
 /// `x-amz-copy-source-range: bytes=first-last`.
 pub fn copy_range(v: Option<&str>) -> S3Result<Option<ByteRange>> {
     let Some(v) = v else { return Ok(None) };
-    let bad = || S3Error::with_message(S3ErrorCode::InvalidArgument, "x-amz-copy-source-range must be bytes=first-last");
+    let bad = || {
+        S3Error::with_message(
+            S3ErrorCode::InvalidArgument,
+            "x-amz-copy-source-range must be bytes=first-last",
+        )
+    };
     let spec = v.strip_prefix("bytes=").ok_or_else(bad)?;
     let (a, b) = spec.split_once('-').ok_or_else(bad)?;
     let first: u64 = a.parse().map_err(|_| bad())?;
@@ -110,13 +125,21 @@ pub fn token_decode(t: &str) -> S3Result<String> {
         .decode(t)
         .ok()
         .and_then(|b| String::from_utf8(b).ok())
-        .ok_or_else(|| S3Error::with_message(S3ErrorCode::InvalidArgument, "The continuation token provided is incorrect"))
+        .ok_or_else(|| {
+            S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                "The continuation token provided is incorrect",
+            )
+        })
 }
 
 pub fn max_keys(v: Option<i32>, default: usize) -> S3Result<usize> {
     match v {
         None => Ok(default),
-        Some(n) if n < 0 => Err(S3Error::with_message(S3ErrorCode::InvalidArgument, "max-keys must be non-negative")),
+        Some(n) if n < 0 => Err(S3Error::with_message(
+            S3ErrorCode::InvalidArgument,
+            "max-keys must be non-negative",
+        )),
         Some(n) => Ok((n as usize).min(default)),
     }
 }
@@ -124,8 +147,13 @@ pub fn max_keys(v: Option<i32>, default: usize) -> S3Result<usize> {
 /// The source of a copy, as `(bucket, key)`.
 pub fn copy_source(c: &s3s::dto::CopySource) -> S3Result<(String, String)> {
     match c {
-        s3s::dto::CopySource::Bucket { bucket, key, .. } => Ok((bucket.to_string(), key.to_string())),
-        _ => Err(S3Error::with_message(S3ErrorCode::NotImplemented, "access point copy sources are not supported")),
+        s3s::dto::CopySource::Bucket { bucket, key, .. } => {
+            Ok((bucket.to_string(), key.to_string()))
+        }
+        _ => Err(S3Error::with_message(
+            S3ErrorCode::NotImplemented,
+            "access point copy sources are not supported",
+        )),
     }
 }
 

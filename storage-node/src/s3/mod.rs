@@ -29,12 +29,18 @@ pub struct GranaryS3 {
 
 impl GranaryS3 {
     pub fn new(store: Store, auth: Authenticator, region: String) -> Self {
-        Self { store, auth, region }
+        Self {
+            store,
+            auth,
+            region,
+        }
     }
 
     /// The tenant the request's (already verified) access key belongs to.
     pub(crate) async fn tenant<T>(&self, req: &S3Request<T>) -> S3Result<TenantId> {
-        let Some(c) = &req.credentials else { return Err(s3_error!(AccessDenied, "Signature is required")) };
+        let Some(c) = &req.credentials else {
+            return Err(s3_error!(AccessDenied, "Signature is required"));
+        };
         let t = self
             .auth
             .tenant_of(&c.access_key)
@@ -62,16 +68,28 @@ impl S3Auth for TenantKeys {
 
 #[async_trait]
 impl S3 for GranaryS3 {
-    async fn list_buckets(&self, req: S3Request<ListBucketsInput>) -> S3Result<S3Response<ListBucketsOutput>> {
+    async fn list_buckets(
+        &self,
+        req: S3Request<ListBucketsInput>,
+    ) -> S3Result<S3Response<ListBucketsOutput>> {
         bucket::list_buckets(self, req).await
     }
-    async fn create_bucket(&self, req: S3Request<CreateBucketInput>) -> S3Result<S3Response<CreateBucketOutput>> {
+    async fn create_bucket(
+        &self,
+        req: S3Request<CreateBucketInput>,
+    ) -> S3Result<S3Response<CreateBucketOutput>> {
         bucket::create_bucket(self, req).await
     }
-    async fn head_bucket(&self, req: S3Request<HeadBucketInput>) -> S3Result<S3Response<HeadBucketOutput>> {
+    async fn head_bucket(
+        &self,
+        req: S3Request<HeadBucketInput>,
+    ) -> S3Result<S3Response<HeadBucketOutput>> {
         bucket::head_bucket(self, req).await
     }
-    async fn delete_bucket(&self, req: S3Request<DeleteBucketInput>) -> S3Result<S3Response<DeleteBucketOutput>> {
+    async fn delete_bucket(
+        &self,
+        req: S3Request<DeleteBucketInput>,
+    ) -> S3Result<S3Response<DeleteBucketOutput>> {
         bucket::delete_bucket(self, req).await
     }
     async fn get_bucket_location(
@@ -80,28 +98,52 @@ impl S3 for GranaryS3 {
     ) -> S3Result<S3Response<GetBucketLocationOutput>> {
         bucket::get_bucket_location(self, req).await
     }
-    async fn list_objects_v2(&self, req: S3Request<ListObjectsV2Input>) -> S3Result<S3Response<ListObjectsV2Output>> {
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
         bucket::list_objects_v2(self, req).await
     }
-    async fn list_objects(&self, req: S3Request<ListObjectsInput>) -> S3Result<S3Response<ListObjectsOutput>> {
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
         bucket::list_objects(self, req).await
     }
-    async fn put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+    async fn put_object(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
         object::put_object(self, req).await
     }
-    async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+    async fn get_object(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
         object::get_object(self, req).await
     }
-    async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
+    async fn head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
         object::head_object(self, req).await
     }
-    async fn delete_object(&self, req: S3Request<DeleteObjectInput>) -> S3Result<S3Response<DeleteObjectOutput>> {
+    async fn delete_object(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
         object::delete_object(self, req).await
     }
-    async fn delete_objects(&self, req: S3Request<DeleteObjectsInput>) -> S3Result<S3Response<DeleteObjectsOutput>> {
+    async fn delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
         object::delete_objects(self, req).await
     }
-    async fn copy_object(&self, req: S3Request<CopyObjectInput>) -> S3Result<S3Response<CopyObjectOutput>> {
+    async fn copy_object(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
         object::copy_object(self, req).await
     }
     async fn create_multipart_upload(
@@ -110,10 +152,16 @@ impl S3 for GranaryS3 {
     ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
         multipart::create(self, req).await
     }
-    async fn upload_part(&self, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+    async fn upload_part(
+        &self,
+        req: S3Request<UploadPartInput>,
+    ) -> S3Result<S3Response<UploadPartOutput>> {
         multipart::upload_part(self, req).await
     }
-    async fn upload_part_copy(&self, req: S3Request<UploadPartCopyInput>) -> S3Result<S3Response<UploadPartCopyOutput>> {
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
         multipart::upload_part_copy(self, req).await
     }
     async fn complete_multipart_upload(
@@ -128,7 +176,10 @@ impl S3 for GranaryS3 {
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         multipart::abort(self, req).await
     }
-    async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
+    async fn list_parts(
+        &self,
+        req: S3Request<ListPartsInput>,
+    ) -> S3Result<S3Response<ListPartsOutput>> {
         multipart::list_parts(self, req).await
     }
     async fn list_multipart_uploads(
@@ -151,7 +202,9 @@ impl s3s::host::S3Host for Domains {
             _ => host,
         };
         for d in &self.0 {
-            if let Some(bucket) = name.strip_suffix(d.as_str()).and_then(|b| b.strip_suffix('.'))
+            if let Some(bucket) = name
+                .strip_suffix(d.as_str())
+                .and_then(|b| b.strip_suffix('.'))
                 && !bucket.is_empty()
             {
                 return Ok(s3s::host::VirtualHost::new(d.as_str()).with_bucket(bucket));
@@ -170,10 +223,25 @@ mod tests {
     #[test]
     fn bucket_comes_from_the_host_only_under_a_known_domain() {
         let d = Domains(vec!["localhost".into(), "s3.example.com".into()]);
-        assert_eq!(d.parse_host_header("logs.localhost:9000").unwrap().bucket(), Some("logs"));
-        assert_eq!(d.parse_host_header("a.b.s3.example.com").unwrap().bucket(), Some("a.b"));
-        assert_eq!(d.parse_host_header("localhost:9000").unwrap().bucket(), None);
-        assert_eq!(d.parse_host_header("127.0.0.1:9000").unwrap().bucket(), None);
-        assert_eq!(d.parse_host_header("other.example.org").unwrap().bucket(), None);
+        assert_eq!(
+            d.parse_host_header("logs.localhost:9000").unwrap().bucket(),
+            Some("logs")
+        );
+        assert_eq!(
+            d.parse_host_header("a.b.s3.example.com").unwrap().bucket(),
+            Some("a.b")
+        );
+        assert_eq!(
+            d.parse_host_header("localhost:9000").unwrap().bucket(),
+            None
+        );
+        assert_eq!(
+            d.parse_host_header("127.0.0.1:9000").unwrap().bucket(),
+            None
+        );
+        assert_eq!(
+            d.parse_host_header("other.example.org").unwrap().bucket(),
+            None
+        );
     }
 }

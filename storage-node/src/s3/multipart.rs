@@ -9,14 +9,20 @@ use super::{GranaryS3, to_s3};
 use crate::types::UploadId;
 
 fn upload_id(s: &str) -> S3Result<UploadId> {
-    s.parse().map_err(|_| S3Error::new(S3ErrorCode::NoSuchUpload))
+    s.parse()
+        .map_err(|_| S3Error::new(S3ErrorCode::NoSuchUpload))
 }
 
 fn part_number(n: i32) -> S3Result<u32> {
     u32::try_from(n)
         .ok()
         .filter(|n| (1..=crate::model::multipart::MAX_PART_NUMBER).contains(n))
-        .ok_or_else(|| S3Error::with_message(S3ErrorCode::InvalidArgument, "Part number must be an integer between 1 and 10000, inclusive"))
+        .ok_or_else(|| {
+            S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                "Part number must be an integer between 1 and 10000, inclusive",
+            )
+        })
 }
 
 pub async fn create(
@@ -35,7 +41,11 @@ pub async fn create(
         i.expires,
         i.metadata,
     );
-    let id = s.store.create_upload(t, &i.bucket, &i.key, meta).await.map_err(to_s3)?;
+    let id = s
+        .store
+        .create_upload(t, &i.bucket, &i.key, meta)
+        .await
+        .map_err(to_s3)?;
     Ok(S3Response::new(CreateMultipartUploadOutput {
         bucket: Some(i.bucket),
         key: Some(i.key),
@@ -44,7 +54,10 @@ pub async fn create(
     }))
 }
 
-pub async fn upload_part(s: &GranaryS3, req: S3Request<UploadPartInput>) -> S3Result<S3Response<UploadPartOutput>> {
+pub async fn upload_part(
+    s: &GranaryS3,
+    req: S3Request<UploadPartInput>,
+) -> S3Result<S3Response<UploadPartOutput>> {
     note(&req, "UploadPart", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
@@ -52,11 +65,22 @@ pub async fn upload_part(s: &GranaryS3, req: S3Request<UploadPartInput>) -> S3Re
     let part = part_number(i.part_number)?;
     let rec = s
         .store
-        .upload_part(t, &i.bucket, &i.key, upload_id(&i.upload_id)?, part, body_stream(i.body), md5)
+        .upload_part(
+            t,
+            &i.bucket,
+            &i.key,
+            upload_id(&i.upload_id)?,
+            part,
+            body_stream(i.body),
+            md5,
+        )
         .await
         .map_err(to_s3)?;
     tracing::Span::current().record("bytes", rec.size);
-    Ok(S3Response::new(UploadPartOutput { e_tag: Some(convert::etag(&rec.etag())), ..Default::default() }))
+    Ok(S3Response::new(UploadPartOutput {
+        e_tag: Some(convert::etag(&rec.etag())),
+        ..Default::default()
+    }))
 }
 
 pub async fn upload_part_copy(
@@ -107,14 +131,19 @@ pub async fn complete(
     let t = s.tenant(&req).await?;
     let i = req.input;
     let upload = upload_id(&i.upload_id)?;
-    let parts = i
-        .multipart_upload
-        .and_then(|m| m.parts)
-        .ok_or_else(|| S3Error::with_message(S3ErrorCode::MalformedXML, "The XML must list at least one part"))?;
+    let parts = i.multipart_upload.and_then(|m| m.parts).ok_or_else(|| {
+        S3Error::with_message(
+            S3ErrorCode::MalformedXML,
+            "The XML must list at least one part",
+        )
+    })?;
     let mut list = Vec::with_capacity(parts.len());
     for p in parts {
         let (Some(n), Some(e)) = (p.part_number, p.e_tag) else {
-            return Err(S3Error::with_message(S3ErrorCode::MalformedXML, "Every part needs a PartNumber and an ETag"));
+            return Err(S3Error::with_message(
+                S3ErrorCode::MalformedXML,
+                "Every part needs a PartNumber and an ETag",
+            ));
         };
         list.push((part_number(n)?, e.into_value()));
     }
@@ -141,11 +170,17 @@ pub async fn abort(
     note(&req, "AbortMultipartUpload", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
-    s.store.abort_upload(t, &i.bucket, &i.key, upload_id(&i.upload_id)?).await.map_err(to_s3)?;
+    s.store
+        .abort_upload(t, &i.bucket, &i.key, upload_id(&i.upload_id)?)
+        .await
+        .map_err(to_s3)?;
     Ok(S3Response::new(AbortMultipartUploadOutput::default()))
 }
 
-pub async fn list_parts(s: &GranaryS3, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
+pub async fn list_parts(
+    s: &GranaryS3,
+    req: S3Request<ListPartsInput>,
+) -> S3Result<S3Response<ListPartsOutput>> {
     note(&req, "ListParts", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
@@ -175,7 +210,11 @@ pub async fn list_parts(s: &GranaryS3, req: S3Request<ListPartsInput>) -> S3Resu
         upload_id: Some(i.upload_id),
         max_parts: Some(max as i32),
         part_number_marker: i.part_number_marker,
-        next_part_number_marker: if truncated { parts.last().and_then(|p| p.part_number) } else { None },
+        next_part_number_marker: if truncated {
+            parts.last().and_then(|p| p.part_number)
+        } else {
+            None
+        },
         is_truncated: Some(truncated),
         parts: Some(parts),
         ..Default::default()
@@ -200,7 +239,9 @@ pub async fn list_uploads(
         .filter(|u| {
             key_marker.is_empty()
                 || u.key > key_marker
-                || (u.key == key_marker && !id_marker.is_empty() && u.upload_id.to_string() > id_marker)
+                || (u.key == key_marker
+                    && !id_marker.is_empty()
+                    && u.upload_id.to_string() > id_marker)
         })
         .peekable();
     let mut uploads = Vec::new();
@@ -222,8 +263,16 @@ pub async fn list_uploads(
         upload_id_marker: i.upload_id_marker,
         max_uploads: Some(max as i32),
         is_truncated: Some(truncated),
-        next_key_marker: if truncated { last.as_ref().and_then(|u| u.key.clone()) } else { None },
-        next_upload_id_marker: if truncated { last.and_then(|u| u.upload_id) } else { None },
+        next_key_marker: if truncated {
+            last.as_ref().and_then(|u| u.key.clone())
+        } else {
+            None
+        },
+        next_upload_id_marker: if truncated {
+            last.and_then(|u| u.upload_id)
+        } else {
+            None
+        },
         uploads: Some(uploads),
         ..Default::default()
     }))

@@ -15,7 +15,10 @@ pub(super) fn body_stream(b: Option<StreamingBlob>) -> ByteStream {
     }
 }
 
-pub async fn put_object(s: &GranaryS3, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+pub async fn put_object(
+    s: &GranaryS3,
+    req: S3Request<PutObjectInput>,
+) -> S3Result<S3Response<PutObjectOutput>> {
     note(&req, "PutObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
@@ -36,21 +39,35 @@ pub async fn put_object(s: &GranaryS3, req: S3Request<PutObjectInput>) -> S3Resu
         .await
         .map_err(to_s3)?;
     tracing::Span::current().record("bytes", out.size);
-    Ok(S3Response::new(PutObjectOutput { e_tag: Some(convert::etag(&out.etag)), ..Default::default() }))
+    Ok(S3Response::new(PutObjectOutput {
+        e_tag: Some(convert::etag(&out.etag)),
+        ..Default::default()
+    }))
 }
 
 fn parts_count(o: &ObjectRecord) -> Option<i32> {
     o.etag.split_once('-').and_then(|(_, n)| n.parse().ok())
 }
 
-pub async fn get_object(s: &GranaryS3, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+pub async fn get_object(
+    s: &GranaryS3,
+    req: S3Request<GetObjectInput>,
+) -> S3Result<S3Response<GetObjectOutput>> {
     note(&req, "GetObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
     if i.part_number.is_some() {
-        return Err(S3Error::with_message(S3ErrorCode::NotImplemented, "GET by partNumber is not supported yet"));
+        return Err(S3Error::with_message(
+            S3ErrorCode::NotImplemented,
+            "GET by partNumber is not supported yet",
+        ));
     }
-    let cond = convert::conditions(i.if_match, i.if_none_match, i.if_modified_since, i.if_unmodified_since);
+    let cond = convert::conditions(
+        i.if_match,
+        i.if_none_match,
+        i.if_modified_since,
+        i.if_unmodified_since,
+    );
     let ranged = i.range.is_some();
     let (o, r, body) = s
         .store
@@ -62,15 +79,22 @@ pub async fn get_object(s: &GranaryS3, req: S3Request<GetObjectInput>) -> S3Resu
     Ok(S3Response::new(GetObjectOutput {
         body: Some(StreamingBlob::wrap(body.stream)),
         content_length: Some(body.len as i64),
-        content_range: ranged.then(|| format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), o.size)),
+        content_range: ranged
+            .then(|| format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), o.size)),
         accept_ranges: Some("bytes".to_string()),
         e_tag: Some(convert::etag(&o.etag)),
         last_modified: Some(timestamp(o.last_modified)),
         content_type: i.response_content_type.or_else(|| m.content_type.clone()),
         cache_control: i.response_cache_control.or_else(|| m.cache_control.clone()),
-        content_disposition: i.response_content_disposition.or_else(|| m.content_disposition.clone()),
-        content_encoding: i.response_content_encoding.or_else(|| m.content_encoding.clone()),
-        content_language: i.response_content_language.or_else(|| m.content_language.clone()),
+        content_disposition: i
+            .response_content_disposition
+            .or_else(|| m.content_disposition.clone()),
+        content_encoding: i
+            .response_content_encoding
+            .or_else(|| m.content_encoding.clone()),
+        content_language: i
+            .response_content_language
+            .or_else(|| m.content_language.clone()),
         expires: i.response_expires.or_else(|| m.expires.map(timestamp)),
         metadata: convert::user_metadata(m),
         parts_count: parts_count(&o),
@@ -78,17 +102,37 @@ pub async fn get_object(s: &GranaryS3, req: S3Request<GetObjectInput>) -> S3Resu
     }))
 }
 
-pub async fn head_object(s: &GranaryS3, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
+pub async fn head_object(
+    s: &GranaryS3,
+    req: S3Request<HeadObjectInput>,
+) -> S3Result<S3Response<HeadObjectOutput>> {
     note(&req, "HeadObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
-    let cond = convert::conditions(i.if_match, i.if_none_match, i.if_modified_since, i.if_unmodified_since);
-    let o = s.store.head_object(t, &i.bucket, &i.key).await.map_err(to_s3)?;
+    let cond = convert::conditions(
+        i.if_match,
+        i.if_none_match,
+        i.if_modified_since,
+        i.if_unmodified_since,
+    );
+    let o = s
+        .store
+        .head_object(t, &i.bucket, &i.key)
+        .await
+        .map_err(to_s3)?;
     cond.check_read(&o).map_err(to_s3)?;
     let (len, content_range) = match convert::range(i.range) {
         Some(r) => {
             let r = r.resolve(o.size).map_err(to_s3)?;
-            (r.end - r.start, Some(format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), o.size)))
+            (
+                r.end - r.start,
+                Some(format!(
+                    "bytes {}-{}/{}",
+                    r.start,
+                    r.end.saturating_sub(1),
+                    o.size
+                )),
+            )
         }
         None => (o.size, None),
     };
@@ -111,19 +155,31 @@ pub async fn head_object(s: &GranaryS3, req: S3Request<HeadObjectInput>) -> S3Re
     }))
 }
 
-pub async fn delete_object(s: &GranaryS3, req: S3Request<DeleteObjectInput>) -> S3Result<S3Response<DeleteObjectOutput>> {
+pub async fn delete_object(
+    s: &GranaryS3,
+    req: S3Request<DeleteObjectInput>,
+) -> S3Result<S3Response<DeleteObjectOutput>> {
     note(&req, "DeleteObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
-    s.store.delete_object(t, &req.input.bucket, &req.input.key).await.map_err(to_s3)?;
+    s.store
+        .delete_object(t, &req.input.bucket, &req.input.key)
+        .await
+        .map_err(to_s3)?;
     Ok(S3Response::new(DeleteObjectOutput::default()))
 }
 
-pub async fn delete_objects(s: &GranaryS3, req: S3Request<DeleteObjectsInput>) -> S3Result<S3Response<DeleteObjectsOutput>> {
+pub async fn delete_objects(
+    s: &GranaryS3,
+    req: S3Request<DeleteObjectsInput>,
+) -> S3Result<S3Response<DeleteObjectsOutput>> {
     note(&req, "DeleteObjects", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
     if i.delete.objects.len() > 1000 {
-        return Err(S3Error::with_message(S3ErrorCode::MalformedXML, "at most 1000 keys per DeleteObjects request"));
+        return Err(S3Error::with_message(
+            S3ErrorCode::MalformedXML,
+            "at most 1000 keys per DeleteObjects request",
+        ));
     }
     // Fail the whole request for a missing bucket, like S3.
     s.store.bucket(t, &i.bucket).await.map_err(to_s3)?;
@@ -134,7 +190,10 @@ pub async fn delete_objects(s: &GranaryS3, req: S3Request<DeleteObjectsInput>) -
         match s.store.delete_object(t, &i.bucket, &obj.key).await {
             Ok(()) => {
                 if !quiet {
-                    deleted.push(DeletedObject { key: Some(obj.key), ..Default::default() });
+                    deleted.push(DeletedObject {
+                        key: Some(obj.key),
+                        ..Default::default()
+                    });
                 }
             }
             Err(e) => {
@@ -148,15 +207,25 @@ pub async fn delete_objects(s: &GranaryS3, req: S3Request<DeleteObjectsInput>) -
             }
         }
     }
-    Ok(S3Response::new(DeleteObjectsOutput { deleted: Some(deleted), errors: Some(errors), ..Default::default() }))
+    Ok(S3Response::new(DeleteObjectsOutput {
+        deleted: Some(deleted),
+        errors: Some(errors),
+        ..Default::default()
+    }))
 }
 
-pub async fn copy_object(s: &GranaryS3, req: S3Request<CopyObjectInput>) -> S3Result<S3Response<CopyObjectOutput>> {
+pub async fn copy_object(
+    s: &GranaryS3,
+    req: S3Request<CopyObjectInput>,
+) -> S3Result<S3Response<CopyObjectOutput>> {
     note(&req, "CopyObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
     let (src_bucket, src_key) = convert::copy_source(&i.copy_source)?;
-    let replace = i.metadata_directive.as_ref().is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+    let replace = i
+        .metadata_directive
+        .as_ref()
+        .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
     if !replace && src_bucket == i.bucket && src_key == i.key {
         return Err(S3Error::with_message(
             S3ErrorCode::InvalidRequest,

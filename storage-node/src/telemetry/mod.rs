@@ -54,21 +54,41 @@ impl Default for Metrics {
             Histogram::new(exponential_buckets(0.0005, 2.0, 16))
         });
         let mut registry = Registry::with_prefix("granary");
-        registry.register("requests", "Requests handled, by front end, operation and status", requests.clone());
+        registry.register(
+            "requests",
+            "Requests handled, by front end, operation and status",
+            requests.clone(),
+        );
         registry.register(
             "request_duration_seconds",
             "Request latency until the response head, by front end, operation and status",
             latency.clone(),
         );
-        Self { registry: Mutex::new(registry), requests, latency }
+        Self {
+            registry: Mutex::new(registry),
+            requests,
+            latency,
+        }
     }
 }
 
 impl Metrics {
-    pub fn observe(&self, front: &'static str, operation: &'static str, status: u16, started: Instant) {
-        let l = RequestLabels { front, operation, status };
+    pub fn observe(
+        &self,
+        front: &'static str,
+        operation: &'static str,
+        status: u16,
+        started: Instant,
+    ) {
+        let l = RequestLabels {
+            front,
+            operation,
+            status,
+        };
         self.requests.get_or_create(&l).inc();
-        self.latency.get_or_create(&l).observe(started.elapsed().as_secs_f64());
+        self.latency
+            .get_or_create(&l)
+            .observe(started.elapsed().as_secs_f64());
     }
 
     pub fn render(&self) -> String {
@@ -96,27 +116,49 @@ impl Drop for TelemetryGuard {
 /// Installs logging (`RUST_LOG`, default `info`) and, when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, OTLP trace export.
 pub fn init(service: &'static str) -> TelemetryGuard {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,s3s=warn,sqlx=warn"));
-    let fmt = tracing_subscriber::fmt::layer().with_target(false).with_writer(std::io::stderr);
-    let provider = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|s| !s.is_empty()).and_then(|_| {
-        use opentelemetry::trace::TracerProvider as _;
-        let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build().ok()?;
-        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
-            .build();
-        let tracer = provider.tracer(service);
-        Some((provider, tracer))
-    });
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,s3s=warn,sqlx=warn"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    let provider = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .and_then(|_| {
+            use opentelemetry::trace::TracerProvider as _;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build()
+                .ok()?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(service)
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer(service);
+            Some((provider, tracer))
+        });
     match provider {
         Some((provider, tracer)) => {
             let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-            let _ = tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init();
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt)
+                .with(otel)
+                .try_init();
             opentelemetry::global::set_tracer_provider(provider.clone());
-            TelemetryGuard { provider: Some(provider) }
+            TelemetryGuard {
+                provider: Some(provider),
+            }
         }
         None => {
-            let _ = tracing_subscriber::registry().with(filter).with(fmt).try_init();
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt)
+                .try_init();
             TelemetryGuard { provider: None }
         }
     }

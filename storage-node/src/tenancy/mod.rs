@@ -23,7 +23,10 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(catalog: Arc<dyn Catalog>) -> Self {
-        Self { catalog, cache: Arc::default() }
+        Self {
+            catalog,
+            cache: Arc::default(),
+        }
     }
 
     /// The live credentials for an access key id, or None if unknown or revoked.
@@ -56,6 +59,9 @@ impl Authenticator {
     }
 
     pub async fn invalidate_tenant(&self, tenant: TenantId) {
-        self.cache.write().await.retain(|_, (c, _)| c.tenant_id != tenant);
+        self.cache
+            .write()
+            .await
+            .retain(|_, (c, _)| c.tenant_id != tenant);
     }
 }

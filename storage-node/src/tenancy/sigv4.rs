@@ -39,7 +39,9 @@ pub struct Authorization<'a> {
 }
 
 pub fn parse_authorization(v: &str) -> Result<Authorization<'_>, SigError> {
-    let rest = v.strip_prefix("AWS4-HMAC-SHA256").ok_or(SigError::Malformed("unsupported algorithm"))?;
+    let rest = v
+        .strip_prefix("AWS4-HMAC-SHA256")
+        .ok_or(SigError::Malformed("unsupported algorithm"))?;
     let (mut cred, mut signed, mut sig) = (None, None, None);
     for part in rest.split(',') {
         let part = part.trim();
@@ -62,11 +64,21 @@ pub fn parse_authorization(v: &str) -> Result<Authorization<'_>, SigError> {
     if signature.len() != 64 || !signature.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(SigError::Malformed("bad Signature"));
     }
-    let signed_headers: Vec<&str> = signed.ok_or(SigError::Malformed("no SignedHeaders"))?.split(';').collect();
+    let signed_headers: Vec<&str> = signed
+        .ok_or(SigError::Malformed("no SignedHeaders"))?
+        .split(';')
+        .collect();
     if !signed_headers.contains(&"host") {
         return Err(SigError::Malformed("the host header must be signed"));
     }
-    Ok(Authorization { access_key_id: ak, date, region, service, signed_headers, signature })
+    Ok(Authorization {
+        access_key_id: ak,
+        date,
+        region,
+        service,
+        signed_headers,
+        signature,
+    })
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
@@ -94,7 +106,8 @@ fn percent_decode(s: &str) -> Vec<u8> {
     while i < b.len() {
         if b[i] == b'%'
             && i + 2 < b.len()
-            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+            && let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
         {
             out.push(v);
             i += 3;
@@ -113,11 +126,18 @@ fn canonical_query(query: Option<&str>) -> String {
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (uri_encode(&percent_decode(k), false), uri_encode(&percent_decode(v), false))
+            (
+                uri_encode(&percent_decode(k), false),
+                uri_encode(&percent_decode(v), false),
+            )
         })
         .collect();
     pairs.sort();
-    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Everything of a request that its signature covers.
@@ -133,12 +153,18 @@ pub struct SignedRequest<'a> {
 
 fn parse_amz_date(s: &str) -> Option<i64> {
     let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
-    time::PrimitiveDateTime::parse(s, &fmt).ok().map(|t| t.assume_utc().unix_timestamp())
+    time::PrimitiveDateTime::parse(s, &fmt)
+        .ok()
+        .map(|t| t.assume_utc().unix_timestamp())
 }
 
 /// Verifies the request against `secret`. The caller looked up `secret` from
 /// `parse_authorization(..).access_key_id`.
-pub fn verify(req: &SignedRequest<'_>, auth: &Authorization<'_>, secret: &str) -> Result<(), SigError> {
+pub fn verify(
+    req: &SignedRequest<'_>,
+    auth: &Authorization<'_>,
+    secret: &str,
+) -> Result<(), SigError> {
     let amz_date = req
         .headers
         .get("x-amz-date")
@@ -149,10 +175,16 @@ pub fn verify(req: &SignedRequest<'_>, auth: &Authorization<'_>, secret: &str) -
         return Err(SigError::TimeTooSkewed);
     }
     if !amz_date.starts_with(auth.date) {
-        return Err(SigError::Malformed("credential date differs from x-amz-date"));
+        return Err(SigError::Malformed(
+            "credential date differs from x-amz-date",
+        ));
     }
     let body_hash = hex::encode(Sha256::digest(req.body));
-    let payload_hash = match req.headers.get("x-amz-content-sha256").and_then(|v| v.to_str().ok()) {
+    let payload_hash = match req
+        .headers
+        .get("x-amz-content-sha256")
+        .and_then(|v| v.to_str().ok())
+    {
         Some("UNSIGNED-PAYLOAD") => "UNSIGNED-PAYLOAD".to_string(),
         Some(h) => {
             if !h.eq_ignore_ascii_case(&body_hash) {
@@ -168,20 +200,32 @@ pub fn verify(req: &SignedRequest<'_>, auth: &Authorization<'_>, secret: &str) -
             .headers
             .get_all(*name)
             .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).split_whitespace().collect::<Vec<_>>().join(" "))
+            .map(|v| {
+                String::from_utf8_lossy(v.as_bytes())
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .collect();
         if values.is_empty() {
             return Err(SigError::Malformed("a signed header is missing"));
         }
         canon_headers.push_str(&format!("{name}:{}\n", values.join(",")));
     }
-    let scope = format!("{}/{}/{}/aws4_request", auth.date, auth.region, auth.service);
+    let scope = format!(
+        "{}/{}/{}/aws4_request",
+        auth.date, auth.region, auth.service
+    );
     let mut key = hmac(format!("AWS4{secret}").as_bytes(), auth.date.as_bytes());
     key = hmac(&key, auth.region.as_bytes());
     key = hmac(&key, auth.service.as_bytes());
     key = hmac(&key, b"aws4_request");
     let query = canonical_query(req.query);
-    let path = if req.raw_path.is_empty() { "/" } else { req.raw_path };
+    let path = if req.raw_path.is_empty() {
+        "/"
+    } else {
+        req.raw_path
+    };
     for uri in [path.to_string(), uri_encode(path.as_bytes(), true)] {
         let canonical = format!(
             "{}\n{}\n{}\n{}\n{}\n{}",
@@ -192,10 +236,16 @@ pub fn verify(req: &SignedRequest<'_>, auth: &Authorization<'_>, secret: &str) -
             auth.signed_headers.join(";"),
             payload_hash
         );
-        let sts = format!("AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}", hex::encode(Sha256::digest(canonical.as_bytes())));
-        let mut m = <HmacSha256 as Mac>::new_from_slice(&key).expect("HMAC takes keys of any length");
+        let sts = format!(
+            "AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n{}",
+            hex::encode(Sha256::digest(canonical.as_bytes()))
+        );
+        let mut m =
+            <HmacSha256 as Mac>::new_from_slice(&key).expect("HMAC takes keys of any length");
         m.update(sts.as_bytes());
-        let Ok(expected) = hex::decode(auth.signature) else { return Err(SigError::Mismatch) };
+        let Ok(expected) = hex::decode(auth.signature) else {
+            return Err(SigError::Mismatch);
+        };
         if m.verify_slice(&expected).is_ok() {
             return Ok(());
         }
@@ -218,17 +268,35 @@ mod tests {
                     Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31";
         let a = parse_authorization(auth).unwrap();
         let now = parse_amz_date("20150830T123600Z").unwrap();
-        let req = SignedRequest { method: "GET", raw_path: "/", query: None, headers: &h, body: b"", now_unix: now };
+        let req = SignedRequest {
+            method: "GET",
+            raw_path: "/",
+            query: None,
+            headers: &h,
+            body: b"",
+            now_unix: now,
+        };
         verify(&req, &a, "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY").unwrap();
         assert_eq!(verify(&req, &a, "wrong"), Err(SigError::Mismatch));
-        let late = SignedRequest { now_unix: now + 3600, ..req };
-        assert_eq!(verify(&late, &a, "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"), Err(SigError::TimeTooSkewed));
+        let late = SignedRequest {
+            now_unix: now + 3600,
+            ..req
+        };
+        assert_eq!(
+            verify(&late, &a, "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
+            Err(SigError::TimeTooSkewed)
+        );
     }
 
     #[test]
     fn malformed_headers_are_refused() {
         assert!(parse_authorization("Bearer x").is_err());
-        assert!(parse_authorization("AWS4-HMAC-SHA256 Credential=a/b/c, SignedHeaders=host, Signature=00").is_err());
+        assert!(
+            parse_authorization(
+                "AWS4-HMAC-SHA256 Credential=a/b/c, SignedHeaders=host, Signature=00"
+            )
+            .is_err()
+        );
         assert!(
             parse_authorization(
                 "AWS4-HMAC-SHA256 Credential=a/20150830/r/s/aws4_request, SignedHeaders=x-amz-date, Signature=5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31"

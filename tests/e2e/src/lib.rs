@@ -14,7 +14,10 @@ use anyhow::{Context, Result, bail};
 
 /// The workspace root (two levels above this crate).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("workspace root")
 }
 
 /// Path to a freshly built `granary-node` (built once per test binary).
@@ -26,12 +29,21 @@ pub fn node_binary() -> PathBuf {
         }
         let root = workspace_root();
         let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "granary-storage-node", "--bin", "granary-node"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "granary-storage-node",
+                "--bin",
+                "granary-node",
+            ])
             .current_dir(&root)
             .status()
             .expect("running cargo build");
         assert!(status.success(), "building granary-node failed");
-        let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| root.join("target"));
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target"));
         target.join("debug").join("granary-node")
     })
     .clone()
@@ -55,12 +67,25 @@ impl NodeProc {
         std::fs::create_dir_all(data_dir)?;
         let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
         let out = std::fs::File::create(data_dir.join("stdout.log"))?;
-        let err = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.join("stderr.log"))?;
+        let err = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("stderr.log"))?;
         let child = Command::new(node_binary())
             .args(["dev", "--data-dir"])
             .arg(data_dir)
-            .args(["--s3-listen", "127.0.0.1:0", "--kv-listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .env("RUST_LOG", std::env::var("GRANARY_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .args([
+                "--s3-listen",
+                "127.0.0.1:0",
+                "--kv-listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+            ])
+            .env(
+                "RUST_LOG",
+                std::env::var("GRANARY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -97,7 +122,9 @@ impl NodeProc {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        node.admin_token = std::fs::read_to_string(data_dir.join("admin.token"))?.trim().to_string();
+        node.admin_token = std::fs::read_to_string(data_dir.join("admin.token"))?
+            .trim()
+            .to_string();
         // The banner follows the endpoints file; wait for the credentials in it.
         let deadline = Instant::now() + Duration::from_secs(10);
         while node.secret_key.is_empty() {
@@ -134,8 +161,12 @@ impl NodeProc {
 
     /// SIGTERM and wait for a graceful exit; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else { return true };
-        let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(s)) = c.try_wait() {
@@ -158,7 +189,10 @@ impl Drop for NodeProc {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A private Postgres server in a temporary directory, stopped on drop.
@@ -173,17 +207,22 @@ fn pg_bin_dir() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .context("Postgres is not installed (apt-get install postgresql); the test command installs it")?
+        .context(
+            "Postgres is not installed (apt-get install postgresql); the test command installs it",
+        )?
         .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
         .filter(|p| p.join("initdb").exists())
         .collect();
     versions.sort();
-    versions.pop().context("no initdb under /usr/lib/postgresql/*/bin")
+    versions
+        .pop()
+        .context("no initdb under /usr/lib/postgresql/*/bin")
 }
 
 /// Runs a Postgres tool, as the `postgres` user when we are root (initdb refuses root).
 fn pg_command(bin: &Path, tool: &str) -> Command {
-    let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false) || unsafe_geteuid_is_root();
+    let is_root =
+        std::env::var("USER").map(|u| u == "root").unwrap_or(false) || unsafe_geteuid_is_root();
     if is_root {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(bin.join(tool));
@@ -194,14 +233,21 @@ fn pg_command(bin: &Path, tool: &str) -> Command {
 }
 
 fn unsafe_geteuid_is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0"))
+        .unwrap_or(false)
 }
 
 impl PgServer {
     pub fn start() -> Result<Self> {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("granary-pg").tempdir()?;
-        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
+        let _ = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir.path())
+            .status();
         let data = dir.path().join("data");
         let st = pg_command(&bin, "initdb")
             .args(["-D"])
@@ -213,7 +259,10 @@ impl PgServer {
             bail!("initdb failed");
         }
         let port = free_port();
-        let opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", dir.path().display());
+        let opts = format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            dir.path().display()
+        );
         let st = pg_command(&bin, "pg_ctl")
             .args(["-D"])
             .arg(&data)
@@ -236,7 +285,15 @@ impl PgServer {
     /// Creates a fresh database and returns its URL.
     pub fn create_db(&self, name: &str) -> Result<String> {
         let st = pg_command(&self.bin, "createdb")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "granary", name])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "granary",
+                name,
+            ])
             .status()?;
         if !st.success() {
             bail!("createdb {name} failed");
@@ -280,7 +337,13 @@ impl KvClient {
     }
 
     /// Sends a signed request; `path` starts with `/kv/v1/`.
-    pub async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Result<reqwest::Response> {
+    pub async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response> {
         use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
         let url = format!("{}{}", self.base, path);
         let mut req = http::Request::builder().method(method).uri(&url);
@@ -288,7 +351,14 @@ impl KvClient {
             req = req.header(*k, *v);
         }
         let mut req = req.body(body.clone())?;
-        let identity = aws_credential_types::Credentials::new(&self.access_key, &self.secret_key, None, None, "test").into();
+        let identity = aws_credential_types::Credentials::new(
+            &self.access_key,
+            &self.secret_key,
+            None,
+            None,
+            "test",
+        )
+        .into();
         let params = aws_sigv4::sign::v4::SigningParams::builder()
             .identity(&identity)
             .region("us-east-1")
@@ -297,7 +367,8 @@ impl KvClient {
             .settings({
                 let mut s = SigningSettings::default();
                 if self.service == "s3" {
-                    s.payload_checksum_kind = aws_sigv4::http_request::PayloadChecksumKind::XAmzSha256;
+                    s.payload_checksum_kind =
+                        aws_sigv4::http_request::PayloadChecksumKind::XAmzSha256;
                     s.percent_encoding_mode = aws_sigv4::http_request::PercentEncodingMode::Single;
                 }
                 s
@@ -307,7 +378,12 @@ impl KvClient {
         let hdrs: Vec<(String, String)> = req
             .headers()
             .iter()
-            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or_default().to_string()))
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    v.to_str().unwrap_or_default().to_string(),
+                )
+            })
             .collect();
         let signable = SignableRequest::new(
             method,
@@ -317,7 +393,9 @@ impl KvClient {
         )?;
         let (instructions, _) = sign(signable, &params)?.into_parts();
         instructions.apply_to_request_http1x(&mut req);
-        let mut r = self.http.request(reqwest::Method::from_bytes(method.as_bytes())?, &url);
+        let mut r = self
+            .http
+            .request(reqwest::Method::from_bytes(method.as_bytes())?, &url);
         for (k, v) in req.headers() {
             r = r.header(k.as_str(), v.as_bytes());
         }
@@ -334,27 +412,58 @@ pub struct Admin {
 
 impl Admin {
     pub fn new(node: &NodeProc) -> Self {
-        Self { base: node.admin.clone(), token: node.admin_token.clone(), http: reqwest::Client::new() }
+        Self {
+            base: node.admin.clone(),
+            token: node.admin_token.clone(),
+            http: reqwest::Client::new(),
+        }
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> Result<(u16, serde_json::Value)> {
-        let mut r = self.http.request(method, format!("{}/admin/v1{path}", self.base)).bearer_auth(&self.token);
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<(u16, serde_json::Value)> {
+        let mut r = self
+            .http
+            .request(method, format!("{}/admin/v1{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             r = r.json(&b);
         }
         let resp = r.send().await?;
         let status = resp.status().as_u16();
         let text = resp.text().await?;
-        let v = if text.is_empty() { serde_json::Value::Null } else { serde_json::from_str(&text)? };
+        let v = if text.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        };
         Ok((status, v))
     }
 
     /// Creates a tenant with one key; returns (access key, secret).
     pub async fn tenant_with_key(&self, name: &str) -> Result<(String, String)> {
-        let (s, v) = self.call(reqwest::Method::POST, "/tenants", Some(serde_json::json!({"name": name}))).await?;
+        let (s, v) = self
+            .call(
+                reqwest::Method::POST,
+                "/tenants",
+                Some(serde_json::json!({"name": name})),
+            )
+            .await?;
         anyhow::ensure!(s == 201, "create tenant: {s} {v}");
-        let (s, v) = self.call(reqwest::Method::POST, &format!("/tenants/{name}/keys"), None).await?;
+        let (s, v) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/tenants/{name}/keys"),
+                None,
+            )
+            .await?;
         anyhow::ensure!(s == 201, "create key: {s} {v}");
-        Ok((v["accessKeyId"].as_str().unwrap_or_default().into(), v["secretAccessKey"].as_str().unwrap_or_default().into()))
+        Ok((
+            v["accessKeyId"].as_str().unwrap_or_default().into(),
+            v["secretAccessKey"].as_str().unwrap_or_default().into(),
+        ))
     }
 }

@@ -2,45 +2,103 @@
 //! harness starts (initdb + pg_ctl in a temporary directory).
 
 use granary_e2e::PgServer;
-use granary_node::catalog::{Backend, Catalog, CatalogError, MasterKey, NodeRecord, SqlCatalog, TenantSpec};
+use granary_node::catalog::{
+    Backend, Catalog, CatalogError, MasterKey, NodeRecord, SqlCatalog, TenantSpec,
+};
 use granary_node::types::NodeId;
 
 async fn suite(cat: &SqlCatalog) {
     // Tenants.
-    let spec: TenantSpec = serde_json::from_value(serde_json::json!({"quotas": {"objects": 10}, "qos": {"weight": 200}})).unwrap();
+    let spec: TenantSpec = serde_json::from_value(
+        serde_json::json!({"quotas": {"objects": 10}, "qos": {"weight": 200}}),
+    )
+    .unwrap();
     let a = cat.create_tenant("alpha", &spec).await.unwrap();
-    let b = cat.create_tenant("beta", &TenantSpec::default()).await.unwrap();
-    assert!(matches!(cat.create_tenant("alpha", &spec).await, Err(CatalogError::Conflict(_))));
-    assert_eq!(cat.tenant_by_name("alpha").await.unwrap().unwrap().spec, spec);
+    let b = cat
+        .create_tenant("beta", &TenantSpec::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        cat.create_tenant("alpha", &spec).await,
+        Err(CatalogError::Conflict(_))
+    ));
+    assert_eq!(
+        cat.tenant_by_name("alpha").await.unwrap().unwrap().spec,
+        spec
+    );
     assert_eq!(cat.tenant_by_id(b.id).await.unwrap().unwrap().name, "beta");
     assert!(cat.tenant_by_name("gamma").await.unwrap().is_none());
-    let names: Vec<_> = cat.list_tenants().await.unwrap().into_iter().map(|t| t.name).collect();
+    let names: Vec<_> = cat
+        .list_tenants()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
     assert_eq!(names, ["alpha", "beta"]);
-    let spec2: TenantSpec = serde_json::from_value(serde_json::json!({"quotas": {"objects": 20}})).unwrap();
-    assert_eq!(cat.update_tenant("alpha", &spec2).await.unwrap().spec, spec2);
-    assert!(matches!(cat.update_tenant("gamma", &spec2).await, Err(CatalogError::NotFound(_))));
+    let spec2: TenantSpec =
+        serde_json::from_value(serde_json::json!({"quotas": {"objects": 20}})).unwrap();
+    assert_eq!(
+        cat.update_tenant("alpha", &spec2).await.unwrap().spec,
+        spec2
+    );
+    assert!(matches!(
+        cat.update_tenant("gamma", &spec2).await,
+        Err(CatalogError::NotFound(_))
+    ));
 
     // Keys: secret sealed at rest, revocation, tenant scoping.
     let k = cat.create_access_key(a.id, "ci").await.unwrap();
-    let found = cat.lookup_access_key(&k.access_key_id).await.unwrap().unwrap();
-    assert_eq!((found.tenant_id, found.secret_access_key.as_str()), (a.id, k.secret_access_key.as_str()));
-    assert!(!cat.revoke_access_key(b.id, &k.access_key_id).await.unwrap(), "another tenant cannot revoke it");
+    let found = cat
+        .lookup_access_key(&k.access_key_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (found.tenant_id, found.secret_access_key.as_str()),
+        (a.id, k.secret_access_key.as_str())
+    );
+    assert!(
+        !cat.revoke_access_key(b.id, &k.access_key_id).await.unwrap(),
+        "another tenant cannot revoke it"
+    );
     let keys = cat.list_access_keys(a.id).await.unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].description, "ci");
     assert!(cat.revoke_access_key(a.id, &k.access_key_id).await.unwrap());
-    assert!(cat.lookup_access_key(&k.access_key_id).await.unwrap().is_none());
-    assert!(!cat.revoke_access_key(a.id, &k.access_key_id).await.unwrap(), "already revoked");
-    assert!(cat.list_access_keys(a.id).await.unwrap()[0].revoked_at.is_some());
+    assert!(
+        cat.lookup_access_key(&k.access_key_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        !cat.revoke_access_key(a.id, &k.access_key_id).await.unwrap(),
+        "already revoked"
+    );
+    assert!(
+        cat.list_access_keys(a.id).await.unwrap()[0]
+            .revoked_at
+            .is_some()
+    );
 
     // Buckets are per tenant.
     let ba = cat.create_bucket(a.id, "logs").await.unwrap();
     let bb = cat.create_bucket(b.id, "logs").await.unwrap();
     assert_ne!(ba.id, bb.id);
-    assert!(matches!(cat.create_bucket(a.id, "logs").await, Err(CatalogError::Conflict(_))));
+    assert!(matches!(
+        cat.create_bucket(a.id, "logs").await,
+        Err(CatalogError::Conflict(_))
+    ));
     assert_eq!(cat.bucket(a.id, "logs").await.unwrap().unwrap().id, ba.id);
     cat.create_bucket(a.id, "archive").await.unwrap();
-    let names: Vec<_> = cat.list_buckets(a.id).await.unwrap().into_iter().map(|b| b.name).collect();
+    let names: Vec<_> = cat
+        .list_buckets(a.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.name)
+        .collect();
     assert_eq!(names, ["archive", "logs"]);
     cat.delete_bucket(a.id, ba.id).await.unwrap();
     assert!(cat.bucket(a.id, "logs").await.unwrap().is_none());
@@ -62,13 +120,25 @@ async fn suite(cat: &SqlCatalog) {
     n.zone = "b".into();
     cat.upsert_node(&n).await.unwrap();
     assert_eq!(cat.list_nodes().await.unwrap(), vec![n]);
-    assert_eq!(cat.setting_or_init("partitions", "1024").await.unwrap(), "1024");
-    assert_eq!(cat.setting_or_init("partitions", "64").await.unwrap(), "1024", "first value wins");
+    assert_eq!(
+        cat.setting_or_init("partitions", "1024").await.unwrap(),
+        "1024"
+    );
+    assert_eq!(
+        cat.setting_or_init("partitions", "64").await.unwrap(),
+        "1024",
+        "first value wins"
+    );
 
     // Deleting a tenant removes its keys and buckets.
     let k2 = cat.create_access_key(b.id, "").await.unwrap();
     cat.delete_tenant(b.id).await.unwrap();
-    assert!(cat.lookup_access_key(&k2.access_key_id).await.unwrap().is_none());
+    assert!(
+        cat.lookup_access_key(&k2.access_key_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
     assert!(cat.list_buckets(b.id).await.unwrap().is_empty());
     assert!(cat.tenant_by_id(b.id).await.unwrap().is_none());
 }
@@ -89,19 +159,28 @@ async fn catalog_suite_on_sqlite() {
     let t = cat.tenant_by_name("alpha").await.unwrap().unwrap();
     let k = cat.create_access_key(t.id, "").await.unwrap();
     cat.close().await;
-    let other = SqlCatalog::connect(&url, MasterKey::generate()).await.unwrap();
+    let other = SqlCatalog::connect(&url, MasterKey::generate())
+        .await
+        .unwrap();
     assert!(other.lookup_access_key(&k.access_key_id).await.is_err());
     let raw = std::fs::read(dir.path().join("c.db")).unwrap();
     let wal = std::fs::read(dir.path().join("c.db-wal")).unwrap_or_default();
     let needle = k.secret_access_key.as_bytes();
-    assert!(!raw.windows(needle.len()).any(|w| w == needle) && !wal.windows(needle.len()).any(|w| w == needle), "secret stored in clear");
+    assert!(
+        !raw.windows(needle.len()).any(|w| w == needle)
+            && !wal.windows(needle.len()).any(|w| w == needle),
+        "secret stored in clear"
+    );
 }
 
 #[tokio::test]
 async fn catalog_suite_on_postgres() {
-    let pg = PgServer::start().expect("starting a private Postgres (the test command installs postgresql)");
+    let pg = PgServer::start()
+        .expect("starting a private Postgres (the test command installs postgresql)");
     let url = pg.create_db("granary_catalog").unwrap();
-    let cat = SqlCatalog::connect(&url, MasterKey::generate()).await.unwrap();
+    let cat = SqlCatalog::connect(&url, MasterKey::generate())
+        .await
+        .unwrap();
     assert_eq!(cat.backend(), Backend::Postgres);
     suite(&cat).await;
     cat.close().await;

@@ -25,8 +25,12 @@ fn client(endpoint: &str, ak: &str, sk: &str) -> aws_sdk_s3::Client {
 }
 
 fn payload(tag: &str, len: usize) -> Vec<u8> {
-    let seed = tag.bytes().fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
-    (0..len).map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed)).collect()
+    let seed = tag
+        .bytes()
+        .fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
 }
 
 #[derive(Default)]
@@ -53,30 +57,57 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
         // Everything acknowledged before any kill reads back byte-identical; anything
         // attempted but not acknowledged is either absent or complete.
         {
-            let h = history.lock().unwrap();
-            let acked_objects = h.acked_objects.clone();
-            let attempted: Vec<_> = h.attempted_objects.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            let acked_kv = h.acked_kv.clone();
-            let attempted_kv: Vec<_> = h.attempted_kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            drop(h);
+            let (acked_objects, attempted, acked_kv, attempted_kv) = {
+                let h = history.lock().unwrap();
+                (
+                    h.acked_objects.clone(),
+                    h.attempted_objects.clone(),
+                    h.acked_kv.clone(),
+                    h.attempted_kv.clone(),
+                )
+            };
             for (k, v) in &acked_objects {
-                let got = c.get_object().bucket("crash").key(k).send().await.unwrap_or_else(|e| panic!("acked {k} lost: {e:?}"));
-                assert_eq!(&got.body.collect().await.unwrap().into_bytes().to_vec(), v, "acked {k} differs");
+                let got = c
+                    .get_object()
+                    .bucket("crash")
+                    .key(k)
+                    .send()
+                    .await
+                    .unwrap_or_else(|e| panic!("acked {k} lost: {e:?}"));
+                assert_eq!(
+                    &got.body.collect().await.unwrap().into_bytes().to_vec(),
+                    v,
+                    "acked {k} differs"
+                );
             }
             for (k, v) in attempted {
                 if let Ok(got) = c.get_object().bucket("crash").key(&k).send().await {
-                    assert_eq!(got.body.collect().await.unwrap().into_bytes().to_vec(), v, "unacked {k} is torn");
+                    assert_eq!(
+                        got.body.collect().await.unwrap().into_bytes().to_vec(),
+                        v,
+                        "unacked {k} is torn"
+                    );
                 }
             }
             for (k, v) in &acked_kv {
-                let r = kv.send("GET", &format!("/kv/v1/crash/{k}"), &[], vec![]).await.unwrap();
+                let r = kv
+                    .send("GET", &format!("/kv/v1/crash/{k}"), &[], vec![])
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), 200, "acked kv {k} lost");
                 assert_eq!(&r.bytes().await.unwrap().to_vec(), v);
             }
             for (k, v) in attempted_kv {
-                let r = kv.send("GET", &format!("/kv/v1/crash/{k}"), &[], vec![]).await.unwrap();
+                let r = kv
+                    .send("GET", &format!("/kv/v1/crash/{k}"), &[], vec![])
+                    .await
+                    .unwrap();
                 if r.status() == 200 {
-                    assert_eq!(r.bytes().await.unwrap().to_vec(), v, "unacked kv {k} is torn");
+                    assert_eq!(
+                        r.bytes().await.unwrap().to_vec(),
+                        v,
+                        "unacked kv {k} is torn"
+                    );
                 }
             }
             let l = c.list_objects_v2().bucket("crash").send().await.unwrap();
@@ -95,8 +126,15 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
                     let key = format!("c{cycle}-w{w}-{i}");
                     if w % 3 == 2 {
                         let v = payload(&key, 100);
-                        history.lock().unwrap().attempted_kv.insert(key.clone(), v.clone());
-                        match kv.send("PUT", &format!("/kv/v1/crash/{key}"), &[], v.clone()).await {
+                        history
+                            .lock()
+                            .unwrap()
+                            .attempted_kv
+                            .insert(key.clone(), v.clone());
+                        match kv
+                            .send("PUT", &format!("/kv/v1/crash/{key}"), &[], v.clone())
+                            .await
+                        {
                             Ok(r) if r.status() == 200 => {
                                 history.lock().unwrap().acked_kv.insert(key, v);
                             }
@@ -105,8 +143,19 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
                     } else {
                         let len = if w % 3 == 0 { 3_000 } else { 300_000 + i * 977 };
                         let v = payload(&key, len);
-                        history.lock().unwrap().attempted_objects.insert(key.clone(), v.clone());
-                        match c.put_object().bucket("crash").key(&key).body(ByteStream::from(v.clone())).send().await {
+                        history
+                            .lock()
+                            .unwrap()
+                            .attempted_objects
+                            .insert(key.clone(), v.clone());
+                        match c
+                            .put_object()
+                            .bucket("crash")
+                            .key(&key)
+                            .body(ByteStream::from(v.clone()))
+                            .send()
+                            .await
+                        {
                             Ok(_) => {
                                 history.lock().unwrap().acked_objects.insert(key, v);
                             }
@@ -123,8 +172,17 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
         }
     }
     let h = history.lock().unwrap();
-    assert!(h.acked_objects.len() > 20 && h.acked_kv.len() > 20, "too few writes to mean anything: {} objects, {} kv", h.acked_objects.len(), h.acked_kv.len());
-    eprintln!("crash test: {} objects and {} KV keys acknowledged across {cycles} kills", h.acked_objects.len(), h.acked_kv.len());
+    assert!(
+        h.acked_objects.len() > 20 && h.acked_kv.len() > 20,
+        "too few writes to mean anything: {} objects, {} kv",
+        h.acked_objects.len(),
+        h.acked_kv.len()
+    );
+    eprintln!(
+        "crash test: {} objects and {} KV keys acknowledged across {cycles} kills",
+        h.acked_objects.len(),
+        h.acked_kv.len()
+    );
 }
 
 fn chunk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -133,7 +191,11 @@ fn chunk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     while let Some(d) = stack.pop() {
         for e in std::fs::read_dir(d).unwrap() {
             let p = e.unwrap().path();
-            if p.is_dir() { stack.push(p) } else { out.push(p) }
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
         }
     }
     out
@@ -146,7 +208,13 @@ async fn flipped_bytes_in_a_chunk_fail_the_read_and_are_never_served() {
     let c = client(&node.s3, &node.access_key, &node.secret_key);
     c.create_bucket().bucket("rot").send().await.unwrap();
     let v = payload("rot", 3 * 1024 * 1024);
-    c.put_object().bucket("rot").key("early").body(ByteStream::from(v.clone())).send().await.unwrap();
+    c.put_object()
+        .bucket("rot")
+        .key("early")
+        .body(ByteStream::from(v.clone()))
+        .send()
+        .await
+        .unwrap();
     let files = chunk_files(dir.path());
     assert_eq!(files.len(), 1);
     // Flip one byte early in the data (first piece read) ...
@@ -159,8 +227,17 @@ async fn flipped_bytes_in_a_chunk_fail_the_read_and_are_never_served() {
         Ok(o) => assert!(o.body.collect().await.is_err(), "corrupt data was served"),
     }
     // ... and one late in a second object, read after the response has started.
-    c.put_object().bucket("rot").key("late").body(ByteStream::from(v.clone())).send().await.unwrap();
-    let late = chunk_files(dir.path()).into_iter().find(|p| *p != files[0]).unwrap();
+    c.put_object()
+        .bucket("rot")
+        .key("late")
+        .body(ByteStream::from(v.clone()))
+        .send()
+        .await
+        .unwrap();
+    let late = chunk_files(dir.path())
+        .into_iter()
+        .find(|p| *p != files[0])
+        .unwrap();
     let mut raw = std::fs::read(&late).unwrap();
     let at = raw.len() - 100_000;
     raw[at] ^= 0x80;
@@ -170,8 +247,18 @@ async fn flipped_bytes_in_a_chunk_fail_the_read_and_are_never_served() {
         assert!(o.body.collect().await.is_err(), "corrupt tail was served");
     }
     // A ranged read of the intact part still works; the node keeps serving.
-    let ok = c.get_object().bucket("rot").key("late").range("bytes=0-999").send().await.unwrap();
-    assert_eq!(ok.body.collect().await.unwrap().into_bytes().to_vec(), &v[..1000]);
+    let ok = c
+        .get_object()
+        .bucket("rot")
+        .key("late")
+        .range("bytes=0-999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.body.collect().await.unwrap().into_bytes().to_vec(),
+        &v[..1000]
+    );
 }
 
 /// Sends raw bytes to the S3 port and returns the response head and body.
@@ -195,13 +282,29 @@ async fn bad_input_gets_the_right_error_and_changes_nothing() {
     let node = NodeProc::start(dir.path()).unwrap();
     let c = client(&node.s3, &node.access_key, &node.secret_key);
     c.create_bucket().bucket("safe").send().await.unwrap();
-    c.put_object().bucket("safe").key("keep").body(ByteStream::from_static(b"original")).send().await.unwrap();
+    c.put_object()
+        .bucket("safe")
+        .key("keep")
+        .body(ByteStream::from_static(b"original"))
+        .send()
+        .await
+        .unwrap();
     let mut raw = KvClient::new(&node.s3, &node.access_key, &node.secret_key);
     raw.service = "s3";
     let text = |r: reqwest::Response| async move { (r.status().as_u16(), r.text().await.unwrap()) };
 
     // Malformed XML.
-    let (s, b) = text(raw.send("POST", "/safe?delete", &[("content-type", "application/xml")], b"<Delete><Object><Key>keep".to_vec()).await.unwrap()).await;
+    let (s, b) = text(
+        raw.send(
+            "POST",
+            "/safe?delete",
+            &[("content-type", "application/xml")],
+            b"<Delete><Object><Key>keep".to_vec(),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
     assert_eq!(s, 400, "{b}");
     assert!(b.contains("MalformedXML"), "{b}");
     // Wrong signature, no signature.
@@ -212,42 +315,116 @@ async fn bad_input_gets_the_right_error_and_changes_nothing() {
     assert!(b.contains("SignatureDoesNotMatch"), "{b}");
     let mut unknown = raw.clone();
     unknown.access_key = "GKUNKNOWNUNKNOWN".into();
-    let (s, b) = text(unknown.send("GET", "/safe/keep", &[], vec![]).await.unwrap()).await;
+    let (s, b) = text(
+        unknown
+            .send("GET", "/safe/keep", &[], vec![])
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, 403);
     assert!(b.contains("InvalidAccessKeyId"), "{b}");
-    let (s, b) = text(reqwest::get(format!("{}/safe/keep", node.s3)).await.unwrap()).await;
+    let (s, b) = text(
+        reqwest::get(format!("{}/safe/keep", node.s3))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(s, 403);
     assert!(b.contains("AccessDenied"), "{b}");
     // Key over 1024 bytes.
     let long = "k".repeat(1025);
-    let e = c.put_object().bucket("safe").key(&long).body(ByteStream::from_static(b"x")).send().await.unwrap_err();
-    assert_eq!(e.as_service_error().and_then(aws_sdk_s3::error::ProvideErrorMetadata::code), Some("KeyTooLongError"));
+    let e = c
+        .put_object()
+        .bucket("safe")
+        .key(&long)
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_service_error()
+            .and_then(aws_sdk_s3::error::ProvideErrorMetadata::code),
+        Some("KeyTooLongError")
+    );
     // Wrong Content-MD5 on an overwrite: refused, old data kept.
-    let e = c.put_object().bucket("safe").key("keep").content_md5("1B2M2Y8AsgTpgAmY7PhCfg==").body(ByteStream::from_static(b"replacement")).send().await.unwrap_err();
-    assert_eq!(e.as_service_error().and_then(aws_sdk_s3::error::ProvideErrorMetadata::code), Some("BadDigest"));
-    let e = c.put_object().bucket("safe").key("keep").content_md5("not-base64!").body(ByteStream::from_static(b"replacement")).send().await.unwrap_err();
-    assert_eq!(e.as_service_error().and_then(aws_sdk_s3::error::ProvideErrorMetadata::code), Some("InvalidDigest"));
+    let e = c
+        .put_object()
+        .bucket("safe")
+        .key("keep")
+        .content_md5("1B2M2Y8AsgTpgAmY7PhCfg==")
+        .body(ByteStream::from_static(b"replacement"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_service_error()
+            .and_then(aws_sdk_s3::error::ProvideErrorMetadata::code),
+        Some("BadDigest")
+    );
+    let e = c
+        .put_object()
+        .bucket("safe")
+        .key("keep")
+        .content_md5("not-base64!")
+        .body(ByteStream::from_static(b"replacement"))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_service_error()
+            .and_then(aws_sdk_s3::error::ProvideErrorMetadata::code),
+        Some("InvalidDigest")
+    );
     // Oversized headers.
     let host = node.s3.trim_start_matches("http://");
-    let big = format!("GET /safe/keep HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\nConnection: close\r\n\r\n", "a".repeat(128 * 1024));
+    let big = format!(
+        "GET /safe/keep HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(128 * 1024)
+    );
     let resp = raw_http(&node.s3, big.as_bytes(), false);
-    assert!(resp.is_empty() || resp.starts_with("HTTP/1.1 431") || resp.starts_with("HTTP/1.1 400"), "{resp:.200}");
+    assert!(
+        resp.is_empty() || resp.starts_with("HTTP/1.1 431") || resp.starts_with("HTTP/1.1 400"),
+        "{resp:.200}"
+    );
     // Truncated body: the connection closes mid-upload; nothing becomes visible.
-    let head = format!("PUT /safe/truncated HTTP/1.1\r\nHost: {host}\r\nContent-Length: 200000\r\n\r\n");
+    let head =
+        format!("PUT /safe/truncated HTTP/1.1\r\nHost: {host}\r\nContent-Length: 200000\r\n\r\n");
     let mut req = head.into_bytes();
     req.extend(std::iter::repeat_n(b'z', 1000));
     raw_http(&node.s3, &req, true);
     let mut trunc_signed = raw.clone();
     trunc_signed.service = "s3";
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let e = c.head_object().bucket("safe").key("truncated").send().await.unwrap_err();
+    let e = c
+        .head_object()
+        .bucket("safe")
+        .key("truncated")
+        .send()
+        .await
+        .unwrap_err();
     assert_eq!(e.raw_response().map(|r| r.status().as_u16()), Some(404));
     // Garbage that is not HTTP at all.
     raw_http(&node.s3, b"\x00\x01\x02 not http\r\n\r\n", false);
 
     // The node still serves and nothing stored changed.
-    let got = c.get_object().bucket("safe").key("keep").send().await.unwrap();
-    assert_eq!(got.body.collect().await.unwrap().into_bytes().as_ref(), b"original");
+    let got = c
+        .get_object()
+        .bucket("safe")
+        .key("keep")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().as_ref(),
+        b"original"
+    );
     let l = c.list_objects_v2().bucket("safe").send().await.unwrap();
-    assert_eq!(l.contents().iter().filter_map(|o| o.key()).collect::<Vec<_>>(), ["keep"]);
+    assert_eq!(
+        l.contents()
+            .iter()
+            .filter_map(|o| o.key())
+            .collect::<Vec<_>>(),
+        ["keep"]
+    );
 }

@@ -17,6 +17,9 @@ fn boto3_aws_cli_and_curl_work_against_a_node() {
         .expect("python3 runs");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "python clients failed:\n{stdout}\n{stderr}");
+    assert!(
+        out.status.success(),
+        "python clients failed:\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("all checks passed"), "{stdout}");
 }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole Granary test suite: formatting, lints, unit tests and the end-to-end tests
+# (real granary-node processes, a private Postgres, the AWS SDK, boto3, the AWS CLI).
+# Installs what it needs when missing: Debian's postgresql, curl, boto3 and awscli.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    $SUDO apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+step "checking test dependencies"
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "installing Debian's postgresql (for the catalog tests)"
+  apt_install postgresql
+fi
+command -v curl >/dev/null || apt_install curl
+command -v runuser >/dev/null || apt_install util-linux
+if ! python3 -c 'import boto3' 2>/dev/null; then
+  echo "installing boto3"
+  python3 -m pip install -q boto3
+fi
+if ! command -v aws >/dev/null || ! aws --version >/dev/null 2>&1; then
+  echo "installing the AWS CLI"
+  python3 -m pip install -q awscli
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+step "building granary-node"
+cargo build -p granary-storage-node --bin granary-node
+export GRANARY_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-node"
+
+step "cargo test --workspace"
+cargo test --workspace -- --test-threads=2
