@@ -45,4 +45,14 @@ cargo build -p granary-storage-node --bin granary-node
 export GRANARY_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-node"
 
 step "cargo test --workspace"
-cargo test --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s+=$1} END {print s+0}')
+echo
+echo "granary: $passed passed, $failed failed"
+exit "$status"

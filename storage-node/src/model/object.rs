@@ -439,3 +439,22 @@ impl Store {
             .await?
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::ByteRange;
+
+    proptest! {
+        /// A resolved range is never empty and never leaves the object.
+        #[test]
+        fn resolved_ranges_stay_inside_the_object(size in 0u64..10_000, first in 0u64..12_000, last in proptest::option::of(0u64..12_000), suffix in 0u64..12_000) {
+            for r in [ByteRange::FromTo(first, last), ByteRange::Suffix(suffix)] {
+                if let Ok(r) = r.resolve(size) {
+                    prop_assert!(r.start < r.end && r.end <= size);
+                }
+            }
+        }
+    }
+}

@@ -312,3 +312,35 @@ mod tests {
         assert_eq!(canonical_query(Some("prefix=a+b")), "prefix=a%2Bb");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever a client sends as Authorization, parsing answers without panicking,
+        /// and verification of anything parsed answers without panicking.
+        #[test]
+        fn arbitrary_authorization_headers_never_panic(s in ".{0,300}") {
+            if let Ok(a) = parse_authorization(&s) {
+                let h = http::HeaderMap::new();
+                let req = SignedRequest { method: "GET", raw_path: "/", query: None, headers: &h, body: b"", now_unix: 0 };
+                let _ = verify(&req, &a, "secret");
+            }
+        }
+
+        #[test]
+        fn structured_garbage_never_panics(ak in "[A-Z0-9]{0,20}", date in "[0-9]{0,9}", sig in "[0-9a-f]{0,70}", hdrs in "[a-z;-]{0,40}") {
+            let s = format!("AWS4-HMAC-SHA256 Credential={ak}/{date}/us-east-1/s3/aws4_request, SignedHeaders={hdrs}, Signature={sig}");
+            let _ = parse_authorization(&s);
+        }
+
+        #[test]
+        fn query_canonicalisation_never_panics(q in ".{0,200}") {
+            let _ = canonical_query(Some(&q));
+            let _ = percent_decode(&q);
+        }
+    }
+}
