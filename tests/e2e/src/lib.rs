@@ -467,3 +467,18 @@ impl Admin {
         ))
     }
 }
+
+/// An AWS SDK S3 client for a node, path-style, without retries (a failed request
+/// must stay failed in crash tests).
+pub fn s3_client(endpoint: &str, access_key: &str, secret_key: &str) -> aws_sdk_s3::Client {
+    use aws_sdk_s3::config::{Credentials, Region};
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version_latest()
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new(access_key, secret_key, None, None, "test"))
+        .force_path_style(true)
+        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}

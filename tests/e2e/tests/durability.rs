@@ -6,23 +6,11 @@ use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use granary_e2e::{KvClient, NodeProc};
 use rand::Rng;
 
-fn client(endpoint: &str, ak: &str, sk: &str) -> aws_sdk_s3::Client {
-    let conf = aws_sdk_s3::Config::builder()
-        .behavior_version_latest()
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new(ak, sk, None, None, "test"))
-        .force_path_style(true)
-        // Writes in flight at the kill must fail, not be retried into the next life.
-        .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
-        .build();
-    aws_sdk_s3::Client::from_conf(conf)
-}
+use granary_e2e::s3_client as client;
 
 fn payload(tag: &str, len: usize) -> Vec<u8> {
     let seed = tag

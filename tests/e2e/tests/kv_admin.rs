@@ -9,18 +9,7 @@ use reqwest::Method;
 use serde_json::Value;
 
 mod s3 {
-    use aws_sdk_s3::config::{Credentials, Region};
-    pub fn client(endpoint: &str, ak: &str, sk: &str) -> aws_sdk_s3::Client {
-        aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::Config::builder()
-                .behavior_version_latest()
-                .region(Region::new("us-east-1"))
-                .endpoint_url(endpoint)
-                .credentials_provider(Credentials::new(ak, sk, None, None, "test"))
-                .force_path_style(true)
-                .build(),
-        )
-    }
+    pub use granary_e2e::s3_client as client;
 }
 
 async fn json(r: reqwest::Response) -> (u16, Value) {

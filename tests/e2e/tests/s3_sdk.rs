@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::config::{Credentials, Region};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
@@ -12,16 +11,7 @@ use aws_sdk_s3::types::{
 };
 use granary_e2e::NodeProc;
 
-pub fn client(endpoint: &str, ak: &str, sk: &str) -> Client {
-    let conf = aws_sdk_s3::Config::builder()
-        .behavior_version_latest()
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new(ak, sk, None, None, "test"))
-        .force_path_style(true)
-        .build();
-    Client::from_conf(conf)
-}
+use granary_e2e::s3_client as client;
 
 fn code<E: aws_sdk_s3::error::ProvideErrorMetadata>(e: &aws_sdk_s3::error::SdkError<E>) -> String {
     e.as_service_error()
