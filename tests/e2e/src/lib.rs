@@ -64,6 +64,31 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts (or restarts) a dev node on `data_dir` and waits until it serves.
     pub fn start(data_dir: &Path) -> Result<Self> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["dev".into(), "--data-dir".into(), data_dir.into()];
+        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
+            args.push(flag.into());
+            args.push("127.0.0.1:0".into());
+        }
+        Self::spawn(data_dir, &args, &[])
+    }
+
+    /// Starts `granary-node serve --config FILE` (with extra environment) whose
+    /// `data_dir` is `data_dir`; the admin token comes from the config or environment.
+    pub fn serve(
+        data_dir: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+        admin_token: &str,
+    ) -> Result<Self> {
+        let args: Vec<std::ffi::OsString> = vec!["serve".into(), "--config".into(), config.into()];
+        let mut node = Self::spawn(data_dir, &args, env)?;
+        node.admin_token = admin_token.to_string();
+        Ok(node)
+    }
+
+    fn spawn(data_dir: &Path, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Result<Self> {
+        let dev = args.first().is_some_and(|a| a == "dev");
         std::fs::create_dir_all(data_dir)?;
         let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
         let out = std::fs::File::create(data_dir.join("stdout.log"))?;
@@ -72,16 +97,8 @@ impl NodeProc {
             .append(true)
             .open(data_dir.join("stderr.log"))?;
         let child = Command::new(node_binary())
-            .args(["dev", "--data-dir"])
-            .arg(data_dir)
-            .args([
-                "--s3-listen",
-                "127.0.0.1:0",
-                "--kv-listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-            ])
+            .args(args)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("GRANARY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -121,6 +138,9 @@ impl NodeProc {
                 bail!("granary-node did not start within 60 s");
             }
             std::thread::sleep(Duration::from_millis(50));
+        }
+        if !dev {
+            return Ok(node);
         }
         node.admin_token = std::fs::read_to_string(data_dir.join("admin.token"))?
             .trim()
