@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Side-by-side S3 benchmark: Granary (`granary-node dev`) against a peer on the same
+# disk, driven by the same load generator (bench/src/main.rs, AWS SDK for Rust).
+# Workloads: put, get, mixed x 4 KiB, 1 MiB, 64 MiB, concurrency 16.
+# Prints ops/s, MiB/s, p50 and p99 per workload and the Granary/peer ratios.
+#
+#   bench/run.sh                 # peer: Garage (built once from crates.io into the cache)
+#   BENCH_SECONDS=30 bench/run.sh
+#
+# MinIO and warp (the peers named in the plan) cannot be built here: the Go module proxy
+# refuses their modules (see docs/benchmarks.md), so the peer is Garage, configured
+# with data_fsync and metadata_fsync on so both servers acknowledge only durable writes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN="${BENCH_SECONDS:-15}"
+CONC="${BENCH_CONCURRENCY:-16}"
+SIZES="${BENCH_SIZES:-4096 1048576 67108864}"
+OPS="${BENCH_OPS:-put get mixed}"
+CACHE="${GRANARY_TOOLS_CACHE:-$HOME/.cache/granary-tools}"
+GARAGE_VERSION="${GARAGE_VERSION:-2.5.0}"
+
+echo "==> building granary-node and s3bench (release)" >&2
+cargo build -q --release -p granary-storage-node -p granary-bench
+TARGET="${CARGO_TARGET_DIR:-$PWD/target}/release"
+GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"
+if [ ! -x "$GARAGE" ]; then
+  echo "==> building Garage $GARAGE_VERSION from crates.io into $CACHE (first time only; ~20 min)" >&2
+  cargo install -q garage --version "$GARAGE_VERSION" --locked --root "$CACHE/garage-$GARAGE_VERSION"
+fi
+
+WORK=$(mktemp -d -p "${BENCH_DIR:-$PWD/target}" bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+echo "==> starting granary-node dev in $WORK/granary" >&2
+GP=$(port)
+"$TARGET/granary-node" dev --data-dir "$WORK/granary" --s3-listen "127.0.0.1:$GP" \
+  --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$(port)" > "$WORK/granary.out" 2> "$WORK/granary.err" &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q "Secret key" "$WORK/granary.out" 2>/dev/null && break; sleep 0.1; done
+G_AK=$(awk '/Access key id/ {print $4}' "$WORK/granary.out")
+G_SK=$(awk '/Secret key/ {print $3}' "$WORK/granary.out")
+
+echo "==> starting Garage $GARAGE_VERSION in $WORK/garage" >&2
+SP=$(port); RP=$(port); AP=$(port)
+mkdir -p "$WORK/garage"
+cat > "$WORK/garage/garage.toml" <<TOML
+metadata_dir = "$WORK/garage/meta"
+data_dir = "$WORK/garage/data"
+db_engine = "lmdb"
+metadata_fsync = true
+data_fsync = true
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$RP"
+rpc_public_addr = "127.0.0.1:$RP"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+[s3_api]
+s3_region = "us-east-1"
+api_bind_addr = "127.0.0.1:$SP"
+root_domain = ".s3.garage.localhost"
+[admin]
+api_bind_addr = "127.0.0.1:$AP"
+TOML
+G="$GARAGE -c $WORK/garage/garage.toml"
+$G server > "$WORK/garage.out" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do $G status >/dev/null 2>&1 && break; sleep 0.2; done
+NODE=$($G node id -q | cut -d@ -f1)
+$G layout assign -z dc1 -c 10G "$NODE" >/dev/null
+$G layout apply --version 1 >/dev/null
+$G bucket create bench >/dev/null
+KEYOUT=$($G key create bench-key)
+P_AK=$(echo "$KEYOUT" | awk -F': *' '/Key ID/ {print $2}' | tr -d ' ')
+P_SK=$(echo "$KEYOUT" | awk -F': *' '/Secret key/ {print $2}' | tr -d ' ')
+$G bucket allow --read --write --owner bench --key bench-key >/dev/null
+
+run() { # endpoint ak sk op size label
+  "$TARGET/s3bench" --endpoint "$1" --access-key "$2" --secret-key "$3" --op "$4" --size "$5" \
+    --concurrency "$CONC" --seconds "$SECONDS_PER_RUN" --label "$6"
+}
+echo
+printf '%-6s %9s | %10s %9s %8s %8s | %10s %9s %8s %8s | %8s %8s\n' op size "G ops/s" "G MiB/s" "G p50ms" "G p99ms" "P ops/s" "P MiB/s" "P p50ms" "P p99ms" "ops x" "MiB/s x"
+for size in $SIZES; do
+  for op in $OPS; do
+    g=$(run "http://127.0.0.1:$GP" "$G_AK" "$G_SK" "$op" "$size" granary)
+    p=$(run "http://127.0.0.1:$SP" "$P_AK" "$P_SK" "$op" "$size" garage)
+    python3 - "$g" "$p" <<'PY'
+import json, sys
+g, p = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+r = lambda a, b: a / b if b else float("nan")
+size = {4096: "4KiB", 1048576: "1MiB", 67108864: "64MiB"}.get(g["size"], str(g["size"]))
+print(f'{g["op"]:<6} {size:>9} | {g["ops_per_s"]:10.1f} {g["mib_per_s"]:9.1f} {g["p50_ms"]:8.2f} {g["p99_ms"]:8.2f} | '
+      f'{p["ops_per_s"]:10.1f} {p["mib_per_s"]:9.1f} {p["p50_ms"]:8.2f} {p["p99_ms"]:8.2f} | '
+      f'{r(g["ops_per_s"], p["ops_per_s"]):8.2f} {r(g["mib_per_s"], p["mib_per_s"]):8.2f}'
+      + (f'   (errors: granary {g["errors"]}, peer {p["errors"]})' if g["errors"] or p["errors"] else ''))
+PY
+  done
+done
