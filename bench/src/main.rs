@@ -57,7 +57,13 @@ async fn main() -> anyhow::Result<()> {
         .behavior_version_latest()
         .region(Region::new(a.region.clone()))
         .endpoint_url(&a.endpoint)
-        .credentials_provider(Credentials::new(&a.access_key, &a.secret_key, None, None, "bench"))
+        .credentials_provider(Credentials::new(
+            &a.access_key,
+            &a.secret_key,
+            None,
+            None,
+            "bench",
+        ))
         .force_path_style(true)
         .build();
     let c = aws_sdk_s3::Client::from_conf(conf);
@@ -66,7 +72,11 @@ async fn main() -> anyhow::Result<()> {
     rand::rng().fill(&mut payload[..]);
     let payload = Bytes::from(payload);
     // GET and mixed read a fixed key set written beforehand.
-    let keyset = if a.size >= 32 << 20 { 2 * a.concurrency } else { 8 * a.concurrency };
+    let keyset = if a.size >= 32 << 20 {
+        2 * a.concurrency
+    } else {
+        8 * a.concurrency
+    };
     let prefix = format!("{}-{}-{}", a.op, a.size, std::process::id());
     if a.op != "put" {
         for i in 0..keyset {
@@ -104,10 +114,21 @@ async fn main() -> anyhow::Result<()> {
                 i += 1;
                 let t0 = Instant::now();
                 let ok = if is_put {
-                    c.put_object().bucket(&a.bucket).key(&key).body(ByteStream::from(payload.clone())).send().await.is_ok()
+                    c.put_object()
+                        .bucket(&a.bucket)
+                        .key(&key)
+                        .body(ByteStream::from(payload.clone()))
+                        .send()
+                        .await
+                        .is_ok()
                 } else {
                     match c.get_object().bucket(&a.bucket).key(&key).send().await {
-                        Ok(o) => o.body.collect().await.map(|b| b.into_bytes().len() == a.size).unwrap_or(false),
+                        Ok(o) => o
+                            .body
+                            .collect()
+                            .await
+                            .map(|b| b.into_bytes().len() == a.size)
+                            .unwrap_or(false),
                         Err(_) => false,
                     }
                 };

@@ -3,7 +3,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "granary-operator", version, about = "Granary Kubernetes operator")]
+#[command(
+    name = "granary-operator",
+    version,
+    about = "Granary Kubernetes operator"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -13,10 +13,26 @@ use serde::{Deserialize, Serialize};
     shortname = "gt",
     category = "granary",
     status = "TenantStatus",
-    printcolumn(name = "Cluster", type_ = "string", json_path = ".spec.clusterRef.name"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Storage", type_ = "string", json_path = ".status.usage.storage"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Cluster",
+        type_ = "string",
+        json_path = ".spec.clusterRef.name"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Storage",
+        type_ = "string",
+        json_path = ".status.usage.storage"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantSpec {
@@ -34,7 +50,10 @@ pub struct TenantSpec {
     #[serde(default)]
     pub endpoints: EndpointToggles,
     /// Secret written by the operator into this namespace (endpoints and credentials).
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub credentials_secret: String,
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
@@ -115,7 +134,9 @@ pub struct GeoRegion {
     pub mode: GeoMode,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum GeoMode {
     #[default]
     Async,
@@ -151,7 +172,9 @@ impl Default for EndpointToggles {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 pub enum DeletionPolicy {
     /// Keep the tenant's data when the Tenant is deleted.
     #[default]

@@ -1,0 +1,255 @@
+//! The pure builders, from the example manifests in `examples/`.
+
+use granary_operator::build::cluster::{Context, build};
+use granary_operator::crd::{StorageCluster, Tenant};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+fn example_cluster() -> StorageCluster {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/storagecluster.yaml"
+    ))
+    .unwrap();
+    let mut sc: StorageCluster = serde_yaml::from_str(&text).unwrap();
+    sc.metadata.uid = Some("uid-1".into());
+    sc
+}
+
+fn ctx(sc: &StorageCluster) -> Context {
+    Context::of(sc, "granary-operator")
+}
+
+#[test]
+fn example_tenants_parse_with_defaults() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/tenants.yaml"
+    ))
+    .unwrap();
+    let tenants: Vec<Tenant> = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    assert_eq!(tenants.len(), 2);
+    assert!(
+        tenants[1].spec.endpoints.s3 && tenants[1].spec.endpoints.kv,
+        "endpoints default to on"
+    );
+    assert_eq!(
+        tenants[1].spec.deletion_policy,
+        granary_operator::crd::DeletionPolicy::Delete
+    );
+}
+
+#[test]
+fn one_statefulset_headless_service_and_pdb_per_zone_pool() {
+    let sc = example_cluster();
+    let d = build(&sc, &ctx(&sc));
+    let names: Vec<_> = d
+        .stateful_sets
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["main-a-fast", "main-b-fast", "main-c-fast", "main-c-bulk"]
+    );
+    assert_eq!(d.pdbs.len(), 4);
+    let svc: Vec<_> = d
+        .services
+        .iter()
+        .map(|s| s.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        svc,
+        [
+            "main-s3",
+            "main-kv",
+            "main-internal",
+            "main-a-fast",
+            "main-b-fast",
+            "main-c-fast",
+            "main-c-bulk"
+        ]
+    );
+    for o in d
+        .stateful_sets
+        .iter()
+        .map(|s| &s.metadata)
+        .chain(d.services.iter().map(|s| &s.metadata))
+    {
+        let owners = o.owner_references.as_ref().unwrap();
+        assert_eq!(
+            (
+                owners[0].kind.as_str(),
+                owners[0].uid.as_str(),
+                owners[0].controller
+            ),
+            ("StorageCluster", "uid-1", Some(true))
+        );
+        assert_eq!(o.namespace.as_deref(), Some("granary-system"));
+    }
+}
+
+#[test]
+fn statefulset_carries_replicas_zone_affinity_volumes_probes_and_secrets() {
+    let sc = example_cluster();
+    let d = build(&sc, &ctx(&sc));
+    let sts = d
+        .stateful_sets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("main-c-bulk"))
+        .unwrap();
+    let spec = &sts.spec;
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.service_name.as_deref(), Some("main-c-bulk"));
+    let sel = spec.selector.match_labels.as_ref().unwrap();
+    assert_eq!(sel.get("granary.dev/zone").map(String::as_str), Some("c"));
+    assert_eq!(
+        sel.get("granary.dev/pool").map(String::as_str),
+        Some("bulk")
+    );
+    let pod = spec.template.spec.as_ref().unwrap();
+    assert_eq!(
+        pod.node_selector
+            .as_ref()
+            .unwrap()
+            .get("topology.kubernetes.io/zone")
+            .map(String::as_str),
+        Some("eu-west-1c")
+    );
+    assert_eq!(
+        pod.tolerations.as_ref().unwrap()[0].key.as_deref(),
+        Some("dedicated")
+    );
+    assert_eq!(pod.termination_grace_period_seconds, Some(60));
+    let tsc = &pod.topology_spread_constraints.as_ref().unwrap()[0];
+    assert_eq!(
+        (tsc.max_skew, tsc.topology_key.as_str()),
+        (1, "kubernetes.io/hostname")
+    );
+    let c = &pod.containers[0];
+    assert_eq!(
+        c.args.as_ref().unwrap(),
+        &["serve", "--config", "/etc/granary/node.toml"]
+    );
+    let probe = c
+        .readiness_probe
+        .as_ref()
+        .unwrap()
+        .http_get
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (probe.path.as_deref(), &probe.port),
+        (Some("/readyz"), &IntOrString::Int(9200))
+    );
+    let env = c.env.as_ref().unwrap();
+    let catalog = env
+        .iter()
+        .find(|e| e.name == "GRANARY_CATALOG_URL")
+        .unwrap();
+    let sk = catalog
+        .value_from
+        .as_ref()
+        .unwrap()
+        .secret_key_ref
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        (sk.name.as_str(), sk.key.as_str()),
+        ("granary-catalog", "url")
+    );
+    assert!(
+        env.iter().all(|e| e
+            .value
+            .as_deref()
+            .is_none_or(|v| !v.contains("postgres://"))),
+        "no secret in plain env"
+    );
+    assert!(env.iter().any(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT"));
+    let pvc = &spec.volume_claim_templates.as_ref().unwrap()[0];
+    let req = pvc
+        .spec
+        .as_ref()
+        .unwrap()
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .as_ref()
+        .unwrap();
+    assert_eq!(req["storage"].0, "4Ti");
+    assert_eq!(pvc.spec.as_ref().unwrap().storage_class_name, None);
+    let fast = d
+        .stateful_sets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("main-a-fast"))
+        .unwrap();
+    let pvc = &fast.spec.volume_claim_templates.as_ref().unwrap()[0];
+    assert_eq!(
+        pvc.spec.as_ref().unwrap().storage_class_name.as_deref(),
+        Some("nvme")
+    );
+}
+
+#[test]
+fn pdb_never_allows_more_disruption_than_min_in_sync_allows() {
+    let mut sc = example_cluster();
+    let d = build(&sc, &ctx(&sc));
+    for p in &d.pdbs {
+        assert_eq!(
+            p.spec.as_ref().unwrap().max_unavailable,
+            Some(IntOrString::Int(1)),
+            "factor 3, minInSync 2"
+        );
+    }
+    sc.spec.replication.min_in_sync = 3;
+    let d = build(&sc, &ctx(&sc));
+    assert!(
+        d.pdbs
+            .iter()
+            .all(|p| p.spec.as_ref().unwrap().max_unavailable == Some(IntOrString::Int(0)))
+    );
+}
+
+#[test]
+fn services_and_network_policy_expose_only_what_they_should() {
+    let sc = example_cluster();
+    let d = build(&sc, &ctx(&sc));
+    let s3 = d
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("main-s3"))
+        .unwrap();
+    assert_eq!(
+        s3.spec.as_ref().unwrap().ports.as_ref().unwrap()[0].port,
+        9000
+    );
+    let headless = d
+        .services
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some("main-a-fast"))
+        .unwrap();
+    assert_eq!(
+        headless.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("None")
+    );
+    let np = d.network_policy.spec.as_ref().unwrap();
+    let rules = np.ingress.as_ref().unwrap();
+    // S3/KV open, RPC only from the cluster's pods, admin also from the operator.
+    assert!(rules[0].from.is_none());
+    let rpc_rule = rules
+        .iter()
+        .find(|r| {
+            r.ports
+                .as_ref()
+                .unwrap()
+                .iter()
+                .any(|p| p.port == Some(IntOrString::Int(9300)))
+        })
+        .unwrap();
+    assert!(rpc_rule.from.as_ref().unwrap()[0].pod_selector.is_some());
+    let cm = d.config.data.as_ref().unwrap()["node.toml"].clone();
+    assert!(cm.contains("region = \"eu-west-1\"") && cm.contains("partitions = 1024"));
+    assert!(!cm.contains("postgres"), "no secrets in the ConfigMap");
+}
