@@ -1,3 +1,6 @@
+// Several printcolumns share `type_ = "string"`; clippy reads them as duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
