@@ -1,6 +1,16 @@
-//! `granary-operator`: `crd` prints the CRDs; `run` reconciles.
+//! `granary-operator`: `crd` prints the CRDs; `run` reconciles StorageClusters and
+//! Tenants until SIGTERM.
+
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use granary_operator::controller::{self, Context, Metrics};
+use granary_operator::crd::{StorageCluster, Tenant};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
 
 #[derive(Parser)]
 #[command(
@@ -17,11 +27,172 @@ struct Cli {
 enum Cmd {
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
+    /// Run the controllers.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Namespaces to watch, comma-separated; empty means all.
+    #[arg(
+        long,
+        env = "GRANARY_WATCH_NAMESPACES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    watch_namespaces: Vec<String>,
+    /// Elect a leader through a Lease (run two replicas safely).
+    #[arg(long, overrides_with = "no_leader_election", default_value_t = true)]
+    leader_election: bool,
+    #[arg(long)]
+    no_leader_election: bool,
+    #[arg(long, default_value = "granary-operator")]
+    lease_name: String,
+    /// Namespace of the Lease; default: this pod's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
-        Cmd::Crd => print!("{}", granary_operator::crd::crds_yaml()?),
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Crd => {
+            print!("{}", granary_operator::crd::crds_yaml()?);
+            Ok(())
+        }
+        Cmd::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run(args)),
     }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube=warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let client = Client::try_default().await?;
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+
+    let m = metrics.clone();
+    let r = ready.clone();
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = m.clone();
+                async move { m.render() }
+            }),
+        )
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let r = r.clone();
+                async move {
+                    if r.load(std::sync::atomic::Ordering::Relaxed) {
+                        (axum::http::StatusCode::OK, "ready")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "waiting")
+                    }
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics listening");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let leading = if args.leader_election && !args.no_leader_election {
+        let me = std::env::var("POD_NAME")
+            .unwrap_or_else(|_| format!("granary-operator-{}", std::process::id()));
+        Some(
+            granary_operator::leader::lead(
+                client.clone(),
+                &args.lease_namespace,
+                &args.lease_name,
+                &me,
+            )
+            .await,
+        )
+    } else {
+        None
+    };
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let operator_ns = args.lease_namespace.clone();
+    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), operator_ns));
+    let namespaces: Vec<String> = args
+        .watch_namespaces
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut tasks = Vec::new();
+    let scopes: Vec<Option<String>> = if namespaces.is_empty() {
+        vec![None]
+    } else {
+        namespaces.into_iter().map(Some).collect()
+    };
+    for ns in scopes {
+        let (clusters, sts, svc, tenants, secrets): (Api<StorageCluster>, _, _, Api<Tenant>, _) = (
+            scoped(&client, &ns),
+            scoped::<StatefulSet>(&client, &ns),
+            scoped::<Service>(&client, &ns),
+            scoped(&client, &ns),
+            scoped::<Secret>(&client, &ns),
+        );
+        let cfg = watcher::Config::default();
+        let c1 = Controller::new(clusters, cfg.clone())
+            .owns(sts, cfg.clone())
+            .owns(svc, cfg.clone())
+            .shutdown_on_signal()
+            .run(
+                controller::cluster::reconcile,
+                controller::error_policy,
+                ctx.clone(),
+            )
+            .for_each(|_| futures::future::ready(()));
+        let c2 = Controller::new(tenants, cfg.clone())
+            .owns(secrets, cfg.clone())
+            .shutdown_on_signal()
+            .run(
+                controller::tenant::reconcile,
+                controller::error_policy,
+                ctx.clone(),
+            )
+            .for_each(|_| futures::future::ready(()));
+        tasks.push(tokio::spawn(c1));
+        tasks.push(tokio::spawn(c2));
+    }
+    let all = futures::future::join_all(tasks);
+    match leading {
+        Some(mut rx) => {
+            tokio::select! {
+                _ = all => {}
+                _ = rx.wait_for(|v| !*v) => anyhow::bail!("lost leadership; exiting so a new leader takes over"),
+            }
+        }
+        None => {
+            all.await;
+        }
+    }
+    tracing::info!("operator stopped");
     Ok(())
+}
+
+/// An API over one namespace, or all namespaces when `ns` is None.
+fn scoped<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(n) => Api::namespaced(client.clone(), n),
+        None => Api::all(client.clone()),
+    }
 }

@@ -1,0 +1,295 @@
+//! StorageCluster reconciler: secrets -> desired objects -> server-side apply -> status.
+//!
+//! Scale-in is refused (condition `Degraded`, reason `ScaleInRefused`) until the
+//! storage nodes can drain a node: a pool's StatefulSet is never shrunk by the operator.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use rand::RngCore;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use super::{Context, MANAGER};
+use crate::build::cluster::{self as builder, Desired};
+use crate::conditions;
+use crate::crd::{StorageCluster, StorageClusterStatus, ZoneStatus};
+use crate::error::{Error, Result};
+
+pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let r = apply(&sc, &ctx).await;
+    ctx.metrics.observe(
+        "storagecluster",
+        r.as_ref()
+            .map(|_| "ok")
+            .unwrap_or_else(|e| e.metric_label()),
+        started,
+    );
+    if let Err(e) = &r {
+        ctx.event(sc.as_ref(), true, "ReconcileFailed", e.to_string())
+            .await;
+        let _ = set_failed_status(&sc, &ctx, e).await;
+    }
+    r
+}
+
+async fn ssa<K>(api: &Api<K>, obj: &K) -> Result<()>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Creates a Secret with one random value if it does not exist; never overwrites.
+async fn ensure_secret(
+    ctx: &Context,
+    ns: &str,
+    sc: &StorageCluster,
+    name: &str,
+    key: &str,
+    value: String,
+) -> Result<()> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    if api.get_opt(name).await?.is_some() {
+        return Ok(());
+    }
+    let b = builder::Context::of(sc, &ctx.operator_namespace);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(ns.into()),
+            labels: Some(crate::build::cluster_labels(&b.name)),
+            // Not owned by the cluster: deleting the StorageCluster must not make its
+            // catalog secrets unreadable (the data stays, see docs).
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            key.to_string(),
+            ByteString(value.into_bytes()),
+        )])),
+        ..Default::default()
+    };
+    match api.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
+    let ns = sc
+        .namespace()
+        .ok_or_else(|| Error::Invalid("StorageCluster must be namespaced".into()))?;
+    let bctx = builder::Context::of(sc, &ctx.operator_namespace);
+    let client = ctx.client.clone();
+
+    ensure_secret(
+        ctx,
+        &ns,
+        sc,
+        &bctx.admin_token_secret(),
+        "token",
+        random_hex(24),
+    )
+    .await?;
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    ensure_secret(
+        ctx,
+        &ns,
+        sc,
+        &bctx.master_key_secret(),
+        "masterKey",
+        base64::engine::general_purpose::STANDARD.encode(key),
+    )
+    .await?;
+
+    let mut desired: Desired = builder::build(sc, &bctx);
+
+    // Refuse scale-in: keep the current replica count where the spec asks for fewer.
+    let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+    let mut refused = Vec::new();
+    for sts in &mut desired.stateful_sets {
+        let name = sts.metadata.name.clone().unwrap_or_default();
+        if let Some(current) = sts_api.get_opt(&name).await? {
+            let have = current.spec.replicas.unwrap_or(1);
+            let want = sts.spec.replicas.unwrap_or(1);
+            if want < have {
+                refused.push(format!("{name}: {have} -> {want}"));
+                sts.spec.replicas = Some(have);
+            }
+        }
+    }
+
+    ssa(
+        &Api::namespaced(client.clone(), &ns),
+        &desired.service_account,
+    )
+    .await?;
+    ssa(&Api::namespaced(client.clone(), &ns), &desired.config).await?;
+    for s in &desired.services {
+        ssa(&Api::namespaced(client.clone(), &ns), s).await?;
+    }
+    for s in &desired.stateful_sets {
+        ssa(&sts_api, s).await?;
+    }
+    for p in &desired.pdbs {
+        ssa(&Api::namespaced(client.clone(), &ns), p).await?;
+    }
+    ssa(
+        &Api::namespaced(client.clone(), &ns),
+        &desired.network_policy,
+    )
+    .await?;
+
+    // Status from what exists now.
+    let mut zones: BTreeMap<String, ZoneStatus> = BTreeMap::new();
+    let mut all_ready = true;
+    for zone in &sc.spec.zones {
+        let z = zones
+            .entry(zone.name.clone())
+            .or_insert_with(|| ZoneStatus {
+                name: zone.name.clone(),
+                ..Default::default()
+            });
+        for pool in &zone.pools {
+            let name = bctx.pool_name(&zone.name, &pool.name);
+            let cur = sts_api.get_opt(&name).await?;
+            let want = cur
+                .as_ref()
+                .and_then(|s| s.spec.replicas)
+                .unwrap_or(pool.replicas);
+            let ready = cur
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .and_then(|s| s.ready_replicas)
+                .unwrap_or(0);
+            z.nodes += want;
+            z.ready_nodes += ready;
+            all_ready &= ready >= want;
+        }
+    }
+    let gen_ = sc.metadata.generation;
+    let mut conds = sc
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let total: i32 = zones.values().map(|z| z.nodes).sum();
+    let ready: i32 = zones.values().map(|z| z.ready_nodes).sum();
+    if all_ready {
+        conditions::set(
+            &mut conds,
+            "Ready",
+            true,
+            "AllPoolsReady",
+            format!("{ready}/{total} storage nodes ready"),
+            gen_,
+        );
+        conditions::set(
+            &mut conds,
+            "Progressing",
+            false,
+            "Stable",
+            "all pools at their desired size",
+            gen_,
+        );
+    } else {
+        conditions::set(
+            &mut conds,
+            "Ready",
+            false,
+            "NodesNotReady",
+            format!("{ready}/{total} storage nodes ready"),
+            gen_,
+        );
+        conditions::set(
+            &mut conds,
+            "Progressing",
+            true,
+            "RollingOut",
+            "waiting for storage nodes to become ready",
+            gen_,
+        );
+    }
+    if refused.is_empty() {
+        conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
+    } else {
+        let msg = format!(
+            "scale-in refused (nodes cannot be drained yet, removing them could lose data): {}",
+            refused.join(", ")
+        );
+        if !conditions::is_true(&conds, "Degraded") {
+            ctx.event(sc, true, "ScaleInRefused", msg.clone()).await;
+        }
+        conditions::set(&mut conds, "Degraded", true, "ScaleInRefused", msg, gen_);
+    }
+    let status = StorageClusterStatus {
+        observed_generation: gen_,
+        conditions: conds,
+        zones: zones.into_values().collect(),
+        layout_version: sc.status.as_ref().and_then(|s| s.layout_version),
+    };
+    patch_status(ctx, &ns, &sc.name_any(), &status).await?;
+    Ok(Action::requeue(Duration::from_secs(if all_ready {
+        300
+    } else {
+        10
+    })))
+}
+
+async fn patch_status(
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    status: &StorageClusterStatus,
+) -> Result<()> {
+    let api: Api<StorageCluster> = Api::namespaced(ctx.client.clone(), ns);
+    let body =
+        json!({"apiVersion": "granary.dev/v1alpha1", "kind": "StorageCluster", "status": status});
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn set_failed_status(sc: &StorageCluster, ctx: &Context, e: &Error) -> Result<()> {
+    let ns = sc.namespace().unwrap_or_default();
+    let mut status = sc.status.clone().unwrap_or_default();
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        false,
+        "ReconcileFailed",
+        e.to_string(),
+        sc.metadata.generation,
+    );
+    patch_status(ctx, &ns, &sc.name_any(), &status).await
+}

@@ -1,0 +1,137 @@
+//! Reconcilers. Each is a fixed pipeline: read -> validate -> build (pure, `build/`)
+//! -> apply (server-side apply) -> status. Shared state lives in [`Context`].
+
+pub mod cluster;
+pub mod tenant;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kube::Client;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::Error;
+
+pub const MANAGER: &str = crate::build::MANAGER;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub controller: &'static str,
+    pub result: &'static str,
+}
+
+/// Reconcile counters and durations, by controller and result (`ok` or an error kind).
+pub struct Metrics {
+    pub registry: std::sync::Mutex<Registry>,
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub duration: Family<ReconcileLabels, Histogram>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let duration = Family::<ReconcileLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 14))
+        });
+        let mut registry = Registry::with_prefix("granary_operator");
+        registry.register(
+            "reconciles",
+            "Reconciles by controller and result",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile durations by controller and result",
+            duration.clone(),
+        );
+        Self {
+            registry: std::sync::Mutex::new(registry),
+            reconciles,
+            duration,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, controller: &'static str, result: &'static str, started: Instant) {
+        let l = ReconcileLabels { controller, result };
+        self.reconciles.get_or_create(&l).inc();
+        self.duration
+            .get_or_create(&l)
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
+        out
+    }
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub http: reqwest::Client,
+    pub operator_namespace: String,
+}
+
+impl Context {
+    pub fn new(client: Client, metrics: Arc<Metrics>, operator_namespace: String) -> Self {
+        let reporter = Reporter {
+            controller: MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            http: reqwest::Client::new(),
+            operator_namespace,
+        }
+    }
+
+    /// Publishes a Kubernetes Event about `obj`; failures to publish are only logged.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, "could not publish an event");
+        }
+    }
+}
+
+/// Retry with a delay that depends on the kind of failure; the error is recorded by
+/// the reconciler itself (condition and event) before it returns.
+pub fn error_policy<K: ResourceExt>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(name = %obj.name_any(), error = %err, "reconcile failed");
+    match err {
+        Error::Invalid(_) => Action::requeue(Duration::from_secs(300)),
+        _ => Action::requeue(Duration::from_secs(5)),
+    }
+}

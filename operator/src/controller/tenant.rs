@@ -1,0 +1,458 @@
+//! Tenant reconciler: check the cluster reference and the namespace policy, register
+//! the tenant with the storage nodes' admin API, write the credentials Secret into the
+//! tenant's namespace, report status; a finalizer honours `deletionPolicy`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use super::{Context, MANAGER};
+use crate::admin_client::AdminClient;
+use crate::build::cluster::Context as BuildContext;
+use crate::crd::{DeletionPolicy, StorageCluster, Tenant, TenantEndpoints, TenantStatus};
+use crate::error::{Error, Result};
+use crate::{conditions, quantity, selector};
+
+pub const FINALIZER: &str = "granary.dev/tenant-cleanup";
+/// Overrides of the in-cluster addresses (`http://<cluster>-internal.<ns>.svc:9200`,
+/// `-s3`, `-kv`), for clusters reached from outside the Kubernetes network.
+pub const ANNOTATION_ADMIN: &str = "granary.dev/admin-endpoint";
+pub const ANNOTATION_S3: &str = "granary.dev/s3-endpoint";
+pub const ANNOTATION_KV: &str = "granary.dev/kv-endpoint";
+/// Key id recorded on the credentials Secret, to revoke it on deletion.
+const ACCESS_KEY_ID: &str = "AWS_ACCESS_KEY_ID";
+
+/// The tenant's name on the storage nodes: unique per (namespace, name).
+pub fn node_tenant_name(t: &Tenant) -> String {
+    let n = format!("{}.{}", t.namespace().unwrap_or_default(), t.name_any());
+    n.chars().take(128).collect()
+}
+
+/// The tenant settings sent to the admin API (its JSON shape, docs/admin-api.md).
+pub fn admin_spec(t: &Tenant) -> Result<Value> {
+    let s = &t.spec;
+    let bytes = |q: &Option<k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+                 what: &str|
+     -> Result<Option<u64>> {
+        q.as_ref()
+            .map(|q| {
+                quantity::to_u64(&q.0).ok_or_else(|| {
+                    Error::Invalid(format!("{what}: {:?} is not a valid quantity", q.0))
+                })
+            })
+            .transpose()
+    };
+    let cold_after = s
+        .tiering
+        .as_ref()
+        .and_then(|t| t.cold_after.as_deref())
+        .map(|d| {
+            parse_duration_secs(d)
+                .ok_or_else(|| Error::Invalid(format!("tiering.coldAfter: bad duration {d:?}")))
+        })
+        .transpose()?;
+    Ok(json!({
+        "quotas": {
+            "storageBytes": bytes(&s.quotas.storage, "quotas.storage")?,
+            "objects": s.quotas.objects,
+            "buckets": s.quotas.buckets,
+            "kvKeys": s.quotas.kv_keys,
+        },
+        "qos": {
+            "weight": s.qos.weight,
+            "requestsPerSecond": s.qos.requests_per_second,
+            "bandwidthBytesPerSecond": bytes(&s.qos.bandwidth, "qos.bandwidth")?,
+            "maxConcurrentRequests": s.qos.max_concurrent_requests,
+        },
+        "placement": {"zones": s.placement.zones, "replicationFactor": s.placement.replication_factor},
+        "tiering": {
+            "coldAfterSeconds": cold_after,
+            "minObjectSize": bytes(&s.tiering.as_ref().and_then(|t| t.min_object_size.clone()), "tiering.minObjectSize")?,
+        },
+    }))
+}
+
+/// Go-style durations (`720h`, `1h30m`, `90s`) in whole seconds.
+pub fn parse_duration_secs(d: &str) -> Option<u64> {
+    let mut total = 0f64;
+    let mut num = String::new();
+    let mut chars = d.chars().peekable();
+    let mut any = false;
+    while let Some(c) = chars.next() {
+        if c.is_ascii_digit() || c == '.' {
+            num.push(c);
+            continue;
+        }
+        let mut unit = c.to_string();
+        if (c == 'm' || c == 'u' || c == 'n') && chars.peek() == Some(&'s') {
+            unit.push('s');
+            chars.next();
+        }
+        let v: f64 = num.parse().ok()?;
+        num.clear();
+        total += v * match unit.as_str() {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        any = true;
+    }
+    (any && num.is_empty()).then_some(total as u64)
+}
+
+pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let ns = t
+        .namespace()
+        .ok_or_else(|| Error::Invalid("Tenant must be namespaced".into()))?;
+    let api: Api<Tenant> = Api::namespaced(ctx.client.clone(), &ns);
+    let r = finalizer(&api, FINALIZER, t.clone(), |ev| async {
+        match ev {
+            Finalizer::Apply(t) => apply(&t, &ctx).await,
+            Finalizer::Cleanup(t) => cleanup(&t, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(other.to_string()),
+    });
+    ctx.metrics.observe(
+        "tenant",
+        r.as_ref()
+            .map(|_| "ok")
+            .unwrap_or_else(|e| e.metric_label()),
+        started,
+    );
+    if let Err(e) = &r {
+        ctx.event(t.as_ref(), true, "ReconcileFailed", e.to_string())
+            .await;
+        let mut status = t.status.clone().unwrap_or_default();
+        conditions::set(
+            &mut status.conditions,
+            "Ready",
+            false,
+            "ReconcileFailed",
+            e.to_string(),
+            t.metadata.generation,
+        );
+        let _ = patch_status(&ctx, &t, status).await;
+    }
+    r
+}
+
+async fn patch_status(ctx: &Context, t: &Tenant, status: TenantStatus) -> Result<()> {
+    let api: Api<Tenant> = Api::namespaced(ctx.client.clone(), &t.namespace().unwrap_or_default());
+    let body = json!({"apiVersion": "granary.dev/v1alpha1", "kind": "Tenant", "status": status});
+    api.patch_status(
+        &t.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// What the tenant's cluster offers it: admin client and public endpoints.
+struct ClusterAccess {
+    admin: AdminClient,
+    s3: String,
+    kv: String,
+    region: String,
+}
+
+/// Resolves the cluster and checks the namespace policy. `Ok(Err(reason, message))`
+/// is a user-visible refusal (a condition, nothing created).
+async fn access(
+    t: &Tenant,
+    ctx: &Context,
+) -> Result<Result<ClusterAccess, (&'static str, String)>> {
+    let r = &t.spec.cluster_ref;
+    let clusters: Api<StorageCluster> = Api::namespaced(ctx.client.clone(), &r.namespace);
+    let Some(sc) = clusters.get_opt(&r.name).await? else {
+        return Ok(Err((
+            "ClusterNotFound",
+            format!("StorageCluster {}/{} does not exist", r.namespace, r.name),
+        )));
+    };
+    let tns = t.namespace().unwrap_or_default();
+    let allowed = match sc.spec.tenants.as_ref() {
+        None => tns == r.namespace,
+        Some(p) => {
+            let ns = Api::<Namespace>::all(ctx.client.clone()).get(&tns).await?;
+            selector::matches(&p.namespace_selector, &ns.labels().clone())
+        }
+    };
+    if !allowed {
+        return Ok(Err((
+            "NamespaceNotAllowed",
+            format!(
+                "namespace {tns:?} is not selected by StorageCluster {}/{} spec.tenants.namespaceSelector",
+                r.namespace, r.name
+            ),
+        )));
+    }
+    let b = BuildContext::of(&sc, &ctx.operator_namespace);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
+    let token = secrets
+        .get_opt(&b.admin_token_secret())
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|d| d.get("token").cloned())
+        .map(|v| String::from_utf8_lossy(&v.0).to_string());
+    let Some(token) = token else {
+        return Ok(Err((
+            "ClusterNotReady",
+            format!(
+                "the admin token Secret {} does not exist yet",
+                b.admin_token_secret()
+            ),
+        )));
+    };
+    let ann = sc.annotations();
+    let admin_url = ann
+        .get(ANNOTATION_ADMIN)
+        .cloned()
+        .unwrap_or_else(|| format!("http://{}-internal.{}.svc:9200", b.name, b.namespace));
+    Ok(Ok(ClusterAccess {
+        admin: AdminClient::new(ctx.http.clone(), &admin_url, &token),
+        s3: ann
+            .get(ANNOTATION_S3)
+            .cloned()
+            .unwrap_or_else(|| format!("http://{}-s3.{}.svc:9000", b.name, b.namespace)),
+        kv: ann
+            .get(ANNOTATION_KV)
+            .cloned()
+            .unwrap_or_else(|| format!("http://{}-kv.{}.svc:9100", b.name, b.namespace)),
+        region: sc.spec.region.clone(),
+    }))
+}
+
+async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
+    let gen_ = t.metadata.generation;
+    let mut status = t.status.clone().unwrap_or_default();
+    status.observed_generation = gen_;
+    let access = match access(t, ctx).await? {
+        Ok(a) => a,
+        Err((reason, msg)) => {
+            if !status.conditions.iter().any(|c| c.reason == reason) {
+                ctx.event(t, true, reason, msg.clone()).await;
+            }
+            conditions::set(&mut status.conditions, "Ready", false, reason, msg, gen_);
+            conditions::set(
+                &mut status.conditions,
+                "Progressing",
+                false,
+                reason,
+                "",
+                gen_,
+            );
+            patch_status(ctx, t, status).await?;
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    };
+    let name = node_tenant_name(t);
+    access.admin.upsert_tenant(&name, &admin_spec(t)?).await?;
+
+    // Credentials: keep the key in the Secret while it is live; otherwise issue one.
+    let ns = t.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = secrets.get_opt(&t.spec.credentials_secret).await?;
+    let get = |s: &Option<Secret>, k: &str| {
+        s.as_ref()
+            .and_then(|s| s.data.as_ref())
+            .and_then(|d| d.get(k))
+            .map(|v| String::from_utf8_lossy(&v.0).to_string())
+    };
+    let (ak, sk) = match (
+        get(&existing, ACCESS_KEY_ID),
+        get(&existing, "AWS_SECRET_ACCESS_KEY"),
+    ) {
+        (Some(ak), Some(sk)) if access.admin.key_is_live(&name, &ak).await? => (ak, sk),
+        _ => {
+            let (ak, sk) = access
+                .admin
+                .create_key(&name, &format!("Tenant {ns}/{}", t.name_any()))
+                .await?;
+            ctx.event(
+                t,
+                false,
+                "CredentialsIssued",
+                format!(
+                    "issued access key {ak} into Secret {}",
+                    t.spec.credentials_secret
+                ),
+            )
+            .await;
+            (ak, sk)
+        }
+    };
+    let mut data = BTreeMap::new();
+    let mut put = |k: &str, v: &str| {
+        data.insert(k.to_string(), ByteString(v.as_bytes().to_vec()));
+    };
+    if t.spec.endpoints.s3 {
+        put("S3_ENDPOINT", &access.s3);
+    }
+    if t.spec.endpoints.kv {
+        put("KV_ENDPOINT", &access.kv);
+    }
+    put("AWS_REGION", &access.region);
+    put(ACCESS_KEY_ID, &ak);
+    put("AWS_SECRET_ACCESS_KEY", &sk);
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(t.spec.credentials_secret.clone()),
+            namespace: Some(ns.clone()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_string(),
+                MANAGER.to_string(),
+            )])),
+            owner_references: t.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    };
+    secrets
+        .patch(
+            &t.spec.credentials_secret,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+
+    status.endpoints = Some(TenantEndpoints {
+        s3: t.spec.endpoints.s3.then(|| access.s3.clone()),
+        kv: t.spec.endpoints.kv.then(|| access.kv.clone()),
+    });
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        true,
+        "Registered",
+        format!(
+            "registered as {name}; credentials in Secret {}",
+            t.spec.credentials_secret
+        ),
+        gen_,
+    );
+    conditions::set(
+        &mut status.conditions,
+        "Progressing",
+        false,
+        "Registered",
+        "",
+        gen_,
+    );
+    conditions::set(
+        &mut status.conditions,
+        "Degraded",
+        false,
+        "Registered",
+        "",
+        gen_,
+    );
+    conditions::set(
+        &mut status.conditions,
+        "QuotaExceeded",
+        false,
+        "WithinQuota",
+        "",
+        gen_,
+    );
+    patch_status(ctx, t, status).await?;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Deletion: `Delete` removes the tenant and all its data from the cluster; `Retain`
+/// keeps the data and only revokes the key this Tenant was given.
+async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action> {
+    let access = match access(t, ctx).await? {
+        Ok(a) => a,
+        // The cluster is gone or never accepted this tenant: nothing to clean up there.
+        Err(_) => return Ok(Action::await_change()),
+    };
+    let name = node_tenant_name(t);
+    match t.spec.deletion_policy {
+        DeletionPolicy::Delete => {
+            access.admin.delete_tenant(&name, true).await?;
+            ctx.event(
+                t,
+                false,
+                "TenantDeleted",
+                format!("deleted tenant {name} and all its data"),
+            )
+            .await;
+        }
+        DeletionPolicy::Retain => {
+            let secrets: Api<Secret> =
+                Api::namespaced(ctx.client.clone(), &t.namespace().unwrap_or_default());
+            if let Some(ak) = secrets
+                .get_opt(&t.spec.credentials_secret)
+                .await?
+                .and_then(|s| s.data)
+                .and_then(|d| d.get(ACCESS_KEY_ID).cloned())
+            {
+                access
+                    .admin
+                    .revoke_key(&name, &String::from_utf8_lossy(&ak.0))
+                    .await?;
+            }
+            ctx.event(
+                t,
+                false,
+                "TenantRetained",
+                format!("kept tenant {name} and its data (deletionPolicy Retain)"),
+            )
+            .await;
+        }
+    }
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_secs("720h"), Some(720 * 3600));
+        assert_eq!(parse_duration_secs("1h30m"), Some(5400));
+        assert_eq!(parse_duration_secs("90s"), Some(90));
+        assert_eq!(parse_duration_secs("1500ms"), Some(1));
+        assert_eq!(parse_duration_secs("10"), None);
+        assert_eq!(parse_duration_secs("5d"), None);
+    }
+
+    #[test]
+    fn admin_spec_converts_quantities() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/tenants.yaml"
+        ))
+        .unwrap();
+        let first = text.split("---").next().unwrap();
+        let t: Tenant = serde_yaml::from_str(first).unwrap();
+        let v = admin_spec(&t).unwrap();
+        assert_eq!(v["quotas"]["storageBytes"], 2u64 * 1024u64.pow(4));
+        assert_eq!(v["qos"]["bandwidthBytesPerSecond"], 400u64 * 1024 * 1024);
+        assert_eq!(v["tiering"]["coldAfterSeconds"], 720 * 3600);
+        assert_eq!(node_tenant_name(&t), "team-analytics.analytics");
+    }
+}
