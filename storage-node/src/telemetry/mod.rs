@@ -108,6 +108,8 @@ pub struct TelemetryGuard {
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
+            // Export what is still queued before the exporter stops.
+            let _ = p.force_flush();
             let _ = p.shutdown();
         }
     }
@@ -116,8 +118,18 @@ impl Drop for TelemetryGuard {
 /// Installs logging (`RUST_LOG`, default `info`) and, when
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, OTLP trace export.
 pub fn init(service: &'static str) -> TelemetryGuard {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,s3s=warn,sqlx=warn"));
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "info,s3s=warn,sqlx=warn".into());
+    let tracing_on = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|s| !s.is_empty());
+    // Request spans are info level; with traces on, keep them whatever RUST_LOG says.
+    let spec = if tracing_on {
+        format!("{spec},granary_node=info")
+    } else {
+        spec
+    };
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer()
         .with_target(false)
         .with_writer(std::io::stderr);

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod control_plane;
+
 /// The workspace root (two levels above this crate).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -71,6 +73,17 @@ impl NodeProc {
             args.push("127.0.0.1:0".into());
         }
         Self::spawn(data_dir, &args, &[])
+    }
+
+    /// Like [`NodeProc::start`] with extra environment for the node process.
+    pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["dev".into(), "--data-dir".into(), data_dir.into()];
+        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
+            args.push(flag.into());
+            args.push("127.0.0.1:0".into());
+        }
+        Self::spawn(data_dir, &args, env)
     }
 
     /// Starts `granary-node serve --config FILE` (with extra environment) whose
