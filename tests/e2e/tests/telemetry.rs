@@ -9,8 +9,11 @@ use std::time::Duration;
 use aws_sdk_s3::primitives::ByteStream;
 use granary_e2e::{NodeProc, s3_client};
 
+/// Every POST a collector received, as (path, body).
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A minimal OTLP/HTTP collector: records (path, body) of every POST.
-fn collector() -> (String, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+fn collector() -> (String, Received) {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = format!("http://{}", l.local_addr().unwrap());
     let got = Arc::new(Mutex::new(Vec::new()));
