@@ -378,7 +378,7 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
 /// disruption is allowed at all (writes would stop otherwise).
 pub fn pdb(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool) -> PodDisruptionBudget {
     let r = &sc.spec.replication;
-    let max_unavailable = i32::from(r.factor.saturating_sub(r.min_in_sync));
+    let max_unavailable = (r.factor - r.min_in_sync).max(0);
     PodDisruptionBudget {
         metadata: ctx.meta(
             ctx.pool_name(&zone.name, &pool.name),

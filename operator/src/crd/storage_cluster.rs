@@ -51,7 +51,7 @@ pub struct StorageClusterSpec {
     #[serde(default = "default_partitions")]
     #[schemars(range(min = 1, max = 65535))]
     #[x_kube(validation = Rule::new("self == oldSelf").message("partitions is immutable"))]
-    pub partitions: u32,
+    pub partitions: i32,
     /// Failure domains; one StatefulSet per zone and pool.
     #[schemars(length(min = 1, max = 16))]
     #[x_kube(validation = Rule::new("self.all(z, self.exists_one(y, y.name == z.name))").message("zone names must be unique"))]
@@ -74,7 +74,7 @@ pub struct StorageClusterSpec {
     pub image_pull_policy: Option<String>,
 }
 
-fn default_partitions() -> u32 {
+fn default_partitions() -> i32 {
     1024
 }
 
@@ -83,10 +83,10 @@ fn default_partitions() -> u32 {
 pub struct Replication {
     /// Copies of every piece of data.
     #[schemars(range(min = 1, max = 7))]
-    pub factor: u8,
+    pub factor: i32,
     /// Copies that must be durable before a write is acknowledged.
     #[schemars(range(min = 1, max = 7))]
-    pub min_in_sync: u8,
+    pub min_in_sync: i32,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, KubeSchema)]

@@ -113,13 +113,13 @@ pub struct Qos {
 pub struct Placement {
     /// Subset of the cluster's zones (default: all).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 20)))]
     #[x_kube(validation = Rule::new("self.all(z, self.exists_one(y, y == z))").message("placement zones must be unique"))]
     pub zones: Vec<String>,
     /// Override of the cluster's replication factor; may not exceed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 7))]
-    pub replication_factor: Option<u8>,
+    pub replication_factor: Option<i32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, KubeSchema)]

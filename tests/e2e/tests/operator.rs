@@ -1,0 +1,666 @@
+//! The operator against a real kube-apiserver + etcd (+ kube-controller-manager):
+//! chart install, CRD validation, reconcile of a StorageCluster and Tenants into
+//! objects, registration with a real storage node, updates, deletion policies, and the
+//! chart's RBAC as the operator's only permissions.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use aws_sdk_s3::primitives::ByteStream;
+use base64::Engine as _;
+use granary_e2e::control_plane::{ControlPlane, poll_until};
+use granary_e2e::{NodeProc, free_port, s3_client, workspace_root};
+use serde_json::Value;
+
+fn operator_binary() -> PathBuf {
+    let root = workspace_root();
+    let st = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "-q",
+            "-p",
+            "granary-operator",
+            "--bin",
+            "granary-operator",
+        ])
+        .current_dir(&root)
+        .status()
+        .expect("cargo build");
+    assert!(st.success());
+    std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root.join("target"))
+        .join("debug/granary-operator")
+}
+
+/// The operator process; killed on drop.
+struct Operator(Child);
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn json(cp: &ControlPlane, args: &[&str]) -> Result<Value> {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    Ok(serde_json::from_str(&cp.kubectl(&a)?)?)
+}
+
+fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| {
+            (
+                c["status"].as_str().unwrap_or("").to_string(),
+                c["reason"].as_str().unwrap_or("").to_string(),
+                c["message"].as_str().unwrap_or("").to_string(),
+            )
+        })
+}
+
+fn wait_for<T>(what: &str, secs: u64, f: impl FnMut() -> Result<Option<T>>) -> T {
+    poll_until(Duration::from_secs(secs), what, f).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+fn secret_value(cp: &ControlPlane, ns: &str, name: &str, key: &str) -> Result<Option<String>> {
+    let Ok(v) = json(cp, &["get", "secret", name, "-n", ns]) else {
+        return Ok(None);
+    };
+    let Some(b64) = v["data"][key].as_str() else {
+        return Ok(None);
+    };
+    Ok(Some(String::from_utf8(
+        base64::engine::general_purpose::STANDARD.decode(b64)?,
+    )?))
+}
+
+/// `kubectl apply` must fail with a message containing `expect`.
+fn assert_rejected(cp: &ControlPlane, yaml: &str, expect: &str) {
+    let err = cp
+        .kubectl_stdin(&["apply", "-f", "-"], yaml)
+        .expect_err(&format!(
+            "accepted invalid resource; wanted {expect:?}:\n{yaml}"
+        ));
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(expect),
+        "rejection message {msg:?} lacks {expect:?}"
+    );
+}
+
+fn cluster_yaml(name: &str, ns: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: granary.dev/v1alpha1\nkind: StorageCluster\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
+    )
+}
+
+const ZONES3: &str = "  zones:\n    - {name: a, pools: [{name: p, replicas: 1, storage: {size: 1Gi}}]}\n    - {name: b, pools: [{name: p, replicas: 1, storage: {size: 1Gi}}]}\n    - {name: c, pools: [{name: p, replicas: 1, storage: {size: 1Gi}}]}\n";
+const CATALOG: &str = "  catalog: {postgresSecretRef: {name: granary-catalog, key: url}}\n";
+
+fn tenant_yaml(name: &str, ns: &str, spec_extra: &str) -> String {
+    format!(
+        "apiVersion: granary.dev/v1alpha1\nkind: Tenant\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  clusterRef: {{name: main, namespace: granary-system}}\n  credentialsSecret: {name}-creds\n{spec_extra}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
+    let mut cp = ControlPlane::start().expect("control plane");
+    cp.start_controller_manager().expect("controller manager");
+    let helm = cp.bin_dir.join("helm");
+    let chart = workspace_root().join("helm/granary");
+
+    // helm install; the CRDs become Established.
+    let out = Command::new(&helm)
+        .args(["install", "granary"])
+        .arg(&chart)
+        .args(["-n", "granary-system", "--create-namespace", "--kubeconfig"])
+        .arg(&cp.kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cp.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/storageclusters.granary.dev",
+        "crd/tenants.granary.dev",
+        "--timeout=60s",
+    ])
+    .unwrap();
+
+    // The apiserver rejects invalid resources with clear messages.
+    let ns = "granary-system";
+    assert_rejected(
+        &cp,
+        &cluster_yaml(
+            "bad1",
+            ns,
+            &format!(
+                "  region: r\n  replication: {{factor: 3, minInSync: 2}}\n  zones:\n    - {{name: a, pools: [{{name: p, replicas: 1, storage: {{size: 1Gi}}}}]}}\n{CATALOG}"
+            ),
+        ),
+        "replication.factor must not exceed the number of zones",
+    );
+    assert_rejected(
+        &cp,
+        &cluster_yaml(
+            "bad2",
+            ns,
+            &format!("  region: r\n  replication: {{factor: 2, minInSync: 3}}\n{ZONES3}{CATALOG}"),
+        ),
+        "minInSync must not exceed replication.factor",
+    );
+    assert_rejected(
+        &cp,
+        &cluster_yaml(
+            "bad3",
+            ns,
+            &format!(
+                "  region: r\n  replication: {{factor: 1, minInSync: 1}}\n  zones:\n    - {{name: a, pools: [{{name: p, replicas: 1, storage: {{size: 1Gi}}}}]}}\n    - {{name: a, pools: [{{name: q, replicas: 1, storage: {{size: 1Gi}}}}]}}\n{CATALOG}"
+            ),
+        ),
+        "zone names must be unique",
+    );
+    assert_rejected(
+        &cp,
+        &cluster_yaml(
+            "bad4",
+            ns,
+            &format!(
+                "  region: r\n  replication: {{factor: 1, minInSync: 1}}\n  partitions: 0\n{ZONES3}{CATALOG}"
+            ),
+        ),
+        "partitions",
+    );
+    assert_rejected(
+        &cp,
+        &cluster_yaml(
+            "bad5",
+            ns,
+            &format!("  region: r\n  replication: {{factor: 9, minInSync: 1}}\n{ZONES3}{CATALOG}"),
+        ),
+        "factor",
+    );
+    cp.kubectl(&["create", "namespace", "team-analytics"])
+        .unwrap();
+    cp.kubectl(&["create", "namespace", "team-web"]).unwrap();
+    cp.kubectl(&["create", "namespace", "team-denied"]).unwrap();
+    for n in ["team-analytics", "team-web"] {
+        cp.kubectl(&["label", "namespace", n, "granary.dev/storage=allowed"])
+            .unwrap();
+    }
+    assert_rejected(
+        &cp,
+        &tenant_yaml("t1", "team-web", "  quotas: {objects: -1}\n"),
+        "quotas.objects",
+    );
+    assert_rejected(
+        &cp,
+        &tenant_yaml("t2", "team-web", "  quotas: {storage: \"-5Gi\"}\n"),
+        "quotas.storage must not be negative",
+    );
+    assert_rejected(
+        &cp,
+        &tenant_yaml("t3", "team-web", "  qos: {weight: 0}\n"),
+        "qos.weight",
+    );
+    assert_rejected(
+        &cp,
+        &tenant_yaml("t4", "team-web", "  placement: {zones: [a, a]}\n"),
+        "placement zones must be unique",
+    );
+    assert_rejected(
+        &cp,
+        &tenant_yaml("t5", "team-web", "  deletionPolicy: Destroy\n"),
+        "deletionPolicy",
+    );
+    assert_rejected(
+        &cp,
+        &tenant_yaml("t6", "team-web", "  tiering: {coldAfter: \"30 days\"}\n"),
+        "coldAfter",
+    );
+
+    // The operator runs with exactly the chart's ServiceAccount.
+    let sa = json(
+        &cp,
+        &[
+            "get",
+            "serviceaccounts",
+            "-n",
+            ns,
+            "-l",
+            "app.kubernetes.io/instance=granary",
+        ],
+    )
+    .unwrap()["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("chart ServiceAccount")
+        .to_string();
+    let token = cp.token_for_service_account(ns, &sa).unwrap();
+    let kubeconfig = cp.kubeconfig_for_token(&token);
+    let dir = tempfile::tempdir().unwrap();
+    let op_log = dir.path().join("operator.log");
+    let _op = Operator(
+        Command::new(operator_binary())
+            .args([
+                "run",
+                "--lease-namespace",
+                ns,
+                "--lease-name",
+                "granary-operator",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAMESPACE", ns)
+            .env("RUST_LOG", "info,kube=warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&op_log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // A storage node process stands in for the pods (no kubelet here). Its ports are
+    // fixed before the cluster exists so the cluster can point at them.
+    let (s3p, kvp, adp) = (free_port(), free_port(), free_port());
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "granary-catalog",
+        "-n",
+        ns,
+        "--from-literal=url=sqlite::memory:",
+    ])
+    .unwrap();
+    let mut sc: Value = serde_yaml_to_json(
+        &std::fs::read_to_string(workspace_root().join("examples/storagecluster.yaml")).unwrap(),
+    );
+    sc["metadata"]["annotations"] = serde_json::json!({
+        "granary.dev/admin-endpoint": format!("http://127.0.0.1:{adp}"),
+        "granary.dev/s3-endpoint": format!("http://127.0.0.1:{s3p}"),
+        "granary.dev/kv-endpoint": format!("http://127.0.0.1:{kvp}"),
+    });
+    cp.kubectl_stdin(&["apply", "-f", "-"], &sc.to_string())
+        .unwrap();
+
+    let token = wait_for("admin token Secret", 60, || {
+        secret_value(&cp, ns, "main-admin-token", "token")
+    });
+    let master = wait_for("master key Secret", 60, || {
+        secret_value(&cp, ns, "main-master-key", "masterKey")
+    });
+    let node_dir = dir.path().join("node");
+    let config = dir.path().join("node.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "region = \"eu-west-1\"\ndata_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\n",
+            node_dir.display()
+        ),
+    )
+    .unwrap();
+    let _node = NodeProc::serve(
+        &node_dir,
+        &config,
+        &[
+            ("GRANARY_ADMIN_TOKEN", &token),
+            ("GRANARY_MASTER_KEY", &master),
+        ],
+        &token,
+    )
+    .unwrap();
+
+    // Objects, field by field.
+    let stss = wait_for("4 StatefulSets", 60, || {
+        let v = json(
+            &cp,
+            &[
+                "get",
+                "statefulsets",
+                "-n",
+                ns,
+                "-l",
+                "app.kubernetes.io/instance=main",
+            ],
+        )?;
+        Ok((v["items"].as_array().map_or(0, Vec::len) == 4).then_some(v))
+    });
+    let names: Vec<_> = stss["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["metadata"]["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        ["main-a-fast", "main-b-fast", "main-c-bulk", "main-c-fast"]
+    );
+    let a = &stss["items"][0];
+    assert_eq!(a["spec"]["replicas"], 2);
+    assert_eq!(
+        a["spec"]["template"]["spec"]["nodeSelector"]["topology.kubernetes.io/zone"],
+        "eu-west-1a"
+    );
+    assert_eq!(
+        a["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"],
+        "500Gi"
+    );
+    assert_eq!(
+        a["metadata"]["ownerReferences"][0]["kind"],
+        "StorageCluster"
+    );
+    let pdb = json(&cp, &["get", "pdb", "main-a-fast", "-n", ns]).unwrap();
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    for svc in ["main-s3", "main-kv", "main-internal", "main-a-fast"] {
+        json(&cp, &["get", "service", svc, "-n", ns])
+            .unwrap_or_else(|e| panic!("service {svc}: {e}"));
+    }
+    let np = json(&cp, &["get", "networkpolicy", "main-node", "-n", ns]).unwrap();
+    assert_eq!(np["spec"]["ingress"].as_array().unwrap().len(), 3);
+    // The controller manager creates Pods from the StatefulSets (they stay Pending).
+    wait_for("pod main-a-fast-0", 60, || {
+        Ok(json(&cp, &["get", "pod", "main-a-fast-0", "-n", ns]).ok())
+    });
+    let cluster = wait_for("cluster status", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Ready").map(|_| v))
+    });
+    assert_eq!(
+        condition(&cluster, "Ready").unwrap().0,
+        "False",
+        "no pod can become ready without kubelets"
+    );
+    assert_eq!(condition(&cluster, "Progressing").unwrap().0, "True");
+    assert_eq!(
+        cluster["status"]["observedGeneration"],
+        cluster["metadata"]["generation"]
+    );
+
+    // Tenants: two allowed namespaces and one that is not.
+    cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &std::fs::read_to_string(workspace_root().join("examples/tenants.yaml")).unwrap(),
+    )
+    .unwrap();
+    cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &tenant_yaml("intruder", "team-denied", ""),
+    )
+    .unwrap();
+    let ak = wait_for("analytics credentials", 90, || {
+        secret_value(
+            &cp,
+            "team-analytics",
+            "analytics-granary",
+            "AWS_ACCESS_KEY_ID",
+        )
+    });
+    let sk = secret_value(
+        &cp,
+        "team-analytics",
+        "analytics-granary",
+        "AWS_SECRET_ACCESS_KEY",
+    )
+    .unwrap()
+    .unwrap();
+    let s3 = secret_value(&cp, "team-analytics", "analytics-granary", "S3_ENDPOINT")
+        .unwrap()
+        .unwrap();
+    assert_eq!(s3, format!("http://127.0.0.1:{s3p}"));
+    assert_eq!(
+        secret_value(&cp, "team-analytics", "analytics-granary", "AWS_REGION")
+            .unwrap()
+            .as_deref(),
+        Some("eu-west-1")
+    );
+    assert!(
+        secret_value(&cp, "team-analytics", "analytics-granary", "KV_ENDPOINT")
+            .unwrap()
+            .is_some()
+    );
+    let denied = wait_for("intruder condition", 60, || {
+        let v = json(&cp, &["get", "tenant", "intruder", "-n", "team-denied"])?;
+        Ok(condition(&v, "Ready"))
+    });
+    assert_eq!(
+        (denied.0.as_str(), denied.1.as_str()),
+        ("False", "NamespaceNotAllowed"),
+        "{denied:?}"
+    );
+    assert!(
+        secret_value(&cp, "team-denied", "intruder-creds", "AWS_ACCESS_KEY_ID")
+            .unwrap()
+            .is_none()
+    );
+
+    // The generated credentials work against the node with a real S3 client.
+    let c = s3_client(&s3, &ak, &sk);
+    c.create_bucket().bucket("reports").send().await.unwrap();
+    c.put_object()
+        .bucket("reports")
+        .key("k")
+        .body(ByteStream::from_static(b"from kubernetes"))
+        .send()
+        .await
+        .unwrap();
+    let got = c
+        .get_object()
+        .bucket("reports")
+        .key("k")
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(got.as_ref(), b"from kubernetes");
+
+    // Updates propagate: a quota, and a pool scaled out; scale-in is refused visibly.
+    let admin = reqwest::Client::new();
+    let node_tenant = |name: &'static str| {
+        let admin = admin.clone();
+        let token = token.clone();
+        async move {
+            let r = admin
+                .get(format!("http://127.0.0.1:{adp}/admin/v1/tenants/{name}"))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let (s, t) = node_tenant("team-analytics.analytics").await;
+    assert_eq!(s, 200);
+    assert_eq!(t["spec"]["quotas"]["storageBytes"], 2u64 * 1024u64.pow(4));
+    cp.kubectl(&[
+        "patch",
+        "tenant",
+        "analytics",
+        "-n",
+        "team-analytics",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"quotas":{"objects":7}}}"#,
+    ])
+    .unwrap();
+    let mut updated = false;
+    for _ in 0..150 {
+        let (_, t) = node_tenant("team-analytics.analytics").await;
+        if t["spec"]["quotas"]["objects"] == 7 {
+            updated = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(updated, "quota change did not reach the node");
+    cp.kubectl(&[
+        "patch",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/zones/0/pools/0/replicas","value":3}]"#,
+    ])
+    .unwrap();
+    wait_for("scale out to 3", 60, || {
+        Ok(
+            (json(&cp, &["get", "sts", "main-a-fast", "-n", ns])?["spec"]["replicas"] == 3)
+                .then_some(()),
+        )
+    });
+    cp.kubectl(&[
+        "patch",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/zones/0/pools/0/replicas","value":1}]"#,
+    ])
+    .unwrap();
+    let degraded = wait_for("scale-in refused", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Degraded").filter(|c| c.1 == "ScaleInRefused"))
+    });
+    assert!(degraded.2.contains("main-a-fast: 3 -> 1"), "{degraded:?}");
+    assert_eq!(
+        json(&cp, &["get", "sts", "main-a-fast", "-n", ns]).unwrap()["spec"]["replicas"],
+        3,
+        "never shrunk"
+    );
+
+    // Deletion: Delete removes the tenant and its data; Retain keeps them.
+    let (s, _) = node_tenant("team-web.web").await;
+    assert_eq!(s, 200);
+    cp.kubectl(&[
+        "delete",
+        "tenant",
+        "web",
+        "-n",
+        "team-web",
+        "--wait=true",
+        "--timeout=60s",
+    ])
+    .unwrap();
+    assert_eq!(
+        node_tenant("team-web.web").await.0,
+        404,
+        "deletionPolicy Delete removes the tenant"
+    );
+    cp.kubectl(&[
+        "delete",
+        "tenant",
+        "analytics",
+        "-n",
+        "team-analytics",
+        "--wait=true",
+        "--timeout=60s",
+    ])
+    .unwrap();
+    assert_eq!(
+        node_tenant("team-analytics.analytics").await.0,
+        200,
+        "deletionPolicy Retain keeps the tenant"
+    );
+    assert!(
+        c.list_buckets().send().await.is_err(),
+        "the Retained tenant's Kubernetes key is revoked"
+    );
+
+    // RBAC: without the PodDisruptionBudget rule the cluster reconcile fails visibly.
+    let role = json(
+        &cp,
+        &[
+            "get",
+            "clusterroles",
+            "-l",
+            "app.kubernetes.io/instance=granary",
+        ],
+    )
+    .unwrap()["items"][0]["metadata"]["name"]
+        .as_str()
+        .expect("the chart's ClusterRole")
+        .to_string();
+    let cr = json(&cp, &["get", "clusterrole", &role]).unwrap();
+    let rules: Vec<Value> = cr["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| {
+            !r["resources"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|x| x == "poddisruptionbudgets")
+        })
+        .cloned()
+        .collect();
+    assert!(
+        rules.len() < cr["rules"].as_array().unwrap().len(),
+        "the chart has a PodDisruptionBudget rule"
+    );
+    let patch =
+        serde_json::json!([{"op": "replace", "path": "/rules", "value": rules}]).to_string();
+    cp.kubectl(&["patch", "clusterrole", &role, "--type=json", "-p", &patch])
+        .unwrap();
+    cp.kubectl(&[
+        "annotate",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        "test/poke=1",
+        "--overwrite",
+    ])
+    .unwrap();
+    let failed = wait_for("forbidden reconcile reported", 90, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Ready").filter(|c| c.1 == "ReconcileFailed"))
+    });
+    assert!(
+        failed.2.contains("forbidden") || failed.2.contains("Forbidden"),
+        "{failed:?}"
+    );
+    let events = json(
+        &cp,
+        &[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            "reason=ReconcileFailed",
+        ],
+    )
+    .unwrap();
+    assert!(
+        !events["items"].as_array().unwrap().is_empty(),
+        "a Warning event is published"
+    );
+    let _ = std::fs::read_to_string(&op_log).context("operator log");
+}
+
+fn serde_yaml_to_json(yaml: &str) -> Value {
+    serde_yaml::from_str(yaml).expect("example YAML parses")
+}
