@@ -24,6 +24,7 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   apt_install postgresql
 fi
 command -v curl >/dev/null || apt_install curl
+command -v openssl >/dev/null || apt_install openssl
 command -v runuser >/dev/null || apt_install util-linux
 if ! python3 -c 'import boto3' 2>/dev/null; then
   echo "installing boto3"
@@ -33,6 +34,11 @@ if ! command -v aws >/dev/null || ! aws --version >/dev/null 2>&1; then
   echo "installing the AWS CLI"
   python3 -m pip install -q awscli
 fi
+
+step "Kubernetes test tools (kube-apiserver, kube-controller-manager, kubectl, etcd, helm; built once into the cache)"
+K8S_BIN=$(tests/e2e/tools/k8s-tools.sh)
+export GRANARY_K8S_BIN_DIR="$K8S_BIN"
+echo "using $K8S_BIN"
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

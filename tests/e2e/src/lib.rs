@@ -51,6 +51,32 @@ pub fn node_binary() -> PathBuf {
     .clone()
 }
 
+/// Path to a freshly built `granary-operator` (built once per process).
+pub fn operator_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = workspace_root();
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "granary-operator",
+                "--bin",
+                "granary-operator",
+            ])
+            .current_dir(&root)
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building granary-operator failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target"));
+        target.join("debug").join("granary-operator")
+    })
+    .clone()
+}
+
 /// A running `granary-node dev` process on loopback ports chosen by the OS.
 pub struct NodeProc {
     child: Option<Child>,

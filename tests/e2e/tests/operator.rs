@@ -3,7 +3,6 @@
 //! objects, registration with a real storage node, updates, deletion policies, and the
 //! chart's RBAC as the operator's only permissions.
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -11,29 +10,8 @@ use anyhow::{Context, Result};
 use aws_sdk_s3::primitives::ByteStream;
 use base64::Engine as _;
 use granary_e2e::control_plane::{ControlPlane, poll_until};
-use granary_e2e::{NodeProc, free_port, s3_client, workspace_root};
+use granary_e2e::{NodeProc, free_port, operator_binary, s3_client, workspace_root};
 use serde_json::Value;
-
-fn operator_binary() -> PathBuf {
-    let root = workspace_root();
-    let st = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "granary-operator",
-            "--bin",
-            "granary-operator",
-        ])
-        .current_dir(&root)
-        .status()
-        .expect("cargo build");
-    assert!(st.success());
-    std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target"))
-        .join("debug/granary-operator")
-}
 
 /// The operator process; killed on drop.
 struct Operator(Child);
