@@ -124,6 +124,22 @@ impl AdminClient {
         Ok((ak, sk))
     }
 
+    /// `{buckets, objects, storageBytes, kvKeys}` of the tenant.
+    pub async fn usage(&self, tenant: &str) -> Result<Value> {
+        let (s, v) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/tenants/{tenant}/usage"),
+                None,
+            )
+            .await?;
+        if s == 200 {
+            Ok(v)
+        } else {
+            Err(Self::fail("reading usage", s, &v))
+        }
+    }
+
     pub async fn revoke_key(&self, tenant: &str, access_key_id: &str) -> Result<()> {
         let (s, v) = self
             .call(

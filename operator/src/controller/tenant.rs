@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::{Context, MANAGER};
 use crate::admin_client::AdminClient;
 use crate::build::cluster::Context as BuildContext;
-use crate::crd::{DeletionPolicy, StorageCluster, Tenant, TenantEndpoints, TenantStatus};
+use crate::crd::{DeletionPolicy, StorageCluster, Tenant, TenantEndpoints, TenantStatus, Usage};
 use crate::error::{Error, Result};
 use crate::{conditions, quantity, selector};
 
@@ -337,6 +337,14 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
         )
         .await?;
 
+    let u = access.admin.usage(&name).await?;
+    let n = |k: &str| u[k].as_i64();
+    status.usage = Some(Usage {
+        storage: u["storageBytes"].as_u64().map(|b| b.to_string()),
+        objects: n("objects"),
+        buckets: n("buckets"),
+        kv_keys: n("kvKeys"),
+    });
     status.endpoints = Some(TenantEndpoints {
         s3: t.spec.endpoints.s3.then(|| access.s3.clone()),
         kv: t.spec.endpoints.kv.then(|| access.kv.clone()),
@@ -377,7 +385,8 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
         gen_,
     );
     patch_status(ctx, t, status).await?;
-    Ok(Action::requeue(Duration::from_secs(300)))
+    // Usage is polled; a minute is fresh enough for a status field.
+    Ok(Action::requeue(Duration::from_secs(60)))
 }
 
 /// Deletion: `Delete` removes the tenant and all its data from the cluster; `Retain`

@@ -39,6 +39,7 @@ pub fn router(state: AdminState) -> Router {
             "/admin/v1/tenants/{name}",
             get(get_tenant).put(update_tenant).delete(delete_tenant),
         )
+        .route("/admin/v1/tenants/{name}/usage", get(usage))
         .route(
             "/admin/v1/tenants/{name}/keys",
             get(list_keys).post(create_key),
@@ -263,4 +264,12 @@ async fn revoke_key(
     s.auth.invalidate(&key).await;
     tracing::info!(tenant = %name, access_key_id = %key, "access key revoked");
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn usage(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::model::bucket::Usage>, ApiError> {
+    let t = tenant(&s, &name).await?;
+    Ok(Json(s.store.tenant_usage(t.id).await?))
 }

@@ -101,3 +101,58 @@ impl Store {
         Ok(())
     }
 }
+
+/// What a tenant stores, for the admin API's usage report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub buckets: u64,
+    pub objects: u64,
+    pub storage_bytes: u64,
+    pub kv_keys: u64,
+}
+
+impl Store {
+    /// Counts a tenant's buckets, objects, bytes and KV keys by scanning its ranges.
+    /// Exact but proportional to the tenant's size; quota enforcement will keep running
+    /// counters instead (see docs/design.md).
+    pub async fn tenant_usage(&self, tenant: TenantId) -> Result<Usage> {
+        let buckets = self.list_buckets(tenant).await?;
+        let prefixes: Vec<Vec<u8>> = buckets
+            .iter()
+            .map(|b| keys::bucket_prefix(self.partition(tenant, &b.name), b.id))
+            .collect();
+        let n = buckets.len() as u64;
+        let usage = self
+            .engine()
+            .read(move |txn| {
+                use redb::ReadableTable;
+                let mut u = Usage {
+                    buckets: n,
+                    ..Default::default()
+                };
+                let t = txn.open_table(OBJECTS)?;
+                for p in &prefixes {
+                    let end = keys::prefix_end(p).unwrap_or_default();
+                    for e in t.range(p.as_slice()..end.as_slice())? {
+                        let (_, v) = e?;
+                        u.objects += 1;
+                        u.storage_bytes += super::object::decode_record(v.value())
+                            .map(|r| r.size)
+                            .unwrap_or(0);
+                    }
+                }
+                let kv = txn.open_table(crate::engine::KV)?;
+                for e in kv.iter()? {
+                    let (k, _) = e?;
+                    let k = k.value();
+                    if k.len() >= 18 && &k[2..18] == tenant.as_bytes() {
+                        u.kv_keys += 1;
+                    }
+                }
+                Ok(u)
+            })
+            .await?;
+        Ok(usage)
+    }
+}

@@ -467,6 +467,33 @@ async fn tenants_are_isolated_and_revoked_keys_are_refused_at_once() {
     let (_, v) = json(kb.send("GET", "/kv/v1/shared", &[], vec![]).await.unwrap()).await;
     assert_eq!(v["entries"].as_array().unwrap().len(), 0);
 
+    // Usage per tenant.
+    let (s, u) = admin
+        .call(Method::GET, "/tenants/team-b/usage", None)
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    assert_eq!(
+        (
+            u["buckets"].as_u64(),
+            u["objects"].as_u64(),
+            u["storageBytes"].as_u64()
+        ),
+        (Some(1), Some(1), Some(6))
+    );
+    let (_, u) = admin
+        .call(Method::GET, "/tenants/team-a/usage", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            u["buckets"].as_u64(),
+            u["objects"].as_u64(),
+            u["kvKeys"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1))
+    );
+
     // Admin API: auth, listing, update, errors.
     let (s, _) = Admin {
         token: "wrong-token-wrong-token".into(),

@@ -366,6 +366,24 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         cluster["metadata"]["generation"]
     );
 
+    // partitions is immutable once set.
+    let err = cp
+        .kubectl(&[
+            "patch",
+            "storagecluster",
+            "main",
+            "-n",
+            ns,
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"partitions":2048}}"#,
+        ])
+        .expect_err("changing partitions must be refused");
+    assert!(
+        format!("{err:#}").contains("partitions is immutable"),
+        "{err:#}"
+    );
+
     // Tenants: two allowed namespaces and one that is not.
     cp.kubectl_stdin(
         &["apply", "-f", "-"],
@@ -489,6 +507,13 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(updated, "quota change did not reach the node");
+    // The reconcile that followed reports usage from the node.
+    let usage = wait_for("usage in Tenant status", 60, || {
+        let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
+        Ok((v["status"]["usage"]["objects"] == 1).then(|| v["status"]["usage"].clone()))
+    });
+    assert_eq!(usage["buckets"], 1);
+    assert_eq!(usage["storage"], "15");
     cp.kubectl(&[
         "patch",
         "storagecluster",
