@@ -51,7 +51,8 @@ pub fn node_binary() -> PathBuf {
     .clone()
 }
 
-/// Path to a freshly built `granary-operator` (built once per process).
+/// Path to a freshly built `granary-operator` (built once per process), or
+/// `$GRANARY_OPERATOR_BIN`.
 pub fn operator_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {

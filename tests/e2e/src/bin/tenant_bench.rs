@@ -88,7 +88,7 @@ fn main() -> Result<()> {
             "127.0.0.1:0",
         ])
         .env("KUBECONFIG", &cp.kubeconfig)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("operator.log"))?)
         .spawn()?;
@@ -140,14 +140,27 @@ fn main() -> Result<()> {
     cp.kubectl_stdin(&["apply", "-f", "-"], &yaml)?;
     let applied = started.elapsed();
     let deadline = started + Duration::from_secs(600);
+    let mut last_report = Instant::now();
     let ready = loop {
         let out = cp.kubectl(&["get", "tenants", "-n", "bench", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"])?;
         let ready = out.lines().filter(|l| *l == "True").count();
         if ready == n {
             break started.elapsed();
         }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!("{:>6.1} s: {ready}/{n} Ready", started.elapsed().as_secs_f64());
+            if ready == 0 && started.elapsed() > Duration::from_secs(20) {
+                let t = cp.kubectl(&["get", "tenant", "t0000", "-n", "bench", "-o", "jsonpath={.status}"]).unwrap_or_default();
+                let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                eprintln!("t0000 status: {t}\noperator log tail:\n{}", tail.join("\n"));
+            }
+            last_report = Instant::now();
+        }
         if Instant::now() > deadline {
-            bail!("only {ready}/{n} Tenants Ready after 600 s");
+            let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!("only {ready}/{n} Tenants Ready after 600 s; operator log tail:\n{}", tail.join("\n"));
         }
         std::thread::sleep(Duration::from_millis(250));
     };
