@@ -88,7 +88,10 @@ fn main() -> Result<()> {
             "127.0.0.1:0",
         ])
         .env("KUBECONFIG", &cp.kubeconfig)
-        .env("RUST_LOG", std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("operator.log"))?)
         .spawn()?;
@@ -148,10 +151,24 @@ fn main() -> Result<()> {
             break started.elapsed();
         }
         if last_report.elapsed() > Duration::from_secs(5) {
-            eprintln!("{:>6.1} s: {ready}/{n} Ready", started.elapsed().as_secs_f64());
+            eprintln!(
+                "{:>6.1} s: {ready}/{n} Ready",
+                started.elapsed().as_secs_f64()
+            );
             if ready == 0 && started.elapsed() > Duration::from_secs(20) {
-                let t = cp.kubectl(&["get", "tenant", "t0000", "-n", "bench", "-o", "jsonpath={.status}"]).unwrap_or_default();
-                let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
+                let t = cp
+                    .kubectl(&[
+                        "get",
+                        "tenant",
+                        "t0000",
+                        "-n",
+                        "bench",
+                        "-o",
+                        "jsonpath={.status}",
+                    ])
+                    .unwrap_or_default();
+                let log =
+                    std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 eprintln!("t0000 status: {t}\noperator log tail:\n{}", tail.join("\n"));
             }
@@ -160,7 +177,10 @@ fn main() -> Result<()> {
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(dir.path().join("operator.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            bail!("only {ready}/{n} Tenants Ready after 600 s; operator log tail:\n{}", tail.join("\n"));
+            bail!(
+                "only {ready}/{n} Tenants Ready after 600 s; operator log tail:\n{}",
+                tail.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(250));
     };
