@@ -71,12 +71,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube=warn".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    // Reconcile spans come from kube-runtime's controller; keep them for traces.
+    let _telemetry = granary_telemetry::init(
+        "granary-operator",
+        "info,kube=warn",
+        &["granary_operator", "kube_runtime"],
+    );
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));

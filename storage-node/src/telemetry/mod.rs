@@ -14,9 +14,6 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
-use tracing_subscriber::util::SubscriberInitExt;
 
 /// Filled in by a handler with its operation name, read back by the HTTP layer.
 #[derive(Clone, Default)]
@@ -100,78 +97,10 @@ impl Metrics {
     }
 }
 
-/// Keeps the OTLP pipeline alive; flushes spans when dropped.
-pub struct TelemetryGuard {
-    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
-}
+pub use granary_telemetry::TelemetryGuard;
 
-impl Drop for TelemetryGuard {
-    fn drop(&mut self) {
-        if let Some(p) = self.provider.take() {
-            // Export what is still queued before the exporter stops.
-            let _ = p.force_flush();
-            let _ = p.shutdown();
-        }
-    }
-}
-
-/// Installs logging (`RUST_LOG`, default `info`) and, when
-/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set, OTLP trace export.
+/// Logs to stderr (`RUST_LOG`) and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, traces
+/// over OTLP; the request spans of this crate are always kept for traces.
 pub fn init(service: &'static str) -> TelemetryGuard {
-    let spec = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "info,s3s=warn,sqlx=warn".into());
-    let tracing_on = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|s| !s.is_empty());
-    // Request spans are info level; with traces on, keep them whatever RUST_LOG says.
-    let spec = if tracing_on {
-        format!("{spec},granary_node=info")
-    } else {
-        spec
-    };
-    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_target(false)
-        .with_writer(std::io::stderr);
-    let provider = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .ok()
-        .filter(|s| !s.is_empty())
-        .and_then(|_| {
-            use opentelemetry::trace::TracerProvider as _;
-            let exporter = opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .build()
-                .ok()?;
-            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
-                .with_batch_exporter(exporter)
-                .with_resource(
-                    opentelemetry_sdk::Resource::builder()
-                        .with_service_name(service)
-                        .build(),
-                )
-                .build();
-            let tracer = provider.tracer(service);
-            Some((provider, tracer))
-        });
-    match provider {
-        Some((provider, tracer)) => {
-            let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-            let _ = tracing_subscriber::registry()
-                .with(filter)
-                .with(fmt)
-                .with(otel)
-                .try_init();
-            opentelemetry::global::set_tracer_provider(provider.clone());
-            TelemetryGuard {
-                provider: Some(provider),
-            }
-        }
-        None => {
-            let _ = tracing_subscriber::registry()
-                .with(filter)
-                .with(fmt)
-                .try_init();
-            TelemetryGuard { provider: None }
-        }
-    }
+    granary_telemetry::init(service, "info,s3s=warn,sqlx=warn", &["granary_node"])
 }

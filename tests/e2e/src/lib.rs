@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod control_plane;
+pub mod otlp;
 
 /// The workspace root (two levels above this crate).
 pub fn workspace_root() -> PathBuf {

@@ -1,10 +1,11 @@
 //! Two operator replicas: exactly one holds the Lease and reconciles; when it is killed
-//! the other takes over and reconciles.
+//! the other takes over and reconciles. Reconciles are traced over OTLP.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use granary_e2e::control_plane::{ControlPlane, poll_until};
+use granary_e2e::otlp::{collector, traces_contain};
 use granary_e2e::{operator_binary, workspace_root};
 
 struct Operator(Child);
@@ -16,9 +17,11 @@ impl Drop for Operator {
     }
 }
 
-fn start(cp: &ControlPlane, name: &str) -> Operator {
+fn start(cp: &ControlPlane, name: &str, otlp: &str) -> Operator {
     Operator(
         Command::new(operator_binary())
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
+            .env("OTEL_BSP_SCHEDULE_DELAY", "200")
             .args([
                 "run",
                 "--lease-namespace",
@@ -81,8 +84,9 @@ fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
     .unwrap();
     cp.kubectl(&["create", "namespace", "granary-system"])
         .unwrap();
-    let mut a = Some(start(&cp, "op-a"));
-    let mut b = Some(start(&cp, "op-b"));
+    let (otlp, spans) = collector();
+    let mut a = Some(start(&cp, "op-a", &otlp));
+    let mut b = Some(start(&cp, "op-b", &otlp));
     let first = poll_until(Duration::from_secs(60), "a lease holder", || {
         Ok(holder(&cp))
     })
@@ -137,6 +141,11 @@ fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
                 .ok())
         },
     )
+    .unwrap();
+    // Reconciles are traced over OTLP.
+    poll_until(Duration::from_secs(30), "operator spans over OTLP", || {
+        Ok(traces_contain(&spans, &[b"granary-operator", b"reconciling object"]).then_some(()))
+    })
     .unwrap();
     drop((a, b));
 }

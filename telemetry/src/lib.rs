@@ -1,0 +1,86 @@
+//! Logging and traces for every Granary binary.
+//!
+//! - Logs: human-readable to stderr, filtered by `RUST_LOG` (else `default_filter`).
+//! - Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span is exported over
+//!   OTLP/HTTP (protobuf) with `service.name = service`; the standard `OTEL_*` variables
+//!   (e.g. `OTEL_BSP_SCHEDULE_DELAY`) apply. The `trace_targets` are kept at info level
+//!   whatever `RUST_LOG` says, so traces stay complete when logs are quiet.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Keeps the OTLP pipeline alive; exports what is queued and stops it when dropped.
+pub struct TelemetryGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.force_flush();
+            let _ = p.shutdown();
+        }
+    }
+}
+
+pub fn init(service: &'static str, default_filter: &str, trace_targets: &[&str]) -> TelemetryGuard {
+    let spec = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| default_filter.into());
+    let tracing_on = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|s| !s.is_empty());
+    // A per-layer filter would be the cleaner way to keep spans; with
+    // tracing-subscriber 0.3 it dropped every span, so the directives go in the one filter.
+    let spec = if tracing_on {
+        trace_targets
+            .iter()
+            .fold(spec, |s, t| format!("{s},{t}=info"))
+    } else {
+        spec
+    };
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_target(false)
+        .with_writer(std::io::stderr);
+    let provider = tracing_on
+        .then(|| {
+            use opentelemetry::trace::TracerProvider as _;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build()
+                .ok()?;
+            let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(
+                    opentelemetry_sdk::Resource::builder()
+                        .with_service_name(service)
+                        .build(),
+                )
+                .build();
+            let tracer = provider.tracer(service);
+            Some((provider, tracer))
+        })
+        .flatten();
+    match provider {
+        Some((provider, tracer)) => {
+            let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt)
+                .with(otel)
+                .try_init();
+            opentelemetry::global::set_tracer_provider(provider.clone());
+            TelemetryGuard {
+                provider: Some(provider),
+            }
+        }
+        None => {
+            let _ = tracing_subscriber::registry()
+                .with(filter)
+                .with(fmt)
+                .try_init();
+            TelemetryGuard { provider: None }
+        }
+    }
+}
