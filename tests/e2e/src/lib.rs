@@ -23,60 +23,47 @@ pub fn workspace_root() -> PathBuf {
         .expect("workspace root")
 }
 
-/// Path to a freshly built `granary-node` (built once per test binary).
-pub fn node_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("GRANARY_NODE_BIN") {
+/// `$env` if set, else `bin` of `package` built (debug) by cargo, once per process.
+fn cargo_binary(cell: &'static OnceLock<PathBuf>, env: &str, package: &str, bin: &str) -> PathBuf {
+    cell.get_or_init(|| {
+        if let Ok(p) = std::env::var(env) {
             return PathBuf::from(p);
         }
         let root = workspace_root();
         let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "granary-storage-node",
-                "--bin",
-                "granary-node",
-            ])
+            .args(["build", "-q", "-p", package, "--bin", bin])
             .current_dir(&root)
             .status()
             .expect("running cargo build");
-        assert!(status.success(), "building granary-node failed");
+        assert!(status.success(), "building {bin} failed");
         let target = std::env::var("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|_| root.join("target"));
-        target.join("debug").join("granary-node")
+        target.join("debug").join(bin)
     })
     .clone()
 }
 
-/// Path to a freshly built `granary-operator` (built once per process), or
-/// `$GRANARY_OPERATOR_BIN`.
+/// Path to `granary-node` (`$GRANARY_NODE_BIN`, or built once per process).
+pub fn node_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    cargo_binary(
+        &BIN,
+        "GRANARY_NODE_BIN",
+        "granary-storage-node",
+        "granary-node",
+    )
+}
+
+/// Path to `granary-operator` (`$GRANARY_OPERATOR_BIN`, or built once per process).
 pub fn operator_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = workspace_root();
-        let status = Command::new(env!("CARGO"))
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "granary-operator",
-                "--bin",
-                "granary-operator",
-            ])
-            .current_dir(&root)
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building granary-operator failed");
-        let target = std::env::var("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| root.join("target"));
-        target.join("debug").join("granary-operator")
-    })
-    .clone()
+    cargo_binary(
+        &BIN,
+        "GRANARY_OPERATOR_BIN",
+        "granary-operator",
+        "granary-operator",
+    )
 }
 
 /// A running `granary-node dev` process on loopback ports chosen by the OS.
