@@ -416,3 +416,55 @@ async fn bad_input_gets_the_right_error_and_changes_nothing() {
         ["keep"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish() {
+    use aws_sdk_s3::presigning::PresigningConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = NodeProc::start(dir.path()).unwrap();
+    let c = client(&node.s3, &node.access_key, &node.secret_key);
+    c.create_bucket().bucket("drain").send().await.unwrap();
+    let v = payload("drain", 24 * 1024 * 1024);
+    c.put_object()
+        .bucket("drain")
+        .key("big")
+        .body(ByteStream::from(v.clone()))
+        .send()
+        .await
+        .unwrap();
+    let url = c
+        .get_object()
+        .bucket("drain")
+        .key("big")
+        .presigned(PresigningConfig::expires_in(Duration::from_secs(300)).unwrap())
+        .await
+        .unwrap();
+    let mut resp = reqwest::get(url.uri()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = resp.chunk().await.unwrap().unwrap().to_vec();
+    // SIGTERM while the response is still streaming.
+    let pid = node.pid().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    while let Some(piece) = resp
+        .chunk()
+        .await
+        .expect("the in-flight response is not cut off")
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        got.extend_from_slice(&piece);
+    }
+    assert_eq!(got.len(), v.len());
+    assert!(got == v, "in-flight GET returned other bytes");
+    assert!(
+        node.stop(),
+        "the node exits cleanly once the request is done"
+    );
+    // And new connections are refused once it stopped.
+    assert!(reqwest::get(format!("{}/", node.s3)).await.is_err());
+}
