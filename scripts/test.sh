@@ -46,9 +46,10 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
 
-step "building granary-node"
-cargo build -p granary-storage-node --bin granary-node
+step "building granary-node and granary-operator"
+cargo build -p granary-storage-node --bin granary-node -p granary-operator --bin granary-operator
 export GRANARY_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-node"
+export GRANARY_OPERATOR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-operator"
 
 step "cargo test --workspace"
 log=$(mktemp)
