@@ -71,6 +71,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Choose the TLS crypto backend explicitly: with both compiled in (workspace feature
+    // unification), rustls would panic at the first API connection otherwise.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // Reconcile spans come from kube-runtime's controller; keep them for traces.
     let _telemetry = granary_telemetry::init(
         "granary-operator",
