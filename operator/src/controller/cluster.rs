@@ -29,13 +29,7 @@ use crate::error::{Error, Result};
 pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let r = apply(&sc, &ctx).await;
-    ctx.metrics.observe(
-        "storagecluster",
-        r.as_ref()
-            .map(|_| "ok")
-            .unwrap_or_else(|e| e.metric_label()),
-        started,
-    );
+    ctx.metrics.observe_result("storagecluster", &r, started);
     if let Err(e) = &r {
         ctx.event(sc.as_ref(), true, "ReconcileFailed", e.to_string())
             .await;

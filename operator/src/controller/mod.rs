@@ -68,6 +68,22 @@ impl Metrics {
             .observe(started.elapsed().as_secs_f64());
     }
 
+    /// Records a finished reconcile: `ok`, or the error's metric label.
+    pub fn observe_result<T>(
+        &self,
+        controller: &'static str,
+        r: &Result<T, Error>,
+        started: Instant,
+    ) {
+        self.observe(
+            controller,
+            r.as_ref()
+                .map(|_| "ok")
+                .unwrap_or_else(|e| e.metric_label()),
+            started,
+        );
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         if let Ok(r) = self.registry.lock() {

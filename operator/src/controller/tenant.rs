@@ -131,13 +131,7 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(other.to_string()),
     });
-    ctx.metrics.observe(
-        "tenant",
-        r.as_ref()
-            .map(|_| "ok")
-            .unwrap_or_else(|e| e.metric_label()),
-        started,
-    );
+    ctx.metrics.observe_result("tenant", &r, started);
     if let Err(e) = &r {
         ctx.event(t.as_ref(), true, "ReconcileFailed", e.to_string())
             .await;
