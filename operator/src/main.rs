@@ -2,9 +2,11 @@
 //! Tenants until SIGTERM.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use futures::StreamExt;
+use futures::future::{BoxFuture, Shared};
+use futures::{FutureExt, StreamExt};
 use granary_operator::controller::{self, Context, Metrics};
 use granary_operator::crd::{StorageCluster, Tenant};
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -54,6 +56,33 @@ struct RunArgs {
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
+    /// After SIGTERM, how long running reconciles may take before the process exits
+    /// anyway (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, default_value = "10s", value_parser = parse_secs)]
+    shutdown_grace: Duration,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let n = s.strip_suffix('s').unwrap_or(s);
+    n.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("expected seconds such as 10s, got {s:?}"))
+}
+
+/// Resolves on the first SIGINT or SIGTERM. The handlers are installed when this is
+/// called, not when the future is first polled, so no early signal is lost.
+fn shutdown_signal() -> std::io::Result<Shared<BoxFuture<'static, ()>>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+        }
+    }
+    .boxed()
+    .shared())
 }
 
 fn main() -> anyhow::Result<()> {
@@ -80,6 +109,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         "info,kube=warn",
         &["granary_operator", "kube_runtime"],
     );
+    let stop = shutdown_signal()?;
     let client = Client::try_default().await?;
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -115,15 +145,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let leading = if args.leader_election && !args.no_leader_election {
         let me = std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("granary-operator-{}", std::process::id()));
-        Some(
-            granary_operator::leader::lead(
-                client.clone(),
-                &args.lease_namespace,
-                &args.lease_name,
-                &me,
-            )
-            .await,
-        )
+        let lead = granary_operator::leader::lead(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &me,
+        );
+        tokio::select! {
+            rx = lead => Some(rx),
+            _ = stop.clone() => {
+                tracing::info!("stopped before acquiring the lease");
+                return Ok(());
+            }
+        }
     } else {
         None
     };
@@ -154,7 +188,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let c1 = Controller::new(clusters, cfg.clone())
             .owns(sts, cfg.clone())
             .owns(svc, cfg.clone())
-            .shutdown_on_signal()
+            .graceful_shutdown_on(stop.clone())
             .run(
                 controller::cluster::reconcile,
                 controller::error_policy,
@@ -163,7 +197,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .for_each(|_| futures::future::ready(()));
         let c2 = Controller::new(tenants, cfg.clone())
             .owns(secrets, cfg.clone())
-            .shutdown_on_signal()
+            .graceful_shutdown_on(stop.clone())
             .run(
                 controller::tenant::reconcile,
                 controller::error_policy,
@@ -173,16 +207,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(c1));
         tasks.push(tokio::spawn(c2));
     }
-    let all = futures::future::join_all(tasks);
-    match leading {
-        Some(mut rx) => {
-            tokio::select! {
-                _ = all => {}
-                _ = rx.wait_for(|v| !*v) => anyhow::bail!("lost leadership; exiting so a new leader takes over"),
+    let mut all = std::pin::pin!(futures::future::join_all(tasks));
+    let lost = async {
+        match leading {
+            Some(mut rx) => {
+                let _ = rx.wait_for(|v| !*v).await;
             }
+            None => futures::future::pending().await,
         }
-        None => {
-            all.await;
+    };
+    tokio::select! {
+        _ = &mut all => {}
+        _ = lost => anyhow::bail!("lost leadership; exiting so a new leader takes over"),
+        _ = stop.clone() => {
+            // The controllers saw the same signal and stop taking work; in-flight
+            // reconciles get the grace period. Watches retrying against an unreachable
+            // API server would otherwise hold the process forever.
+            if tokio::time::timeout(args.shutdown_grace, &mut all).await.is_err() {
+                tracing::warn!(grace = ?args.shutdown_grace, "controllers did not stop within the grace period; exiting anyway");
+            }
         }
     }
     tracing::info!("operator stopped");

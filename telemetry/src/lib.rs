@@ -1,14 +1,18 @@
 //! Logging and traces for every Granary binary.
 //!
-//! - Logs: human-readable to stderr, filtered by `RUST_LOG` (else `default_filter`).
+//! - Logs: to stderr, filtered by `RUST_LOG` (else `default_filter`); human-readable
+//!   (colours only on a terminal), or one JSON object per line with
+//!   `GRANARY_LOG_FORMAT=json` for log collectors.
 //! - Traces: when `OTEL_EXPORTER_OTLP_ENDPOINT` is set, every span is exported over
 //!   OTLP/HTTP (protobuf) with `service.name = service`; the standard `OTEL_*` variables
 //!   (e.g. `OTEL_BSP_SCHEDULE_DELAY`) apply. The `trace_targets` are kept at info level
 //!   whatever `RUST_LOG` says, so traces stay complete when logs are quiet.
 
-use tracing_subscriber::EnvFilter;
-use tracing_subscriber::layer::SubscriberExt;
+use std::io::IsTerminal;
+
+use tracing_subscriber::layer::{Layered, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 /// Keeps the OTLP pipeline alive; exports what is queued and stops it when dropped.
 pub struct TelemetryGuard {
@@ -39,10 +43,24 @@ pub fn init(service: &'static str, default_filter: &str, trace_targets: &[&str])
     } else {
         spec
     };
-    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_target(false)
-        .with_writer(std::io::stderr);
+    let filter = EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("{service}: ignoring invalid log filter {spec:?} ({e}); using \"info\"");
+        EnvFilter::new("info")
+    });
+    let json = std::env::var("GRANARY_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let fmt: Box<dyn Layer<Layered<EnvFilter, Registry>> + Send + Sync> = if json {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed()
+    } else {
+        tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .boxed()
+    };
     let provider = tracing_on
         .then(|| {
             use opentelemetry::trace::TracerProvider as _;

@@ -209,24 +209,30 @@ impl NodeProc {
 
     /// SIGTERM and wait for a graceful exit; returns whether it exited cleanly.
     pub fn stop(&mut self) -> bool {
-        let Some(mut c) = self.child.take() else {
+        let Some(c) = self.child.take() else {
             return true;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                return s.success();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        terminate(c, Duration::from_secs(30)).is_some_and(|s| s.success())
+    }
+}
+
+/// SIGTERM a process and wait up to `within` for it to exit. Returns its exit status, or
+/// None when it did not exit in time (it is then SIGKILLed, so nothing is left running).
+pub fn terminate(mut c: Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let _ = Command::new("kill")
+        .args(["-TERM", &c.id().to_string()])
+        .status();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return Some(s);
         }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

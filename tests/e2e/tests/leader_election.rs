@@ -1,24 +1,36 @@
 //! Two operator replicas: exactly one holds the Lease and reconciles; when it is killed
-//! the other takes over and reconciles. Reconciles are traced over OTLP.
+//! the other takes over and reconciles. Reconciles are traced over OTLP. SIGTERM stops an
+//! operator promptly and cleanly, also when its API server cannot be reached.
 
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use granary_e2e::control_plane::{ControlPlane, poll_until};
 use granary_e2e::otlp::{collector, traces_contain};
-use granary_e2e::{operator_binary, workspace_root};
+use granary_e2e::{free_port, operator_binary, terminate, workspace_root};
 
-struct Operator(Child);
+/// An operator process; SIGKILLed on drop unless it was stopped before.
+struct Operator(Option<Child>);
+
+impl Operator {
+    /// SIGTERM; the exit status if it exits within `within`.
+    fn terminate(mut self, within: Duration) -> Option<ExitStatus> {
+        terminate(self.0.take()?, within)
+    }
+}
 
 impl Drop for Operator {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
 fn start(cp: &ControlPlane, name: &str, otlp: &str) -> Operator {
-    Operator(
+    Operator(Some(
         Command::new(operator_binary())
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")
@@ -38,7 +50,7 @@ fn start(cp: &ControlPlane, name: &str, otlp: &str) -> Operator {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-    )
+    ))
 }
 
 fn holder(cp: &ControlPlane) -> Option<String> {
@@ -147,5 +159,87 @@ fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
         Ok(traces_contain(&spans, &[b"granary-operator", b"reconciling object"]).then_some(()))
     })
     .unwrap();
+    // SIGTERM: the leader stops its controllers and exits 0, promptly.
+    let leader = if second == "op-a" { a.take() } else { b.take() };
+    let status = leader
+        .expect("the new leader is still running")
+        .terminate(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "leader did not exit cleanly within 20 s of SIGTERM: {status:?}"
+    );
     drop((a, b));
+}
+
+/// With the API server unreachable, kube's watchers retry forever; SIGTERM must still end
+/// the process within the shutdown deadline, with and without leader election (which then
+/// never acquires the Lease).
+#[test]
+fn sigterm_stops_the_operator_when_the_api_server_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    // A port nothing listens on.
+    let dead = free_port();
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'https://127.0.0.1:{dead}', insecure-skip-tls-verify: true}}}}]\nusers: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    for leader_election in [false, true] {
+        let metrics = free_port();
+        let mut args = vec![
+            "run".to_string(),
+            "--metrics-addr".into(),
+            format!("127.0.0.1:{metrics}"),
+            "--shutdown-grace".into(),
+            "5s".into(),
+        ];
+        if !leader_election {
+            args.push("--no-leader-election".into());
+        }
+        // The second run also checks the JSON log format, line by line.
+        let log = dir.path().join(format!("operator-{leader_election}.log"));
+        let op = Operator(Some(
+            Command::new(operator_binary())
+                .args(&args)
+                .env("KUBECONFIG", &kubeconfig)
+                .env("RUST_LOG", "info")
+                .env(
+                    "GRANARY_LOG_FORMAT",
+                    if leader_election { "json" } else { "" },
+                )
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap(),
+        ));
+        // The metrics listener opens after the signal handlers are installed.
+        poll_until(Duration::from_secs(30), "operator metrics listener", || {
+            Ok(TcpStream::connect(("127.0.0.1", metrics)).ok())
+        })
+        .unwrap();
+        // Let the watchers (or the Lease loop) fail and back off a few times.
+        std::thread::sleep(Duration::from_secs(3));
+        let status = op.terminate(Duration::from_secs(20));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "leader election {leader_election}: no clean exit within 20 s of SIGTERM: {status:?}"
+        );
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(log.contains("SIGTERM received"), "{log}");
+        if leader_election {
+            for line in log.lines().filter(|l| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+                assert!(
+                    v["level"].is_string() && v["timestamp"].is_string(),
+                    "{line}"
+                );
+            }
+        } else {
+            assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+        }
+    }
 }

@@ -229,19 +229,44 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     let kubeconfig = cp.kubeconfig_for_token(&token);
     let dir = tempfile::tempdir().unwrap();
     let op_log = dir.path().join("operator.log");
+    // ... and with the args and env of the chart's Deployment (only the metrics address
+    // moves to loopback, and the downward-API values are filled in by hand).
+    let deploy = json(
+        &cp,
+        &[
+            "get",
+            "deployments",
+            "-n",
+            ns,
+            "-l",
+            "app.kubernetes.io/instance=granary",
+        ],
+    )
+    .unwrap();
+    let container = &deploy["items"][0]["spec"]["template"]["spec"]["containers"][0];
+    let mut args: Vec<String> = container["args"]
+        .as_array()
+        .expect("chart Deployment args")
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let at = args
+        .iter()
+        .position(|a| a == "--metrics-addr")
+        .expect("--metrics-addr in the chart's args");
+    args[at + 1] = "127.0.0.1:0".into();
+    let mut operator = Command::new(operator_binary());
+    operator.args(&args);
+    for e in container["env"].as_array().expect("chart Deployment env") {
+        if let Some(v) = e["value"].as_str() {
+            operator.env(e["name"].as_str().unwrap(), v);
+        }
+    }
     let _op = Operator(
-        Command::new(operator_binary())
-            .args([
-                "run",
-                "--lease-namespace",
-                ns,
-                "--lease-name",
-                "granary-operator",
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ])
+        operator
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", ns)
+            .env("POD_NAME", "granary-operator-0")
             .env("RUST_LOG", "info,kube=warn")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&op_log).unwrap())
