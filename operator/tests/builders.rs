@@ -41,7 +41,7 @@ fn example_tenants_parse_with_defaults() {
 }
 
 #[test]
-fn one_statefulset_headless_service_and_pdb_per_zone_pool() {
+fn one_statefulset_and_headless_service_per_zone_pool() {
     let sc = example_cluster();
     let d = build(&sc, &ctx(&sc));
     let names: Vec<_> = d
@@ -53,7 +53,6 @@ fn one_statefulset_headless_service_and_pdb_per_zone_pool() {
         names,
         ["main-a-fast", "main-b-fast", "main-c-fast", "main-c-bulk"]
     );
-    assert_eq!(d.pdbs.len(), 4);
     let svc: Vec<_> = d
         .services
         .iter()
@@ -196,19 +195,44 @@ fn statefulset_carries_replicas_zone_affinity_volumes_probes_and_secrets() {
 fn pdb_never_allows_more_disruption_than_min_in_sync_allows() {
     let mut sc = example_cluster();
     let d = build(&sc, &ctx(&sc));
-    for p in &d.pdbs {
-        assert_eq!(
-            p.spec.as_ref().unwrap().max_unavailable,
-            Some(IntOrString::Int(1)),
-            "factor 3, minInSync 2"
+    // One budget over every storage node of the cluster (all zones and pools): drains in
+    // two pools at once must not take two replicas of one partition.
+    let spec = d.pdb.spec.as_ref().unwrap();
+    assert_eq!(d.pdb.metadata.name.as_deref(), Some("main-storage"));
+    assert_eq!(
+        spec.max_unavailable,
+        Some(IntOrString::Int(1)),
+        "factor 3, minInSync 2"
+    );
+    let sel = spec
+        .selector
+        .as_ref()
+        .unwrap()
+        .match_labels
+        .as_ref()
+        .unwrap();
+    for sts in &d.stateful_sets {
+        let pod_labels = sts
+            .spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(
+            sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            "the budget selects the pods of {:?}",
+            sts.metadata.name
         );
     }
+    assert!(!sel.contains_key("granary.dev/pool") && !sel.contains_key("granary.dev/zone"));
     sc.spec.replication.min_in_sync = 3;
     let d = build(&sc, &ctx(&sc));
-    assert!(
-        d.pdbs
-            .iter()
-            .all(|p| p.spec.as_ref().unwrap().max_unavailable == Some(IntOrString::Int(0)))
+    assert_eq!(
+        d.pdb.spec.as_ref().unwrap().max_unavailable,
+        Some(IntOrString::Int(0))
     );
 }
 

@@ -1,6 +1,6 @@
-//! Objects of a StorageCluster: per zone/pool a StatefulSet, a headless Service and a
-//! PodDisruptionBudget; per cluster the S3, KV and internal Services, the node
-//! ConfigMap, a NetworkPolicy and a ServiceAccount.
+//! Objects of a StorageCluster: per zone/pool a StatefulSet and a headless Service; per
+//! cluster the S3, KV and internal Services, the node ConfigMap, one
+//! PodDisruptionBudget over all storage nodes, a NetworkPolicy and a ServiceAccount.
 
 use std::collections::BTreeMap;
 
@@ -60,6 +60,11 @@ impl Context {
         format!("{}-admin-token", self.name)
     }
 
+    /// The cluster's one PodDisruptionBudget.
+    pub fn pdb_name(&self) -> String {
+        format!("{}-storage", self.name)
+    }
+
     pub fn master_key_secret(&self) -> String {
         format!("{}-master-key", self.name)
     }
@@ -72,7 +77,7 @@ pub struct Desired {
     pub config: ConfigMap,
     pub services: Vec<Service>,
     pub stateful_sets: Vec<StatefulSet>,
-    pub pdbs: Vec<PodDisruptionBudget>,
+    pub pdb: PodDisruptionBudget,
     pub network_policy: NetworkPolicy,
 }
 
@@ -80,6 +85,7 @@ pub fn build(sc: &StorageCluster, ctx: &Context) -> Desired {
     let mut d = Desired {
         service_account: service_account(ctx),
         config: config_map(sc, ctx),
+        pdb: pdb(sc, ctx),
         network_policy: network_policy(ctx),
         ..Default::default()
     };
@@ -90,7 +96,6 @@ pub fn build(sc: &StorageCluster, ctx: &Context) -> Desired {
         for pool in &zone.pools {
             d.services.push(headless_service(ctx, zone, pool));
             d.stateful_sets.push(stateful_set(sc, ctx, zone, pool));
-            d.pdbs.push(pdb(sc, ctx, zone, pool));
         }
     }
     d
@@ -373,21 +378,22 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
     }
 }
 
-/// At most `factor - minInSync` nodes of a pool may be voluntarily disrupted at once:
-/// every partition keeps `minInSync` replicas. With `factor == minInSync` no voluntary
-/// disruption is allowed at all (writes would stop otherwise).
-pub fn pdb(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool) -> PodDisruptionBudget {
+/// At most `factor - minInSync` storage nodes of the whole cluster may be voluntarily
+/// disrupted at once, whatever their zone or pool: the replicas of a partition live in
+/// different zones, so two drains in two pools can hit the same partition, and only a
+/// cluster-wide budget keeps every partition at `minInSync` replicas. (One budget per
+/// pool would allow `factor - minInSync` per pool; a pod matched by two budgets cannot be
+/// evicted at all, so the per-pool and cluster-wide forms cannot be combined either.)
+/// With `factor == minInSync` no voluntary disruption is allowed (writes would stop).
+pub fn pdb(sc: &StorageCluster, ctx: &Context) -> PodDisruptionBudget {
     let r = &sc.spec.replication;
     let max_unavailable = (r.factor - r.min_in_sync).max(0);
     PodDisruptionBudget {
-        metadata: ctx.meta(
-            ctx.pool_name(&zone.name, &pool.name),
-            pool_labels(&ctx.name, &zone.name, &pool.name),
-        ),
+        metadata: ctx.meta(ctx.pdb_name(), cluster_labels(&ctx.name)),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(max_unavailable)),
             selector: Some(LabelSelector {
-                match_labels: Some(selector(&ctx.name, Some((&zone.name, &pool.name)))),
+                match_labels: Some(selector(&ctx.name, None)),
                 ..Default::default()
             }),
             ..Default::default()

@@ -11,8 +11,9 @@ use base64::Engine as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Api, Resource, ResourceExt};
 use rand::RngCore;
@@ -151,9 +152,9 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
     for s in &desired.stateful_sets {
         ssa(&sts_api, s).await?;
     }
-    for p in &desired.pdbs {
-        ssa(&Api::namespaced(client.clone(), &ns), p).await?;
-    }
+    let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    ssa(&pdb_api, &desired.pdb).await?;
+    remove_stale_pdbs(&pdb_api, &bctx).await?;
     ssa(
         &Api::namespaced(client.clone(), &ns),
         &desired.network_policy,
@@ -286,4 +287,24 @@ async fn set_failed_status(sc: &StorageCluster, ctx: &Context, e: &Error) -> Res
         sc.metadata.generation,
     );
     patch_status(ctx, &ns, &sc.name_any(), &status).await
+}
+
+/// Earlier versions applied one budget per pool. A pod matched by two budgets cannot be
+/// evicted at all, so any other budget of this cluster's goes once the cluster-wide one
+/// is in place.
+async fn remove_stale_pdbs(api: &Api<PodDisruptionBudget>, bctx: &builder::Context) -> Result<()> {
+    let labels = crate::build::cluster_labels(&bctx.name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let keep = bctx.pdb_name();
+    for old in api.list(&ListParams::default().labels(&labels)).await? {
+        let name = old.metadata.name.unwrap_or_default();
+        if name != keep {
+            tracing::info!(pdb = %name, "removing a superseded PodDisruptionBudget");
+            api.delete(&name, &Default::default()).await?;
+        }
+    }
+    Ok(())
 }

@@ -295,6 +295,15 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         "granary.dev/s3-endpoint": format!("http://127.0.0.1:{s3p}"),
         "granary.dev/kv-endpoint": format!("http://127.0.0.1:{kvp}"),
     });
+    // A per-pool budget as an earlier operator version applied it: it must go, since a pod
+    // matched by two budgets cannot be evicted at all.
+    cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: main-a-fast\n  namespace: {ns}\n  labels: {{app.kubernetes.io/name: granary-node, app.kubernetes.io/instance: main, app.kubernetes.io/managed-by: granary-operator}}\nspec:\n  maxUnavailable: 1\n  selector: {{matchLabels: {{app.kubernetes.io/name: granary-node, app.kubernetes.io/instance: main, granary.dev/zone: a, granary.dev/pool: fast}}}}\n"
+        ),
+    )
+    .unwrap();
     cp.kubectl_stdin(&["apply", "-f", "-"], &sc.to_string())
         .unwrap();
 
@@ -364,8 +373,19 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         a["metadata"]["ownerReferences"][0]["kind"],
         "StorageCluster"
     );
-    let pdb = json(&cp, &["get", "pdb", "main-a-fast", "-n", ns]).unwrap();
-    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    // One budget over all the cluster's storage nodes, and nothing else selecting them.
+    let pdbs = poll_until(Duration::from_secs(30), "only the cluster-wide PDB", || {
+        let all = json(&cp, &["get", "pdb", "-n", ns])?;
+        let items = all["items"].as_array().cloned().unwrap_or_default();
+        Ok((items.len() == 1).then_some(items))
+    })
+    .unwrap();
+    assert_eq!(pdbs[0]["metadata"]["name"], "main-storage");
+    assert_eq!(pdbs[0]["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdbs[0]["spec"]["selector"]["matchLabels"],
+        serde_json::json!({"app.kubernetes.io/name": "granary-node", "app.kubernetes.io/instance": "main"})
+    );
     for svc in ["main-s3", "main-kv", "main-internal", "main-a-fast"] {
         json(&cp, &["get", "service", svc, "-n", ns])
             .unwrap_or_else(|e| panic!("service {svc}: {e}"));

@@ -10,7 +10,7 @@ CACHE="${GRANARY_TOOLS_CACHE:-$HOME/.cache/granary-tools}"
 K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.7.3}"
 HELM_VERSION="${HELM_VERSION:-v3.22.0}"
-export GOTOOLCHAIN=local GOFLAGS=-mod=mod GOPATH="$CACHE/gopath" GOMODCACHE="$CACHE/gomodcache"
+export GOTOOLCHAIN=local GOFLAGS=-mod=mod GOPATH="$CACHE/gopath" GOMODCACHE="$CACHE/gomodcache" GOCACHE="$CACHE/gocache"
 OUT="$CACHE/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION"
 mkdir -p "$OUT/bin"
 log() { echo "k8s-tools: $*" >&2; }
@@ -21,6 +21,7 @@ cri-client cri-streaming csi-translation-lib dynamic-resource-allocation endpoin
 kms kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl kubelet metrics
 mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller streaming"
 
+built=0
 if [ ! -x "$OUT/bin/kube-apiserver" ] || [ ! -x "$OUT/bin/kube-controller-manager" ] || [ ! -x "$OUT/bin/kubectl" ]; then
   minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   staging_version="v0.${K8S_VERSION#v1.}"
@@ -53,6 +54,7 @@ GO
   for cmd in kube-apiserver kube-controller-manager kubectl; do
     if [ ! -x "$OUT/bin/$cmd" ]; then
       log "building $cmd $K8S_VERSION (first time only; several minutes)"
+      built=1
       (cd "$w" && go build -tags tools -ldflags "$ldflags" -o "$OUT/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd")
     fi
   done
@@ -75,11 +77,19 @@ import (
 func main() { etcdmain.Main(os.Args) }
 GO
   log "building etcd $ETCD_VERSION"
+  built=1
   (cd "$w" && go mod tidy >/dev/null && go build -o "$OUT/bin/etcd" .)
 fi
 
 if [ ! -x "$OUT/bin/helm" ]; then
   log "building helm $HELM_VERSION"
+  built=1
   GOBIN="$OUT/bin" go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+fi
+# Everything is built: the Go build and module caches (~7 GB after Kubernetes) are not
+# needed again, and CI disks are small.
+if [ "$built" -eq 1 ]; then
+  log "all tools built; removing the Go build and module caches"
+  go clean -cache -modcache >/dev/null 2>&1 || true
 fi
 echo "$OUT/bin"
