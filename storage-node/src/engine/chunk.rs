@@ -7,10 +7,12 @@
 //! the fsync: a file torn by a crash has no valid header and is never referenced, because
 //! metadata only points at a chunk after its fsync returned.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -45,12 +47,106 @@ pub struct ChunkRef {
 #[derive(Clone, Debug)]
 pub struct ChunkStore {
     root: PathBuf,
+    pins: Arc<Mutex<Pins>>,
+}
+
+/// Chunk files that reads are using, and those to remove once the last such read ends.
+#[derive(Debug, Default)]
+struct Pins {
+    readers: HashMap<ChunkId, usize>,
+    doomed: HashMap<ChunkId, ChunkRef>,
+}
+
+/// Keeps the chunk files of one read on disk until it is dropped (the body is sent or
+/// the client went away), however long the read takes.
+#[derive(Debug)]
+pub struct ChunkPin {
+    store: ChunkStore,
+    ids: Vec<ChunkId>,
+}
+
+impl Drop for ChunkPin {
+    fn drop(&mut self) {
+        let mut free = Vec::new();
+        {
+            let mut pins = self
+                .store
+                .pins
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for id in &self.ids {
+                if let Some(n) = pins.readers.get_mut(id) {
+                    *n -= 1;
+                    if *n == 0 {
+                        pins.readers.remove(id);
+                        free.extend(pins.doomed.remove(id));
+                    }
+                }
+            }
+        }
+        self.store.remove_all(free);
+    }
 }
 
 impl ChunkStore {
     pub fn open(root: PathBuf) -> io::Result<Self> {
         fs::create_dir_all(&root)?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            pins: Arc::default(),
+        })
+    }
+
+    /// Marks `chunks` as in use by a read until the returned pin is dropped.
+    pub fn pin(&self, chunks: &[ChunkRef]) -> ChunkPin {
+        let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in chunks {
+            *pins.readers.entry(c.id).or_default() += 1;
+        }
+        ChunkPin {
+            store: self.clone(),
+            ids: chunks.iter().map(|c| c.id).collect(),
+        }
+    }
+
+    /// Removes chunk files no longer referenced by metadata: at once when no read uses
+    /// them, else when the last read using them ends. (Pending removals lost to a crash
+    /// are done by the orphan sweep at the next start.)
+    pub fn remove_when_unused(&self, chunks: Vec<ChunkRef>) {
+        let mut now = Vec::new();
+        {
+            let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
+            for c in chunks {
+                if pins.readers.contains_key(&c.id) {
+                    pins.doomed.insert(c.id, c);
+                } else {
+                    now.push(c);
+                }
+            }
+        }
+        self.remove_all(now);
+    }
+
+    /// Unlinks files off the async worker threads when called from one.
+    fn remove_all(&self, chunks: Vec<ChunkRef>) {
+        if chunks.is_empty() {
+            return;
+        }
+        let store = self.clone();
+        let work = move || chunks.iter().for_each(|c| store.remove(c));
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(work)),
+            Err(_) => work(),
+        }
+    }
+
+    /// How many chunk files wait for reads to end before removal.
+    pub fn pending_removals(&self) -> usize {
+        self.pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .doomed
+            .len()
     }
 
     pub fn root(&self) -> &Path {
@@ -350,5 +446,34 @@ mod tests {
         let big = vec![7u8; CHUNK_MAX as usize + 10];
         assert_eq!(w.append(&big).unwrap(), CHUNK_MAX as usize);
         assert_eq!(w.append(&big).unwrap(), 0);
+    }
+
+    #[test]
+    fn pinned_chunks_outlive_their_removal_until_the_last_reader_lets_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path().to_path_buf()).unwrap();
+        let mk = |b: u8| {
+            let mut w = store.create(PartitionId(3)).unwrap();
+            w.append(&[b; 1000]).unwrap();
+            w.finish().unwrap()
+        };
+        let (a, b) = (mk(1), mk(2));
+        let exists = |c: &ChunkRef| store.path(c.partition, c.id).exists();
+        let r1 = store.pin(std::slice::from_ref(&a));
+        let r2 = store.pin(&[a.clone(), b.clone()]);
+        store.remove_when_unused(vec![a.clone(), b.clone()]);
+        assert!(exists(&a) && exists(&b), "pinned files stay");
+        assert_eq!(store.pending_removals(), 2);
+        drop(r2);
+        assert!(!exists(&b), "b had one reader, now gone");
+        assert!(exists(&a), "a still has a reader");
+        assert_eq!(store.read_range(&a, 0, 10).unwrap(), vec![1u8; 10]);
+        drop(r1);
+        assert!(!exists(&a));
+        assert_eq!(store.pending_removals(), 0);
+        // Unpinned files go at once.
+        let c = mk(3);
+        store.remove_when_unused(vec![c.clone()]);
+        assert!(!exists(&c));
     }
 }

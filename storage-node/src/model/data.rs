@@ -289,6 +289,9 @@ pub async fn read_body(
             })
         }
         ObjectData::Chunks(chunks) => {
+            // The files stay on disk until the body is sent or dropped, even if the
+            // object is overwritten or deleted meanwhile.
+            let pin = store.pin(chunks);
             // Plan the reads: (chunk, start, end) pieces of at most IO_PIECE bytes.
             let mut plan = Vec::new();
             let mut offset = 0u64;
@@ -317,7 +320,7 @@ pub async fn read_body(
                 }
             };
             let store = store.clone();
-            let rest = futures::stream::unfold(plan, move |mut plan| {
+            let rest = futures::stream::unfold((plan, pin), move |(mut plan, pin)| {
                 let store = store.clone();
                 async move {
                     let (c, s, e) = plan.next()?;
@@ -326,7 +329,7 @@ pub async fn read_body(
                         .map_err(io::Error::other)
                         .and_then(|r| r.map_err(io::Error::other))
                         .map(Bytes::from);
-                    Some((r, plan))
+                    Some((r, (plan, pin)))
                 }
             });
             let stream: ByteStream =

@@ -65,9 +65,11 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// How long replaced chunk files stay on disk, so reads that started before the
-/// replacement can finish. Files left behind by a crash are removed at the next start.
-const CHUNK_GRACE: Duration = Duration::from_secs(60);
+/// Replaced chunk files are handed to the pin registry only after this delay, which
+/// covers the moment between a read resolving an object's metadata and pinning its
+/// chunks. From then on a file stays while any read uses it, however long that read
+/// takes. Files left behind by a crash are removed at the next start.
+const CHUNK_GRACE: Duration = Duration::from_secs(5);
 
 /// The model's entry point, shared by every front end.
 #[derive(Clone)]
@@ -109,7 +111,7 @@ impl Store {
         PartitionId::of(tenant, container.as_bytes(), self.inner.partitions)
     }
 
-    /// Removes chunk files once no reader can still be using them.
+    /// Removes chunk files no metadata references any more, once no read uses them.
     pub(crate) fn discard_chunks(&self, chunks: Vec<ChunkRef>) {
         if chunks.is_empty() {
             return;
@@ -117,9 +119,7 @@ impl Store {
         let store = self.inner.engine.chunks().clone();
         tokio::spawn(async move {
             tokio::time::sleep(CHUNK_GRACE).await;
-            let _ =
-                tokio::task::spawn_blocking(move || chunks.iter().for_each(|c| store.remove(c)))
-                    .await;
+            store.remove_when_unused(chunks);
         });
     }
 

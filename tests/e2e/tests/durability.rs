@@ -468,3 +468,73 @@ async fn sigterm_lets_in_flight_requests_finish() {
     // And new connections are refused once it stopped.
     assert!(reqwest::get(format!("{}/", node.s3)).await.is_err());
 }
+
+/// A slow reader keeps the bytes it started reading although the object is overwritten
+/// and then deleted meanwhile; the old chunk files go as soon as the reader is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_get_survives_overwrite_and_delete_then_space_is_freed() {
+    use aws_sdk_s3::presigning::PresigningConfig;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path()).unwrap();
+    let c = client(&node.s3, &node.access_key, &node.secret_key);
+    c.create_bucket().bucket("slow").send().await.unwrap();
+    // 40 MiB: five chunk files, far more than the socket buffers hold.
+    let old = payload("old", 40 * 1024 * 1024);
+    c.put_object()
+        .bucket("slow")
+        .key("k")
+        .body(ByteStream::from(old.clone()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chunk_files(dir.path()).len(), 5);
+    let url = c
+        .get_object()
+        .bucket("slow")
+        .key("k")
+        .presigned(PresigningConfig::expires_in(Duration::from_secs(300)).unwrap())
+        .await
+        .unwrap();
+    let mut resp = reqwest::get(url.uri()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut got = resp.chunk().await.unwrap().unwrap().to_vec();
+    // Overwrite (with an inline object) and delete while the reader stalls, then wait
+    // well past the removal delay.
+    c.put_object()
+        .bucket("slow")
+        .key("k")
+        .body(ByteStream::from_static(b"new"))
+        .send()
+        .await
+        .unwrap();
+    c.delete_object()
+        .bucket("slow")
+        .key("k")
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        chunk_files(dir.path()).len() == 5,
+        "chunks still being read were removed"
+    );
+    while let Some(piece) = resp
+        .chunk()
+        .await
+        .expect("the slow response is not cut off")
+    {
+        got.extend_from_slice(&piece);
+    }
+    assert_eq!(got.len(), old.len());
+    assert!(got == old, "the slow reader got other bytes");
+    // Nothing references the old chunks and nobody reads them: they go promptly.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !chunk_files(dir.path()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} chunk files left after the reader finished",
+            chunk_files(dir.path()).len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
