@@ -189,20 +189,51 @@ fn chunk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flipped_bytes_in_a_chunk_fail_the_read_and_are_never_served() {
+/// A fresh node in its own directory holding one object `bucket/key` of `len` bytes.
+async fn node_with_object(
+    bucket: &str,
+    key: &str,
+    len: usize,
+) -> (tempfile::TempDir, NodeProc, aws_sdk_s3::Client, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProc::start(dir.path()).unwrap();
     let c = client(&node.s3, &node.access_key, &node.secret_key);
-    c.create_bucket().bucket("rot").send().await.unwrap();
-    let v = payload("rot", 3 * 1024 * 1024);
+    c.create_bucket().bucket(bucket).send().await.unwrap();
+    let v = payload(bucket, len);
     c.put_object()
-        .bucket("rot")
-        .key("early")
+        .bucket(bucket)
+        .key(key)
         .body(ByteStream::from(v.clone()))
         .send()
         .await
         .unwrap();
+    (dir, node, c, v)
+}
+
+/// Starts a plain HTTP GET of an object (through a presigned URL) and returns the
+/// response with its first piece read, the rest still to come.
+async fn start_slow_get(
+    c: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+) -> (reqwest::Response, Vec<u8>) {
+    use aws_sdk_s3::presigning::PresigningConfig;
+    let url = c
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .presigned(PresigningConfig::expires_in(Duration::from_secs(300)).unwrap())
+        .await
+        .unwrap();
+    let mut resp = reqwest::get(url.uri()).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.chunk().await.unwrap().unwrap().to_vec();
+    (resp, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_bytes_in_a_chunk_fail_the_read_and_are_never_served() {
+    let (dir, _node, c, v) = node_with_object("rot", "early", 3 * 1024 * 1024).await;
     let files = chunk_files(dir.path());
     assert_eq!(files.len(), 1);
     // Flip one byte early in the data (first piece read) ...
@@ -419,29 +450,8 @@ async fn bad_input_gets_the_right_error_and_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
-    use aws_sdk_s3::presigning::PresigningConfig;
-    let dir = tempfile::tempdir().unwrap();
-    let mut node = NodeProc::start(dir.path()).unwrap();
-    let c = client(&node.s3, &node.access_key, &node.secret_key);
-    c.create_bucket().bucket("drain").send().await.unwrap();
-    let v = payload("drain", 24 * 1024 * 1024);
-    c.put_object()
-        .bucket("drain")
-        .key("big")
-        .body(ByteStream::from(v.clone()))
-        .send()
-        .await
-        .unwrap();
-    let url = c
-        .get_object()
-        .bucket("drain")
-        .key("big")
-        .presigned(PresigningConfig::expires_in(Duration::from_secs(300)).unwrap())
-        .await
-        .unwrap();
-    let mut resp = reqwest::get(url.uri()).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut got = resp.chunk().await.unwrap().unwrap().to_vec();
+    let (_dir, mut node, c, v) = node_with_object("drain", "big", 24 * 1024 * 1024).await;
+    let (mut resp, mut got) = start_slow_get(&c, "drain", "big").await;
     // SIGTERM while the response is still streaming.
     let pid = node.pid().unwrap().to_string();
     assert!(
@@ -473,31 +483,10 @@ async fn sigterm_lets_in_flight_requests_finish() {
 /// and then deleted meanwhile; the old chunk files go as soon as the reader is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_get_survives_overwrite_and_delete_then_space_is_freed() {
-    use aws_sdk_s3::presigning::PresigningConfig;
-    let dir = tempfile::tempdir().unwrap();
-    let node = NodeProc::start(dir.path()).unwrap();
-    let c = client(&node.s3, &node.access_key, &node.secret_key);
-    c.create_bucket().bucket("slow").send().await.unwrap();
     // 40 MiB: five chunk files, far more than the socket buffers hold.
-    let old = payload("old", 40 * 1024 * 1024);
-    c.put_object()
-        .bucket("slow")
-        .key("k")
-        .body(ByteStream::from(old.clone()))
-        .send()
-        .await
-        .unwrap();
+    let (dir, _node, c, old) = node_with_object("slow", "k", 40 * 1024 * 1024).await;
     assert_eq!(chunk_files(dir.path()).len(), 5);
-    let url = c
-        .get_object()
-        .bucket("slow")
-        .key("k")
-        .presigned(PresigningConfig::expires_in(Duration::from_secs(300)).unwrap())
-        .await
-        .unwrap();
-    let mut resp = reqwest::get(url.uri()).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut got = resp.chunk().await.unwrap().unwrap().to_vec();
+    let (mut resp, mut got) = start_slow_get(&c, "slow", "k").await;
     // Overwrite (with an inline object) and delete while the reader stalls, then wait
     // well past the removal delay.
     c.put_object()
