@@ -93,6 +93,13 @@ impl Node {
         }
         let dyn_catalog: Arc<dyn Catalog> = catalog.clone();
         let store = Store::new(engine, dyn_catalog.clone(), partitions);
+        let indexed = store.kv_backfill_expiry_index().await?;
+        if indexed > 0 {
+            tracing::info!(
+                keys = indexed,
+                "indexed KV values with a TTL for the expiry sweep"
+            );
+        }
         let swept = store.sweep_orphan_chunks().await?;
         if swept > 0 {
             tracing::info!(
@@ -214,8 +221,10 @@ impl Node {
                 .with_graceful_shutdown(signal(shutdown.clone()))
                 .into_future(),
         );
+        let sweeper = tokio::spawn(sweep_expired_kv(store.clone(), shutdown.clone()));
         ready.store(true, Ordering::Relaxed);
         serve_s3(listeners.0, s3, metrics, shutdown.clone()).await;
+        let _ = sweeper.await;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
             let _ = kv_task.await;
             let _ = admin_task.await;
@@ -289,6 +298,26 @@ async fn serve_s3(
 }
 
 /// A watch channel that flips to true on SIGINT or SIGTERM.
+/// How often expired KV values are removed from disk (they read as absent at once).
+const KV_SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// Removes expired KV values every [`KV_SWEEP_EVERY`] until shutdown.
+async fn sweep_expired_kv(store: Store, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(KV_SWEEP_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+        match store.kv_sweep_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(keys = n, "removed expired KV values"),
+            Err(e) => tracing::warn!(error = %e, "KV expiry sweep failed; retrying later"),
+        }
+    }
+}
+
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {

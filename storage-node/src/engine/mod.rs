@@ -26,6 +26,10 @@ pub const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects
 pub const UPLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uploads");
 pub const PARTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("parts");
 pub const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+/// KV keys with a TTL, by partition then expiry time: `partition (2) | expires_at ms (8,
+/// big-endian) | the KV key without its partition`. Lets the sweep find what expired
+/// without reading live data, and keeps each partition a contiguous range.
+pub const KV_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("kv_expiry");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +79,7 @@ impl Engine {
             for t in [OBJECTS, UPLOADS, PARTS, KV] {
                 txn.open_table(t)?;
             }
+            txn.open_table(KV_EXPIRY)?;
             txn.open_table(META)?;
             txn.commit()?;
         }

@@ -3,7 +3,9 @@
 //! Every write gets a version from the engine's sequence counter, so versions are
 //! strictly increasing per key, also across delete and re-create and across restarts.
 //! Conditional writes are evaluated inside the group commit: compare-and-set cannot
-//! lose an update. Expired values (TTL) read as absent and are removed lazily.
+//! lose an update. Expired values (TTL) read as absent at once and are removed by
+//! [`Store::kv_sweep_expired`], which a node runs every few seconds, driven by an
+//! expiry index kept in the same transactions as the values.
 
 use std::ops::Bound;
 
@@ -12,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::object::encode;
 use super::{Error, Result, Store};
-use crate::engine::{EngineError, KV, keys};
+use crate::engine::{EngineError, KV, KV_EXPIRY, META, keys};
 use crate::types::{TenantId, now_millis};
 
 pub const MAX_KEY: usize = 1024;
@@ -92,6 +94,32 @@ fn decode(b: &[u8]) -> Result<Stored, EngineError> {
     }
     Ok(s)
 }
+
+/// The expiry-index key of KV key `full` (partition first) expiring at `at` ms.
+fn expiry_key(full: &[u8], at: i64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(full.len() + 8);
+    k.extend_from_slice(&full[..2]);
+    k.extend_from_slice(&u64::try_from(at).unwrap_or(0).to_be_bytes());
+    k.extend_from_slice(&full[2..]);
+    k
+}
+
+/// Inverse of [`expiry_key`]: the KV key and its expiry time.
+fn expiry_target(idx: &[u8]) -> Option<(Vec<u8>, i64)> {
+    if idx.len() < 10 {
+        return None;
+    }
+    let at = u64::from_be_bytes(idx[2..10].try_into().ok()?);
+    let mut full = idx[..2].to_vec();
+    full.extend_from_slice(&idx[10..]);
+    Some((full, i64::try_from(at).unwrap_or(i64::MAX)))
+}
+
+/// Set in the engine's meta table once every TTL value is in the expiry index.
+const EXPIRY_INDEX_MARK: &str = "kv_expiry_index";
+
+/// Most expired keys removed by one sweep transaction.
+const SWEEP_BATCH: usize = 5000;
 
 fn check(cond: KvCondition, current: Option<&Stored>) -> Result<()> {
     match (cond, current) {
@@ -183,12 +211,20 @@ impl Store {
         self.engine()
             .write(vec![], move |ctx| {
                 let mut t = ctx.txn.open_table(KV)?;
-                let current = match t.get(full.as_slice())? {
-                    Some(v) => Some(decode(v.value())?).filter(|s| s.live(now)),
+                let stored = match t.get(full.as_slice())? {
+                    Some(v) => Some(decode(v.value())?),
                     None => None,
                 };
+                let current = stored.clone().filter(|s| s.live(now));
                 if let Err(e) = check(cond, current.as_ref()) {
                     return Ok(Err(e));
+                }
+                let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
+                if let Some(at) = stored.and_then(|s| s.expires_at) {
+                    idx.remove(expiry_key(&full, at).as_slice())?;
+                }
+                if let Some(at) = expires_at {
+                    idx.insert(expiry_key(&full, at).as_slice(), ())?;
                 }
                 let version = ctx.next_seq();
                 let crc = crc32c::crc32c(&value);
@@ -220,12 +256,17 @@ impl Store {
         self.engine()
             .write(vec![], move |ctx| {
                 let mut t = ctx.txn.open_table(KV)?;
-                let current = match t.get(full.as_slice())? {
-                    Some(v) => Some(decode(v.value())?).filter(|s| s.live(now)),
+                let stored = match t.get(full.as_slice())? {
+                    Some(v) => Some(decode(v.value())?),
                     None => None,
                 };
+                let current = stored.clone().filter(|s| s.live(now));
                 if let Err(e) = check(cond, current.as_ref()) {
                     return Ok(Err(e));
+                }
+                if let Some(at) = stored.and_then(|s| s.expires_at) {
+                    let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
+                    idx.remove(expiry_key(&full, at).as_slice())?;
                 }
                 t.remove(full.as_slice())?;
                 Ok(Ok(current.map(|c| c.version)))
@@ -328,10 +369,91 @@ impl Store {
             .write(vec![], move |ctx| {
                 let mut t = ctx.txn.open_table(KV)?;
                 t.retain(|k, _| !(k.len() >= 18 && &k[2..18] == tenant.as_bytes()))?;
+                let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
+                idx.retain(|k, _| !(k.len() >= 26 && &k[10..26] == tenant.as_bytes()))?;
                 Ok(())
             })
             .await?;
         Ok(())
+    }
+
+    /// Removes KV values whose TTL has passed (they already read as absent), at most
+    /// [`SWEEP_BATCH`] per transaction, until none is left. Returns how many went.
+    pub async fn kv_sweep_expired(&self) -> Result<usize> {
+        let partitions = self.inner.partitions;
+        let mut total = 0;
+        loop {
+            let now = now_millis();
+            let removed = self
+                .engine()
+                .write(vec![], move |ctx| {
+                    let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
+                    let mut kv = ctx.txn.open_table(KV)?;
+                    let mut due = Vec::new();
+                    for p in 0..partitions {
+                        let lo = expiry_key(&p.to_be_bytes(), 0);
+                        let hi = expiry_key(&p.to_be_bytes(), now.saturating_add(1));
+                        for e in idx.range(lo.as_slice()..hi.as_slice())? {
+                            due.push(e?.0.value().to_vec());
+                            if due.len() == SWEEP_BATCH {
+                                break;
+                            }
+                        }
+                        if due.len() == SWEEP_BATCH {
+                            break;
+                        }
+                    }
+                    let mut removed = 0;
+                    for i in &due {
+                        idx.remove(i.as_slice())?;
+                        let Some((full, at)) = expiry_target(i) else {
+                            continue;
+                        };
+                        // Only the value this index entry was made for; a newer write
+                        // of the key has its own entry.
+                        let expired = match kv.get(full.as_slice())? {
+                            Some(v) => decode(v.value())?.expires_at == Some(at),
+                            None => false,
+                        };
+                        if expired {
+                            kv.remove(full.as_slice())?;
+                            removed += 1;
+                        }
+                    }
+                    Ok((removed, due.len()))
+                })
+                .await?;
+            total += removed.0;
+            if removed.1 < SWEEP_BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Builds the expiry index for values written before it existed; once per data
+    /// directory (recorded in the engine's meta table). Returns the entries added.
+    pub async fn kv_backfill_expiry_index(&self) -> Result<usize> {
+        Ok(self
+            .engine()
+            .write(vec![], |ctx| {
+                let mut meta = ctx.txn.open_table(META)?;
+                if meta.get(EXPIRY_INDEX_MARK)?.is_some() {
+                    return Ok(0);
+                }
+                meta.insert(EXPIRY_INDEX_MARK, 1)?;
+                let kv = ctx.txn.open_table(KV)?;
+                let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
+                let mut added = 0;
+                for e in kv.iter()? {
+                    let (k, v) = e?;
+                    if let Some(at) = decode(v.value())?.expires_at {
+                        idx.insert(expiry_key(k.value(), at).as_slice(), ())?;
+                        added += 1;
+                    }
+                }
+                Ok(added)
+            })
+            .await?)
     }
 
     /// Whether a tenant holds any KV key (for the admin API's non-purging delete).
@@ -350,5 +472,67 @@ impl Store {
                 Ok(false)
             })
             .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::catalog::{MasterKey, SqlCatalog};
+    use crate::engine::Engine;
+
+    async fn store(dir: &std::path::Path) -> Store {
+        let engine = Engine::open(dir).unwrap();
+        let catalog = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
+            .await
+            .unwrap();
+        Store::new(engine, Arc::new(catalog), 16)
+    }
+
+    #[tokio::test]
+    async fn values_from_before_the_index_are_backfilled_then_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path()).await;
+        let tenant = TenantId::random();
+        // A TTL value as an older node wrote it: in the KV table only.
+        let mut full = s.kv_prefix(tenant, "ns");
+        full.extend_from_slice(b"old");
+        let rec = Stored {
+            version: 1,
+            expires_at: Some(now_millis() - 1),
+            value: b"v".to_vec(),
+            crc: crc32c::crc32c(b"v"),
+        };
+        s.engine()
+            .write(vec![], move |ctx| {
+                let mut t = ctx.txn.open_table(KV)?;
+                t.insert(full.as_slice(), encode(&rec)?.as_slice())?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        s.kv_put(
+            tenant,
+            "ns",
+            b"live",
+            b"x".to_vec(),
+            KvCondition::None,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(s.kv_sweep_expired().await.unwrap(), 0, "not indexed yet");
+        assert_eq!(s.kv_backfill_expiry_index().await.unwrap(), 1);
+        assert_eq!(s.kv_backfill_expiry_index().await.unwrap(), 0, "only once");
+        assert_eq!(s.kv_sweep_expired().await.unwrap(), 1);
+        let page = s
+            .kv_scan(tenant, "ns", b"", None, None, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(page.entries.len(), 1);
+        assert_eq!(page.entries[0].key, b"live");
+        assert_eq!(s.tenant_usage(tenant).await.unwrap().kv_keys, 1);
     }
 }

@@ -630,3 +630,72 @@ async fn tenants_are_isolated_and_revoked_keys_are_refused_at_once() {
         200
     );
 }
+
+/// Expired values are removed from disk by the node's sweep (usage stops counting them),
+/// while keys rewritten without a TTL, or with a later one, stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_values_are_swept_and_rewritten_keys_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path()).unwrap();
+    let admin = Admin::new(&node);
+    let (ak, sk) = admin.tenant_with_key("ttl-team").await.unwrap();
+    let kv = KvClient::new(&node.kv, &ak, &sk);
+    let put = |path: String, ttl: Option<&'static str>, body: &'static [u8]| {
+        let kv = &kv;
+        async move {
+            let headers: Vec<(&str, &str)> =
+                ttl.map(|t| ("x-granary-ttl", t)).into_iter().collect();
+            let r = kv
+                .send("PUT", &path, &headers, body.to_vec())
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+        }
+    };
+    for i in 0..50 {
+        put(format!("/kv/v1/cache/k{i:02}"), Some("1"), b"short-lived").await;
+    }
+    put("/kv/v1/cache/forever".into(), None, b"stays").await;
+    put(
+        "/kv/v1/cache/made-permanent".into(),
+        Some("1"),
+        b"was short",
+    )
+    .await;
+    put("/kv/v1/cache/made-permanent".into(), None, b"now stays").await;
+    put("/kv/v1/cache/extended".into(), Some("1"), b"was short").await;
+    put("/kv/v1/cache/extended".into(), Some("3600"), b"an hour").await;
+    let kv_keys = || async {
+        let (s, u) = admin
+            .call(Method::GET, "/tenants/ttl-team/usage", None)
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{u}");
+        u["kvKeys"].as_u64().unwrap()
+    };
+    assert_eq!(kv_keys().await, 53);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while kv_keys().await != 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expired values still on disk: {} keys",
+            kv_keys().await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    for (key, want) in [
+        ("forever", &b"stays"[..]),
+        ("made-permanent", b"now stays"),
+        ("extended", b"an hour"),
+    ] {
+        let r = kv
+            .send("GET", &format!("/kv/v1/cache/{key}"), &[], vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{key}");
+        assert_eq!(&r.bytes().await.unwrap()[..], want, "{key}");
+    }
+    // A later sweep leaves them alone.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    assert_eq!(kv_keys().await, 3);
+}
