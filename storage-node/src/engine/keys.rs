@@ -8,9 +8,12 @@ pub fn partition_prefix(p: PartitionId) -> Vec<u8> {
     p.0.to_be_bytes().to_vec()
 }
 
-/// Prefix of every object of a bucket incarnation.
+/// Length of [`bucket_prefix`]: partition (2) and bucket id (16).
+pub const BUCKET_PREFIX_LEN: usize = 18;
+
+/// Prefix of every object and upload of a bucket incarnation.
 pub fn bucket_prefix(p: PartitionId, bucket: BucketId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(18);
+    let mut k = Vec::with_capacity(BUCKET_PREFIX_LEN);
     k.extend_from_slice(&p.0.to_be_bytes());
     k.extend_from_slice(bucket.as_bytes());
     k

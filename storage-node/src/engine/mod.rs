@@ -30,6 +30,10 @@ pub const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 /// big-endian) | the KV key without its partition`. Lets the sweep find what expired
 /// without reading live data, and keeps each partition a contiguous range.
 pub const KV_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("kv_expiry");
+/// Bucket incarnations deleted (key: the bucket prefix, `partition | bucket id`). A write
+/// into one is refused inside the same group commit that would make it visible, so no
+/// data can land under a bucket after its delete was decided.
+pub const DEAD_BUCKETS: TableDefinition<&[u8], ()> = TableDefinition::new("dead_buckets");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +84,7 @@ impl Engine {
                 txn.open_table(t)?;
             }
             txn.open_table(KV_EXPIRY)?;
+            txn.open_table(DEAD_BUCKETS)?;
             txn.open_table(META)?;
             txn.commit()?;
         }

@@ -3,8 +3,9 @@
 
 use super::{Error, Result, Store};
 use crate::catalog::{Bucket, CatalogError};
-use crate::engine::{EngineError, OBJECTS, UPLOADS, keys};
+use crate::engine::{DEAD_BUCKETS, EngineError, OBJECTS, UPLOADS, keys};
 use crate::types::TenantId;
+use redb::ReadableTable;
 
 impl Store {
     /// The bucket named `name` of `tenant`, or `NoSuchBucket`.
@@ -45,30 +46,44 @@ impl Store {
         let _ddl = self.inner.bucket_ddl.lock().await;
         let b = self.bucket(tenant, name).await?;
         let prefix = keys::bucket_prefix(self.partition(tenant, name), b.id);
+        let gone = prefix.clone();
+        // Emptiness check and tombstone in one group commit: a PUT or multipart upload
+        // committed before it makes the bucket non-empty, one committed after it is
+        // refused (see `bucket_is_dead`).
         let empty = self
             .inner
             .engine
-            .read(move |txn| {
+            .write(vec![], move |ctx| {
                 for table in [OBJECTS, UPLOADS] {
-                    let t = txn.open_table(table).map_err(EngineError::from)?;
-                    if let Some(first) = t
-                        .range(prefix.as_slice()..)
-                        .map_err(EngineError::from)?
-                        .next()
-                    {
-                        let (k, _) = first.map_err(EngineError::from)?;
+                    let t = ctx.txn.open_table(table)?;
+                    if let Some(first) = t.range(prefix.as_slice()..)?.next() {
+                        let (k, _) = first?;
                         if k.value().starts_with(&prefix) {
                             return Ok(false);
                         }
                     }
                 }
+                ctx.txn
+                    .open_table(DEAD_BUCKETS)?
+                    .insert(prefix.as_slice(), ())?;
                 Ok(true)
             })
             .await?;
         if !empty {
             return Err(Error::BucketNotEmpty);
         }
-        self.inner.catalog.delete_bucket(tenant, b.id).await?;
+        if let Err(e) = self.inner.catalog.delete_bucket(tenant, b.id).await {
+            // The bucket stays: writes into it are allowed again.
+            let _ = self
+                .inner
+                .engine
+                .write(vec![], move |ctx| {
+                    ctx.txn.open_table(DEAD_BUCKETS)?.remove(gone.as_slice())?;
+                    Ok(())
+                })
+                .await;
+            return Err(e.into());
+        }
         self.inner
             .buckets
             .write()
@@ -126,7 +141,6 @@ impl Store {
         let usage = self
             .engine()
             .read(move |txn| {
-                use redb::ReadableTable;
                 let mut u = Usage {
                     buckets: n,
                     ..Default::default()
@@ -154,5 +168,107 @@ impl Store {
             })
             .await?;
         Ok(usage)
+    }
+}
+
+/// Whether the bucket incarnation that engine key `key` (object or upload) lives under
+/// was deleted. Called inside the write transaction that would store under it.
+pub(super) fn bucket_is_dead(
+    txn: &redb::WriteTransaction,
+    key: &[u8],
+) -> Result<bool, EngineError> {
+    let Some(prefix) = key.get(..keys::BUCKET_PREFIX_LEN) else {
+        return Ok(false);
+    };
+    Ok(txn.open_table(DEAD_BUCKETS)?.get(prefix)?.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use futures::SinkExt;
+
+    use super::*;
+    use crate::catalog::{Catalog, MasterKey, SqlCatalog, TenantSpec};
+    use crate::engine::Engine;
+    use crate::model::{ByteStream, Conditions, ObjectMeta};
+
+    fn files_under(p: &std::path::Path) -> usize {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| {
+                let p = e.path();
+                if p.is_dir() { files_under(&p) } else { 1 }
+            })
+            .sum()
+    }
+
+    /// The PUT resolved the bucket and is still receiving its body when the bucket is
+    /// deleted (it was empty): the PUT must fail and leave no data behind.
+    #[tokio::test]
+    async fn a_put_racing_delete_bucket_is_refused_and_leaves_no_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
+            .await
+            .unwrap();
+        let tenant = catalog
+            .create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        let s = Store::new(Engine::open(dir.path()).unwrap(), Arc::new(catalog), 16);
+        s.create_bucket(tenant, "b").await.unwrap();
+        let (mut tx, rx) = futures::channel::mpsc::channel::<std::io::Result<Bytes>>(1);
+        let body: ByteStream = Box::pin(rx);
+        let put = tokio::spawn({
+            let s = s.clone();
+            async move {
+                s.put_object(
+                    tenant,
+                    "b",
+                    "k",
+                    body,
+                    None,
+                    ObjectMeta::default(),
+                    Conditions::default(),
+                )
+                .await
+            }
+        });
+        tx.send(Ok(Bytes::from(vec![1u8; 3 << 20]))).await.unwrap();
+        tx.send(Ok(Bytes::from(vec![2u8; 1 << 20]))).await.unwrap();
+        s.delete_bucket(tenant, "b").await.unwrap();
+        tx.send(Ok(Bytes::from(vec![3u8; 1 << 20]))).await.unwrap();
+        drop(tx);
+        let r = put.await.unwrap();
+        assert!(matches!(r, Err(Error::NoSuchBucket)), "{r:?}");
+        assert_eq!(
+            files_under(&dir.path().join("chunks")),
+            0,
+            "data left behind"
+        );
+        // A new bucket of the same name starts empty and takes writes.
+        s.create_bucket(tenant, "b").await.unwrap();
+        let page = s
+            .list_objects(tenant, "b", "", None, None, 10)
+            .await
+            .unwrap();
+        assert!(page.objects.is_empty());
+        let one: ByteStream = Box::pin(futures::stream::iter([Ok(Bytes::from_static(b"x"))]));
+        s.put_object(
+            tenant,
+            "b",
+            "k",
+            one,
+            None,
+            ObjectMeta::default(),
+            Conditions::default(),
+        )
+        .await
+        .unwrap();
     }
 }

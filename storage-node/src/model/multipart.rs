@@ -98,12 +98,15 @@ impl Store {
         };
         self.engine()
             .write(vec![], move |ctx| {
+                if super::bucket::bucket_is_dead(ctx.txn, &ukey)? {
+                    return Ok(Err(Error::NoSuchBucket));
+                }
                 ctx.txn
                     .open_table(UPLOADS)?
                     .insert(ukey.as_slice(), encode(&rec)?.as_slice())?;
-                Ok(())
+                Ok(Ok(()))
             })
-            .await?;
+            .await??;
         Ok(id)
     }
 

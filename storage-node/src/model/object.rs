@@ -162,6 +162,7 @@ pub fn check_key(key: &str) -> Result<()> {
     Ok(())
 }
 
+#[derive(Debug)]
 pub struct PutOutcome {
     pub etag: String,
     pub size: u64,
@@ -196,6 +197,9 @@ impl Store {
             .inner
             .engine
             .write(written.dirs, move |ctx| {
+                if super::bucket::bucket_is_dead(ctx.txn, &key_bytes)? {
+                    return Ok(Err(Error::NoSuchBucket));
+                }
                 let mut t = ctx.txn.open_table(OBJECTS)?;
                 let current = match t.get(key_bytes.as_slice())? {
                     Some(v) => {
