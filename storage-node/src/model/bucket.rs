@@ -156,18 +156,13 @@ impl Store {
                             .unwrap_or(0);
                     }
                 }
-                let kv = txn.open_table(crate::engine::KV)?;
-                for e in kv.iter()? {
-                    let (k, _) = e?;
-                    let k = k.value();
-                    if k.len() >= 18 && &k[2..18] == tenant.as_bytes() {
-                        u.kv_keys += 1;
-                    }
-                }
                 Ok(u)
             })
             .await?;
-        Ok(usage)
+        Ok(Usage {
+            kv_keys: self.tenant_kv_keys(tenant).await?,
+            ..usage
+        })
     }
 }
 

@@ -362,19 +362,65 @@ impl Store {
             .await?)
     }
 
-    /// Removes every KV key of a tenant (admin purge). Scans every partition's range
-    /// of the tenant; fine for an administrative operation.
+    /// The KV key ranges of one tenant: one per partition (a namespace's partition is
+    /// a hash, so a tenant's keys are spread over all of them). Visiting these touches
+    /// only the tenant's own keys.
+    pub(crate) fn tenant_kv_ranges(&self, tenant: TenantId) -> Vec<(Vec<u8>, Vec<u8>)> {
+        (0..self.inner.partitions)
+            .map(|p| {
+                let mut lo = p.to_be_bytes().to_vec();
+                lo.extend_from_slice(tenant.as_bytes());
+                // Partitions are < 2^15, so the prefix is never all 0xff.
+                let hi = keys::prefix_end(&lo).unwrap_or_default();
+                (lo, hi)
+            })
+            .collect()
+    }
+
+    /// Removes every KV key of a tenant (admin purge), in one transaction.
     pub async fn purge_kv(&self, tenant: TenantId) -> Result<()> {
+        let ranges = self.tenant_kv_ranges(tenant);
         self.engine()
             .write(vec![], move |ctx| {
                 let mut t = ctx.txn.open_table(KV)?;
-                t.retain(|k, _| !(k.len() >= 18 && &k[2..18] == tenant.as_bytes()))?;
                 let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
-                idx.retain(|k, _| !(k.len() >= 26 && &k[10..26] == tenant.as_bytes()))?;
+                for (lo, hi) in &ranges {
+                    let mut doomed = Vec::new();
+                    for e in t.range(lo.as_slice()..hi.as_slice())? {
+                        let (k, v) = e?;
+                        let expires_at = decode(v.value()).ok().and_then(|s| s.expires_at);
+                        doomed.push((k.value().to_vec(), expires_at));
+                    }
+                    for (k, expires_at) in doomed {
+                        t.remove(k.as_slice())?;
+                        if let Some(at) = expires_at {
+                            idx.remove(expiry_key(&k, at).as_slice())?;
+                        }
+                    }
+                }
                 Ok(())
             })
             .await?;
         Ok(())
+    }
+
+    /// How many KV keys a tenant holds (expired ones count until swept).
+    pub async fn tenant_kv_keys(&self, tenant: TenantId) -> Result<u64> {
+        let ranges = self.tenant_kv_ranges(tenant);
+        Ok(self
+            .engine()
+            .read(move |txn| {
+                let t = txn.open_table(KV)?;
+                let mut n = 0;
+                for (lo, hi) in &ranges {
+                    for e in t.range(lo.as_slice()..hi.as_slice())? {
+                        e?;
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })
+            .await?)
     }
 
     /// Removes KV values whose TTL has passed (they already read as absent), at most
@@ -458,14 +504,13 @@ impl Store {
 
     /// Whether a tenant holds any KV key (for the admin API's non-purging delete).
     pub async fn tenant_has_kv(&self, tenant: TenantId) -> Result<bool> {
+        let ranges = self.tenant_kv_ranges(tenant);
         Ok(self
             .engine()
             .read(move |txn| {
                 let t = txn.open_table(KV)?;
-                for e in t.iter()? {
-                    let (k, _) = e?;
-                    let k = k.value();
-                    if k.len() >= 18 && &k[2..18] == tenant.as_bytes() {
+                for (lo, hi) in &ranges {
+                    if t.range(lo.as_slice()..hi.as_slice())?.next().is_some() {
                         return Ok(true);
                     }
                 }
