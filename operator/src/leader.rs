@@ -70,9 +70,52 @@ async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> kube::Result<boo
     }
 }
 
-/// Blocks until this process leads, then keeps renewing in the background. The
-/// returned receiver turns false if leadership is lost; the caller must then stop.
-pub async fn lead(client: Client, namespace: &str, name: &str, me: &str) -> watch::Receiver<bool> {
+/// Held while this process leads.
+pub struct Leadership {
+    api: Api<Lease>,
+    name: String,
+    me: String,
+    lost: watch::Receiver<bool>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Leadership {
+    /// Resolves when leadership is lost (renewal failed or another replica took over);
+    /// the caller must then stop reconciling.
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|leading| !*leading).await;
+    }
+
+    /// Stops renewing and gives the Lease up, so another replica takes over at once
+    /// instead of after the lease duration (as client-go's ReleaseOnCancel does).
+    pub async fn release(self) {
+        self.renewer.abort();
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.name).await else {
+            return;
+        };
+        let mut spec = lease.spec.clone().unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.me.as_str()) {
+            return;
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        lease.spec = Some(spec);
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => tracing::info!(lease = %self.name, "released the lease"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the lease; it expires on its own")
+            }
+        }
+    }
+}
+
+/// Blocks until this process leads, then keeps renewing in the background.
+pub async fn lead(client: Client, namespace: &str, name: &str, me: &str) -> Leadership {
     let api: Api<Lease> = Api::namespaced(client, namespace);
     loop {
         match try_acquire(&api, name, me).await {
@@ -84,29 +127,37 @@ pub async fn lead(client: Client, namespace: &str, name: &str, me: &str) -> watc
     }
     tracing::info!(lease = name, identity = me, "became leader");
     let (tx, rx) = watch::channel(true);
-    let (name, me) = (name.to_string(), me.to_string());
-    tokio::spawn(async move {
-        let mut failures_since = None::<std::time::Instant>;
-        loop {
-            tokio::time::sleep(RENEW_EVERY).await;
-            match try_acquire(&api, &name, &me).await {
-                Ok(true) => failures_since = None,
-                Ok(false) => {
-                    tracing::error!("leadership lost to another replica");
-                    let _ = tx.send(false);
-                    return;
-                }
-                Err(e) => {
-                    let since = *failures_since.get_or_insert_with(std::time::Instant::now);
-                    tracing::warn!(error = %e, "lease renewal failed");
-                    // Stop before the lease can expire under us: never two leaders.
-                    if since.elapsed() >= Duration::from_secs((LEASE_SECONDS as u64) - 5) {
+    let renewer = tokio::spawn({
+        let (api, name, me) = (api.clone(), name.to_string(), me.to_string());
+        async move {
+            let mut failures_since = None::<std::time::Instant>;
+            loop {
+                tokio::time::sleep(RENEW_EVERY).await;
+                match try_acquire(&api, &name, &me).await {
+                    Ok(true) => failures_since = None,
+                    Ok(false) => {
+                        tracing::error!("leadership lost to another replica");
                         let _ = tx.send(false);
                         return;
+                    }
+                    Err(e) => {
+                        let since = *failures_since.get_or_insert_with(std::time::Instant::now);
+                        tracing::warn!(error = %e, "lease renewal failed");
+                        // Stop before the lease can expire under us: never two leaders.
+                        if since.elapsed() >= Duration::from_secs((LEASE_SECONDS as u64) - 5) {
+                            let _ = tx.send(false);
+                            return;
+                        }
                     }
                 }
             }
         }
     });
-    rx
+    Leadership {
+        api,
+        name: name.to_string(),
+        me: me.to_string(),
+        lost: rx,
+        renewer,
+    }
 }

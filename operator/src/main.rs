@@ -208,11 +208,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(c2));
     }
     let mut all = std::pin::pin!(futures::future::join_all(tasks));
+    let mut leading = leading;
     let lost = async {
-        match leading {
-            Some(mut rx) => {
-                let _ = rx.wait_for(|v| !*v).await;
-            }
+        match leading.as_mut() {
+            Some(l) => l.lost().await,
             None => futures::future::pending().await,
         }
     };
@@ -227,6 +226,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tracing::warn!(grace = ?args.shutdown_grace, "controllers did not stop within the grace period; exiting anyway");
             }
         }
+    }
+    if let Some(l) = leading {
+        // A standby replica takes over at once; bounded, the API server may be gone.
+        let _ = tokio::time::timeout(Duration::from_secs(3), l.release()).await;
     }
     tracing::info!("operator stopped");
     Ok(())

@@ -168,6 +168,12 @@ fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
         status.is_some_and(|s| s.success()),
         "leader did not exit cleanly within 20 s of SIGTERM: {status:?}"
     );
+    // ... and gave the Lease up, so a standby would not wait for it to expire.
+    assert_eq!(
+        holder(&cp),
+        None,
+        "the stopped leader still holds the lease"
+    );
     drop((a, b));
 }
 
