@@ -18,7 +18,9 @@ use serde_json::{Value, json};
 use super::{Context, MANAGER};
 use crate::admin_client::AdminClient;
 use crate::build::cluster::Context as BuildContext;
-use crate::crd::{DeletionPolicy, StorageCluster, Tenant, TenantEndpoints, TenantStatus, Usage};
+use crate::crd::{
+    DeletionPolicy, Quotas, StorageCluster, Tenant, TenantEndpoints, TenantStatus, Usage,
+};
 use crate::error::{Error, Result};
 use crate::{conditions, quantity, selector};
 
@@ -333,12 +335,19 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
 
     let u = access.admin.usage(&name).await?;
     let n = |k: &str| u[k].as_i64();
-    status.usage = Some(Usage {
+    let usage = Usage {
         storage: u["storageBytes"].as_u64().map(|b| b.to_string()),
         objects: n("objects"),
         buckets: n("buckets"),
         kv_keys: n("kvKeys"),
-    });
+    };
+    let excess = over_quota(&t.spec.quotas, &usage);
+    let was_over = t
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "QuotaExceeded"))
+        .is_some_and(|c| c.status == "True");
+    status.usage = Some(usage);
     status.endpoints = Some(TenantEndpoints {
         s3: t.spec.endpoints.s3.then(|| access.s3.clone()),
         kv: t.spec.endpoints.kv.then(|| access.kv.clone()),
@@ -370,17 +379,57 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
         "",
         gen_,
     );
-    conditions::set(
-        &mut status.conditions,
-        "QuotaExceeded",
-        false,
-        "WithinQuota",
-        "",
-        gen_,
-    );
+    if excess.is_empty() {
+        conditions::set(
+            &mut status.conditions,
+            "QuotaExceeded",
+            false,
+            "WithinQuota",
+            "usage is within every quota",
+            gen_,
+        );
+    } else {
+        let msg = format!("over quota: {}", excess.join(", "));
+        if !was_over {
+            ctx.event(t, true, "QuotaExceeded", msg.clone()).await;
+        }
+        conditions::set(
+            &mut status.conditions,
+            "QuotaExceeded",
+            true,
+            "OverQuota",
+            msg,
+            gen_,
+        );
+    }
     patch_status(ctx, t, status).await?;
     // Usage is polled; a minute is fresh enough for a status field.
     Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// What is over its quota, in words (`objects 3 > 2`); empty when usage is within every
+/// quota (a quota is a maximum: usage equal to it is within).
+fn over_quota(q: &Quotas, u: &Usage) -> Vec<String> {
+    let mut out = Vec::new();
+    let limit = q.storage.as_ref().and_then(|s| quantity::to_u64(&s.0));
+    let used = u.storage.as_deref().and_then(|s| s.parse::<u64>().ok());
+    if let (Some(limit), Some(used)) = (limit, used)
+        && used > limit
+    {
+        out.push(format!("storage {used} bytes > {limit}"));
+    }
+    for (what, limit, used) in [
+        ("objects", q.objects, u.objects),
+        ("buckets", q.buckets, u.buckets),
+        ("kvKeys", q.kv_keys, u.kv_keys),
+    ] {
+        if let (Some(limit), Some(used)) = (limit, used)
+            && used > limit
+        {
+            out.push(format!("{what} {used} > {limit}"));
+        }
+    }
+    out
 }
 
 /// Deletion: `Delete` removes the tenant and all its data from the cluster; `Retain`
@@ -431,6 +480,8 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action> {
 
 #[cfg(test)]
 mod tests {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+
     use super::*;
 
     #[test]
@@ -441,6 +492,34 @@ mod tests {
         assert_eq!(parse_duration_secs("1500ms"), Some(1));
         assert_eq!(parse_duration_secs("10"), None);
         assert_eq!(parse_duration_secs("5d"), None);
+    }
+
+    #[test]
+    fn quota_excess_is_named_and_equal_usage_is_within() {
+        let q = Quotas {
+            storage: Some(Quantity("1Ki".into())),
+            objects: Some(2),
+            buckets: None,
+            kv_keys: Some(0),
+        };
+        let mut u = Usage {
+            storage: Some("1024".into()),
+            objects: Some(2),
+            buckets: Some(50),
+            kv_keys: Some(0),
+        };
+        assert!(over_quota(&q, &u).is_empty());
+        u.storage = Some("1025".into());
+        u.objects = Some(3);
+        u.kv_keys = Some(1);
+        assert_eq!(
+            over_quota(&q, &u),
+            ["storage 1025 bytes > 1024", "objects 3 > 2", "kvKeys 1 > 0"]
+        );
+        assert!(
+            over_quota(&Quotas::default(), &u).is_empty(),
+            "no quota, no excess"
+        );
     }
 
     #[test]

@@ -559,6 +559,57 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     });
     assert_eq!(usage["buckets"], 1);
     assert_eq!(usage["storage"], "15");
+    // Usage above a quota shows as QuotaExceeded (with a Warning event), and clears.
+    let quota = |objects: u32| {
+        cp.kubectl(&[
+            "patch",
+            "tenant",
+            "analytics",
+            "-n",
+            "team-analytics",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{{"quotas":{{"objects":{objects}}}}}}}"#),
+        ])
+        .unwrap();
+    };
+    let quota_condition = |want: &'static str| {
+        wait_for("QuotaExceeded condition", 60, || {
+            let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
+            Ok(condition(&v, "QuotaExceeded").filter(|(status, _, _)| status == want))
+        })
+    };
+    quota(0);
+    let (_, reason, message) = quota_condition("True");
+    assert_eq!(reason, "OverQuota");
+    assert!(message.contains("objects 1 > 0"), "{message}");
+    let events = json(
+        &cp,
+        &[
+            "get",
+            "events",
+            "-n",
+            "team-analytics",
+            "--field-selector",
+            "reason=QuotaExceeded",
+        ],
+    )
+    .unwrap();
+    assert!(
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "Warning"
+                && e["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("objects 1 > 0")),
+        "no Warning event: {events}"
+    );
+    quota(7);
+    let (_, reason, _) = quota_condition("False");
+    assert_eq!(reason, "WithinQuota");
     cp.kubectl(&[
         "patch",
         "storagecluster",
