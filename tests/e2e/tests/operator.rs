@@ -531,17 +531,20 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     let (s, t) = node_tenant("team-analytics.analytics").await;
     assert_eq!(s, 200);
     assert_eq!(t["spec"]["quotas"]["storageBytes"], 2u64 * 1024u64.pow(4));
-    cp.kubectl(&[
-        "patch",
-        "tenant",
-        "analytics",
-        "-n",
-        "team-analytics",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"quotas":{"objects":7}}}"#,
-    ])
-    .unwrap();
+    let quota = |objects: u32| {
+        cp.kubectl(&[
+            "patch",
+            "tenant",
+            "analytics",
+            "-n",
+            "team-analytics",
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"spec":{{"quotas":{{"objects":{objects}}}}}}}"#),
+        ])
+        .unwrap();
+    };
+    quota(7);
     let mut updated = false;
     for _ in 0..150 {
         let (_, t) = node_tenant("team-analytics.analytics").await;
@@ -560,19 +563,6 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     assert_eq!(usage["buckets"], 1);
     assert_eq!(usage["storage"], "15");
     // Usage above a quota shows as QuotaExceeded (with a Warning event), and clears.
-    let quota = |objects: u32| {
-        cp.kubectl(&[
-            "patch",
-            "tenant",
-            "analytics",
-            "-n",
-            "team-analytics",
-            "--type=merge",
-            "-p",
-            &format!(r#"{{"spec":{{"quotas":{{"objects":{objects}}}}}}}"#),
-        ])
-        .unwrap();
-    };
     let quota_condition = |want: &'static str| {
         wait_for("QuotaExceeded condition", 60, || {
             let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
