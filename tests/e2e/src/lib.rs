@@ -27,7 +27,15 @@ pub fn workspace_root() -> PathBuf {
 fn cargo_binary(cell: &'static OnceLock<PathBuf>, env: &str, package: &str, bin: &str) -> PathBuf {
     cell.get_or_init(|| {
         if let Ok(p) = std::env::var(env) {
-            return PathBuf::from(p);
+            // Relative to where we were started: children run in other directories.
+            let p = PathBuf::from(p);
+            let p = std::path::absolute(&p).unwrap_or(p);
+            assert!(
+                p.is_file(),
+                "{env}={} does not exist; build it first",
+                p.display()
+            );
+            return p;
         }
         let root = workspace_root();
         let status = Command::new(env!("CARGO"))

@@ -94,7 +94,8 @@ fn main() -> Result<()> {
         )
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("operator.log"))?)
-        .spawn()?;
+        .spawn()
+        .with_context(|| format!("starting {}", operator_binary().display()))?;
     let (s3p, kvp, adp) = (free_port(), free_port(), free_port());
     let cluster = format!(
         "apiVersion: granary.dev/v1alpha1\nkind: StorageCluster\nmetadata:\n  name: main\n  namespace: granary-system\n  annotations:\n    granary.dev/admin-endpoint: http://127.0.0.1:{adp}\n    granary.dev/s3-endpoint: http://127.0.0.1:{s3p}\n    granary.dev/kv-endpoint: http://127.0.0.1:{kvp}\nspec:\n  region: us-east-1\n  replication: {{factor: 1, minInSync: 1}}\n  zones: [{{name: a, pools: [{{name: p, replicas: 1, storage: {{size: 1Gi}}}}]}}]\n  catalog: {{postgresSecretRef: {{name: granary-catalog, key: url}}}}\n  tenants: {{namespaceSelector: {{matchLabels: {{granary.dev/storage: allowed}}}}}}\n"
