@@ -49,7 +49,9 @@ async fn try_acquire(api: &Api<Lease>, name: &str, me: &str) -> kube::Result<boo
         Some(mut lease) => {
             let spec = lease.spec.clone().unwrap_or_default();
             let mine = spec.holder_identity.as_deref() == Some(me);
-            if !mine && !expired(&spec, now) {
+            // Released (no holder) counts as free at once.
+            let free = spec.holder_identity.as_deref().is_none_or(str::is_empty);
+            if !mine && !free && !expired(&spec, now) {
                 return Ok(false);
             }
             let mut s = spec;

@@ -207,32 +207,48 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(c1));
         tasks.push(tokio::spawn(c2));
     }
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
     let mut all = std::pin::pin!(futures::future::join_all(tasks));
     let mut leading = leading;
-    let lost = async {
-        match leading.as_mut() {
-            Some(l) => l.lost().await,
-            None => futures::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = &mut all => {}
-        _ = lost => anyhow::bail!("lost leadership; exiting so a new leader takes over"),
-        _ = stop.clone() => {
-            // The controllers saw the same signal and stop taking work; in-flight
-            // reconciles get the grace period. Watches retrying against an unreachable
-            // API server would otherwise hold the process forever.
-            if tokio::time::timeout(args.shutdown_grace, &mut all).await.is_err() {
-                tracing::warn!(grace = ?args.shutdown_grace, "controllers did not stop within the grace period; exiting anyway");
+    let outcome: anyhow::Result<()> = {
+        let mut lost = std::pin::pin!(async {
+            match leading.as_mut() {
+                Some(l) => l.lost().await,
+                None => futures::future::pending().await,
+            }
+        });
+        tokio::select! {
+            _ = &mut all => Ok(()),
+            _ = &mut lost => Err(anyhow::anyhow!("lost leadership; exiting so a new leader takes over")),
+            _ = stop.clone() => {
+                // The controllers saw the same signal and stop taking work; in-flight
+                // reconciles get the grace period. Watches retrying against an
+                // unreachable API server would otherwise hold the process forever.
+                // Leadership is still watched: past the lease, another replica may lead.
+                tokio::select! {
+                    r = tokio::time::timeout(args.shutdown_grace, &mut all) => {
+                        if r.is_err() {
+                            tracing::warn!(grace = ?args.shutdown_grace, "controllers did not stop within the grace period; exiting anyway");
+                        }
+                        Ok(())
+                    }
+                    _ = &mut lost => Err(anyhow::anyhow!("lost leadership while shutting down")),
+                }
             }
         }
+    };
+    // Nothing reconciles any more before the Lease can pass to another replica.
+    for a in &aborts {
+        a.abort();
     }
-    if let Some(l) = leading {
+    if outcome.is_ok()
+        && let Some(l) = leading
+    {
         // A standby replica takes over at once; bounded, the API server may be gone.
         let _ = tokio::time::timeout(Duration::from_secs(3), l.release()).await;
     }
     tracing::info!("operator stopped");
-    Ok(())
+    outcome
 }
 
 /// An API over one namespace, or all namespaces when `ns` is None.

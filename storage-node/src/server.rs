@@ -221,13 +221,13 @@ impl Node {
                 .with_graceful_shutdown(signal(shutdown.clone()))
                 .into_future(),
         );
-        let sweeper = tokio::spawn(sweep_expired_kv(store.clone(), shutdown.clone()));
+        let sweeper = tokio::spawn(housekeeping(store.clone(), shutdown.clone()));
         ready.store(true, Ordering::Relaxed);
         serve_s3(listeners.0, s3, metrics, shutdown.clone()).await;
-        let _ = sweeper.await;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
             let _ = kv_task.await;
             let _ = admin_task.await;
+            let _ = sweeper.await;
         })
         .await;
         store.engine().shutdown().await;
@@ -298,12 +298,18 @@ async fn serve_s3(
 }
 
 /// A watch channel that flips to true on SIGINT or SIGTERM.
-/// How often expired KV values are removed from disk (they read as absent at once).
-const KV_SWEEP_EVERY: Duration = Duration::from_secs(5);
+/// How often the node's housekeeping runs.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
-/// Removes expired KV values every [`KV_SWEEP_EVERY`] until shutdown.
-async fn sweep_expired_kv(store: Store, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(KV_SWEEP_EVERY);
+/// Longest a read may keep replaced or deleted object data on disk. A client that stops
+/// reading a response would otherwise hold that space for as long as it keeps the
+/// connection open.
+const MAX_READ_PIN: Duration = Duration::from_secs(30 * 60);
+
+/// Every [`HOUSEKEEPING_EVERY`] until shutdown: removes expired KV values (they read as
+/// absent at once) and data that stalled readers have held for [`MAX_READ_PIN`].
+async fn housekeeping(store: Store, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -314,6 +320,13 @@ async fn sweep_expired_kv(store: Store, mut shutdown: watch::Receiver<bool>) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(keys = n, "removed expired KV values"),
             Err(e) => tracing::warn!(error = %e, "KV expiry sweep failed; retrying later"),
+        }
+        let n = store.engine().chunks().remove_long_pinned(MAX_READ_PIN);
+        if n > 0 {
+            tracing::warn!(
+                files = n,
+                "removed replaced object data that stalled reads held for over 30 minutes"
+            );
         }
     }
 }

@@ -290,8 +290,8 @@ async fn set_failed_status(sc: &StorageCluster, ctx: &Context, e: &Error) -> Res
 }
 
 /// Earlier versions applied one budget per pool. A pod matched by two budgets cannot be
-/// evicted at all, so any other budget of this cluster's goes once the cluster-wide one
-/// is in place.
+/// evicted at all, so any other budget this cluster owns goes once the cluster-wide one
+/// is in place. Budgets it does not own are never touched.
 async fn remove_stale_pdbs(api: &Api<PodDisruptionBudget>, bctx: &builder::Context) -> Result<()> {
     let labels = crate::build::cluster_labels(&bctx.name)
         .iter()
@@ -300,8 +300,14 @@ async fn remove_stale_pdbs(api: &Api<PodDisruptionBudget>, bctx: &builder::Conte
         .join(",");
     let keep = bctx.pdb_name();
     for old in api.list(&ListParams::default().labels(&labels)).await? {
+        let owned = old
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .any(|o| o.uid == bctx.uid);
         let name = old.metadata.name.unwrap_or_default();
-        if name != keep {
+        if owned && name != keep {
             tracing::info!(pdb = %name, "removing a superseded PodDisruptionBudget");
             api.delete(&name, &Default::default()).await?;
         }

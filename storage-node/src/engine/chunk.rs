@@ -54,7 +54,8 @@ pub struct ChunkStore {
 #[derive(Debug, Default)]
 struct Pins {
     readers: HashMap<ChunkId, usize>,
-    doomed: HashMap<ChunkId, ChunkRef>,
+    /// Removal waits for readers; since when.
+    doomed: HashMap<ChunkId, (ChunkRef, std::time::Instant)>,
 }
 
 /// Keeps the chunk files of one read on disk until it is dropped (the body is sent or
@@ -79,7 +80,7 @@ impl Drop for ChunkPin {
                     *n -= 1;
                     if *n == 0 {
                         pins.readers.remove(id);
-                        free.extend(pins.doomed.remove(id));
+                        free.extend(pins.doomed.remove(id).map(|(c, _)| c));
                     }
                 }
             }
@@ -118,7 +119,7 @@ impl ChunkStore {
             let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
             for c in chunks {
                 if pins.readers.contains_key(&c.id) {
-                    pins.doomed.insert(c.id, c);
+                    pins.doomed.insert(c.id, (c, std::time::Instant::now()));
                 } else {
                     now.push(c);
                 }
@@ -138,6 +139,27 @@ impl ChunkStore {
             Ok(rt) => drop(rt.spawn_blocking(work)),
             Err(_) => work(),
         }
+    }
+
+    /// Removes files that have waited more than `max_age` for their readers: a client
+    /// that stops reading must not hold deleted data on disk for ever. Those readers'
+    /// bodies then end with an error. Returns how many files went.
+    pub fn remove_long_pinned(&self, max_age: std::time::Duration) -> usize {
+        let stale: Vec<ChunkRef> = {
+            let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
+            let ids: Vec<ChunkId> = pins
+                .doomed
+                .iter()
+                .filter(|(_, (_, since))| since.elapsed() >= max_age)
+                .map(|(id, _)| *id)
+                .collect();
+            ids.iter()
+                .filter_map(|id| pins.doomed.remove(id).map(|(c, _)| c))
+                .collect()
+        };
+        let n = stale.len();
+        self.remove_all(stale);
+        n
     }
 
     /// How many chunk files wait for reads to end before removal.
@@ -475,5 +497,22 @@ mod tests {
         let c = mk(3);
         store.remove_when_unused(vec![c.clone()]);
         assert!(!exists(&c));
+        // A reader that never finishes holds a file only up to the maximum age.
+        let d = mk(4);
+        let stuck = store.pin(std::slice::from_ref(&d));
+        store.remove_when_unused(vec![d.clone()]);
+        assert_eq!(
+            store.remove_long_pinned(std::time::Duration::from_secs(3600)),
+            0
+        );
+        assert!(exists(&d));
+        assert_eq!(store.remove_long_pinned(std::time::Duration::ZERO), 1);
+        assert!(!exists(&d));
+        assert!(matches!(
+            store.read_range(&d, 0, 10),
+            Err(ChunkError::Missing { .. } | ChunkError::Io(_))
+        ));
+        drop(stuck);
+        assert_eq!(store.pending_removals(), 0);
     }
 }

@@ -103,6 +103,11 @@ impl Engine {
 
     /// Runs `f` inside the next group commit and returns its result once the commit is
     /// durable. `sync_dirs` are directories holding new chunk files `f` makes reachable.
+    ///
+    /// Contract: `f` shares one transaction with the other writes of its batch, and
+    /// there is no per-write rollback (redb savepoints need a clean transaction). So `f`
+    /// must read and validate everything first and return `Err` only before its first
+    /// change; a refusal after validation is `Ok(Err(..))` with nothing changed.
     pub async fn write<T, F>(&self, sync_dirs: Vec<PathBuf>, f: F) -> Result<T, EngineError>
     where
         T: Send + 'static,

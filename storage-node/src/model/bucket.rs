@@ -1,11 +1,14 @@
 //! Buckets: per-tenant names mapped to bucket incarnations (catalog) whose objects live
 //! in one partition of the engine.
 
+use std::sync::atomic::Ordering;
+
+use redb::ReadableTable;
+
 use super::{Error, Result, Store};
 use crate::catalog::{Bucket, CatalogError};
 use crate::engine::{DEAD_BUCKETS, EngineError, OBJECTS, UPLOADS, keys};
 use crate::types::TenantId;
-use redb::ReadableTable;
 
 impl Store {
     /// The bucket named `name` of `tenant`, or `NoSuchBucket`.
@@ -14,24 +17,37 @@ impl Store {
         if let Some(b) = self.inner.buckets.read().await.get(&cache_key) {
             return Ok(b.clone());
         }
+        let epoch = self.inner.bucket_epoch.load(Ordering::SeqCst);
         let b = self
             .inner
             .catalog
             .bucket(tenant, name)
             .await?
             .ok_or(Error::NoSuchBucket)?;
-        self.inner
-            .buckets
-            .write()
-            .await
-            .insert(cache_key, b.clone());
+        let mut cache = self.inner.buckets.write().await;
+        if self.inner.bucket_epoch.load(Ordering::SeqCst) == epoch {
+            cache.insert(cache_key, b.clone());
+        }
         Ok(b)
+    }
+
+    /// Records a create or delete of `name` in the cache (the catalog already has it).
+    async fn bucket_changed(&self, tenant: TenantId, name: &str, now: Option<Bucket>) {
+        let mut cache = self.inner.buckets.write().await;
+        self.inner.bucket_epoch.fetch_add(1, Ordering::SeqCst);
+        match now {
+            Some(b) => cache.insert((tenant, name.to_string()), b),
+            None => cache.remove(&(tenant, name.to_string())),
+        };
     }
 
     pub async fn create_bucket(&self, tenant: TenantId, name: &str) -> Result<Bucket> {
         let _ddl = self.inner.bucket_ddl.lock().await;
         match self.inner.catalog.create_bucket(tenant, name).await {
-            Ok(b) => Ok(b),
+            Ok(b) => {
+                self.bucket_changed(tenant, name, Some(b.clone())).await;
+                Ok(b)
+            }
             Err(CatalogError::Conflict(_)) => Err(Error::BucketAlreadyOwnedByYou),
             Err(e) => Err(e.into()),
         }
@@ -84,11 +100,7 @@ impl Store {
                 .await;
             return Err(e.into());
         }
-        self.inner
-            .buckets
-            .write()
-            .await
-            .remove(&(tenant, name.to_string()));
+        self.bucket_changed(tenant, name, None).await;
         Ok(())
     }
 

@@ -219,6 +219,14 @@ impl Store {
                 if let Err(e) = check(cond, current.as_ref()) {
                     return Ok(Err(e));
                 }
+                let version = ctx.next_seq();
+                let crc = crc32c::crc32c(&value);
+                let record = encode(&Stored {
+                    version,
+                    expires_at,
+                    value,
+                    crc,
+                })?;
                 let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
                 if let Some(at) = stored.and_then(|s| s.expires_at) {
                     idx.remove(expiry_key(&full, at).as_slice())?;
@@ -226,15 +234,7 @@ impl Store {
                 if let Some(at) = expires_at {
                     idx.insert(expiry_key(&full, at).as_slice(), ())?;
                 }
-                let version = ctx.next_seq();
-                let crc = crc32c::crc32c(&value);
-                let s = Stored {
-                    version,
-                    expires_at,
-                    value,
-                    crc,
-                };
-                t.insert(full.as_slice(), encode(&s)?.as_slice())?;
+                t.insert(full.as_slice(), record.as_slice())?;
                 Ok(Ok(version))
             })
             .await?
@@ -451,17 +451,22 @@ impl Store {
                     }
                     let mut removed = 0;
                     for i in &due {
+                        // Decide before changing anything: an error returned after a
+                        // change would still be committed with the rest of the batch.
+                        let expired = match expiry_target(i) {
+                            // Only the value this index entry was made for; a newer
+                            // write of the key has its own entry. A value that fails its
+                            // checksum stays (reads report it); its entry goes.
+                            Some((full, at)) => match kv.get(full.as_slice())? {
+                                Some(v) => decode(v.value())
+                                    .is_ok_and(|s| s.expires_at == Some(at))
+                                    .then_some(full),
+                                None => None,
+                            },
+                            None => None,
+                        };
                         idx.remove(i.as_slice())?;
-                        let Some((full, at)) = expiry_target(i) else {
-                            continue;
-                        };
-                        // Only the value this index entry was made for; a newer write
-                        // of the key has its own entry.
-                        let expired = match kv.get(full.as_slice())? {
-                            Some(v) => decode(v.value())?.expires_at == Some(at),
-                            None => false,
-                        };
-                        if expired {
+                        if let Some(full) = expired {
                             kv.remove(full.as_slice())?;
                             removed += 1;
                         }
@@ -486,17 +491,18 @@ impl Store {
                 if meta.get(EXPIRY_INDEX_MARK)?.is_some() {
                     return Ok(0);
                 }
-                meta.insert(EXPIRY_INDEX_MARK, 1)?;
                 let kv = ctx.txn.open_table(KV)?;
                 let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
                 let mut added = 0;
                 for e in kv.iter()? {
                     let (k, v) = e?;
-                    if let Some(at) = decode(v.value())?.expires_at {
+                    // A value that fails its checksum is skipped (reads report it).
+                    if let Some(at) = decode(v.value()).ok().and_then(|s| s.expires_at) {
                         idx.insert(expiry_key(k.value(), at).as_slice(), ())?;
                         added += 1;
                     }
                 }
+                meta.insert(EXPIRY_INDEX_MARK, 1)?;
                 Ok(added)
             })
             .await?)

@@ -82,6 +82,10 @@ struct Inner {
     catalog: Arc<dyn Catalog>,
     partitions: u16,
     buckets: RwLock<HashMap<(TenantId, String), Bucket>>,
+    /// Bumped (under the `buckets` write lock) whenever a bucket is created or deleted:
+    /// a cache fill that read the catalog before the change is dropped, so a deleted
+    /// incarnation can never be cached after its deletion.
+    bucket_epoch: std::sync::atomic::AtomicU64,
     /// Serialises bucket creation and deletion against each other.
     bucket_ddl: Mutex<()>,
 }
@@ -94,6 +98,7 @@ impl Store {
                 catalog,
                 partitions,
                 buckets: RwLock::new(HashMap::new()),
+                bucket_epoch: Default::default(),
                 bucket_ddl: Mutex::new(()),
             }),
         }

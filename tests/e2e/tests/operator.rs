@@ -295,15 +295,6 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         "granary.dev/s3-endpoint": format!("http://127.0.0.1:{s3p}"),
         "granary.dev/kv-endpoint": format!("http://127.0.0.1:{kvp}"),
     });
-    // A per-pool budget as an earlier operator version applied it: it must go, since a pod
-    // matched by two budgets cannot be evicted at all.
-    cp.kubectl_stdin(
-        &["apply", "-f", "-"],
-        &format!(
-            "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: main-a-fast\n  namespace: {ns}\n  labels: {{app.kubernetes.io/name: granary-node, app.kubernetes.io/instance: main, app.kubernetes.io/managed-by: granary-operator}}\nspec:\n  maxUnavailable: 1\n  selector: {{matchLabels: {{app.kubernetes.io/name: granary-node, app.kubernetes.io/instance: main, granary.dev/zone: a, granary.dev/pool: fast}}}}\n"
-        ),
-    )
-    .unwrap();
     cp.kubectl_stdin(&["apply", "-f", "-"], &sc.to_string())
         .unwrap();
 
@@ -373,19 +364,41 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         a["metadata"]["ownerReferences"][0]["kind"],
         "StorageCluster"
     );
-    // One budget over all the cluster's storage nodes, and nothing else selecting them.
-    let pdbs = poll_until(Duration::from_secs(30), "only the cluster-wide PDB", || {
-        let all = json(&cp, &["get", "pdb", "-n", ns])?;
-        let items = all["items"].as_array().cloned().unwrap_or_default();
-        Ok((items.len() == 1).then_some(items))
-    })
-    .unwrap();
-    assert_eq!(pdbs[0]["metadata"]["name"], "main-storage");
-    assert_eq!(pdbs[0]["spec"]["maxUnavailable"], 1);
+    // One budget over all the cluster's storage nodes.
+    let pdb = wait_for("the cluster-wide PDB", 30, || {
+        Ok(json(&cp, &["get", "pdb", "main-storage", "-n", ns]).ok())
+    });
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert_eq!(
-        pdbs[0]["spec"]["selector"]["matchLabels"],
+        pdb["spec"]["selector"]["matchLabels"],
         serde_json::json!({"app.kubernetes.io/name": "granary-node", "app.kubernetes.io/instance": "main"})
     );
+    // A per-pool budget as an earlier operator version applied it (owned by the cluster)
+    // goes at the next reconcile, since a pod matched by two budgets cannot be evicted;
+    // a budget with the same labels that the cluster does not own is left alone.
+    let uid = json(&cp, &["get", "storagecluster", "main", "-n", ns]).unwrap()["metadata"]["uid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let labels = "{app.kubernetes.io/name: granary-node, app.kubernetes.io/instance: main, app.kubernetes.io/managed-by: granary-operator}";
+    let selector = "{matchLabels: {app.kubernetes.io/name: granary-node, app.kubernetes.io/instance: main, granary.dev/zone: a, granary.dev/pool: fast}}";
+    cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: main-a-fast\n  namespace: {ns}\n  labels: {labels}\n  ownerReferences: [{{apiVersion: granary.dev/v1alpha1, kind: StorageCluster, name: main, uid: {uid}, controller: true}}]\nspec:\n  maxUnavailable: 1\n  selector: {selector}\n---\napiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: someone-elses\n  namespace: {ns}\n  labels: {labels}\nspec:\n  maxUnavailable: 1\n  selector: {selector}\n"
+        ),
+    )
+    .unwrap();
+    poke(&cp, ns, "granary.dev/test-touch");
+    wait_for("the superseded per-pool PDB deleted", 60, || {
+        Ok(json(&cp, &["get", "pdb", "main-a-fast", "-n", ns])
+            .is_err()
+            .then_some(()))
+    });
+    json(&cp, &["get", "pdb", "someone-elses", "-n", ns])
+        .expect("a PDB the cluster does not own is kept");
+    cp.kubectl(&["delete", "pdb", "someone-elses", "-n", ns])
+        .unwrap();
     for svc in ["main-s3", "main-kv", "main-internal", "main-a-fast"] {
         json(&cp, &["get", "service", svc, "-n", ns])
             .unwrap_or_else(|e| panic!("service {svc}: {e}"));
@@ -713,16 +726,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         serde_json::json!([{"op": "replace", "path": "/rules", "value": rules}]).to_string();
     cp.kubectl(&["patch", "clusterrole", &role, "--type=json", "-p", &patch])
         .unwrap();
-    cp.kubectl(&[
-        "annotate",
-        "storagecluster",
-        "main",
-        "-n",
-        ns,
-        "test/poke=1",
-        "--overwrite",
-    ])
-    .unwrap();
+    poke(&cp, ns, "test/poke");
     let failed = wait_for("forbidden reconcile reported", 90, || {
         let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Ready").filter(|c| c.1 == "ReconcileFailed"))
@@ -748,6 +752,20 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         "a Warning event is published"
     );
     let _ = std::fs::read_to_string(&op_log).context("operator log");
+}
+
+/// Annotates the StorageCluster `main`, which makes the operator reconcile it again.
+fn poke(cp: &ControlPlane, ns: &str, key: &str) {
+    cp.kubectl(&[
+        "annotate",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        &format!("{key}=1"),
+        "--overwrite",
+    ])
+    .unwrap();
 }
 
 fn serde_yaml_to_json(yaml: &str) -> Value {
