@@ -34,8 +34,15 @@ async fn sigkill_during_writes_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let history = Arc::new(Mutex::new(History::default()));
     let mut rng = rand::rng();
-    let cycles = 5;
+    // 5 in the test command; `scripts/soak.sh` runs many more.
+    let cycles: usize = std::env::var("GRANARY_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     for cycle in 0..=cycles {
+        if cycles > 5 {
+            eprintln!("crash test: cycle {cycle}/{cycles}");
+        }
         let mut node = NodeProc::start(dir.path()).unwrap();
         let c = client(&node.s3, &node.access_key, &node.secret_key);
         let kv = KvClient::new(&node.kv, &node.access_key, &node.secret_key);

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Long fault runs, kept out of the CI test command (scripts/test.sh): the durability
+# suite with many SIGKILL cycles (writers of inline and chunked objects and KV keys,
+# every acknowledged write checked after every restart), on-disk corruption, bad input,
+# SIGTERM draining and slow readers, repeated SOAK_ROUNDS times.
+#
+#   scripts/soak.sh                               # 3 rounds of 50 kill cycles
+#   SOAK_ROUNDS=10 GRANARY_CRASH_CYCLES=200 scripts/soak.sh
+#
+# Needs what scripts/test.sh installs (run that once first).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_INCREMENTAL=0
+export GRANARY_CRASH_CYCLES="${GRANARY_CRASH_CYCLES:-50}"
+ROUNDS="${SOAK_ROUNDS:-3}"
+
+echo "==> building (debug, as the test command does)"
+cargo build --workspace --all-targets
+export GRANARY_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-node"
+
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+start=$(date +%s)
+for round in $(seq 1 "$ROUNDS"); do
+  echo "==> round $round/$ROUNDS: durability suite, $GRANARY_CRASH_CYCLES SIGKILL cycles"
+  set +e
+  cargo test -q -p granary-e2e --test durability -- --test-threads=2 --nocapture 2>&1 \
+    | tee "$log" | grep --line-buffered -E "crash test|test result|panicked"
+  status=${PIPESTATUS[0]}
+  set -e
+  if [ "$status" -ne 0 ]; then
+    echo "soak: round $round failed; full output follows" >&2
+    cat "$log" >&2
+    exit "$status"
+  fi
+done
+echo "==> soak: $ROUNDS rounds passed in $(( $(date +%s) - start )) s"
