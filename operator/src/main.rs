@@ -58,15 +58,15 @@ struct RunArgs {
     metrics_addr: std::net::SocketAddr,
     /// After SIGTERM, how long running reconciles may take before the process exits
     /// anyway (keep it below the pod's terminationGracePeriodSeconds).
-    #[arg(long, default_value = "10s", value_parser = parse_secs)]
+    #[arg(long, default_value = "10s", value_parser = parse_grace)]
     shutdown_grace: Duration,
 }
 
-fn parse_secs(s: &str) -> Result<Duration, String> {
-    let n = s.strip_suffix('s').unwrap_or(s);
-    n.parse::<u64>()
+/// A duration such as `10s` or `1m30s` (the Tenant `coldAfter` syntax).
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    granary_operator::controller::tenant::parse_duration_secs(s)
         .map(Duration::from_secs)
-        .map_err(|_| format!("expected seconds such as 10s, got {s:?}"))
+        .ok_or_else(|| format!("expected a duration such as 10s or 1m30s, got {s:?}"))
 }
 
 /// Resolves on the first SIGINT or SIGTERM. The handlers are installed when this is
@@ -142,7 +142,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let leading = if args.leader_election && !args.no_leader_election {
+    let mut leading = if args.leader_election && !args.no_leader_election {
         let me = std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("granary-operator-{}", std::process::id()));
         let lead = granary_operator::leader::lead(
@@ -209,7 +209,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
     let mut all = std::pin::pin!(futures::future::join_all(tasks));
-    let mut leading = leading;
     let outcome: anyhow::Result<()> = {
         let mut lost = std::pin::pin!(async {
             match leading.as_mut() {

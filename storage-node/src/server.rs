@@ -297,7 +297,6 @@ async fn serve_s3(
     }
 }
 
-/// A watch channel that flips to true on SIGINT or SIGTERM.
 /// How often the node's housekeeping runs.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 
@@ -331,6 +330,7 @@ async fn housekeeping(store: Store, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
+/// A watch channel that flips to true on SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -379,29 +379,23 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
         "",
         gen_,
     );
-    if excess.is_empty() {
-        conditions::set(
-            &mut status.conditions,
-            "QuotaExceeded",
-            false,
-            "WithinQuota",
-            "usage is within every quota",
-            gen_,
-        );
+    let over = !excess.is_empty();
+    let (reason, msg) = if over {
+        ("OverQuota", format!("over quota: {}", excess.join(", ")))
     } else {
-        let msg = format!("over quota: {}", excess.join(", "));
-        if !was_over {
-            ctx.event(t, true, "QuotaExceeded", msg.clone()).await;
-        }
-        conditions::set(
-            &mut status.conditions,
-            "QuotaExceeded",
-            true,
-            "OverQuota",
-            msg,
-            gen_,
-        );
+        ("WithinQuota", "usage is within every quota".to_string())
+    };
+    if over && !was_over {
+        ctx.event(t, true, "QuotaExceeded", msg.clone()).await;
     }
+    conditions::set(
+        &mut status.conditions,
+        "QuotaExceeded",
+        over,
+        reason,
+        msg,
+        gen_,
+    );
     patch_status(ctx, t, status).await?;
     // Usage is polled; a minute is fresh enough for a status field.
     Ok(Action::requeue(Duration::from_secs(60)))

@@ -145,18 +145,14 @@ impl ChunkStore {
     /// that stops reading must not hold deleted data on disk for ever. Those readers'
     /// bodies then end with an error. Returns how many files went.
     pub fn remove_long_pinned(&self, max_age: std::time::Duration) -> usize {
-        let stale: Vec<ChunkRef> = {
-            let mut pins = self.pins.lock().unwrap_or_else(PoisonError::into_inner);
-            let ids: Vec<ChunkId> = pins
-                .doomed
-                .iter()
-                .filter(|(_, (_, since))| since.elapsed() >= max_age)
-                .map(|(id, _)| *id)
-                .collect();
-            ids.iter()
-                .filter_map(|id| pins.doomed.remove(id).map(|(c, _)| c))
-                .collect()
-        };
+        let stale: Vec<ChunkRef> = self
+            .pins
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .doomed
+            .extract_if(|_, (_, since)| since.elapsed() >= max_age)
+            .map(|(_, (c, _))| c)
+            .collect();
         let n = stale.len();
         self.remove_all(stale);
         n

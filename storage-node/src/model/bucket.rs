@@ -192,15 +192,12 @@ pub(super) fn bucket_is_dead(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use bytes::Bytes;
     use futures::SinkExt;
 
     use super::*;
-    use crate::catalog::{Catalog, MasterKey, SqlCatalog, TenantSpec};
-    use crate::engine::Engine;
-    use crate::model::{ByteStream, Conditions, ObjectMeta};
+    use crate::catalog::TenantSpec;
+    use crate::model::{ByteStream, Conditions, ObjectMeta, test_store};
 
     fn files_under(p: &std::path::Path) -> usize {
         std::fs::read_dir(p)
@@ -219,15 +216,13 @@ mod tests {
     #[tokio::test]
     async fn a_put_racing_delete_bucket_is_refused_and_leaves_no_data() {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
-            .await
-            .unwrap();
-        let tenant = catalog
+        let s = test_store(dir.path()).await;
+        let tenant = s
+            .catalog()
             .create_tenant("t", &TenantSpec::default())
             .await
             .unwrap()
             .id;
-        let s = Store::new(Engine::open(dir.path()).unwrap(), Arc::new(catalog), 16);
         s.create_bucket(tenant, "b").await.unwrap();
         let (mut tx, rx) = futures::channel::mpsc::channel::<std::io::Result<Bytes>>(1);
         let body: ByteStream = Box::pin(rx);

@@ -424,17 +424,18 @@ impl Store {
     }
 
     /// Removes KV values whose TTL has passed (they already read as absent), at most
-    /// [`SWEEP_BATCH`] per transaction, until none is left. Returns how many went.
+    /// [`SWEEP_BATCH`] per transaction, until none is left. Returns how many went. What
+    /// is due is found in a read snapshot, so a sweep with nothing to do never takes a
+    /// slot (and an fsync) in the group commit.
     pub async fn kv_sweep_expired(&self) -> Result<usize> {
         let partitions = self.inner.partitions;
         let mut total = 0;
         loop {
             let now = now_millis();
-            let removed = self
+            let due = self
                 .engine()
-                .write(vec![], move |ctx| {
-                    let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
-                    let mut kv = ctx.txn.open_table(KV)?;
+                .read(move |txn| {
+                    let idx = txn.open_table(KV_EXPIRY)?;
                     let mut due = Vec::new();
                     for p in 0..partitions {
                         let lo = expiry_key(&p.to_be_bytes(), 0);
@@ -442,21 +443,30 @@ impl Store {
                         for e in idx.range(lo.as_slice()..hi.as_slice())? {
                             due.push(e?.0.value().to_vec());
                             if due.len() == SWEEP_BATCH {
-                                break;
+                                return Ok(due);
                             }
                         }
-                        if due.len() == SWEEP_BATCH {
-                            break;
-                        }
                     }
+                    Ok(due)
+                })
+                .await?;
+            if due.is_empty() {
+                return Ok(total);
+            }
+            let full_batch = due.len() == SWEEP_BATCH;
+            total += self
+                .engine()
+                .write(vec![], move |ctx| {
+                    let mut idx = ctx.txn.open_table(KV_EXPIRY)?;
+                    let mut kv = ctx.txn.open_table(KV)?;
                     let mut removed = 0;
                     for i in &due {
                         // Decide before changing anything: an error returned after a
                         // change would still be committed with the rest of the batch.
+                        // Only the value this index entry was made for goes; a newer
+                        // write of the key has its own entry. A value that fails its
+                        // checksum stays (reads report it); its entry goes.
                         let expired = match expiry_target(i) {
-                            // Only the value this index entry was made for; a newer
-                            // write of the key has its own entry. A value that fails its
-                            // checksum stays (reads report it); its entry goes.
                             Some((full, at)) => match kv.get(full.as_slice())? {
                                 Some(v) => decode(v.value())
                                     .is_ok_and(|s| s.expires_at == Some(at))
@@ -471,11 +481,10 @@ impl Store {
                             removed += 1;
                         }
                     }
-                    Ok((removed, due.len()))
+                    Ok(removed)
                 })
                 .await?;
-            total += removed.0;
-            if removed.1 < SWEEP_BATCH {
+            if !full_batch {
                 return Ok(total);
             }
         }
@@ -484,6 +493,13 @@ impl Store {
     /// Builds the expiry index for values written before it existed; once per data
     /// directory (recorded in the engine's meta table). Returns the entries added.
     pub async fn kv_backfill_expiry_index(&self) -> Result<usize> {
+        let done = self
+            .engine()
+            .read(|txn| Ok(txn.open_table(META)?.get(EXPIRY_INDEX_MARK)?.is_some()))
+            .await?;
+        if done {
+            return Ok(0);
+        }
         Ok(self
             .engine()
             .write(vec![], |ctx| {
@@ -528,19 +544,8 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::catalog::{MasterKey, SqlCatalog};
-    use crate::engine::Engine;
-
-    async fn store(dir: &std::path::Path) -> Store {
-        let engine = Engine::open(dir).unwrap();
-        let catalog = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
-            .await
-            .unwrap();
-        Store::new(engine, Arc::new(catalog), 16)
-    }
+    use crate::model::test_store as store;
 
     #[tokio::test]
     async fn values_from_before_the_index_are_backfilled_then_swept() {

@@ -173,3 +173,13 @@ impl Store {
         Ok(removed)
     }
 }
+
+/// A store over a fresh engine in `dir` and an in-memory SQLite catalog, for unit tests.
+#[cfg(test)]
+pub(crate) async fn test_store(dir: &std::path::Path) -> Store {
+    use crate::catalog::{MasterKey, SqlCatalog};
+    let catalog = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
+        .await
+        .expect("in-memory catalog");
+    Store::new(Engine::open(dir).expect("engine"), Arc::new(catalog), 16)
+}

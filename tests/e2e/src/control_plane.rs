@@ -628,6 +628,21 @@ impl ControlPlane {
     }
 
     /// Runs `kubectl` as the admin; returns stdout, or an error with stderr.
+    /// Applies the Granary CRDs (`crds/granary.dev.yaml`) and waits until both are
+    /// Established.
+    pub fn install_crds(&self) -> Result<()> {
+        let crds = crate::workspace_root().join("crds/granary.dev.yaml");
+        self.kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()])?;
+        self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/storageclusters.granary.dev",
+            "crd/tenants.granary.dev",
+            "--timeout=60s",
+        ])?;
+        Ok(())
+    }
+
     pub fn kubectl(&self, args: &[&str]) -> Result<String> {
         self.kubectl_with(&self.kubeconfig, args, None)
     }

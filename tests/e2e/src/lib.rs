@@ -224,6 +224,34 @@ impl NodeProc {
     }
 }
 
+/// A child process that is SIGKILLed (and reaped) on drop unless it was stopped before,
+/// so a failing test or an early error never leaves it running.
+pub struct ChildGuard(Option<Child>);
+
+impl ChildGuard {
+    pub fn new(child: Child) -> Self {
+        Self(Some(child))
+    }
+
+    pub fn id(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM; its exit status if it exits within `within` (see [`terminate`]).
+    pub fn terminate(mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        terminate(self.0.take()?, within)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// SIGTERM a process and wait up to `within` for it to exit. Returns its exit status, or
 /// None when it did not exit in time (it is then SIGKILLed, so nothing is left running).
 pub fn terminate(mut c: Child, within: Duration) -> Option<std::process::ExitStatus> {

@@ -3,34 +3,15 @@
 //! operator promptly and cleanly, also when its API server cannot be reached.
 
 use std::net::TcpStream;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use granary_e2e::control_plane::{ControlPlane, poll_until};
 use granary_e2e::otlp::{collector, traces_contain};
-use granary_e2e::{free_port, operator_binary, terminate, workspace_root};
+use granary_e2e::{ChildGuard, free_port, operator_binary};
 
-/// An operator process; SIGKILLed on drop unless it was stopped before.
-struct Operator(Option<Child>);
-
-impl Operator {
-    /// SIGTERM; the exit status if it exits within `within`.
-    fn terminate(mut self, within: Duration) -> Option<ExitStatus> {
-        terminate(self.0.take()?, within)
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn start(cp: &ControlPlane, name: &str, otlp: &str) -> Operator {
-    Operator(Some(
+fn start(cp: &ControlPlane, name: &str, otlp: &str) -> ChildGuard {
+    ChildGuard::new(
         Command::new(operator_binary())
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
             .env("OTEL_BSP_SCHEDULE_DELAY", "200")
@@ -50,7 +31,7 @@ fn start(cp: &ControlPlane, name: &str, otlp: &str) -> Operator {
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
-    ))
+    )
 }
 
 /// The operator Lease, or None if it cannot be read.
@@ -85,23 +66,7 @@ fn cluster(name: &str) -> String {
 #[test]
 fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
     let cp = ControlPlane::start().unwrap();
-    cp.kubectl(&[
-        "apply",
-        "--server-side",
-        "-f",
-        &workspace_root()
-            .join("crds/granary.dev.yaml")
-            .display()
-            .to_string(),
-    ])
-    .unwrap();
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/storageclusters.granary.dev",
-        "--timeout=60s",
-    ])
-    .unwrap();
+    cp.install_crds().unwrap();
     cp.kubectl(&["create", "namespace", "granary-system"])
         .unwrap();
     let (otlp, spans) = collector();
@@ -205,7 +170,7 @@ fn sigterm_stops_the_operator_when_the_api_server_is_unreachable() {
         }
         // The second run also checks the JSON log format, line by line.
         let log = dir.path().join(format!("operator-{leader_election}.log"));
-        let op = Operator(Some(
+        let op = ChildGuard::new(
             Command::new(operator_binary())
                 .args(&args)
                 .env("KUBECONFIG", &kubeconfig)
@@ -218,7 +183,7 @@ fn sigterm_stops_the_operator_when_the_api_server_is_unreachable() {
                 .stderr(std::fs::File::create(&log).unwrap())
                 .spawn()
                 .unwrap(),
-        ));
+        );
         // The metrics listener opens after the signal handlers are installed.
         poll_until(Duration::from_secs(30), "operator metrics listener", || {
             Ok(TcpStream::connect(("127.0.0.1", metrics)).ok())

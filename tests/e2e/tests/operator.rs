@@ -3,25 +3,15 @@
 //! objects, registration with a real storage node, updates, deletion policies, and the
 //! chart's RBAC as the operator's only permissions.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use aws_sdk_s3::primitives::ByteStream;
 use base64::Engine as _;
 use granary_e2e::control_plane::{ControlPlane, poll_until};
-use granary_e2e::{NodeProc, free_port, operator_binary, s3_client, workspace_root};
+use granary_e2e::{ChildGuard, NodeProc, free_port, operator_binary, s3_client, workspace_root};
 use serde_json::Value;
-
-/// The operator process; killed on drop.
-struct Operator(Child);
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn json(cp: &ControlPlane, args: &[&str]) -> Result<Value> {
     let mut a = args.to_vec();
@@ -262,7 +252,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
             operator.env(e["name"].as_str().unwrap(), v);
         }
     }
-    let _op = Operator(
+    let _op = ChildGuard::new(
         operator
             .env("KUBECONFIG", &kubeconfig)
             .env("POD_NAMESPACE", ns)

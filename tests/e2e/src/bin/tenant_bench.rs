@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use granary_e2e::control_plane::ControlPlane;
-use granary_e2e::{NodeProc, free_port, operator_binary, workspace_root};
+use granary_e2e::{ChildGuard, NodeProc, free_port, operator_binary};
 
 fn secret(cp: &ControlPlane, ns: &str, name: &str, key: &str) -> Option<String> {
     let out = cp
@@ -49,21 +49,7 @@ fn main() -> Result<()> {
         .unwrap_or(200);
     eprintln!("starting etcd and kube-apiserver");
     let cp = ControlPlane::start()?;
-    cp.kubectl(&[
-        "apply",
-        "--server-side",
-        "-f",
-        &workspace_root()
-            .join("crds/granary.dev.yaml")
-            .display()
-            .to_string(),
-    ])?;
-    cp.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/tenants.granary.dev",
-        "--timeout=60s",
-    ])?;
+    cp.install_crds()?;
     cp.kubectl(&["create", "namespace", "granary-system"])?;
     cp.kubectl(&["create", "namespace", "bench"])?;
     cp.kubectl(&["label", "namespace", "bench", "granary.dev/storage=allowed"])?;
@@ -78,24 +64,26 @@ fn main() -> Result<()> {
     ])?;
 
     let dir = tempfile::tempdir()?;
-    let mut op = Command::new(operator_binary())
-        .args([
-            "run",
-            "--no-leader-election",
-            "--lease-namespace",
-            "granary-system",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .env("KUBECONFIG", &cp.kubeconfig)
-        .env(
-            "RUST_LOG",
-            std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(dir.path().join("operator.log"))?)
-        .spawn()
-        .with_context(|| format!("starting {}", operator_binary().display()))?;
+    let op = ChildGuard::new(
+        Command::new(operator_binary())
+            .args([
+                "run",
+                "--no-leader-election",
+                "--lease-namespace",
+                "granary-system",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .env("KUBECONFIG", &cp.kubeconfig)
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_OPERATOR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("operator.log"))?)
+            .spawn()
+            .with_context(|| format!("starting {}", operator_binary().display()))?,
+    );
     let (s3p, kvp, adp) = (free_port(), free_port(), free_port());
     let cluster = format!(
         "apiVersion: granary.dev/v1alpha1\nkind: StorageCluster\nmetadata:\n  name: main\n  namespace: granary-system\n  annotations:\n    granary.dev/admin-endpoint: http://127.0.0.1:{adp}\n    granary.dev/s3-endpoint: http://127.0.0.1:{s3p}\n    granary.dev/kv-endpoint: http://127.0.0.1:{kvp}\nspec:\n  region: us-east-1\n  replication: {{factor: 1, minInSync: 1}}\n  zones: [{{name: a, pools: [{{name: p, replicas: 1, storage: {{size: 1Gi}}}}]}}]\n  catalog: {{postgresSecretRef: {{name: granary-catalog, key: url}}}}\n  tenants: {{namespaceSelector: {{matchLabels: {{granary.dev/storage: allowed}}}}}}\n"
@@ -185,9 +173,11 @@ fn main() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(250));
     };
-    let rss = peak_rss_kib(op.id()).context("reading the operator's peak RSS")?;
-    let _ = op.kill();
-    let _ = op.wait();
+    let rss = op
+        .id()
+        .and_then(peak_rss_kib)
+        .context("reading the operator's peak RSS")?;
+    drop(op);
     println!("tenants: {n}");
     println!(
         "kubectl apply returned after: {:.2} s",
