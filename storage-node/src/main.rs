@@ -31,6 +31,8 @@ enum Cmd {
         kv_listen: std::net::SocketAddr,
         #[arg(long, env = "GRANARY_ADMIN_LISTEN", default_value = "127.0.0.1:9200")]
         admin_listen: std::net::SocketAddr,
+        #[arg(long, env = "GRANARY_RPC_LISTEN", default_value = "127.0.0.1:9300")]
+        rpc_listen: std::net::SocketAddr,
     },
     /// Run a node from a configuration file (TOML), with GRANARY_* overrides.
     Serve {
@@ -124,9 +126,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen } => {
+            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen } => {
                 let _t = granary_node::telemetry::init("granary-node");
-                let config = NodeConfig { data_dir, s3_listen, kv_listen, admin_listen, ..NodeConfig::default() };
+                let config = NodeConfig { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, ..NodeConfig::default() };
                 dev(config).await
             }
             Cmd::Serve { config } => {
@@ -180,6 +182,16 @@ async fn dev(mut config: NodeConfig) -> anyhow::Result<()> {
         hex::encode(b)
     })?;
     config.admin_token = Some(token.clone());
+    config.cluster_secret = Some(read_or_create_secret(
+        &config.data_dir.join("cluster.secret"),
+        || {
+            let mut b = [0u8; 24];
+            rand::rng().fill_bytes(&mut b);
+            hex::encode(b)
+        },
+    )?);
+    // One node: every partition has one replica, and that is all there can be.
+    config.replication_factor = 1;
     let node = Node::open(config, master, token).await?;
     let (tenant, key, secret) = dev_tenant(node.catalog.as_ref()).await?;
     node.write_endpoints_file()?;

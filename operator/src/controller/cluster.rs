@@ -111,6 +111,15 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
         random_hex(24),
     )
     .await?;
+    ensure_secret(
+        ctx,
+        &ns,
+        sc,
+        &bctx.cluster_secret(),
+        "secret",
+        random_hex(24),
+    )
+    .await?;
     let mut key = [0u8; 32];
     rand::rng().fill_bytes(&mut key);
     ensure_secret(

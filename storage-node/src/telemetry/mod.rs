@@ -12,6 +12,7 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -38,10 +39,19 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeStateLabels {
+    pub state: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RequestLabels, Histogram>,
+    /// Cluster members by state, as this node judges them.
+    pub cluster_nodes: Family<NodeStateLabels, Gauge>,
+    pub layout_version: Gauge,
+    pub under_replicated: Gauge,
 }
 
 impl Default for Metrics {
@@ -61,10 +71,31 @@ impl Default for Metrics {
             "Request latency until the response head, by front end, operation and status",
             latency.clone(),
         );
+        let cluster_nodes = Family::<NodeStateLabels, Gauge>::default();
+        registry.register(
+            "cluster_nodes",
+            "Cluster members by state (alive, suspected, failed) as this node judges them",
+            cluster_nodes.clone(),
+        );
+        let layout_version = Gauge::default();
+        registry.register(
+            "cluster_layout_version",
+            "Version of the partition layout this node uses",
+            layout_version.clone(),
+        );
+        let under_replicated = Gauge::default();
+        registry.register(
+            "cluster_under_replicated_partitions",
+            "Partitions whose replica set in the current layout is smaller than the replication factor",
+            under_replicated.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
+            cluster_nodes,
+            layout_version,
+            under_replicated,
         }
     }
 }

@@ -91,7 +91,12 @@ impl NodeProc {
     pub fn start(data_dir: &Path) -> Result<Self> {
         let mut args: Vec<std::ffi::OsString> =
             vec!["dev".into(), "--data-dir".into(), data_dir.into()];
-        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
+        for flag in [
+            "--s3-listen",
+            "--kv-listen",
+            "--admin-listen",
+            "--rpc-listen",
+        ] {
             args.push(flag.into());
             args.push("127.0.0.1:0".into());
         }
@@ -102,7 +107,12 @@ impl NodeProc {
     pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let mut args: Vec<std::ffi::OsString> =
             vec!["dev".into(), "--data-dir".into(), data_dir.into()];
-        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
+        for flag in [
+            "--s3-listen",
+            "--kv-listen",
+            "--admin-listen",
+            "--rpc-listen",
+        ] {
             args.push(flag.into());
             args.push("127.0.0.1:0".into());
         }
@@ -201,6 +211,15 @@ impl NodeProc {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(node)
+    }
+
+    /// The node's Prometheus metrics page.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.admin))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
     }
 
     pub fn pid(&self) -> Option<u32> {

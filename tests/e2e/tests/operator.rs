@@ -299,7 +299,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     std::fs::write(
         &config,
         format!(
-            "region = \"eu-west-1\"\ndata_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\n",
+            "region = \"eu-west-1\"\ndata_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\nrpc_listen = \"127.0.0.1:0\"\n",
             node_dir.display()
         ),
     )
