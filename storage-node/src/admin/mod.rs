@@ -172,11 +172,20 @@ async fn layout(
                    "primaryPartitions": primary, "partitions": held})
         })
         .collect();
+    // Index n: how many partitions have n replicas (lets a caller count those below
+    // its own minimum, such as the operator with minInSync).
+    let mut by_count = vec![0u32; l.factor as usize + 1];
+    for set in &l.replicas {
+        if let Some(c) = by_count.get_mut(set.len()) {
+            *c += 1;
+        }
+    }
     let mut body = json!({
         "version": l.version,
         "partitions": l.partitions,
         "replicationFactor": l.factor,
         "underReplicatedPartitions": l.under_replicated(),
+        "partitionsByReplicaCount": by_count,
         "members": members,
     });
     if q.partitions {
