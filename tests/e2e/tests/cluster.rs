@@ -1,11 +1,14 @@
 //! Cluster membership and layout with real processes: three `granary-node serve`
-//! processes in three zones on one real Postgres catalog register, probe each other over
-//! the authenticated RPC port, agree on one partition layout, and react to a node that
-//! stops (SIGSTOP: suspected, then failed and left out of the next layout) and comes back
-//! (SIGCONT: the layout it left).
+//! processes in three zones, each in its own network namespace with its own address, on
+//! one real Postgres catalog, register, probe each other over the authenticated RPC
+//! port, agree on one partition layout, and react to a cut link (suspected from across
+//! the cut only, never failed, no layout change) and to a node that stops (SIGSTOP:
+//! suspected, then failed and left out of the next layout) and comes back (SIGCONT: the
+//! layout it left).
 
 use std::time::{Duration, Instant};
 
+use granary_e2e::netns::Net;
 use granary_e2e::{NodeProc, PgServer, node_binary};
 use serde_json::Value;
 
@@ -17,15 +20,24 @@ struct Member {
     rpc: String,
 }
 
-fn start_node(dir: &std::path::Path, id: &str, zone: &str, url: &str, master: &str) -> Member {
-    let data = dir.join(id);
+fn start_node(
+    net: &Net,
+    i: usize,
+    dir: &std::path::Path,
+    zone: &str,
+    url: &str,
+    master: &str,
+) -> Member {
+    let id = format!("n{}", i + 1);
+    let addr = net.addr(i);
+    let data = dir.join(&id);
     let config = dir.join(format!("{id}.toml"));
     std::fs::write(
         &config,
         format!(
             "node_id = \"{id}\"\nregion = \"eu-west-1\"\nzone = \"{zone}\"\ndata_dir = \"{}\"\n\
-             s3_listen = \"127.0.0.1:0\"\nkv_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             rpc_listen = \"127.0.0.1:0\"\npartitions = 64\nreplication_factor = 3\n\
+             s3_listen = \"{addr}:0\"\nkv_listen = \"{addr}:0\"\nadmin_listen = \"{addr}:0\"\n\
+             rpc_listen = \"{addr}:0\"\npartitions = 64\nreplication_factor = 3\n\
              heartbeat_interval_ms = 200\nsuspect_after_ms = 1000\nfail_after_ms = 3000\n",
             data.display()
         ),
@@ -37,7 +49,7 @@ fn start_node(dir: &std::path::Path, id: &str, zone: &str, url: &str, master: &s
         ("GRANARY_ADMIN_TOKEN", TOKEN),
         ("GRANARY_CLUSTER_SECRET", SECRET),
     ];
-    let proc = NodeProc::serve(&data, &config, &env, TOKEN).unwrap();
+    let proc = NodeProc::serve_in(Some(net.namespace(i)), &data, &config, &env, TOKEN).unwrap();
     let endpoints: Value =
         serde_json::from_str(&std::fs::read_to_string(data.join("endpoints.json")).unwrap())
             .unwrap();
@@ -62,9 +74,11 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
     loop {
         if let Some(v) = f().await {
+            println!("{what}: {:.1} s", started.elapsed().as_secs_f64());
             return v;
         }
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -94,17 +108,27 @@ fn signal(node: &NodeProc, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_agree_on_a_zone_aware_layout_and_handle_a_failed_node() {
-    let pg = PgServer::start().unwrap();
-    let url = pg.create_db("granary_cluster").unwrap();
+    let net = Net::create(3).expect("network namespaces for the cluster test");
+    println!(
+        "network: namespaces {}, {}, {} on {} (catalog at {})",
+        net.namespace(0),
+        net.namespace(1),
+        net.namespace(2),
+        net.subnet(),
+        net.bridge_addr()
+    );
+    let pg = PgServer::start_listening(Some((net.bridge_addr(), &net.subnet()))).unwrap();
+    pg.create_db("granary_cluster").unwrap();
+    let url = pg.url_at(net.bridge_addr(), "granary_cluster");
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(node_binary())
         .arg("gen-master-key")
         .output()
         .unwrap();
     let master = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let n1 = start_node(dir.path(), "n1", "a", &url, &master);
-    let n2 = start_node(dir.path(), "n2", "b", &url, &master);
-    let n3 = start_node(dir.path(), "n3", "c", &url, &master);
+    let n1 = start_node(&net, 0, dir.path(), "a", &url, &master);
+    let n2 = start_node(&net, 1, dir.path(), "b", &url, &master);
+    let n3 = start_node(&net, 2, dir.path(), "c", &url, &master);
 
     // All three see each other alive and use one layout that puts a replica of every
     // partition in every zone.
@@ -165,6 +189,41 @@ async fn three_nodes_agree_on_a_zone_aware_layout_and_handle_a_failed_node() {
         .await
         .unwrap();
     assert_eq!(ok["nodeId"], "n2");
+
+    // A cut link between n1 and n3: each suspects the other (its probes fail), n2 sees
+    // both alive, and since both still heartbeat to the catalog nobody is failed and the
+    // layout does not change.
+    net.cut(0, 2).unwrap();
+    eventually(
+        "n1 and n3 suspect each other across the cut",
+        10,
+        || async {
+            let from1 = state_of(&admin(&n1.proc, "/nodes").await, "n3");
+            let from3 = state_of(&admin(&n3.proc, "/nodes").await, "n1");
+            (from1 == "suspected" && from3 == "suspected").then_some(())
+        },
+    )
+    .await;
+    // Three times fail_after: long enough for a wrong failure verdict to show.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    for (node, peer) in [(&n1, "n3"), (&n3, "n1")] {
+        assert_eq!(
+            state_of(&admin(&node.proc, "/nodes").await, peer),
+            "suspected"
+        );
+    }
+    let seen_by_n2 = admin(&n2.proc, "/nodes").await;
+    assert_eq!(seen_by_n2["alive"], 3, "{seen_by_n2}");
+    assert_eq!(
+        admin(&n2.proc, "/layout").await["version"].as_u64(),
+        Some(v1)
+    );
+    net.heal(0, 2).unwrap();
+    eventually("n1 sees n3 alive after the heal", 10, || async {
+        let s = state_of(&admin(&n1.proc, "/nodes").await, "n3");
+        (s == "alive").then_some(())
+    })
+    .await;
 
     // n3 stops answering: suspected first (probes and heartbeat), then failed once its
     // catalog heartbeat is older than fail_after; the next layout leaves it out and
