@@ -260,9 +260,15 @@ impl Node {
                 .into_future(),
         );
         let rpc_task = tokio::spawn(
-            axum::serve(listeners.3, crate::cluster::rpc::router(cluster))
-                .with_graceful_shutdown(signal(shutdown.clone()))
-                .into_future(),
+            axum::serve(
+                listeners.3,
+                crate::cluster::rpc::router(crate::cluster::rpc::RpcState {
+                    cluster,
+                    engine: store.engine().clone(),
+                }),
+            )
+            .with_graceful_shutdown(signal(shutdown.clone()))
+            .into_future(),
         );
         let sweeper = tokio::spawn(housekeeping(store.clone(), shutdown.clone()));
         ready.store(true, Ordering::Relaxed);

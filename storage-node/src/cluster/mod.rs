@@ -106,6 +106,10 @@ impl Cluster {
         &self.inner.cfg.me.id
     }
 
+    pub fn partitions(&self) -> u16 {
+        self.inner.cfg.partitions
+    }
+
     pub fn secret(&self) -> Option<&Arc<str>> {
         self.inner.cfg.secret.as_ref()
     }

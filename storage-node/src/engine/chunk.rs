@@ -44,6 +44,22 @@ pub struct ChunkRef {
     pub len: u64,
 }
 
+/// The data length a chunk file's header declares, after checking the header's CRC.
+pub fn stored_len(path: &Path, id: ChunkId) -> Result<u64, ChunkError> {
+    let mut header = [0u8; HEADER as usize];
+    File::open(path)?.read_exact_at(&mut header, 0)?;
+    let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
+    if &header[..4] != MAGIC || crc32c::crc32c(&header[..12]) != crc {
+        return Err(ChunkError::Corrupt {
+            id,
+            what: "bad header".into(),
+        });
+    }
+    let mut len = [0u8; 8];
+    len.copy_from_slice(&header[4..12]);
+    Ok(u64::from_le_bytes(len))
+}
+
 #[derive(Clone, Debug)]
 pub struct ChunkStore {
     root: PathBuf,

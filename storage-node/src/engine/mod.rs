@@ -13,6 +13,7 @@
 pub mod chunk;
 mod commit;
 pub mod keys;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +22,7 @@ use redb::{ReadableDatabase, TableDefinition};
 
 pub use chunk::{ChunkError, ChunkRef, ChunkStore, ChunkWriter};
 pub use commit::WriteCtx;
+pub use snapshot::Imported;
 
 pub const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
 pub const UPLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uploads");

@@ -1,0 +1,437 @@
+//! Partition snapshots: a whole partition (every record of every table in its key range,
+//! and its chunk files) as one byte stream, and the import that installs such a stream on
+//! another node. This is how a new or returning replica catches up when the primary's log
+//! no longer reaches back far enough, and how a partition moves when the layout changes
+//! (docs/cluster.md).
+//!
+//! Stream: frames of `u32` big-endian length + postcard [`Frame`]. Records come from one
+//! read transaction, so they are one consistent state of the partition. Chunk files are
+//! sent as stored (header, data and per-block CRCs) and verified on arrival before they
+//! are made visible; the chunk files of the partition are pinned for the whole export, so
+//! none that the snapshot references can be removed while it is sent. Chunk files that
+//! became garbage or were written after the snapshot began may travel too: they are
+//! unreferenced on the receiver and its orphan sweep removes them.
+//!
+//! Import is crash-safe in the sense that matters: chunk files are fsynced (and their
+//! directories) before any record referring to them commits, and the partition carries an
+//! `importing` mark from the first record batch to the last, so a node that crashed
+//! half-way knows the partition is incomplete ([`Engine::importing`]) and fetches it again.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use redb::{ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::chunk::{self, ChunkRef};
+use super::keys::{partition_prefix, prefix_end};
+use super::{DEAD_BUCKETS, Engine, EngineError, KV, KV_EXPIRY, META, OBJECTS, PARTS, UPLOADS};
+use crate::types::{ChunkId, PartitionId};
+
+type ValueTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
+type KeyTable = TableDefinition<'static, &'static [u8], ()>;
+/// A record in transit: table number, key, value (None in key-only tables).
+type Rec = (u8, Vec<u8>, Option<Vec<u8>>);
+
+/// Tables with values, by their number in the stream.
+const VALUE_TABLES: [(u8, ValueTable); 4] = [(0, OBJECTS), (1, UPLOADS), (2, PARTS), (3, KV)];
+/// Tables that are sets of keys.
+const KEY_TABLES: [(u8, KeyTable); 2] = [(4, KV_EXPIRY), (5, DEAD_BUCKETS)];
+
+/// Records per frame batch read from the database, and per import commit.
+const BATCH: usize = 1024;
+/// Largest piece of a chunk file in one frame.
+const CHUNK_PIECE: usize = 1 << 20;
+/// Largest frame accepted (a record is at most a few MiB: KV values and inline data are
+/// bounded far below this).
+const MAX_FRAME: u32 = 64 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Frame {
+    Start {
+        partition: u16,
+    },
+    Record {
+        table: u8,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
+    ChunkStart {
+        id: ChunkId,
+        size: u64,
+    },
+    ChunkPiece(#[serde(with = "serde_bytes")] Vec<u8>),
+    End {
+        records: u64,
+        chunks: u64,
+    },
+}
+
+/// What an import installed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Imported {
+    pub records: u64,
+    pub chunks: u64,
+}
+
+fn invalid(msg: impl Into<String>) -> EngineError {
+    EngineError::Io(io::Error::new(io::ErrorKind::InvalidData, msg.into()))
+}
+
+fn importing_key(p: PartitionId) -> String {
+    format!("importing:{}", p.0)
+}
+
+async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), EngineError> {
+    let body = postcard::to_stdvec(f).map_err(|e| invalid(e.to_string()))?;
+    w.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    w.write_all(&body).await?;
+    Ok(())
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, EngineError> {
+    let len = r.read_u32().await?;
+    if len > MAX_FRAME {
+        return Err(invalid(format!(
+            "snapshot frame of {len} bytes is too large"
+        )));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await?;
+    postcard::from_bytes(&body).map_err(|e| invalid(format!("bad snapshot frame: {e}")))
+}
+
+/// The chunk files stored for partition `p` (any state; the importer verifies them).
+fn chunk_files(root: &Path, p: PartitionId) -> io::Result<Vec<ChunkRef>> {
+    let mut out = Vec::new();
+    let dir = root.join(p.to_string());
+    let subs = match std::fs::read_dir(&dir) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for sub in subs {
+        for f in std::fs::read_dir(sub?.path())? {
+            let name = f?.file_name();
+            if let Some(id) = name.to_str().and_then(|s| s.parse().ok()) {
+                out.push(ChunkRef {
+                    id: ChunkId(id),
+                    partition: p,
+                    len: 0,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Engine {
+    /// Writes a snapshot of partition `p` to `out`.
+    pub async fn export_partition<W: AsyncWrite + Unpin>(
+        &self,
+        p: PartitionId,
+        out: &mut W,
+    ) -> Result<Imported, EngineError> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame, EngineError>>(4);
+        let db = self.db.clone();
+        let chunks = self.chunks.clone();
+        // Records: one read transaction, walked off the runtime with backpressure.
+        let reader = tokio::task::spawn_blocking(move || {
+            let send = |f: Result<Frame, EngineError>| tx.blocking_send(f).is_ok();
+            let run = || -> Result<(), EngineError> {
+                let txn = db.begin_read()?;
+                // Pinned after the snapshot began: every file it references is on disk
+                // now (removal waits 5 s after the commit that unreferenced a file) and
+                // stays until the export ends.
+                let files = chunk_files(chunks.root(), p)?;
+                let pin = chunks.pin(&files);
+                let start = partition_prefix(p);
+                let end = prefix_end(&start);
+                for (n, def) in VALUE_TABLES {
+                    let t = txn.open_table(def)?;
+                    let range = match &end {
+                        Some(e) => t.range::<&[u8]>(start.as_slice()..e.as_slice())?,
+                        None => t.range::<&[u8]>(start.as_slice()..)?,
+                    };
+                    for entry in range {
+                        let (k, v) = entry?;
+                        let f = Frame::Record {
+                            table: n,
+                            key: k.value().to_vec(),
+                            value: Some(v.value().to_vec()),
+                        };
+                        if !send(Ok(f)) {
+                            return Ok(());
+                        }
+                    }
+                }
+                for (n, def) in KEY_TABLES {
+                    let t = txn.open_table(def)?;
+                    let range = match &end {
+                        Some(e) => t.range::<&[u8]>(start.as_slice()..e.as_slice())?,
+                        None => t.range::<&[u8]>(start.as_slice()..)?,
+                    };
+                    for entry in range {
+                        let (k, _) = entry?;
+                        let f = Frame::Record {
+                            table: n,
+                            key: k.value().to_vec(),
+                            value: None,
+                        };
+                        if !send(Ok(f)) {
+                            return Ok(());
+                        }
+                    }
+                }
+                for c in &files {
+                    let path = chunks.path(c.partition, c.id);
+                    let data = match std::fs::read(&path) {
+                        Ok(d) => d,
+                        // Removed before we pinned it: it was garbage, not referenced.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    let size = data.len() as u64;
+                    if !send(Ok(Frame::ChunkStart { id: c.id, size })) {
+                        return Ok(());
+                    }
+                    for piece in data.chunks(CHUNK_PIECE) {
+                        if !send(Ok(Frame::ChunkPiece(piece.to_vec()))) {
+                            return Ok(());
+                        }
+                    }
+                }
+                drop(pin);
+                Ok(())
+            };
+            if let Err(e) = run() {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        write_frame(out, &Frame::Start { partition: p.0 }).await?;
+        let mut n = Imported::default();
+        while let Some(f) = rx.recv().await {
+            let f = f?;
+            match &f {
+                Frame::Record { .. } => n.records += 1,
+                Frame::ChunkStart { .. } => n.chunks += 1,
+                _ => {}
+            }
+            write_frame(out, &f).await?;
+        }
+        reader
+            .await
+            .map_err(|e| EngineError::Db(format!("snapshot reader failed: {e}")))?;
+        write_frame(
+            out,
+            &Frame::End {
+                records: n.records,
+                chunks: n.chunks,
+            },
+        )
+        .await?;
+        out.flush().await?;
+        Ok(n)
+    }
+
+    /// Replaces partition `p` with the snapshot read from `input`. Nothing of the
+    /// partition may be served while this runs.
+    pub async fn import_partition<R: AsyncRead + Unpin>(
+        &self,
+        p: PartitionId,
+        input: &mut R,
+    ) -> Result<Imported, EngineError> {
+        match read_frame(input).await? {
+            Frame::Start { partition } if partition == p.0 => {}
+            other => {
+                return Err(invalid(format!(
+                    "snapshot does not start with partition {p}: {other:?}"
+                )));
+            }
+        }
+        // Clear the partition and mark it incomplete, durably, before anything lands.
+        let mark = importing_key(p);
+        self.write(Vec::new(), move |ctx| {
+            clear_partition(ctx.txn, p)?;
+            ctx.txn.open_table(META)?.insert(mark.as_str(), 1)?;
+            Ok(())
+        })
+        .await?;
+        let mut got = Imported::default();
+        let mut batch: Vec<Rec> = Vec::new();
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        loop {
+            match read_frame(input).await? {
+                Frame::Record { table, key, value } => {
+                    if !key.starts_with(&partition_prefix(p)) {
+                        return Err(invalid("snapshot record outside its partition"));
+                    }
+                    batch.push((table, key, value));
+                    got.records += 1;
+                    if batch.len() >= BATCH {
+                        self.apply_records(std::mem::take(&mut batch), std::mem::take(&mut dirs))
+                            .await?;
+                    }
+                }
+                Frame::ChunkStart { id, size } => {
+                    let dir = self.receive_chunk(p, id, size, input).await?;
+                    if !dirs.contains(&dir) {
+                        dirs.push(dir);
+                    }
+                    got.chunks += 1;
+                }
+                Frame::End { records, chunks } => {
+                    if (records, chunks) != (got.records, got.chunks) {
+                        return Err(invalid(format!(
+                            "snapshot ended after {} records and {} chunks, announced {records} and {chunks}",
+                            got.records, got.chunks
+                        )));
+                    }
+                    break;
+                }
+                other => return Err(invalid(format!("unexpected snapshot frame {other:?}"))),
+            }
+        }
+        // The last batch also syncs every chunk directory and lifts the mark: from this
+        // commit on the partition is complete.
+        let mark = importing_key(p);
+        let last = std::mem::take(&mut batch);
+        self.write(dirs, move |ctx| {
+            apply(ctx.txn, last)?;
+            ctx.txn.open_table(META)?.remove(mark.as_str())?;
+            Ok(())
+        })
+        .await?;
+        Ok(got)
+    }
+
+    /// True while an import of `p` has started and not finished (also after a crash).
+    pub async fn importing(&self, p: PartitionId) -> Result<bool, EngineError> {
+        let key = importing_key(p);
+        self.read(move |txn| Ok(txn.open_table(META)?.get(key.as_str())?.is_some()))
+            .await
+    }
+
+    async fn apply_records(
+        &self,
+        records: Vec<Rec>,
+        dirs: Vec<PathBuf>,
+    ) -> Result<(), EngineError> {
+        self.write(dirs, move |ctx| apply(ctx.txn, records)).await
+    }
+
+    /// Streams one chunk file into place: temporary name, verified against its own
+    /// header and block checksums, fsynced, renamed. Returns its directory (to be synced
+    /// by the commit that makes it reachable).
+    async fn receive_chunk<R: AsyncRead + Unpin>(
+        &self,
+        p: PartitionId,
+        id: ChunkId,
+        size: u64,
+        input: &mut R,
+    ) -> Result<PathBuf, EngineError> {
+        let path = self.chunks.path(p, id);
+        let dir = path
+            .parent()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| invalid("chunk path without a directory"))?;
+        let tmp = dir.join(format!("{}.import", id.0.simple()));
+        tokio::fs::create_dir_all(&dir).await?;
+        let mut file = tokio::fs::File::create(&tmp).await?;
+        let mut left = size;
+        while left > 0 {
+            let Frame::ChunkPiece(piece) = read_frame(input).await? else {
+                return Err(invalid("chunk file cut short in the snapshot"));
+            };
+            if piece.len() as u64 > left {
+                return Err(invalid("chunk file longer than announced"));
+            }
+            left -= piece.len() as u64;
+            file.write_all(&piece).await?;
+        }
+        file.sync_all().await?;
+        drop(file);
+        let chunks = self.chunks.clone();
+        let (tmp2, path2, dir2) = (tmp.clone(), path.clone(), dir.clone());
+        let verified = tokio::task::spawn_blocking(move || -> Result<(), EngineError> {
+            let len = chunk::stored_len(&tmp2, id)?;
+            std::fs::rename(&tmp2, &path2)?;
+            // Under its final name, yet unreferenced until the batch that needs it commits:
+            // a file that fails here is removed and never seen.
+            let r = ChunkRef {
+                id,
+                partition: p,
+                len,
+            };
+            if let Err(e) = chunks.verify(&r) {
+                let _ = std::fs::remove_file(&path2);
+                return Err(e.into());
+            }
+            chunk::sync_dir(&dir2)?;
+            if let Some(parent) = dir2.parent() {
+                chunk::sync_dir(parent)?;
+                if let Some(grand) = parent.parent() {
+                    chunk::sync_dir(grand)?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| EngineError::Db(format!("chunk import task failed: {e}")))?;
+        if let Err(e) = verified {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        Ok(dir)
+    }
+}
+
+fn clear_partition(txn: &redb::WriteTransaction, p: PartitionId) -> Result<(), EngineError> {
+    let start = partition_prefix(p);
+    let end = prefix_end(&start);
+    for (_, def) in VALUE_TABLES {
+        let mut t = txn.open_table(def)?;
+        match &end {
+            Some(e) => t.retain_in::<&[u8], _>(start.as_slice()..e.as_slice(), |_, _| false)?,
+            None => t.retain_in::<&[u8], _>(start.as_slice().., |_, _| false)?,
+        }
+    }
+    for (_, def) in KEY_TABLES {
+        let mut t = txn.open_table(def)?;
+        match &end {
+            Some(e) => t.retain_in::<&[u8], _>(start.as_slice()..e.as_slice(), |_, _| false)?,
+            None => t.retain_in::<&[u8], _>(start.as_slice().., |_, _| false)?,
+        }
+    }
+    Ok(())
+}
+
+fn apply(txn: &redb::WriteTransaction, records: Vec<Rec>) -> Result<(), EngineError> {
+    // Validate all first: a write closure may fail only before its first change.
+    for (table, _, value) in &records {
+        let ok = match value {
+            Some(_) => (*table as usize) < VALUE_TABLES.len(),
+            None => (4..6).contains(table),
+        };
+        if !ok {
+            return Err(invalid(format!(
+                "snapshot record for unknown table {table}"
+            )));
+        }
+    }
+    for (table, key, value) in records {
+        match (table, value) {
+            (n, Some(v)) if (n as usize) < VALUE_TABLES.len() => {
+                txn.open_table(VALUE_TABLES[n as usize].1)?
+                    .insert(key.as_slice(), v.as_slice())?;
+            }
+            (n, None) if (4..6).contains(&n) => {
+                txn.open_table(KEY_TABLES[n as usize - 4].1)?
+                    .insert(key.as_slice(), ())?;
+            }
+            _ => unreachable!("validated above"),
+        }
+    }
+    Ok(())
+}
