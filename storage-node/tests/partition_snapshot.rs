@@ -222,6 +222,22 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
     );
     assert!(d.engine().import_partition(p, &mut &cut[..]).await.is_err());
     assert!(d.engine().importing(p).await.unwrap());
+    fn files(dir: &std::path::Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                files(&e.path(), out);
+            } else {
+                out.push(e.file_name().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut left = Vec::new();
+    files(&dir.path().join("d"), &mut left);
+    files(&dir.path().join("c"), &mut left);
+    assert!(
+        !left.iter().any(|f| f.ends_with(".import")),
+        "temporary files left behind: {left:?}"
+    );
 
     // Over the RPC port: a peer pulls the partition with the cluster secret.
     let secret = "snapshot-test-secret-0123456789";

@@ -339,15 +339,14 @@ impl Cluster {
     }
 
     async fn load_layout(&self) -> anyhow::Result<Option<Arc<Layout>>> {
+        let Some(stored) = self.inner.catalog.latest_layout().await? else {
+            return Ok(None);
+        };
         if let Some(cached) = self.layout()
-            && let Some(stored) = self.inner.catalog.latest_layout().await?
             && stored.version == cached.version
         {
             return Ok(Some(cached));
         }
-        let Some(stored) = self.inner.catalog.latest_layout().await? else {
-            return Ok(None);
-        };
         let mut layout: Layout = serde_json::from_str(&stored.body)
             .map_err(|e| anyhow::anyhow!("layout version {} is corrupt: {e}", stored.version))?;
         layout.version = stored.version;

@@ -43,6 +43,9 @@ const KEY_TABLES: [(u8, KeyTable); 2] = [(4, KV_EXPIRY), (5, DEAD_BUCKETS)];
 const BATCH: usize = 1024;
 /// Largest piece of a chunk file in one frame.
 const CHUNK_PIECE: usize = 1 << 20;
+/// Largest chunk file there can be: header, data, one CRC per block.
+const MAX_CHUNK_FILE: u64 =
+    16 + chunk::CHUNK_MAX + (chunk::CHUNK_MAX / chunk::BLOCK as u64 + 1) * 4;
 /// Largest frame accepted (a record is at most a few MiB: KV values and inline data are
 /// bounded far below this).
 const MAX_FRAME: u32 = 64 << 20;
@@ -336,22 +339,35 @@ impl Engine {
             .parent()
             .map(Path::to_path_buf)
             .ok_or_else(|| invalid("chunk path without a directory"))?;
+        if size > MAX_CHUNK_FILE {
+            return Err(invalid(format!(
+                "chunk file of {size} bytes announced; at most {MAX_CHUNK_FILE} exist"
+            )));
+        }
         let tmp = dir.join(format!("{}.import", id.0.simple()));
         tokio::fs::create_dir_all(&dir).await?;
-        let mut file = tokio::fs::File::create(&tmp).await?;
-        let mut left = size;
-        while left > 0 {
-            let Frame::ChunkPiece(piece) = read_frame(input).await? else {
-                return Err(invalid("chunk file cut short in the snapshot"));
-            };
-            if piece.len() as u64 > left {
-                return Err(invalid("chunk file longer than announced"));
+        let received = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            let mut left = size;
+            while left > 0 {
+                let Frame::ChunkPiece(piece) = read_frame(input).await? else {
+                    return Err(invalid("chunk file cut short in the snapshot"));
+                };
+                if piece.len() as u64 > left {
+                    return Err(invalid("chunk file longer than announced"));
+                }
+                left -= piece.len() as u64;
+                file.write_all(&piece).await?;
             }
-            left -= piece.len() as u64;
-            file.write_all(&piece).await?;
+            file.sync_all().await?;
+            Ok(())
         }
-        file.sync_all().await?;
-        drop(file);
+        .await;
+        if let Err(e) = received {
+            // A temporary name is never collected by the orphan sweep: remove it now.
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
         let chunks = self.chunks.clone();
         let (tmp2, path2, dir2) = (tmp.clone(), path.clone(), dir.clone());
         let verified = tokio::task::spawn_blocking(move || -> Result<(), EngineError> {
