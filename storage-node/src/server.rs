@@ -148,6 +148,13 @@ impl Node {
             heartbeat_at: now_millis(),
             capacity: config.capacity.max(1),
         };
+        if config.advertise_rpc.is_none() && endpoints.rpc.ip().is_unspecified() {
+            anyhow::bail!(
+                "rpc_listen {} is a wildcard address: set advertise_rpc to the address peers \
+                 reach this node at",
+                config.rpc_listen
+            );
+        }
         if config.cluster_secret.is_none() {
             tracing::warn!(
                 "no cluster_secret: the RPC port refuses every peer and peers are judged by \
@@ -262,10 +269,10 @@ impl Node {
         let rpc_task = tokio::spawn(
             axum::serve(
                 listeners.3,
-                crate::cluster::rpc::router(crate::cluster::rpc::RpcState {
+                crate::cluster::rpc::router(crate::cluster::rpc::RpcState::new(
                     cluster,
-                    engine: store.engine().clone(),
-                }),
+                    store.engine().clone(),
+                )),
             )
             .with_graceful_shutdown(signal(shutdown.clone()))
             .into_future(),

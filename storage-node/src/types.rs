@@ -87,12 +87,12 @@ impl fmt::Display for NodeId {
     }
 }
 
-/// Milliseconds since the Unix epoch; the unit every stored timestamp uses.
 /// Compares secrets without leaking, through timing, how much of a guess was right.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Milliseconds since the Unix epoch; the unit every stored timestamp uses.
 pub fn now_millis() -> i64 {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -199,6 +199,28 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
     );
     let kept = b.head_object(t, &other_bucket, "keep").await.unwrap();
     assert_eq!(kept.size, 4, "other partitions untouched");
+    // Versions continue above the sender's: b had made fewer writes than a, and a new
+    // write there must not reuse a number a compare-and-set could mistake.
+    let imported = b.kv_get(t, &ns, b"plain").await.unwrap().unwrap().version;
+    let next = b
+        .kv_put(
+            t,
+            &ns,
+            b"plain",
+            b"v3".to_vec(),
+            KvCondition::IfVersion(imported),
+            None,
+        )
+        .await
+        .unwrap();
+    let sender_next = a
+        .kv_put(t, &ns, b"probe", b"x".to_vec(), KvCondition::None, None)
+        .await
+        .unwrap();
+    assert!(
+        next > imported && next >= sender_next,
+        "{imported} {next} {sender_next}"
+    );
 
     // A damaged stream: one flipped byte inside a chunk file's data is refused, the
     // partition stays marked incomplete, and nothing torn is served as good data.
@@ -270,10 +292,7 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let router = rpc::router(rpc::RpcState {
-        cluster,
-        engine: a.engine().clone(),
-    });
+    let router = rpc::router(rpc::RpcState::new(cluster, a.engine().clone()));
     let server = tokio::spawn(async move { axum::serve(listener, router).await });
     let e = Store::new(
         Engine::open(&dir.path().join("e")).unwrap(),
@@ -289,7 +308,11 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
     let pulled = rpc::pull_partition(&http, &addr, secret, p, e.engine(), t30)
         .await
         .unwrap();
-    assert_eq!((pulled.records, pulled.chunks), (sent.records, sent.chunks));
+    // One record more than before: the probe key written on a since.
+    assert_eq!(
+        (pulled.records, pulled.chunks),
+        (sent.records + 1, sent.chunks)
+    );
     assert_eq!(dump(a.engine(), p).await, dump(e.engine(), p).await);
     for (k, v) in &objects {
         assert_eq!(&read_all(&e, t, k).await, v, "{k} over RPC");

@@ -270,30 +270,44 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
             old.below_min_in_sync_partitions,
         ),
     };
-    if refused.is_empty() {
-        match health.as_ref().and_then(|h| h.degraded(sc)) {
-            Some((reason, msg)) => {
-                let was = conditions::is_true(&conds, "Degraded");
-                if !was {
-                    ctx.event(sc, true, reason, msg.clone()).await;
-                }
-                conditions::set(&mut conds, "Degraded", true, reason, msg, gen_);
+    // One Degraded reason, the most urgent first: writes that cannot be made durable,
+    // then a refused request, then missing redundancy.
+    let replication = health.as_ref().and_then(|h| h.degraded(sc));
+    let refusal = (!refused.is_empty()).then(|| {
+        (
+            "ScaleInRefused",
+            format!(
+                "scale-in refused (nodes cannot be drained yet, removing them could lose data): {}",
+                refused.join(", ")
+            ),
+        )
+    });
+    let degraded = match (replication, refusal) {
+        (Some(r), _) if r.0 == "BelowMinInSync" => Some(r),
+        (_, Some(refusal)) => Some(refusal),
+        (r, None) => r,
+    };
+    let old_reason = conditions::is_true(&conds, "Degraded")
+        .then(|| conditions::reason(&conds, "Degraded"))
+        .flatten();
+    match degraded {
+        Some((reason, msg)) => {
+            // An event when the cluster becomes degraded or its reason changes.
+            if old_reason.as_deref() != Some(reason) {
+                ctx.event(sc, true, reason, msg.clone()).await;
             }
-            None if health.is_some() || !conditions::is_true(&conds, "Degraded") => {
-                conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
-            }
-            None => {}
+            conditions::set(&mut conds, "Degraded", true, reason, msg, gen_);
         }
-    } else {
-        let msg = format!(
-            "scale-in refused (nodes cannot be drained yet, removing them could lose data): {}",
-            refused.join(", ")
-        );
-        if !conditions::is_true(&conds, "Degraded") {
-            ctx.event(sc, true, "ScaleInRefused", msg.clone()).await;
+        // Without fresh health a replication verdict stands; a refusal is always fresh.
+        None if health.is_some() || old_reason.as_deref() == Some("ScaleInRefused") => {
+            conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
         }
-        conditions::set(&mut conds, "Degraded", true, "ScaleInRefused", msg, gen_);
+        None if old_reason.is_none() => {
+            conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
+        }
+        None => {}
     }
+    let watch_closely = health.is_none() || conditions::is_true(&conds, "Degraded");
     let status = StorageClusterStatus {
         observed_generation: gen_,
         conditions: conds,
@@ -304,10 +318,14 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
         below_min_in_sync_partitions: below,
     };
     patch_status(ctx, &ns, &sc.name_any(), &status).await?;
-    Ok(Action::requeue(Duration::from_secs(if all_ready {
-        300
-    } else {
+    // Health changes without any Kubernetes event: look again soon while it is bad or
+    // unknown.
+    Ok(Action::requeue(Duration::from_secs(if !all_ready {
         10
+    } else if watch_closely {
+        30
+    } else {
+        300
     })))
 }
 

@@ -284,7 +284,8 @@ mod tests {
                 .map(|i| member(&format!("n{i}"), &format!("z{}", i % zones), caps[i]))
                 .collect();
             let mut after = before.clone();
-            after.push(member("joiner", &format!("z{}", newcomer_zone % zones), caps[8]));
+            // newcomer_zone >= zones: the joiner brings a new zone.
+            after.push(member("joiner", &format!("z{newcomer_zone}"), caps[8]));
             let a = Layout::compute(1, 256, factor, &before);
             let b = Layout::compute(2, 256, factor, &after);
             let mut moved = 0usize;
@@ -306,10 +307,18 @@ mod tests {
                     prop_assert_eq!(&with, &set_ids(&a, p), "p{}: untouched", p);
                 }
             }
-            prop_assert!(moved <= 256);
+            // Without a zone rule in play (one zone), the sets that change are about the
+            // joiner's capacity share times the factor: what any balanced placement moves.
+            if zones == 1 && newcomer_zone == 0 {
+                let total: u64 = caps[..n].iter().sum::<u64>() + caps[8];
+                let share = (factor as f64 * caps[8] as f64 / total as f64).min(1.0);
+                let bound = 256.0 * share * 1.5 + 24.0;
+                prop_assert!(moved as f64 <= bound, "moved {} of 256, bound {:.0}", moved, bound);
+            }
         }
 
-        /// A node that fails and returns gets back exactly the layout it left.
+        /// The layout is a function of the members alone: a node that fails and returns
+        /// gets back exactly the placement it left, and input order does not matter.
         #[test]
         fn a_returning_node_gets_its_partitions_back(n in 3usize..9, zones in 1usize..4, leaver in 0usize..9) {
             let zones = zones.min(n);
@@ -320,8 +329,12 @@ mod tests {
             let rest: Vec<Member> = all.iter().filter(|m| m.id != gone).cloned().collect();
             let a = Layout::compute(1, 128, 3, &all);
             let b = Layout::compute(2, 128, 3, &rest);
-            prop_assert!(b.replicas(PartitionId(0)).all(|m| m.id != gone));
-            let c = Layout::compute(3, 128, 3, &all);
+            for p in 0..128u16 {
+                prop_assert!(b.replicas(PartitionId(p)).all(|m| m.id != gone));
+            }
+            let mut shuffled = all.clone();
+            shuffled.rotate_left(leaver % n);
+            let c = Layout::compute(3, 128, 3, &shuffled);
             prop_assert!(a.same_placement(&c));
         }
     }

@@ -36,8 +36,9 @@ use crate::types::NodeId;
 pub use layout::{Layout, Member};
 pub use membership::{NodeState, Thresholds};
 
-/// Settings of the cluster layer, taken from the node's configuration.
-#[derive(Clone, Debug)]
+/// Settings of the cluster layer, taken from the node's configuration. (No `Debug`: it
+/// holds the cluster secret and the catalog URL, which may carry a password.)
+#[derive(Clone)]
 pub struct ClusterConfig {
     pub me: NodeRecord,
     pub partitions: u16,
@@ -83,11 +84,13 @@ struct Inner {
 
 impl Cluster {
     pub fn new(cfg: ClusterConfig, catalog: Arc<dyn Catalog>, metrics: Arc<Metrics>) -> Self {
+        // Without its timeouts a probe of a hung peer would stall every heartbeat; the
+        // builder fails only if the TLS backend cannot start, which plain HTTP never needs.
         let http = reqwest::Client::builder()
             .timeout(cfg.interval)
             .connect_timeout(cfg.interval)
             .build()
-            .unwrap_or_default();
+            .expect("an HTTP client without TLS always builds");
         Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -186,9 +189,12 @@ impl Cluster {
         self.probe_peers(&records).await;
         let view = self.judge(records, now);
         self.publish_view(&view);
-        self.maintain_layout(&view).await?;
-        *inner.view.lock().unwrap_or_else(PoisonError::into_inner) = view;
-        Ok(())
+        let previous = std::mem::replace(
+            &mut *inner.view.lock().unwrap_or_else(PoisonError::into_inner),
+            view.clone(),
+        );
+        log_transitions(&previous, &view);
+        self.maintain_layout(&view).await
     }
 
     /// Probes every peer's RPC port at once; remembers since when each one fails.
@@ -204,9 +210,14 @@ impl Cluster {
                 let url = format!("http://{}/rpc/v1/ping", n.rpc_addr);
                 let id = n.id.clone();
                 async move {
+                    // Only the node we meant counts: a stale address or a wrong advertised
+                    // one must not make a dead node look alive.
                     let ok = match http.get(&url).bearer_auth(&*secret).send().await {
-                        Ok(r) => r.status().is_success(),
-                        Err(_) => false,
+                        Ok(r) if r.status().is_success() => r
+                            .json::<serde_json::Value>()
+                            .await
+                            .is_ok_and(|v| v["nodeId"].as_str() == Some(id.0.as_str())),
+                        _ => false,
                     };
                     (id, ok)
                 }
@@ -265,6 +276,11 @@ impl Cluster {
     }
 
     fn publish_view(&self, view: &[NodeView]) {
+        self.inner.metrics.cluster_view_at.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+        );
         let m = &self.inner.metrics;
         for state in [NodeState::Alive, NodeState::Suspected, NodeState::Failed] {
             let n = view.iter().filter(|v| v.state == state).count();
@@ -349,8 +365,55 @@ impl Cluster {
         }
         let mut layout: Layout = serde_json::from_str(&stored.body)
             .map_err(|e| anyhow::anyhow!("layout version {} is corrupt: {e}", stored.version))?;
+        let members = layout.members.len();
+        if layout.partitions != self.inner.cfg.partitions
+            || layout.replicas.len() != layout.partitions as usize
+            || layout
+                .replicas
+                .iter()
+                .flatten()
+                .any(|&i| i as usize >= members)
+        {
+            anyhow::bail!(
+                "layout version {} does not fit this cluster ({} partitions); is the catalog \
+                 shared with another cluster?",
+                stored.version,
+                self.inner.cfg.partitions
+            );
+        }
         layout.version = stored.version;
         Ok(Some(Arc::new(layout)))
+    }
+}
+
+/// Logs every change of a member's state, with the evidence for it.
+fn log_transitions(before: &[NodeView], after: &[NodeView]) {
+    for n in after {
+        let old = before
+            .iter()
+            .find(|b| b.record.id == n.record.id)
+            .map(|b| b.state);
+        if old == Some(n.state) || (old.is_none() && n.state == NodeState::Alive) {
+            continue;
+        }
+        let (node, zone) = (&n.record.id.0, &n.record.zone);
+        let (age, unreachable) = (n.heartbeat_age_ms, n.unreachable_ms.unwrap_or(0));
+        match n.state {
+            NodeState::Alive => tracing::info!(node, zone, "peer is alive"),
+            NodeState::Suspected => tracing::warn!(
+                node,
+                zone,
+                heartbeat_age_ms = age,
+                unreachable_ms = unreachable,
+                "peer suspected: no recent heartbeat or its RPC port does not answer"
+            ),
+            NodeState::Failed => tracing::warn!(
+                node,
+                zone,
+                heartbeat_age_ms = age,
+                "peer failed: no heartbeat in the catalog for longer than fail_after; it leaves the next layout"
+            ),
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! (`GET /rpc/v1/partitions/{p}/snapshot`, streamed, for catch-up and partition moves);
 //! replication and request forwarding will be served here too (docs/cluster.md).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -26,7 +27,22 @@ use crate::types::PartitionId;
 pub struct RpcState {
     pub cluster: Cluster,
     pub engine: Engine,
+    /// Snapshot exports running at once (each holds a read transaction and a thread).
+    pub exports: Arc<tokio::sync::Semaphore>,
 }
+
+impl RpcState {
+    pub fn new(cluster: Cluster, engine: Engine) -> Self {
+        Self {
+            cluster,
+            engine,
+            exports: Arc::new(tokio::sync::Semaphore::new(MAX_EXPORTS)),
+        }
+    }
+}
+
+/// Most snapshot exports a node serves at once; more are refused with 503.
+const MAX_EXPORTS: usize = 2;
 
 pub fn router(state: RpcState) -> Router {
     Router::new()
@@ -62,8 +78,16 @@ async fn snapshot(State(s): State<RpcState>, Path(p): Path<u16>) -> Result<Respo
             "partition {p} does not exist (the cluster has {partitions})"
         )));
     }
+    let Ok(permit) = s.exports.clone().try_acquire_owned() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "SlowDown",
+            format!("{MAX_EXPORTS} partition snapshots are already being sent; retry later"),
+        ));
+    };
     let (mut w, r) = tokio::io::duplex(SNAPSHOT_PIPE);
     tokio::spawn(async move {
+        let _permit = permit;
         // An error ends the body early; the receiver sees a stream without its End
         // frame and refuses it.
         if let Err(e) = s.engine.export_partition(PartitionId(p), &mut w).await {

@@ -24,6 +24,12 @@ impl WriteCtx<'_> {
         *self.seq += 1;
         *self.seq
     }
+
+    /// Makes every later number greater than `floor` (data imported from another node
+    /// carries that node's numbers).
+    pub fn raise_seq_to(&mut self, floor: u64) {
+        *self.seq = (*self.seq).max(floor);
+    }
 }
 
 type Done = Box<dyn FnOnce(Result<(), String>) + Send>;

@@ -48,11 +48,17 @@ const MAX_CHUNK_FILE: u64 =
     16 + chunk::CHUNK_MAX + (chunk::CHUNK_MAX / chunk::BLOCK as u64 + 1) * 4;
 /// Largest frame accepted (a record is at most a few MiB: KV values and inline data are
 /// bounded far below this).
-const MAX_FRAME: u32 = 64 << 20;
+const MAX_FRAME: u32 = 16 << 20;
+/// Record bytes buffered before an import commits them.
+const BATCH_BYTES: usize = 8 << 20;
+
+/// Version of the stream format; an importer refuses any other.
+const FORMAT: u16 = 1;
 
 #[derive(Debug, Serialize, Deserialize)]
 enum Frame {
     Start {
+        format: u16,
         partition: u16,
     },
     Record {
@@ -65,9 +71,12 @@ enum Frame {
         size: u64,
     },
     ChunkPiece(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// `seq`: the sender's version counter at the snapshot; the receiver's continues
+    /// above it, so versions never repeat or go back on the new holder.
     End {
         records: u64,
         chunks: u64,
+        seq: u64,
     },
 }
 
@@ -90,6 +99,7 @@ async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), 
     let body = postcard::to_stdvec(f).map_err(|e| invalid(e.to_string()))?;
     w.write_all(&(body.len() as u32).to_be_bytes()).await?;
     w.write_all(&body).await?;
+    w.write_all(&crc32c::crc32c(&body).to_be_bytes()).await?;
     Ok(())
 }
 
@@ -102,6 +112,9 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, EngineErro
     }
     let mut body = vec![0u8; len as usize];
     r.read_exact(&mut body).await?;
+    if r.read_u32().await? != crc32c::crc32c(&body) {
+        return Err(invalid("snapshot frame fails its checksum"));
+    }
     postcard::from_bytes(&body).map_err(|e| invalid(format!("bad snapshot frame: {e}")))
 }
 
@@ -142,15 +155,42 @@ impl Engine {
         // Records: one read transaction, walked off the runtime with backpressure.
         let reader = tokio::task::spawn_blocking(move || {
             let send = |f: Result<Frame, EngineError>| tx.blocking_send(f).is_ok();
-            let run = || -> Result<(), EngineError> {
+            // Some(seq) when everything was sent; None when the receiver went away.
+            let run = || -> Result<Option<u64>, EngineError> {
                 let txn = db.begin_read()?;
                 // Pinned after the snapshot began: every file it references is on disk
                 // now (removal waits 5 s after the commit that unreferenced a file) and
                 // stays until the export ends.
                 let files = chunk_files(chunks.root(), p)?;
                 let pin = chunks.pin(&files);
+                // The version counter of this state: the receiver continues above it.
+                let seq = txn
+                    .open_table(META)?
+                    .get("seq")?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                // Files first, so the importer has every file on disk before a record
+                // referring to it commits.
                 let start = partition_prefix(p);
                 let end = prefix_end(&start);
+                for c in &files {
+                    let path = chunks.path(c.partition, c.id);
+                    let data = match std::fs::read(&path) {
+                        Ok(d) => d,
+                        // Removed before we pinned it: it was garbage, not referenced.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(e.into()),
+                    };
+                    let size = data.len() as u64;
+                    if !send(Ok(Frame::ChunkStart { id: c.id, size })) {
+                        return Ok(None);
+                    }
+                    for piece in data.chunks(CHUNK_PIECE) {
+                        if !send(Ok(Frame::ChunkPiece(piece.to_vec()))) {
+                            return Ok(None);
+                        }
+                    }
+                }
                 for (n, def) in VALUE_TABLES {
                     let t = txn.open_table(def)?;
                     let range = match &end {
@@ -165,7 +205,7 @@ impl Engine {
                             value: Some(v.value().to_vec()),
                         };
                         if !send(Ok(f)) {
-                            return Ok(());
+                            return Ok(None);
                         }
                     }
                 }
@@ -183,42 +223,48 @@ impl Engine {
                             value: None,
                         };
                         if !send(Ok(f)) {
-                            return Ok(());
-                        }
-                    }
-                }
-                for c in &files {
-                    let path = chunks.path(c.partition, c.id);
-                    let data = match std::fs::read(&path) {
-                        Ok(d) => d,
-                        // Removed before we pinned it: it was garbage, not referenced.
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(e.into()),
-                    };
-                    let size = data.len() as u64;
-                    if !send(Ok(Frame::ChunkStart { id: c.id, size })) {
-                        return Ok(());
-                    }
-                    for piece in data.chunks(CHUNK_PIECE) {
-                        if !send(Ok(Frame::ChunkPiece(piece.to_vec()))) {
-                            return Ok(());
+                            return Ok(None);
                         }
                     }
                 }
                 drop(pin);
-                Ok(())
+                Ok(Some(seq))
             };
-            if let Err(e) = run() {
-                let _ = tx.blocking_send(Err(e));
+            match run() {
+                Ok(Some(seq)) => {
+                    let _ = tx.blocking_send(Ok(Frame::End {
+                        records: 0,
+                        chunks: 0,
+                        seq,
+                    }));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(e));
+                }
             }
         });
-        write_frame(out, &Frame::Start { partition: p.0 }).await?;
+        write_frame(
+            out,
+            &Frame::Start {
+                format: FORMAT,
+                partition: p.0,
+            },
+        )
+        .await?;
         let mut n = Imported::default();
+        let mut ended = false;
         while let Some(f) = rx.recv().await {
-            let f = f?;
-            match &f {
+            let mut f = f?;
+            match &mut f {
                 Frame::Record { .. } => n.records += 1,
                 Frame::ChunkStart { .. } => n.chunks += 1,
+                Frame::End {
+                    records, chunks, ..
+                } => {
+                    (*records, *chunks) = (n.records, n.chunks);
+                    ended = true;
+                }
                 _ => {}
             }
             write_frame(out, &f).await?;
@@ -226,14 +272,9 @@ impl Engine {
         reader
             .await
             .map_err(|e| EngineError::Db(format!("snapshot reader failed: {e}")))?;
-        write_frame(
-            out,
-            &Frame::End {
-                records: n.records,
-                chunks: n.chunks,
-            },
-        )
-        .await?;
+        if !ended {
+            return Err(EngineError::Closed);
+        }
         out.flush().await?;
         Ok(n)
     }
@@ -246,13 +287,18 @@ impl Engine {
         input: &mut R,
     ) -> Result<Imported, EngineError> {
         match read_frame(input).await? {
-            Frame::Start { partition } if partition == p.0 => {}
+            Frame::Start { format, partition } if format == FORMAT && partition == p.0 => {}
             other => {
                 return Err(invalid(format!(
                     "snapshot does not start with partition {p}: {other:?}"
                 )));
             }
         }
+        // Temporary files of an import a crash interrupted are never referenced.
+        let pdir = self.chunks.root().join(p.to_string());
+        tokio::task::spawn_blocking(move || remove_temporaries(&pdir))
+            .await
+            .map_err(|e| EngineError::Db(format!("cleanup task failed: {e}")))??;
         // Clear the partition and mark it incomplete, durably, before anything lands.
         let mark = importing_key(p);
         self.write(Vec::new(), move |ctx| {
@@ -263,16 +309,19 @@ impl Engine {
         .await?;
         let mut got = Imported::default();
         let mut batch: Vec<Rec> = Vec::new();
+        let mut batch_bytes = 0usize;
         let mut dirs: Vec<PathBuf> = Vec::new();
-        loop {
+        let sender_seq = loop {
             match read_frame(input).await? {
                 Frame::Record { table, key, value } => {
                     if !key.starts_with(&partition_prefix(p)) {
                         return Err(invalid("snapshot record outside its partition"));
                     }
+                    batch_bytes += key.len() + value.as_ref().map_or(0, Vec::len);
                     batch.push((table, key, value));
                     got.records += 1;
-                    if batch.len() >= BATCH {
+                    if batch.len() >= BATCH || batch_bytes >= BATCH_BYTES {
+                        batch_bytes = 0;
                         self.apply_records(std::mem::take(&mut batch), std::mem::take(&mut dirs))
                             .await?;
                     }
@@ -284,24 +333,29 @@ impl Engine {
                     }
                     got.chunks += 1;
                 }
-                Frame::End { records, chunks } => {
+                Frame::End {
+                    records,
+                    chunks,
+                    seq,
+                } => {
                     if (records, chunks) != (got.records, got.chunks) {
                         return Err(invalid(format!(
                             "snapshot ended after {} records and {} chunks, announced {records} and {chunks}",
                             got.records, got.chunks
                         )));
                     }
-                    break;
+                    break seq;
                 }
                 other => return Err(invalid(format!("unexpected snapshot frame {other:?}"))),
             }
-        }
+        };
         // The last batch also syncs every chunk directory and lifts the mark: from this
         // commit on the partition is complete.
         let mark = importing_key(p);
         let last = std::mem::take(&mut batch);
         self.write(dirs, move |ctx| {
             apply(ctx.txn, last)?;
+            ctx.raise_seq_to(sender_seq);
             ctx.txn.open_table(META)?.remove(mark.as_str())?;
             Ok(())
         })
@@ -401,6 +455,21 @@ impl Engine {
         }
         Ok(dir)
     }
+}
+
+fn remove_temporaries(pdir: &Path) -> Result<(), EngineError> {
+    let Ok(subs) = std::fs::read_dir(pdir) else {
+        return Ok(());
+    };
+    for sub in subs {
+        for f in std::fs::read_dir(sub?.path())? {
+            let f = f?;
+            if f.file_name().to_string_lossy().ends_with(".import") {
+                std::fs::remove_file(f.path())?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn clear_partition(txn: &redb::WriteTransaction, p: PartitionId) -> Result<(), EngineError> {

@@ -52,6 +52,9 @@ pub struct Metrics {
     pub cluster_nodes: Family<NodeStateLabels, Gauge>,
     pub layout_version: Gauge,
     pub under_replicated: Gauge,
+    /// When this node last judged its peers (Unix seconds): a stale value means the
+    /// cluster view (catalog or peers) is not being refreshed.
+    pub cluster_view_at: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,6 +92,12 @@ impl Default for Metrics {
             "Partitions whose replica set in the current layout is smaller than the replication factor",
             under_replicated.clone(),
         );
+        let cluster_view_at = Gauge::default();
+        registry.register(
+            "cluster_view_timestamp_seconds",
+            "When this node last refreshed its view of the cluster's members",
+            cluster_view_at.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -96,6 +105,7 @@ impl Default for Metrics {
             cluster_nodes,
             layout_version,
             under_replicated,
+            cluster_view_at,
         }
     }
 }

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, bail};
 pub struct Net {
     tag: String,
     bridge: String,
-    /// `10.a.b.0/24`: the bridge is `.1`, host `i` is `.(i + 2)`.
+    /// `198.(18|19).x.0/24`: the bridge is `.1`, host `i` is `.(i + 2)`.
     prefix: [u8; 3],
     hosts: Vec<String>,
 }
@@ -38,7 +38,9 @@ impl Net {
     pub fn create(n: usize) -> Result<Self> {
         let r: u32 = rand::random();
         let tag = format!("{:05x}", r & 0xfffff);
-        let prefix = [10, 64 + (r >> 20 & 0x7f) as u8, (r >> 8 & 0xff) as u8];
+        // 198.18.0.0/15 is reserved for network tests (RFC 2544): no CNI, Docker or
+        // Kubernetes default range overlaps it.
+        let prefix = [198, 18 + (r >> 20 & 1) as u8, (r >> 8 & 0xff) as u8];
         let mut net = Net {
             bridge: format!("grb{tag}"),
             tag,
