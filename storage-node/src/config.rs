@@ -38,7 +38,15 @@ pub struct NodeConfig {
     pub master_key_file: Option<PathBuf>,
     /// Number of partitions of the cluster; fixed at first start. Default 1024.
     pub partitions: u16,
+    /// Bytes of request bodies and responses the node holds in memory at once, over
+    /// all requests (KV bodies, values, scan pages, batch answers). A request that
+    /// would exceed it is refused with `SlowDown` (HTTP 503). Default 256 MiB; at
+    /// least 8 MiB (one largest KV request).
+    pub memory_budget: u64,
 }
+
+/// Smallest accepted [`NodeConfig::memory_budget`].
+pub const MIN_MEMORY_BUDGET: u64 = 8 * 1024 * 1024;
 
 impl Default for NodeConfig {
     fn default() -> Self {
@@ -59,6 +67,7 @@ impl Default for NodeConfig {
             master_key: None,
             master_key_file: None,
             partitions: 1024,
+            memory_budget: 256 * 1024 * 1024,
         }
     }
 }
@@ -161,6 +170,9 @@ impl NodeConfig {
         if let Some(v) = g("PARTITIONS") {
             self.partitions = parse("GRANARY_PARTITIONS", &v)?;
         }
+        if let Some(v) = g("MEMORY_BUDGET") {
+            self.memory_budget = parse("GRANARY_MEMORY_BUDGET", &v)?;
+        }
         Ok(())
     }
 
@@ -173,6 +185,11 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.partitions == 0 {
             return Err(ConfigError::Invalid("partitions must be at least 1".into()));
+        }
+        if self.memory_budget < MIN_MEMORY_BUDGET {
+            return Err(ConfigError::Invalid(format!(
+                "memory_budget must be at least {MIN_MEMORY_BUDGET} bytes"
+            )));
         }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::Invalid(

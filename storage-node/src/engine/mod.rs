@@ -13,6 +13,7 @@
 pub mod chunk;
 mod commit;
 pub mod keys;
+pub mod record;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,11 +22,12 @@ use redb::{ReadableDatabase, TableDefinition};
 
 pub use chunk::{ChunkError, ChunkRef, ChunkStore, ChunkWriter};
 pub use commit::WriteCtx;
+pub use record::Record;
 
-pub const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
-pub const UPLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uploads");
-pub const PARTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("parts");
-pub const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+pub const OBJECTS: TableDefinition<&[u8], Record> = TableDefinition::new("objects");
+pub const UPLOADS: TableDefinition<&[u8], Record> = TableDefinition::new("uploads");
+pub const PARTS: TableDefinition<&[u8], Record> = TableDefinition::new("parts");
+pub const KV: TableDefinition<&[u8], Record> = TableDefinition::new("kv");
 /// KV keys with a TTL, by partition then expiry time: `partition (2) | expires_at ms (8,
 /// big-endian) | the KV key without its partition`. Lets the sweep find what expired
 /// without reading live data, and keeps each partition a contiguous range.
@@ -46,6 +48,9 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
     #[error("the engine is shutting down")]
     Closed,
+    /// The store (or a table of it) is in a format this binary does not read.
+    #[error("storage format: {0}")]
+    Format(String),
 }
 
 macro_rules! db_err {
@@ -81,7 +86,7 @@ impl Engine {
         {
             let txn = db.begin_write()?;
             for t in [OBJECTS, UPLOADS, PARTS, KV] {
-                txn.open_table(t)?;
+                record::open_record_table(&txn, t)?;
             }
             txn.open_table(KV_EXPIRY)?;
             txn.open_table(DEAD_BUCKETS)?;

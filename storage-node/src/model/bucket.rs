@@ -163,7 +163,7 @@ impl Store {
                     for e in t.range(p.as_slice()..end.as_slice())? {
                         let (_, v) = e?;
                         u.objects += 1;
-                        u.storage_bytes += super::object::decode_record(v.value())
+                        u.storage_bytes += super::object::decode_summary(v.value())
                             .map(|r| r.size)
                             .unwrap_or(0);
                     }

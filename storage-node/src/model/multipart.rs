@@ -6,7 +6,9 @@ use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::data::{self, ByteStream, ObjectData};
-use super::object::{Conditions, ObjectMeta, ObjectRecord, check_key, decode_record, encode};
+use super::object::{
+    Conditions, ObjectMeta, ObjectRecord, check_key, decode_record, decode_stored, encode,
+};
 use super::{Error, Result, Store};
 use crate::engine::{ChunkRef, EngineError, OBJECTS, PARTS, UPLOADS, keys};
 use crate::types::{TenantId, UploadId, now_millis};
@@ -44,11 +46,11 @@ pub struct UploadInfo {
 }
 
 fn decode_upload(b: &[u8]) -> Result<UploadRecord, EngineError> {
-    postcard::from_bytes(b).map_err(|e| EngineError::Db(format!("upload record: {e}")))
+    decode_stored("upload", b).map_err(EngineError::Db)
 }
 
 fn decode_part(b: &[u8]) -> Result<PartRecord, EngineError> {
-    postcard::from_bytes(b).map_err(|e| EngineError::Db(format!("part record: {e}")))
+    decode_stored("part", b).map_err(EngineError::Db)
 }
 
 impl Store {

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RequestLabels, Histogram>,
+    /// Startup orphan sweeps that deleted nothing because a record could not be read.
+    pub orphan_sweep_aborted: Counter,
 }
 
 impl Default for Metrics {
@@ -61,10 +63,18 @@ impl Default for Metrics {
             "Request latency until the response head, by front end, operation and status",
             latency.clone(),
         );
+        let orphan_sweep_aborted = Counter::default();
+        registry.register(
+            "orphan_sweep_aborted",
+            "Startup orphan sweeps that removed nothing because a metadata record could not \
+             be read (corrupt, or written by a newer format); see the node log",
+            orphan_sweep_aborted.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
+            orphan_sweep_aborted,
         }
     }
 }
