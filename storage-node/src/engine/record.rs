@@ -11,6 +11,9 @@
 //!   whose version this binary does not know is reported as [`RecordError::Newer`]
 //!   (or [`RecordError::Corrupt`]); readers of that record get an error, and the orphan
 //!   sweep aborts rather than treating the record's data as unreferenced.
+//! - Every version-1 record ends with a CRC32C of everything before it, so a flipped
+//!   bit is detected ([`RecordError::Checksum`]) instead of decoding into another
+//!   chunk id (postcard alone would accept most flips).
 //!
 //! Stores written before versioning existed (record tables typed `&[u8]`, records bare
 //! postcard) are recognised by their table type and migrated once, in one transaction,
@@ -76,23 +79,40 @@ pub enum RecordError {
     Newer(u8),
     #[error("record version byte {0} is not valid")]
     Corrupt(u8),
+    #[error("record fails its checksum")]
+    Checksum,
 }
 
-/// Prefixes an encoded record with the current record version.
+/// Frames an encoded record: the current record version, the body, then a CRC32C
+/// (little-endian) of the version and body.
 pub fn seal(body: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(body.len() + 1);
+    let mut v = Vec::with_capacity(body.len() + 5);
     v.push(RECORD_VERSION);
     v.extend_from_slice(body);
+    let crc = crc32c::crc32c(&v);
+    v.extend_from_slice(&crc.to_le_bytes());
     v
 }
 
-/// The body of a stored record, if its version is one this binary reads.
+/// The body of a stored record, if its version is one this binary reads and its
+/// checksum holds.
 pub fn open(bytes: &[u8]) -> Result<&[u8], RecordError> {
-    match bytes.split_first() {
+    match bytes.first() {
         None => Err(RecordError::Empty),
-        Some((&RECORD_VERSION, body)) => Ok(body),
-        Some((&v, _)) if v > RECORD_VERSION => Err(RecordError::Newer(v)),
-        Some((&v, _)) => Err(RecordError::Corrupt(v)),
+        Some(&RECORD_VERSION) => {
+            let Some(split) = bytes.len().checked_sub(4).filter(|n| *n >= 1) else {
+                return Err(RecordError::Checksum);
+            };
+            let (framed, crc) = bytes.split_at(split);
+            let mut stored = [0u8; 4];
+            stored.copy_from_slice(crc);
+            if crc32c::crc32c(framed) != u32::from_le_bytes(stored) {
+                return Err(RecordError::Checksum);
+            }
+            Ok(&framed[1..])
+        }
+        Some(&v) if v > RECORD_VERSION => Err(RecordError::Newer(v)),
+        Some(&v) => Err(RecordError::Corrupt(v)),
     }
 }
 
@@ -164,7 +184,14 @@ mod tests {
     #[test]
     fn versions_are_told_apart() {
         assert_eq!(open(&seal(b"abc")), Ok(&b"abc"[..]));
+        assert_eq!(open(&seal(b"")), Ok(&b""[..]));
         assert_eq!(open(&[]), Err(RecordError::Empty));
+        assert_eq!(open(&[RECORD_VERSION, 1, 2]), Err(RecordError::Checksum));
+        for i in 0..(seal(b"abcdef").len() * 8) {
+            let mut v = seal(b"abcdef");
+            v[i / 8] ^= 1 << (i % 8);
+            assert!(open(&v).is_err(), "flip of bit {i} not detected");
+        }
         assert_eq!(open(&[RECORD_VERSION + 1, 1]), Err(RecordError::Newer(2)));
         assert_eq!(open(&[0, 1]), Err(RecordError::Corrupt(0)));
     }
