@@ -87,8 +87,12 @@ fn generated_kv_requests_get_correct_answers() {
                         .iter()
                         .map(|(k, v)| (k.as_str(), v.as_str()))
                         .collect();
-                    let (signed, unsigned): (&[(&str, &str)], &[(&str, &str)]) =
-                        if add_unsigned { (&[], &hs) } else { (&hs, &[]) };
+                    let none: Vec<(&str, &str)> = Vec::new();
+                    let (signed, unsigned) = if add_unsigned {
+                        (&none, &hs)
+                    } else {
+                        (&hs, &none)
+                    };
                     let (s, body) = answer(
                         kv.send_with_unsigned("PUT", &path, signed, unsigned, value.clone())
                             .await
