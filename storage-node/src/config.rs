@@ -43,6 +43,9 @@ pub struct NodeConfig {
     /// would exceed it is refused with `SlowDown` (HTTP 503). Default 256 MiB; at
     /// least 8 MiB (one largest KV request).
     pub memory_budget: u64,
+    /// Multipart uploads initiated longer ago than this many seconds are aborted and
+    /// their parts freed. Default 604800 (7 days); 0 never expires them.
+    pub multipart_upload_max_age_secs: u64,
 }
 
 /// Smallest accepted [`NodeConfig::memory_budget`].
@@ -68,6 +71,7 @@ impl Default for NodeConfig {
             master_key_file: None,
             partitions: 1024,
             memory_budget: 256 * 1024 * 1024,
+            multipart_upload_max_age_secs: 7 * 24 * 3600,
         }
     }
 }
@@ -169,6 +173,10 @@ impl NodeConfig {
         }
         if let Some(v) = g("PARTITIONS") {
             self.partitions = parse("GRANARY_PARTITIONS", &v)?;
+        }
+        if let Some(v) = g("MULTIPART_UPLOAD_MAX_AGE_SECS") {
+            self.multipart_upload_max_age_secs =
+                parse("GRANARY_MULTIPART_UPLOAD_MAX_AGE_SECS", &v)?;
         }
         if let Some(v) = g("MEMORY_BUDGET") {
             self.memory_budget = parse("GRANARY_MEMORY_BUDGET", &v)?;

@@ -100,6 +100,13 @@ impl Node {
                 "indexed KV values with a TTL for the expiry sweep"
             );
         }
+        let indexed = store.index_uploads().await?;
+        if indexed > 0 {
+            tracing::info!(
+                uploads = indexed,
+                "indexed multipart uploads for listing and expiry"
+            );
+        }
         let metrics = Arc::new(Metrics::default());
         match store.sweep_orphan_chunks().await? {
             SweepOutcome::Removed(0) => {}
@@ -239,7 +246,13 @@ impl Node {
                 .with_graceful_shutdown(signal(shutdown.clone()))
                 .into_future(),
         );
-        let sweeper = tokio::spawn(housekeeping(store.clone(), shutdown.clone()));
+        let upload_max_age = (config.multipart_upload_max_age_secs > 0)
+            .then(|| Duration::from_secs(config.multipart_upload_max_age_secs));
+        let sweeper = tokio::spawn(housekeeping(
+            store.clone(),
+            upload_max_age,
+            shutdown.clone(),
+        ));
         ready.store(true, Ordering::Relaxed);
         serve_s3(listeners.0, s3, metrics, shutdown.clone()).await;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -406,8 +419,13 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(5);
 const MAX_READ_PIN: Duration = Duration::from_secs(30 * 60);
 
 /// Every [`HOUSEKEEPING_EVERY`] until shutdown: removes expired KV values (they read as
-/// absent at once) and data that stalled readers have held for [`MAX_READ_PIN`].
-async fn housekeeping(store: Store, mut shutdown: watch::Receiver<bool>) {
+/// absent at once), aborts multipart uploads older than `upload_max_age` (freeing their
+/// parts) and removes data that stalled readers have held for [`MAX_READ_PIN`].
+async fn housekeeping(
+    store: Store,
+    upload_max_age: Option<Duration>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -419,6 +437,16 @@ async fn housekeeping(store: Store, mut shutdown: watch::Receiver<bool>) {
             Ok(0) => {}
             Ok(n) => tracing::debug!(keys = n, "removed expired KV values"),
             Err(e) => tracing::warn!(error = %e, "KV expiry sweep failed; retrying later"),
+        }
+        if let Some(age) = upload_max_age {
+            let cutoff = now_millis().saturating_sub(age.as_millis() as i64);
+            match store.expire_uploads(cutoff, 1000).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(uploads = n, "aborted abandoned multipart uploads"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "multipart upload expiry failed; retrying later")
+                }
+            }
         }
         let n = store.engine().chunks().remove_long_pinned(MAX_READ_PIN);
         if n > 0 {

@@ -36,6 +36,12 @@ pub const KV_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("kv_expir
 /// into one is refused inside the same group commit that would make it visible, so no
 /// data can land under a bucket after its delete was decided.
 pub const DEAD_BUCKETS: TableDefinition<&[u8], ()> = TableDefinition::new("dead_buckets");
+/// Multipart uploads in listing order (key, then initiation time, then id): see
+/// [`keys::upload_index_key`]. Lets ListMultipartUploads read one page, not the bucket.
+pub const UPLOADS_BY_KEY: TableDefinition<&[u8], ()> = TableDefinition::new("uploads_by_key");
+/// Multipart uploads by age: `initiated ms (8, big-endian) | upload key`. Lets the
+/// expiry of abandoned uploads find the old ones without reading the others.
+pub const UPLOADS_BY_AGE: TableDefinition<&[u8], ()> = TableDefinition::new("uploads_by_age");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +96,8 @@ impl Engine {
             }
             txn.open_table(KV_EXPIRY)?;
             txn.open_table(DEAD_BUCKETS)?;
+            txn.open_table(UPLOADS_BY_KEY)?;
+            txn.open_table(UPLOADS_BY_AGE)?;
             txn.open_table(META)?;
             txn.commit()?;
         }
