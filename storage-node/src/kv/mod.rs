@@ -151,6 +151,20 @@ fn page_reservation(raw: usize, largest: usize) -> usize {
 
 /// What a scan page or batch answer reserves before it is read: the most it can be.
 const PAGE_RESERVE: usize = MAX_PAGE_BYTES + (MAX_VALUE + 2048) * 4 / 3 + 4096;
+/// The largest single entry's cost ([`entry_cost`] of a 1 KiB key and a 1 MiB value).
+const MAX_ENTRY_COST: usize = MAX_VALUE + 1024 + 64;
+/// What a page of one entry at most reserves.
+const SMALL_PAGE_RESERVE: usize = MAX_ENTRY_COST + (MAX_VALUE + 2048) * 4 / 3 + 4096;
+
+/// Reserves memory for a scan page or batch answer and returns the byte cap to read it
+/// with: a full page when the budget allows, else (under pressure) a page of one entry,
+/// so reads shrink before they are refused.
+fn reserve_page(st: &KvState) -> Result<(Reservation, usize), ApiError> {
+    if let Some(r) = st.budget.try_reserve(PAGE_RESERVE) {
+        return Ok((r, MAX_PAGE_BYTES));
+    }
+    Ok((reserve(st, SMALL_PAGE_RESERVE)?, MAX_ENTRY_COST))
+}
 
 fn slow_down() -> ApiError {
     ApiError::new(
@@ -399,7 +413,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
             span.record("bytes", body.len());
             let version = st
                 .store
-                .kv_put(tenant, &ns, &key, body.to_vec(), cond, ttl)
+                .kv_put(tenant, &ns, &key, Vec::from(body), cond, ttl)
                 .await?;
             let mut r = axum::Json(json!({"version": version})).into_response();
             r.headers_mut().insert(
@@ -431,7 +445,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                 ),
                 None => None,
             };
-            let mut hold = reserve(st, PAGE_RESERVE)?;
+            let (mut hold, cap) = reserve_page(st)?;
             let page = st
                 .store
                 .kv_scan(
@@ -442,7 +456,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                     query_bytes(&q.end)?,
                     after,
                     q.limit.unwrap_or(100),
-                    MAX_PAGE_BYTES,
+                    cap,
                 )
                 .await?;
             let raw: usize = page
@@ -485,11 +499,8 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             drop(b);
-            let mut hold = reserve(st, PAGE_RESERVE)?;
-            let page = st
-                .store
-                .kv_get_many(tenant, &ns, keys, MAX_PAGE_BYTES)
-                .await?;
+            let (mut hold, cap) = reserve_page(st)?;
+            let page = st.store.kv_get_many(tenant, &ns, keys, cap).await?;
             let raw: usize = page
                 .read
                 .iter()
