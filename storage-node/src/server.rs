@@ -582,4 +582,133 @@ mod tests {
         assert!(node.store.head_object(tenant, "b", "a").await.is_err());
         node.store.engine().shutdown().await;
     }
+
+    /// A data directory as binaries from before record versioning left it (record
+    /// tables typed `&[u8]`, bare postcard records): a node opens it, migrates it once,
+    /// and every object, upload and KV value reads as before.
+    #[tokio::test]
+    async fn a_store_from_before_versioning_opens_and_reads() {
+        use crate::engine::{KV, OBJECTS, PARTS, UPLOADS};
+        use crate::model::kv::KvCondition;
+        let dir = tempfile::tempdir().unwrap();
+        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
+        let config = NodeConfig {
+            data_dir: dir.path().to_path_buf(),
+            s3_listen: any,
+            kv_listen: any,
+            admin_listen: any,
+            partitions: 16,
+            ..NodeConfig::default()
+        };
+        let master = MasterKey::generate();
+        let token = "t".repeat(16);
+        let node = Node::open(config.clone(), master.clone(), token.clone())
+            .await
+            .unwrap();
+        let tenant = node
+            .catalog
+            .create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        node.store.create_bucket(tenant, "b").await.unwrap();
+        for (k, len) in [("inline", 100usize), ("chunked", 300_000)] {
+            let body: ByteStream =
+                Box::pin(futures::stream::iter([Ok(Bytes::from(vec![9u8; len]))]));
+            node.store
+                .put_object(
+                    tenant,
+                    "b",
+                    k,
+                    body,
+                    None,
+                    ObjectMeta::default(),
+                    Conditions::default(),
+                )
+                .await
+                .unwrap();
+        }
+        let up = node
+            .store
+            .create_upload(tenant, "b", "mp", ObjectMeta::default())
+            .await
+            .unwrap();
+        node.store
+            .kv_put(tenant, "ns", b"k", b"v".to_vec(), KvCondition::None, None)
+            .await
+            .unwrap();
+        node.store.engine().shutdown().await;
+        node.catalog.close().await;
+        drop(node);
+
+        // Rewrite the record tables in the unversioned layout: the version-1 body
+        // without its version byte and checksum, under the legacy table type.
+        {
+            let db = redb::Database::create(dir.path().join("engine").join("meta.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            for def in [OBJECTS, UPLOADS, PARTS, KV] {
+                let rows: Vec<(Vec<u8>, Vec<u8>)> = txn
+                    .open_table(def)
+                    .unwrap()
+                    .iter()
+                    .unwrap()
+                    .map(|e| {
+                        let (k, v) = e.unwrap();
+                        let body = crate::engine::record::open(v.value()).unwrap().to_vec();
+                        (k.value().to_vec(), body)
+                    })
+                    .collect();
+                let name = redb::TableHandle::name(&def).to_string();
+                txn.delete_table(def).unwrap();
+                let legacy: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new(&name);
+                let mut t = txn.open_table(legacy).unwrap();
+                for (k, v) in rows {
+                    t.insert(k.as_slice(), v.as_slice()).unwrap();
+                }
+            }
+            // Nor did those binaries have the upload indexes.
+            txn.delete_table(crate::engine::UPLOADS_BY_KEY).unwrap();
+            txn.delete_table(crate::engine::UPLOADS_BY_AGE).unwrap();
+            txn.open_table(crate::engine::META)
+                .unwrap()
+                .remove("uploads_indexed")
+                .unwrap();
+            txn.commit().unwrap();
+        }
+
+        let node = Node::open(config, master, token).await.unwrap();
+        assert_eq!(node.metrics.orphan_sweep_aborted.get(), 0);
+        assert_eq!(chunk_files(&node), 1, "the sweep removed live data");
+        for (k, len) in [("inline", 100u64), ("chunked", 300_000)] {
+            let (rec, _, body) = node
+                .store
+                .get_object(tenant, "b", k, None, &Conditions::default())
+                .await
+                .unwrap();
+            assert_eq!(rec.size, len);
+            let got: Vec<u8> = futures::StreamExt::collect::<Vec<_>>(body.stream)
+                .await
+                .into_iter()
+                .flat_map(|b| b.unwrap().to_vec())
+                .collect();
+            assert_eq!(got.len() as u64, len);
+        }
+        let page = node
+            .store
+            .list_uploads_page(tenant, "b", "", None, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(page.uploads.len(), 1);
+        assert_eq!(page.uploads[0].upload_id, up);
+        assert_eq!(
+            node.store
+                .kv_get(tenant, "ns", b"k")
+                .await
+                .unwrap()
+                .unwrap()
+                .value,
+            b"v"
+        );
+        node.store.engine().shutdown().await;
+    }
 }
