@@ -41,7 +41,7 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 echo "==> starting granary-node dev in $WORK/granary" >&2
 GP=$(port)
 "$TARGET/granary-node" dev --data-dir "$WORK/granary" --s3-listen "127.0.0.1:$GP" \
-  --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$(port)" > "$WORK/granary.out" 2> "$WORK/granary.err" &
+  --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$(port)" --rpc-listen "127.0.0.1:$(port)" > "$WORK/granary.out" 2> "$WORK/granary.err" &
 PIDS+=($!)
 for _ in $(seq 100); do grep -q "Secret key" "$WORK/granary.out" 2>/dev/null && break; sleep 0.1; done
 G_AK=$(awk '/Access key id/ {print $4}' "$WORK/granary.out")

@@ -28,6 +28,7 @@ fi
 command -v curl >/dev/null || apt_install curl
 command -v openssl >/dev/null || apt_install openssl
 command -v runuser >/dev/null || apt_install util-linux
+command -v ip >/dev/null || apt_install iproute2
 if ! python3 -c 'import boto3' 2>/dev/null; then
   echo "installing boto3"
   python3 -m pip install -q boto3

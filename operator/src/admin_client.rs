@@ -124,6 +124,19 @@ impl AdminClient {
         Ok((ak, sk))
     }
 
+    /// The cluster's health as one node sees it: (`/layout`, `/nodes`).
+    pub async fn cluster_health(&self) -> Result<(Value, Value)> {
+        let (s, layout) = self.call(reqwest::Method::GET, "/layout", None).await?;
+        if s != 200 {
+            return Err(Self::fail("reading the layout", s, &layout));
+        }
+        let (s, nodes) = self.call(reqwest::Method::GET, "/nodes", None).await?;
+        if s != 200 {
+            return Err(Self::fail("reading the members", s, &nodes));
+        }
+        Ok((layout, nodes))
+    }
+
     /// `{buckets, objects, storageBytes, kvKeys}` of the tenant.
     pub async fn usage(&self, tenant: &str) -> Result<Value> {
         let (s, v) = self

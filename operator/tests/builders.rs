@@ -143,20 +143,15 @@ fn statefulset_carries_replicas_zone_affinity_volumes_probes_and_secrets() {
         (Some("/readyz"), &IntOrString::Int(9200))
     );
     let env = c.env.as_ref().unwrap();
-    let catalog = env
-        .iter()
-        .find(|e| e.name == "GRANARY_CATALOG_URL")
-        .unwrap();
-    let sk = catalog
-        .value_from
-        .as_ref()
-        .unwrap()
-        .secret_key_ref
-        .as_ref()
-        .unwrap();
+    let var = |n: &str| env.iter().find(|e| e.name == n).unwrap();
+    let secret_of = |n: &str| {
+        let r = var(n).value_from.as_ref().unwrap();
+        let sk = r.secret_key_ref.as_ref().unwrap();
+        (sk.name.clone(), sk.key.clone())
+    };
     assert_eq!(
-        (sk.name.as_str(), sk.key.as_str()),
-        ("granary-catalog", "url")
+        secret_of("GRANARY_CATALOG_URL"),
+        ("granary-catalog".into(), "url".into())
     );
     assert!(
         env.iter().all(|e| e
@@ -166,6 +161,23 @@ fn statefulset_carries_replicas_zone_affinity_volumes_probes_and_secrets() {
         "no secret in plain env"
     );
     assert!(env.iter().any(|e| e.name == "OTEL_EXPORTER_OTLP_ENDPOINT"));
+    // Joining the cluster: peers reach this pod's RPC port by its stable DNS name and
+    // authenticate with the cluster secret; placement weighs it by its volume size.
+    let rpc = var("GRANARY_ADVERTISE_RPC").value.as_deref().unwrap();
+    assert!(
+        rpc.starts_with("$(GRANARY_NODE_ID).") && rpc.ends_with(":9300"),
+        "{rpc}"
+    );
+    let (name, key) = secret_of("GRANARY_CLUSTER_SECRET");
+    assert_eq!(key, "secret");
+    assert!(name.ends_with("-cluster-secret"), "{name}");
+    let capacity: u64 = var("GRANARY_CAPACITY")
+        .value
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(capacity >= 1);
     let pvc = &spec.volume_claim_templates.as_ref().unwrap()[0];
     let req = pvc
         .spec
@@ -276,4 +288,6 @@ fn services_and_network_policy_expose_only_what_they_should() {
     let cm = d.config.data.as_ref().unwrap()["node.toml"].clone();
     assert!(cm.contains("region = \"eu-west-1\"") && cm.contains("partitions = 1024"));
     assert!(!cm.contains("postgres"), "no secrets in the ConfigMap");
+    assert!(cm.contains("rpc_listen = \"0.0.0.0:9300\""), "{cm}");
+    assert!(cm.contains("replication_factor = "), "{cm}");
 }

@@ -46,6 +46,28 @@ pub struct NodeConfig {
     /// Multipart uploads initiated longer ago than this many seconds are aborted and
     /// their parts freed. Default 604800 (7 days); 0 never expires them.
     pub multipart_upload_max_age_secs: u64,
+    /// Internal RPC listener (peer probes; replication and forwarding to come).
+    /// Default 127.0.0.1:9300.
+    pub rpc_listen: SocketAddr,
+    /// Address other nodes reach this node's RPC listener at; default `rpc_listen`.
+    pub advertise_rpc: Option<String>,
+    /// Shared secret peers present to each other on the RPC port (at least 16
+    /// characters). Without it the RPC port refuses every request and peers are judged
+    /// by their catalog heartbeats alone. `dev` generates one under the data directory.
+    pub cluster_secret: Option<String>,
+    /// Replicas per partition the layout aims for. Default 3 (fewer while the cluster
+    /// has fewer nodes; such partitions are reported under-replicated).
+    pub replication_factor: u8,
+    /// This node's weight in partition placement (e.g. GiB of data volume). Default 100.
+    pub capacity: u64,
+    /// Heartbeat, probe and layout-poll period in milliseconds. Default 1000.
+    pub heartbeat_interval_ms: u64,
+    /// A node is suspected after this long without a heartbeat or an answered probe.
+    /// Default 5000.
+    pub suspect_after_ms: u64,
+    /// A node is declared failed (and left out of the next layout) after this long
+    /// without a heartbeat in the catalog. Default 30000.
+    pub fail_after_ms: u64,
 }
 
 /// Smallest accepted [`NodeConfig::memory_budget`].
@@ -72,6 +94,14 @@ impl Default for NodeConfig {
             partitions: 1024,
             memory_budget: 256 * 1024 * 1024,
             multipart_upload_max_age_secs: 7 * 24 * 3600,
+            rpc_listen: ([127, 0, 0, 1], 9300).into(),
+            advertise_rpc: None,
+            cluster_secret: None,
+            replication_factor: 3,
+            capacity: 100,
+            heartbeat_interval_ms: 1000,
+            suspect_after_ms: 5000,
+            fail_after_ms: 30_000,
         }
     }
 }
@@ -181,6 +211,30 @@ impl NodeConfig {
         if let Some(v) = g("MEMORY_BUDGET") {
             self.memory_budget = parse("GRANARY_MEMORY_BUDGET", &v)?;
         }
+        if let Some(v) = g("RPC_LISTEN") {
+            self.rpc_listen = parse("GRANARY_RPC_LISTEN", &v)?;
+        }
+        if let Some(v) = g("ADVERTISE_RPC") {
+            self.advertise_rpc = Some(v);
+        }
+        if let Some(v) = g("CLUSTER_SECRET") {
+            self.cluster_secret = Some(v);
+        }
+        if let Some(v) = g("REPLICATION_FACTOR") {
+            self.replication_factor = parse("GRANARY_REPLICATION_FACTOR", &v)?;
+        }
+        if let Some(v) = g("CAPACITY") {
+            self.capacity = parse("GRANARY_CAPACITY", &v)?;
+        }
+        if let Some(v) = g("HEARTBEAT_INTERVAL_MS") {
+            self.heartbeat_interval_ms = parse("GRANARY_HEARTBEAT_INTERVAL_MS", &v)?;
+        }
+        if let Some(v) = g("SUSPECT_AFTER_MS") {
+            self.suspect_after_ms = parse("GRANARY_SUSPECT_AFTER_MS", &v)?;
+        }
+        if let Some(v) = g("FAIL_AFTER_MS") {
+            self.fail_after_ms = parse("GRANARY_FAIL_AFTER_MS", &v)?;
+        }
         Ok(())
     }
 
@@ -203,6 +257,25 @@ impl NodeConfig {
             return Err(ConfigError::Invalid(
                 "admin_token must be at least 16 characters".into(),
             ));
+        }
+        if self.cluster_secret.as_deref().is_some_and(|t| t.len() < 16) {
+            return Err(ConfigError::Invalid(
+                "cluster_secret must be at least 16 characters".into(),
+            ));
+        }
+        if self.replication_factor == 0 {
+            return Err(ConfigError::Invalid(
+                "replication_factor must be at least 1".into(),
+            ));
+        }
+        if self.heartbeat_interval_ms == 0
+            || self.suspect_after_ms <= self.heartbeat_interval_ms
+            || self.fail_after_ms <= self.suspect_after_ms
+        {
+            return Err(ConfigError::Invalid(format!(
+                "need 0 < heartbeat_interval_ms ({}) < suspect_after_ms ({}) < fail_after_ms ({})",
+                self.heartbeat_interval_ms, self.suspect_after_ms, self.fail_after_ms
+            )));
         }
         Ok(())
     }

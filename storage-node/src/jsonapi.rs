@@ -16,6 +16,30 @@ pub struct ApiError {
     pub extra: Option<(&'static str, Value)>,
 }
 
+/// Accepts a request only when its `Authorization: Bearer` value equals `expected`
+/// (compared in constant time); `None` refuses everyone. `why` is the 401 message.
+pub fn check_bearer(
+    headers: &axum::http::HeaderMap,
+    expected: Option<&str>,
+    why: &'static str,
+) -> Result<(), ApiError> {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    match expected {
+        Some(e)
+            if !given.is_empty()
+                && crate::types::constant_time_eq(given.as_bytes(), e.as_bytes()) =>
+        {
+            Ok(())
+        }
+        _ => Err(ApiError::new(StatusCode::UNAUTHORIZED, "Unauthorized", why)),
+    }
+}
+
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         Self {

@@ -34,6 +34,8 @@ enum Cmd {
         /// Bytes of request and response data held in memory at once (see NodeConfig).
         #[arg(long, env = "GRANARY_MEMORY_BUDGET", default_value_t = NodeConfig::default().memory_budget)]
         memory_budget: u64,
+        #[arg(long, env = "GRANARY_RPC_LISTEN", default_value = "127.0.0.1:9300")]
+        rpc_listen: std::net::SocketAddr,
     },
     /// Run a node from a configuration file (TOML), with GRANARY_* overrides.
     Serve {
@@ -127,9 +129,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, memory_budget } => {
+            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget } => {
                 let _t = granary_node::telemetry::init("granary-node");
-                let config = NodeConfig { data_dir, s3_listen, kv_listen, admin_listen, memory_budget, ..NodeConfig::default() };
+                let config = NodeConfig { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, ..NodeConfig::default() };
                 dev(config).await
             }
             Cmd::Serve { config } => {
@@ -183,6 +185,16 @@ async fn dev(mut config: NodeConfig) -> anyhow::Result<()> {
         hex::encode(b)
     })?;
     config.admin_token = Some(token.clone());
+    config.cluster_secret = Some(read_or_create_secret(
+        &config.data_dir.join("cluster.secret"),
+        || {
+            let mut b = [0u8; 24];
+            rand::rng().fill_bytes(&mut b);
+            hex::encode(b)
+        },
+    )?);
+    // One node: every partition has one replica, and that is all there can be.
+    config.replication_factor = 1;
     let node = Node::open(config, master, token).await?;
     let (tenant, key, secret) = dev_tenant(node.catalog.as_ref()).await?;
     node.write_endpoints_file()?;

@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::catalog::{Catalog, MasterKey, NodeRecord, SqlCatalog};
+use crate::catalog::{Backend, Catalog, MasterKey, NodeRecord, SqlCatalog};
+use crate::cluster::{Cluster, ClusterConfig, Thresholds};
 use crate::config::NodeConfig;
 use crate::engine::Engine;
 use crate::model::{Store, SweepOutcome};
@@ -33,6 +34,7 @@ pub struct Endpoints {
     pub s3: SocketAddr,
     pub kv: SocketAddr,
     pub admin: SocketAddr,
+    pub rpc: SocketAddr,
 }
 
 /// A node whose listeners are bound; `run` serves until `shutdown` flips to true.
@@ -41,7 +43,8 @@ pub struct Node {
     pub store: Store,
     pub catalog: Arc<SqlCatalog>,
     pub endpoints: Endpoints,
-    listeners: (TcpListener, TcpListener, TcpListener),
+    pub cluster: Cluster,
+    listeners: (TcpListener, TcpListener, TcpListener, TcpListener),
     metrics: Arc<Metrics>,
     auth: Authenticator,
     admin_token: String,
@@ -135,10 +138,12 @@ impl Node {
         let s3 = bind(config.s3_listen, "S3").await?;
         let kvl = bind(config.kv_listen, "KV").await?;
         let adm = bind(config.admin_listen, "admin").await?;
+        let rpc = bind(config.rpc_listen, "RPC").await?;
         let endpoints = Endpoints {
             s3: s3.local_addr()?,
             kv: kvl.local_addr()?,
             admin: adm.local_addr()?,
+            rpc: rpc.local_addr()?,
         };
         let node = NodeRecord {
             id: NodeId(config.node_id.clone()),
@@ -156,17 +161,44 @@ impl Node {
                 .advertise_admin
                 .clone()
                 .unwrap_or_else(|| endpoints.admin.to_string()),
-            rpc_addr: String::new(),
+            rpc_addr: config
+                .advertise_rpc
+                .clone()
+                .unwrap_or_else(|| endpoints.rpc.to_string()),
             heartbeat_at: now_millis(),
+            capacity: config.capacity.max(1),
         };
-        catalog.upsert_node(&node).await?;
+        if config.cluster_secret.is_none() {
+            tracing::warn!(
+                "no cluster_secret: the RPC port refuses every peer and peers are judged by \
+                 catalog heartbeats alone"
+            );
+        }
+        let catalog_url = config.catalog_url();
+        let cluster = Cluster::new(
+            ClusterConfig {
+                me: node,
+                partitions,
+                replication_factor: config.replication_factor,
+                interval: Duration::from_millis(config.heartbeat_interval_ms),
+                thresholds: Thresholds {
+                    suspect_after: Duration::from_millis(config.suspect_after_ms),
+                    fail_after: Duration::from_millis(config.fail_after_ms),
+                },
+                secret: config.cluster_secret.as_deref().map(Arc::from),
+                listen_url: (catalog.backend() == Backend::Postgres).then_some(catalog_url),
+            },
+            dyn_catalog.clone(),
+            metrics.clone(),
+        );
         let auth = Authenticator::new(dyn_catalog);
         Ok(Self {
             config,
             store,
             catalog,
             endpoints,
-            listeners: (s3, kvl, adm),
+            cluster,
+            listeners: (s3, kvl, adm, rpc),
             metrics,
             auth,
             admin_token,
@@ -180,6 +212,7 @@ impl Node {
             "s3": format!("http://{}", e.s3),
             "kv": format!("http://{}", e.kv),
             "admin": format!("http://{}", e.admin),
+            "rpc": format!("http://{}", e.rpc),
             "pid": std::process::id(),
         });
         let tmp = self.config.data_dir.join("endpoints.json.tmp");
@@ -193,12 +226,15 @@ impl Node {
             config,
             store,
             catalog,
+            cluster,
             listeners,
             metrics,
             auth,
             admin_token,
             ..
         } = self;
+        // Registered, heartbeating and holding a layout before any listener answers.
+        let cluster_task = cluster.start(shutdown.clone()).await?;
         let ready = Arc::new(AtomicBool::new(false));
 
         let mut builder = S3ServiceBuilder::new(GranaryS3::new(
@@ -231,6 +267,7 @@ impl Node {
             token: admin_token.into(),
             ready: ready.clone(),
             node: Arc::new(node_info),
+            cluster: cluster.clone(),
         });
 
         let signal = |mut rx: watch::Receiver<bool>| async move {
@@ -246,6 +283,11 @@ impl Node {
                 .with_graceful_shutdown(signal(shutdown.clone()))
                 .into_future(),
         );
+        let rpc_task = tokio::spawn(
+            axum::serve(listeners.3, crate::cluster::rpc::router(cluster))
+                .with_graceful_shutdown(signal(shutdown.clone()))
+                .into_future(),
+        );
         let upload_max_age = (config.multipart_upload_max_age_secs > 0)
             .then(|| Duration::from_secs(config.multipart_upload_max_age_secs));
         let sweeper = tokio::spawn(housekeeping(
@@ -258,7 +300,9 @@ impl Node {
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
             let _ = kv_task.await;
             let _ = admin_task.await;
+            let _ = rpc_task.await;
             let _ = sweeper.await;
+            let _ = cluster_task.await;
         })
         .await;
         store.engine().shutdown().await;
@@ -505,6 +549,7 @@ mod tests {
             s3_listen: any,
             kv_listen: any,
             admin_listen: any,
+            rpc_listen: any,
             partitions: 16,
             ..NodeConfig::default()
         };
@@ -597,6 +642,7 @@ mod tests {
             s3_listen: any,
             kv_listen: any,
             admin_listen: any,
+            rpc_listen: any,
             partitions: 16,
             ..NodeConfig::default()
         };

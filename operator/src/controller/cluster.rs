@@ -24,7 +24,7 @@ use serde_json::json;
 use super::{Context, MANAGER};
 use crate::build::cluster::{self as builder, Desired};
 use crate::conditions;
-use crate::crd::{StorageCluster, StorageClusterStatus, ZoneStatus};
+use crate::crd::{MemberCounts, StorageCluster, StorageClusterStatus, ZoneStatus};
 use crate::error::{Error, Result};
 
 pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Action> {
@@ -108,6 +108,15 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
         sc,
         &bctx.admin_token_secret(),
         "token",
+        random_hex(24),
+    )
+    .await?;
+    ensure_secret(
+        ctx,
+        &ns,
+        sc,
+        &bctx.cluster_secret(),
+        "secret",
         random_hex(24),
     )
     .await?;
@@ -231,8 +240,50 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
             gen_,
         );
     }
+    // Replication health as the storage nodes report it; unreachable nodes leave the
+    // last known figures in place (the Ready condition already says nodes are down).
+    let health = match super::cluster_admin(ctx, sc, &bctx).await? {
+        Some(admin) => match tokio::time::timeout(HEALTH_TIMEOUT, admin.cluster_health()).await {
+            Ok(Ok((layout, nodes))) => {
+                Health::from_admin(&layout, &nodes, sc.spec.replication.min_in_sync)
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cluster health unavailable");
+                None
+            }
+            Err(_) => None,
+        },
+        None => None,
+    };
+    let old = sc.status.clone().unwrap_or_default();
+    let (layout_version, members, under, below) = match &health {
+        Some(h) => (
+            Some(h.layout_version),
+            Some(h.members.clone()),
+            Some(h.under_replicated),
+            Some(h.below_min_in_sync),
+        ),
+        None => (
+            old.layout_version,
+            old.members.clone(),
+            old.under_replicated_partitions,
+            old.below_min_in_sync_partitions,
+        ),
+    };
     if refused.is_empty() {
-        conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
+        match health.as_ref().and_then(|h| h.degraded(sc)) {
+            Some((reason, msg)) => {
+                let was = conditions::is_true(&conds, "Degraded");
+                if !was {
+                    ctx.event(sc, true, reason, msg.clone()).await;
+                }
+                conditions::set(&mut conds, "Degraded", true, reason, msg, gen_);
+            }
+            None if health.is_some() || !conditions::is_true(&conds, "Degraded") => {
+                conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
+            }
+            None => {}
+        }
     } else {
         let msg = format!(
             "scale-in refused (nodes cannot be drained yet, removing them could lose data): {}",
@@ -247,7 +298,10 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
         observed_generation: gen_,
         conditions: conds,
         zones: zones.into_values().collect(),
-        layout_version: sc.status.as_ref().and_then(|s| s.layout_version),
+        layout_version,
+        members,
+        under_replicated_partitions: under,
+        below_min_in_sync_partitions: below,
     };
     patch_status(ctx, &ns, &sc.name_any(), &status).await?;
     Ok(Action::requeue(Duration::from_secs(if all_ready {
@@ -313,4 +367,112 @@ async fn remove_stale_pdbs(api: &Api<PodDisruptionBudget>, bctx: &builder::Conte
         }
     }
     Ok(())
+}
+
+/// How long a reconcile waits for a node to report the cluster's health.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The cluster's replication health, from one node's `/admin/v1/layout` and `/nodes`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Health {
+    pub layout_version: i64,
+    pub members: MemberCounts,
+    pub under_replicated: i64,
+    pub below_min_in_sync: i64,
+}
+
+impl Health {
+    /// None when the answers do not have the documented shape.
+    pub fn from_admin(
+        layout: &serde_json::Value,
+        nodes: &serde_json::Value,
+        min_in_sync: i32,
+    ) -> Option<Self> {
+        let by_count = layout["partitionsByReplicaCount"].as_array()?;
+        let below = by_count
+            .iter()
+            .take(min_in_sync.max(0) as usize)
+            .map(|c| c.as_i64().unwrap_or(0))
+            .sum();
+        let count = |k: &str| nodes[k].as_i64().map(|n| n as i32);
+        Some(Self {
+            layout_version: layout["version"].as_i64()?,
+            members: MemberCounts {
+                alive: count("alive")?,
+                suspected: count("suspected")?,
+                failed: count("failed")?,
+            },
+            under_replicated: layout["underReplicatedPartitions"].as_i64()?,
+            below_min_in_sync: below,
+        })
+    }
+
+    /// The Degraded reason and message, if any.
+    pub fn degraded(&self, sc: &StorageCluster) -> Option<(&'static str, String)> {
+        let r = &sc.spec.replication;
+        let m = &self.members;
+        let nodes = format!(
+            "{} node(s) alive, {} suspected, {} failed",
+            m.alive, m.suspected, m.failed
+        );
+        if self.below_min_in_sync > 0 {
+            Some((
+                "BelowMinInSync",
+                format!(
+                    "{} of {} partitions have fewer than minInSync={} replicas; writes to them \
+                     cannot be acknowledged durably ({nodes})",
+                    self.below_min_in_sync, sc.spec.partitions, r.min_in_sync
+                ),
+            ))
+        } else if self.under_replicated > 0 {
+            Some((
+                "UnderReplicated",
+                format!(
+                    "{} of {} partitions have fewer than {} replicas ({nodes})",
+                    self.under_replicated, sc.spec.partitions, r.factor
+                ),
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(factor: i32, min_in_sync: i32) -> StorageCluster {
+        let mut sc: StorageCluster =
+            serde_yaml::from_str(include_str!("../../../examples/storagecluster.yaml")).unwrap();
+        sc.spec.replication.factor = factor;
+        sc.spec.replication.min_in_sync = min_in_sync;
+        sc
+    }
+
+    #[test]
+    fn health_counts_partitions_below_min_in_sync_from_the_replica_histogram() {
+        let layout = json!({"version": 4, "underReplicatedPartitions": 30,
+                            "partitionsByReplicaCount": [0, 10, 20, 994]});
+        let nodes = json!({"alive": 5, "suspected": 0, "failed": 1});
+        let h = Health::from_admin(&layout, &nodes, 2).unwrap();
+        assert_eq!(h.below_min_in_sync, 10);
+        assert_eq!(h.under_replicated, 30);
+        assert_eq!(h.members.failed, 1);
+        let (reason, msg) = h.degraded(&cluster(3, 2)).unwrap();
+        assert_eq!(reason, "BelowMinInSync");
+        assert!(msg.contains("10 of") && msg.contains("1 failed"), "{msg}");
+        let h = Health::from_admin(&layout, &nodes, 1).unwrap();
+        assert_eq!(h.below_min_in_sync, 0);
+        assert_eq!(h.degraded(&cluster(3, 1)).unwrap().0, "UnderReplicated");
+        let healthy = json!({"version": 4, "underReplicatedPartitions": 0,
+                             "partitionsByReplicaCount": [0, 0, 0, 1024]});
+        let h = Health::from_admin(&healthy, &nodes, 2).unwrap();
+        assert_eq!(h.degraded(&cluster(3, 2)), None);
+        assert_eq!(
+            Health::from_admin(&json!({}), &nodes, 2),
+            None,
+            "wrong shape"
+        );
+    }
 }

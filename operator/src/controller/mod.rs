@@ -142,6 +142,30 @@ impl Context {
     }
 }
 
+/// The admin API client of a StorageCluster's nodes (the internal Service, or the
+/// `granary.dev/admin-endpoint` annotation), or None while its admin token Secret does
+/// not exist yet.
+pub async fn cluster_admin(
+    ctx: &Context,
+    sc: &crate::crd::StorageCluster,
+    b: &crate::build::cluster::Context,
+) -> crate::error::Result<Option<crate::admin_client::AdminClient>> {
+    use k8s_openapi::api::core::v1::Secret;
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(ctx.client.clone(), &b.namespace);
+    let token = secrets
+        .get_opt(&b.admin_token_secret())
+        .await?
+        .and_then(|s| s.data)
+        .and_then(|d| d.get("token").cloned())
+        .map(|v| String::from_utf8_lossy(&v.0).to_string());
+    let url = sc
+        .annotations()
+        .get(tenant::ANNOTATION_ADMIN)
+        .cloned()
+        .unwrap_or_else(|| format!("http://{}-internal.{}.svc:9200", b.name, b.namespace));
+    Ok(token.map(|t| crate::admin_client::AdminClient::new(ctx.http.clone(), &url, &t)))
+}
+
 /// Retry with a delay that depends on the kind of failure; the error is recorded by
 /// the reconciler itself (condition and event) before it returns.
 pub fn error_policy<K: ResourceExt>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {

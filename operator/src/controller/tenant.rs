@@ -203,14 +203,7 @@ async fn access(
         )));
     }
     let b = BuildContext::of(&sc, &ctx.operator_namespace);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
-    let token = secrets
-        .get_opt(&b.admin_token_secret())
-        .await?
-        .and_then(|s| s.data)
-        .and_then(|d| d.get("token").cloned())
-        .map(|v| String::from_utf8_lossy(&v.0).to_string());
-    let Some(token) = token else {
+    let Some(admin) = super::cluster_admin(ctx, &sc, &b).await? else {
         return Ok(Err((
             "ClusterNotReady",
             format!(
@@ -220,12 +213,8 @@ async fn access(
         )));
     };
     let ann = sc.annotations();
-    let admin_url = ann
-        .get(ANNOTATION_ADMIN)
-        .cloned()
-        .unwrap_or_else(|| format!("http://{}-internal.{}.svc:9200", b.name, b.namespace));
     Ok(Ok(ClusterAccess {
-        admin: AdminClient::new(ctx.http.clone(), &admin_url, &token),
+        admin,
         s3: ann
             .get(ANNOTATION_S3)
             .cloned()

@@ -187,6 +187,24 @@ pub struct StorageClusterStatus {
     pub zones: Vec<ZoneStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layout_version: Option<i64>,
+    /// Storage nodes by state, as the cluster judges them (alive, suspected, failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub members: Option<MemberCounts>,
+    /// Partitions with fewer replicas than `replication.factor`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub under_replicated_partitions: Option<i64>,
+    /// Partitions with fewer replicas than `replication.minInSync`: writes to them
+    /// cannot be acknowledged durably (condition Degraded, reason BelowMinInSync).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below_min_in_sync_partitions: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberCounts {
+    pub alive: i32,
+    pub suspected: i32,
+    pub failed: i32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

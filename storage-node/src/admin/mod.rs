@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::catalog::{Tenant, TenantSpec};
+use crate::cluster::{Cluster, NodeState};
 use crate::jsonapi::ApiError;
 use crate::model::Store;
 use crate::telemetry::Metrics;
@@ -29,11 +30,14 @@ pub struct AdminState {
     pub token: Arc<str>,
     pub ready: Arc<AtomicBool>,
     pub node: Arc<serde_json::Value>,
+    pub cluster: Cluster,
 }
 
 pub fn router(state: AdminState) -> Router {
     let api = Router::new()
         .route("/admin/v1/node", get(node))
+        .route("/admin/v1/nodes", get(nodes))
+        .route("/admin/v1/layout", get(layout))
         .route("/admin/v1/tenants", get(list_tenants).post(create_tenant))
         .route(
             "/admin/v1/tenants/{name}",
@@ -84,26 +88,15 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 async fn require_token(State(s): State<AdminState>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if given.is_empty() || !constant_time_eq(given.trim().as_bytes(), s.token.as_bytes()) {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "a valid admin bearer token is required",
-        )
-        .into_response();
+    match crate::jsonapi::check_bearer(
+        req.headers(),
+        Some(&s.token),
+        "a valid admin bearer token is required",
+    ) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
-    next.run(req).await
 }
 
 pub fn check_tenant_name(name: &str) -> Result<(), ApiError> {
@@ -142,6 +135,76 @@ fn json_rejection(e: axum::extract::rejection::JsonRejection) -> ApiError {
 
 async fn node(State(s): State<AdminState>) -> Json<serde_json::Value> {
     Json((*s.node).clone())
+}
+
+/// The cluster's members as this node judges them.
+async fn nodes(State(s): State<AdminState>) -> Json<serde_json::Value> {
+    let nodes = s.cluster.nodes();
+    let count = |st: NodeState| nodes.iter().filter(|n| n.state == st).count();
+    Json(json!({
+        "alive": count(NodeState::Alive),
+        "suspected": count(NodeState::Suspected),
+        "failed": count(NodeState::Failed),
+        "nodes": nodes,
+    }))
+}
+
+/// A summary of the current partition layout; `?partitions=true` adds every
+/// partition's replica set (primary first).
+async fn layout(
+    State(s): State<AdminState>,
+    Query(q): Query<LayoutQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(l) = s.cluster.layout() else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NoLayout",
+            "no partition layout is known yet",
+        ));
+    };
+    let load = l.load();
+    let members: Vec<serde_json::Value> = l
+        .members
+        .iter()
+        .zip(load)
+        .map(|(m, (primary, held))| {
+            json!({"id": m.id.0, "zone": m.zone, "capacity": m.capacity,
+                   "primaryPartitions": primary, "partitions": held})
+        })
+        .collect();
+    // Index n: how many partitions have n replicas (lets a caller count those below
+    // its own minimum, such as the operator with minInSync).
+    let mut by_count = vec![0u32; l.factor as usize + 1];
+    for set in &l.replicas {
+        if let Some(c) = by_count.get_mut(set.len()) {
+            *c += 1;
+        }
+    }
+    let mut body = json!({
+        "version": l.version,
+        "partitions": l.partitions,
+        "replicationFactor": l.factor,
+        "underReplicatedPartitions": l.under_replicated(),
+        "partitionsByReplicaCount": by_count,
+        "members": members,
+    });
+    if q.partitions {
+        body["replicaSets"] = json!(
+            (0..l.partitions)
+                .map(|p| l
+                    .replicas(crate::types::PartitionId(p))
+                    .map(|m| m.id.0.as_str())
+                    .collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        );
+    }
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+struct LayoutQuery {
+    #[serde(default)]
+    partitions: bool,
 }
 
 async fn list_tenants(State(s): State<AdminState>) -> Result<Json<serde_json::Value>, ApiError> {

@@ -1,4 +1,5 @@
-//! The catalog: tenants, access keys, buckets, nodes and (later) the partition layout.
+//! The catalog: tenants, access keys, buckets, nodes and the versions of the partition
+//! layout.
 //!
 //! One trait, [`Catalog`], and one implementation over sqlx's `Any` driver that runs on
 //! Postgres (production, shared by every node) and SQLite (the embedded default). The
@@ -139,8 +140,22 @@ pub struct NodeRecord {
     pub kv_addr: String,
     pub admin_addr: String,
     pub rpc_addr: String,
+    /// The last heartbeat, in the catalog's clock (Unix milliseconds).
     pub heartbeat_at: i64,
+    /// Relative weight in partition placement (for example GiB of data volume).
+    pub capacity: u64,
 }
+
+/// One stored version of the partition layout (its body is `cluster::layout::Layout`
+/// as JSON; the catalog does not interpret it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredLayout {
+    pub version: u64,
+    pub body: String,
+}
+
+/// Postgres channel on which a new layout version is announced.
+pub const LAYOUT_CHANNEL: &str = "granary_layout";
 
 #[async_trait]
 pub trait Catalog: Send + Sync + 'static {
@@ -167,6 +182,16 @@ pub trait Catalog: Send + Sync + 'static {
 
     async fn upsert_node(&self, node: &NodeRecord) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
+    /// Records a heartbeat of `id` at the catalog's clock; false if `id` is not registered.
+    async fn heartbeat(&self, id: &NodeId) -> Result<bool>;
+    /// The catalog's clock, Unix milliseconds: the one clock heartbeats are judged by, so
+    /// the nodes' clocks may drift apart without anyone being declared failed.
+    async fn now_millis(&self) -> Result<i64>;
+    /// The highest layout version, if any.
+    async fn latest_layout(&self) -> Result<Option<StoredLayout>>;
+    /// Stores `layout` if its version is still free; false when another node stored
+    /// that version first. Announces it on [`LAYOUT_CHANNEL`] (Postgres).
+    async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool>;
 
     /// Returns the stored value of a cluster setting, storing `default` first if absent.
     async fn setting_or_init(&self, key: &str, default: &str) -> Result<String>;
@@ -247,6 +272,14 @@ impl SqlCatalog {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// SQL for the database's clock in Unix milliseconds.
+    fn now_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+        }
     }
 
     pub async fn close(&self) {
@@ -522,11 +555,11 @@ impl Catalog for SqlCatalog {
 
     async fn upsert_node(&self, n: &NodeRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO nodes (id, region, zone, s3_addr, kv_addr, admin_addr, rpc_addr, heartbeat_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+            "INSERT INTO nodes (id, region, zone, s3_addr, kv_addr, admin_addr, rpc_addr, heartbeat_at, capacity) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
              ON CONFLICT (id) DO UPDATE SET region = excluded.region, zone = excluded.zone, \
              s3_addr = excluded.s3_addr, kv_addr = excluded.kv_addr, admin_addr = excluded.admin_addr, \
-             rpc_addr = excluded.rpc_addr, heartbeat_at = excluded.heartbeat_at",
+             rpc_addr = excluded.rpc_addr, heartbeat_at = excluded.heartbeat_at, capacity = excluded.capacity",
         )
         .bind(&n.id.0)
         .bind(&n.region)
@@ -536,6 +569,7 @@ impl Catalog for SqlCatalog {
         .bind(&n.admin_addr)
         .bind(&n.rpc_addr)
         .bind(n.heartbeat_at)
+        .bind(i64::try_from(n.capacity).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -543,7 +577,7 @@ impl Catalog for SqlCatalog {
 
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
         let rows = sqlx::query(
-            "SELECT id, region, zone, s3_addr, kv_addr, admin_addr, rpc_addr, heartbeat_at FROM nodes ORDER BY id",
+            "SELECT id, region, zone, s3_addr, kv_addr, admin_addr, rpc_addr, heartbeat_at, capacity FROM nodes ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -558,9 +592,73 @@ impl Catalog for SqlCatalog {
                     admin_addr: r.try_get("admin_addr")?,
                     rpc_addr: r.try_get("rpc_addr")?,
                     heartbeat_at: r.try_get("heartbeat_at")?,
+                    capacity: r.try_get::<i64, _>("capacity")?.max(1) as u64,
                 })
             })
             .collect()
+    }
+
+    async fn heartbeat(&self, id: &NodeId) -> Result<bool> {
+        let sql = format!(
+            "UPDATE nodes SET heartbeat_at = {} WHERE id = $1",
+            self.now_sql()
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&id.0)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn now_millis(&self) -> Result<i64> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {} AS now",
+            self.now_sql()
+        )))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.try_get("now")?)
+    }
+
+    async fn latest_layout(&self) -> Result<Option<StoredLayout>> {
+        let row = sqlx::query("SELECT version, body FROM layouts ORDER BY version DESC LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| {
+            Ok(StoredLayout {
+                version: r.try_get::<i64, _>("version")? as u64,
+                body: r.try_get("body")?,
+            })
+        })
+        .transpose()
+    }
+
+    async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool> {
+        let version = i64::try_from(layout.version)
+            .map_err(|_| CatalogError::Corrupt("layout version out of range".into()))?;
+        let sql = format!(
+            "INSERT INTO layouts (version, partitions, body, created_at) VALUES ($1, $2, $3, {}) \
+             ON CONFLICT (version) DO NOTHING",
+            self.now_sql()
+        );
+        let r = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(version)
+            .bind(partitions as i64)
+            .bind(&layout.body)
+            .execute(&self.pool)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Ok(false);
+        }
+        if self.backend == Backend::Postgres {
+            // Wakes every node's listener; polling covers a lost notification.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(LAYOUT_CHANNEL)
+                .bind(version.to_string())
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(true)
     }
 
     async fn setting_or_init(&self, key: &str, default: &str) -> Result<String> {

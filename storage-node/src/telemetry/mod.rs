@@ -12,6 +12,7 @@ use std::time::Instant;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -38,12 +39,21 @@ pub struct RequestLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeStateLabels {
+    pub state: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RequestLabels, Histogram>,
     /// Startup orphan sweeps that deleted nothing because a record could not be read.
     pub orphan_sweep_aborted: Counter,
+    /// Cluster members by state, as this node judges them.
+    pub cluster_nodes: Family<NodeStateLabels, Gauge>,
+    pub layout_version: Gauge,
+    pub under_replicated: Gauge,
 }
 
 impl Default for Metrics {
@@ -70,11 +80,32 @@ impl Default for Metrics {
              be read (corrupt, or written by a newer format); see the node log",
             orphan_sweep_aborted.clone(),
         );
+        let cluster_nodes = Family::<NodeStateLabels, Gauge>::default();
+        registry.register(
+            "cluster_nodes",
+            "Cluster members by state (alive, suspected, failed) as this node judges them",
+            cluster_nodes.clone(),
+        );
+        let layout_version = Gauge::default();
+        registry.register(
+            "cluster_layout_version",
+            "Version of the partition layout this node uses",
+            layout_version.clone(),
+        );
+        let under_replicated = Gauge::default();
+        registry.register(
+            "cluster_under_replicated_partitions",
+            "Partitions whose replica set in the current layout is smaller than the replication factor",
+            under_replicated.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
             latency,
             orphan_sweep_aborted,
+            cluster_nodes,
+            layout_version,
+            under_replicated,
         }
     }
 }

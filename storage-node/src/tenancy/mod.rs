@@ -83,9 +83,10 @@ mod tests {
 
     use super::*;
     use crate::catalog::{
-        AccessKey, Bucket, MasterKey, NodeRecord, Result, SqlCatalog, Tenant, TenantSpec,
+        AccessKey, Bucket, MasterKey, NodeRecord, Result, SqlCatalog, StoredLayout, Tenant,
+        TenantSpec,
     };
-    use crate::types::BucketId;
+    use crate::types::{BucketId, NodeId};
 
     /// A real catalog whose key lookups can be held after they have read, to replay
     /// the interleaving of a lookup and a revocation deterministically.
@@ -150,6 +151,18 @@ mod tests {
         }
         async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
             self.inner.list_nodes().await
+        }
+        async fn heartbeat(&self, id: &NodeId) -> Result<bool> {
+            self.inner.heartbeat(id).await
+        }
+        async fn now_millis(&self) -> Result<i64> {
+            self.inner.now_millis().await
+        }
+        async fn latest_layout(&self) -> Result<Option<StoredLayout>> {
+            self.inner.latest_layout().await
+        }
+        async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool> {
+            self.inner.insert_layout(layout, partitions).await
         }
         async fn setting_or_init(&self, k: &str, d: &str) -> Result<String> {
             self.inner.setting_or_init(k, d).await

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 pub mod control_plane;
+pub mod netns;
 pub mod otlp;
 
 /// The workspace root (two levels above this crate).
@@ -91,7 +92,12 @@ impl NodeProc {
     pub fn start(data_dir: &Path) -> Result<Self> {
         let mut args: Vec<std::ffi::OsString> =
             vec!["dev".into(), "--data-dir".into(), data_dir.into()];
-        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
+        for flag in [
+            "--s3-listen",
+            "--kv-listen",
+            "--admin-listen",
+            "--rpc-listen",
+        ] {
             args.push(flag.into());
             args.push("127.0.0.1:0".into());
         }
@@ -102,7 +108,12 @@ impl NodeProc {
     pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let mut args: Vec<std::ffi::OsString> =
             vec!["dev".into(), "--data-dir".into(), data_dir.into()];
-        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
+        for flag in [
+            "--s3-listen",
+            "--kv-listen",
+            "--admin-listen",
+            "--rpc-listen",
+        ] {
             args.push(flag.into());
             args.push("127.0.0.1:0".into());
         }
@@ -117,13 +128,33 @@ impl NodeProc {
         env: &[(&str, &str)],
         admin_token: &str,
     ) -> Result<Self> {
+        Self::serve_in(None, data_dir, config, env, admin_token)
+    }
+
+    /// [`NodeProc::serve`] inside network namespace `netns` (see [`netns::Net`]).
+    pub fn serve_in(
+        netns: Option<&str>,
+        data_dir: &Path,
+        config: &Path,
+        env: &[(&str, &str)],
+        admin_token: &str,
+    ) -> Result<Self> {
         let args: Vec<std::ffi::OsString> = vec!["serve".into(), "--config".into(), config.into()];
-        let mut node = Self::spawn(data_dir, &args, env)?;
+        let mut node = Self::spawn_in(netns, data_dir, &args, env)?;
         node.admin_token = admin_token.to_string();
         Ok(node)
     }
 
     fn spawn(data_dir: &Path, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn_in(None, data_dir, args, env)
+    }
+
+    fn spawn_in(
+        netns: Option<&str>,
+        data_dir: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dev = args.first().is_some_and(|a| a == "dev");
         std::fs::create_dir_all(data_dir)?;
         let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
@@ -132,7 +163,16 @@ impl NodeProc {
             .create(true)
             .append(true)
             .open(data_dir.join("stderr.log"))?;
-        let child = Command::new(node_binary())
+        // `ip netns exec` enters the namespace and execs the node: the pid stays the node's.
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(node_binary());
+                c
+            }
+            None => Command::new(node_binary()),
+        };
+        let child = cmd
             .args(args)
             .envs(env.iter().copied())
             .env(
@@ -201,6 +241,15 @@ impl NodeProc {
             std::thread::sleep(Duration::from_millis(20));
         }
         Ok(node)
+    }
+
+    /// The node's Prometheus metrics page.
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.admin))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -332,6 +381,12 @@ fn unsafe_geteuid_is_root() -> bool {
 
 impl PgServer {
     pub fn start() -> Result<Self> {
+        Self::start_listening(None)
+    }
+
+    /// Starts a server that also listens on `extra.0` and admits clients from the subnet
+    /// `extra.1` (for nodes in network namespaces).
+    pub fn start_listening(extra: Option<(std::net::Ipv4Addr, &str)>) -> Result<Self> {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("granary-pg").tempdir()?;
         let _ = Command::new("chown")
@@ -349,8 +404,19 @@ impl PgServer {
             bail!("initdb failed");
         }
         let port = free_port();
+        let mut listen = "127.0.0.1".to_string();
+        if let Some((addr, subnet)) = extra {
+            listen = format!("127.0.0.1,{addr}");
+            let mut hba = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("pg_hba.conf"))?;
+            std::io::Write::write_all(
+                &mut hba,
+                format!("host all all {subnet} trust\n").as_bytes(),
+            )?;
+        }
         let opts = format!(
-            "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {port} -k {} -c listen_addresses={listen} -c fsync=off",
             dir.path().display()
         );
         let st = pg_command(&bin, "pg_ctl")
@@ -370,6 +436,11 @@ impl PgServer {
 
     pub fn url(&self, db: &str) -> String {
         format!("postgres://granary@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The URL of `db` through another of the server's addresses.
+    pub fn url_at(&self, host: std::net::Ipv4Addr, db: &str) -> String {
+        format!("postgres://granary@{host}:{}/{db}", self.port)
     }
 
     /// Creates a fresh database and returns its URL.

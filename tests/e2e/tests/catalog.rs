@@ -3,7 +3,7 @@
 
 use granary_e2e::PgServer;
 use granary_node::catalog::{
-    Backend, Catalog, CatalogError, MasterKey, NodeRecord, SqlCatalog, TenantSpec,
+    Backend, Catalog, CatalogError, MasterKey, NodeRecord, SqlCatalog, StoredLayout, TenantSpec,
 };
 use granary_node::types::NodeId;
 
@@ -114,12 +114,46 @@ async fn suite(cat: &SqlCatalog) {
         admin_addr: "1:9200".into(),
         rpc_addr: String::new(),
         heartbeat_at: 1,
+        capacity: 500,
     };
     cat.upsert_node(&n).await.unwrap();
     n.heartbeat_at = 2;
     n.zone = "b".into();
     cat.upsert_node(&n).await.unwrap();
-    assert_eq!(cat.list_nodes().await.unwrap(), vec![n]);
+    assert_eq!(cat.list_nodes().await.unwrap(), vec![n.clone()]);
+    // Heartbeats are stamped with the catalog's clock, not the node's.
+    let before = cat.now_millis().await.unwrap();
+    assert!((before - granary_node::types::now_millis()).abs() < 60_000);
+    assert!(cat.heartbeat(&n.id).await.unwrap());
+    assert!(!cat.heartbeat(&NodeId("unknown".into())).await.unwrap());
+    let hb = cat.list_nodes().await.unwrap()[0].heartbeat_at;
+    assert!(
+        hb >= before && hb <= cat.now_millis().await.unwrap(),
+        "{before} {hb}"
+    );
+
+    // Layout versions: the first writer of a version wins, the newest is current.
+    assert_eq!(cat.latest_layout().await.unwrap(), None);
+    let l1 = StoredLayout {
+        version: 1,
+        body: "{\"a\":1}".into(),
+    };
+    assert!(cat.insert_layout(&l1, 64).await.unwrap());
+    let rival = StoredLayout {
+        version: 1,
+        body: "{\"b\":2}".into(),
+    };
+    assert!(
+        !cat.insert_layout(&rival, 64).await.unwrap(),
+        "version 1 is taken"
+    );
+    assert_eq!(cat.latest_layout().await.unwrap(), Some(l1));
+    let l2 = StoredLayout {
+        version: 2,
+        body: "{}".into(),
+    };
+    assert!(cat.insert_layout(&l2, 64).await.unwrap());
+    assert_eq!(cat.latest_layout().await.unwrap(), Some(l2));
     assert_eq!(
         cat.setting_or_init("partitions", "1024").await.unwrap(),
         "1024"

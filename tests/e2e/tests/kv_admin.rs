@@ -612,12 +612,7 @@ async fn tenants_are_isolated_and_revoked_keys_are_refused_at_once() {
         .into_bytes();
     assert_eq!(gb.as_ref(), b"from b");
     // Metrics and health.
-    let m = reqwest::get(format!("{}/metrics", node.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = node.metrics().await.unwrap();
     assert!(
         m.contains("granary_requests_total{front=\"s3\",operation=\"GetObject\",status=\"200\"}"),
         "{m}"

@@ -299,7 +299,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     std::fs::write(
         &config,
         format!(
-            "region = \"eu-west-1\"\ndata_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\n",
+            "region = \"eu-west-1\"\ndata_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\nrpc_listen = \"127.0.0.1:0\"\n",
             node_dir.display()
         ),
     )
@@ -412,6 +412,22 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     assert_eq!(
         cluster["status"]["observedGeneration"],
         cluster["metadata"]["generation"]
+    );
+    // Replication health from the nodes' admin API: one node for factor 3 and
+    // minInSync 2 leaves every partition below minInSync, which Degraded says.
+    let cluster = wait_for("replication health in status", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(v["status"]["layoutVersion"].as_i64().map(|_| v))
+    });
+    let st = &cluster["status"];
+    assert_eq!(st["members"]["alive"], 1, "{st}");
+    assert_eq!(st["members"]["failed"], 0);
+    assert_eq!(st["underReplicatedPartitions"], 1024);
+    assert_eq!(st["belowMinInSyncPartitions"], 1024);
+    let degraded = condition(&cluster, "Degraded").unwrap();
+    assert_eq!(
+        (degraded.0.as_str(), degraded.1.as_str()),
+        ("True", "BelowMinInSync")
     );
 
     // partitions is immutable once set.

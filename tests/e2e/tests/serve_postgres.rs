@@ -22,7 +22,7 @@ async fn serve_on_postgres_with_config_file_and_cli_admin() {
         &config,
         format!(
             "node_id = \"node-a\"\nregion = \"eu-west-1\"\nzone = \"a\"\ndata_dir = \"{}\"\n\
-             s3_listen = \"127.0.0.1:0\"\nkv_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             s3_listen = \"127.0.0.1:0\"\nkv_listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nrpc_listen = \"127.0.0.1:0\"\n\
              admin_token = \"{token}\"\npartitions = 64\n",
             data.display()
         ),

@@ -31,12 +31,7 @@ async fn spans_are_exported_over_otlp_and_requests_are_counted() {
         .await
         .unwrap();
     let _ = c.get_object().bucket("traced").key("missing").send().await;
-    let m = reqwest::get(format!("{}/metrics", node.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = node.metrics().await.unwrap();
     assert!(
         m.contains(r#"granary_requests_total{front="s3",operation="PutObject",status="200"} 1"#),
         "{m}"

@@ -107,7 +107,7 @@ fn main() -> Result<()> {
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\n",
+            "data_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\nrpc_listen = \"127.0.0.1:0\"\n",
             node_dir.display()
         ),
     )?;

@@ -1,0 +1,383 @@
+//! The cluster layer: membership, failure detection, the partition layout and the
+//! internal RPC port. Sits beside the model above the engine and knows nothing of
+//! HTTP front ends; docs/cluster.md is its design.
+//!
+//! What it promises today:
+//! - Every node registers itself in the catalog (id, region, zone, advertised S3, KV,
+//!   admin and RPC addresses, capacity) and heartbeats every interval.
+//! - Every node probes its peers over the RPC port (authenticated with the cluster
+//!   secret) and keeps a view of each peer: alive, suspected or failed
+//!   ([`membership`]); the view is served at `/admin/v1/nodes` and in metrics.
+//! - One layout per cluster, versioned in the catalog ([`layout`]): computed from the
+//!   members that are not failed by the coordinator (the alive node with the lowest
+//!   id), stored under the next version (a lost race simply reloads), and cached on
+//!   every node, which learns of a new version within one interval by polling and at
+//!   once on Postgres through `LISTEN/NOTIFY`.
+//!
+//! Not yet (docs/cluster.md, "Stages"): replication of partitions to their replica
+//! sets and routing of requests to the primary. Until then each node still serves the
+//! data it holds itself; the layout is published but not acted upon.
+
+pub mod layout;
+pub mod membership;
+pub mod rpc;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use crate::catalog::{Catalog, NodeRecord, StoredLayout};
+use crate::telemetry::Metrics;
+use crate::types::NodeId;
+
+pub use layout::{Layout, Member};
+pub use membership::{NodeState, Thresholds};
+
+/// Settings of the cluster layer, taken from the node's configuration.
+#[derive(Clone, Debug)]
+pub struct ClusterConfig {
+    pub me: NodeRecord,
+    pub partitions: u16,
+    pub replication_factor: u8,
+    pub interval: Duration,
+    pub thresholds: Thresholds,
+    pub secret: Option<Arc<str>>,
+    /// Postgres URL to LISTEN on for layout announcements (None on SQLite).
+    pub listen_url: Option<String>,
+}
+
+/// One member as this node sees it.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    pub state: NodeState,
+    /// Milliseconds since its last heartbeat, by the catalog's clock.
+    pub heartbeat_age_ms: i64,
+    /// Milliseconds its RPC port has not answered this node's probes (0 when it does;
+    /// absent for this node itself or when probing is off).
+    pub unreachable_ms: Option<u64>,
+    pub is_self: bool,
+}
+
+#[derive(Clone)]
+pub struct Cluster {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: ClusterConfig,
+    catalog: Arc<dyn Catalog>,
+    metrics: Arc<Metrics>,
+    view: Mutex<Vec<NodeView>>,
+    /// Per peer: since when its probes fail (absent: it answered the last one).
+    unreachable_since: Mutex<HashMap<NodeId, Instant>>,
+    layout: watch::Sender<Option<Arc<Layout>>>,
+    wake: Notify,
+    http: reqwest::Client,
+}
+
+impl Cluster {
+    pub fn new(cfg: ClusterConfig, catalog: Arc<dyn Catalog>, metrics: Arc<Metrics>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.interval)
+            .connect_timeout(cfg.interval)
+            .build()
+            .unwrap_or_default();
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                catalog,
+                metrics,
+                view: Mutex::new(Vec::new()),
+                unreachable_since: Mutex::new(HashMap::new()),
+                layout: watch::Sender::new(None),
+                wake: Notify::new(),
+                http,
+            }),
+        }
+    }
+
+    pub fn me(&self) -> &NodeId {
+        &self.inner.cfg.me.id
+    }
+
+    pub fn secret(&self) -> Option<&Arc<str>> {
+        self.inner.cfg.secret.as_ref()
+    }
+
+    /// The members as this node saw them at its last tick.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        self.inner
+            .view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The current layout, once one is known.
+    pub fn layout(&self) -> Option<Arc<Layout>> {
+        self.inner.layout.borrow().clone()
+    }
+
+    /// Changes to the current layout.
+    pub fn watch_layout(&self) -> watch::Receiver<Option<Arc<Layout>>> {
+        self.inner.layout.subscribe()
+    }
+
+    /// Registers this node, then heartbeats, probes, judges and maintains the layout every
+    /// interval until `shutdown` flips. The first tick runs before this returns, so a
+    /// node that serves has registered and knows a layout.
+    pub async fn start(
+        &self,
+        shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        self.inner.catalog.upsert_node(&self.inner.cfg.me).await?;
+        // Stamp the first heartbeat with the catalog's clock, like every later one.
+        self.inner.catalog.heartbeat(self.me()).await?;
+        if let Err(e) = self.tick().await {
+            tracing::warn!(error = %e, "first cluster tick failed; retrying");
+        }
+        if let Some(url) = self.inner.cfg.listen_url.clone() {
+            tokio::spawn(listen_for_layouts(self.clone(), url, shutdown.clone()));
+        }
+        let me = self.clone();
+        Ok(tokio::spawn(async move { me.run(shutdown).await }))
+    }
+
+    async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.inner.cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.inner.wake.notified() => {}
+                _ = shutdown.wait_for(|v| *v) => return,
+            }
+            if let Err(e) = self.tick().await {
+                tracing::warn!(error = %e, "cluster tick failed; retrying next interval");
+            }
+        }
+    }
+
+    async fn tick(&self) -> anyhow::Result<()> {
+        let inner = &self.inner;
+        let catalog = &inner.catalog;
+        if !catalog.heartbeat(self.me()).await? {
+            // Removed from the catalog behind our back (or a fresh catalog): register again.
+            catalog.upsert_node(&inner.cfg.me).await?;
+            catalog.heartbeat(self.me()).await?;
+        }
+        let now = catalog.now_millis().await?;
+        let records: Vec<NodeRecord> = catalog
+            .list_nodes()
+            .await?
+            .into_iter()
+            .filter(|n| n.region == inner.cfg.me.region)
+            .collect();
+        self.probe_peers(&records).await;
+        let view = self.judge(records, now);
+        self.publish_view(&view);
+        self.maintain_layout(&view).await?;
+        *inner.view.lock().unwrap_or_else(PoisonError::into_inner) = view;
+        Ok(())
+    }
+
+    /// Probes every peer's RPC port at once; remembers since when each one fails.
+    async fn probe_peers(&self, records: &[NodeRecord]) {
+        let Some(secret) = self.inner.cfg.secret.clone() else {
+            return;
+        };
+        let probes = records
+            .iter()
+            .filter(|n| n.id != *self.me() && !n.rpc_addr.is_empty())
+            .map(|n| {
+                let (http, secret) = (self.inner.http.clone(), secret.clone());
+                let url = format!("http://{}/rpc/v1/ping", n.rpc_addr);
+                let id = n.id.clone();
+                async move {
+                    let ok = match http.get(&url).bearer_auth(&*secret).send().await {
+                        Ok(r) => r.status().is_success(),
+                        Err(_) => false,
+                    };
+                    (id, ok)
+                }
+            });
+        let results = futures::future::join_all(probes).await;
+        let mut since = self
+            .inner
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (id, ok) in results {
+            if ok {
+                since.remove(&id);
+            } else {
+                since.entry(id).or_insert_with(Instant::now);
+            }
+        }
+    }
+
+    fn judge(&self, records: Vec<NodeRecord>, now: i64) -> Vec<NodeView> {
+        let since = self
+            .inner
+            .unreachable_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let probing = self.inner.cfg.secret.is_some();
+        records
+            .into_iter()
+            .map(|record| {
+                let is_self = record.id == *self.me();
+                let age = (now - record.heartbeat_at).max(0);
+                let unreachable = (probing && !is_self && !record.rpc_addr.is_empty()).then(|| {
+                    since
+                        .get(&record.id)
+                        .map(|t| t.elapsed())
+                        .unwrap_or_default()
+                });
+                let state = if is_self {
+                    NodeState::Alive
+                } else {
+                    membership::judge(
+                        self.inner.cfg.thresholds,
+                        Duration::from_millis(age as u64),
+                        unreachable,
+                    )
+                };
+                NodeView {
+                    record,
+                    state,
+                    heartbeat_age_ms: age,
+                    unreachable_ms: unreachable.map(|d| d.as_millis() as u64),
+                    is_self,
+                }
+            })
+            .collect()
+    }
+
+    fn publish_view(&self, view: &[NodeView]) {
+        let m = &self.inner.metrics;
+        for state in [NodeState::Alive, NodeState::Suspected, NodeState::Failed] {
+            let n = view.iter().filter(|v| v.state == state).count();
+            m.cluster_nodes
+                .get_or_create(&crate::telemetry::NodeStateLabels {
+                    state: state.as_str(),
+                })
+                .set(n as i64);
+        }
+    }
+
+    /// Loads the newest layout; if this node is the coordinator and the members changed,
+    /// stores the next version first.
+    async fn maintain_layout(&self, view: &[NodeView]) -> anyhow::Result<()> {
+        let cfg = &self.inner.cfg;
+        let mut current = self.load_layout().await?;
+        let coordinator = view
+            .iter()
+            .filter(|v| v.state == NodeState::Alive)
+            .map(|v| &v.record.id)
+            .min();
+        if coordinator == Some(self.me()) {
+            // Suspected nodes keep their place: only failure (agreed through the
+            // catalog) moves partitions, so a slow node does not cause churn.
+            let members: Vec<Member> = view
+                .iter()
+                .filter(|v| v.state != NodeState::Failed)
+                .map(|v| Member {
+                    id: v.record.id.clone(),
+                    zone: v.record.zone.clone(),
+                    capacity: v.record.capacity.max(1),
+                })
+                .collect();
+            let version = current.as_ref().map_or(1, |l| l.version + 1);
+            let desired =
+                Layout::compute(version, cfg.partitions, cfg.replication_factor, &members);
+            if current.as_ref().is_none_or(|c| !c.same_placement(&desired)) {
+                let stored = StoredLayout {
+                    version,
+                    body: serde_json::to_string(&desired)?,
+                };
+                if self
+                    .inner
+                    .catalog
+                    .insert_layout(&stored, cfg.partitions)
+                    .await?
+                {
+                    tracing::info!(
+                        version,
+                        members = desired.members.len(),
+                        under_replicated = desired.under_replicated(),
+                        "stored a new partition layout"
+                    );
+                }
+                current = self.load_layout().await?;
+            }
+        }
+        if let Some(l) = current {
+            let m = &self.inner.metrics;
+            m.layout_version.set(l.version as i64);
+            m.under_replicated.set(l.under_replicated() as i64);
+            self.inner.layout.send_if_modified(|old| {
+                if old.as_ref().map(|o| o.version) == Some(l.version) {
+                    return false;
+                }
+                tracing::info!(version = l.version, "now using partition layout");
+                *old = Some(l);
+                true
+            });
+        }
+        Ok(())
+    }
+
+    async fn load_layout(&self) -> anyhow::Result<Option<Arc<Layout>>> {
+        if let Some(cached) = self.layout()
+            && let Some(stored) = self.inner.catalog.latest_layout().await?
+            && stored.version == cached.version
+        {
+            return Ok(Some(cached));
+        }
+        let Some(stored) = self.inner.catalog.latest_layout().await? else {
+            return Ok(None);
+        };
+        let mut layout: Layout = serde_json::from_str(&stored.body)
+            .map_err(|e| anyhow::anyhow!("layout version {} is corrupt: {e}", stored.version))?;
+        layout.version = stored.version;
+        Ok(Some(Arc::new(layout)))
+    }
+}
+
+/// Wakes the cluster loop whenever a layout is announced on Postgres, so a new version
+/// is used within milliseconds rather than at the next poll. Reconnects on error; the
+/// poll keeps working meanwhile.
+async fn listen_for_layouts(cluster: Cluster, url: String, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            r = listen_session(&cluster, &url) => {
+                let Err(e) = r;
+                tracing::debug!(error = %e, "layout listener lost its connection; reconnecting");
+            }
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cluster.inner.cfg.interval) => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+    }
+}
+
+async fn listen_session(
+    cluster: &Cluster,
+    url: &str,
+) -> Result<std::convert::Infallible, sqlx::Error> {
+    let mut l = sqlx::postgres::PgListener::connect(url).await?;
+    l.listen(crate::catalog::LAYOUT_CHANNEL).await?;
+    loop {
+        l.recv().await?;
+        cluster.inner.wake.notify_one();
+    }
+}
