@@ -89,7 +89,9 @@ async fn raw_request(addr: &str, head: String, body_len: u64) -> String {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
             Ok(Ok(n)) => {
                 answer.extend_from_slice(&buf[..n]);
-                if answer.windows(8).any(|w| w == b"</Error>") {
+                if answer.windows(8).any(|w| w == b"</Error>")
+                    || (answer.ends_with(b"}") && answer.windows(9).any(|w| w == b"\"error\":"))
+                {
                     break;
                 }
             }
@@ -99,9 +101,10 @@ async fn raw_request(addr: &str, head: String, body_len: u64) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// 8 parallel anonymous POST Object requests announcing 1 GiB each (and unsigned PUTs
-/// and XML POSTs): every one is refused from its head with a clear S3 error, the node
-/// reads no body (its RSS grows by less than 100 MiB) and keeps serving.
+/// 8 parallel anonymous POST Object requests announcing 1 GiB each (and an unsigned
+/// PUT, an unsigned XML POST, and KV PUTs of 1 GiB without credentials or with an
+/// unknown key): every one is refused from its head with a clear protocol error, the
+/// node reads no body (its RSS grows by less than 100 MiB) and keeps serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn anonymous_uploads_are_refused_before_their_body_is_read() {
     let dir = tempfile::tempdir().unwrap();
@@ -147,6 +150,40 @@ async fn anonymous_uploads_are_refused_before_their_body_is_read() {
             async move { raw_request(&addr, head, 20 * MIB).await }
         }));
     }
+    // KV: 1 GiB announced without credentials, and with an unknown access key.
+    let kv_addr = node.kv.trim_start_matches("http://").to_string();
+    for auth in [
+        String::new(),
+        "Authorization: AWS4-HMAC-SHA256 Credential=NOSUCHKEY/20260101/us-east-1/kv/aws4_request, \
+         SignedHeaders=host;x-amz-date, Signature=0000000000000000000000000000000000000000000000000000000000000000\r\n"
+            .to_string(),
+    ] {
+        let date = {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs();
+            // The date only has to be within the skew window for the key lookup to run.
+            let days = now / 86400;
+            let (y, m, d) = civil_from_days(days as i64);
+            let secs = now % 86400;
+            format!(
+                "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+                secs / 3600,
+                secs / 60 % 60,
+                secs % 60
+            )
+        };
+        let auth = auth.replace("20260101", &date[..8]);
+        let head = format!(
+            "PUT /kv/v1/ns/k HTTP/1.1\r\nHost: {kv_addr}\r\nx-amz-date: {date}\r\n{auth}\
+             Content-Length: {gib}\r\n\r\n"
+        );
+        tasks.push(tokio::spawn({
+            let kv_addr = kv_addr.clone();
+            async move { raw_request(&kv_addr, head, gib).await }
+        }));
+    }
     let started = Instant::now();
     let answers = futures::future::join_all(tasks).await;
     let peak = sampler.peak();
@@ -156,6 +193,18 @@ async fn anonymous_uploads_are_refused_before_their_body_is_read() {
         if i < 8 {
             assert!(a.starts_with("HTTP/1.1 501"), "POST Object {i}: {a:?}");
             assert!(a.contains("<Code>NotImplemented</Code>"), "{a}");
+        } else if i == 10 {
+            assert!(
+                a.starts_with("HTTP/1.1 401"),
+                "KV without credentials: {a:?}"
+            );
+            assert!(a.contains("MissingAuthentication"), "{a}");
+        } else if i == 11 {
+            assert!(
+                a.starts_with("HTTP/1.1 403"),
+                "KV with an unknown key: {a:?}"
+            );
+            assert!(a.contains("InvalidAccessKeyId"), "{a}");
         } else {
             assert!(a.starts_with("HTTP/1.1 403"), "unsigned request {i}: {a:?}");
             assert!(a.contains("<Code>AccessDenied</Code>"), "{a}");
@@ -174,6 +223,19 @@ async fn anonymous_uploads_are_refused_before_their_body_is_read() {
     // Still serving, and nothing was stored.
     let listed = c.list_objects_v2().bucket("uploads").send().await.unwrap();
     assert_eq!(listed.key_count(), Some(0));
+}
+
+/// Gregorian (year, month, day) of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {
