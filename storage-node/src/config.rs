@@ -38,6 +38,14 @@ pub struct NodeConfig {
     pub master_key_file: Option<PathBuf>,
     /// Number of partitions of the cluster; fixed at first start. Default 1024.
     pub partitions: u16,
+    /// Bytes of request bodies and responses the node holds in memory at once, over
+    /// all requests (KV bodies, values, scan pages, batch answers). A request that
+    /// would exceed it is refused with `SlowDown` (HTTP 503). Default 256 MiB; at
+    /// least 8 MiB (one largest KV request).
+    pub memory_budget: u64,
+    /// Multipart uploads initiated longer ago than this many seconds are aborted and
+    /// their parts freed. Default 604800 (7 days); 0 never expires them.
+    pub multipart_upload_max_age_secs: u64,
     /// Internal RPC listener (peer probes; replication and forwarding to come).
     /// Default 127.0.0.1:9300.
     pub rpc_listen: SocketAddr,
@@ -62,6 +70,9 @@ pub struct NodeConfig {
     pub fail_after_ms: u64,
 }
 
+/// Smallest accepted [`NodeConfig::memory_budget`].
+pub const MIN_MEMORY_BUDGET: u64 = 8 * 1024 * 1024;
+
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
@@ -81,6 +92,8 @@ impl Default for NodeConfig {
             master_key: None,
             master_key_file: None,
             partitions: 1024,
+            memory_budget: 256 * 1024 * 1024,
+            multipart_upload_max_age_secs: 7 * 24 * 3600,
             rpc_listen: ([127, 0, 0, 1], 9300).into(),
             advertise_rpc: None,
             cluster_secret: None,
@@ -191,6 +204,13 @@ impl NodeConfig {
         if let Some(v) = g("PARTITIONS") {
             self.partitions = parse("GRANARY_PARTITIONS", &v)?;
         }
+        if let Some(v) = g("MULTIPART_UPLOAD_MAX_AGE_SECS") {
+            self.multipart_upload_max_age_secs =
+                parse("GRANARY_MULTIPART_UPLOAD_MAX_AGE_SECS", &v)?;
+        }
+        if let Some(v) = g("MEMORY_BUDGET") {
+            self.memory_budget = parse("GRANARY_MEMORY_BUDGET", &v)?;
+        }
         if let Some(v) = g("RPC_LISTEN") {
             self.rpc_listen = parse("GRANARY_RPC_LISTEN", &v)?;
         }
@@ -227,6 +247,11 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.partitions == 0 {
             return Err(ConfigError::Invalid("partitions must be at least 1".into()));
+        }
+        if self.memory_budget < MIN_MEMORY_BUDGET {
+            return Err(ConfigError::Invalid(format!(
+                "memory_budget must be at least {MIN_MEMORY_BUDGET} bytes"
+            )));
         }
         if self.admin_token.as_deref().is_some_and(|t| t.len() < 16) {
             return Err(ConfigError::Invalid(

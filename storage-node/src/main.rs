@@ -31,6 +31,9 @@ enum Cmd {
         kv_listen: std::net::SocketAddr,
         #[arg(long, env = "GRANARY_ADMIN_LISTEN", default_value = "127.0.0.1:9200")]
         admin_listen: std::net::SocketAddr,
+        /// Bytes of request and response data held in memory at once (see NodeConfig).
+        #[arg(long, env = "GRANARY_MEMORY_BUDGET", default_value_t = NodeConfig::default().memory_budget)]
+        memory_budget: u64,
         #[arg(long, env = "GRANARY_RPC_LISTEN", default_value = "127.0.0.1:9300")]
         rpc_listen: std::net::SocketAddr,
     },
@@ -126,9 +129,9 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen } => {
+            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget } => {
                 let _t = granary_node::telemetry::init("granary-node");
-                let config = NodeConfig { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, ..NodeConfig::default() };
+                let config = NodeConfig { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, ..NodeConfig::default() };
                 dev(config).await
             }
             Cmd::Serve { config } => {

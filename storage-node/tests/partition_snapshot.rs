@@ -55,15 +55,18 @@ async fn dump(e: &Engine, p: PartitionId) -> Vec<(String, Vec<u8>, Vec<u8>)> {
                 }
             }
         }
-        for r in txn
-            .open_table(granary_node::engine::KV_EXPIRY)
-            .unwrap()
-            .iter()
-            .unwrap()
-        {
-            let (k, _) = r.unwrap();
-            if k.value().starts_with(&start) {
-                out.push(("kv_expiry".into(), k.value().to_vec(), Vec::new()));
+        for (name, def, skip) in [
+            ("kv_expiry", granary_node::engine::KV_EXPIRY, 0),
+            ("dead_buckets", granary_node::engine::DEAD_BUCKETS, 0),
+            ("uploads_by_key", granary_node::engine::UPLOADS_BY_KEY, 0),
+            // `initiated (8) | upload key`: the partition follows the time.
+            ("uploads_by_age", granary_node::engine::UPLOADS_BY_AGE, 8),
+        ] {
+            for r in txn.open_table(def).unwrap().iter().unwrap() {
+                let (k, _) = r.unwrap();
+                if k.value()[skip..].starts_with(&start) {
+                    out.push((name.into(), k.value().to_vec(), Vec::new()));
+                }
             }
         }
         Ok(out)
@@ -121,6 +124,11 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
         .await
         .unwrap();
     }
+    // An upload in progress (its record and both upload indexes).
+    let upload = a
+        .create_upload(t, "photos", "big/video", ObjectMeta::default())
+        .await
+        .unwrap();
     // A KV namespace in the same partition (KV namespaces hash as `kv:<ns>`; found by
     // trying names), with and without TTL.
     let ns = (0..1000)
@@ -193,6 +201,12 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
         b.head_object(t, "photos", "stale").await.is_err(),
         "replaced, not merged"
     );
+    let uploads = b
+        .list_uploads_page(t, "photos", "", None, None, 10)
+        .await
+        .unwrap();
+    assert_eq!(uploads.uploads.len(), 1, "the upload in progress moved too");
+    assert_eq!(uploads.uploads[0].upload_id, upload);
     assert_eq!(
         b.kv_get(t, &ns, b"leased").await.unwrap().unwrap().value,
         b"v2"

@@ -158,6 +158,9 @@ fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     // Fail whatever is still queued so no caller waits forever.
     rx.close();
     while let Ok(Msg::Write { job: _, .. }) = rx.try_recv() {}
+    // Release the database before confirming the shutdown, so that once every other
+    // handle is dropped the store can be opened again (by a restart in the process).
+    drop(db);
     if let Some(s) = stop {
         let _ = s.send(());
     }

@@ -13,6 +13,7 @@
 pub mod chunk;
 mod commit;
 pub mod keys;
+pub mod record;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -22,12 +23,13 @@ use redb::{ReadableDatabase, TableDefinition};
 
 pub use chunk::{ChunkError, ChunkRef, ChunkStore, ChunkWriter};
 pub use commit::WriteCtx;
+pub use record::Record;
 pub use snapshot::Imported;
 
-pub const OBJECTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("objects");
-pub const UPLOADS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("uploads");
-pub const PARTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("parts");
-pub const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+pub const OBJECTS: TableDefinition<&[u8], Record> = TableDefinition::new("objects");
+pub const UPLOADS: TableDefinition<&[u8], Record> = TableDefinition::new("uploads");
+pub const PARTS: TableDefinition<&[u8], Record> = TableDefinition::new("parts");
+pub const KV: TableDefinition<&[u8], Record> = TableDefinition::new("kv");
 /// KV keys with a TTL, by partition then expiry time: `partition (2) | expires_at ms (8,
 /// big-endian) | the KV key without its partition`. Lets the sweep find what expired
 /// without reading live data, and keeps each partition a contiguous range.
@@ -36,6 +38,12 @@ pub const KV_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("kv_expir
 /// into one is refused inside the same group commit that would make it visible, so no
 /// data can land under a bucket after its delete was decided.
 pub const DEAD_BUCKETS: TableDefinition<&[u8], ()> = TableDefinition::new("dead_buckets");
+/// Multipart uploads in listing order (key, then initiation time, then id): see
+/// [`keys::upload_index_key`]. Lets ListMultipartUploads read one page, not the bucket.
+pub const UPLOADS_BY_KEY: TableDefinition<&[u8], ()> = TableDefinition::new("uploads_by_key");
+/// Multipart uploads by age: `initiated ms (8, big-endian) | upload key`. Lets the
+/// expiry of abandoned uploads find the old ones without reading the others.
+pub const UPLOADS_BY_AGE: TableDefinition<&[u8], ()> = TableDefinition::new("uploads_by_age");
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +56,9 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
     #[error("the engine is shutting down")]
     Closed,
+    /// The store (or a table of it) is in a format this binary does not read.
+    #[error("storage format: {0}")]
+    Format(String),
 }
 
 macro_rules! db_err {
@@ -83,10 +94,12 @@ impl Engine {
         {
             let txn = db.begin_write()?;
             for t in [OBJECTS, UPLOADS, PARTS, KV] {
-                txn.open_table(t)?;
+                record::open_record_table(&txn, t)?;
             }
             txn.open_table(KV_EXPIRY)?;
             txn.open_table(DEAD_BUCKETS)?;
+            txn.open_table(UPLOADS_BY_KEY)?;
+            txn.open_table(UPLOADS_BY_AGE)?;
             txn.open_table(META)?;
             txn.commit()?;
         }

@@ -20,24 +20,31 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use redb::{ReadableDatabase, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::chunk::{self, ChunkRef};
 use super::keys::{partition_prefix, prefix_end};
-use super::{DEAD_BUCKETS, Engine, EngineError, KV, KV_EXPIRY, META, OBJECTS, PARTS, UPLOADS};
+use super::{
+    DEAD_BUCKETS, Engine, EngineError, KV, KV_EXPIRY, META, OBJECTS, PARTS, Record, UPLOADS,
+    UPLOADS_BY_AGE, UPLOADS_BY_KEY,
+};
 use crate::types::{ChunkId, PartitionId};
 
-type ValueTable = TableDefinition<'static, &'static [u8], &'static [u8]>;
+type ValueTable = TableDefinition<'static, &'static [u8], Record>;
 type KeyTable = TableDefinition<'static, &'static [u8], ()>;
 /// A record in transit: table number, key, value (None in key-only tables).
 type Rec = (u8, Vec<u8>, Option<Vec<u8>>);
 
 /// Tables with values, by their number in the stream.
 const VALUE_TABLES: [(u8, ValueTable); 4] = [(0, OBJECTS), (1, UPLOADS), (2, PARTS), (3, KV)];
-/// Tables that are sets of keys.
-const KEY_TABLES: [(u8, KeyTable); 2] = [(4, KV_EXPIRY), (5, DEAD_BUCKETS)];
+/// Tables that are sets of keys, each key starting with its partition.
+const KEY_TABLES: [(u8, KeyTable); 3] = [(4, KV_EXPIRY), (5, DEAD_BUCKETS), (6, UPLOADS_BY_KEY)];
+/// The uploads-by-age index: keys are `initiated (8) | upload key`, so its partition
+/// follows the time and it is filtered rather than range-scanned.
+const AGE_TABLE: u8 = 7;
+const AGE_PREFIX: usize = 8;
 
 /// Records per frame batch read from the database, and per import commit.
 const BATCH: usize = 1024;
@@ -227,6 +234,24 @@ impl Engine {
                         }
                     }
                 }
+                // Uploads by age: a whole-table filter (in-progress uploads are few).
+                for entry in txn.open_table(UPLOADS_BY_AGE)?.iter()? {
+                    let (k, _) = entry?;
+                    let key = k.value();
+                    if key
+                        .get(AGE_PREFIX..)
+                        .is_some_and(|rest| rest.starts_with(&start))
+                    {
+                        let f = Frame::Record {
+                            table: AGE_TABLE,
+                            key: key.to_vec(),
+                            value: None,
+                        };
+                        if !send(Ok(f)) {
+                            return Ok(None);
+                        }
+                    }
+                }
                 drop(pin);
                 Ok(Some(seq))
             };
@@ -314,7 +339,12 @@ impl Engine {
         let sender_seq = loop {
             match read_frame(input).await? {
                 Frame::Record { table, key, value } => {
-                    if !key.starts_with(&partition_prefix(p)) {
+                    let own = if table == AGE_TABLE {
+                        key.get(AGE_PREFIX..).unwrap_or_default()
+                    } else {
+                        &key
+                    };
+                    if !own.starts_with(&partition_prefix(p)) {
                         return Err(invalid("snapshot record outside its partition"));
                     }
                     batch_bytes += key.len() + value.as_ref().map_or(0, Vec::len);
@@ -489,6 +519,10 @@ fn clear_partition(txn: &redb::WriteTransaction, p: PartitionId) -> Result<(), E
             None => t.retain_in::<&[u8], _>(start.as_slice().., |_, _| false)?,
         }
     }
+    txn.open_table(UPLOADS_BY_AGE)?.retain(|k, _| {
+        !k.get(AGE_PREFIX..)
+            .is_some_and(|rest| rest.starts_with(&start))
+    })?;
     Ok(())
 }
 
@@ -497,7 +531,7 @@ fn apply(txn: &redb::WriteTransaction, records: Vec<Rec>) -> Result<(), EngineEr
     for (table, _, value) in &records {
         let ok = match value {
             Some(_) => (*table as usize) < VALUE_TABLES.len(),
-            None => (4..6).contains(table),
+            None => (4..=AGE_TABLE).contains(table),
         };
         if !ok {
             return Err(invalid(format!(
@@ -511,7 +545,10 @@ fn apply(txn: &redb::WriteTransaction, records: Vec<Rec>) -> Result<(), EngineEr
                 txn.open_table(VALUE_TABLES[n as usize].1)?
                     .insert(key.as_slice(), v.as_slice())?;
             }
-            (n, None) if (4..6).contains(&n) => {
+            (AGE_TABLE, None) => {
+                txn.open_table(UPLOADS_BY_AGE)?.insert(key.as_slice(), ())?;
+            }
+            (n, None) if (4..AGE_TABLE).contains(&n) => {
                 txn.open_table(KEY_TABLES[n as usize - 4].1)?
                     .insert(key.as_slice(), ())?;
             }

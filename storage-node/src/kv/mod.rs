@@ -18,9 +18,10 @@ use tracing::Instrument;
 
 use crate::jsonapi::ApiError;
 use crate::model::Store;
-use crate::model::kv::{Entry, KvCondition, MAX_VALUE};
+use crate::model::kv::{Entry, KvCondition, MAX_PAGE_BYTES, MAX_VALUE, entry_cost};
 use crate::telemetry::{Metrics, OpSlot};
 use crate::tenancy::Authenticator;
+use crate::tenancy::budget::{MemoryBudget, Reservation};
 use crate::tenancy::sigv4::{self, SigError, SignedRequest};
 use crate::types::TenantId;
 
@@ -28,9 +29,13 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 #[derive(Clone)]
 pub struct KvState {
+    /// The cluster's region: the credential scope of every request must name it.
+    pub region: String,
     pub store: Store,
     pub auth: Authenticator,
     pub metrics: std::sync::Arc<Metrics>,
+    /// The node's memory budget: every body, value and page held reserves from it.
+    pub budget: MemoryBudget,
 }
 
 pub fn router(state: KvState) -> Router {
@@ -68,6 +73,11 @@ fn sig_error(e: SigError) -> ApiError {
         SigError::ContentSha256Mismatch => ApiError::new(
             StatusCode::BAD_REQUEST,
             "XAmzContentSHA256Mismatch",
+            e.to_string(),
+        ),
+        SigError::UnsignedHeader(_) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "SignatureDoesNotMatch",
             e.to_string(),
         ),
     }
@@ -113,14 +123,86 @@ fn query_bytes(q: &Option<String>) -> Result<Option<Vec<u8>>, ApiError> {
     q.as_deref().map(decode).transpose()
 }
 
-fn entry_json(e: &Entry) -> serde_json::Value {
-    json!({
-        "key": STANDARD.encode(&e.key),
-        "keyText": std::str::from_utf8(&e.key).ok(),
-        "version": e.version,
-        "value": STANDARD.encode(&e.value),
-        "expiresAt": e.expires_at,
-    })
+/// One entry as JSON: `{"key", "keyText", "version", "value", "expiresAt"}` (and
+/// `"found": true` in batch answers), written straight into bytes: the value is
+/// base64-encoded once, with no intermediate JSON tree.
+fn entry_json(e: &Entry, found: bool) -> bytes::Bytes {
+    let mut out = String::with_capacity(e.value.len() * 4 / 3 + e.key.len() * 3 + 128);
+    out.push_str("{\"key\":\"");
+    STANDARD.encode_string(&e.key, &mut out);
+    out.push_str("\",\"keyText\":");
+    out.push_str(&serde_json::to_string(&std::str::from_utf8(&e.key).ok()).unwrap_or_default());
+    out.push_str(&format!(",\"version\":{},\"value\":\"", e.version));
+    STANDARD.encode_string(&e.value, &mut out);
+    out.push_str("\",\"expiresAt\":");
+    out.push_str(&e.expires_at.map_or("null".into(), |t| t.to_string()));
+    if found {
+        out.push_str(",\"found\":true");
+    }
+    out.push('}');
+    bytes::Bytes::from(out)
+}
+
+/// Bytes to reserve for a page of raw size `raw` while it is sent: the page itself
+/// plus the JSON of its largest entry (entries are rendered one at a time).
+fn page_reservation(raw: usize, largest: usize) -> usize {
+    raw + largest * 4 / 3 + 4096
+}
+
+/// What a scan page or batch answer reserves before it is read: the most it can be.
+const PAGE_RESERVE: usize = MAX_PAGE_BYTES + (MAX_VALUE + 2048) * 4 / 3 + 4096;
+/// The largest single entry's cost ([`entry_cost`] of a 1 KiB key and a 1 MiB value).
+const MAX_ENTRY_COST: usize = MAX_VALUE + 1024 + 64;
+/// What a page of one entry at most reserves.
+const SMALL_PAGE_RESERVE: usize = MAX_ENTRY_COST + (MAX_VALUE + 2048) * 4 / 3 + 4096;
+
+/// Reserves memory for a scan page or batch answer and returns the byte cap to read it
+/// with: a full page when the budget allows, else (under pressure) a page of one entry,
+/// so reads shrink before they are refused.
+fn reserve_page(st: &KvState) -> Result<(Reservation, usize), ApiError> {
+    if let Some(r) = st.budget.try_reserve(PAGE_RESERVE) {
+        return Ok((r, MAX_PAGE_BYTES));
+    }
+    Ok((reserve(st, SMALL_PAGE_RESERVE)?, MAX_ENTRY_COST))
+}
+
+fn slow_down() -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "SlowDown",
+        "the node's memory budget for requests in flight is exhausted; retry shortly",
+    )
+}
+
+fn reserve(st: &KvState, bytes: usize) -> Result<Reservation, ApiError> {
+    st.budget.try_reserve(bytes).ok_or_else(slow_down)
+}
+
+/// A JSON response streamed piece by piece: `head`, the rendered items separated by
+/// commas, then `tail`. Each item is rendered when the client is ready for it and
+/// dropped once sent; `hold` (the memory reservation) lives until the body is done.
+fn streamed_json<T: Send + 'static>(
+    head: String,
+    items: Vec<T>,
+    render: fn(T) -> bytes::Bytes,
+    tail: String,
+    hold: Reservation,
+) -> Response {
+    use futures::StreamExt;
+    let pieces = std::iter::once(bytes::Bytes::from(head))
+        .chain(items.into_iter().enumerate().flat_map(move |(i, item)| {
+            let sep = (i > 0).then(|| bytes::Bytes::from_static(b","));
+            sep.into_iter().chain(std::iter::once(render(item)))
+        }))
+        .chain(std::iter::once(bytes::Bytes::from(tail)));
+    let stream = futures::stream::iter(pieces).map(move |b| {
+        let _held = &hold;
+        Ok::<_, std::convert::Infallible>(b)
+    });
+    let mut r = Response::new(Body::from_stream(stream));
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
 }
 
 fn parse_version(h: &HeaderValue) -> Result<u64, ApiError> {
@@ -143,17 +225,47 @@ fn condition(h: &HeaderMap) -> Result<KvCondition, ApiError> {
     }
 }
 
+/// Largest request body the KV API reads: a value plus room for a batch request.
+const MAX_BODY: usize = MAX_VALUE + 64 * 1024;
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "EntityTooLarge",
+        format!("request bodies are at most {MAX_VALUE} bytes"),
+    )
+}
+
+/// Authenticates the request and only then reads its body (at most [`MAX_BODY`]).
+///
+/// Everything that needs no body is checked first: the Authorization header, date,
+/// credential scope, signed headers and the access key, so a request without valid
+/// credentials is refused before a single body byte is read. When the client sends
+/// `x-amz-content-sha256` (as S3 clients do), the signature itself is verified before
+/// the body is read, and the body is then checked against that hash. Without it the
+/// signature covers the body's hash, so the body (bounded) is read first.
 async fn authenticate(
     st: &KvState,
     parts: &axum::http::request::Parts,
-    body: &[u8],
-) -> Result<TenantId, ApiError> {
+    body: Body,
+) -> Result<(TenantId, bytes::Bytes, Reservation), ApiError> {
     let h = parts
         .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .ok_or_else(|| sig_error(SigError::Missing))?;
     let a = sigv4::parse_authorization(h).map_err(sig_error)?;
+    let mut req = SignedRequest {
+        region: &st.region,
+        service: "kv",
+        method: parts.method.as_str(),
+        raw_path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        body: &[],
+        now_unix: crate::types::now_millis() / 1000,
+    };
+    sigv4::check_head(&req, &a).map_err(sig_error)?;
     let creds = st.auth.lookup(a.access_key_id).await?.ok_or_else(|| {
         ApiError::new(
             StatusCode::FORBIDDEN,
@@ -161,16 +273,39 @@ async fn authenticate(
             "the access key does not exist or was revoked",
         )
     })?;
-    let req = SignedRequest {
-        method: parts.method.as_str(),
-        raw_path: parts.uri.path(),
-        query: parts.uri.query(),
-        headers: &parts.headers,
-        body,
-        now_unix: crate::types::now_millis() / 1000,
+    let declared_len = parts
+        .headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared_len.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
+    let claimed = parts
+        .headers
+        .get("x-amz-content-sha256")
+        .and_then(|v| v.to_str().ok());
+    if let Some(hash) = claimed {
+        sigv4::verify_with_payload_hash(&req, &a, &creds.secret_access_key, hash)
+            .map_err(sig_error)?;
+    }
+    // Reserve what the body may take before reading it.
+    let chunked = parts
+        .headers
+        .contains_key(axum::http::header::TRANSFER_ENCODING);
+    let expect = match declared_len {
+        Some(n) => n as usize,
+        None if chunked => MAX_BODY,
+        None => 0,
     };
+    let hold = reserve(st, expect)?;
+    let body = to_bytes(body, expect.max(if chunked { MAX_BODY } else { 0 }))
+        .await
+        .map_err(|_| too_large())?;
+    req.body = &body;
+    // With a claimed hash this checks the body against it; without, the signature.
     sigv4::verify(&req, &a, &creds.secret_access_key).map_err(sig_error)?;
-    Ok(creds.tenant_id)
+    Ok((creds.tenant_id, body, hold))
 }
 
 async fn handle(State(st): State<KvState>, req: Request) -> Response {
@@ -201,13 +336,6 @@ async fn handle(State(st): State<KvState>, req: Request) -> Response {
 
 async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = to_bytes(body, MAX_VALUE + 64 * 1024).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "EntityTooLarge",
-            format!("request bodies are at most {MAX_VALUE} bytes"),
-        )
-    })?;
     let path = parts.uri.path().to_string();
     let rest = path.strip_prefix("/kv/v1/").ok_or_else(|| {
         ApiError::new(
@@ -222,7 +350,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
     };
     let ns = String::from_utf8(decode(&ns)?)
         .map_err(|_| ApiError::bad_request("namespace must be UTF-8"))?;
-    let tenant = authenticate(st, &parts, &body).await?;
+    let (tenant, body, _body_hold) = authenticate(st, &parts, body).await?;
     let span = tracing::Span::current();
     span.record("tenant", tracing::field::display(tenant));
     span.record("bucket", ns.as_str());
@@ -230,6 +358,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
     match (parts.method.clone(), key) {
         (Method::GET | Method::HEAD, Some(key)) => {
             slot.set("Get");
+            let mut hold = reserve(st, MAX_VALUE + 1024)?;
             let e = st
                 .store
                 .kv_get(tenant, &ns, &key)
@@ -239,7 +368,13 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
             let mut r = Response::new(if parts.method == Method::HEAD {
                 Body::empty()
             } else {
-                Body::from(e.value)
+                use futures::StreamExt;
+                hold.shrink_to(e.value.len());
+                let value = bytes::Bytes::from(e.value);
+                Body::from_stream(futures::stream::once(async move { value }).map(move |b| {
+                    let _held = &hold;
+                    Ok::<_, std::convert::Infallible>(b)
+                }))
             });
             let h = r.headers_mut();
             h.insert(
@@ -278,7 +413,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
             span.record("bytes", body.len());
             let version = st
                 .store
-                .kv_put(tenant, &ns, &key, body.to_vec(), cond, ttl)
+                .kv_put(tenant, &ns, &key, Vec::from(body), cond, ttl)
                 .await?;
             let mut r = axum::Json(json!({"version": version})).into_response();
             r.headers_mut().insert(
@@ -310,6 +445,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                 ),
                 None => None,
             };
+            let (mut hold, cap) = reserve_page(st)?;
             let page = st
                 .store
                 .kv_scan(
@@ -320,13 +456,29 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                     query_bytes(&q.end)?,
                     after,
                     q.limit.unwrap_or(100),
+                    cap,
                 )
                 .await?;
-            Ok(axum::Json(json!({
-                "entries": page.entries.iter().map(entry_json).collect::<Vec<_>>(),
-                "cursor": page.next_after.map(|k| URL_SAFE_NO_PAD.encode(k)),
-            }))
-            .into_response())
+            let raw: usize = page
+                .entries
+                .iter()
+                .map(|e| entry_cost(&e.key, &e.value))
+                .sum();
+            let largest = page
+                .entries
+                .iter()
+                .map(|e| e.value.len())
+                .max()
+                .unwrap_or(0);
+            hold.shrink_to(page_reservation(raw, largest));
+            let cursor = page.next_after.map(|k| URL_SAFE_NO_PAD.encode(k));
+            Ok(streamed_json(
+                "{\"entries\":[".into(),
+                page.entries,
+                |e| entry_json(&e, false),
+                format!("],\"cursor\":{}}}", json!(cursor)),
+                hold,
+            ))
         }
         (Method::POST, None) if parts.uri.query() == Some("batchGet") => {
             slot.set("BatchGet");
@@ -346,20 +498,38 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                         .map_err(|_| ApiError::bad_request("keys are base64"))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let found = st.store.kv_get_many(tenant, &ns, keys.clone()).await?;
-            let out: Vec<_> = keys
+            drop(b);
+            let (mut hold, cap) = reserve_page(st)?;
+            let page = st.store.kv_get_many(tenant, &ns, keys, cap).await?;
+            let raw: usize = page
+                .read
                 .iter()
-                .zip(found)
-                .map(|(k, e)| match e {
-                    Some(e) => {
-                        let mut j = entry_json(&e);
-                        j["found"] = json!(true);
-                        j
-                    }
-                    None => json!({"key": STANDARD.encode(k), "found": false}),
-                })
+                .map(|(k, e)| e.as_ref().map_or(k.len() + 64, |e| entry_cost(k, &e.value)))
+                .sum();
+            let largest = page
+                .read
+                .iter()
+                .filter_map(|(_, e)| e.as_ref().map(|e| e.value.len()))
+                .max()
+                .unwrap_or(0);
+            hold.shrink_to(page_reservation(raw, largest));
+            let unprocessed: Vec<String> = page
+                .unprocessed
+                .iter()
+                .map(|k| STANDARD.encode(k))
                 .collect();
-            Ok(axum::Json(json!({"entries": out})).into_response())
+            Ok(streamed_json(
+                "{\"entries\":[".into(),
+                page.read,
+                |(k, e)| match e {
+                    Some(e) => entry_json(&e, true),
+                    None => bytes::Bytes::from(
+                        json!({"key": STANDARD.encode(k), "found": false}).to_string(),
+                    ),
+                },
+                format!("],\"unprocessedKeys\":{}}}", json!(unprocessed)),
+                hold,
+            ))
         }
         _ => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,

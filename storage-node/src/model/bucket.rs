@@ -118,9 +118,17 @@ impl Store {
                     break;
                 }
             }
-            for u in self.list_uploads(tenant, &b.name).await? {
-                self.abort_upload(tenant, &b.name, &u.key, u.upload_id)
+            loop {
+                let page = self
+                    .list_uploads_page(tenant, &b.name, "", None, None, 1000)
                     .await?;
+                for u in &page.uploads {
+                    self.abort_upload(tenant, &b.name, &u.key, u.upload_id)
+                        .await?;
+                }
+                if !page.is_truncated {
+                    break;
+                }
             }
             self.delete_bucket(tenant, &b.name).await?;
         }
@@ -163,7 +171,7 @@ impl Store {
                     for e in t.range(p.as_slice()..end.as_slice())? {
                         let (_, v) = e?;
                         u.objects += 1;
-                        u.storage_bytes += super::object::decode_record(v.value())
+                        u.storage_bytes += super::object::decode_summary(v.value())
                             .map(|r| r.size)
                             .unwrap_or(0);
                     }

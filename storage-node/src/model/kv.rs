@@ -22,6 +22,14 @@ pub const MAX_VALUE: usize = 1024 * 1024;
 pub const MAX_NAMESPACE: usize = 63;
 pub const MAX_SCAN: usize = 1000;
 pub const MAX_BATCH: usize = 100;
+/// Most bytes of keys and values one scan page or batch answer carries (before JSON
+/// and base64). A page cut by it has a cursor (scan) or unprocessed keys (batch); it
+/// always holds at least one entry, so every value can be read.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes an entry counts for against [`MAX_PAGE_BYTES`].
+pub fn entry_cost(key: &[u8], value: &[u8]) -> usize {
+    key.len() + value.len() + 64
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 struct Stored {
@@ -64,6 +72,14 @@ pub struct ScanPage {
     pub next_after: Option<Vec<u8>>,
 }
 
+/// The answer to a batch read: each key read, in request order, with its entry (None
+/// if absent), then the keys left unread because the answer reached its byte cap.
+#[derive(Debug, Default)]
+pub struct BatchPage {
+    pub read: Vec<(Vec<u8>, Option<Entry>)>,
+    pub unprocessed: Vec<Vec<u8>>,
+}
+
 pub fn check_namespace(ns: &str) -> Result<()> {
     let ok = !ns.is_empty()
         && ns.len() <= MAX_NAMESPACE
@@ -87,8 +103,7 @@ fn check_key(key: &[u8]) -> Result<()> {
 }
 
 fn decode(b: &[u8]) -> Result<Stored, EngineError> {
-    let s: Stored =
-        postcard::from_bytes(b).map_err(|e| EngineError::Db(format!("kv record: {e}")))?;
+    let s: Stored = super::object::decode_stored("kv", b).map_err(EngineError::Db)?;
     if crc32c::crc32c(&s.value) != s.crc {
         return Err(EngineError::Db("kv value fails its checksum".into()));
     }
@@ -138,51 +153,71 @@ impl Store {
     }
 
     pub async fn kv_get(&self, tenant: TenantId, ns: &str, key: &[u8]) -> Result<Option<Entry>> {
-        let mut many = self.kv_get_many(tenant, ns, vec![key.to_vec()]).await?;
-        Ok(many.pop().flatten())
+        let mut many = self
+            .kv_get_many(tenant, ns, vec![key.to_vec()], usize::MAX)
+            .await?;
+        Ok(many.read.pop().and_then(|(_, e)| e))
     }
 
-    /// Reads several keys from one consistent snapshot.
+    /// Reads several distinct keys from one consistent snapshot, until the entries
+    /// read reach `max_bytes` (by [`entry_cost`]); the rest are returned unread. A key
+    /// listed twice is refused: it would cost its value twice for nothing.
     pub async fn kv_get_many(
         &self,
         tenant: TenantId,
         ns: &str,
         keys: Vec<Vec<u8>>,
-    ) -> Result<Vec<Option<Entry>>> {
+        max_bytes: usize,
+    ) -> Result<BatchPage> {
         check_namespace(ns)?;
         if keys.len() > MAX_BATCH {
             return Err(Error::Invalid(format!(
                 "at most {MAX_BATCH} keys per batch"
             )));
         }
+        let mut seen = std::collections::HashSet::with_capacity(keys.len());
         for k in &keys {
             check_key(k)?;
+            if !seen.insert(k.as_slice()) {
+                return Err(Error::Invalid(
+                    "a key is listed more than once in the batch".into(),
+                ));
+            }
         }
+        drop(seen);
         let prefix = self.kv_prefix(tenant, ns);
         let now = now_millis();
         Ok(self
             .engine()
             .read(move |txn| {
                 let t = txn.open_table(KV)?;
-                let mut out = Vec::with_capacity(keys.len());
-                for key in keys {
+                let mut page = BatchPage::default();
+                let mut used = 0usize;
+                let mut keys = keys.into_iter();
+                for key in keys.by_ref() {
                     let mut full = prefix.clone();
                     full.extend_from_slice(&key);
-                    let e = match t.get(full.as_slice())? {
-                        Some(v) => {
-                            let s = decode(v.value())?;
-                            s.live(now).then_some(Entry {
-                                key,
-                                version: s.version,
-                                expires_at: s.expires_at,
-                                value: s.value,
-                            })
-                        }
-                        None => None,
+                    let Some(v) = t.get(full.as_slice())? else {
+                        page.read.push((key, None));
+                        continue;
                     };
-                    out.push(e);
+                    let s = decode(v.value())?;
+                    let cost = entry_cost(&key, &s.value);
+                    if !page.read.is_empty() && used.saturating_add(cost) > max_bytes {
+                        page.unprocessed.push(key);
+                        break;
+                    }
+                    used += cost;
+                    let e = s.live(now).then_some(Entry {
+                        version: s.version,
+                        expires_at: s.expires_at,
+                        value: s.value,
+                        key: key.clone(),
+                    });
+                    page.read.push((key, e));
                 }
-                Ok(out)
+                page.unprocessed.extend(keys);
+                Ok(page)
             })
             .await?)
     }
@@ -286,6 +321,7 @@ impl Store {
         end: Option<Vec<u8>>,
         after: Option<Vec<u8>>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<ScanPage> {
         check_namespace(ns)?;
         let limit = limit.clamp(1, MAX_SCAN);
@@ -340,6 +376,7 @@ impl Store {
                     lo.as_ref().map(Vec::as_slice),
                     hi.as_ref().map(Vec::as_slice),
                 ))?;
+                let mut used = 0usize;
                 for e in range {
                     let (k, v) = e?;
                     let key = k.value()[base.len()..].to_vec();
@@ -349,6 +386,12 @@ impl Store {
                     }
                     let s = decode(v.value())?;
                     if s.live(now) {
+                        let cost = entry_cost(&key, &s.value);
+                        if !page.entries.is_empty() && used.saturating_add(cost) > max_bytes {
+                            page.next_after = page.entries.last().map(|e| e.key.clone());
+                            break;
+                        }
+                        used += cost;
                         page.entries.push(Entry {
                             key,
                             version: s.version,
@@ -584,7 +627,7 @@ mod tests {
         assert_eq!(s.kv_backfill_expiry_index().await.unwrap(), 0, "only once");
         assert_eq!(s.kv_sweep_expired().await.unwrap(), 1);
         let page = s
-            .kv_scan(tenant, "ns", b"", None, None, None, 10)
+            .kv_scan(tenant, "ns", b"", None, None, None, 10, MAX_PAGE_BYTES)
             .await
             .unwrap();
         assert_eq!(page.entries.len(), 1);

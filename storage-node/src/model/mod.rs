@@ -131,32 +131,47 @@ impl Store {
     /// Deletes chunk files that no object or part references: left by a crash between
     /// writing data and committing metadata, or by a stop inside the grace period.
     /// Runs before the node serves, so no write is in flight.
-    pub async fn sweep_orphan_chunks(&self) -> Result<usize> {
+    ///
+    /// Never deletes a file a record might reference: if any object or part record
+    /// cannot be read (corrupt, or written by a newer format), nothing is deleted and
+    /// the outcome names the first such record.
+    pub async fn sweep_orphan_chunks(&self) -> Result<SweepOutcome> {
         let chunks = self.inner.engine.chunks().clone();
         let live = self
             .inner
             .engine
             .read(|txn| {
                 let mut live = std::collections::HashSet::new();
-                for (table, is_part) in [(OBJECTS, false), (PARTS, true)] {
+                for (table, name) in [(OBJECTS, "objects"), (PARTS, "parts")] {
                     let t = txn.open_table(table).map_err(EngineError::from)?;
                     for entry in t.iter().map_err(EngineError::from)? {
-                        let (_, v) = entry.map_err(EngineError::from)?;
-                        let refs = if is_part {
-                            postcard::from_bytes::<multipart::PartRecord>(v.value())
+                        let (k, v) = entry.map_err(EngineError::from)?;
+                        let refs = if name == "parts" {
+                            object::decode_stored::<multipart::PartRecord>("part", v.value())
                                 .map(|p| p.chunks)
-                                .ok()
                         } else {
-                            postcard::from_bytes::<ObjectRecord>(v.value())
-                                .map(|o| o.data.chunks().to_vec())
-                                .ok()
+                            object::decode_stored::<ObjectRecord>("object", v.value())
+                                .map(|o| o.data.into_chunks())
                         };
-                        live.extend(refs.unwrap_or_default().into_iter().map(|c| c.id));
+                        match refs {
+                            Ok(refs) => live.extend(refs.into_iter().map(|c| c.id)),
+                            Err(reason) => {
+                                return Ok(Err(SweepOutcome::Aborted {
+                                    table: name,
+                                    key: hex::encode(k.value()),
+                                    reason,
+                                }));
+                            }
+                        }
                     }
                 }
-                Ok(live)
+                Ok(Ok(live))
             })
             .await?;
+        let live = match live {
+            Ok(live) => live,
+            Err(aborted) => return Ok(aborted),
+        };
         let removed = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
             let mut n = 0;
             for c in chunks.list_all()? {
@@ -170,8 +185,22 @@ impl Store {
         .await
         .map_err(|e| Error::Invalid(e.to_string()))?
         .map_err(EngineError::from)?;
-        Ok(removed)
+        Ok(SweepOutcome::Removed(removed))
     }
+}
+
+/// What the startup orphan sweep did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SweepOutcome {
+    /// This many unreferenced chunk files were removed.
+    Removed(usize),
+    /// A record could not be read, so no file was removed: which data it references is
+    /// unknown. `key` is the record's engine key in hex.
+    Aborted {
+        table: &'static str,
+        key: String,
+        reason: String,
+    },
 }
 
 /// A store over a fresh engine in `dir` and an in-memory SQLite catalog, for unit tests.
@@ -182,4 +211,149 @@ pub(crate) async fn test_store(dir: &std::path::Path) -> Store {
         .await
         .expect("in-memory catalog");
     Store::new(Engine::open(dir).expect("engine"), Arc::new(catalog), 16)
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::catalog::TenantSpec;
+    use crate::engine::record::{RECORD_VERSION, seal};
+
+    async fn put(s: &Store, tenant: TenantId, key: &str, len: usize) {
+        let body: ByteStream = Box::pin(futures::stream::iter([Ok(Bytes::from(vec![
+            key.len()
+                as u8;
+            len
+        ]))]));
+        s.put_object(
+            tenant,
+            "b",
+            key,
+            body,
+            None,
+            ObjectMeta::default(),
+            Conditions::default(),
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn chunk_count(s: &Store) -> usize {
+        let c = s.engine().chunks().clone();
+        tokio::task::spawn_blocking(move || c.list_all().unwrap().len())
+            .await
+            .unwrap()
+    }
+
+    /// Replaces the stored record of object `key` with `f(current bytes)`.
+    async fn rewrite(s: &Store, tenant: TenantId, key: &str, f: fn(&[u8]) -> Vec<u8>) {
+        let b = s.bucket(tenant, "b").await.unwrap();
+        let k = crate::engine::keys::object_key(s.partition(tenant, "b"), b.id, key);
+        s.engine()
+            .write(vec![], move |ctx| {
+                let mut t = ctx.txn.open_table(OBJECTS)?;
+                let old = t.get(k.as_slice())?.map(|v| v.value().to_vec()).unwrap();
+                t.insert(k.as_slice(), f(&old).as_slice())?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+    }
+
+    /// A bit flip in one record, or a record written by a newer format, must not turn
+    /// into the deletion of chunked objects' data: the sweep removes nothing (not even a
+    /// true orphan) and says which record it could not read; other objects still read.
+    #[tokio::test]
+    async fn the_sweep_deletes_nothing_when_a_record_cannot_be_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = test_store(dir.path()).await;
+        let tenant = s
+            .catalog()
+            .create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        s.create_bucket(tenant, "b").await.unwrap();
+        for k in ["a", "bb", "ccc"] {
+            put(&s, tenant, k, 200 * 1024).await;
+        }
+        // A true orphan: data written, never referenced.
+        let p = s.partition(tenant, "b");
+        let chunks = s.engine().chunks().clone();
+        tokio::task::spawn_blocking(move || {
+            let mut w = chunks.create(p).unwrap();
+            w.append(b"orphan").unwrap();
+            w.finish().unwrap();
+        })
+        .await
+        .unwrap();
+        let before = chunk_count(&s).await;
+        assert_eq!(before, 4);
+
+        // One flipped bit inside the chunk list (postcard alone would read another id).
+        rewrite(&s, tenant, "a", |old| {
+            let mut v = old.to_vec();
+            let n = v.len();
+            v[n - 10] ^= 0x01;
+            v
+        })
+        .await;
+        match s.sweep_orphan_chunks().await.unwrap() {
+            SweepOutcome::Aborted { table, reason, .. } => {
+                assert_eq!(table, "objects");
+                assert!(reason.contains("checksum"), "{reason}");
+            }
+            other => panic!("the sweep went ahead: {other:?}"),
+        }
+        assert_eq!(chunk_count(&s).await, before, "a chunk file was deleted");
+
+        // A record written by a newer record version.
+        rewrite(&s, tenant, "a", |_| {
+            let mut v = seal(b"whatever a newer layout holds");
+            v[0] = RECORD_VERSION + 1;
+            v
+        })
+        .await;
+        match s.sweep_orphan_chunks().await.unwrap() {
+            SweepOutcome::Aborted { reason, .. } => {
+                assert!(reason.contains("newer"), "{reason}")
+            }
+            other => panic!("the sweep went ahead: {other:?}"),
+        }
+        assert_eq!(chunk_count(&s).await, before, "a chunk file was deleted");
+        let err = s.head_object(tenant, "b", "a").await.unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err:?}");
+        for k in ["bb", "ccc"] {
+            let (rec, _, body) = s
+                .get_object(tenant, "b", k, None, &Conditions::default())
+                .await
+                .unwrap();
+            let got: Vec<u8> = futures::StreamExt::collect::<Vec<_>>(body.stream)
+                .await
+                .into_iter()
+                .flat_map(|b| b.unwrap().to_vec())
+                .collect();
+            assert_eq!(got.len() as u64, rec.size);
+            assert!(got.iter().all(|b| *b == k.len() as u8));
+        }
+
+        // Once every record reads again (here: the bad one is removed), the sweep
+        // goes ahead: the removed object's chunk and the true orphan go.
+        let b = s.bucket(tenant, "b").await.unwrap();
+        let k = crate::engine::keys::object_key(s.partition(tenant, "b"), b.id, "a");
+        s.engine()
+            .write(vec![], move |ctx| {
+                ctx.txn.open_table(OBJECTS)?.remove(k.as_slice())?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            s.sweep_orphan_chunks().await.unwrap(),
+            SweepOutcome::Removed(2)
+        );
+        assert_eq!(chunk_count(&s).await, 2);
+    }
 }

@@ -6,9 +6,13 @@ use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::data::{self, ByteStream, ObjectData};
-use super::object::{Conditions, ObjectMeta, ObjectRecord, check_key, decode_record, encode};
+use super::object::{
+    Conditions, ObjectMeta, ObjectRecord, check_key, decode_record, decode_stored, encode,
+};
 use super::{Error, Result, Store};
-use crate::engine::{ChunkRef, EngineError, OBJECTS, PARTS, UPLOADS, keys};
+use crate::engine::{
+    ChunkRef, EngineError, META, OBJECTS, PARTS, UPLOADS, UPLOADS_BY_AGE, UPLOADS_BY_KEY, keys,
+};
 use crate::types::{TenantId, UploadId, now_millis};
 
 /// Every part but the last must be at least this large (S3 rule).
@@ -44,11 +48,60 @@ pub struct UploadInfo {
 }
 
 fn decode_upload(b: &[u8]) -> Result<UploadRecord, EngineError> {
-    postcard::from_bytes(b).map_err(|e| EngineError::Db(format!("upload record: {e}")))
+    decode_stored("upload", b).map_err(EngineError::Db)
 }
 
 fn decode_part(b: &[u8]) -> Result<PartRecord, EngineError> {
-    postcard::from_bytes(b).map_err(|e| EngineError::Db(format!("part record: {e}")))
+    decode_stored("part", b).map_err(EngineError::Db)
+}
+
+/// Adds the index entries of upload `ukey`.
+fn index_upload(
+    txn: &redb::WriteTransaction,
+    ukey: &[u8],
+    up: &UploadRecord,
+) -> Result<(), EngineError> {
+    txn.open_table(UPLOADS_BY_KEY)?.insert(
+        keys::upload_index_key(ukey, &up.key, up.initiated).as_slice(),
+        (),
+    )?;
+    txn.open_table(UPLOADS_BY_AGE)?
+        .insert(keys::upload_age_key(up.initiated, ukey).as_slice(), ())?;
+    Ok(())
+}
+
+/// Removes upload `ukey` (its record, parts and index entries); returns the chunks of
+/// its parts. `up` is its record, already read.
+fn remove_upload(
+    txn: &redb::WriteTransaction,
+    ukey: &[u8],
+    up: &UploadRecord,
+) -> Result<Vec<ChunkRef>, EngineError> {
+    txn.open_table(UPLOADS)?.remove(ukey)?;
+    txn.open_table(UPLOADS_BY_KEY)?
+        .remove(keys::upload_index_key(ukey, &up.key, up.initiated).as_slice())?;
+    txn.open_table(UPLOADS_BY_AGE)?
+        .remove(keys::upload_age_key(up.initiated, ukey).as_slice())?;
+    let mut pt = txn.open_table(PARTS)?;
+    let end = keys::prefix_end(ukey).unwrap_or_default();
+    let mut garbage = Vec::new();
+    for e in pt.range(ukey..end.as_slice())? {
+        let (_, v) = e?;
+        garbage.extend(decode_part(v.value())?.chunks);
+    }
+    pt.retain_in(ukey..end.as_slice(), |_, _| false)?;
+    Ok(garbage)
+}
+
+/// Marks that every upload has its index entries (uploads created before the index
+/// existed are indexed once, at open).
+const UPLOAD_INDEX_MARK: &str = "uploads_indexed";
+
+/// One page of ListMultipartUploads.
+#[derive(Debug, Default)]
+pub struct UploadPage {
+    pub uploads: Vec<UploadInfo>,
+    pub is_truncated: bool,
 }
 
 impl Store {
@@ -101,9 +154,11 @@ impl Store {
                 if super::bucket::bucket_is_dead(ctx.txn, &ukey)? {
                     return Ok(Err(Error::NoSuchBucket));
                 }
+                let bytes = encode(&rec)?;
                 ctx.txn
                     .open_table(UPLOADS)?
-                    .insert(ukey.as_slice(), encode(&rec)?.as_slice())?;
+                    .insert(ukey.as_slice(), bytes.as_slice())?;
+                index_upload(ctx.txn, &ukey, &rec)?;
                 Ok(Ok(()))
             })
             .await??;
@@ -241,6 +296,7 @@ impl Store {
                 if up.key != key {
                     return Ok(Err(Error::NoSuchUpload));
                 }
+                let up_index = up.clone();
                 let mut stored = std::collections::BTreeMap::new();
                 {
                     let t = ctx.txn.open_table(PARTS)?;
@@ -308,10 +364,9 @@ impl Store {
                     data: ObjectData::Chunks(chunks),
                 };
                 objects.insert(okey.as_slice(), encode(&rec)?.as_slice())?;
-                ctx.txn.open_table(UPLOADS)?.remove(ukey.as_slice())?;
-                let mut pt = ctx.txn.open_table(PARTS)?;
-                let end = keys::prefix_end(&ukey).unwrap_or_default();
-                pt.retain_in(ukey.as_slice()..end.as_slice(), |_, _| false)?;
+                drop(objects);
+                // The parts' chunks now belong to the object (or are in `garbage`).
+                remove_upload(ctx.txn, &ukey, &up_index)?;
                 Ok(Ok((etag, size, garbage)))
             })
             .await??;
@@ -332,57 +387,354 @@ impl Store {
         let garbage = self
             .engine()
             .write(vec![], move |ctx| {
-                let mut ut = ctx.txn.open_table(UPLOADS)?;
-                let Some(up) = ut.get(ukey.as_slice())?.map(|v| v.value().to_vec()) else {
+                let Some(up) = ctx
+                    .txn
+                    .open_table(UPLOADS)?
+                    .get(ukey.as_slice())?
+                    .map(|v| v.value().to_vec())
+                else {
                     return Ok(Err(Error::NoSuchUpload));
                 };
-                if decode_upload(&up)?.key != key {
+                let up = decode_upload(&up)?;
+                if up.key != key {
                     return Ok(Err(Error::NoSuchUpload));
                 }
-                ut.remove(ukey.as_slice())?;
-                let mut pt = ctx.txn.open_table(PARTS)?;
-                let end = keys::prefix_end(&ukey).unwrap_or_default();
-                let mut garbage = Vec::new();
-                for e in pt.range(ukey.as_slice()..end.as_slice())? {
-                    let (_, v) = e?;
-                    garbage.extend(decode_part(v.value())?.chunks);
-                }
-                pt.retain_in(ukey.as_slice()..end.as_slice(), |_, _| false)?;
-                Ok(Ok(garbage))
+                Ok(Ok(remove_upload(ctx.txn, &ukey, &up)?))
             })
             .await??;
         self.discard_chunks(garbage);
         Ok(())
     }
 
-    /// Uploads in progress in a bucket, ordered by key, then by initiation time.
-    pub async fn list_uploads(&self, tenant: TenantId, bucket: &str) -> Result<Vec<UploadInfo>> {
+    /// One page of the uploads in progress in a bucket whose key starts with `prefix`,
+    /// ordered by key, then initiation time (then id), starting after `key_marker`
+    /// (all of its uploads, or with `upload_id_marker` those after that upload). Reads
+    /// the ordered index: the cost is the page's, not the bucket's.
+    pub async fn list_uploads_page(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        prefix: &str,
+        key_marker: Option<&str>,
+        upload_id_marker: Option<UploadId>,
+        max: usize,
+    ) -> Result<UploadPage> {
         let b = self.bucket(tenant, bucket).await?;
-        let prefix = keys::bucket_prefix(self.partition(tenant, bucket), b.id);
-        let mut out = self
+        let p = self.partition(tenant, bucket);
+        let bprefix = keys::bucket_prefix(p, b.id);
+        let scan_prefix = keys::upload_index_prefix(&bprefix, prefix);
+        let key_marker = key_marker.filter(|k| !k.is_empty()).map(str::to_string);
+        Ok(self
             .engine()
             .read(move |txn| {
-                let t = txn.open_table(UPLOADS)?;
-                let end = keys::prefix_end(&prefix).unwrap_or_default();
-                let mut out = Vec::new();
-                for e in t.range(prefix.as_slice()..end.as_slice())? {
-                    let (k, v) = e?;
-                    let id: [u8; 16] = k.value()[prefix.len()..]
-                        .try_into()
-                        .map_err(|_| EngineError::Db("bad upload key".into()))?;
-                    let rec = decode_upload(v.value())?;
-                    out.push(UploadInfo {
-                        key: rec.key,
-                        upload_id: UploadId(uuid::Uuid::from_bytes(id)),
-                        initiated: rec.initiated,
+                use std::ops::Bound;
+                let mut start = Bound::Included(scan_prefix.clone());
+                if let Some(km) = &key_marker {
+                    // After the marker upload if it still exists, else after the key.
+                    let marker = upload_id_marker.and_then(|id| {
+                        let ukey = keys::upload_key(p, b.id, id);
+                        let t = txn.open_table(UPLOADS).ok()?;
+                        let v = t.get(ukey.as_slice()).ok()??;
+                        let up = decode_upload(v.value()).ok()?;
+                        (up.key == *km).then(|| keys::upload_index_key(&ukey, km, up.initiated))
+                    });
+                    let after = match marker {
+                        Some(m) => Bound::Excluded(m),
+                        None if upload_id_marker.is_some() => {
+                            // The marker upload is gone: start at the key's first upload
+                            // (an upload may be listed twice, none is skipped).
+                            Bound::Included(keys::upload_index_prefix(&bprefix, km))
+                        }
+                        None => Bound::Excluded(keys::upload_index_after_key(&bprefix, km)),
+                    };
+                    let later = match (&after, &start) {
+                        (Bound::Excluded(a) | Bound::Included(a), Bound::Included(s)) => a >= s,
+                        _ => true,
+                    };
+                    if later {
+                        start = after;
+                    }
+                }
+                let end = match keys::prefix_end(&scan_prefix) {
+                    Some(e) => Bound::Excluded(e),
+                    None => Bound::Unbounded,
+                };
+                let t = txn.open_table(UPLOADS_BY_KEY)?;
+                let mut page = UploadPage::default();
+                if max == 0 {
+                    return Ok(page);
+                }
+                let range = t.range::<&[u8]>((
+                    start.as_ref().map(Vec::as_slice),
+                    end.as_ref().map(Vec::as_slice),
+                ))?;
+                for e in range {
+                    let (k, _) = e?;
+                    if page.uploads.len() == max {
+                        page.is_truncated = true;
+                        break;
+                    }
+                    let Some((key, initiated, upload_id)) = k
+                        .value()
+                        .get(bprefix.len()..)
+                        .and_then(keys::parse_upload_index)
+                    else {
+                        return Err(EngineError::Db("bad upload index entry".into()));
+                    };
+                    let key = String::from_utf8(key)
+                        .map_err(|_| EngineError::Db("upload key is not UTF-8".into()))?;
+                    page.uploads.push(UploadInfo {
+                        key,
+                        upload_id,
+                        initiated,
                     });
                 }
-                Ok(out)
+                Ok(page)
+            })
+            .await?)
+    }
+
+    /// Aborts uploads initiated before `cutoff` (Unix ms), at most `limit` of them, and
+    /// frees their parts' data. Returns how many were aborted.
+    pub async fn expire_uploads(&self, cutoff: i64, limit: usize) -> Result<usize> {
+        let due = self
+            .engine()
+            .read(move |txn| {
+                let t = txn.open_table(UPLOADS_BY_AGE)?;
+                let end = (cutoff.max(0) as u64).to_be_bytes();
+                let mut due = Vec::new();
+                for e in t.range::<&[u8]>(..&end[..])? {
+                    let (k, _) = e?;
+                    due.push(k.value()[8..].to_vec());
+                    if due.len() == limit {
+                        break;
+                    }
+                }
+                Ok(due)
             })
             .await?;
-        out.sort_by(|a, b| {
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let (n, garbage) = self
+            .engine()
+            .write(vec![], move |ctx| {
+                let mut n = 0;
+                let mut garbage = Vec::new();
+                for ukey in due {
+                    let up = ctx
+                        .txn
+                        .open_table(UPLOADS)?
+                        .get(ukey.as_slice())?
+                        .map(|v| decode_upload(v.value()));
+                    // Completed or aborted since the snapshot: nothing to do. A record
+                    // that cannot be read is left alone (and its data with it).
+                    let Some(Ok(up)) = up else { continue };
+                    garbage.extend(remove_upload(ctx.txn, &ukey, &up)?);
+                    n += 1;
+                }
+                Ok((n, garbage))
+            })
+            .await?;
+        self.discard_chunks(garbage);
+        Ok(n)
+    }
+
+    /// Indexes uploads created before the upload indexes existed (once per store).
+    pub async fn index_uploads(&self) -> Result<usize> {
+        Ok(self
+            .engine()
+            .write(vec![], |ctx| {
+                let mut meta = ctx.txn.open_table(META)?;
+                if meta.get(UPLOAD_INDEX_MARK)?.is_some() {
+                    return Ok(0);
+                }
+                let mut all = Vec::new();
+                for e in ctx.txn.open_table(UPLOADS)?.iter()? {
+                    let (k, v) = e?;
+                    // An unreadable record stays unindexed (reads of it report it).
+                    if let Ok(up) = decode_upload(v.value()) {
+                        all.push((k.value().to_vec(), up));
+                    }
+                }
+                for (k, up) in &all {
+                    index_upload(ctx.txn, k, up)?;
+                }
+                meta.insert(UPLOAD_INDEX_MARK, 1)?;
+                Ok(all.len())
+            })
+            .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::catalog::TenantSpec;
+    use crate::model::test_store;
+
+    async fn setup(dir: &std::path::Path) -> (Store, TenantId) {
+        let s = test_store(dir).await;
+        let t = s
+            .catalog()
+            .create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        s.create_bucket(t, "b").await.unwrap();
+        (s, t)
+    }
+
+    async fn all_pages(s: &Store, t: TenantId, prefix: &str, max: usize) -> Vec<UploadInfo> {
+        let mut out: Vec<UploadInfo> = Vec::new();
+        let mut marker: Option<(String, UploadId)> = None;
+        loop {
+            let page = s
+                .list_uploads_page(
+                    t,
+                    "b",
+                    prefix,
+                    marker.as_ref().map(|(k, _)| k.as_str()),
+                    marker.as_ref().map(|(_, id)| *id),
+                    max,
+                )
+                .await
+                .unwrap();
+            assert!(page.uploads.len() <= max);
+            out.extend(page.uploads.iter().cloned());
+            if !page.is_truncated {
+                return out;
+            }
+            let last = page.uploads.last().unwrap();
+            marker = Some((last.key.clone(), last.upload_id));
+        }
+    }
+
+    /// Pages come from the ordered index: following the markers lists every upload once,
+    /// ordered by key then initiation time, and a page never reads upload records (a
+    /// corrupt record elsewhere in the bucket does not disturb it).
+    #[tokio::test]
+    async fn uploads_page_in_order_from_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = setup(dir.path()).await;
+        let mut made = Vec::new();
+        for i in 0..40 {
+            let key = format!("k{}", i % 7);
+            let id = s
+                .create_upload(t, "b", &key, ObjectMeta::default())
+                .await
+                .unwrap();
+            made.push((key, id));
+        }
+        // Corrupt one upload record: listings read only the index.
+        let (ck, cid) = made[3].clone();
+        let (_, _, ukey) = s.upload_key(t, "b", cid).await.unwrap();
+        s.engine()
+            .write(vec![], move |ctx| {
+                ctx.txn
+                    .open_table(UPLOADS)?
+                    .insert(ukey.as_slice(), &b"junk"[..])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let listed = all_pages(&s, t, "", 6).await;
+        assert_eq!(listed.len(), 40);
+        let mut want = listed.clone();
+        want.sort_by(|a, b| {
             (&a.key, a.initiated, a.upload_id).cmp(&(&b.key, b.initiated, b.upload_id))
         });
-        Ok(out)
+        let ids = |v: &[UploadInfo]| v.iter().map(|u| u.upload_id).collect::<Vec<_>>();
+        assert_eq!(ids(&listed), ids(&want));
+        let mut made_ids: Vec<_> = made.iter().map(|(_, id)| *id).collect();
+        made_ids.sort();
+        let mut got = ids(&listed);
+        got.sort();
+        assert_eq!(got, made_ids);
+        assert!(listed.iter().any(|u| u.upload_id == cid && u.key == ck));
+
+        // Prefix, and a key marker alone (after every upload of that key).
+        assert_eq!(all_pages(&s, t, "k3", 2).await.len(), 40 / 7 + 1);
+        let after = s
+            .list_uploads_page(t, "b", "", Some("k5"), None, 100)
+            .await
+            .unwrap();
+        assert!(after.uploads.iter().all(|u| u.key.as_str() > "k5"));
+        assert_eq!(after.uploads.len(), 40 / 7);
+
+        // A marker upload aborted between pages: nothing after it is skipped.
+        let k1: Vec<_> = listed.iter().filter(|u| u.key == "k1").cloned().collect();
+        s.abort_upload(t, "b", "k1", k1[1].upload_id).await.unwrap();
+        let page = s
+            .list_uploads_page(t, "b", "", Some("k1"), Some(k1[1].upload_id), 100)
+            .await
+            .unwrap();
+        for u in &k1[2..] {
+            assert!(page.uploads.iter().any(|p| p.upload_id == u.upload_id));
+        }
+    }
+
+    /// Uploads older than the cutoff are aborted with their parts' data freed; newer
+    /// ones stay. Uploads from before the index existed are indexed once at open.
+    #[tokio::test]
+    async fn abandoned_uploads_expire_and_free_their_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = setup(dir.path()).await;
+        let old = s
+            .create_upload(t, "b", "old", ObjectMeta::default())
+            .await
+            .unwrap();
+        let body: ByteStream =
+            Box::pin(futures::stream::iter([Ok(Bytes::from(vec![1u8; 200_000]))]));
+        s.upload_part(t, "b", "old", old, 1, body, None)
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let cutoff = now_millis();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let young = s
+            .create_upload(t, "b", "young", ObjectMeta::default())
+            .await
+            .unwrap();
+        let chunks = s.engine().chunks().clone();
+        let count = move || chunks.list_all().unwrap().len();
+        assert_eq!(count(), 1);
+
+        // Forget the index (as a store from before it), then index again.
+        s.engine()
+            .write(vec![], |ctx| {
+                ctx.txn.open_table(META)?.remove(UPLOAD_INDEX_MARK)?;
+                ctx.txn.open_table(UPLOADS_BY_KEY)?.retain(|_, _| false)?;
+                ctx.txn.open_table(UPLOADS_BY_AGE)?.retain(|_, _| false)?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.index_uploads().await.unwrap(), 2);
+        assert_eq!(s.index_uploads().await.unwrap(), 0, "only once");
+
+        assert_eq!(s.expire_uploads(cutoff, 1000).await.unwrap(), 1);
+        assert_eq!(s.expire_uploads(cutoff, 1000).await.unwrap(), 0);
+        assert!(matches!(
+            s.list_parts(t, "b", "old", old).await,
+            Err(Error::NoSuchUpload)
+        ));
+        let left = s
+            .list_uploads_page(t, "b", "", None, None, 10)
+            .await
+            .unwrap();
+        assert_eq!(left.uploads.len(), 1);
+        assert_eq!(left.uploads[0].upload_id, young);
+        // The part's chunk goes once the removal grace has passed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while count() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(count(), 0, "the expired upload's data was not freed");
+        // The bucket can be deleted once the remaining upload is aborted.
+        s.abort_upload(t, "b", "young", young).await.unwrap();
+        s.delete_bucket(t, "b").await.unwrap();
     }
 }

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{self, ByteStream, ObjectBody, ObjectData, Written};
 use super::{Error, Result, Store};
-use crate::engine::{EngineError, OBJECTS, keys};
+use crate::engine::{EngineError, OBJECTS, keys, record};
 use crate::types::{PartitionId, TenantId, now_millis};
 
 /// Metadata a client sets on an object and gets back on every read.
@@ -34,6 +34,26 @@ pub struct ObjectRecord {
     pub version: u64,
     pub meta: ObjectMeta,
     pub data: ObjectData,
+}
+
+/// What a listing shows of an object: the leading fields of [`ObjectRecord`], decoded
+/// without its metadata or inline data (up to 64 KiB per object), so a page of 1000
+/// entries costs kilobytes, not megabytes.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct ObjectSummary {
+    pub size: u64,
+    pub etag: String,
+    pub last_modified: i64,
+    pub version: u64,
+}
+
+/// Decodes the [`ObjectSummary`] at the head of a stored object record. postcard
+/// encodes fields in order, so the summary is a prefix of the record.
+pub fn decode_summary(bytes: &[u8]) -> Result<ObjectSummary> {
+    let body = record::open(bytes).map_err(|e| Error::Corrupt(format!("object record: {e}")))?;
+    postcard::take_from_bytes::<ObjectSummary>(body)
+        .map(|(s, _)| s)
+        .map_err(|e| Error::Corrupt(format!("object record: {e}")))
 }
 
 /// Preconditions of a read or a write, already parsed.
@@ -134,17 +154,29 @@ impl ByteRange {
 }
 
 pub fn decode_record(bytes: &[u8]) -> Result<ObjectRecord> {
-    postcard::from_bytes(bytes).map_err(|e| Error::Corrupt(format!("object record: {e}")))
+    decode_stored("object", bytes).map_err(Error::Corrupt)
 }
 
+/// Decodes a stored record (see [`crate::engine::record`]); `what` names it in errors.
+pub(crate) fn decode_stored<T: serde::de::DeserializeOwned>(
+    what: &str,
+    bytes: &[u8],
+) -> std::result::Result<T, String> {
+    let body = record::open(bytes).map_err(|e| format!("{what} record: {e}"))?;
+    postcard::from_bytes(body).map_err(|e| format!("{what} record: {e}"))
+}
+
+/// Encodes a record for storage, with the current record version.
 pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, EngineError> {
-    postcard::to_allocvec(v).map_err(|e| EngineError::Db(format!("encode: {e}")))
+    postcard::to_allocvec(v)
+        .map(|b| record::seal(&b))
+        .map_err(|e| EngineError::Db(format!("encode: {e}")))
 }
 
 /// One page of a listing.
 #[derive(Debug, Default)]
 pub struct ListPage {
-    pub objects: Vec<(String, ObjectRecord)>,
+    pub objects: Vec<(String, ObjectSummary)>,
     pub common_prefixes: Vec<String>,
     pub is_truncated: bool,
     /// The last key or common prefix returned; listing again after it continues the page.
@@ -429,7 +461,7 @@ impl Store {
                                 None => break 'scan,
                             }
                         }
-                        let rec = match decode_record(v.value()) {
+                        let rec = match decode_summary(v.value()) {
                             Ok(r) => r,
                             Err(e) => return Ok(Err(e)),
                         };
@@ -460,5 +492,38 @@ mod properties {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A listing decodes only the summary, and it agrees with the full record, for
+    /// inline and chunked objects alike.
+    #[test]
+    fn the_summary_is_the_head_of_the_record() {
+        let rec = ObjectRecord {
+            size: 65536,
+            etag: "abc".into(),
+            last_modified: 17,
+            version: 9,
+            meta: ObjectMeta {
+                content_type: Some("text/plain".into()),
+                ..Default::default()
+            },
+            data: data::ObjectData::inline(vec![7; 65536]),
+        };
+        let bytes = encode(&rec).unwrap();
+        assert_eq!(
+            decode_summary(&bytes).unwrap(),
+            ObjectSummary {
+                size: 65536,
+                etag: "abc".into(),
+                last_modified: 17,
+                version: 9
+            }
+        );
+        assert!(decode_summary(&bytes[..3]).is_err());
     }
 }

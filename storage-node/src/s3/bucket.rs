@@ -117,7 +117,7 @@ impl Enc {
     }
 }
 
-fn contents(enc: &Enc, objects: Vec<(String, crate::model::ObjectRecord)>) -> Vec<Object> {
+fn contents(enc: &Enc, objects: Vec<(String, crate::model::object::ObjectSummary)>) -> Vec<Object> {
     objects
         .into_iter()
         .map(|(k, o)| Object {

@@ -230,31 +230,39 @@ pub async fn list_uploads(
     let i = req.input;
     let max = convert::max_keys(i.max_uploads, 1000)?;
     let prefix = i.prefix.clone().unwrap_or_default();
-    let key_marker = i.key_marker.clone().unwrap_or_default();
-    let id_marker = i.upload_id_marker.clone().unwrap_or_default();
-    let all = s.store.list_uploads(t, &i.bucket).await.map_err(to_s3)?;
-    let mut rest = all
+    // An upload-id-marker that is no upload id cannot name an existing upload: the
+    // listing then starts at the key marker's first upload.
+    let id_marker = i
+        .upload_id_marker
+        .as_deref()
+        .filter(|m| !m.is_empty())
+        .map(|m| {
+            m.parse::<crate::types::UploadId>()
+                .unwrap_or(crate::types::UploadId(uuid::Uuid::nil()))
+        });
+    let page = s
+        .store
+        .list_uploads_page(
+            t,
+            &i.bucket,
+            &prefix,
+            i.key_marker.as_deref(),
+            id_marker,
+            max,
+        )
+        .await
+        .map_err(to_s3)?;
+    let truncated = page.is_truncated;
+    let uploads: Vec<MultipartUpload> = page
+        .uploads
         .into_iter()
-        .filter(|u| u.key.starts_with(&prefix))
-        .filter(|u| {
-            key_marker.is_empty()
-                || u.key > key_marker
-                || (u.key == key_marker
-                    && !id_marker.is_empty()
-                    && u.upload_id.to_string() > id_marker)
-        })
-        .peekable();
-    let mut uploads = Vec::new();
-    while uploads.len() < max {
-        let Some(u) = rest.next() else { break };
-        uploads.push(MultipartUpload {
+        .map(|u| MultipartUpload {
             key: Some(u.key),
             upload_id: Some(u.upload_id.to_string()),
             initiated: Some(timestamp(u.initiated)),
             ..Default::default()
-        });
-    }
-    let truncated = rest.peek().is_some();
+        })
+        .collect();
     let last = uploads.last().cloned();
     Ok(S3Response::new(ListMultipartUploadsOutput {
         bucket: Some(i.bucket),

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
     pub latency: Family<RequestLabels, Histogram>,
+    /// Startup orphan sweeps that deleted nothing because a record could not be read.
+    pub orphan_sweep_aborted: Counter,
     /// Cluster members by state, as this node judges them.
     pub cluster_nodes: Family<NodeStateLabels, Gauge>,
     pub layout_version: Gauge,
@@ -73,6 +75,13 @@ impl Default for Metrics {
             "request_duration_seconds",
             "Request latency until the response head, by front end, operation and status",
             latency.clone(),
+        );
+        let orphan_sweep_aborted = Counter::default();
+        registry.register(
+            "orphan_sweep_aborted",
+            "Startup orphan sweeps that removed nothing because a metadata record could not \
+             be read (corrupt, or written by a newer format); see the node log",
+            orphan_sweep_aborted.clone(),
         );
         let cluster_nodes = Family::<NodeStateLabels, Gauge>::default();
         registry.register(
@@ -102,6 +111,7 @@ impl Default for Metrics {
             registry: Mutex::new(registry),
             requests,
             latency,
+            orphan_sweep_aborted,
             cluster_nodes,
             layout_version,
             under_replicated,

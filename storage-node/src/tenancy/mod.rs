@@ -2,10 +2,12 @@
 //! revocation taking effect at once on this node and within [`KEY_CACHE_TTL`] on
 //! others). Quotas, rate limits and I/O scheduling will live here as well.
 
+pub mod budget;
 pub mod sigv4;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::RwLock;
@@ -19,6 +21,10 @@ pub const KEY_CACHE_TTL: Duration = Duration::from_secs(5);
 pub struct Authenticator {
     catalog: Arc<dyn Catalog>,
     cache: Arc<RwLock<HashMap<String, (Credentials, Instant)>>>,
+    /// Bumped (under the `cache` write lock) by every invalidation: a lookup that read
+    /// the catalog before a revocation does not cache what it read, so a revoked key
+    /// is refused on this node from the next request (as the bucket cache does).
+    epoch: Arc<AtomicU64>,
 }
 
 impl Authenticator {
@@ -26,6 +32,7 @@ impl Authenticator {
         Self {
             catalog,
             cache: Arc::default(),
+            epoch: Arc::default(),
         }
     }
 
@@ -36,12 +43,14 @@ impl Authenticator {
         {
             return Ok(Some(c.clone()));
         }
+        let epoch = self.epoch.load(Ordering::SeqCst);
         let found = self.catalog.lookup_access_key(access_key_id).await?;
         let mut cache = self.cache.write().await;
         match &found {
-            Some(c) => {
+            Some(c) if self.epoch.load(Ordering::SeqCst) == epoch => {
                 cache.insert(access_key_id.to_string(), (c.clone(), Instant::now()));
             }
+            Some(_) => {}
             None => {
                 cache.remove(access_key_id);
             }
@@ -55,13 +64,158 @@ impl Authenticator {
 
     /// Forgets a key at once (after revocation or tenant deletion).
     pub async fn invalidate(&self, access_key_id: &str) {
-        self.cache.write().await.remove(access_key_id);
+        let mut cache = self.cache.write().await;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        cache.remove(access_key_id);
     }
 
     pub async fn invalidate_tenant(&self, tenant: TenantId) {
-        self.cache
-            .write()
+        let mut cache = self.cache.write().await;
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        cache.retain(|_, (c, _)| c.tenant_id != tenant);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+    use tokio::sync::Notify;
+
+    use super::*;
+    use crate::catalog::{
+        AccessKey, Bucket, MasterKey, NodeRecord, Result, SqlCatalog, StoredLayout, Tenant,
+        TenantSpec,
+    };
+    use crate::types::{BucketId, NodeId};
+
+    /// A real catalog whose key lookups can be held after they have read, to replay
+    /// the interleaving of a lookup and a revocation deterministically.
+    struct HeldLookups {
+        inner: SqlCatalog,
+        hold: std::sync::atomic::AtomicBool,
+        read_done: Notify,
+        release: Notify,
+    }
+
+    #[async_trait]
+    impl Catalog for HeldLookups {
+        async fn create_tenant(&self, name: &str, spec: &TenantSpec) -> Result<Tenant> {
+            self.inner.create_tenant(name, spec).await
+        }
+        async fn tenant_by_name(&self, name: &str) -> Result<Option<Tenant>> {
+            self.inner.tenant_by_name(name).await
+        }
+        async fn tenant_by_id(&self, id: TenantId) -> Result<Option<Tenant>> {
+            self.inner.tenant_by_id(id).await
+        }
+        async fn list_tenants(&self) -> Result<Vec<Tenant>> {
+            self.inner.list_tenants().await
+        }
+        async fn update_tenant(&self, name: &str, spec: &TenantSpec) -> Result<Tenant> {
+            self.inner.update_tenant(name, spec).await
+        }
+        async fn delete_tenant(&self, id: TenantId) -> Result<()> {
+            self.inner.delete_tenant(id).await
+        }
+        async fn create_access_key(&self, t: TenantId, d: &str) -> Result<Credentials> {
+            self.inner.create_access_key(t, d).await
+        }
+        async fn list_access_keys(&self, t: TenantId) -> Result<Vec<AccessKey>> {
+            self.inner.list_access_keys(t).await
+        }
+        async fn revoke_access_key(&self, t: TenantId, k: &str) -> Result<bool> {
+            self.inner.revoke_access_key(t, k).await
+        }
+        async fn lookup_access_key(&self, k: &str) -> Result<Option<Credentials>> {
+            let found = self.inner.lookup_access_key(k).await;
+            if self.hold.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                self.read_done.notify_one();
+                self.release.notified().await;
+            }
+            found
+        }
+        async fn create_bucket(&self, t: TenantId, name: &str) -> Result<Bucket> {
+            self.inner.create_bucket(t, name).await
+        }
+        async fn bucket(&self, t: TenantId, name: &str) -> Result<Option<Bucket>> {
+            self.inner.bucket(t, name).await
+        }
+        async fn list_buckets(&self, t: TenantId) -> Result<Vec<Bucket>> {
+            self.inner.list_buckets(t).await
+        }
+        async fn delete_bucket(&self, t: TenantId, id: BucketId) -> Result<()> {
+            self.inner.delete_bucket(t, id).await
+        }
+        async fn upsert_node(&self, n: &NodeRecord) -> Result<()> {
+            self.inner.upsert_node(n).await
+        }
+        async fn list_nodes(&self) -> Result<Vec<NodeRecord>> {
+            self.inner.list_nodes().await
+        }
+        async fn heartbeat(&self, id: &NodeId) -> Result<bool> {
+            self.inner.heartbeat(id).await
+        }
+        async fn now_millis(&self) -> Result<i64> {
+            self.inner.now_millis().await
+        }
+        async fn latest_layout(&self) -> Result<Option<StoredLayout>> {
+            self.inner.latest_layout().await
+        }
+        async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool> {
+            self.inner.insert_layout(layout, partitions).await
+        }
+        async fn setting_or_init(&self, k: &str, d: &str) -> Result<String> {
+            self.inner.setting_or_init(k, d).await
+        }
+    }
+
+    /// A lookup that read the catalog before a revocation finishes after the cache was
+    /// invalidated: the revoked key must not come back into the cache.
+    #[tokio::test]
+    async fn a_lookup_racing_a_revocation_does_not_recache_the_key() {
+        let inner = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
             .await
-            .retain(|_, (c, _)| c.tenant_id != tenant);
+            .unwrap();
+        let catalog = Arc::new(HeldLookups {
+            inner,
+            hold: false.into(),
+            read_done: Notify::new(),
+            release: Notify::new(),
+        });
+        let tenant = catalog
+            .create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        let key = catalog.create_access_key(tenant, "k").await.unwrap();
+        let auth = Authenticator::new(catalog.clone());
+
+        catalog
+            .hold
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let racing = tokio::spawn({
+            let auth = auth.clone();
+            let id = key.access_key_id.clone();
+            async move { auth.lookup(&id).await }
+        });
+        catalog.read_done.notified().await;
+        // The lookup has read the live key; now the key is revoked and evicted.
+        assert!(
+            catalog
+                .revoke_access_key(tenant, &key.access_key_id)
+                .await
+                .unwrap()
+        );
+        auth.invalidate(&key.access_key_id).await;
+        catalog.release.notify_one();
+        let in_flight = racing.await.unwrap().unwrap();
+        assert!(
+            in_flight.is_some(),
+            "the in-flight lookup predates the revoke"
+        );
+        assert!(
+            auth.lookup(&key.access_key_id).await.unwrap().is_none(),
+            "the revoked key is still accepted on this node"
+        );
     }
 }

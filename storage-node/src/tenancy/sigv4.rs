@@ -25,6 +25,19 @@ pub enum SigError {
     Mismatch,
     #[error("the provided x-amz-content-sha256 does not match the body")]
     ContentSha256Mismatch,
+    /// A header that changes the request's meaning was sent but not signed.
+    #[error("header {0} must be signed (list it in SignedHeaders)")]
+    UnsignedHeader(String),
+}
+
+/// Whether a request header must be covered by the signature when present: every
+/// `x-amz-*` and `x-granary-*` header, `content-type`, and the conditional headers.
+/// Unsigned, they could be stripped from or added to a captured request (replayed
+/// within the clock-skew window) without invalidating its signature.
+pub fn must_be_signed(name: &str) -> bool {
+    name.starts_with("x-amz-")
+        || name.starts_with("x-granary-")
+        || matches!(name, "content-type" | "if-match" | "if-none-match")
 }
 
 /// The parsed `Authorization: AWS4-HMAC-SHA256 ...` header.
@@ -140,8 +153,12 @@ fn canonical_query(query: Option<&str>) -> String {
         .join("&")
 }
 
-/// Everything of a request that its signature covers.
+/// Everything of a request that its signature covers, and the scope it must be
+/// signed for.
 pub struct SignedRequest<'a> {
+    /// The region and service the credential scope must name.
+    pub region: &'a str,
+    pub service: &'a str,
     pub method: &'a str,
     /// The path exactly as sent (percent-encoded).
     pub raw_path: &'a str,
@@ -158,13 +175,14 @@ fn parse_amz_date(s: &str) -> Option<i64> {
         .map(|t| t.assume_utc().unix_timestamp())
 }
 
-/// Verifies the request against `secret`. The caller looked up `secret` from
-/// `parse_authorization(..).access_key_id`.
-pub fn verify(
-    req: &SignedRequest<'_>,
+/// Checks everything of a request that needs neither its body nor the secret key: the
+/// date and clock skew, the credential scope component by component (date equal to
+/// the request's date, region, service, terminator) and that every header
+/// [`must_be_signed`] is signed. Returns the request's `x-amz-date`.
+pub fn check_head<'r>(
+    req: &SignedRequest<'r>,
     auth: &Authorization<'_>,
-    secret: &str,
-) -> Result<(), SigError> {
+) -> Result<&'r str, SigError> {
     let amz_date = req
         .headers
         .get("x-amz-date")
@@ -174,11 +192,37 @@ pub fn verify(
     if (t - req.now_unix).abs() > MAX_SKEW_SECS {
         return Err(SigError::TimeTooSkewed);
     }
-    if !amz_date.starts_with(auth.date) {
+    if amz_date.get(..8) != Some(auth.date) {
         return Err(SigError::Malformed(
-            "credential date differs from x-amz-date",
+            "the credential scope date differs from the date of x-amz-date",
         ));
     }
+    if auth.region != req.region {
+        return Err(SigError::Malformed(
+            "the credential scope names another region than this cluster's",
+        ));
+    }
+    if auth.service != req.service {
+        return Err(SigError::Malformed(
+            "the credential scope names another service (expected kv)",
+        ));
+    }
+    for name in req.headers.keys() {
+        let name = name.as_str();
+        if must_be_signed(name) && !auth.signed_headers.contains(&name) {
+            return Err(SigError::UnsignedHeader(name.to_string()));
+        }
+    }
+    Ok(amz_date)
+}
+
+/// Verifies the request against `secret`. The caller looked up `secret` from
+/// `parse_authorization(..).access_key_id`.
+pub fn verify(
+    req: &SignedRequest<'_>,
+    auth: &Authorization<'_>,
+    secret: &str,
+) -> Result<(), SigError> {
     let body_hash = hex::encode(Sha256::digest(req.body));
     let payload_hash = match req
         .headers
@@ -194,6 +238,19 @@ pub fn verify(
         }
         None => body_hash,
     };
+    verify_with_payload_hash(req, auth, secret, &payload_hash)
+}
+
+/// Verifies the signature with `payload_hash` standing for the body (the value of
+/// `x-amz-content-sha256`, checked against the body by the caller, or the body's hash).
+/// Lets a front end authenticate a request before reading its body.
+pub fn verify_with_payload_hash(
+    req: &SignedRequest<'_>,
+    auth: &Authorization<'_>,
+    secret: &str,
+    payload_hash: &str,
+) -> Result<(), SigError> {
+    let amz_date = check_head(req, auth)?;
     let mut canon_headers = String::new();
     for name in &auth.signed_headers {
         let values: Vec<String> = req
@@ -269,6 +326,8 @@ mod tests {
         let a = parse_authorization(auth).unwrap();
         let now = parse_amz_date("20150830T123600Z").unwrap();
         let req = SignedRequest {
+            region: "us-east-1",
+            service: "service",
             method: "GET",
             raw_path: "/",
             query: None,
@@ -306,6 +365,114 @@ mod tests {
         );
     }
 
+    fn head(extra: &[(&'static str, &'static str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        h.insert("host", "example.amazonaws.com".parse().unwrap());
+        h.insert("x-amz-date", "20150830T123600Z".parse().unwrap());
+        for (k, v) in extra {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn check(h: &http::HeaderMap, auth: &str) -> Result<(), SigError> {
+        let a = parse_authorization(auth)?;
+        let req = SignedRequest {
+            region: "us-east-1",
+            service: "kv",
+            method: "PUT",
+            raw_path: "/kv/v1/ns/k",
+            query: None,
+            headers: h,
+            body: b"",
+            now_unix: parse_amz_date("20150830T123600Z").unwrap(),
+        };
+        check_head(&req, &a).map(|_| ())
+    }
+
+    const SIG: &str = "5fa00fa31553b73ebf1942676e86291e8372ff2a2260956d9b8aae1d763fbf31";
+
+    /// A captured request must not be replayable with its compare-and-set condition
+    /// stripped, a TTL added or its content type changed: those headers must be signed.
+    #[test]
+    fn meaningful_headers_must_be_signed() {
+        let auth = |signed: &str| {
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AK/20150830/us-east-1/kv/aws4_request, \
+                 SignedHeaders={signed}, Signature={SIG}"
+            )
+        };
+        for (name, value) in [
+            ("if-match", "3"),
+            ("if-none-match", "*"),
+            ("x-granary-ttl", "60"),
+            ("x-granary-anything", "x"),
+            ("content-type", "text/plain"),
+            ("x-amz-content-sha256", "UNSIGNED-PAYLOAD"),
+            ("x-amz-meta-a", "b"),
+        ] {
+            let h = head(&[(name, value)]);
+            assert_eq!(
+                check(&h, &auth("host;x-amz-date")),
+                Err(SigError::UnsignedHeader(name.into())),
+                "{name}"
+            );
+            assert_eq!(
+                check(&h, &auth(&format!("host;x-amz-date;{name}"))),
+                Ok(()),
+                "{name}"
+            );
+        }
+        // x-amz-date itself is an x-amz-* header.
+        assert_eq!(
+            check(&head(&[]), &auth("host")),
+            Err(SigError::UnsignedHeader("x-amz-date".into()))
+        );
+        // Headers that do not change the meaning may stay unsigned.
+        let h = head(&[
+            ("user-agent", "x"),
+            ("accept", "*/*"),
+            ("x-amzn-trace-id", "1"),
+        ]);
+        assert_eq!(check(&h, &auth("host;x-amz-date")), Ok(()));
+    }
+
+    /// The credential scope is checked component by component, not by prefix.
+    #[test]
+    fn the_credential_scope_must_match_exactly() {
+        let h = head(&[]);
+        let auth = |scope: &str| {
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AK/{scope}/aws4_request, \
+                 SignedHeaders=host;x-amz-date, Signature={SIG}"
+            )
+        };
+        assert_eq!(check(&h, &auth("20150830/us-east-1/kv")), Ok(()));
+        for bad in [
+            "2015083/us-east-1/kv",
+            "2015/us-east-1/kv",
+            "/us-east-1/kv",
+            "20150831/us-east-1/kv",
+            "20150830T123600Z/us-east-1/kv",
+            "20150830/eu-west-1/kv",
+            "20150830/us-east-1/s3",
+            "20150830/us-east-1/KV",
+        ] {
+            assert!(
+                matches!(check(&h, &auth(bad)), Err(SigError::Malformed(_))),
+                "{bad} accepted"
+            );
+        }
+        assert!(check(&h, &auth("20150830/us-east-1/kv/extra")).is_err());
+        assert!(
+            parse_authorization(&format!(
+                "AWS4-HMAC-SHA256 Credential=AK/20150830/us-east-1/kv/aws5_request, \
+                 SignedHeaders=host;x-amz-date, Signature={SIG}"
+            ))
+            .is_err()
+        );
+    }
+
     #[test]
     fn query_is_canonicalised() {
         assert_eq!(canonical_query(Some("b=2&a=1&c=x%20y")), "a=1&b=2&c=x%20y");
@@ -326,7 +493,7 @@ mod properties {
         fn arbitrary_authorization_headers_never_panic(s in ".{0,300}") {
             if let Ok(a) = parse_authorization(&s) {
                 let h = http::HeaderMap::new();
-                let req = SignedRequest { method: "GET", raw_path: "/", query: None, headers: &h, body: b"", now_unix: 0 };
+                let req = SignedRequest { region: "us-east-1", service: "s3", method: "GET", raw_path: "/", query: None, headers: &h, body: b"", now_unix: 0 };
                 let _ = verify(&req, &a, "secret");
             }
         }
@@ -335,6 +502,34 @@ mod properties {
         fn structured_garbage_never_panics(ak in "[A-Z0-9]{0,20}", date in "[0-9]{0,9}", sig in "[0-9a-f]{0,70}", hdrs in "[a-z;-]{0,40}") {
             let s = format!("AWS4-HMAC-SHA256 Credential={ak}/{date}/us-east-1/s3/aws4_request, SignedHeaders={hdrs}, Signature={sig}");
             let _ = parse_authorization(&s);
+        }
+
+        /// Whatever headers a request carries, a header that must be signed but is not
+        /// listed in SignedHeaders is refused before the signature is even computed.
+        #[test]
+        fn unsigned_meaningful_headers_are_always_refused(
+            extra in proptest::collection::vec(("(x-amz-|x-granary-|if-|content-|x-)[a-z-]{0,12}", "[ -~]{0,20}"), 0..6),
+            signed_mask in proptest::collection::vec(any::<bool>(), 6),
+        ) {
+            let mut h = http::HeaderMap::new();
+            h.insert("host", "h".parse().unwrap());
+            h.insert("x-amz-date", "20150830T123600Z".parse().unwrap());
+            let mut signed = vec!["host".to_string(), "x-amz-date".to_string()];
+            for (i, (k, v)) in extra.iter().enumerate() {
+                let (Ok(name), Ok(value)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(v)) else { continue };
+                h.insert(name, value);
+                if signed_mask[i] && !signed.contains(k) {
+                    signed.push(k.clone());
+                }
+            }
+            let auth = format!("AWS4-HMAC-SHA256 Credential=AK/20150830/us-east-1/kv/aws4_request, SignedHeaders={}, Signature={}", signed.join(";"), "0".repeat(64));
+            let a = parse_authorization(&auth).unwrap();
+            let req = SignedRequest { region: "us-east-1", service: "kv", method: "PUT", raw_path: "/", query: None, headers: &h, body: b"", now_unix: parse_amz_date("20150830T123600Z").unwrap() };
+            let unsigned = h.keys().map(|k| k.as_str()).find(|k| must_be_signed(k) && !signed.iter().any(|s| s == k));
+            match (unsigned, verify(&req, &a, "secret")) {
+                (Some(_), r) => prop_assert!(matches!(r, Err(SigError::UnsignedHeader(_)) | Err(SigError::ContentSha256Mismatch)), "{r:?}"),
+                (None, r) => prop_assert!(!matches!(r, Err(SigError::UnsignedHeader(_))), "{r:?}"),
+            }
         }
 
         #[test]

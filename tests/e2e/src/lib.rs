@@ -480,6 +480,8 @@ impl Drop for PgServer {
 pub struct KvClient {
     /// Service name in the signature scope; `s3` also sends `x-amz-content-sha256`.
     pub service: &'static str,
+    /// Region in the signature scope. Default `us-east-1` (the dev node's region).
+    pub region: String,
     pub base: String,
     pub access_key: String,
     pub secret_key: String,
@@ -490,6 +492,7 @@ impl KvClient {
     pub fn new(base: &str, access_key: &str, secret_key: &str) -> Self {
         Self {
             service: "kv",
+            region: "us-east-1".into(),
             base: base.trim_end_matches('/').to_string(),
             access_key: access_key.into(),
             secret_key: secret_key.into(),
@@ -503,6 +506,20 @@ impl KvClient {
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response> {
+        self.send_with_unsigned(method, path, headers, &[], body)
+            .await
+    }
+
+    /// Like [`KvClient::send`], then adds `unsigned` headers after signing (what an
+    /// attacker replaying a captured request can do).
+    pub async fn send_with_unsigned(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        unsigned: &[(&str, &str)],
         body: Vec<u8>,
     ) -> Result<reqwest::Response> {
         use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
@@ -522,7 +539,7 @@ impl KvClient {
         .into();
         let params = aws_sigv4::sign::v4::SigningParams::builder()
             .identity(&identity)
-            .region("us-east-1")
+            .region(&self.region)
             .name(self.service)
             .time(std::time::SystemTime::now())
             .settings({
@@ -559,6 +576,9 @@ impl KvClient {
             .request(reqwest::Method::from_bytes(method.as_bytes())?, &url);
         for (k, v) in req.headers() {
             r = r.header(k.as_str(), v.as_bytes());
+        }
+        for (k, v) in unsigned {
+            r = r.header(*k, *v);
         }
         Ok(r.body(body).send().await?)
     }
