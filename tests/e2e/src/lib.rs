@@ -74,6 +74,30 @@ pub fn operator_binary() -> PathBuf {
     )
 }
 
+/// Path to `granary-powerloss-fs` (`$GRANARY_POWERLOSS_FS_BIN`, or built once per
+/// process).
+pub fn powerloss_fs_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    cargo_binary(
+        &BIN,
+        "GRANARY_POWERLOSS_FS_BIN",
+        "granary-powerloss-fs",
+        "granary-powerloss-fs",
+    )
+}
+
+pub use granary_powerloss_fs::{Mode as PowerLossMode, PowerLossFs};
+
+/// Mounts the power-loss file system on `dir/mnt` (sync log in `dir/sync.log`).
+pub fn mount_powerloss(dir: &Path, mode: PowerLossMode) -> Result<PowerLossFs> {
+    PowerLossFs::mount(
+        &powerloss_fs_binary(),
+        &dir.join("mnt"),
+        mode,
+        &dir.join("sync.log"),
+    )
+}
+
 /// A running `granary-node dev` process on loopback ports chosen by the OS.
 pub struct NodeProc {
     child: Option<Child>,
@@ -96,6 +120,24 @@ impl NodeProc {
             args.push("127.0.0.1:0".into());
         }
         Self::spawn(data_dir, &args, &[])
+    }
+
+    /// Like [`NodeProc::start`], but the node creates `data_dir` itself and its logs go
+    /// to `log_dir` (for data directories on a power-loss mount, where unsynced logs
+    /// would vanish with the power cut).
+    pub fn start_logged(data_dir: &Path, log_dir: &Path) -> Result<Self> {
+        Self::spawn_in(data_dir, log_dir, &Self::dev_args(data_dir), &[], false)
+    }
+
+    /// The arguments of `granary-node dev` on `data_dir` with OS-chosen ports.
+    pub fn dev_args(data_dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["dev".into(), "--data-dir".into(), data_dir.into()];
+        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
+            args.push(flag.into());
+            args.push("127.0.0.1:0".into());
+        }
+        args
     }
 
     /// Like [`NodeProc::start`] with extra environment for the node process.
@@ -124,14 +166,27 @@ impl NodeProc {
     }
 
     fn spawn(data_dir: &Path, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn_in(data_dir, data_dir, args, env, true)
+    }
+
+    fn spawn_in(
+        data_dir: &Path,
+        log_dir: &Path,
+        args: &[std::ffi::OsString],
+        env: &[(&str, &str)],
+        create_data_dir: bool,
+    ) -> Result<Self> {
         let dev = args.first().is_some_and(|a| a == "dev");
-        std::fs::create_dir_all(data_dir)?;
+        if create_data_dir {
+            std::fs::create_dir_all(data_dir)?;
+        }
+        std::fs::create_dir_all(log_dir)?;
         let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
-        let out = std::fs::File::create(data_dir.join("stdout.log"))?;
+        let out = std::fs::File::create(log_dir.join("stdout.log"))?;
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(data_dir.join("stderr.log"))?;
+            .open(log_dir.join("stderr.log"))?;
         let child = Command::new(node_binary())
             .args(args)
             .envs(env.iter().copied())
@@ -159,7 +214,7 @@ impl NodeProc {
             if let Some(c) = node.child.as_mut()
                 && let Some(status) = c.try_wait()?
             {
-                let log = std::fs::read_to_string(data_dir.join("stderr.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(log_dir.join("stderr.log")).unwrap_or_default();
                 bail!("granary-node exited early ({status}):\n{log}");
             }
             if let Ok(text) = std::fs::read_to_string(data_dir.join("endpoints.json")) {
@@ -184,7 +239,7 @@ impl NodeProc {
         // The banner follows the endpoints file; wait for the credentials in it.
         let deadline = Instant::now() + Duration::from_secs(10);
         while node.secret_key.is_empty() {
-            let f = std::fs::File::open(data_dir.join("stdout.log"))?;
+            let f = std::fs::File::open(log_dir.join("stdout.log"))?;
             for line in BufReader::new(f).lines() {
                 let line = line?;
                 let line = line.trim();
