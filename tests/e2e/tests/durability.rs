@@ -399,7 +399,9 @@ async fn deleted_chunk_files_stay_deleted_after_a_power_loss() {
         .send()
         .await
         .unwrap();
-    assert_eq!(chunk_files(&data).len(), 1);
+    let files = chunk_files(&data);
+    assert_eq!(files.len(), 1);
+    let name = files[0].file_name().unwrap().to_string_lossy().into_owned();
     c.delete_object()
         .bucket("del")
         .key("k")
@@ -411,8 +413,22 @@ async fn deleted_chunk_files_stay_deleted_after_a_power_loss() {
         assert!(std::time::Instant::now() < deadline, "chunk not removed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The removal syncs its directory right after the unlink.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The removal syncs its directory right after the unlink: wait for that fsync in
+    // the file system's log (at most 5 s; without it the check below fails).
+    let synced = || {
+        std::fs::read_to_string(fs.log_path())
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                l.starts_with("fsyncdir ")
+                    && l.split_once("removed=")
+                        .is_some_and(|(_, r)| r.contains(&name))
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !synced() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     eprintln!("cut: {}", fs.power_cut().unwrap());
     node.kill9();
     assert_eq!(
