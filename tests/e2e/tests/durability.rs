@@ -344,7 +344,9 @@ async fn power_loss_keeps_the_engine_layout_and_its_first_writes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn power_loss_during_first_start_keeps_the_credentials() {
     let mut rng = rand::rng();
-    for round in 0..3 {
+    // 3 in the test command; more under `scripts/soak.sh`.
+    let rounds = (crash_cycle_count() / 5).max(3);
+    for round in 0..rounds {
         let dir = tempfile::tempdir().unwrap();
         let mut fs = mount_powerloss(dir.path(), PowerLossMode::Strict).unwrap();
         let data = fs.mountpoint().join("data");
