@@ -1,5 +1,7 @@
 //! Harness for Granary's end-to-end tests: real `granary-node` processes (killed for
-//! real), a private Postgres server, and signing helpers for real clients.
+//! real, and given power cuts on the FUSE power-loss file system of
+//! `tests/powerloss-fs`), a private Postgres server, and signing helpers for real
+//! clients.
 //!
 //! Every process a test starts is owned by a guard that kills it (by pid) on drop.
 
@@ -262,7 +264,8 @@ impl NodeProc {
         self.child.as_ref().map(Child::id)
     }
 
-    /// SIGKILL: the power-loss model for crash tests.
+    /// SIGKILL. The page cache survives it, so a missing fsync does not show; for power
+    /// loss put the data directory on a [`PowerLossFs`] and cut before the kill.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
