@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Long fault runs, kept out of the CI test command (scripts/test.sh): the durability
-# suite with many SIGKILL cycles (writers of inline and chunked objects and KV keys,
-# every acknowledged write checked after every restart), on-disk corruption, bad input,
-# SIGTERM draining and slow readers, repeated SOAK_ROUNDS times.
+# suite with many SIGKILL cycles and as many power-loss cycles (the data directory on
+# the power-loss file system, tests/powerloss-fs: unsynced data and names discarded at
+# each kill; writers of inline and chunked objects, KV keys, buckets and tenants; every
+# acknowledged write checked after every restart), power cuts during the first start,
+# on-disk corruption, bad input, SIGTERM draining and slow readers, repeated
+# SOAK_ROUNDS times.
 #
-#   scripts/soak.sh                               # 3 rounds of 50 kill cycles
+#   scripts/soak.sh                               # 3 rounds of 50 kill + 50 power-loss cycles
 #   SOAK_ROUNDS=10 GRANARY_CRASH_CYCLES=200 scripts/soak.sh
 #
 # Needs what scripts/test.sh installs (run that once first).
@@ -17,15 +20,16 @@ ROUNDS="${SOAK_ROUNDS:-3}"
 echo "==> building (debug, as the test command does)"
 cargo build --workspace --all-targets
 export GRANARY_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-node"
+export GRANARY_POWERLOSS_FS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-powerloss-fs"
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 start=$(date +%s)
 for round in $(seq 1 "$ROUNDS"); do
-  echo "==> round $round/$ROUNDS: durability suite, $GRANARY_CRASH_CYCLES SIGKILL cycles"
+  echo "==> round $round/$ROUNDS: durability suite, $GRANARY_CRASH_CYCLES SIGKILL and $GRANARY_CRASH_CYCLES power-loss cycles"
   set +e
   cargo test -q -p granary-e2e --test durability -- --test-threads=2 --nocapture 2>&1 \
-    | tee "$log" | grep --line-buffered -E "crash test|test result|panicked"
+    | tee "$log" | grep --line-buffered -E "crash test|power-loss test|test result|panicked"
   status=${PIPESTATUS[0]}
   set -e
   if [ "$status" -ne 0 ]; then

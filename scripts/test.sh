@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole Granary test suite: formatting, lints, unit tests and the end-to-end tests
 # (real granary-node processes, a private Postgres, the AWS SDK, boto3, the AWS CLI).
-# Installs what it needs when missing: Debian's postgresql, curl, boto3 and awscli.
+# Installs what it needs when missing: Debian's postgresql, curl, boto3 and awscli (and
+# fuse3 when not run as root). The power-loss tests need /dev/fuse; without it they fail.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Incremental caches roughly doubled target/ for a one-shot run; CI disks are not large.
@@ -29,6 +30,14 @@ command -v curl >/dev/null || apt_install curl
 command -v openssl >/dev/null || apt_install openssl
 command -v runuser >/dev/null || apt_install util-linux
 command -v ip >/dev/null || apt_install iproute2
+# The power-loss file system (tests/powerloss-fs) mounts FUSE itself when root; others
+# go through fusermount3. It must not be skipped: no /dev/fuse is an error.
+if [ ! -c /dev/fuse ]; then
+  echo "error: /dev/fuse is missing; the power-loss tests need FUSE (modprobe fuse, or give the container /dev/fuse)" >&2
+  exit 1
+fi
+[ "$(id -u)" -eq 0 ] || command -v fusermount3 >/dev/null || apt_install fuse3
+command -v umount >/dev/null || apt_install mount
 if ! python3 -c 'import boto3' 2>/dev/null; then
   echo "installing boto3"
   python3 -m pip install -q boto3
@@ -56,6 +65,7 @@ step "cargo build --workspace --all-targets"
 cargo build --workspace --all-targets
 export GRANARY_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-node"
 export GRANARY_OPERATOR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-operator"
+export GRANARY_POWERLOSS_FS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-powerloss-fs"
 
 step "cargo test --workspace"
 log=$(mktemp)

@@ -1,13 +1,13 @@
 //! `granary-node`: run a storage node (`dev`, `serve`) or administer one
 //! (`tenant`, `key`) through its admin API.
 
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use granary_node::catalog::{Catalog, MasterKey, TenantSpec};
 use granary_node::config::NodeConfig;
+use granary_node::engine::dirs::{create_dir_all_durable, write_file_durable};
 use granary_node::server::{Node, load_master_key, shutdown_on_signals};
 use rand::RngCore;
 
@@ -154,19 +154,16 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-/// Reads `path`, or creates it (mode 0600) with `make()` on first start.
+/// Reads `path`, or creates it (mode 0600) with `make()` on first start. The new file
+/// is complete and durable (data and name) before the secret is used: a power cut
+/// leaves either no file (a new secret next time, none was handed out) or this one.
 fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(s.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let v = make();
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path)?;
-            std::io::Write::write_all(&mut f, v.as_bytes())?;
-            f.sync_all()?;
+            write_file_durable(path, v.as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", path.display()))?;
             Ok(v)
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -174,7 +171,10 @@ fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> anyhow::
 }
 
 async fn dev(mut config: NodeConfig) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)?;
+    // The data directory's own name must survive a power cut, or the next start mints
+    // new credentials in an empty directory.
+    create_dir_all_durable(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     let master = MasterKey::from_base64(&read_or_create_secret(
         &config.data_dir.join("master.key"),
         || MasterKey::generate().to_base64(),

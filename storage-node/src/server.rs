@@ -72,7 +72,7 @@ impl Node {
         admin_token: String,
     ) -> anyhow::Result<Self> {
         config.validate()?;
-        std::fs::create_dir_all(&config.data_dir)
+        crate::engine::dirs::create_dir_all_durable(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let engine =
             Engine::open(&config.data_dir.join("engine")).context("opening the storage engine")?;
@@ -222,9 +222,13 @@ impl Node {
             "rpc": format!("http://{}", e.rpc),
             "pid": std::process::id(),
         });
-        let tmp = self.config.data_dir.join("endpoints.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&body)?)?;
-        std::fs::rename(&tmp, self.config.data_dir.join("endpoints.json"))?;
+        // Temporary file, fsync, rename, directory fsync: after a power cut the file
+        // names this run, not an older one.
+        crate::engine::dirs::write_file_durable(
+            &self.config.data_dir.join("endpoints.json"),
+            &serde_json::to_vec_pretty(&body)?,
+            0o644,
+        )?;
         Ok(())
     }
 

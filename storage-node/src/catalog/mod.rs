@@ -230,6 +230,21 @@ impl std::fmt::Debug for SqlCatalog {
     }
 }
 
+/// The directory of the database file of a `sqlite:PATH[?query]` URL (None for an
+/// in-memory database).
+fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
+    let path = url.strip_prefix("sqlite:")?;
+    let path = path.split('?').next().unwrap_or(path);
+    let path = path.strip_prefix("//").unwrap_or(path);
+    if path.is_empty() || path.contains(":memory:") || url.contains("mode=memory") {
+        return None;
+    }
+    match std::path::Path::new(path).parent() {
+        Some(p) if !p.as_os_str().is_empty() => Some(p.to_path_buf()),
+        _ => Some(".".into()),
+    }
+}
+
 impl SqlCatalog {
     /// Connects and brings the schema up to date. `url` is `postgres://...` or
     /// `sqlite:PATH` (created if missing). It is never logged: it may hold a password.
@@ -247,7 +262,15 @@ impl SqlCatalog {
         let mut opts = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(10));
         opts = match backend {
             // SQLite allows one writer; one connection avoids SQLITE_BUSY between our own tasks.
-            Backend::Sqlite => opts.max_connections(1),
+            // synchronous=FULL (SQLite's default, pinned here for every connection the
+            // pool opens): in WAL mode each commit fsyncs the WAL before it returns, so an
+            // acknowledged catalog change survives a power cut; NORMAL would not.
+            Backend::Sqlite => opts.max_connections(1).after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::Executor::execute(conn, "PRAGMA synchronous = FULL").await?;
+                    Ok(())
+                })
+            }),
             Backend::Postgres => opts.max_connections(8),
         };
         let pool = opts.connect(&url).await?;
@@ -260,6 +283,14 @@ impl SqlCatalog {
                     .execute(&pool)
                     .await?;
                 sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+                // SQLite fsyncs the directory when it creates the WAL, which makes the
+                // database file's name durable too; syncing the directory here once
+                // does not depend on that detail.
+                if let Some(dir) = sqlite_dir(&url) {
+                    std::fs::File::open(&dir)
+                        .and_then(|d| d.sync_all())
+                        .map_err(sqlx::Error::Io)?;
+                }
             }
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
         }

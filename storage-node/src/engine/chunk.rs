@@ -6,8 +6,14 @@
 //! [`ChunkError::Corrupt`], never wrong bytes. The header is written last, just before
 //! the fsync: a file torn by a crash has no valid header and is never referenced, because
 //! metadata only points at a chunk after its fsync returned.
+//!
+//! Names are made durable too: a chunk directory is used only once its own entry (and
+//! its parent's) has been fsynced by this process, whoever created it; the commit that
+//! makes a chunk reachable fsyncs the chunk's directory; removals fsync the directories
+//! they changed, and the orphan sweep at start-up collects any file a power cut brought
+//! back.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -64,6 +70,12 @@ pub fn stored_len(path: &Path, id: ChunkId) -> Result<u64, ChunkError> {
 pub struct ChunkStore {
     root: PathBuf,
     pins: Arc<Mutex<Pins>>,
+    /// Chunk directories whose entries (and their parents') this process has fsynced.
+    /// A directory enters only after its syncs succeeded, so a writer that finds its
+    /// directory missing here syncs it itself, even when another writer created it and
+    /// is still syncing, and a failed sync is tried again by the next writer.
+    durable_dirs: Arc<Mutex<HashSet<PathBuf>>>,
+    sync: fn(&Path) -> io::Result<()>,
 }
 
 /// Chunk files that reads are using, and those to remove once the last such read ends.
@@ -106,12 +118,41 @@ impl Drop for ChunkPin {
 }
 
 impl ChunkStore {
+    /// Opens (or durably creates) the chunk root `root`.
     pub fn open(root: PathBuf) -> io::Result<Self> {
-        fs::create_dir_all(&root)?;
+        super::dirs::create_dir_all_durable(&root)?;
         Ok(Self {
             root,
             pins: Arc::default(),
+            durable_dirs: Arc::default(),
+            sync: sync_dir,
         })
+    }
+
+    /// Creates `dir` (a chunk directory, `root/partition/xx`) if missing and makes its
+    /// name and its parent's durable, once per process.
+    fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
+        let known = |s: &Self| {
+            s.durable_dirs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains(dir)
+        };
+        if known(self) {
+            return Ok(());
+        }
+        fs::create_dir_all(dir)?;
+        // `xx` is named in the partition directory, which is named in the root; the
+        // root's own name is synced when the engine opens.
+        if let Some(partition) = dir.parent() {
+            (self.sync)(partition)?;
+        }
+        (self.sync)(&self.root)?;
+        self.durable_dirs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(dir.to_path_buf());
+        Ok(())
     }
 
     /// Marks `chunks` as in use by a read until the returned pin is dropped.
@@ -150,7 +191,9 @@ impl ChunkStore {
             return;
         }
         let store = self.clone();
-        let work = move || chunks.iter().for_each(|c| store.remove(c));
+        let work = move || {
+            store.remove_files(&chunks);
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => drop(rt.spawn_blocking(work)),
             Err(_) => work(),
@@ -201,16 +244,7 @@ impl ChunkStore {
         let id = ChunkId::random();
         let path = self.path(partition, id);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        if !dir.exists() {
-            fs::create_dir_all(&dir)?;
-            // A new directory's own entry must survive a crash as well.
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-                if let Some(grand) = parent.parent() {
-                    sync_dir(grand)?;
-                }
-            }
-        }
+        self.ensure_dir(&dir)?;
         let mut file = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -303,13 +337,31 @@ impl ChunkStore {
         Ok(())
     }
 
-    pub fn remove(&self, chunk: &ChunkRef) {
-        let path = self.path(chunk.partition, chunk.id);
-        if let Err(e) = fs::remove_file(&path)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(chunk = %chunk.id, error = %e, "could not remove chunk file");
+    /// Unlinks chunk files, then fsyncs the directories that held them so the removals
+    /// survive a power cut. Blocking. Returns how many files went. A failure is logged
+    /// and left to the orphan sweep at the next start.
+    pub fn remove_files(&self, chunks: &[ChunkRef]) -> usize {
+        let mut dirs = BTreeSet::new();
+        let mut removed = 0;
+        for c in chunks {
+            let path = self.path(c.partition, c.id);
+            match fs::remove_file(&path) {
+                Ok(()) => {
+                    removed += 1;
+                    dirs.extend(path.parent().map(Path::to_path_buf));
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(chunk = %c.id, error = %e, "could not remove chunk file");
+                }
+            }
         }
+        for d in dirs {
+            if let Err(e) = (self.sync)(&d) {
+                tracing::warn!(dir = %d.display(), error = %e, "could not sync a chunk directory after removals");
+            }
+        }
+        removed
     }
 
     /// Every chunk file on disk, for the orphan sweep at start-up.
@@ -410,9 +462,7 @@ impl ChunkWriter {
     }
 }
 
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use super::dirs::sync_dir;
 
 #[cfg(test)]
 mod tests {
@@ -470,6 +520,69 @@ mod tests {
             Err(ChunkError::Corrupt { .. })
         ));
         assert!(store.verify(&r).is_err());
+    }
+
+    /// Counts directory syncs, and fails the first `FAIL` of them.
+    static SYNCS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    static FAIL: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn counting_sync(dir: &Path) -> io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if FAIL
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(io::Error::other("injected fsync failure"));
+        }
+        SYNCS.lock().unwrap().push(dir.to_path_buf());
+        sync_dir(dir)
+    }
+
+    #[test]
+    fn every_writer_syncs_a_chunk_directory_it_has_not_seen_synced_and_failures_are_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = ChunkStore::open(dir.path().to_path_buf()).unwrap();
+        store.sync = counting_sync;
+        let synced = |p: PartitionId| {
+            let part = store.root.join(p.to_string());
+            let s = SYNCS.lock().unwrap();
+            s.contains(&part) && s.contains(&store.root)
+        };
+        // The directories exist already (another writer made them and may still be
+        // syncing, or an earlier run did), but this store has not synced them: the
+        // first chunk there syncs them before it can be committed.
+        for b in 0..=255u8 {
+            fs::create_dir_all(
+                store
+                    .root
+                    .join(PartitionId(9).to_string())
+                    .join(hex::encode([b])),
+            )
+            .unwrap();
+        }
+        let w = store.create(PartitionId(9)).unwrap();
+        assert!(synced(PartitionId(9)));
+        let known = w.dir().to_path_buf();
+        w.abandon();
+        SYNCS.lock().unwrap().clear();
+        // Known directories are not synced again.
+        store.ensure_dir(&known).unwrap();
+        assert!(SYNCS.lock().unwrap().is_empty());
+        // A failed sync fails the write and is retried by the next one.
+        FAIL.store(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.create(PartitionId(3)).is_err());
+        assert!(!synced(PartitionId(3)));
+        let w = store.create(PartitionId(3)).unwrap();
+        assert!(synced(PartitionId(3)), "the failed sync was retried");
+        // Removal syncs the directory it changed.
+        let r = w.finish().unwrap();
+        SYNCS.lock().unwrap().clear();
+        assert_eq!(store.remove_files(std::slice::from_ref(&r)), 1);
+        let chunk_dir = store
+            .path(r.partition, r.id)
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        assert_eq!(*SYNCS.lock().unwrap(), vec![chunk_dir]);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 pub mod chunk;
 mod commit;
+pub mod dirs;
 pub mod keys;
 pub mod record;
 mod snapshot;
@@ -88,8 +89,11 @@ pub struct Engine {
 
 impl Engine {
     /// Opens (or creates) the engine under `dir`: `dir/meta.redb` and `dir/chunks/`.
+    /// The layout is durable before this returns: `dir` is synced into its parent, and
+    /// `dir` itself once `meta.redb` and `chunks/` are in it (redb syncs the file's
+    /// contents, not its name).
     pub fn open(dir: &Path) -> Result<Self, EngineError> {
-        std::fs::create_dir_all(dir)?;
+        dirs::create_dir_all_durable(dir)?;
         let db = Arc::new(redb::Database::create(dir.join("meta.redb"))?);
         {
             let txn = db.begin_write()?;
@@ -104,6 +108,7 @@ impl Engine {
             txn.commit()?;
         }
         let chunks = ChunkStore::open(dir.join("chunks"))?;
+        dirs::sync_dir(dir)?;
         let committer = commit::Committer::start(db.clone())?;
         Ok(Self {
             db,

@@ -118,9 +118,7 @@ impl Sink {
         if let Some(w) = self.current.take() {
             w.abandon();
         }
-        for c in &self.done {
-            self.store.remove(c);
-        }
+        self.store.remove_files(&self.done);
     }
 }
 
@@ -249,7 +247,7 @@ pub async fn abandon(store: &ChunkStore, data: ObjectData) {
     let store = store.clone();
     let chunks = data.into_chunks();
     if !chunks.is_empty() {
-        let _ = blocking(move || chunks.iter().for_each(|c| store.remove(c))).await;
+        let _ = blocking(move || store.remove_files(&chunks)).await;
     }
 }
 

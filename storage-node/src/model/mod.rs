@@ -173,14 +173,14 @@ impl Store {
             Err(aborted) => return Ok(aborted),
         };
         let removed = tokio::task::spawn_blocking(move || -> std::io::Result<usize> {
-            let mut n = 0;
-            for c in chunks.list_all()? {
-                if !live.contains(&c.id) {
-                    chunks.remove(&c);
-                    n += 1;
-                }
-            }
-            Ok(n)
+            let orphans: Vec<_> = chunks
+                .list_all()?
+                .into_iter()
+                .filter(|c| !live.contains(&c.id))
+                .collect();
+            // Durable removals: a power cut cannot bring them back (and if a sync
+            // fails, the next start sweeps again).
+            Ok(chunks.remove_files(&orphans))
         })
         .await
         .map_err(|e| Error::Invalid(e.to_string()))?

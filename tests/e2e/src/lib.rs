@@ -1,5 +1,7 @@
 //! Harness for Granary's end-to-end tests: real `granary-node` processes (killed for
-//! real), a private Postgres server, and signing helpers for real clients.
+//! real, and given power cuts on the FUSE power-loss file system of
+//! `tests/powerloss-fs`), a private Postgres server, and signing helpers for real
+//! clients.
 //!
 //! Every process a test starts is owned by a guard that kills it (by pid) on drop.
 
@@ -75,6 +77,30 @@ pub fn operator_binary() -> PathBuf {
     )
 }
 
+/// Path to `granary-powerloss-fs` (`$GRANARY_POWERLOSS_FS_BIN`, or built once per
+/// process).
+pub fn powerloss_fs_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    cargo_binary(
+        &BIN,
+        "GRANARY_POWERLOSS_FS_BIN",
+        "granary-powerloss-fs",
+        "granary-powerloss-fs",
+    )
+}
+
+pub use granary_powerloss_fs::{Mode as PowerLossMode, PowerLossFs};
+
+/// Mounts the power-loss file system on `dir/mnt` (sync log in `dir/sync.log`).
+pub fn mount_powerloss(dir: &Path, mode: PowerLossMode) -> Result<PowerLossFs> {
+    PowerLossFs::mount(
+        &powerloss_fs_binary(),
+        &dir.join("mnt"),
+        mode,
+        &dir.join("sync.log"),
+    )
+}
+
 /// A running `granary-node dev` process on loopback ports chosen by the OS.
 pub struct NodeProc {
     child: Option<Child>,
@@ -102,6 +128,31 @@ impl NodeProc {
             args.push("127.0.0.1:0".into());
         }
         Self::spawn(data_dir, &args, &[])
+    }
+
+    /// Like [`NodeProc::start`], but the node creates `data_dir` itself and its logs go
+    /// to `log_dir` (for data directories on a power-loss mount, where unsynced logs
+    /// would vanish with the power cut).
+    pub fn start_logged(data_dir: &Path, log_dir: &Path) -> Result<Self> {
+        Self::spawn_in(
+            None,
+            data_dir,
+            log_dir,
+            &Self::dev_args(data_dir),
+            &[],
+            false,
+        )
+    }
+
+    /// The arguments of `granary-node dev` on `data_dir` with OS-chosen ports.
+    pub fn dev_args(data_dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["dev".into(), "--data-dir".into(), data_dir.into()];
+        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
+            args.push(flag.into());
+            args.push("127.0.0.1:0".into());
+        }
+        args
     }
 
     /// Like [`NodeProc::start`] with extra environment for the node process.
@@ -140,29 +191,36 @@ impl NodeProc {
         admin_token: &str,
     ) -> Result<Self> {
         let args: Vec<std::ffi::OsString> = vec!["serve".into(), "--config".into(), config.into()];
-        let mut node = Self::spawn_in(netns, data_dir, &args, env)?;
+        let mut node = Self::spawn_in(netns, data_dir, data_dir, &args, env, true)?;
         node.admin_token = admin_token.to_string();
         Ok(node)
     }
 
     fn spawn(data_dir: &Path, args: &[std::ffi::OsString], env: &[(&str, &str)]) -> Result<Self> {
-        Self::spawn_in(None, data_dir, args, env)
+        Self::spawn_in(None, data_dir, data_dir, args, env, true)
     }
 
+    /// Starts a node (in network namespace `netns`, if given) with its logs in
+    /// `log_dir`; `create_data_dir` false leaves creating the data directory to the node.
     fn spawn_in(
         netns: Option<&str>,
         data_dir: &Path,
+        log_dir: &Path,
         args: &[std::ffi::OsString],
         env: &[(&str, &str)],
+        create_data_dir: bool,
     ) -> Result<Self> {
         let dev = args.first().is_some_and(|a| a == "dev");
-        std::fs::create_dir_all(data_dir)?;
+        if create_data_dir {
+            std::fs::create_dir_all(data_dir)?;
+        }
+        std::fs::create_dir_all(log_dir)?;
         let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
-        let out = std::fs::File::create(data_dir.join("stdout.log"))?;
+        let out = std::fs::File::create(log_dir.join("stdout.log"))?;
         let err = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(data_dir.join("stderr.log"))?;
+            .open(log_dir.join("stderr.log"))?;
         // `ip netns exec` enters the namespace and execs the node: the pid stays the node's.
         let mut cmd = match netns {
             Some(ns) => {
@@ -199,7 +257,7 @@ impl NodeProc {
             if let Some(c) = node.child.as_mut()
                 && let Some(status) = c.try_wait()?
             {
-                let log = std::fs::read_to_string(data_dir.join("stderr.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(log_dir.join("stderr.log")).unwrap_or_default();
                 bail!("granary-node exited early ({status}):\n{log}");
             }
             if let Ok(text) = std::fs::read_to_string(data_dir.join("endpoints.json")) {
@@ -224,7 +282,7 @@ impl NodeProc {
         // The banner follows the endpoints file; wait for the credentials in it.
         let deadline = Instant::now() + Duration::from_secs(10);
         while node.secret_key.is_empty() {
-            let f = std::fs::File::open(data_dir.join("stdout.log"))?;
+            let f = std::fs::File::open(log_dir.join("stdout.log"))?;
             for line in BufReader::new(f).lines() {
                 let line = line?;
                 let line = line.trim();
@@ -256,7 +314,8 @@ impl NodeProc {
         self.child.as_ref().map(Child::id)
     }
 
-    /// SIGKILL: the power-loss model for crash tests.
+    /// SIGKILL. The page cache survives it, so a missing fsync does not show; for power
+    /// loss put the data directory on a [`PowerLossFs`] and cut before the kill.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
