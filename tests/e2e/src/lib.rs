@@ -116,18 +116,7 @@ pub struct NodeProc {
 impl NodeProc {
     /// Starts (or restarts) a dev node on `data_dir` and waits until it serves.
     pub fn start(data_dir: &Path) -> Result<Self> {
-        let mut args: Vec<std::ffi::OsString> =
-            vec!["dev".into(), "--data-dir".into(), data_dir.into()];
-        for flag in [
-            "--s3-listen",
-            "--kv-listen",
-            "--admin-listen",
-            "--rpc-listen",
-        ] {
-            args.push(flag.into());
-            args.push("127.0.0.1:0".into());
-        }
-        Self::spawn(data_dir, &args, &[])
+        Self::spawn(data_dir, &Self::dev_args(data_dir), &[])
     }
 
     /// Like [`NodeProc::start`], but the node creates `data_dir` itself and its logs go
@@ -148,17 +137,6 @@ impl NodeProc {
     pub fn dev_args(data_dir: &Path) -> Vec<std::ffi::OsString> {
         let mut args: Vec<std::ffi::OsString> =
             vec!["dev".into(), "--data-dir".into(), data_dir.into()];
-        for flag in ["--s3-listen", "--kv-listen", "--admin-listen"] {
-            args.push(flag.into());
-            args.push("127.0.0.1:0".into());
-        }
-        args
-    }
-
-    /// Like [`NodeProc::start`] with extra environment for the node process.
-    pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
-        let mut args: Vec<std::ffi::OsString> =
-            vec!["dev".into(), "--data-dir".into(), data_dir.into()];
         for flag in [
             "--s3-listen",
             "--kv-listen",
@@ -168,7 +146,12 @@ impl NodeProc {
             args.push(flag.into());
             args.push("127.0.0.1:0".into());
         }
-        Self::spawn(data_dir, &args, env)
+        args
+    }
+
+    /// Like [`NodeProc::start`] with extra environment for the node process.
+    pub fn start_with_env(data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn(data_dir, &Self::dev_args(data_dir), env)
     }
 
     /// Starts `granary-node serve --config FILE` (with extra environment) whose
