@@ -38,14 +38,6 @@ pub fn is_true(conds: &[Condition], type_: &str) -> bool {
     conds.iter().any(|c| c.type_ == type_ && c.status == "True")
 }
 
-/// The reason of condition `type_`, if it is set.
-pub fn reason(conds: &[Condition], type_: &str) -> Option<String> {
-    conds
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.reason.clone())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,7 +54,5 @@ mod tests {
         set(&mut c, "Ready", true, "AllPoolsReady", "", Some(2));
         assert_ne!(c[0].last_transition_time, t0);
         assert!(is_true(&c, "Ready"));
-        assert_eq!(reason(&c, "Ready").as_deref(), Some("AllPoolsReady"));
-        assert_eq!(reason(&c, "Degraded"), None);
     }
 }

@@ -270,39 +270,54 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
             old.below_min_in_sync_partitions,
         ),
     };
-    // One Degraded reason, the most urgent first: writes that cannot be made durable,
-    // then a refused request, then missing redundancy.
+    // Degraded names the most urgent reason (writes that cannot be made durable, then a
+    // refused request, then missing redundancy) and its message tells all of them.
     let replication = health.as_ref().and_then(|h| h.degraded(sc));
     let refusal = (!refused.is_empty()).then(|| {
-        (
-            "ScaleInRefused",
-            format!(
-                "scale-in refused (nodes cannot be drained yet, removing them could lose data): {}",
-                refused.join(", ")
-            ),
+        format!(
+            "scale-in refused (nodes cannot be drained yet, removing them could lose data): {}",
+            refused.join(", ")
         )
     });
-    let degraded = match (replication, refusal) {
-        (Some(r), _) if r.0 == "BelowMinInSync" => Some(r),
-        (_, Some(refusal)) => Some(refusal),
-        (r, None) => r,
+    let old = conds
+        .iter()
+        .find(|c| c.type_ == "Degraded" && c.status == "True");
+    let (old_reason, old_message) = match old {
+        Some(c) => (Some(c.reason.clone()), c.message.clone()),
+        None => (None, String::new()),
     };
-    let old_reason = conditions::is_true(&conds, "Degraded")
-        .then(|| conditions::reason(&conds, "Degraded"))
-        .flatten();
-    match degraded {
-        Some((reason, msg)) => {
-            // An event when the cluster becomes degraded or its reason changes.
+    let mut parts: Vec<(u8, &'static str, String)> = Vec::new();
+    if let Some((reason, msg)) = replication {
+        parts.push((if reason == "BelowMinInSync" { 0 } else { 2 }, reason, msg));
+    }
+    if let Some(msg) = refusal.clone() {
+        parts.push((1, "ScaleInRefused", msg));
+    }
+    parts.sort_by_key(|p| p.0);
+    match parts.first() {
+        Some((_, reason, _)) => {
+            let reason = *reason;
+            let msg = parts
+                .iter()
+                .map(|p| p.2.as_str())
+                .collect::<Vec<_>>()
+                .join("; ");
             if old_reason.as_deref() != Some(reason) {
                 ctx.event(sc, true, reason, msg.clone()).await;
+            }
+            if let Some(r) = &refusal
+                && reason != "ScaleInRefused"
+                && !old_message.contains("scale-in refused")
+            {
+                ctx.event(sc, true, "ScaleInRefused", r.clone()).await;
             }
             conditions::set(&mut conds, "Degraded", true, reason, msg, gen_);
         }
         // Without fresh health a replication verdict stands; a refusal is always fresh.
-        None if health.is_some() || old_reason.as_deref() == Some("ScaleInRefused") => {
-            conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
-        }
-        None if old_reason.is_none() => {
+        None if health.is_some()
+            || old_reason.is_none()
+            || old_reason.as_deref() == Some("ScaleInRefused") =>
+        {
             conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
         }
         None => {}

@@ -647,11 +647,27 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         r#"[{"op":"replace","path":"/spec/zones/0/pools/0/replicas","value":1}]"#,
     ])
     .unwrap();
+    // The refusal joins the Degraded message; the reason stays BelowMinInSync (one node
+    // for minInSync 2 is the more urgent problem) and an event names the refusal.
     let degraded = wait_for("scale-in refused", 60, || {
         let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
-        Ok(condition(&v, "Degraded").filter(|c| c.1 == "ScaleInRefused"))
+        Ok(condition(&v, "Degraded").filter(|c| c.2.contains("scale-in refused")))
     });
+    assert_eq!(degraded.1, "BelowMinInSync", "{degraded:?}");
     assert!(degraded.2.contains("main-a-fast: 3 -> 1"), "{degraded:?}");
+    let events = cp
+        .kubectl(&[
+            "get",
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            "reason=ScaleInRefused",
+            "-o",
+            "name",
+        ])
+        .unwrap();
+    assert!(!events.trim().is_empty(), "a ScaleInRefused event");
     assert_eq!(
         json(&cp, &["get", "sts", "main-a-fast", "-n", ns]).unwrap()["spec"]["replicas"],
         3,
