@@ -307,11 +307,13 @@ mod tests {
                     prop_assert_eq!(&with, &set_ids(&a, p), "p{}: untouched", p);
                 }
             }
-            // Without a zone rule in play (one zone), the sets that change are about the
-            // joiner's capacity share times the factor: what any balanced placement moves.
-            if zones == 1 && newcomer_zone == 0 {
+            // One replica and no zone rule (weighted rendezvous proper): the partitions
+            // that move are the joiner's capacity share, what any balanced placement moves.
+            // (With more replicas a node holds at most one copy of a partition, so small
+            // nodes take more than their share; the bound is not a property there.)
+            if zones == 1 && newcomer_zone == 0 && factor == 1 {
                 let total: u64 = caps[..n].iter().sum::<u64>() + caps[8];
-                let share = (factor as f64 * caps[8] as f64 / total as f64).min(1.0);
+                let share = caps[8] as f64 / total as f64;
                 let bound = 256.0 * share * 1.5 + 24.0;
                 prop_assert!(moved as f64 <= bound, "moved {} of 256, bound {:.0}", moved, bound);
             }
