@@ -226,6 +226,9 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The storage node's smallest accepted `memory_budget` (its config refuses less).
+const MIN_MEMORY_BUDGET: u64 = 8 << 20;
+
 pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool) -> StatefulSet {
     let name = ctx.pool_name(&zone.name, &pool.name);
     let labels = pool_labels(&ctx.name, &zone.name, &pool.name);
@@ -269,6 +272,21 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
         env_secret("GRANARY_ADMIN_TOKEN", &ctx.admin_token_secret(), "token"),
         env_secret("GRANARY_CLUSTER_SECRET", &ctx.cluster_secret(), "secret"),
     ];
+    // A quarter of the pod's memory limit for request data held in memory (the node
+    // answers SlowDown beyond it); the rest is for the engine, object streams and the
+    // runtime. Without a limit the node's default applies.
+    if let Some(limit) = pool
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("memory"))
+        .and_then(|q| crate::quantity::to_u64(&q.0))
+    {
+        envs.push(env(
+            "GRANARY_MEMORY_BUDGET",
+            &(limit / 4).max(MIN_MEMORY_BUDGET).to_string(),
+        ));
+    }
     if let Some(ep) = sc
         .spec
         .telemetry
