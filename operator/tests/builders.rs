@@ -328,3 +328,38 @@ fn the_memory_budget_is_a_quarter_of_the_pod_memory_limit() {
         "never below the node's minimum"
     );
 }
+
+#[test]
+fn a_config_change_rolls_the_pods_and_nothing_else_does() {
+    use granary_operator::build::cluster::CONFIG_HASH_ANNOTATION;
+    let hash = |sc: &StorageCluster| {
+        let d = build(sc, &ctx(sc));
+        let all: Vec<String> = d
+            .stateful_sets
+            .iter()
+            .map(|s| {
+                s.spec
+                    .template
+                    .metadata
+                    .as_ref()
+                    .unwrap()
+                    .annotations
+                    .as_ref()
+                    .unwrap()[CONFIG_HASH_ANNOTATION]
+                    .clone()
+            })
+            .collect();
+        assert!(
+            all.windows(2).all(|w| w[0] == w[1]),
+            "one digest for all pools"
+        );
+        all[0].clone()
+    };
+    let mut sc = example_cluster();
+    let before = hash(&sc);
+    assert_eq!(hash(&sc), before, "stable");
+    sc.spec.zones[0].pools[0].replicas += 1;
+    assert_eq!(hash(&sc), before, "scaling is not a config change");
+    sc.spec.replication.factor -= 1;
+    assert_ne!(hash(&sc), before, "the replication factor is in node.toml");
+}

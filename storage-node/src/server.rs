@@ -111,6 +111,14 @@ impl Node {
             );
         }
         let metrics = Arc::new(Metrics::default());
+        let incomplete = store.engine().partitions_importing().await?;
+        if !incomplete.is_empty() {
+            tracing::error!(
+                partitions = ?incomplete.iter().map(|p| p.0).collect::<Vec<_>>(),
+                "partitions whose snapshot import did not finish: their data here is incomplete \
+                 and must be fetched again from a replica"
+            );
+        }
         match store.sweep_orphan_chunks().await? {
             SweepOutcome::Removed(0) => {}
             SweepOutcome::Removed(n) => tracing::info!(

@@ -258,6 +258,8 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
     );
     assert!(d.engine().import_partition(p, &mut &cut[..]).await.is_err());
     assert!(d.engine().importing(p).await.unwrap());
+    assert_eq!(d.engine().partitions_importing().await.unwrap(), vec![p]);
+    assert!(b.engine().partitions_importing().await.unwrap().is_empty());
     fn files(dir: &std::path::Path, out: &mut Vec<String>) {
         for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             if e.path().is_dir() {

@@ -97,13 +97,38 @@ pub fn build(sc: &StorageCluster, ctx: &Context) -> Desired {
     d.services.push(client_service(ctx, "s3", PORT_S3));
     d.services.push(client_service(ctx, "kv", PORT_KV));
     d.services.push(internal_service(ctx));
+    // Pods read the ConfigMap only at start: a change of it (the replication factor, say)
+    // must roll them, so its digest is part of the pod template.
+    let digest = config_digest(&d.config);
     for zone in &sc.spec.zones {
         for pool in &zone.pools {
             d.services.push(headless_service(ctx, zone, pool));
-            d.stateful_sets.push(stateful_set(sc, ctx, zone, pool));
+            let mut sts = stateful_set(sc, ctx, zone, pool);
+            sts.spec
+                .template
+                .metadata
+                .get_or_insert_with(Default::default)
+                .annotations
+                .get_or_insert_with(Default::default)
+                .insert(CONFIG_HASH_ANNOTATION.into(), digest.clone());
+            d.stateful_sets.push(sts);
         }
     }
     d
+}
+
+/// Pod-template annotation carrying the digest of the node configuration.
+pub const CONFIG_HASH_ANNOTATION: &str = "granary.dev/config-hash";
+
+/// A stable digest of a ConfigMap's data (FNV-1a over sorted keys and values).
+fn config_digest(cm: &ConfigMap) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (k, v) in cm.data.iter().flatten() {
+        for b in k.bytes().chain([0]).chain(v.bytes()).chain([0]) {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
 }
 
 pub fn service_account(ctx: &Context) -> ServiceAccount {

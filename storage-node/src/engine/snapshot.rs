@@ -393,6 +393,26 @@ impl Engine {
         Ok(got)
     }
 
+    /// Partitions whose import started and did not finish (a crash or a failed stream).
+    pub async fn partitions_importing(&self) -> Result<Vec<PartitionId>, EngineError> {
+        self.read(|txn| {
+            let t = txn.open_table(META)?;
+            let mut out = Vec::new();
+            for entry in t.range("importing:".."importing;")? {
+                let (k, _) = entry?;
+                if let Some(p) = k
+                    .value()
+                    .strip_prefix("importing:")
+                    .and_then(|n| n.parse().ok())
+                {
+                    out.push(PartitionId(p));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// True while an import of `p` has started and not finished (also after a crash).
     pub async fn importing(&self, p: PartitionId) -> Result<bool, EngineError> {
         let key = importing_key(p);
