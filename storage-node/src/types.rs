@@ -76,6 +76,12 @@ impl fmt::Display for PartitionId {
     }
 }
 
+/// A partition's leadership term. Every change of primary or in-sync set takes the next
+/// epoch, and replicas refuse messages of an older one: a deposed primary is fenced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Epoch(pub u64);
+
 /// The name a node is known by in the cluster.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]

@@ -18,7 +18,7 @@ use sqlx::{AnyPool, Row};
 
 pub use seal::MasterKey;
 
-use crate::types::{BucketId, NodeId, TenantId, now_millis};
+use crate::types::{BucketId, Epoch, NodeId, PartitionId, TenantId, now_millis};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -32,6 +32,8 @@ pub enum CatalogError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("catalog record is corrupt: {0}")]
     Corrupt(String),
+    #[error("invalid catalog change: {0}")]
+    Invalid(String),
 }
 
 pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
@@ -154,6 +156,17 @@ pub struct StoredLayout {
     pub body: String,
 }
 
+/// Who leads a partition, under which epoch, and which replicas hold every acknowledged
+/// write (the primary included).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionState {
+    pub partition: PartitionId,
+    pub epoch: Epoch,
+    pub primary: NodeId,
+    pub in_sync: Vec<NodeId>,
+}
+
 /// Postgres channel on which a new layout version is announced.
 pub const LAYOUT_CHANNEL: &str = "granary_layout";
 
@@ -192,6 +205,16 @@ pub trait Catalog: Send + Sync + 'static {
     /// Stores `layout` if its version is still free; false when another node stored
     /// that version first. Announces it on [`LAYOUT_CHANNEL`] (Postgres).
     async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool>;
+    /// Every partition's replication state that has been set.
+    async fn partition_states(&self) -> Result<Vec<PartitionState>>;
+    /// Installs `next` if the partition's stored epoch is still `expected` (None: no state
+    /// yet) and `next` takes the following epoch; false when another change won. This
+    /// compare-and-set is the only way a partition changes hands.
+    async fn cas_partition_state(
+        &self,
+        expected: Option<Epoch>,
+        next: &PartitionState,
+    ) -> Result<bool>;
 
     /// Returns the stored value of a cluster setting, storing `default` first if absent.
     async fn setting_or_init(&self, key: &str, default: &str) -> Result<String>;
@@ -690,6 +713,79 @@ impl Catalog for SqlCatalog {
                 .await?;
         }
         Ok(true)
+    }
+
+    async fn partition_states(&self) -> Result<Vec<PartitionState>> {
+        let rows = sqlx::query(
+            "SELECT partition, epoch, primary_node, in_sync FROM partition_states ORDER BY partition",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let partition: i64 = r.try_get("partition")?;
+                let epoch: i64 = r.try_get("epoch")?;
+                let in_sync: String = r.try_get("in_sync")?;
+                Ok(PartitionState {
+                    partition: PartitionId(u16::try_from(partition).map_err(|_| {
+                        CatalogError::Corrupt(format!("partition {partition} out of range"))
+                    })?),
+                    epoch: Epoch(epoch as u64),
+                    primary: NodeId(r.try_get("primary_node")?),
+                    in_sync: serde_json::from_str(&in_sync)
+                        .map_err(|e| CatalogError::Corrupt(format!("in-sync set: {e}")))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn cas_partition_state(
+        &self,
+        expected: Option<Epoch>,
+        next: &PartitionState,
+    ) -> Result<bool> {
+        let want = expected.map_or(1, |e| e.0 + 1);
+        if next.epoch.0 != want || !next.in_sync.contains(&next.primary) {
+            return Err(CatalogError::Invalid(format!(
+                "a partition change must take epoch {want} and keep its primary in sync"
+            )));
+        }
+        let in_sync = serde_json::to_string(&next.in_sync)
+            .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+        let epoch = i64::try_from(next.epoch.0)
+            .map_err(|_| CatalogError::Corrupt("epoch out of range".into()))?;
+        let r = match expected {
+            None => {
+                let sql = format!(
+                    "INSERT INTO partition_states (partition, epoch, primary_node, in_sync, updated_at) \
+                     VALUES ($1, $2, $3, $4, {}) ON CONFLICT (partition) DO NOTHING",
+                    self.now_sql()
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(next.partition.0 as i64)
+                    .bind(epoch)
+                    .bind(&next.primary.0)
+                    .bind(&in_sync)
+                    .execute(&self.pool)
+                    .await?
+            }
+            Some(old) => {
+                let sql = format!(
+                    "UPDATE partition_states SET epoch = $1, primary_node = $2, in_sync = $3, \
+                     updated_at = {} WHERE partition = $4 AND epoch = $5",
+                    self.now_sql()
+                );
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .bind(epoch)
+                    .bind(&next.primary.0)
+                    .bind(&in_sync)
+                    .bind(next.partition.0 as i64)
+                    .bind(old.0 as i64)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(r.rows_affected() == 1)
     }
 
     async fn setting_or_init(&self, key: &str, default: &str) -> Result<String> {

@@ -83,10 +83,10 @@ mod tests {
 
     use super::*;
     use crate::catalog::{
-        AccessKey, Bucket, MasterKey, NodeRecord, Result, SqlCatalog, StoredLayout, Tenant,
-        TenantSpec,
+        AccessKey, Bucket, MasterKey, NodeRecord, PartitionState, Result, SqlCatalog, StoredLayout,
+        Tenant, TenantSpec,
     };
-    use crate::types::{BucketId, NodeId};
+    use crate::types::{BucketId, Epoch, NodeId};
 
     /// A real catalog whose key lookups can be held after they have read, to replay
     /// the interleaving of a lookup and a revocation deterministically.
@@ -163,6 +163,16 @@ mod tests {
         }
         async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool> {
             self.inner.insert_layout(layout, partitions).await
+        }
+        async fn partition_states(&self) -> Result<Vec<PartitionState>> {
+            self.inner.partition_states().await
+        }
+        async fn cas_partition_state(
+            &self,
+            expected: Option<Epoch>,
+            next: &PartitionState,
+        ) -> Result<bool> {
+            self.inner.cas_partition_state(expected, next).await
         }
         async fn setting_or_init(&self, k: &str, d: &str) -> Result<String> {
             self.inner.setting_or_init(k, d).await

@@ -3,9 +3,10 @@
 
 use granary_e2e::PgServer;
 use granary_node::catalog::{
-    Backend, Catalog, CatalogError, MasterKey, NodeRecord, SqlCatalog, StoredLayout, TenantSpec,
+    Backend, Catalog, CatalogError, MasterKey, NodeRecord, PartitionState, SqlCatalog,
+    StoredLayout, TenantSpec,
 };
-use granary_node::types::NodeId;
+use granary_node::types::{Epoch, NodeId, PartitionId};
 
 async fn suite(cat: &SqlCatalog) {
     // Tenants.
@@ -154,6 +155,44 @@ async fn suite(cat: &SqlCatalog) {
     };
     assert!(cat.insert_layout(&l2, 64).await.unwrap());
     assert_eq!(cat.latest_layout().await.unwrap(), Some(l2));
+
+    // Partition leadership: a compare-and-set on the epoch. The first claim wins, a change
+    // based on a stale epoch loses (a deposed primary cannot take its partition back),
+    // and epochs only ever move up by one.
+    let state = |epoch: u64, primary: &str, in_sync: &[&str]| PartitionState {
+        partition: PartitionId(7),
+        epoch: Epoch(epoch),
+        primary: NodeId(primary.into()),
+        in_sync: in_sync.iter().map(|n| NodeId(n.to_string())).collect(),
+    };
+    assert!(cat.partition_states().await.unwrap().is_empty());
+    let e1 = state(1, "n1", &["n1", "n2", "n3"]);
+    assert!(cat.cas_partition_state(None, &e1).await.unwrap());
+    assert!(
+        !cat.cas_partition_state(None, &state(1, "n2", &["n2"]))
+            .await
+            .unwrap(),
+        "a second first claim loses"
+    );
+    let e2 = state(2, "n2", &["n2", "n3"]);
+    assert!(cat.cas_partition_state(Some(Epoch(1)), &e2).await.unwrap());
+    assert!(
+        !cat.cas_partition_state(Some(Epoch(1)), &state(2, "n1", &["n1"]))
+            .await
+            .unwrap(),
+        "the old primary's change, based on epoch 1, is fenced"
+    );
+    assert!(matches!(
+        cat.cas_partition_state(Some(Epoch(2)), &state(4, "n3", &["n3"]))
+            .await,
+        Err(CatalogError::Invalid(_))
+    ));
+    assert!(matches!(
+        cat.cas_partition_state(Some(Epoch(2)), &state(3, "n3", &["n2"]))
+            .await,
+        Err(CatalogError::Invalid(_)),
+    ));
+    assert_eq!(cat.partition_states().await.unwrap(), vec![e2]);
     assert_eq!(
         cat.setting_or_init("partitions", "1024").await.unwrap(),
         "1024"
