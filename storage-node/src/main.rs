@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use granary_node::catalog::{Catalog, MasterKey, TenantSpec};
 use granary_node::config::NodeConfig;
-use granary_node::engine::dirs::{create_dir_all_durable, write_file_durable};
+use granary_node::engine::dirs::{create_dir_all_durable, create_new_durable};
 use granary_node::server::{Node, load_master_key, shutdown_on_signals};
 use rand::RngCore;
 
@@ -156,18 +156,33 @@ fn main() -> anyhow::Result<()> {
 
 /// Reads `path`, or creates it (mode 0600) with `make()` on first start. The new file
 /// is complete and durable (data and name) before the secret is used: a power cut
-/// leaves either no file (a new secret next time, none was handed out) or this one.
+/// leaves either no file (a new secret next time, none was handed out) or this one. Two
+/// starts racing on one data directory agree on one secret: the second reads the first's.
 fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .with_context(|| format!("reading {}", path.display()))
+    };
     match std::fs::read_to_string(path) {
         Ok(s) => Ok(s.trim().to_string()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let v = make();
-            write_file_durable(path, v.as_bytes(), 0o600)
-                .with_context(|| format!("writing {}", path.display()))?;
-            Ok(v)
+            match create_new_durable(path, v.as_bytes(), 0o600) {
+                Ok(()) => Ok(v),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => read(path),
+                Err(e) => Err(e).with_context(|| format!("writing {}", path.display())),
+            }
         }
         Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// 24 random bytes, hex: an admin token or a cluster secret.
+fn random_token() -> String {
+    let mut b = [0u8; 24];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
 }
 
 async fn dev(mut config: NodeConfig) -> anyhow::Result<()> {
@@ -179,19 +194,11 @@ async fn dev(mut config: NodeConfig) -> anyhow::Result<()> {
         &config.data_dir.join("master.key"),
         || MasterKey::generate().to_base64(),
     )?)?;
-    let token = read_or_create_secret(&config.data_dir.join("admin.token"), || {
-        let mut b = [0u8; 24];
-        rand::rng().fill_bytes(&mut b);
-        hex::encode(b)
-    })?;
+    let token = read_or_create_secret(&config.data_dir.join("admin.token"), random_token)?;
     config.admin_token = Some(token.clone());
     config.cluster_secret = Some(read_or_create_secret(
         &config.data_dir.join("cluster.secret"),
-        || {
-            let mut b = [0u8; 24];
-            rand::rng().fill_bytes(&mut b);
-            hex::encode(b)
-        },
+        random_token,
     )?);
     // One node: every partition has one replica, and that is all there can be.
     config.replication_factor = 1;

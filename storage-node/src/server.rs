@@ -558,19 +558,14 @@ mod tests {
     use crate::catalog::TenantSpec;
     use crate::model::{ByteStream, Conditions, ObjectMeta};
 
-    fn chunk_files(node: &Node) -> usize {
-        node.store.engine().chunks().list_all().unwrap().len()
-    }
-
-    /// Acceptance of the orphan-sweep fix at the level of a whole node: over a store
-    /// with one corrupt record, the node starts, deletes no chunk file, counts the
-    /// aborted sweep in its metrics, and every other object still reads.
-    #[tokio::test]
-    async fn a_node_starts_over_a_corrupt_record_and_deletes_no_data() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A node on loopback over `dir` with tenant `t` and its bucket `b`, and what it
+    /// takes to open it again.
+    async fn test_node(
+        dir: &std::path::Path,
+    ) -> (NodeConfig, MasterKey, String, Node, crate::types::TenantId) {
         let any: SocketAddr = ([127, 0, 0, 1], 0).into();
         let config = NodeConfig {
-            data_dir: dir.path().to_path_buf(),
+            data_dir: dir.to_path_buf(),
             s3_listen: any,
             kv_listen: any,
             admin_listen: any,
@@ -590,6 +585,20 @@ mod tests {
             .unwrap()
             .id;
         node.store.create_bucket(tenant, "b").await.unwrap();
+        (config, master, token, node, tenant)
+    }
+
+    fn chunk_files(node: &Node) -> usize {
+        node.store.engine().chunks().list_all().unwrap().len()
+    }
+
+    /// Acceptance of the orphan-sweep fix at the level of a whole node: over a store
+    /// with one corrupt record, the node starts, deletes no chunk file, counts the
+    /// aborted sweep in its metrics, and every other object still reads.
+    #[tokio::test]
+    async fn a_node_starts_over_a_corrupt_record_and_deletes_no_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let (config, master, token, node, tenant) = test_node(dir.path()).await;
         for (k, fill) in [("a", 1u8), ("b", 2), ("c", 3)] {
             let body: ByteStream = Box::pin(futures::stream::iter([Ok(Bytes::from(vec![
                 fill;
@@ -661,28 +670,7 @@ mod tests {
         use crate::engine::{KV, OBJECTS, PARTS, UPLOADS};
         use crate::model::kv::KvCondition;
         let dir = tempfile::tempdir().unwrap();
-        let any: SocketAddr = ([127, 0, 0, 1], 0).into();
-        let config = NodeConfig {
-            data_dir: dir.path().to_path_buf(),
-            s3_listen: any,
-            kv_listen: any,
-            admin_listen: any,
-            rpc_listen: any,
-            partitions: 16,
-            ..NodeConfig::default()
-        };
-        let master = MasterKey::generate();
-        let token = "t".repeat(16);
-        let node = Node::open(config.clone(), master.clone(), token.clone())
-            .await
-            .unwrap();
-        let tenant = node
-            .catalog
-            .create_tenant("t", &TenantSpec::default())
-            .await
-            .unwrap()
-            .id;
-        node.store.create_bucket(tenant, "b").await.unwrap();
+        let (config, master, token, node, tenant) = test_node(dir.path()).await;
         for (k, len) in [("inline", 100usize), ("chunked", 300_000)] {
             let body: ByteStream =
                 Box::pin(futures::stream::iter([Ok(Bytes::from(vec![9u8; len]))]));

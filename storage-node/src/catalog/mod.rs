@@ -202,6 +202,8 @@ pub trait Catalog: Send + Sync + 'static {
     async fn now_millis(&self) -> Result<i64>;
     /// The highest layout version, if any.
     async fn latest_layout(&self) -> Result<Option<StoredLayout>>;
+    /// Just the number of [`Catalog::latest_layout`], for cheap polling.
+    async fn latest_layout_version(&self) -> Result<Option<u64>>;
     /// Stores `layout` if its version is still free; false when another node stored
     /// that version first. Announces it on [`LAYOUT_CHANNEL`] (Postgres).
     async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool>;
@@ -262,10 +264,7 @@ fn sqlite_dir(url: &str) -> Option<std::path::PathBuf> {
     if path.is_empty() || path.contains(":memory:") || url.contains("mode=memory") {
         return None;
     }
-    match std::path::Path::new(path).parent() {
-        Some(p) if !p.as_os_str().is_empty() => Some(p.to_path_buf()),
-        _ => Some(".".into()),
-    }
+    Some(crate::engine::dirs::parent_of(std::path::Path::new(path)))
 }
 
 impl SqlCatalog {
@@ -310,9 +309,7 @@ impl SqlCatalog {
                 // database file's name durable too; syncing the directory here once
                 // does not depend on that detail.
                 if let Some(dir) = sqlite_dir(&url) {
-                    std::fs::File::open(&dir)
-                        .and_then(|d| d.sync_all())
-                        .map_err(sqlx::Error::Io)?;
+                    crate::engine::dirs::sync_dir(&dir).map_err(sqlx::Error::Io)?;
                 }
             }
             Backend::Postgres => sqlx::migrate!("./migrations/postgres").run(&pool).await?,
@@ -685,6 +682,13 @@ impl Catalog for SqlCatalog {
             })
         })
         .transpose()
+    }
+
+    async fn latest_layout_version(&self) -> Result<Option<u64>> {
+        let row = sqlx::query("SELECT MAX(version) AS version FROM layouts")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>("version")?.map(|v| v as u64))
     }
 
     async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool> {

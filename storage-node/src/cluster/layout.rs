@@ -122,6 +122,7 @@ impl Layout {
     }
 
     /// True when both layouts place every partition on the same nodes in the same order.
+    #[cfg(test)]
     pub fn same_placement(&self, other: &Layout) -> bool {
         self.partitions == other.partitions
             && self.factor == other.factor

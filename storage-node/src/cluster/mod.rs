@@ -305,7 +305,7 @@ impl Cluster {
         if coordinator == Some(self.me()) {
             // Suspected nodes keep their place: only failure (agreed through the
             // catalog) moves partitions, so a slow node does not cause churn.
-            let members: Vec<Member> = view
+            let mut members: Vec<Member> = view
                 .iter()
                 .filter(|v| v.state != NodeState::Failed)
                 .map(|v| Member {
@@ -314,10 +314,17 @@ impl Cluster {
                     capacity: v.record.capacity.max(1),
                 })
                 .collect();
-            let version = current.as_ref().map_or(1, |l| l.version + 1);
-            let desired =
-                Layout::compute(version, cfg.partitions, cfg.replication_factor, &members);
-            if current.as_ref().is_none_or(|c| !c.same_placement(&desired)) {
+            members.sort_by(|a, b| a.id.cmp(&b.id));
+            // The layout is a function of these inputs: the same ones, the same layout.
+            let unchanged = current.as_ref().is_some_and(|c| {
+                c.members == members
+                    && c.factor == cfg.replication_factor
+                    && c.partitions == cfg.partitions
+            });
+            if !unchanged {
+                let version = current.as_ref().map_or(1, |l| l.version + 1);
+                let desired =
+                    Layout::compute(version, cfg.partitions, cfg.replication_factor, &members);
                 let stored = StoredLayout {
                     version,
                     body: serde_json::to_string(&desired)?,
@@ -355,14 +362,16 @@ impl Cluster {
     }
 
     async fn load_layout(&self) -> anyhow::Result<Option<Arc<Layout>>> {
-        let Some(stored) = self.inner.catalog.latest_layout().await? else {
-            return Ok(None);
-        };
+        // The version first: the body is read only when it changed.
+        let latest = self.inner.catalog.latest_layout_version().await?;
         if let Some(cached) = self.layout()
-            && stored.version == cached.version
+            && latest == Some(cached.version)
         {
             return Ok(Some(cached));
         }
+        let Some(stored) = self.inner.catalog.latest_layout().await? else {
+            return Ok(None);
+        };
         let mut layout: Layout = serde_json::from_str(&stored.body)
             .map_err(|e| anyhow::anyhow!("layout version {} is corrupt: {e}", stored.version))?;
         let members = layout.members.len();

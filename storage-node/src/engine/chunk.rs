@@ -52,8 +52,13 @@ pub struct ChunkRef {
 
 /// The data length a chunk file's header declares, after checking the header's CRC.
 pub fn stored_len(path: &Path, id: ChunkId) -> Result<u64, ChunkError> {
+    header_len(&File::open(path)?, id)
+}
+
+/// Reads and checks the header of an open chunk file; returns its data length.
+fn header_len(file: &File, id: ChunkId) -> Result<u64, ChunkError> {
     let mut header = [0u8; HEADER as usize];
-    File::open(path)?.read_exact_at(&mut header, 0)?;
+    file.read_exact_at(&mut header, 0)?;
     let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
     if &header[..4] != MAGIC || crc32c::crc32c(&header[..12]) != crc {
         return Err(ChunkError::Corrupt {
@@ -131,27 +136,33 @@ impl ChunkStore {
 
     /// Creates `dir` (a chunk directory, `root/partition/xx`) if missing and makes its
     /// name and its parent's durable, once per process.
-    fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
-        let known = |s: &Self| {
-            s.durable_dirs
+    pub(super) fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
+        let known = |d: &Path| {
+            self.durable_dirs
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
-                .contains(dir)
+                .contains(d)
         };
-        if known(self) {
+        let remember = |d: &Path| {
+            self.durable_dirs
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(d.to_path_buf())
+        };
+        if known(dir) {
             return Ok(());
         }
         fs::create_dir_all(dir)?;
-        // `xx` is named in the partition directory, which is named in the root; the
-        // root's own name is synced when the engine opens.
+        // `xx` is named in the partition directory, which is named in the root (whose
+        // own name is synced when the engine opens); the root once per partition.
         if let Some(partition) = dir.parent() {
             (self.sync)(partition)?;
+            if !known(partition) {
+                (self.sync)(&self.root)?;
+                remember(partition);
+            }
         }
-        (self.sync)(&self.root)?;
-        self.durable_dirs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(dir.to_path_buf());
+        remember(dir);
         Ok(())
     }
 
@@ -283,15 +294,7 @@ impl ChunkStore {
             id: chunk.id,
             what: what.to_string(),
         };
-        let mut header = [0u8; HEADER as usize];
-        file.read_exact_at(&mut header, 0)?;
-        let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
-        if &header[..4] != MAGIC || crc32c::crc32c(&header[..12]) != crc {
-            return Err(corrupt("bad header"));
-        }
-        let mut len_bytes = [0u8; 8];
-        len_bytes.copy_from_slice(&header[4..12]);
-        let len = u64::from_le_bytes(len_bytes);
+        let len = header_len(&file, chunk.id)?;
         if len != chunk.len {
             return Err(corrupt("length differs from the manifest"));
         }
@@ -369,23 +372,33 @@ impl ChunkStore {
         let mut out = Vec::new();
         for pdir in fs::read_dir(&self.root)? {
             let pdir = pdir?;
-            let Some(partition) = pdir
+            if let Some(partition) = pdir
                 .file_name()
                 .to_str()
                 .and_then(|s| u16::from_str_radix(s, 16).ok())
-            else {
-                continue;
-            };
-            for sub in fs::read_dir(pdir.path())? {
-                for f in fs::read_dir(sub?.path())? {
-                    let f = f?;
-                    if let Some(id) = f.file_name().to_str().and_then(|s| s.parse().ok()) {
-                        out.push(ChunkRef {
-                            id: ChunkId(id),
-                            partition: PartitionId(partition),
-                            len: 0,
-                        });
-                    }
+            {
+                out.extend(self.list_partition(PartitionId(partition))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The chunk files of one partition (any state: a reader verifies them).
+    pub fn list_partition(&self, partition: PartitionId) -> io::Result<Vec<ChunkRef>> {
+        let mut out = Vec::new();
+        let subs = match fs::read_dir(self.root.join(partition.to_string())) {
+            Ok(s) => s,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for sub in subs {
+            for f in fs::read_dir(sub?.path())? {
+                if let Some(id) = f?.file_name().to_str().and_then(|s| s.parse().ok()) {
+                    out.push(ChunkRef {
+                        id: ChunkId(id),
+                        partition,
+                        len: 0,
+                    });
                 }
             }
         }

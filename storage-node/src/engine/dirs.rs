@@ -17,7 +17,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// `path`'s parent directory, `.` for a bare relative name.
-fn parent_of(path: &Path) -> PathBuf {
+pub fn parent_of(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -57,6 +57,32 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Creates `path` holding `data`, durably, only if it does not exist yet: concurrent
+/// creators never replace each other's file (the loser gets `AlreadyExists`). The data is
+/// written and fsynced under a private temporary name, then linked to `path` (which fails
+/// if the name is taken) and the directory fsynced.
+pub fn create_new_durable(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let dir = parent_of(path);
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(format!(
+        ".tmp.{}.{:x}",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
+    let tmp = dir.join(tmp_name);
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)?;
+    let written = f.write_all(data).and_then(|()| f.sync_all());
+    drop(f);
+    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
+    let _ = fs::remove_file(&tmp);
+    linked?;
+    sync_dir(&dir)
+}
+
 /// Replaces `path` with `data` atomically and durably: a temporary file in the same
 /// directory, fsynced, renamed over `path`, then the directory fsynced. After a crash
 /// `path` holds either the old or the new content, never a mix or nothing.
@@ -81,6 +107,18 @@ pub fn write_file_durable(path: &Path, data: &[u8], mode: u32) -> io::Result<()>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_file_is_created_once_and_never_replaced() {
+        let t = tempfile::tempdir().unwrap();
+        let f = t.path().join("secret");
+        create_new_durable(&f, b"first", 0o600).unwrap();
+        let again = create_new_durable(&f, b"second", 0o600).unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&f).unwrap(), b"first");
+        let names: Vec<_> = fs::read_dir(t.path()).unwrap().flatten().collect();
+        assert_eq!(names.len(), 1, "no temporary file left behind");
+    }
 
     #[test]
     fn creates_nested_directories_and_replaces_files() {

@@ -30,11 +30,14 @@ pub const STORE_FORMAT: u32 = 1;
 pub const RECORD_VERSION: u8 = 1;
 
 /// The value type of the record tables: raw bytes under a type name that carries the
-/// store format.
+/// store format `F`.
 #[derive(Debug)]
-pub struct Record;
+pub struct RecordFormat<const F: u32>;
 
-impl Value for Record {
+/// The record tables of this binary's store format.
+pub type Record = RecordFormat<STORE_FORMAT>;
+
+impl<const F: u32> Value for RecordFormat<F> {
     type SelfType<'a>
         = &'a [u8]
     where
@@ -63,8 +66,8 @@ impl Value for Record {
     }
 
     fn type_name() -> TypeName {
-        // Changing this string is a store format change: see the module documentation.
-        TypeName::new("granary.record.store-format-1")
+        // Changing this name is a store format change: see the module documentation.
+        TypeName::new(&format!("granary.record.store-format-{F}"))
     }
 }
 
@@ -228,36 +231,7 @@ mod tests {
         }
     }
 
-    #[derive(Debug)]
-    struct FutureRecord;
-    impl Value for FutureRecord {
-        type SelfType<'a>
-            = &'a [u8]
-        where
-            Self: 'a;
-        type AsBytes<'a>
-            = &'a [u8]
-        where
-            Self: 'a;
-        fn fixed_width() -> Option<usize> {
-            None
-        }
-        fn from_bytes<'a>(data: &'a [u8]) -> &'a [u8]
-        where
-            Self: 'a,
-        {
-            data
-        }
-        fn as_bytes<'a, 'b: 'a>(value: &'a &'b [u8]) -> &'a [u8]
-        where
-            Self: 'b,
-        {
-            value
-        }
-        fn type_name() -> TypeName {
-            TypeName::new("granary.record.store-format-2")
-        }
-    }
+    type FutureRecord = RecordFormat<{ STORE_FORMAT + 1 }>;
 
     /// A store a newer binary migrated to another store format: this binary refuses to
     /// open it (and so to start) rather than misread it, and changes nothing.

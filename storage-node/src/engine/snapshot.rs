@@ -125,28 +125,48 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, EngineErro
     postcard::from_bytes(&body).map_err(|e| invalid(format!("bad snapshot frame: {e}")))
 }
 
-/// The chunk files stored for partition `p` (any state; the importer verifies them).
-fn chunk_files(root: &Path, p: PartitionId) -> io::Result<Vec<ChunkRef>> {
-    let mut out = Vec::new();
-    let dir = root.join(p.to_string());
-    let subs = match std::fs::read_dir(&dir) {
-        Ok(s) => s,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e),
+/// Sends every entry of `def` in `range` as a record of table `n` (with its value unless
+/// the table is a key set). False when the receiver went away.
+fn send_range<V: redb::Value + 'static>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<&'static [u8], V>,
+    n: u8,
+    (start, end): (&[u8], Option<&[u8]>),
+    with_value: bool,
+    send: &impl Fn(Result<Frame, EngineError>) -> bool,
+) -> Result<bool, EngineError> {
+    let t = txn.open_table(def)?;
+    let range = match end {
+        Some(e) => t.range::<&[u8]>(start..e)?,
+        None => t.range::<&[u8]>(start..)?,
     };
-    for sub in subs {
-        for f in std::fs::read_dir(sub?.path())? {
-            let name = f?.file_name();
-            if let Some(id) = name.to_str().and_then(|s| s.parse().ok()) {
-                out.push(ChunkRef {
-                    id: ChunkId(id),
-                    partition: p,
-                    len: 0,
-                });
-            }
+    for entry in range {
+        let (k, v) = entry?;
+        let value = with_value.then(|| V::as_bytes(&v.value()).as_ref().to_vec());
+        let f = Frame::Record {
+            table: n,
+            key: k.value().to_vec(),
+            value,
+        };
+        if !send(Ok(f)) {
+            return Ok(false);
         }
     }
-    Ok(out)
+    Ok(true)
+}
+
+/// Deletes every entry of `def` in `range`.
+fn clear_range<V: redb::Value + 'static>(
+    txn: &redb::WriteTransaction,
+    def: TableDefinition<&'static [u8], V>,
+    (start, end): (&[u8], Option<&[u8]>),
+) -> Result<(), EngineError> {
+    let mut t = txn.open_table(def)?;
+    match end {
+        Some(e) => t.retain_in::<&[u8], _>(start..e, |_, _| false)?,
+        None => t.retain_in::<&[u8], _>(start.., |_, _| false)?,
+    }
+    Ok(())
 }
 
 impl Engine {
@@ -168,7 +188,7 @@ impl Engine {
                 // Pinned after the snapshot began: every file it references is on disk
                 // now (removal waits 5 s after the commit that unreferenced a file) and
                 // stays until the export ends.
-                let files = chunk_files(chunks.root(), p)?;
+                let files = chunks.list_partition(p)?;
                 let pin = chunks.pin(&files);
                 // The version counter of this state: the receiver continues above it.
                 let seq = txn
@@ -198,40 +218,15 @@ impl Engine {
                         }
                     }
                 }
+                let range = (start.as_slice(), end.as_deref());
                 for (n, def) in VALUE_TABLES {
-                    let t = txn.open_table(def)?;
-                    let range = match &end {
-                        Some(e) => t.range::<&[u8]>(start.as_slice()..e.as_slice())?,
-                        None => t.range::<&[u8]>(start.as_slice()..)?,
-                    };
-                    for entry in range {
-                        let (k, v) = entry?;
-                        let f = Frame::Record {
-                            table: n,
-                            key: k.value().to_vec(),
-                            value: Some(v.value().to_vec()),
-                        };
-                        if !send(Ok(f)) {
-                            return Ok(None);
-                        }
+                    if !send_range(&txn, def, n, range, true, &send)? {
+                        return Ok(None);
                     }
                 }
                 for (n, def) in KEY_TABLES {
-                    let t = txn.open_table(def)?;
-                    let range = match &end {
-                        Some(e) => t.range::<&[u8]>(start.as_slice()..e.as_slice())?,
-                        None => t.range::<&[u8]>(start.as_slice()..)?,
-                    };
-                    for entry in range {
-                        let (k, _) = entry?;
-                        let f = Frame::Record {
-                            table: n,
-                            key: k.value().to_vec(),
-                            value: None,
-                        };
-                        if !send(Ok(f)) {
-                            return Ok(None);
-                        }
+                    if !send_range(&txn, def, n, range, false, &send)? {
+                        return Ok(None);
                     }
                 }
                 // Uploads by age: a whole-table filter (in-progress uploads are few).
@@ -449,7 +444,12 @@ impl Engine {
             )));
         }
         let tmp = dir.join(format!("{}.import", id.0.simple()));
-        tokio::fs::create_dir_all(&dir).await?;
+        // Durably created like any chunk directory; the file's own name is made durable
+        // by the commit that first references it (its directory is passed to it).
+        let (chunks, d) = (self.chunks.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || chunks.ensure_dir(&d))
+            .await
+            .map_err(|e| EngineError::Db(format!("chunk directory task failed: {e}")))??;
         let received = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut left = size;
@@ -473,7 +473,7 @@ impl Engine {
             return Err(e);
         }
         let chunks = self.chunks.clone();
-        let (tmp2, path2, dir2) = (tmp.clone(), path.clone(), dir.clone());
+        let (tmp2, path2) = (tmp.clone(), path.clone());
         let verified = tokio::task::spawn_blocking(move || -> Result<(), EngineError> {
             let len = chunk::stored_len(&tmp2, id)?;
             std::fs::rename(&tmp2, &path2)?;
@@ -487,13 +487,6 @@ impl Engine {
             if let Err(e) = chunks.verify(&r) {
                 let _ = std::fs::remove_file(&path2);
                 return Err(e.into());
-            }
-            chunk::sync_dir(&dir2)?;
-            if let Some(parent) = dir2.parent() {
-                chunk::sync_dir(parent)?;
-                if let Some(grand) = parent.parent() {
-                    chunk::sync_dir(grand)?;
-                }
             }
             Ok(())
         })
@@ -525,19 +518,12 @@ fn remove_temporaries(pdir: &Path) -> Result<(), EngineError> {
 fn clear_partition(txn: &redb::WriteTransaction, p: PartitionId) -> Result<(), EngineError> {
     let start = partition_prefix(p);
     let end = prefix_end(&start);
+    let range = (start.as_slice(), end.as_deref());
     for (_, def) in VALUE_TABLES {
-        let mut t = txn.open_table(def)?;
-        match &end {
-            Some(e) => t.retain_in::<&[u8], _>(start.as_slice()..e.as_slice(), |_, _| false)?,
-            None => t.retain_in::<&[u8], _>(start.as_slice().., |_, _| false)?,
-        }
+        clear_range(txn, def, range)?;
     }
     for (_, def) in KEY_TABLES {
-        let mut t = txn.open_table(def)?;
-        match &end {
-            Some(e) => t.retain_in::<&[u8], _>(start.as_slice()..e.as_slice(), |_, _| false)?,
-            None => t.retain_in::<&[u8], _>(start.as_slice().., |_, _| false)?,
-        }
+        clear_range(txn, def, range)?;
     }
     txn.open_table(UPLOADS_BY_AGE)?.retain(|k, _| {
         !k.get(AGE_PREFIX..)

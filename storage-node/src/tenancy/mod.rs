@@ -161,6 +161,9 @@ mod tests {
         async fn latest_layout(&self) -> Result<Option<StoredLayout>> {
             self.inner.latest_layout().await
         }
+        async fn latest_layout_version(&self) -> Result<Option<u64>> {
+            self.inner.latest_layout_version().await
+        }
         async fn insert_layout(&self, layout: &StoredLayout, partitions: u16) -> Result<bool> {
             self.inner.insert_layout(layout, partitions).await
         }

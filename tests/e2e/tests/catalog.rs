@@ -135,6 +135,7 @@ async fn suite(cat: &SqlCatalog) {
 
     // Layout versions: the first writer of a version wins, the newest is current.
     assert_eq!(cat.latest_layout().await.unwrap(), None);
+    assert_eq!(cat.latest_layout_version().await.unwrap(), None);
     let l1 = StoredLayout {
         version: 1,
         body: "{\"a\":1}".into(),
@@ -155,6 +156,7 @@ async fn suite(cat: &SqlCatalog) {
     };
     assert!(cat.insert_layout(&l2, 64).await.unwrap());
     assert_eq!(cat.latest_layout().await.unwrap(), Some(l2));
+    assert_eq!(cat.latest_layout_version().await.unwrap(), Some(2));
 
     // Partition leadership: a compare-and-set on the epoch. The first claim wins, a change
     // based on a stale epoch loses (a deposed primary cannot take its partition back),

@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use aws_sdk_s3::primitives::ByteStream;
-use granary_e2e::{Admin, KvClient, NodeProc, PowerLossFs, PowerLossMode, mount_powerloss};
+use granary_e2e::{
+    Admin, KvClient, NodeProc, PowerLossFs, PowerLossMode, chunk_files, mount_powerloss,
+};
 use rand::Rng;
 
 use granary_e2e::s3_client as client;
@@ -456,22 +458,6 @@ async fn the_endpoints_file_is_durable_once_written() {
         .expect("endpoints.json gone after the power cut");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["pid"], pid, "endpoints.json reverted to an older run");
-}
-
-fn chunk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.join("engine/chunks")];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p)
-            } else {
-                out.push(p)
-            }
-        }
-    }
-    out
 }
 
 /// A fresh node in its own directory holding one object `bucket/key` of `len` bytes.

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use granary_e2e::{KvClient, NodeProc, s3_client};
+use granary_e2e::{KvClient, NodeProc, chunk_files, s3_client};
+use granary_node::engine::Record;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Resident set size of a process, in bytes.
@@ -515,52 +516,6 @@ async fn kv_requests_cannot_be_changed_after_signing() {
     assert_eq!(r.bytes().await.unwrap().as_ref(), b"v2");
 }
 
-/// The store-format-1 record type, as the node declares it (the test edits the
-/// node's store while it is stopped).
-#[derive(Debug)]
-struct Record;
-
-impl redb::Value for Record {
-    type SelfType<'a>
-        = &'a [u8]
-    where
-        Self: 'a;
-    type AsBytes<'a>
-        = &'a [u8]
-    where
-        Self: 'a;
-    fn fixed_width() -> Option<usize> {
-        None
-    }
-    fn from_bytes<'a>(data: &'a [u8]) -> &'a [u8]
-    where
-        Self: 'a,
-    {
-        data
-    }
-    fn as_bytes<'a, 'b: 'a>(value: &'a &'b [u8]) -> &'a [u8]
-    where
-        Self: 'b,
-    {
-        value
-    }
-    fn type_name() -> redb::TypeName {
-        redb::TypeName::new("granary.record.store-format-1")
-    }
-}
-
-fn files_under(p: &std::path::Path) -> usize {
-    std::fs::read_dir(p)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| {
-            let p = e.path();
-            if p.is_dir() { files_under(&p) } else { 1 }
-        })
-        .sum()
-}
-
 /// A bit flip in one object record and a record written by a (simulated) newer record
 /// version: the node restarts, deletes no chunk file, reports the problem (log line
 /// and metric), and every other object still reads.
@@ -581,8 +536,7 @@ async fn damaged_records_never_cost_other_data() {
             .unwrap();
     }
     assert!(node.stop());
-    let chunks = dir.path().join("engine").join("chunks");
-    let files = files_under(&chunks);
+    let files = chunk_files(dir.path()).len();
     assert_eq!(files, 4);
 
     let db = redb::Database::create(dir.path().join("engine").join("meta.redb")).unwrap();
@@ -618,16 +572,11 @@ async fn damaged_records_never_cost_other_data() {
 
     let node = NodeProc::start(dir.path()).unwrap();
     assert_eq!(
-        files_under(&chunks),
+        chunk_files(dir.path()).len(),
         files,
         "the restart deleted chunk files"
     );
-    let metrics = reqwest::get(format!("{}/metrics", node.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = node.metrics().await.unwrap();
     assert!(
         metrics.contains("granary_orphan_sweep_aborted_total 1"),
         "{metrics}"
