@@ -59,8 +59,8 @@ pub fn create_dir_all_durable(dir: &Path) -> io::Result<()> {
 
 /// Creates `path` holding `data`, durably, only if it does not exist yet: concurrent
 /// creators never replace each other's file (the loser gets `AlreadyExists`). The data is
-/// written and fsynced under a private temporary name, then linked to `path` (which fails
-/// if the name is taken) and the directory fsynced.
+/// written and fsynced under a private temporary name, then renamed to `path` with
+/// `RENAME_NOREPLACE` (which fails if the name is taken) and the directory fsynced.
 pub fn create_new_durable(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let dir = parent_of(path);
     let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
@@ -77,10 +77,36 @@ pub fn create_new_durable(path: &Path, data: &[u8], mode: u32) -> io::Result<()>
         .open(&tmp)?;
     let written = f.write_all(data).and_then(|()| f.sync_all());
     drop(f);
-    let linked = written.and_then(|()| fs::hard_link(&tmp, path));
-    let _ = fs::remove_file(&tmp);
-    linked?;
+    let renamed = written.and_then(|()| rename_noreplace(&tmp, path));
+    if renamed.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    renamed?;
     sync_dir(&dir)
+}
+
+/// `rename(2)` that fails with `AlreadyExists` instead of replacing `to`.
+fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let from = CString::new(from.as_os_str().as_bytes())?;
+    let to = CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: both are valid NUL-terminated paths that outlive the call; renameat2 only
+    // reads them.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Replaces `path` with `data` atomically and durably: a temporary file in the same
