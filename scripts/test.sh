@@ -67,6 +67,15 @@ export GRANARY_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-node"
 export GRANARY_OPERATOR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-operator"
 export GRANARY_POWERLOSS_FS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-powerloss-fs"
 
+# Network namespaces and bridges of multi-node tests that were killed before their
+# cleanup ran (names: gr<5 hex>n<i>, grb<5 hex>); nothing else uses those names.
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^gr[0-9a-f]{5}n[0-9]+$'); do
+  ip netns del "$ns" || true
+done
+for br in $(ip -o link show type bridge 2>/dev/null | awk -F': ' '{print $2}' | grep -E '^grb[0-9a-f]{5}$'); do
+  ip link del "$br" || true
+done
+
 step "cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -358,7 +358,21 @@ fn a_config_change_rolls_the_pods_and_nothing_else_does() {
     let mut sc = example_cluster();
     let before = hash(&sc);
     assert_eq!(hash(&sc), before, "stable");
+    let nodes: i32 = sc
+        .spec
+        .zones
+        .iter()
+        .flat_map(|z| &z.pools)
+        .map(|p| p.replicas)
+        .sum();
+    let toml = |sc: &StorageCluster| build(sc, &ctx(sc)).config.data.unwrap()["node.toml"].clone();
+    assert!(
+        toml(&sc).contains(&format!("\nbootstrap_expect = {nodes}\n")),
+        "a new cluster waits for all its nodes: {}",
+        toml(&sc)
+    );
     sc.spec.zones[0].pools[0].replicas += 1;
+    assert!(toml(&sc).contains(&format!("\nbootstrap_expect = {}\n", nodes + 1)));
     assert_eq!(hash(&sc), before, "scaling is not a config change");
     sc.spec.replication.factor -= 1;
     assert_ne!(hash(&sc), before, "the replication factor is in node.toml");

@@ -58,6 +58,11 @@ pub struct NodeConfig {
     /// Replicas per partition the layout aims for. Default 3 (fewer while the cluster
     /// has fewer nodes; such partitions are reported under-replicated).
     pub replication_factor: u8,
+    /// How many nodes must have joined before partitions get their first primaries
+    /// (cluster creation only; later joins do not wait). Until then requests for data
+    /// answer 503. Default 1; the operator sets the StorageCluster's node count, so a
+    /// new cluster does not put every partition on the first node to start.
+    pub bootstrap_expect: u16,
     /// This node's weight in partition placement (e.g. GiB of data volume). Default 100.
     pub capacity: u64,
     /// Heartbeat, probe and layout-poll period in milliseconds. Default 1000.
@@ -98,6 +103,7 @@ impl Default for NodeConfig {
             advertise_rpc: None,
             cluster_secret: None,
             replication_factor: 3,
+            bootstrap_expect: 1,
             capacity: 100,
             heartbeat_interval_ms: 1000,
             suspect_after_ms: 5000,
@@ -223,6 +229,9 @@ impl NodeConfig {
         if let Some(v) = g("REPLICATION_FACTOR") {
             self.replication_factor = parse("GRANARY_REPLICATION_FACTOR", &v)?;
         }
+        if let Some(v) = g("BOOTSTRAP_EXPECT") {
+            self.bootstrap_expect = parse("GRANARY_BOOTSTRAP_EXPECT", &v)?;
+        }
         if let Some(v) = g("CAPACITY") {
             self.capacity = parse("GRANARY_CAPACITY", &v)?;
         }
@@ -266,6 +275,11 @@ impl NodeConfig {
         if self.replication_factor == 0 {
             return Err(ConfigError::Invalid(
                 "replication_factor must be at least 1".into(),
+            ));
+        }
+        if self.bootstrap_expect == 0 {
+            return Err(ConfigError::Invalid(
+                "bootstrap_expect must be at least 1".into(),
             ));
         }
         if self.heartbeat_interval_ms == 0

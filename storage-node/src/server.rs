@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper::body::Incoming;
@@ -12,15 +12,15 @@ use hyper_util::rt::TokioIo;
 use s3s::service::S3ServiceBuilder;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::Instrument;
 
 use crate::catalog::{Backend, Catalog, MasterKey, NodeRecord, SqlCatalog};
+use crate::cluster::forward::Forwarder;
 use crate::cluster::{Cluster, ClusterConfig, Thresholds};
 use crate::config::NodeConfig;
 use crate::engine::Engine;
 use crate::model::{Store, SweepOutcome};
 use crate::s3::{GranaryS3, TenantKeys};
-use crate::telemetry::{Metrics, OpSlot};
+use crate::telemetry::Metrics;
 use crate::tenancy::Authenticator;
 use crate::types::{NodeId, now_millis};
 use crate::{admin, kv};
@@ -195,6 +195,7 @@ impl Node {
                 me: node,
                 partitions,
                 replication_factor: config.replication_factor,
+                bootstrap_expect: config.bootstrap_expect,
                 interval: Duration::from_millis(config.heartbeat_interval_ms),
                 thresholds: Thresholds {
                     suspect_after: Duration::from_millis(config.suspect_after_ms),
@@ -267,14 +268,23 @@ impl Node {
             s3_limits(),
         ))));
         let s3 = Arc::new(builder.build());
+        let forwarder = Forwarder::new(cluster.clone(), auth.clone(), metrics.clone());
+        let s3_front = crate::s3::front::S3Front::new(
+            s3,
+            metrics.clone(),
+            forwarder.clone(),
+            config.s3_domains.clone(),
+        );
 
-        let kv_router = kv::router(kv::KvState {
+        let kv_state = kv::KvState {
             region: config.region.clone(),
             store: store.clone(),
             auth: auth.clone(),
             metrics: metrics.clone(),
             budget: crate::tenancy::budget::MemoryBudget::new(config.memory_budget),
-        });
+            forwarder: forwarder.clone(),
+        };
+        let kv_router = kv::router(kv_state.clone());
         let node_info = serde_json::json!({
             "nodeId": config.node_id, "region": config.region, "zone": config.zone,
             "version": env!("CARGO_PKG_VERSION"), "apiVersion": "v1",
@@ -305,10 +315,10 @@ impl Node {
         let rpc_task = tokio::spawn(
             axum::serve(
                 listeners.3,
-                crate::cluster::rpc::router(crate::cluster::rpc::RpcState::new(
-                    cluster,
-                    store.engine().clone(),
-                )),
+                crate::cluster::rpc::router(
+                    crate::cluster::rpc::RpcState::new(cluster, store.engine().clone())
+                        .with_fronts(s3_front.clone(), kv_state, store.clone()),
+                ),
             )
             .with_graceful_shutdown(signal(shutdown.clone()))
             .into_future(),
@@ -321,7 +331,7 @@ impl Node {
             shutdown.clone(),
         ));
         ready.store(true, Ordering::Relaxed);
-        serve_s3(listeners.0, s3, metrics, shutdown.clone()).await;
+        serve_s3(listeners.0, s3_front, shutdown.clone()).await;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
             let _ = kv_task.await;
             let _ = admin_task.await;
@@ -339,8 +349,7 @@ impl Node {
 
 async fn serve_s3(
     listener: TcpListener,
-    s3: Arc<s3s::service::S3Service>,
-    metrics: Arc<Metrics>,
+    front: crate::s3::front::S3Front,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -358,31 +367,13 @@ async fn serve_s3(
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let (s3, metrics) = (s3.clone(), metrics.clone());
+                let front = front.clone();
                 let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    let (s3, metrics) = (s3.clone(), metrics.clone());
+                    let front = front.clone();
                     async move {
-                        let started = Instant::now();
-                        let slot = OpSlot::default();
-                        let span = tracing::info_span!("s3", front = "s3", method = %req.method(),
-                            operation = tracing::field::Empty, tenant = tracing::field::Empty,
-                            bucket = tracing::field::Empty, status = tracing::field::Empty, bytes = tracing::field::Empty);
                         let (parts, body) = req.into_parts();
-                        if let Some(refusal) = refuse_before_body(&parts) {
-                            slot.set("Refused");
-                            span.record("status", refusal.status().as_u16());
-                            metrics.observe("s3", slot.get(), refusal.status().as_u16(), started);
-                            // The body is never read: dropping it closes the connection.
-                            drop(body);
-                            return Ok(refusal);
-                        }
-                        let mut req = http::Request::from_parts(parts, s3s::Body::from(body));
-                        req.extensions_mut().insert(slot.clone());
-                        let resp = s3.call(req).instrument(span.clone()).await;
-                        let status = resp.as_ref().map(|r| r.status().as_u16()).unwrap_or(500);
-                        span.record("status", status);
-                        metrics.observe("s3", slot.get(), status, started);
-                        resp
+                        let req = http::Request::from_parts(parts, s3s::Body::from(body));
+                        Ok::<_, std::convert::Infallible>(front.handle(req).await)
                     }
                 });
                 let conn = http.serve_connection(TokioIo::new(stream), service);
@@ -417,66 +408,6 @@ fn s3_limits() -> s3s::config::S3Config {
     c.form_max_fields_size = 64 * 1024;
     c.form_max_parts = 32;
     c
-}
-
-/// Refusals decided from the request head alone, before any body byte is read:
-/// - POST Object (an HTML-form upload, `multipart/form-data`): not supported yet, and
-///   s3s would buffer the file part before any authorization check.
-/// - Requests without any signature (no `Authorization` header, no presigned-URL
-///   signature): Granary serves no anonymous S3 access, so nothing is read for them.
-fn refuse_before_body(parts: &http::request::Parts) -> Option<http::Response<s3s::Body>> {
-    let is_form = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("multipart/form-data")
-        });
-    if parts.method == http::Method::POST && is_form {
-        return Some(s3_error_response(
-            http::StatusCode::NOT_IMPLEMENTED,
-            "NotImplemented",
-            "POST Object (HTML form upload) is not supported; use PUT Object or a presigned PUT URL",
-        ));
-    }
-    let presigned = parts.uri.query().is_some_and(|q| {
-        q.split('&').any(|p| {
-            let name = p.split_once('=').map_or(p, |(k, _)| k);
-            name == "X-Amz-Signature" || name == "Signature"
-        })
-    });
-    if !presigned && !parts.headers.contains_key(http::header::AUTHORIZATION) {
-        return Some(s3_error_response(
-            http::StatusCode::FORBIDDEN,
-            "AccessDenied",
-            "Signature is required: Granary serves no anonymous requests",
-        ));
-    }
-    None
-}
-
-fn s3_error_response(
-    status: http::StatusCode,
-    code: &str,
-    message: &str,
-) -> http::Response<s3s::Body> {
-    let body = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
-    );
-    let mut r = http::Response::new(s3s::Body::from(body));
-    *r.status_mut() = status;
-    let h = r.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/xml"),
-    );
-    h.insert(
-        http::header::CONNECTION,
-        http::HeaderValue::from_static("close"),
-    );
-    r
 }
 
 /// How often the node's housekeeping runs.

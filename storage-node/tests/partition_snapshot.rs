@@ -295,6 +295,7 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
             me,
             partitions: PARTITIONS,
             replication_factor: 1,
+            bootstrap_expect: 1,
             interval: Duration::from_secs(1),
             thresholds: Thresholds {
                 suspect_after: Duration::from_secs(5),

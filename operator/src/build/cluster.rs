@@ -120,10 +120,21 @@ pub fn build(sc: &StorageCluster, ctx: &Context) -> Desired {
 /// Pod-template annotation carrying the digest of the node configuration.
 pub const CONFIG_HASH_ANNOTATION: &str = "granary.dev/config-hash";
 
-/// A stable digest of a ConfigMap's data (FNV-1a over sorted keys and values).
+/// The node setting that counts the nodes a new cluster waits for before assigning
+/// partitions. It matters only at cluster creation, so it is left out of the digest:
+/// a scale-out changes it and must not roll every pod.
+const BOOTSTRAP_KEY: &str = "bootstrap_expect";
+
+/// A stable digest of a ConfigMap's data (FNV-1a over sorted keys and values), without
+/// its [`BOOTSTRAP_KEY`] line.
 fn config_digest(cm: &ConfigMap) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for (k, v) in cm.data.iter().flatten() {
+        let v: String = v
+            .lines()
+            .filter(|l| !l.starts_with(BOOTSTRAP_KEY))
+            .flat_map(|l| [l, "\n"])
+            .collect();
         for b in k.bytes().chain([0]).chain(v.bytes()).chain([0]) {
             h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
         }
@@ -146,7 +157,7 @@ pub fn config_map(sc: &StorageCluster, ctx: &Context) -> ConfigMap {
          region = \"{region}\"\npartitions = {partitions}\ndata_dir = \"/var/lib/granary\"\n\
          s3_listen = \"0.0.0.0:{s3}\"\nkv_listen = \"0.0.0.0:{kv}\"\nadmin_listen = \"0.0.0.0:{admin}\"\n\
          rpc_listen = \"0.0.0.0:{rpc}\"\nreplication_factor = {factor}\n\
-         s3_domains = [\"{name}-s3.{ns}.svc\"]\n",
+         s3_domains = [\"{name}-s3.{ns}.svc\"]\n{BOOTSTRAP_KEY} = {nodes}\n",
         ns = ctx.namespace,
         name = ctx.name,
         region = sc.spec.region,
@@ -156,6 +167,14 @@ pub fn config_map(sc: &StorageCluster, ctx: &Context) -> ConfigMap {
         admin = PORT_ADMIN,
         rpc = PORT_RPC,
         factor = sc.spec.replication.factor,
+        nodes = sc
+            .spec
+            .zones
+            .iter()
+            .flat_map(|z| &z.pools)
+            .map(|p| p.replicas.max(0) as i64)
+            .sum::<i64>()
+            .max(1),
     );
     ConfigMap {
         metadata: ctx.meta(format!("{}-config", ctx.name), cluster_labels(&ctx.name)),

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::catalog::{Tenant, TenantSpec};
+use crate::cluster::rpc::tenant_work_everywhere;
 use crate::cluster::{Cluster, NodeState};
 use crate::jsonapi::ApiError;
 use crate::model::Store;
@@ -163,13 +165,23 @@ async fn layout(
         ));
     };
     let load = l.load();
+    // Who acts as primary (the catalog's partition states), next to the layout's plan.
+    let states = s.cluster.partition_states();
+    let leading = |id: &crate::types::NodeId| {
+        states
+            .iter()
+            .flatten()
+            .filter(|st| st.primary == *id)
+            .count()
+    };
     let members: Vec<serde_json::Value> = l
         .members
         .iter()
         .zip(load)
         .map(|(m, (primary, held))| {
             json!({"id": m.id.0, "zone": m.zone, "capacity": m.capacity,
-                   "primaryPartitions": primary, "partitions": held})
+                   "primaryPartitions": primary, "partitions": held,
+                   "actingPrimaryPartitions": leading(&m.id)})
         })
         .collect();
     // Index n: how many partitions have n replicas (lets a caller count those below
@@ -186,6 +198,7 @@ async fn layout(
         "replicationFactor": l.factor,
         "underReplicatedPartitions": l.under_replicated(),
         "partitionsByReplicaCount": by_count,
+        "partitionsWithoutPrimary": states.iter().filter(|st| st.is_none()).count(),
         "members": members,
     });
     if q.partitions {
@@ -195,6 +208,12 @@ async fn layout(
                     .replicas(crate::types::PartitionId(p))
                     .map(|m| m.id.0.as_str())
                     .collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        );
+        body["actingPrimaries"] = json!(
+            states
+                .iter()
+                .map(|st| st.as_ref().map(|st| st.primary.0.as_str()))
                 .collect::<Vec<_>>()
         );
     }
@@ -264,9 +283,16 @@ async fn delete_tenant(
     Query(q): Query<DeleteQuery>,
 ) -> Result<StatusCode, ApiError> {
     let t = tenant(&s, &name).await?;
+    let everywhere =
+        |work| tenant_work_everywhere(&s.cluster, &s.store, t.id, work, CLUSTER_WORK_TIMEOUT);
     if q.purge {
-        s.store.purge_tenant(t.id).await?;
-    } else if !s.store.list_buckets(t.id).await?.is_empty() || s.store.tenant_has_kv(t.id).await? {
+        everywhere("purge").await?;
+    } else if !s.store.list_buckets(t.id).await?.is_empty()
+        || everywhere("has-kv")
+            .await?
+            .iter()
+            .any(|a| a["hasKv"].as_bool() == Some(true))
+    {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "TenantNotEmpty",
@@ -334,5 +360,24 @@ async fn usage(
     Path(name): Path<String>,
 ) -> Result<Json<crate::model::bucket::Usage>, ApiError> {
     let t = tenant(&s, &name).await?;
-    Ok(Json(s.store.tenant_usage(t.id).await?))
+    let mut total = crate::model::bucket::Usage::default();
+    for share in
+        tenant_work_everywhere(&s.cluster, &s.store, t.id, "usage", CLUSTER_WORK_TIMEOUT).await?
+    {
+        let u: crate::model::bucket::Usage = serde_json::from_value(share).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "BadPeerAnswer",
+                format!("a peer's usage report is malformed: {e}"),
+            )
+        })?;
+        total.buckets += u.buckets;
+        total.objects += u.objects;
+        total.storage_bytes += u.storage_bytes;
+        total.kv_keys += u.kv_keys;
+    }
+    Ok(Json(total))
 }
+
+/// How long a peer gets for its share of a tenant-wide usage report or purge.
+const CLUSTER_WORK_TIMEOUT: Duration = Duration::from_secs(600);

@@ -217,6 +217,9 @@ pub trait Catalog: Send + Sync + 'static {
         expected: Option<Epoch>,
         next: &PartitionState,
     ) -> Result<bool>;
+    /// Stores the first state (epoch 1) of every partition in `initial` that has none yet,
+    /// in one transaction; partitions already set keep theirs. Returns how many were set.
+    async fn init_partition_states(&self, initial: &[PartitionState]) -> Result<u64>;
 
     /// Returns the stored value of a cluster setting, storing `default` first if absent.
     async fn setting_or_init(&self, key: &str, default: &str) -> Result<String>;
@@ -790,6 +793,34 @@ impl Catalog for SqlCatalog {
             }
         };
         Ok(r.rows_affected() == 1)
+    }
+
+    async fn init_partition_states(&self, initial: &[PartitionState]) -> Result<u64> {
+        let sql = format!(
+            "INSERT INTO partition_states (partition, epoch, primary_node, in_sync, updated_at) \
+             VALUES ($1, 1, $2, $3, {}) ON CONFLICT (partition) DO NOTHING",
+            self.now_sql()
+        );
+        let mut tx = self.pool.begin().await?;
+        let mut set = 0;
+        for s in initial {
+            if s.epoch != Epoch(1) || !s.in_sync.contains(&s.primary) {
+                return Err(CatalogError::Invalid(
+                    "a first partition state takes epoch 1 and keeps its primary in sync".into(),
+                ));
+            }
+            let in_sync = serde_json::to_string(&s.in_sync)
+                .map_err(|e| CatalogError::Corrupt(e.to_string()))?;
+            set += sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(s.partition.0 as i64)
+                .bind(&s.primary.0)
+                .bind(&in_sync)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(set)
     }
 
     async fn setting_or_init(&self, key: &str, default: &str) -> Result<String> {

@@ -14,10 +14,16 @@
 //!   every node, which learns of a new version within one interval by polling and at
 //!   once on Postgres through `LISTEN/NOTIFY`.
 //!
+//! - Every partition has an acting primary recorded in the catalog (`partition_states`,
+//!   changed only by compare-and-set on its epoch). The coordinator gives each partition
+//!   without one its layout's preferred primary; every node caches the table and answers
+//!   [`Cluster::route`]: serve here, forward to the primary's RPC port, or unavailable.
+//!
 //! Not yet (docs/cluster.md, "Stages"): replication of partitions to their replica
-//! sets and routing of requests to the primary. Until then each node still serves the
-//! data it holds itself; the layout is published but not acted upon.
+//! sets, failover and moving a primary. Until then a partition's data lives on its
+//! primary alone, and a failed primary's partitions are unavailable until it returns.
 
+pub mod forward;
 pub mod layout;
 pub mod membership;
 pub mod rpc;
@@ -29,9 +35,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use tokio::sync::{Notify, watch};
 
-use crate::catalog::{Catalog, NodeRecord, StoredLayout};
+use crate::catalog::{Catalog, NodeRecord, PartitionState, StoredLayout};
 use crate::telemetry::Metrics;
-use crate::types::NodeId;
+use crate::types::{Epoch, NodeId, PartitionId};
 
 pub use layout::{Layout, Member};
 pub use membership::{NodeState, Thresholds};
@@ -43,6 +49,8 @@ pub struct ClusterConfig {
     pub me: NodeRecord,
     pub partitions: u16,
     pub replication_factor: u8,
+    /// Members the layout must have before partitions get their first primaries.
+    pub bootstrap_expect: u16,
     pub interval: Duration,
     pub thresholds: Thresholds,
     pub secret: Option<Arc<str>>,
@@ -65,6 +73,17 @@ pub struct NodeView {
     pub is_self: bool,
 }
 
+/// Where a request for one partition is served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Route {
+    /// This node is the partition's primary.
+    Local,
+    /// Another node is; forward to its RPC address.
+    Remote { node: NodeId, rpc_addr: String },
+    /// Nobody can serve it now; the reason is for the client.
+    Unavailable(String),
+}
+
 #[derive(Clone)]
 pub struct Cluster {
     inner: Arc<Inner>,
@@ -78,6 +97,10 @@ struct Inner {
     /// Per peer: since when its probes fail (absent: it answered the last one).
     unreachable_since: Mutex<HashMap<NodeId, Instant>>,
     layout: watch::Sender<Option<Arc<Layout>>>,
+    /// Every partition's state as last read from the catalog, indexed by partition.
+    states: std::sync::RwLock<Arc<Vec<Option<PartitionState>>>>,
+    /// Bumped whenever `view` is replaced.
+    view_seq: watch::Sender<u64>,
     wake: Notify,
     http: reqwest::Client,
 }
@@ -99,6 +122,8 @@ impl Cluster {
                 view: Mutex::new(Vec::new()),
                 unreachable_since: Mutex::new(HashMap::new()),
                 layout: watch::Sender::new(None),
+                states: Default::default(),
+                view_seq: watch::Sender::new(0),
                 wake: Notify::new(),
                 http,
             }),
@@ -111,6 +136,11 @@ impl Cluster {
 
     pub fn partitions(&self) -> u16 {
         self.inner.cfg.partitions
+    }
+
+    /// The client for requests to peers (short default timeout; override per request).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.inner.http
     }
 
     pub fn secret(&self) -> Option<&Arc<str>> {
@@ -129,6 +159,81 @@ impl Cluster {
     /// The current layout, once one is known.
     pub fn layout(&self) -> Option<Arc<Layout>> {
         self.inner.layout.borrow().clone()
+    }
+
+    /// Where partition `p` is served, by this node's latest view of the catalog.
+    pub fn route(&self, p: PartitionId) -> Route {
+        let states = self.partition_states();
+        let Some(Some(state)) = states.get(p.0 as usize) else {
+            return Route::Unavailable(format!(
+                "partition {p} has no primary yet: the cluster is forming (partitions are \
+                 assigned once bootstrap_expect nodes have joined)"
+            ));
+        };
+        if state.primary == *self.me() {
+            return Route::Local;
+        }
+        let view = self
+            .inner
+            .view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match view.iter().find(|v| v.record.id == state.primary) {
+            Some(v) if v.state == NodeState::Failed => Route::Unavailable(format!(
+                "partition {p} is held by node {}, which has failed; its data is not replicated \
+                 yet, so it is unavailable until that node returns",
+                state.primary.0
+            )),
+            // Fail fast rather than queue behind a peer that does not answer probes.
+            Some(v) if v.state == NodeState::Suspected => Route::Unavailable(format!(
+                "partition {p} is held by node {}, which does not answer from here; retry",
+                state.primary.0
+            )),
+            Some(v) if !v.record.rpc_addr.is_empty() => Route::Remote {
+                node: state.primary.clone(),
+                rpc_addr: v.record.rpc_addr.clone(),
+            },
+            _ => Route::Unavailable(format!(
+                "partition {p} is held by node {}, which this node cannot address",
+                state.primary.0
+            )),
+        }
+    }
+
+    /// Resolves once this node no longer judges `node` alive (suspected, failed or no
+    /// longer a member): lets a request waiting on that node give up.
+    pub async fn until_not_alive(&self, node: &NodeId) {
+        let mut seq = self.inner.view_seq.subscribe();
+        loop {
+            let alive = self
+                .inner
+                .view
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .any(|v| v.record.id == *node && v.state == NodeState::Alive);
+            if !alive {
+                return;
+            }
+            if seq.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Every partition's replication state as last read (index: partition; None: unset).
+    pub fn partition_states(&self) -> Arc<Vec<Option<PartitionState>>> {
+        self.inner
+            .states
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Reads the partition states again now (a forwarded request found the cached
+    /// primary wrong).
+    pub fn refresh_soon(&self) {
+        self.inner.wake.notify_one();
     }
 
     /// Changes to the current layout.
@@ -194,7 +299,91 @@ impl Cluster {
             view.clone(),
         );
         log_transitions(&previous, &view);
-        self.maintain_layout(&view).await
+        inner.view_seq.send_modify(|n| *n += 1);
+        let coordinator = view
+            .iter()
+            .filter(|v| v.state == NodeState::Alive)
+            .map(|v| &v.record.id)
+            .min()
+            == Some(self.me());
+        self.maintain_layout(&view, coordinator).await?;
+        self.maintain_partitions(coordinator).await
+    }
+
+    /// Whether first primaries may be assigned from `layout`: always once the cluster
+    /// exists (some partition has a state), else when `bootstrap_expect` nodes joined.
+    fn enough_to_bootstrap(&self, layout: &Layout, creating: bool) -> bool {
+        let expect = self.inner.cfg.bootstrap_expect as usize;
+        if !creating || layout.members.len() >= expect {
+            return true;
+        }
+        tracing::info!(
+            joined = layout.members.len(),
+            expect,
+            "waiting for bootstrap_expect nodes before assigning partitions"
+        );
+        false
+    }
+
+    /// Reads every partition's state; the coordinator first gives each partition that has
+    /// none its layout's preferred primary (epoch 1). A set primary never moves here:
+    /// moving one needs its data to move first (replication, docs/cluster.md).
+    async fn maintain_partitions(&self, coordinator: bool) -> anyhow::Result<()> {
+        let catalog = &self.inner.catalog;
+        let n = self.inner.cfg.partitions as usize;
+        let mut stored = catalog.partition_states().await?;
+        if coordinator
+            && stored.len() < n
+            && let Some(layout) = self.layout()
+            && self.enough_to_bootstrap(&layout, stored.is_empty())
+        {
+            let mut have = vec![false; n];
+            for s in &stored {
+                if let Some(h) = have.get_mut(s.partition.0 as usize) {
+                    *h = true;
+                }
+            }
+            let initial: Vec<PartitionState> = (0..self.inner.cfg.partitions)
+                .map(PartitionId)
+                .filter(|p| !have[p.0 as usize])
+                .filter_map(|p| {
+                    let primary = layout.primary(p)?.id.clone();
+                    Some(PartitionState {
+                        partition: p,
+                        epoch: Epoch(1),
+                        in_sync: vec![primary.clone()],
+                        primary,
+                    })
+                })
+                .collect();
+            let set = catalog.init_partition_states(&initial).await?;
+            if set > 0 {
+                tracing::info!(
+                    partitions = set,
+                    layout = layout.version,
+                    "assigned first primaries from the layout"
+                );
+            }
+            stored = catalog.partition_states().await?;
+        }
+        let mut table = vec![None; n];
+        for s in stored {
+            if let Some(slot) = table.get_mut(s.partition.0 as usize) {
+                *slot = Some(s);
+            }
+        }
+        let led = table
+            .iter()
+            .flatten()
+            .filter(|s| s.primary == *self.me())
+            .count();
+        self.inner.metrics.partitions_led.set(led as i64);
+        *self
+            .inner
+            .states
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+        Ok(())
     }
 
     /// Probes every peer's RPC port at once; remembers since when each one fails.
@@ -294,15 +483,10 @@ impl Cluster {
 
     /// Loads the newest layout; if this node is the coordinator and the members changed,
     /// stores the next version first.
-    async fn maintain_layout(&self, view: &[NodeView]) -> anyhow::Result<()> {
+    async fn maintain_layout(&self, view: &[NodeView], coordinator: bool) -> anyhow::Result<()> {
         let cfg = &self.inner.cfg;
         let mut current = self.load_layout().await?;
-        let coordinator = view
-            .iter()
-            .filter(|v| v.state == NodeState::Alive)
-            .map(|v| &v.record.id)
-            .min();
-        if coordinator == Some(self.me()) {
+        if coordinator {
             // Suspected nodes keep their place: only failure (agreed through the
             // catalog) moves partitions, so a slow node does not cause churn.
             let mut members: Vec<Member> = view

@@ -2,9 +2,12 @@
 //! authentication by the cluster secret; every route refuses a request without it, and
 //! every route refuses everything when the node has no secret configured.
 //!
-//! Routes: probes (`GET /rpc/v1/ping`) and partition snapshots
-//! (`GET /rpc/v1/partitions/{p}/snapshot`, streamed, for catch-up and partition moves);
-//! replication and request forwarding will be served here too (docs/cluster.md).
+//! Routes: probes (`GET /rpc/v1/ping`), partition snapshots
+//! (`GET /rpc/v1/partitions/{p}/snapshot`, streamed, for catch-up and partition moves),
+//! forwarded client requests (`/rpc/v1/forward/{s3|kv}`, any method, see [`super::forward`])
+//! and a tenant's share of cluster-wide work in the partitions a node leads
+//! (`POST /rpc/v1/tenants/{id}/{usage|purge|has-kv}`). Replication will be served here
+//! too (docs/cluster.md).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +17,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde_json::json;
 
@@ -29,6 +32,16 @@ pub struct RpcState {
     pub engine: Engine,
     /// Snapshot exports running at once (each holds a read transaction and a thread).
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// The node's front ends and model, for forwarded requests and tenant-wide work
+    /// (absent in tests that exercise the RPC port alone).
+    pub fronts: Option<Fronts>,
+}
+
+#[derive(Clone)]
+pub struct Fronts {
+    pub s3: crate::s3::front::S3Front,
+    pub kv: crate::kv::KvState,
+    pub store: crate::model::Store,
 }
 
 impl RpcState {
@@ -37,7 +50,18 @@ impl RpcState {
             cluster,
             engine,
             exports: Arc::new(tokio::sync::Semaphore::new(MAX_EXPORTS)),
+            fronts: None,
         }
+    }
+
+    pub fn with_fronts(
+        mut self,
+        s3: crate::s3::front::S3Front,
+        kv: crate::kv::KvState,
+        store: crate::model::Store,
+    ) -> Self {
+        self.fronts = Some(Fronts { s3, kv, store });
+        self
     }
 }
 
@@ -48,6 +72,8 @@ pub fn router(state: RpcState) -> Router {
     Router::new()
         .route("/rpc/v1/ping", get(ping))
         .route("/rpc/v1/partitions/{p}/snapshot", get(snapshot))
+        .route("/rpc/v1/forward/{front}", any(forward_in))
+        .route("/rpc/v1/tenants/{id}/{work}", post(tenant_work))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "NoSuchRoute", "unknown RPC route")
         })
@@ -128,6 +154,159 @@ pub async fn pull_partition(
     let stream = resp.bytes_stream().map_err(std::io::Error::other);
     let mut reader = tokio_util::io::StreamReader::new(stream);
     engine.import_partition(p, &mut reader).await
+}
+
+fn fronts(s: &RpcState) -> Result<&Fronts, ApiError> {
+    s.fronts.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "this node serves no clients",
+        )
+    })
+}
+
+/// A client request another node sent on because this node leads its partition.
+async fn forward_in(
+    State(s): State<RpcState>,
+    Path(front): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let f = fronts(&s)?;
+    let (mut parts, body) = req.into_parts();
+    super::forward::restore(&mut parts).map_err(ApiError::bad_request)?;
+    match front.as_str() {
+        "s3" => {
+            let req = http::Request::from_parts(parts, s3s::Body::http_body_unsync(body));
+            Ok(f.s3.handle(req).await.map(Body::new))
+        }
+        "kv" => Ok(crate::kv::handle(State(f.kv.clone()), Request::from_parts(parts, body)).await),
+        _ => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "NoSuchRoute",
+            "forwarded requests go to s3 or kv",
+        )),
+    }
+}
+
+/// The partitions a peer asks this node to do a tenant's work in.
+#[derive(serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TenantWork {
+    pub partitions: Vec<u16>,
+}
+
+/// A tenant's share of cluster-wide work: usage, purge or "has KV keys", over exactly
+/// the partitions named, each of which this node must lead (else 503: the asker's
+/// partition table is stale and it must not count or purge anything twice or never).
+async fn tenant_work(
+    State(s): State<RpcState>,
+    Path((id, work)): Path<(uuid::Uuid, String)>,
+    Json(w): Json<TenantWork>,
+) -> Result<Response, ApiError> {
+    let f = fronts(&s)?;
+    let tenant = crate::types::TenantId(id);
+    let mut set = crate::model::PartitionSet::none(s.cluster.partitions());
+    for p in w.partitions {
+        if s.cluster.route(PartitionId(p)) != super::Route::Local {
+            s.cluster.refresh_soon();
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "NotPrimary",
+                format!("this node does not lead partition {p}"),
+            ));
+        }
+        set.insert(PartitionId(p));
+    }
+    Ok(Json(do_tenant_work(&f.store, tenant, &work, &set).await?).into_response())
+}
+
+async fn do_tenant_work(
+    store: &crate::model::Store,
+    tenant: crate::types::TenantId,
+    work: &str,
+    set: &crate::model::PartitionSet,
+) -> Result<serde_json::Value, ApiError> {
+    Ok(match work {
+        "usage" => json!(store.tenant_usage_in(tenant, set).await?),
+        "purge" => {
+            store.purge_tenant_in(tenant, set).await?;
+            json!({})
+        }
+        "has-kv" => json!({"hasKv": store.tenant_has_kv_in(tenant, set).await?}),
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NoSuchRoute",
+                "tenant work is usage, purge or has-kv",
+            ));
+        }
+    })
+}
+
+/// Runs a tenant's `work` ("usage", "purge" or "has-kv") over every partition of the
+/// cluster: each primary does it for the partitions it leads (this node directly, the
+/// others over the RPC port, all at once). Every partition is covered exactly once or
+/// the whole call fails with 503: a partition without a reachable primary makes the
+/// answer unknown, never silently partial.
+pub async fn tenant_work_everywhere(
+    cluster: &Cluster,
+    store: &crate::model::Store,
+    tenant: crate::types::TenantId,
+    work: &'static str,
+    timeout: Duration,
+) -> Result<Vec<serde_json::Value>, ApiError> {
+    let unavailable =
+        |why: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", why);
+    let mut local = crate::model::PartitionSet::none(cluster.partitions());
+    let mut remote: std::collections::BTreeMap<String, (super::NodeId, Vec<u16>)> =
+        Default::default();
+    for p in 0..cluster.partitions() {
+        match cluster.route(PartitionId(p)) {
+            super::Route::Local => {
+                local.insert(PartitionId(p));
+            }
+            super::Route::Remote { node, rpc_addr } => remote
+                .entry(rpc_addr)
+                .or_insert((node, Vec::new()))
+                .1
+                .push(p),
+            super::Route::Unavailable(why) => return Err(unavailable(why)),
+        }
+    }
+    let secret = cluster.secret().cloned();
+    let asks = remote.into_iter().map(|(addr, (node, partitions))| {
+        let (http, secret) = (cluster.http().clone(), secret.clone());
+        async move {
+            let fail = |e: String| format!("node {} ({addr}): {e}", node.0);
+            let secret = secret.ok_or_else(|| fail("this node has no cluster secret".into()))?;
+            let r = http
+                .post(format!("http://{addr}/rpc/v1/tenants/{}/{work}", tenant.0))
+                .bearer_auth(&*secret)
+                .timeout(timeout)
+                .json(&TenantWork { partitions })
+                .send()
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            if !r.status().is_success() {
+                return Err(fail(format!("HTTP {}", r.status())));
+            }
+            r.json::<serde_json::Value>()
+                .await
+                .map_err(|e| fail(e.to_string()))
+        }
+    });
+    let (mine, theirs) = futures::join!(
+        do_tenant_work(store, tenant, work, &local),
+        futures::future::join_all(asks)
+    );
+    let mut out = vec![mine?];
+    for r in theirs {
+        out.push(
+            r.map_err(|e| unavailable(format!("{work} needs every partition's primary: {e}")))?,
+        );
+    }
+    Ok(out)
 }
 
 async fn require_peer(State(c): State<Cluster>, req: Request, next: Next) -> Response {

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::Instrument;
 
+use crate::cluster::forward::{Decision, Forwarded, Forwarder, NOT_PRIMARY};
 use crate::jsonapi::ApiError;
 use crate::model::Store;
 use crate::model::kv::{Entry, KvCondition, MAX_PAGE_BYTES, MAX_VALUE, entry_cost};
@@ -36,6 +37,8 @@ pub struct KvState {
     pub metrics: std::sync::Arc<Metrics>,
     /// The node's memory budget: every body, value and page held reserves from it.
     pub budget: MemoryBudget,
+    /// Sends requests for namespaces another node leads to that node.
+    pub forwarder: Forwarder,
 }
 
 pub fn router(state: KvState) -> Router {
@@ -81,6 +84,16 @@ fn sig_error(e: SigError) -> ApiError {
             e.to_string(),
         ),
     }
+}
+
+/// The namespace a KV path names (`/kv/v1/{ns}[/{key}]`), if it is well formed; a
+/// malformed one is served locally, where it gets its error.
+fn namespace(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/kv/v1/")?;
+    let ns = rest.split('/').next()?;
+    String::from_utf8(decode(ns).ok()?)
+        .ok()
+        .filter(|n| !n.is_empty())
 }
 
 /// Percent-decodes a path segment or query value into raw bytes (binary-safe keys).
@@ -308,20 +321,64 @@ async fn authenticate(
     Ok((creds.tenant_id, body, hold))
 }
 
-async fn handle(State(st): State<KvState>, req: Request) -> Response {
+/// Answers one KV request, from a client or forwarded by a peer ([`Forwarded`]).
+pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response {
     let started = Instant::now();
     let slot = OpSlot::default();
+    let forwarded = req.extensions().get::<Forwarded>().is_some();
     let span = tracing::info_span!(
         "kv",
         front = "kv",
+        forwarded,
         operation = tracing::field::Empty,
         tenant = tracing::field::Empty,
         bucket = tracing::field::Empty,
         status = tracing::field::Empty,
-        bytes = tracing::field::Empty
+        bytes = tracing::field::Empty,
+        primary = tracing::field::Empty
     );
     let resp = async {
-        match dispatch(&st, req, &slot).await {
+        let (parts, body) = req.into_parts();
+        let container = namespace(parts.uri.path()).map(|ns| crate::model::kv::kv_container(&ns));
+        match st.forwarder.decide(&parts, container.as_deref()).await {
+            Decision::Local => {}
+            Decision::Refuse {
+                message,
+                not_primary,
+            } => {
+                slot.set(Decision::refusal_name(not_primary));
+                let mut r = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    message,
+                )
+                .into_response();
+                if not_primary {
+                    r.headers_mut()
+                        .insert(NOT_PRIMARY, HeaderValue::from_static("1"));
+                }
+                return r;
+            }
+            Decision::Forward { node, rpc_addr } => {
+                slot.set("Forward");
+                tracing::Span::current().record("primary", node.0.as_str());
+                let body = reqwest::Body::wrap_stream(body.into_data_stream());
+                return match st
+                    .forwarder
+                    .forward("kv", &node, &rpc_addr, &parts, body)
+                    .await
+                {
+                    Ok(r) => r.map(Body::new),
+                    Err(_) => ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        "the node holding this namespace cannot be reached; retry",
+                    )
+                    .into_response(),
+                };
+            }
+        }
+        match dispatch(&st, Request::from_parts(parts, body), &slot).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         }

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use redb::ReadableTable;
 
-use super::{Error, Result, Store};
+use super::{Error, PartitionSet, Result, Store};
 use crate::catalog::{Bucket, CatalogError};
 use crate::engine::{DEAD_BUCKETS, EngineError, OBJECTS, UPLOADS, keys};
 use crate::types::TenantId;
@@ -106,7 +106,16 @@ impl Store {
 
     /// Deletes every bucket, object and KV key of a tenant (admin purge).
     pub async fn purge_tenant(&self, tenant: TenantId) -> Result<()> {
+        self.purge_tenant_in(tenant, &self.all_partitions()).await
+    }
+
+    /// Deletes the tenant's buckets (with their objects and uploads) and KV keys that
+    /// live in the partitions of `set`: this node's share of a cluster-wide purge.
+    pub async fn purge_tenant_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<()> {
         for b in self.list_buckets(tenant).await? {
+            if !set.contains(self.partition(tenant, &b.name)) {
+                continue;
+            }
             loop {
                 let page = self
                     .list_objects(tenant, &b.name, "", None, None, 1000)
@@ -132,13 +141,13 @@ impl Store {
             }
             self.delete_bucket(tenant, &b.name).await?;
         }
-        self.purge_kv(tenant).await?;
+        self.purge_kv_in(tenant, set).await?;
         Ok(())
     }
 }
 
 /// What a tenant stores, for the admin API's usage report.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub buckets: u64,
@@ -152,12 +161,21 @@ impl Store {
     /// Exact but proportional to the tenant's size; quota enforcement will keep running
     /// counters instead (see docs/design.md).
     pub async fn tenant_usage(&self, tenant: TenantId) -> Result<Usage> {
-        let buckets = self.list_buckets(tenant).await?;
-        let prefixes: Vec<Vec<u8>> = buckets
+        self.tenant_usage_in(tenant, &self.all_partitions()).await
+    }
+
+    /// The tenant's usage in the partitions of `set` (buckets count where their data
+    /// lives): this node's share of a cluster-wide report.
+    pub async fn tenant_usage_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<Usage> {
+        let prefixes: Vec<Vec<u8>> = self
+            .list_buckets(tenant)
+            .await?
             .iter()
-            .map(|b| keys::bucket_prefix(self.partition(tenant, &b.name), b.id))
+            .map(|b| (self.partition(tenant, &b.name), b.id))
+            .filter(|(p, _)| set.contains(*p))
+            .map(|(p, id)| keys::bucket_prefix(p, id))
             .collect();
-        let n = buckets.len() as u64;
+        let n = prefixes.len() as u64;
         let usage = self
             .engine()
             .read(move |txn| {
@@ -180,7 +198,7 @@ impl Store {
             })
             .await?;
         Ok(Usage {
-            kv_keys: self.tenant_kv_keys(tenant).await?,
+            kv_keys: self.tenant_kv_keys(tenant, set).await?,
             ..usage
         })
     }

@@ -13,9 +13,9 @@ use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
 use super::object::encode;
-use super::{Error, Result, Store};
+use super::{Error, PartitionSet, Result, Store};
 use crate::engine::{EngineError, KV, KV_EXPIRY, META, keys};
-use crate::types::{TenantId, now_millis};
+use crate::types::{PartitionId, TenantId, now_millis};
 
 pub const MAX_KEY: usize = 1024;
 pub const MAX_VALUE: usize = 1024 * 1024;
@@ -147,9 +147,15 @@ fn check(cond: KvCondition, current: Option<&Stored>) -> Result<()> {
     }
 }
 
+/// The name a KV namespace is placed by: its partition is that of this "container"
+/// (prefixed so that a namespace and a bucket of the same name spread independently).
+pub fn kv_container(ns: &str) -> String {
+    format!("kv:{ns}")
+}
+
 impl Store {
     fn kv_prefix(&self, tenant: TenantId, ns: &str) -> Vec<u8> {
-        keys::kv_namespace_prefix(self.partition(tenant, &format!("kv:{ns}")), tenant, ns)
+        keys::kv_namespace_prefix(self.partition(tenant, &kv_container(ns)), tenant, ns)
     }
 
     pub async fn kv_get(&self, tenant: TenantId, ns: &str, key: &[u8]) -> Result<Option<Entry>> {
@@ -408,8 +414,14 @@ impl Store {
     /// The KV key ranges of one tenant: one per partition (a namespace's partition is
     /// a hash, so a tenant's keys are spread over all of them). Visiting these touches
     /// only the tenant's own keys.
-    pub(crate) fn tenant_kv_ranges(&self, tenant: TenantId) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// The tenant's KV range in each partition of `set`.
+    pub(crate) fn tenant_kv_ranges(
+        &self,
+        tenant: TenantId,
+        set: &PartitionSet,
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
         (0..self.inner.partitions)
+            .filter(|p| set.contains(PartitionId(*p)))
             .map(|p| {
                 let mut lo = p.to_be_bytes().to_vec();
                 lo.extend_from_slice(tenant.as_bytes());
@@ -422,7 +434,12 @@ impl Store {
 
     /// Removes every KV key of a tenant (admin purge), in one transaction.
     pub async fn purge_kv(&self, tenant: TenantId) -> Result<()> {
-        let ranges = self.tenant_kv_ranges(tenant);
+        self.purge_kv_in(tenant, &self.all_partitions()).await
+    }
+
+    /// Removes the tenant's KV keys in the partitions of `set`, in one transaction.
+    pub async fn purge_kv_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<()> {
+        let ranges = self.tenant_kv_ranges(tenant, set);
         self.engine()
             .write(vec![], move |ctx| {
                 let mut t = ctx.txn.open_table(KV)?;
@@ -448,8 +465,8 @@ impl Store {
     }
 
     /// How many KV keys a tenant holds (expired ones count until swept).
-    pub async fn tenant_kv_keys(&self, tenant: TenantId) -> Result<u64> {
-        let ranges = self.tenant_kv_ranges(tenant);
+    pub async fn tenant_kv_keys(&self, tenant: TenantId, set: &PartitionSet) -> Result<u64> {
+        let ranges = self.tenant_kv_ranges(tenant, set);
         Ok(self
             .engine()
             .read(move |txn| {
@@ -569,7 +586,12 @@ impl Store {
 
     /// Whether a tenant holds any KV key (for the admin API's non-purging delete).
     pub async fn tenant_has_kv(&self, tenant: TenantId) -> Result<bool> {
-        let ranges = self.tenant_kv_ranges(tenant);
+        self.tenant_has_kv_in(tenant, &self.all_partitions()).await
+    }
+
+    /// Whether the tenant has KV keys in the partitions of `set`.
+    pub async fn tenant_has_kv_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<bool> {
+        let ranges = self.tenant_kv_ranges(tenant, set);
         Ok(self
             .engine()
             .read(move |txn| {

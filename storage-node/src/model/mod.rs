@@ -65,6 +65,31 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A set of partitions: the share of a tenant-wide job one node does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionSet(Vec<bool>);
+
+impl PartitionSet {
+    pub fn none(partitions: u16) -> Self {
+        Self(vec![false; partitions as usize])
+    }
+
+    /// Adds `p`; false if it is out of range.
+    pub fn insert(&mut self, p: PartitionId) -> bool {
+        match self.0.get_mut(p.0 as usize) {
+            Some(slot) => {
+                *slot = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn contains(&self, p: PartitionId) -> bool {
+        self.0.get(p.0 as usize).copied().unwrap_or(false)
+    }
+}
+
 /// Replaced chunk files are handed to the pin registry only after this delay, which
 /// covers the moment between a read resolving an object's metadata and pinning its
 /// chunks. From then on a file stays while any read uses it, however long that read
@@ -114,6 +139,10 @@ impl Store {
 
     pub fn partition(&self, tenant: TenantId, container: &str) -> PartitionId {
         PartitionId::of(tenant, container.as_bytes(), self.inner.partitions)
+    }
+
+    pub fn all_partitions(&self) -> PartitionSet {
+        PartitionSet(vec![true; self.inner.partitions as usize])
     }
 
     /// Removes chunk files no metadata references any more, once no read uses them.

@@ -5,6 +5,7 @@
 mod bucket;
 pub mod convert;
 mod error;
+pub mod front;
 mod multipart;
 mod object;
 

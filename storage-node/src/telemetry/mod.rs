@@ -44,6 +44,12 @@ pub struct NodeStateLabels {
     pub state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ForwardLabels {
+    pub front: &'static str,
+    pub outcome: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Mutex<Registry>,
     pub requests: Family<RequestLabels, Counter>,
@@ -54,6 +60,10 @@ pub struct Metrics {
     pub cluster_nodes: Family<NodeStateLabels, Gauge>,
     pub layout_version: Gauge,
     pub under_replicated: Gauge,
+    /// Partitions this node is the acting primary of.
+    pub partitions_led: Gauge,
+    /// Requests sent on to the partition's primary, by front end and outcome.
+    pub forwarded: Family<ForwardLabels, Counter>,
     /// When this node last judged its peers (Unix seconds): a stale value means the
     /// cluster view (catalog or peers) is not being refreshed.
     pub cluster_view_at: Gauge,
@@ -101,6 +111,19 @@ impl Default for Metrics {
             "Partitions whose replica set in the current layout is smaller than the replication factor",
             under_replicated.clone(),
         );
+        let partitions_led = Gauge::default();
+        registry.register(
+            "cluster_partitions_led",
+            "Partitions this node is the acting primary of",
+            partitions_led.clone(),
+        );
+        let forwarded = Family::<ForwardLabels, Counter>::default();
+        registry.register(
+            "forwarded_requests",
+            "Requests this node sent on to their partition's primary, by front end and outcome \
+             (ok: the primary answered; unreachable: it could not be reached)",
+            forwarded.clone(),
+        );
         let cluster_view_at = Gauge::default();
         registry.register(
             "cluster_view_timestamp_seconds",
@@ -115,6 +138,8 @@ impl Default for Metrics {
             cluster_nodes,
             layout_version,
             under_replicated,
+            partitions_led,
+            forwarded,
             cluster_view_at,
         }
     }

@@ -177,6 +177,9 @@ mod tests {
         ) -> Result<bool> {
             self.inner.cas_partition_state(expected, next).await
         }
+        async fn init_partition_states(&self, initial: &[PartitionState]) -> Result<u64> {
+            self.inner.init_partition_states(initial).await
+        }
         async fn setting_or_init(&self, k: &str, d: &str) -> Result<String> {
             self.inner.setting_or_init(k, d).await
         }

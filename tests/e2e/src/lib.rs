@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+pub mod cluster;
 pub mod control_plane;
 pub mod netns;
 pub mod otlp;

@@ -194,7 +194,27 @@ async fn suite(cat: &SqlCatalog) {
             .await,
         Err(CatalogError::Invalid(_)),
     ));
-    assert_eq!(cat.partition_states().await.unwrap(), vec![e2]);
+    assert_eq!(cat.partition_states().await.unwrap(), vec![e2.clone()]);
+    // The bulk first assignment sets only partitions without a state.
+    let first = |p: u16, primary: &str| PartitionState {
+        partition: PartitionId(p),
+        ..state(1, primary, &[primary])
+    };
+    assert_eq!(
+        cat.init_partition_states(&[first(7, "n9"), first(8, "n1"), first(9, "n2")])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        cat.partition_states().await.unwrap(),
+        vec![e2, first(8, "n1"), first(9, "n2")],
+        "partition 7 keeps its state"
+    );
+    assert!(matches!(
+        cat.init_partition_states(&[state(2, "n1", &["n1"])]).await,
+        Err(CatalogError::Invalid(_))
+    ));
     assert_eq!(
         cat.setting_or_init("partitions", "1024").await.unwrap(),
         "1024"

@@ -8,134 +8,25 @@
 
 use std::time::{Duration, Instant};
 
-use granary_e2e::netns::Net;
-use granary_e2e::{NodeProc, PgServer, node_binary};
+use granary_e2e::NodeProc;
+use granary_e2e::cluster::{SECRET, Settings, TestCluster, admin, eventually, signal, state_of};
 use serde_json::Value;
-
-const TOKEN: &str = "cluster-test-admin-token-0123456789";
-const SECRET: &str = "cluster-test-peer-secret-0123456789";
-
-struct Member {
-    proc: NodeProc,
-    rpc: String,
-}
-
-fn start_node(
-    net: &Net,
-    i: usize,
-    dir: &std::path::Path,
-    zone: &str,
-    url: &str,
-    master: &str,
-) -> Member {
-    let id = format!("n{}", i + 1);
-    let addr = net.addr(i);
-    let data = dir.join(&id);
-    let config = dir.join(format!("{id}.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "node_id = \"{id}\"\nregion = \"eu-west-1\"\nzone = \"{zone}\"\ndata_dir = \"{}\"\n\
-             s3_listen = \"{addr}:0\"\nkv_listen = \"{addr}:0\"\nadmin_listen = \"{addr}:0\"\n\
-             rpc_listen = \"{addr}:0\"\npartitions = 64\nreplication_factor = 3\n\
-             heartbeat_interval_ms = 300\nsuspect_after_ms = 2000\nfail_after_ms = 6000\n",
-            data.display()
-        ),
-    )
-    .unwrap();
-    let env = [
-        ("GRANARY_CATALOG_URL", url),
-        ("GRANARY_MASTER_KEY", master),
-        ("GRANARY_ADMIN_TOKEN", TOKEN),
-        ("GRANARY_CLUSTER_SECRET", SECRET),
-    ];
-    let proc = NodeProc::serve_in(Some(net.namespace(i)), &data, &config, &env, TOKEN).unwrap();
-    let endpoints: Value =
-        serde_json::from_str(&std::fs::read_to_string(data.join("endpoints.json")).unwrap())
-            .unwrap();
-    let rpc = endpoints["rpc"].as_str().unwrap().to_string();
-    Member { proc, rpc }
-}
-
-async fn admin(node: &NodeProc, path: &str) -> Value {
-    let r = reqwest::Client::new()
-        .get(format!("{}/admin/v1{path}", node.admin))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-    r.json().await.unwrap()
-}
-
-/// Polls `f` until it returns Some, or fails after `secs` with `what`.
-async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let started = Instant::now();
-    let deadline = started + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            println!("{what}: {:.1} s", started.elapsed().as_secs_f64());
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn state_of(nodes: &Value, id: &str) -> String {
-    nodes["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["id"] == id)
-        .map(|n| n["state"].as_str().unwrap().to_string())
-        .unwrap_or_default()
-}
-
-fn signal(node: &NodeProc, sig: &str) {
-    let pid = node.pid().unwrap().to_string();
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_agree_on_a_zone_aware_layout_and_handle_a_failed_node() {
-    let net = Net::create(3).expect("network namespaces for the cluster test");
-    println!(
-        "network: namespaces {}, {}, {} on {} (catalog at {})",
-        net.namespace(0),
-        net.namespace(1),
-        net.namespace(2),
-        net.subnet(),
-        net.bridge_addr()
-    );
-    let pg = PgServer::start_listening(Some((net.bridge_addr(), &net.subnet()))).unwrap();
-    pg.create_db("granary_cluster").unwrap();
-    let url = pg.url_at(net.bridge_addr(), "granary_cluster");
-    let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(node_binary())
-        .arg("gen-master-key")
-        .output()
-        .unwrap();
-    let master = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    let n1 = start_node(&net, 0, dir.path(), "a", &url, &master);
-    let n2 = start_node(&net, 1, dir.path(), "b", &url, &master);
-    let n3 = start_node(&net, 2, dir.path(), "c", &url, &master);
+    let c = TestCluster::start(3, Settings::default()).unwrap();
+    let net = &c.net;
+    let (n1, n2, n3) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
 
     // All three see each other alive and use one layout that puts a replica of every
     // partition in every zone.
     let first = eventually("3 alive members in one layout", 30, || async {
         let nodes = admin(&n1.proc, "/nodes").await;
         let layout = admin(&n1.proc, "/layout?partitions=true").await;
-        (nodes["alive"] == 3 && layout["members"].as_array().unwrap().len() == 3).then_some(layout)
+        (nodes["alive"] == 3
+            && layout["members"].as_array().unwrap().len() == 3
+            && layout["partitionsWithoutPrimary"] == 0)
+            .then_some(layout)
     })
     .await;
     assert_eq!(first["underReplicatedPartitions"], 0);
@@ -164,10 +55,10 @@ async fn three_nodes_agree_on_a_zone_aware_layout_and_handle_a_failed_node() {
         "primaries spread: {primaries:?}"
     );
     let v1 = first["version"].as_u64().unwrap();
-    for other in [&n2, &n3] {
+    for other in [n2, n3] {
         let v = eventually("the same layout on every node", 10, || async {
             let l = admin(&other.proc, "/layout").await;
-            (l["version"].as_u64() == Some(v1)).then_some(l)
+            (l["version"].as_u64() == Some(v1) && l["members"] == first["members"]).then_some(l)
         })
         .await;
         assert_eq!(v["members"], first["members"]);
@@ -206,7 +97,7 @@ async fn three_nodes_agree_on_a_zone_aware_layout_and_handle_a_failed_node() {
     .await;
     // Twice fail_after: long enough for a wrong failure verdict to show.
     tokio::time::sleep(Duration::from_secs(12)).await;
-    for (node, peer) in [(&n1, "n3"), (&n3, "n1")] {
+    for (node, peer) in [(n1, "n3"), (n3, "n1")] {
         assert_eq!(
             state_of(&admin(&node.proc, "/nodes").await, peer),
             "suspected"
@@ -288,6 +179,8 @@ async fn a_dev_node_is_a_one_node_cluster_with_every_partition() {
     assert_eq!(layout["replicationFactor"], 1);
     assert_eq!(layout["underReplicatedPartitions"], 0);
     assert_eq!(layout["members"][0]["primaryPartitions"], 1024);
+    assert_eq!(layout["members"][0]["actingPrimaryPartitions"], 1024);
+    assert_eq!(layout["partitionsWithoutPrimary"], 0);
     let nodes: Value = get("/nodes").await.unwrap().json().await.unwrap();
     assert_eq!(nodes["alive"], 1);
     assert_eq!(nodes["nodes"][0]["isSelf"], true);

@@ -1,0 +1,415 @@
+//! Request forwarding: any node accepts any S3 or KV request; one whose partition
+//! another node leads is sent on, as it came, to that node's RPC port
+//! (`/rpc/v1/forward/{s3|kv}`), and the answer comes back the same way. Bodies stream
+//! in both directions at the pace of the slower side, so a node forwarding a large
+//! object holds only what is in flight.
+//!
+//! The forwarding node verifies nothing but the access key's existence (it needs the
+//! tenant to find the partition): the primary authenticates the request exactly as if
+//! the client had sent it there, with the original method, path, query, `Host` and
+//! `Authorization`. A forwarded request is never forwarded again: a node that gets one
+//! for a partition it does not lead answers 503 (the client retries; the forwarder
+//! refreshes its view of the partition table).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, header};
+
+use super::{Cluster, Route};
+use crate::telemetry::{ForwardLabels, Metrics};
+use crate::tenancy::Authenticator;
+use crate::types::{NodeId, PartitionId};
+
+/// Every header this module adds to a forwarded request starts with this; a client's own
+/// headers with this prefix are dropped before forwarding.
+const PREFIX: &str = "x-granary-fwd-";
+const FWD_HOST: &str = "x-granary-fwd-host";
+const FWD_AUTHORIZATION: &str = "x-granary-fwd-authorization";
+const FWD_URI: &str = "x-granary-fwd-uri";
+/// On a 503 from a node that does not lead the partition a forwarded request was for.
+pub const NOT_PRIMARY: &str = "x-granary-not-primary";
+
+/// Request extension: this request arrived through the forward route.
+#[derive(Clone, Copy, Debug)]
+pub struct Forwarded;
+
+/// Connection-level headers, meaningful for one hop only (RFC 9110 §7.6.1), plus `Host`
+/// and `Expect`, which the forwarding hop sets itself.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "expect"
+            | "host"
+    )
+}
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Decision {
+    Local,
+    Forward {
+        node: NodeId,
+        rpc_addr: String,
+    },
+    /// Answer 503 with this message; `not_primary`: the request was forwarded here, but
+    /// this node does not lead its partition (the answer carries [`NOT_PRIMARY`]).
+    Refuse {
+        message: String,
+        not_primary: bool,
+    },
+}
+
+impl Decision {
+    /// The operation name a refusal is counted under.
+    pub fn refusal_name(not_primary: bool) -> &'static str {
+        if not_primary {
+            "NotPrimary"
+        } else {
+            "Unavailable"
+        }
+    }
+}
+
+/// Decides where requests go and sends them there.
+#[derive(Clone)]
+pub struct Forwarder {
+    cluster: Cluster,
+    auth: Authenticator,
+    metrics: Arc<Metrics>,
+    http: reqwest::Client,
+}
+
+impl Forwarder {
+    pub fn new(cluster: Cluster, auth: Authenticator, metrics: Arc<Metrics>) -> Self {
+        // No overall or read timeout: a large object streams for as long as the client
+        // takes, and a slow client slows the primary down rather than failing. A primary
+        // that stops answering is suspected within `suspect_after` and then not
+        // forwarded to; a dead connection is found by TCP keepalive; a client that gives
+        // up drops the forwarded request with its own.
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_keepalive(Duration::from_secs(15))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .expect("an HTTP client without TLS always builds");
+        Self {
+            cluster,
+            auth,
+            metrics,
+            http,
+        }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Where a request for `container` (bucket or KV namespace, as placed) is served.
+    /// Anything that cannot be placed (no container, no or unknown access key, catalog
+    /// trouble) is served here, where it gets its proper answer or error. A request that
+    /// was already forwarded is served here or refused, never forwarded again.
+    pub async fn decide(&self, parts: &http::request::Parts, container: Option<&str>) -> Decision {
+        let decision = self.place(access_key(parts).as_deref(), container).await;
+        match decision {
+            Decision::Forward { .. } | Decision::Refuse { .. }
+                if parts.extensions.get::<Forwarded>().is_some() =>
+            {
+                self.cluster.refresh_soon();
+                Decision::Refuse {
+                    message: "this node does not lead the partition the request was forwarded \
+                              for; retry"
+                        .into(),
+                    not_primary: true,
+                }
+            }
+            d => d,
+        }
+    }
+
+    async fn place(&self, access_key: Option<&str>, container: Option<&str>) -> Decision {
+        let (Some(key), Some(container)) = (access_key, container) else {
+            return Decision::Local;
+        };
+        let tenant = match self.auth.tenant_of(key).await {
+            Ok(Some(t)) => t,
+            _ => return Decision::Local,
+        };
+        let p = PartitionId::of(tenant, container.as_bytes(), self.cluster.partitions());
+        match self.cluster.route(p) {
+            Route::Local => Decision::Local,
+            Route::Remote { node, rpc_addr } => Decision::Forward { node, rpc_addr },
+            Route::Unavailable(message) => Decision::Refuse {
+                message,
+                not_primary: false,
+            },
+        }
+    }
+
+    /// Sends the request to `rpc_addr`'s forward route for `front` ("s3" or "kv") and
+    /// returns the primary's answer with its body still streaming. Err: the primary
+    /// could not be reached (nothing of the answer arrived).
+    pub async fn forward(
+        &self,
+        front: &'static str,
+        node: &NodeId,
+        rpc_addr: &str,
+        parts: &http::request::Parts,
+        body: reqwest::Body,
+    ) -> Result<http::Response<reqwest::Body>, String> {
+        let r = self.send(front, node, rpc_addr, parts, body).await;
+        let outcome = if r.is_ok() { "ok" } else { "unreachable" };
+        self.metrics
+            .forwarded
+            .get_or_create(&ForwardLabels { front, outcome })
+            .inc();
+        if let Err(e) = &r {
+            tracing::warn!(error = %e, "the partition's primary could not be reached");
+        }
+        r
+    }
+
+    async fn send(
+        &self,
+        front: &'static str,
+        node: &NodeId,
+        rpc_addr: &str,
+        parts: &http::request::Parts,
+        body: reqwest::Body,
+    ) -> Result<http::Response<reqwest::Body>, String> {
+        let secret = self
+            .cluster
+            .secret()
+            .ok_or("this node has no cluster secret, so it cannot forward")?;
+        let headers = outgoing_headers(parts)?;
+        // Keep the client's framing: a request that declared no body is sent without one
+        // (a streamed body would go out chunked, and S3 refuses e.g. a chunked DELETE).
+        let has_body = parts.headers.contains_key(header::CONTENT_LENGTH)
+            || parts.headers.contains_key(header::TRANSFER_ENCODING);
+        let body = if has_body {
+            body
+        } else {
+            reqwest::Body::from(bytes::Bytes::new())
+        };
+        let url = format!("http://{rpc_addr}/rpc/v1/forward/{front}");
+        let send = self
+            .http
+            .request(parts.method.clone(), url)
+            .headers(headers)
+            .bearer_auth(&**secret)
+            .body(body)
+            .send();
+        // A primary that stops answering (it hangs, or the link to it is cut) is
+        // suspected within `suspect_after`; a request still waiting for its answer then
+        // fails rather than waiting for as long as the client does.
+        let resp = tokio::select! {
+            r = send => r.map_err(|e| format!("forwarding to {rpc_addr}: {e}"))?,
+            () = self.cluster.until_not_alive(node) => {
+                return Err(format!(
+                    "the primary {} at {rpc_addr} stopped answering before it replied",
+                    node.0
+                ));
+            }
+        };
+        if resp.headers().contains_key(NOT_PRIMARY) {
+            self.cluster.refresh_soon();
+        }
+        let mut resp: http::Response<reqwest::Body> = resp.into();
+        let drop: Vec<HeaderName> = resp
+            .headers()
+            .keys()
+            .filter(|n| hop_by_hop(n))
+            .cloned()
+            .collect();
+        for n in drop {
+            resp.headers_mut().remove(n);
+        }
+        Ok(resp)
+    }
+}
+
+/// The client's headers as the forward route carries them: hop-by-hop ones dropped,
+/// `Host`, `Authorization` and the path with its query moved into `x-granary-fwd-*`
+/// headers (the RPC hop authenticates with its own `Authorization`).
+fn outgoing_headers(parts: &http::request::Parts) -> Result<HeaderMap, String> {
+    let mut out = HeaderMap::with_capacity(parts.headers.len() + 3);
+    for (name, value) in &parts.headers {
+        if hop_by_hop(name) || name == header::AUTHORIZATION || name.as_str().starts_with(PREFIX) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    if let Some(a) = parts.headers.get(header::AUTHORIZATION) {
+        out.insert(FWD_AUTHORIZATION, a.clone());
+    }
+    let host = match parts.headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    };
+    if let Some(h) = host {
+        out.insert(FWD_HOST, h);
+    }
+    let uri = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.insert(
+        FWD_URI,
+        HeaderValue::from_str(uri).map_err(|_| "the request URI cannot be forwarded")?,
+    );
+    Ok(out)
+}
+
+/// Turns a request that came through the forward route back into the client's request:
+/// its URI, `Host` and `Authorization` restored, the forwarding headers removed and the
+/// [`Forwarded`] mark set.
+pub fn restore(parts: &mut http::request::Parts) -> Result<(), String> {
+    let h = &mut parts.headers;
+    let uri = h
+        .get(FWD_URI)
+        .and_then(|v| v.to_str().ok())
+        .ok_or("a forwarded request must carry its URI")?;
+    parts.uri = uri
+        .parse()
+        .map_err(|_| "the forwarded URI is malformed".to_string())?;
+    h.remove(header::AUTHORIZATION);
+    if let Some(a) = h.remove(FWD_AUTHORIZATION) {
+        h.insert(header::AUTHORIZATION, a);
+    }
+    h.remove(header::HOST);
+    if let Some(host) = h.remove(FWD_HOST) {
+        h.insert(header::HOST, host);
+    }
+    let ours: Vec<HeaderName> = h
+        .keys()
+        .filter(|n| n.as_str().starts_with(PREFIX))
+        .cloned()
+        .collect();
+    for n in ours {
+        h.remove(n);
+    }
+    parts.extensions.insert(Forwarded);
+    Ok(())
+}
+
+/// The access key id a request is signed with, read without verifying anything: from a
+/// SigV4 or SigV2 `Authorization` header, or a presigned URL's query.
+pub fn access_key(parts: &http::request::Parts) -> Option<String> {
+    if let Some(a) = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(rest) = a.strip_prefix("AWS4-HMAC-SHA256") {
+            let cred = rest
+                .split(',')
+                .find_map(|p| p.trim().strip_prefix("Credential="))?;
+            return cred.split('/').next().map(str::to_string);
+        }
+        let rest = a.strip_prefix("AWS ")?;
+        return rest.split(':').next().map(str::to_string);
+    }
+    for pair in parts.uri.query()?.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = percent_encoding::percent_decode_str(v).decode_utf8().ok()?;
+        match k {
+            "X-Amz-Credential" => return v.split('/').next().map(str::to_string),
+            "AWSAccessKeyId" => return Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(req: http::Request<()>) -> http::request::Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn the_access_key_is_read_from_every_signature_form() {
+        let v4 = parts(
+            http::Request::get("/b/k")
+                .header(
+                    "authorization",
+                    "AWS4-HMAC-SHA256 Credential=GKABC/20261127/us-east-1/s3/aws4_request, \
+                     SignedHeaders=host, Signature=00",
+                )
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(access_key(&v4).as_deref(), Some("GKABC"));
+        let v2 = parts(
+            http::Request::get("/b/k")
+                .header("authorization", "AWS GKDEF:c2ln")
+                .body(())
+                .unwrap(),
+        );
+        assert_eq!(access_key(&v2).as_deref(), Some("GKDEF"));
+        let presigned = parts(
+            http::Request::get(
+                "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=GKXYZ%2F20261127%2Fus-east-1%2Fs3%2Faws4_request",
+            )
+            .body(())
+            .unwrap(),
+        );
+        assert_eq!(access_key(&presigned).as_deref(), Some("GKXYZ"));
+        let anonymous = parts(http::Request::get("/b/k").body(()).unwrap());
+        assert_eq!(access_key(&anonymous), None);
+    }
+
+    #[test]
+    fn a_forwarded_request_is_restored_to_what_the_client_sent() {
+        let client = parts(
+            http::Request::put("/bucket/a%20key?partNumber=2&uploadId=u")
+                .header("host", "bucket.s3.example.com:9000")
+                .header("authorization", "AWS4-HMAC-SHA256 Credential=GK/x")
+                .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
+                .header("content-length", "5")
+                .header("transfer-encoding", "chunked")
+                .header("connection", "keep-alive")
+                .header("x-granary-fwd-uri", "/other/bucket")
+                .body(())
+                .unwrap(),
+        );
+        let mut sent = outgoing_headers(&client).unwrap();
+        assert!(!sent.contains_key("transfer-encoding"));
+        assert!(!sent.contains_key("connection"));
+        assert!(!sent.contains_key("authorization"));
+        // What the RPC hop adds, and what an attacker between would have to forge.
+        sent.insert("authorization", HeaderValue::from_static("Bearer secret"));
+        sent.insert("host", HeaderValue::from_static("10.0.0.2:9300"));
+        let mut req = http::Request::put("/rpc/v1/forward/s3").body(()).unwrap();
+        *req.headers_mut() = sent;
+        let mut got = parts(req);
+        restore(&mut got).unwrap();
+        assert_eq!(got.uri, client.uri);
+        assert_eq!(got.headers["host"], "bucket.s3.example.com:9000");
+        assert_eq!(
+            got.headers["authorization"],
+            "AWS4-HMAC-SHA256 Credential=GK/x"
+        );
+        assert_eq!(got.headers["x-amz-content-sha256"], "UNSIGNED-PAYLOAD");
+        assert_eq!(got.headers["content-length"], "5");
+        assert!(got.headers.keys().all(|k| !k.as_str().starts_with(PREFIX)));
+        assert!(got.extensions.get::<Forwarded>().is_some());
+    }
+
+    #[test]
+    fn a_request_without_its_uri_is_not_restored() {
+        let mut p = parts(http::Request::get("/rpc/v1/forward/s3").body(()).unwrap());
+        assert!(restore(&mut p).is_err());
+    }
+}

@@ -1,0 +1,219 @@
+//! A multi-node cluster for tests: `n` `granary-node serve` processes, each in its own
+//! network namespace with its own address (see [`crate::netns`]), one zone each, on one
+//! real Postgres catalog reachable from every namespace. Everything is stopped and
+//! removed when the [`TestCluster`] is dropped (nodes first, then Postgres, then the
+//! namespaces).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+use crate::netns::Net;
+use crate::{NodeProc, PgServer, node_binary};
+
+pub const TOKEN: &str = "cluster-test-admin-token-0123456789";
+pub const SECRET: &str = "cluster-test-peer-secret-0123456789";
+/// The cluster's region (the KV API checks it in every signature's scope).
+pub const REGION: &str = "us-east-1";
+
+pub struct Member {
+    pub id: String,
+    pub proc: NodeProc,
+    pub rpc: String,
+}
+
+/// Settings every node of a [`TestCluster`] shares.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub partitions: u16,
+    pub replication_factor: u8,
+    pub heartbeat_interval_ms: u64,
+    pub suspect_after_ms: u64,
+    pub fail_after_ms: u64,
+    /// Nodes that must join before partitions are assigned (0: all of the cluster's).
+    pub bootstrap_expect: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            partitions: 64,
+            replication_factor: 3,
+            heartbeat_interval_ms: 300,
+            suspect_after_ms: 2000,
+            fail_after_ms: 6000,
+            bootstrap_expect: 0,
+        }
+    }
+}
+
+pub struct TestCluster {
+    // Field order is drop order: nodes, then the catalog, then the network.
+    pub nodes: Vec<Member>,
+    pub pg: PgServer,
+    pub net: Net,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    master: String,
+    settings: Settings,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes in zones "a", "b", "c", ... and waits until each serves.
+    pub fn start(n: usize, mut settings: Settings) -> Result<Self> {
+        let net = Net::create(n).context("network namespaces for the cluster test")?;
+        println!(
+            "network: {n} namespaces on {} (catalog at {})",
+            net.subnet(),
+            net.bridge_addr()
+        );
+        let pg = PgServer::start_listening(Some((net.bridge_addr(), &net.subnet())))?;
+        pg.create_db("granary_cluster")?;
+        let url = pg.url_at(net.bridge_addr(), "granary_cluster");
+        let out = std::process::Command::new(node_binary())
+            .arg("gen-master-key")
+            .output()?;
+        let master = String::from_utf8(out.stdout)?.trim().to_string();
+        if settings.bootstrap_expect == 0 {
+            settings.bootstrap_expect = n;
+        }
+        let mut c = Self {
+            nodes: Vec::new(),
+            pg,
+            net,
+            dir: tempfile::tempdir()?,
+            url,
+            master,
+            settings,
+        };
+        for i in 0..n {
+            let m = c.start_node(i)?;
+            c.nodes.push(m);
+        }
+        Ok(c)
+    }
+
+    fn config_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{}.toml", i + 1))
+    }
+
+    pub fn data_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("n{}", i + 1))
+    }
+
+    /// Starts (or restarts) node `i` on its data directory.
+    pub fn start_node(&self, i: usize) -> Result<Member> {
+        let id = format!("n{}", i + 1);
+        let addr = self.net.addr(i);
+        let zone = (b'a' + i as u8) as char;
+        let data = self.data_dir(i);
+        let s = &self.settings;
+        std::fs::write(
+            self.config_path(i),
+            format!(
+                "node_id = \"{id}\"\nregion = \"{REGION}\"\nzone = \"{zone}\"\ndata_dir = \"{}\"\n\
+                 s3_listen = \"{addr}:0\"\nkv_listen = \"{addr}:0\"\nadmin_listen = \"{addr}:0\"\n\
+                 rpc_listen = \"{addr}:0\"\npartitions = {}\nreplication_factor = {}\n\
+                 heartbeat_interval_ms = {}\nsuspect_after_ms = {}\nfail_after_ms = {}\n\
+                 bootstrap_expect = {}\n",
+                data.display(),
+                s.partitions,
+                s.replication_factor,
+                s.heartbeat_interval_ms,
+                s.suspect_after_ms,
+                s.fail_after_ms,
+                s.bootstrap_expect,
+            ),
+        )?;
+        let env = [
+            ("GRANARY_CATALOG_URL", self.url.as_str()),
+            ("GRANARY_MASTER_KEY", self.master.as_str()),
+            ("GRANARY_ADMIN_TOKEN", TOKEN),
+            ("GRANARY_CLUSTER_SECRET", SECRET),
+        ];
+        let proc = NodeProc::serve_in(
+            Some(self.net.namespace(i)),
+            &data,
+            &self.config_path(i),
+            &env,
+            TOKEN,
+        )?;
+        let endpoints: Value =
+            serde_json::from_str(&std::fs::read_to_string(data.join("endpoints.json"))?)?;
+        let rpc = endpoints["rpc"]
+            .as_str()
+            .context("no rpc endpoint")?
+            .to_string();
+        Ok(Member { id, proc, rpc })
+    }
+}
+
+/// GET `/admin/v1{path}` on `node`; panics unless it succeeds.
+pub async fn admin(node: &NodeProc, path: &str) -> Value {
+    let r = reqwest::Client::new()
+        .get(format!("{}/admin/v1{path}", node.admin))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// Polls `f` until it returns Some, or panics after `secs` naming `what`; prints how long
+/// it took.
+pub async fn eventually<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            println!("{what}: {:.1} s", started.elapsed().as_secs_f64());
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A member's state in an `/admin/v1/nodes` answer ("" when absent).
+pub fn state_of(nodes: &Value, id: &str) -> String {
+    nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == id)
+        .map(|n| n["state"].as_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// Sends `sig` (such as "-STOP") to the node's process.
+pub fn signal(node: &NodeProc, sig: &str) {
+    let pid = node.pid().unwrap().to_string();
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+pub fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .context("malformed VmHWM")?
+        .parse()?;
+    Ok(kib * 1024)
+}

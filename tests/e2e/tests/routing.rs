@@ -1,0 +1,396 @@
+//! One store across three nodes: any node serves any bucket and KV namespace, by
+//! forwarding the request to the node that leads its partition (three `serve`
+//! processes in three network namespaces on one real Postgres catalog, real AWS SDK and
+//! SigV4 clients). Covers reads and writes through every node, DeleteBucket emptiness
+//! and tenant usage cluster-wide, KV compare-and-set through a non-primary, a 1 GiB
+//! object through a node that does not hold it (its memory stays flat), what clients
+//! see while a primary is stopped, and a cluster-wide tenant purge.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use granary_e2e::cluster::{Settings, TestCluster, admin, eventually, peak_rss, signal};
+use granary_e2e::{Admin, KvClient, s3_client};
+use granary_node::types::{PartitionId, TenantId};
+use serde_json::Value;
+
+const PARTITIONS: u16 = 64;
+
+/// Metric value of `line_prefix` (a full series name with labels) on a metrics page.
+fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_serves_every_bucket_and_namespace() {
+    let c = TestCluster::start(
+        3,
+        Settings {
+            partitions: PARTITIONS,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let ids: Vec<String> = c.nodes.iter().map(|m| m.id.clone()).collect();
+
+    // Every node knows every partition's acting primary, the layout's preferred one.
+    let mut acting = Value::Null;
+    for m in &c.nodes {
+        let l = eventually(
+            &format!("{} knows every partition's primary", m.id),
+            30,
+            || async {
+                let l = admin(&m.proc, "/layout?partitions=true").await;
+                (l["members"].as_array().unwrap().len() == 3 && l["partitionsWithoutPrimary"] == 0)
+                    .then_some(l)
+            },
+        )
+        .await;
+        for (p, set) in l["replicaSets"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(l["actingPrimaries"][p], set[0], "partition {p}");
+        }
+        if !acting.is_null() {
+            assert_eq!(
+                l["actingPrimaries"], acting,
+                "every node sees the same primaries"
+            );
+        }
+        acting = l["actingPrimaries"].clone();
+    }
+
+    let adm = Admin::new(&c.nodes[0].proc);
+    let (ak, sk) = adm.tenant_with_key("acme").await.unwrap();
+    let (_, t) = adm
+        .call(reqwest::Method::GET, "/tenants/acme", None)
+        .await
+        .unwrap();
+    let tenant: TenantId = t["id"].as_str().unwrap().parse().unwrap();
+    let primary_of = |container: &str| {
+        let p = PartitionId::of(tenant, container.as_bytes(), PARTITIONS);
+        acting[p.0 as usize].as_str().unwrap().to_string()
+    };
+    // One bucket and one KV namespace led by each node.
+    let pick = |prefix: &str| {
+        let mut by_primary = BTreeMap::new();
+        for i in 0.. {
+            let name = format!("{prefix}-{i}");
+            by_primary.entry(primary_of(&name)).or_insert(name);
+            if by_primary.len() == 3 {
+                return by_primary;
+            }
+        }
+        unreachable!()
+    };
+    let buckets = pick("bucket");
+    // KV namespaces are placed as the container "kv:<namespace>".
+    let namespaces: BTreeMap<String, String> = {
+        let mut by_primary = BTreeMap::new();
+        for i in 0.. {
+            let ns = format!("ns-{i}");
+            by_primary
+                .entry(primary_of(&format!("kv:{ns}")))
+                .or_insert(ns);
+            if by_primary.len() == 3 {
+                break;
+            }
+        }
+        by_primary
+    };
+    println!("buckets by primary: {buckets:?}; namespaces by primary: {namespaces:?}");
+    let s3: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|m| s3_client(&m.proc.s3, &ak, &sk))
+        .collect();
+
+    // Created and written through n1: forwarded for the buckets n2 and n3 lead.
+    for b in buckets.values() {
+        s3[0].create_bucket().bucket(b).send().await.unwrap();
+        s3[0]
+            .put_object()
+            .bucket(b)
+            .key("k")
+            .body(ByteStream::from(format!("stored in {b}").into_bytes()))
+            .send()
+            .await
+            .unwrap();
+    }
+    // Read through every node: GET, HEAD and LIST agree.
+    for (i, client) in s3.iter().enumerate() {
+        for b in buckets.values() {
+            let want = format!("stored in {b}");
+            let got = client
+                .get_object()
+                .bucket(b)
+                .key("k")
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("GET {b} through {}: {e:?}", ids[i]));
+            let body = got.body.collect().await.unwrap().into_bytes();
+            assert_eq!(body, want.as_bytes(), "GET {b} through {}", ids[i]);
+            let head = client
+                .head_object()
+                .bucket(b)
+                .key("k")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(head.content_length(), Some(want.len() as i64));
+            let list = client.list_objects_v2().bucket(b).send().await.unwrap();
+            let keys: Vec<&str> = list.contents().iter().filter_map(|o| o.key()).collect();
+            assert_eq!(keys, ["k"], "LIST {b} through {}", ids[i]);
+        }
+        let listed = client.list_buckets().send().await.unwrap();
+        assert_eq!(listed.buckets().len(), 3);
+    }
+    // DeleteBucket through a node that does not lead the bucket sees its object.
+    for (primary, b) in &buckets {
+        let other = ids.iter().position(|id| id != primary).unwrap();
+        let err = s3[other]
+            .delete_bucket()
+            .bucket(b)
+            .send()
+            .await
+            .expect_err("a bucket with an object is not empty");
+        let what = format!("DeleteBucket {b} through {}: {err:?}", ids[other]);
+        assert_eq!(
+            err.into_service_error().meta().code(),
+            Some("BucketNotEmpty"),
+            "{what}"
+        );
+    }
+
+    // KV through any node: written through n1, read through n2 and n3, and a
+    // compare-and-set through n3 that is decided by the primary.
+    let kv: Vec<KvClient> = c
+        .nodes
+        .iter()
+        .map(|m| KvClient::new(&m.proc.kv, &ak, &sk))
+        .collect();
+    for ns in namespaces.values() {
+        let path = format!("/kv/v1/{ns}/key");
+        let put = kv[0].send("PUT", &path, &[], b"v1".to_vec()).await.unwrap();
+        assert_eq!(put.status(), 200, "PUT {ns} through n1");
+        let version: Value = put.json().await.unwrap();
+        let version = version["version"].as_u64().unwrap().to_string();
+        for client in &kv[1..] {
+            let got = client.send("GET", &path, &[], vec![]).await.unwrap();
+            assert_eq!(got.status(), 200);
+            assert_eq!(got.bytes().await.unwrap().as_ref(), b"v1");
+        }
+        let stale = kv[2]
+            .send("PUT", &path, &[("if-match", "1")], b"lost".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(stale.status(), 412, "a stale version loses");
+        let cas = kv[2]
+            .send("PUT", &path, &[("if-match", &version)], b"v2".to_vec())
+            .await
+            .unwrap();
+        assert_eq!(cas.status(), 200, "the current version wins");
+        let got = kv[1].send("GET", &path, &[], vec![]).await.unwrap();
+        assert_eq!(got.bytes().await.unwrap().as_ref(), b"v2");
+    }
+
+    // Usage is the same whichever node answers (each primary counts its partitions).
+    let mut usages = Vec::new();
+    for m in &c.nodes {
+        usages.push(admin(&m.proc, "/tenants/acme/usage").await);
+    }
+    println!("usage: {}", usages[0]);
+    assert_eq!(usages[0]["buckets"], 3);
+    assert_eq!(usages[0]["objects"], 3);
+    assert_eq!(usages[0]["kvKeys"], 3);
+    assert!(usages.iter().all(|u| *u == usages[0]), "{usages:?}");
+
+    // Every node both forwarded requests and served forwarded ones.
+    for m in &c.nodes {
+        let page = m.proc.metrics().await.unwrap();
+        let s3_ok = metric(
+            &page,
+            "granary_forwarded_requests_total{front=\"s3\",outcome=\"ok\"}",
+        );
+        let kv_ok = metric(
+            &page,
+            "granary_forwarded_requests_total{front=\"kv\",outcome=\"ok\"}",
+        );
+        println!("{}: forwarded {s3_ok} S3 and {kv_ok} KV requests", m.id);
+        assert!(s3_ok > 0.0 && kv_ok > 0.0, "{}: {page}", m.id);
+        assert_eq!(metric(&page, "granary_cluster_partitions_led"), {
+            let n = acting
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|a| **a == m.id.as_str())
+                .count();
+            n as f64
+        });
+    }
+
+    // A 1 GiB object through n1 to a bucket n2 leads and back: it streams through n1,
+    // whose peak memory stays far below the object's size.
+    let big_bucket = &buckets["n2"];
+    let big = c.dir.path().join("big.bin");
+    let mut hasher_in = Md5Sum::default();
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).unwrap());
+        let mut block = vec![0u8; 1 << 20];
+        for i in 0..1024u32 {
+            for (j, chunk) in block.chunks_mut(4).enumerate() {
+                chunk.copy_from_slice(&(i.wrapping_mul(2_654_435_761) ^ j as u32).to_le_bytes());
+            }
+            hasher_in.update(&block);
+            f.write_all(&block).unwrap();
+        }
+        f.flush().unwrap();
+    }
+    let n1_pid = c.nodes[0].proc.pid().unwrap();
+    let before = peak_rss(n1_pid).unwrap();
+    let started = Instant::now();
+    s3[0]
+        .put_object()
+        .bucket(big_bucket)
+        .key("big")
+        .body(ByteStream::from_path(&big).await.unwrap())
+        .send()
+        .await
+        .unwrap();
+    let put_secs = started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    let got = s3[0]
+        .get_object()
+        .bucket(big_bucket)
+        .key("big")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.content_length(), Some(1 << 30));
+    let mut body = got.body;
+    let mut hasher_out = Md5Sum::default();
+    let mut n = 0usize;
+    while let Some(b) = body.try_next().await.unwrap() {
+        n += b.len();
+        hasher_out.update(&b);
+    }
+    let get_secs = started.elapsed().as_secs_f64();
+    assert_eq!(n, 1 << 30);
+    assert_eq!(hasher_in.finish(), hasher_out.finish(), "1 GiB round trip");
+    let peak = peak_rss(n1_pid).unwrap();
+    println!(
+        "1 GiB through non-primary n1: PUT {put_secs:.1} s, GET {get_secs:.1} s; n1 peak RSS \
+         {} MiB before, {} MiB after",
+        before >> 20,
+        peak >> 20
+    );
+    assert!(
+        peak < 300 << 20,
+        "the forwarding node's peak RSS is {} MiB",
+        peak >> 20
+    );
+    std::fs::remove_file(&big).unwrap();
+    assert!(
+        !granary_e2e::chunk_files(&c.data_dir(1)).is_empty(),
+        "the object is stored on its primary, n2"
+    );
+    assert!(
+        granary_e2e::chunk_files(&c.data_dir(0)).is_empty(),
+        "the forwarding node stores none of it"
+    );
+
+    // n3 stops: once it is suspected, requests for what it leads fail fast with 503
+    // through the other nodes, while the others' buckets keep working; it resumes and
+    // its buckets are served again.
+    let n3_bucket = &buckets["n3"];
+    signal(&c.nodes[2].proc, "-STOP");
+    // The first request may already be waiting on n3: it fails once n3 is suspected.
+    eventually("503 for n3's bucket through n1", 20, || async {
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            s3[0].get_object().bucket(n3_bucket).key("k").send(),
+        )
+        .await
+        .expect("a request for a stopped primary's bucket fails once it is suspected");
+        match r {
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                (status == Some(503)).then_some(())
+            }
+            Ok(_) => None,
+        }
+    })
+    .await;
+    let started = Instant::now();
+    let err = s3[1]
+        .get_object()
+        .bucket(n3_bucket)
+        .key("k")
+        .send()
+        .await
+        .expect_err("n3 is stopped");
+    assert_eq!(
+        err.raw_response().map(|r| r.status().as_u16()),
+        Some(503),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "fails fast");
+    s3[1]
+        .get_object()
+        .bucket(&buckets["n1"])
+        .key("k")
+        .send()
+        .await
+        .expect("n1's bucket through n2 while n3 is stopped");
+    signal(&c.nodes[2].proc, "-CONT");
+    eventually("n3's bucket served again through n1", 30, || async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            s3[0].get_object().bucket(n3_bucket).key("k").send(),
+        )
+        .await
+        .ok()?
+        .ok()
+        .map(|_| ())
+    })
+    .await;
+
+    // A purge through n2 removes the tenant's data on every node.
+    let (status, v) = Admin::new(&c.nodes[1].proc)
+        .call(reqwest::Method::DELETE, "/tenants/acme?purge=true", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{v}");
+    for m in &c.nodes {
+        let (s, _) = Admin::new(&m.proc)
+            .call(reqwest::Method::GET, "/tenants/acme", None)
+            .await
+            .unwrap();
+        assert_eq!(s, 404);
+    }
+    // Its data is gone from the primaries too: the 1 GiB object's chunk files on n2
+    // are removed (after the grace period for reads in flight).
+    eventually("n2's chunk files removed by the purge", 30, || async {
+        granary_e2e::chunk_files(&c.data_dir(1))
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+}
+
+/// A streaming MD5 (the e2e crate has md-5 as a dev-dependency).
+#[derive(Default)]
+struct Md5Sum(md5::Md5);
+
+impl Md5Sum {
+    fn update(&mut self, b: &[u8]) {
+        use md5::Digest;
+        self.0.update(b);
+    }
+    fn finish(self) -> Vec<u8> {
+        use md5::Digest;
+        self.0.finalize().to_vec()
+    }
+}
