@@ -7,17 +7,37 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
 use tokio::sync::{mpsc, oneshot};
 
+use super::chunk::ChunkRef;
+use super::replog::{self, Change, LogEntry, LogState, TrackedTxn};
 use super::{EngineError, META};
+use crate::types::PartitionId;
 
-/// What a queued write sees: the shared transaction and the node's sequence counter.
+/// What a queued write sees: the shared transaction (whose tables log every change to
+/// the partitions' replication logs) and the node's sequence counter.
 pub struct WriteCtx<'a> {
-    pub txn: &'a redb::WriteTransaction,
+    pub txn: TrackedTxn<'a>,
     seq: &'a mut u64,
+    chunks: Vec<ChunkRef>,
+    logged: &'a mut Vec<(PartitionId, u64)>,
 }
 
 impl WriteCtx<'_> {
+    /// Declares chunk files this write makes reachable (new object or part data): they
+    /// travel to the replicas with the log entry.
+    pub fn ship_chunks(&mut self, chunks: &[ChunkRef]) {
+        self.chunks.extend_from_slice(chunks);
+    }
+
+    /// Notes that this write stored log entry `lsn` of `p` itself (applying a log).
+    pub(super) fn logged(&mut self, p: PartitionId, lsn: u64) {
+        self.logged.push((p, lsn));
+    }
+
     /// A fresh number, strictly greater than every one handed out before (also across
     /// restarts). KV versions and object versions come from here.
     pub fn next_seq(&mut self) -> u64 {
@@ -49,11 +69,11 @@ pub(super) struct Committer {
 const MAX_BATCH: usize = 512;
 
 impl Committer {
-    pub fn start(db: Arc<redb::Database>) -> Result<Self, EngineError> {
+    pub fn start(db: Arc<redb::Database>, logs: Arc<LogState>) -> Result<Self, EngineError> {
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new()
             .name("granary-commit".into())
-            .spawn(move || run(db, rx))?;
+            .spawn(move || run(db, logs, rx))?;
         Ok(Self { tx })
     }
 
@@ -87,7 +107,7 @@ impl Committer {
     }
 }
 
-fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
+fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     let mut seq = match load_seq(&db) {
         Ok(s) => s,
         Err(e) => {
@@ -125,6 +145,7 @@ fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
             .try_for_each(|d| super::chunk::sync_dir(d))
             .map_err(|e| format!("fsync of chunk directory failed: {e}"));
         let before = seq;
+        let mut logged = Vec::new();
         let (dones, result) =
             match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
                 Err(e) => (
@@ -135,14 +156,27 @@ fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
                     Err(e),
                 ),
                 Ok(txn) => {
-                    let mut ctx = WriteCtx {
-                        txn: &txn,
-                        seq: &mut seq,
-                    };
-                    let dones: Vec<Option<Done>> =
-                        batch.into_iter().map(|job| Some(job(&mut ctx))).collect();
-                    let result =
-                        store_seq(&txn, seq).and_then(|()| txn.commit().map_err(|e| e.to_string()));
+                    let mut changes = Vec::new();
+                    let mut chunks = Vec::new();
+                    let dones: Vec<Option<Done>> = batch
+                        .into_iter()
+                        .map(|job| {
+                            let recorded = RefCell::new(Vec::new());
+                            let mut ctx = WriteCtx {
+                                txn: TrackedTxn::new(&txn, &recorded),
+                                seq: &mut seq,
+                                chunks: Vec::new(),
+                                logged: &mut logged,
+                            };
+                            let done = job(&mut ctx);
+                            chunks.append(&mut ctx.chunks);
+                            changes.append(&mut recorded.into_inner());
+                            Some(done)
+                        })
+                        .collect();
+                    let result = log_changes(&txn, &logs, changes, chunks, &mut logged)
+                        .and_then(|()| store_seq(&txn, seq))
+                        .and_then(|()| txn.commit().map_err(|e| e.to_string()));
                     (dones, result)
                 }
             };
@@ -150,6 +184,8 @@ fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
             // Nothing of this batch is durable; hand the numbers out again.
             seq = before;
             tracing::error!(error = ?result, "group commit failed");
+        } else {
+            logs.committed(&logged);
         }
         for done in dones.into_iter().flatten() {
             done(result.clone());
@@ -164,6 +200,48 @@ fn run(db: Arc<redb::Database>, mut rx: mpsc::UnboundedReceiver<Msg>) {
     if let Some(s) = stop {
         let _ = s.send(());
     }
+}
+
+/// Appends one log entry per partition the batch changed (its changes in the order
+/// they were made, and the chunk files they made reachable).
+fn log_changes(
+    txn: &redb::WriteTransaction,
+    logs: &LogState,
+    changes: Vec<Change>,
+    chunks: Vec<ChunkRef>,
+    logged: &mut Vec<(PartitionId, u64)>,
+) -> Result<(), String> {
+    let mut by_partition: BTreeMap<PartitionId, LogEntry> = BTreeMap::new();
+    let entry = |p: PartitionId| LogEntry {
+        epoch: logs.epoch(p),
+        changes: Vec::new(),
+        chunks: Vec::new(),
+    };
+    for c in changes {
+        let (Change::Put { table, key, .. } | Change::Delete { table, key }) = &c;
+        let Some(p) = replog::partition_of(*table, key) else {
+            return Err(format!(
+                "a change to table {table} has a key without a partition"
+            ));
+        };
+        by_partition
+            .entry(p)
+            .or_insert_with(|| entry(p))
+            .changes
+            .push(c);
+    }
+    for c in chunks {
+        by_partition
+            .entry(c.partition)
+            .or_insert_with(|| entry(c.partition))
+            .chunks
+            .push(c);
+    }
+    for (p, e) in by_partition {
+        let lsn = replog::append(txn, p, &e).map_err(|e| e.to_string())?;
+        logged.push((p, lsn));
+    }
+    Ok(())
 }
 
 fn load_seq(db: &redb::Database) -> Result<u64, EngineError> {

@@ -15,6 +15,7 @@ mod commit;
 pub mod dirs;
 pub mod keys;
 pub mod record;
+pub mod replog;
 mod snapshot;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ use redb::{ReadableDatabase, TableDefinition};
 pub use chunk::{ChunkError, ChunkRef, ChunkStore, ChunkWriter};
 pub use commit::WriteCtx;
 pub use record::Record;
+pub use replog::{LogEntry, LogPosition};
 pub use snapshot::Imported;
 
 pub const OBJECTS: TableDefinition<&[u8], Record> = TableDefinition::new("objects");
@@ -85,6 +87,7 @@ pub struct Engine {
     db: Arc<redb::Database>,
     chunks: ChunkStore,
     committer: commit::Committer,
+    logs: Arc<replog::LogState>,
 }
 
 impl Engine {
@@ -105,16 +108,24 @@ impl Engine {
             txn.open_table(UPLOADS_BY_KEY)?;
             txn.open_table(UPLOADS_BY_AGE)?;
             txn.open_table(META)?;
+            txn.open_table(replog::REPL_LOG)?;
+            txn.open_table(replog::PART_LSN)?;
             txn.commit()?;
         }
         let chunks = ChunkStore::open(dir.join("chunks"))?;
         dirs::sync_dir(dir)?;
-        let committer = commit::Committer::start(db.clone())?;
+        let logs = Arc::new(replog::LogState::load(&db)?);
+        let committer = commit::Committer::start(db.clone(), logs.clone())?;
         Ok(Self {
             db,
             chunks,
             committer,
+            logs,
         })
+    }
+
+    pub(crate) fn log_state(&self) -> &replog::LogState {
+        &self.logs
     }
 
     pub fn chunks(&self) -> &ChunkStore {

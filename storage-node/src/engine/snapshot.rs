@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::chunk::{self, ChunkRef};
 use super::keys::{partition_prefix, prefix_end};
+use super::replog::{PART_LSN, REPL_LOG};
 use super::{
     DEAD_BUCKETS, Engine, EngineError, KV, KV_EXPIRY, META, OBJECTS, PARTS, Record, UPLOADS,
     UPLOADS_BY_AGE, UPLOADS_BY_KEY,
@@ -38,13 +39,19 @@ type KeyTable = TableDefinition<'static, &'static [u8], ()>;
 type Rec = (u8, Vec<u8>, Option<Vec<u8>>);
 
 /// Tables with values, by their number in the stream.
-const VALUE_TABLES: [(u8, ValueTable); 4] = [(0, OBJECTS), (1, UPLOADS), (2, PARTS), (3, KV)];
+pub(super) const VALUE_TABLES: [(u8, ValueTable); 4] =
+    [(0, OBJECTS), (1, UPLOADS), (2, PARTS), (3, KV)];
 /// Tables that are sets of keys, each key starting with its partition.
-const KEY_TABLES: [(u8, KeyTable); 3] = [(4, KV_EXPIRY), (5, DEAD_BUCKETS), (6, UPLOADS_BY_KEY)];
+pub(super) const KEY_TABLES: [(u8, KeyTable); 3] =
+    [(4, KV_EXPIRY), (5, DEAD_BUCKETS), (6, UPLOADS_BY_KEY)];
 /// The uploads-by-age index: keys are `initiated (8) | upload key`, so its partition
 /// follows the time and it is filtered rather than range-scanned.
-const AGE_TABLE: u8 = 7;
-const AGE_PREFIX: usize = 8;
+pub(super) const AGE_TABLE: u8 = 7;
+pub(super) const AGE_PREFIX: usize = 8;
+/// The replication log ([`REPL_LOG`]) and log positions ([`PART_LSN`], value: the u64 as
+/// redb stores it, 8 bytes little-endian).
+const LOG_TABLE: u8 = 8;
+const LSN_TABLE: u8 = 9;
 
 /// Records per frame batch read from the database, and per import commit.
 const BATCH: usize = 1024;
@@ -155,6 +162,33 @@ fn send_range<V: redb::Value + 'static>(
     Ok(true)
 }
 
+/// Sends the uploads-by-age keys of the partition whose prefix is `start`: a whole-table
+/// filter (in-progress uploads are few). False when the receiver went away.
+fn send_age_keys(
+    txn: &redb::ReadTransaction,
+    start: &[u8],
+    send: &impl Fn(Result<Frame, EngineError>) -> bool,
+) -> Result<bool, EngineError> {
+    for entry in txn.open_table(UPLOADS_BY_AGE)?.iter()? {
+        let (k, _) = entry?;
+        let key = k.value();
+        if key
+            .get(AGE_PREFIX..)
+            .is_some_and(|rest| rest.starts_with(start))
+        {
+            let f = Frame::Record {
+                table: AGE_TABLE,
+                key: key.to_vec(),
+                value: None,
+            };
+            if !send(Ok(f)) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// Deletes every entry of `def` in `range`.
 fn clear_range<V: redb::Value + 'static>(
     txn: &redb::WriteTransaction,
@@ -170,6 +204,50 @@ fn clear_range<V: redb::Value + 'static>(
 }
 
 impl Engine {
+    /// A digest of everything partition `p` holds in the metadata engine (every record
+    /// of every replicated table, its log and log position; not chunk file contents,
+    /// which carry their own checksums): equal digests mean equal partitions. Returns
+    /// the number of records and the SHA-256.
+    pub async fn partition_digest(&self, p: PartitionId) -> Result<(u64, String), EngineError> {
+        use sha2::{Digest, Sha256};
+        self.read(move |txn| {
+            let hasher = std::cell::RefCell::new((0u64, Sha256::new()));
+            let hash = |f: Result<Frame, EngineError>| {
+                if let Ok(Frame::Record { table, key, value }) = f {
+                    let mut h = hasher.borrow_mut();
+                    h.0 += 1;
+                    h.1.update([table]);
+                    h.1.update((key.len() as u64).to_be_bytes());
+                    h.1.update(&key);
+                    match value {
+                        Some(v) => {
+                            h.1.update([1]);
+                            h.1.update((v.len() as u64).to_be_bytes());
+                            h.1.update(&v);
+                        }
+                        None => h.1.update([0]),
+                    }
+                }
+                true
+            };
+            let start = partition_prefix(p);
+            let end = prefix_end(&start);
+            let range = (start.as_slice(), end.as_deref());
+            for (n, def) in VALUE_TABLES {
+                send_range(txn, def, n, range, true, &hash)?;
+            }
+            for (n, def) in KEY_TABLES {
+                send_range(txn, def, n, range, false, &hash)?;
+            }
+            send_age_keys(txn, &start, &hash)?;
+            send_range(txn, REPL_LOG, LOG_TABLE, range, true, &hash)?;
+            send_range(txn, PART_LSN, LSN_TABLE, range, true, &hash)?;
+            let (n, h) = hasher.into_inner();
+            Ok((n, hex::encode(h.finalize())))
+        })
+        .await
+    }
+
     /// Writes a snapshot of partition `p` to `out`.
     pub async fn export_partition<W: AsyncWrite + Unpin>(
         &self,
@@ -229,23 +307,15 @@ impl Engine {
                         return Ok(None);
                     }
                 }
-                // Uploads by age: a whole-table filter (in-progress uploads are few).
-                for entry in txn.open_table(UPLOADS_BY_AGE)?.iter()? {
-                    let (k, _) = entry?;
-                    let key = k.value();
-                    if key
-                        .get(AGE_PREFIX..)
-                        .is_some_and(|rest| rest.starts_with(&start))
-                    {
-                        let f = Frame::Record {
-                            table: AGE_TABLE,
-                            key: key.to_vec(),
-                            value: None,
-                        };
-                        if !send(Ok(f)) {
-                            return Ok(None);
-                        }
-                    }
+                if !send_age_keys(&txn, &start, &send)? {
+                    return Ok(None);
+                }
+                // The partition's replication log and its position travel with it, so
+                // the receiver continues from the log where the snapshot left off.
+                if !send_range(&txn, REPL_LOG, LOG_TABLE, range, true, &send)?
+                    || !send_range(&txn, PART_LSN, LSN_TABLE, range, true, &send)?
+                {
+                    return Ok(None);
                 }
                 drop(pin);
                 Ok(Some(seq))
@@ -322,8 +392,11 @@ impl Engine {
         // Clear the partition and mark it incomplete, durably, before anything lands.
         let mark = importing_key(p);
         self.write(Vec::new(), move |ctx| {
-            clear_partition(ctx.txn, p)?;
-            ctx.txn.open_table(META)?.insert(mark.as_str(), 1)?;
+            clear_partition(ctx.txn.untracked(), p)?;
+            ctx.txn
+                .untracked()
+                .open_table(META)?
+                .insert(mark.as_str(), 1)?;
             Ok(())
         })
         .await?;
@@ -379,9 +452,14 @@ impl Engine {
         let mark = importing_key(p);
         let last = std::mem::take(&mut batch);
         self.write(dirs, move |ctx| {
-            apply(ctx.txn, last)?;
+            apply(ctx.txn.untracked(), last)?;
+            let lsn = super::replog::last_lsn(ctx.txn.untracked(), p)?;
+            ctx.logged(p, lsn);
             ctx.raise_seq_to(sender_seq);
-            ctx.txn.open_table(META)?.remove(mark.as_str())?;
+            ctx.txn
+                .untracked()
+                .open_table(META)?
+                .remove(mark.as_str())?;
             Ok(())
         })
         .await?;
@@ -420,7 +498,8 @@ impl Engine {
         records: Vec<Rec>,
         dirs: Vec<PathBuf>,
     ) -> Result<(), EngineError> {
-        self.write(dirs, move |ctx| apply(ctx.txn, records)).await
+        self.write(dirs, move |ctx| apply(ctx.txn.untracked(), records))
+            .await
     }
 
     /// Streams one chunk file into place: temporary name, verified against its own
@@ -525,6 +604,8 @@ fn clear_partition(txn: &redb::WriteTransaction, p: PartitionId) -> Result<(), E
     for (_, def) in KEY_TABLES {
         clear_range(txn, def, range)?;
     }
+    clear_range(txn, REPL_LOG, range)?;
+    clear_range(txn, PART_LSN, range)?;
     txn.open_table(UPLOADS_BY_AGE)?.retain(|k, _| {
         !k.get(AGE_PREFIX..)
             .is_some_and(|rest| rest.starts_with(&start))
@@ -536,7 +617,8 @@ fn apply(txn: &redb::WriteTransaction, records: Vec<Rec>) -> Result<(), EngineEr
     // Validate all first: a write closure may fail only before its first change.
     for (table, _, value) in &records {
         let ok = match value {
-            Some(_) => (*table as usize) < VALUE_TABLES.len(),
+            Some(v) if *table == LSN_TABLE => v.len() == 8,
+            Some(_) => (*table as usize) < VALUE_TABLES.len() || *table == LOG_TABLE,
             None => (4..=AGE_TABLE).contains(table),
         };
         if !ok {
@@ -547,6 +629,16 @@ fn apply(txn: &redb::WriteTransaction, records: Vec<Rec>) -> Result<(), EngineEr
     }
     for (table, key, value) in records {
         match (table, value) {
+            (LOG_TABLE, Some(v)) => {
+                txn.open_table(REPL_LOG)?
+                    .insert(key.as_slice(), v.as_slice())?;
+            }
+            (LSN_TABLE, Some(v)) => {
+                let mut b = [0; 8];
+                b.copy_from_slice(&v);
+                txn.open_table(PART_LSN)?
+                    .insert(key.as_slice(), u64::from_le_bytes(b))?;
+            }
             (n, Some(v)) if (n as usize) < VALUE_TABLES.len() => {
                 txn.open_table(VALUE_TABLES[n as usize].1)?
                     .insert(key.as_slice(), v.as_slice())?;

@@ -207,7 +207,7 @@ impl Store {
 /// Whether the bucket incarnation that engine key `key` (object or upload) lives under
 /// was deleted. Called inside the write transaction that would store under it.
 pub(super) fn bucket_is_dead(
-    txn: &redb::WriteTransaction,
+    txn: &crate::engine::replog::TrackedTxn<'_>,
     key: &[u8],
 ) -> Result<bool, EngineError> {
     let Some(prefix) = key.get(..keys::BUCKET_PREFIX_LEN) else {

@@ -57,7 +57,7 @@ fn decode_part(b: &[u8]) -> Result<PartRecord, EngineError> {
 
 /// Adds the index entries of upload `ukey`.
 fn index_upload(
-    txn: &redb::WriteTransaction,
+    txn: &crate::engine::replog::TrackedTxn<'_>,
     ukey: &[u8],
     up: &UploadRecord,
 ) -> Result<(), EngineError> {
@@ -73,7 +73,7 @@ fn index_upload(
 /// Removes upload `ukey` (its record, parts and index entries); returns the chunks of
 /// its parts. `up` is its record, already read.
 fn remove_upload(
-    txn: &redb::WriteTransaction,
+    txn: &crate::engine::replog::TrackedTxn<'_>,
     ukey: &[u8],
     up: &UploadRecord,
 ) -> Result<Vec<ChunkRef>, EngineError> {
@@ -151,14 +151,14 @@ impl Store {
         };
         self.engine()
             .write(vec![], move |ctx| {
-                if super::bucket::bucket_is_dead(ctx.txn, &ukey)? {
+                if super::bucket::bucket_is_dead(&ctx.txn, &ukey)? {
                     return Ok(Err(Error::NoSuchBucket));
                 }
                 let bytes = encode(&rec)?;
                 ctx.txn
                     .open_table(UPLOADS)?
                     .insert(ukey.as_slice(), bytes.as_slice())?;
-                index_upload(ctx.txn, &ukey, &rec)?;
+                index_upload(&ctx.txn, &ukey, &rec)?;
                 Ok(Ok(()))
             })
             .await??;
@@ -210,6 +210,8 @@ impl Store {
                 let old = t
                     .insert(pkey.as_slice(), encode(&rec2)?.as_slice())?
                     .map(|v| v.value().to_vec());
+                drop(t);
+                ctx.ship_chunks(&rec2.chunks);
                 Ok(Some(old))
             })
             .await;
@@ -366,7 +368,7 @@ impl Store {
                 objects.insert(okey.as_slice(), encode(&rec)?.as_slice())?;
                 drop(objects);
                 // The parts' chunks now belong to the object (or are in `garbage`).
-                remove_upload(ctx.txn, &ukey, &up_index)?;
+                remove_upload(&ctx.txn, &ukey, &up_index)?;
                 Ok(Ok((etag, size, garbage)))
             })
             .await??;
@@ -399,7 +401,7 @@ impl Store {
                 if up.key != key {
                     return Ok(Err(Error::NoSuchUpload));
                 }
-                Ok(Ok(remove_upload(ctx.txn, &ukey, &up)?))
+                Ok(Ok(remove_upload(&ctx.txn, &ukey, &up)?))
             })
             .await??;
         self.discard_chunks(garbage);
@@ -530,7 +532,7 @@ impl Store {
                     // Completed or aborted since the snapshot: nothing to do. A record
                     // that cannot be read is left alone (and its data with it).
                     let Some(Ok(up)) = up else { continue };
-                    garbage.extend(remove_upload(ctx.txn, &ukey, &up)?);
+                    garbage.extend(remove_upload(&ctx.txn, &ukey, &up)?);
                     n += 1;
                 }
                 Ok((n, garbage))
@@ -558,7 +560,7 @@ impl Store {
                     }
                 }
                 for (k, up) in &all {
-                    index_upload(ctx.txn, k, up)?;
+                    index_upload(&ctx.txn, k, up)?;
                 }
                 meta.insert(UPLOAD_INDEX_MARK, 1)?;
                 Ok(all.len())

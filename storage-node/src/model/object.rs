@@ -229,7 +229,7 @@ impl Store {
             .inner
             .engine
             .write(written.dirs, move |ctx| {
-                if super::bucket::bucket_is_dead(ctx.txn, &key_bytes)? {
+                if super::bucket::bucket_is_dead(&ctx.txn, &key_bytes)? {
                     return Ok(Err(Error::NoSuchBucket));
                 }
                 let mut t = ctx.txn.open_table(OBJECTS)?;
@@ -252,6 +252,8 @@ impl Store {
                     data,
                 };
                 t.insert(key_bytes.as_slice(), encode(&rec)?.as_slice())?;
+                drop(t);
+                ctx.ship_chunks(rec.data.chunks());
                 Ok(Ok((
                     version,
                     current.map(|c| c.data.into_chunks()).unwrap_or_default(),

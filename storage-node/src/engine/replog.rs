@@ -1,0 +1,493 @@
+//! The per-partition replication log: every change a write makes to a partition's tables,
+//! recorded as it is made and stored, in the same transaction as the change itself, as one
+//! numbered entry of that partition's log. A replica that applies a partition's entries
+//! in order holds exactly what the primary holds; docs/cluster.md ("Replication").
+//!
+//! - Writes see [`TrackedTxn`] instead of the redb transaction: its tables record every
+//!   insert and remove. It offers no other way to change a table (no `DerefMut`), so a
+//!   change that escapes the log does not compile.
+//! - Entries are keyed `partition (2) | lsn (8, big-endian)` in [`REPL_LOG`], so a
+//!   partition's log is a contiguous range that travels with its snapshot; the last
+//!   number is in [`PART_LSN`]. Only the newest [`LOG_KEEP`] entries of a partition are
+//!   kept: a replica further behind catches up from a snapshot.
+//! - The node-local table `meta` is not logged.
+
+use std::borrow::Borrow;
+use std::cell::RefCell;
+
+use redb::{AccessGuard, Key, ReadableTable, StorageError, TableDefinition, TableHandle, Value};
+use serde::{Deserialize, Serialize};
+
+use super::chunk::ChunkRef;
+use super::snapshot::{AGE_PREFIX, AGE_TABLE, KEY_TABLES, VALUE_TABLES};
+use super::{Engine, EngineError, UPLOADS_BY_AGE};
+use crate::types::PartitionId;
+
+/// Log entries: `partition (2) | lsn (8)` -> postcard [`LogEntry`].
+pub const REPL_LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("repl_log");
+/// The number of each partition's last log entry: `partition (2)` -> lsn.
+pub const PART_LSN: TableDefinition<&[u8], u64> = TableDefinition::new("part_lsn");
+/// Entries kept per partition (older ones are removed as new ones are appended).
+pub const LOG_KEEP: u64 = 1024;
+
+/// One change to one table (numbered as in partition snapshots).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Change {
+    Put {
+        table: u8,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+        /// None in tables that are sets of keys.
+        value: Option<serde_bytes::ByteBuf>,
+    },
+    Delete {
+        table: u8,
+        #[serde(with = "serde_bytes")]
+        key: Vec<u8>,
+    },
+}
+
+/// Everything one group commit changed in one partition.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// The epoch of the primary that wrote it.
+    pub epoch: u64,
+    pub changes: Vec<Change>,
+    /// Chunk files the changes make reachable: a replica must hold them before it
+    /// applies the entry.
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl LogEntry {
+    pub fn encode(&self) -> Result<Vec<u8>, EngineError> {
+        postcard::to_allocvec(self).map_err(|e| EngineError::Db(format!("log entry: {e}")))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, EngineError> {
+        postcard::from_bytes(bytes)
+            .map_err(|e| EngineError::Format(format!("replication log entry: {e}")))
+    }
+}
+
+pub fn log_key(p: PartitionId, lsn: u64) -> [u8; 10] {
+    let mut k = [0; 10];
+    k[..2].copy_from_slice(&p.0.to_be_bytes());
+    k[2..].copy_from_slice(&lsn.to_be_bytes());
+    k
+}
+
+/// The number a replicated table has in logs and snapshots; None: not replicated.
+fn table_number(name: &str) -> Option<u8> {
+    VALUE_TABLES
+        .iter()
+        .map(|(n, d)| (*n, d.name()))
+        .chain(KEY_TABLES.iter().map(|(n, d)| (*n, d.name())))
+        .chain([(AGE_TABLE, UPLOADS_BY_AGE.name())])
+        .find(|(_, t)| *t == name)
+        .map(|(n, _)| n)
+}
+
+/// The partition a key of table `table` belongs to.
+pub fn partition_of(table: u8, key: &[u8]) -> Option<PartitionId> {
+    let at = if table == AGE_TABLE { AGE_PREFIX } else { 0 };
+    let b = key.get(at..at + 2)?;
+    Some(PartitionId(u16::from_be_bytes([b[0], b[1]])))
+}
+
+/// A write transaction whose tables record what they change.
+pub struct TrackedTxn<'a> {
+    txn: &'a redb::WriteTransaction,
+    changes: &'a RefCell<Vec<Change>>,
+}
+
+impl<'a> TrackedTxn<'a> {
+    pub(super) fn new(txn: &'a redb::WriteTransaction, changes: &'a RefCell<Vec<Change>>) -> Self {
+        Self { txn, changes }
+    }
+
+    pub fn open_table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<K, V>,
+    ) -> Result<TrackedTable<'a, K, V>, redb::TableError> {
+        Ok(TrackedTable {
+            inner: self.txn.open_table(def)?,
+            number: table_number(def.name()),
+            changes: self.changes,
+        })
+    }
+
+    /// The transaction itself, for the engine's own bookkeeping that is not replicated
+    /// (or is replicated by other means: snapshot import, applying a log).
+    pub(super) fn untracked(&self) -> &'a redb::WriteTransaction {
+        self.txn
+    }
+}
+
+/// A table of a [`TrackedTxn`]: reads go to the redb table (through `Deref`); changes
+/// are recorded, then made.
+pub struct TrackedTable<'a, K: Key + 'static, V: Value + 'static> {
+    inner: redb::Table<'a, K, V>,
+    number: Option<u8>,
+    changes: &'a RefCell<Vec<Change>>,
+}
+
+impl<'a, K: Key + 'static, V: Value + 'static> std::ops::Deref for TrackedTable<'a, K, V> {
+    type Target = redb::Table<'a, K, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.inner
+    }
+}
+
+impl<'a, K: Key + 'static, V: Value + 'static> TrackedTable<'a, K, V> {
+    pub fn insert<'k, 'v>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+        value: impl Borrow<V::SelfType<'v>>,
+    ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
+        if let Some(table) = self.number {
+            let has_value = (table as usize) < VALUE_TABLES.len();
+            self.changes.borrow_mut().push(Change::Put {
+                table,
+                key: K::as_bytes(key.borrow()).as_ref().to_vec(),
+                value: has_value
+                    .then(|| serde_bytes::ByteBuf::from(V::as_bytes(value.borrow()).as_ref())),
+            });
+        }
+        self.inner.insert(key, value)
+    }
+
+    pub fn remove<'k>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+    ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
+        if let Some(table) = self.number {
+            self.changes.borrow_mut().push(Change::Delete {
+                table,
+                key: K::as_bytes(key.borrow()).as_ref().to_vec(),
+            });
+        }
+        self.inner.remove(key)
+    }
+
+    /// Removes every entry for which `keep` is false.
+    pub fn retain<F: for<'f> FnMut(K::SelfType<'f>, V::SelfType<'f>) -> bool>(
+        &mut self,
+        keep: F,
+    ) -> Result<(), StorageError> {
+        let f = self.recording(keep);
+        self.inner.retain(f)
+    }
+
+    /// Removes every entry in `range` for which `keep` is false.
+    pub fn retain_in<'r, KR, F: for<'f> FnMut(K::SelfType<'f>, V::SelfType<'f>) -> bool>(
+        &mut self,
+        range: impl std::ops::RangeBounds<KR> + 'r,
+        keep: F,
+    ) -> Result<(), StorageError>
+    where
+        KR: Borrow<K::SelfType<'r>> + 'r,
+    {
+        let f = self.recording(keep);
+        self.inner.retain_in(range, f)
+    }
+
+    /// `keep`, recording a delete for every entry it refuses.
+    fn recording<F: for<'f> FnMut(K::SelfType<'f>, V::SelfType<'f>) -> bool>(
+        &self,
+        mut keep: F,
+    ) -> impl for<'f> FnMut(K::SelfType<'f>, V::SelfType<'f>) -> bool + use<'a, K, V, F> {
+        let (number, changes) = (self.number, self.changes);
+        move |k, v| {
+            let key = number.map(|_| K::as_bytes(&k).as_ref().to_vec());
+            let kept = keep(k, v);
+            if let (false, Some(table), Some(key)) = (kept, number, key) {
+                changes.borrow_mut().push(Change::Delete { table, key });
+            }
+            kept
+        }
+    }
+}
+
+/// Applies one logged (or snapshot) change without recording it.
+pub(super) fn apply_change(txn: &redb::WriteTransaction, c: &Change) -> Result<(), EngineError> {
+    let bad = |t: u8| EngineError::Format(format!("change to unknown table {t}"));
+    match c {
+        Change::Put {
+            table,
+            key,
+            value: Some(v),
+        } => {
+            let (_, def) = VALUE_TABLES
+                .iter()
+                .find(|(n, _)| n == table)
+                .ok_or_else(|| bad(*table))?;
+            txn.open_table(*def)?.insert(key.as_slice(), v.as_slice())?;
+        }
+        Change::Put {
+            table,
+            key,
+            value: None,
+        } => {
+            if *table == AGE_TABLE {
+                txn.open_table(UPLOADS_BY_AGE)?.insert(key.as_slice(), ())?;
+            } else {
+                let (_, def) = KEY_TABLES
+                    .iter()
+                    .find(|(n, _)| n == table)
+                    .ok_or_else(|| bad(*table))?;
+                txn.open_table(*def)?.insert(key.as_slice(), ())?;
+            }
+        }
+        Change::Delete { table, key } => {
+            if let Some((_, def)) = VALUE_TABLES.iter().find(|(n, _)| n == table) {
+                txn.open_table(*def)?.remove(key.as_slice())?;
+            } else if *table == AGE_TABLE {
+                txn.open_table(UPLOADS_BY_AGE)?.remove(key.as_slice())?;
+            } else {
+                let (_, def) = KEY_TABLES
+                    .iter()
+                    .find(|(n, _)| n == table)
+                    .ok_or_else(|| bad(*table))?;
+                txn.open_table(*def)?.remove(key.as_slice())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether every change names a table this binary knows (checked before applying any).
+pub(super) fn known_tables(changes: &[Change]) -> bool {
+    changes.iter().all(|c| match c {
+        Change::Put {
+            table,
+            value: Some(_),
+            ..
+        } => (*table as usize) < VALUE_TABLES.len(),
+        Change::Put { table, .. } | Change::Delete { table, .. } => {
+            (*table as usize) < VALUE_TABLES.len() || (4..=AGE_TABLE).contains(table)
+        }
+    })
+}
+
+/// Appends `entry` as the next entry of `p`'s log inside `txn` and trims the log to
+/// [`LOG_KEEP`] entries. Returns the entry's number.
+pub(super) fn append(
+    txn: &redb::WriteTransaction,
+    p: PartitionId,
+    entry: &LogEntry,
+) -> Result<u64, EngineError> {
+    let lsn = last_lsn(txn, p)? + 1;
+    store(txn, p, lsn, &entry.encode()?)?;
+    Ok(lsn)
+}
+
+/// Stores entry `lsn` of `p` (encoded), makes it the last, trims the log.
+pub(super) fn store(
+    txn: &redb::WriteTransaction,
+    p: PartitionId,
+    lsn: u64,
+    encoded: &[u8],
+) -> Result<(), EngineError> {
+    let mut log = txn.open_table(REPL_LOG)?;
+    log.insert(log_key(p, lsn).as_slice(), encoded)?;
+    if lsn > LOG_KEEP {
+        log.remove(log_key(p, lsn - LOG_KEEP).as_slice())?;
+    }
+    txn.open_table(PART_LSN)?
+        .insert(p.0.to_be_bytes().as_slice(), lsn)?;
+    Ok(())
+}
+
+pub(super) fn last_lsn(txn: &redb::WriteTransaction, p: PartitionId) -> Result<u64, EngineError> {
+    Ok(txn
+        .open_table(PART_LSN)?
+        .get(p.0.to_be_bytes().as_slice())?
+        .map_or(0, |v| v.value()))
+}
+
+/// What the engine shares about its logs with the replication layer.
+#[derive(Default)]
+pub struct LogState {
+    /// The epoch new entries of a partition are written under (set by the primary).
+    epochs: std::sync::Mutex<std::collections::HashMap<PartitionId, u64>>,
+    /// Each partition's last committed entry.
+    committed: std::sync::Mutex<std::collections::HashMap<PartitionId, u64>>,
+    /// Bumped after every commit that logged something.
+    tick: tokio::sync::watch::Sender<u64>,
+}
+
+impl LogState {
+    pub(super) fn load(db: &redb::Database) -> Result<Self, EngineError> {
+        use redb::ReadableDatabase;
+        let s = Self::default();
+        let txn = db.begin_read()?;
+        let mut committed = s.committed.lock().unwrap_or_else(|e| e.into_inner());
+        for e in txn.open_table(PART_LSN)?.iter()? {
+            let (k, v) = e?;
+            if let [a, b] = k.value() {
+                committed.insert(PartitionId(u16::from_be_bytes([*a, *b])), v.value());
+            }
+        }
+        drop(committed);
+        Ok(s)
+    }
+
+    pub(super) fn epoch(&self, p: PartitionId) -> u64 {
+        let m = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&p).copied().unwrap_or(0)
+    }
+
+    pub(super) fn committed(&self, logged: &[(PartitionId, u64)]) {
+        if logged.is_empty() {
+            return;
+        }
+        let mut m = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, lsn) in logged {
+            m.insert(*p, *lsn);
+        }
+        drop(m);
+        self.tick.send_modify(|t| *t += 1);
+    }
+}
+
+impl Engine {
+    /// Entries of `p` written from now on carry `epoch`.
+    pub fn set_epoch(&self, p: PartitionId, epoch: u64) {
+        let mut m = self
+            .log_state()
+            .epochs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        m.insert(p, epoch);
+    }
+
+    /// The number of `p`'s last committed log entry (0: none).
+    pub fn committed_lsn(&self, p: PartitionId) -> u64 {
+        let m = self
+            .log_state()
+            .committed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        m.get(&p).copied().unwrap_or(0)
+    }
+
+    /// Changes whenever a commit logged something.
+    pub fn watch_log(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.log_state().tick.subscribe()
+    }
+}
+
+/// Where a partition's log stands on this node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPosition {
+    /// Number of the last entry (0: none yet).
+    pub lsn: u64,
+    /// Epoch of the last entry (0: none, or trimmed away).
+    pub epoch: u64,
+}
+
+impl Engine {
+    /// The number and epoch of partition `p`'s last log entry.
+    pub async fn log_position(&self, p: PartitionId) -> Result<LogPosition, EngineError> {
+        self.read(move |txn| {
+            let lsn = txn
+                .open_table(PART_LSN)?
+                .get(p.0.to_be_bytes().as_slice())?
+                .map_or(0, |v| v.value());
+            let epoch = match txn.open_table(REPL_LOG)?.get(log_key(p, lsn).as_slice())? {
+                Some(e) => LogEntry::decode(e.value())?.epoch,
+                None => 0,
+            };
+            Ok(LogPosition { lsn, epoch })
+        })
+        .await
+    }
+
+    /// Entries of `p` from number `from` on, at most `max` of them and about `max_bytes`
+    /// (at least one). None if entry `from` is no longer (or not yet) in the log.
+    pub async fn read_log(
+        &self,
+        p: PartitionId,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<(u64, LogEntry)>>, EngineError> {
+        self.read(move |txn| {
+            let t = txn.open_table(REPL_LOG)?;
+            let start = log_key(p, from);
+            let end = log_key(p, u64::MAX);
+            let mut out = Vec::new();
+            let mut bytes = 0;
+            for e in t.range(start.as_slice()..=end.as_slice())? {
+                let (k, v) = e?;
+                let lsn = u64::from_be_bytes(k.value()[2..10].try_into().unwrap_or_default());
+                if out.is_empty() && lsn != from {
+                    return Ok(None);
+                }
+                bytes += v.value().len();
+                out.push((lsn, LogEntry::decode(v.value())?));
+                if out.len() >= max || bytes >= max_bytes {
+                    break;
+                }
+            }
+            Ok((!out.is_empty()).then_some(out))
+        })
+        .await
+    }
+
+    /// Applies entries of `p`'s log received from its primary, in order, and stores them
+    /// under the same numbers, all in one commit. The first must directly follow this
+    /// node's last entry; returns the new last number.
+    pub async fn apply_log(
+        &self,
+        p: PartitionId,
+        entries: Vec<(u64, LogEntry)>,
+    ) -> Result<u64, EngineError> {
+        let dirs = entries
+            .iter()
+            .flat_map(|(_, e)| &e.chunks)
+            .filter_map(|c| {
+                self.chunks()
+                    .path(c.partition, c.id)
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        self.write(dirs, move |ctx| {
+            let txn = ctx.txn.untracked();
+            let mut next = last_lsn(txn, p)? + 1;
+            for (lsn, e) in &entries {
+                if *lsn != next {
+                    return Err(EngineError::Format(format!(
+                        "log entry {lsn} of partition {p} does not follow {}",
+                        next - 1
+                    )));
+                }
+                if !known_tables(&e.changes)
+                    || e.changes.iter().any(|c| {
+                        let (Change::Put { table, key, .. } | Change::Delete { table, key }) = c;
+                        partition_of(*table, key) != Some(p)
+                    })
+                {
+                    return Err(EngineError::Format(format!(
+                        "log entry {lsn} of partition {p} changes another partition or an \
+                         unknown table"
+                    )));
+                }
+                next += 1;
+            }
+            for (lsn, e) in &entries {
+                for c in &e.changes {
+                    apply_change(txn, c)?;
+                }
+                store(txn, p, *lsn, &e.encode()?)?;
+                ctx.logged(p, *lsn);
+            }
+            Ok(next - 1)
+        })
+        .await
+    }
+}
