@@ -86,6 +86,9 @@ impl From<model::Error> for ApiError {
                     "stored data failed its checksum",
                 )
             }
+            E::NotPrimary(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", m)
+            }
             e @ (E::Engine(_) | E::Catalog(_)) => {
                 tracing::error!(error = %e, "internal error");
                 ApiError::new(

@@ -255,6 +255,19 @@ impl Node {
         } = self;
         // Registered, heartbeating and holding a layout before any listener answers.
         let cluster_task = cluster.start(shutdown.clone()).await?;
+        // From now on a bucket or namespace is served only by its partition's primary.
+        {
+            let cluster = cluster.clone();
+            store.set_partition_guard(Arc::new(move |p| match cluster.route(p) {
+                crate::cluster::Route::Local => None,
+                crate::cluster::Route::Remote { node, .. } => Some(format!(
+                    "partition {p} is led by node {}, not this one; retry",
+                    node.0
+                )),
+                crate::cluster::Route::Unavailable(why) => Some(why),
+            }));
+        }
+
         let ready = Arc::new(AtomicBool::new(false));
 
         let mut builder = S3ServiceBuilder::new(GranaryS3::new(

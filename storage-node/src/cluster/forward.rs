@@ -27,8 +27,25 @@ const PREFIX: &str = "x-granary-fwd-";
 const FWD_HOST: &str = "x-granary-fwd-host";
 const FWD_AUTHORIZATION: &str = "x-granary-fwd-authorization";
 const FWD_URI: &str = "x-granary-fwd-uri";
+const FWD_EXPECT: &str = "x-granary-fwd-expect";
 /// On a 503 from a node that does not lead the partition a forwarded request was for.
 pub const NOT_PRIMARY: &str = "x-granary-not-primary";
+
+/// A forwarded request that got no answer from the primary.
+#[derive(Debug)]
+pub struct ForwardError {
+    /// 503 when nothing can have happened (the primary was not reached, or the request
+    /// only reads); 502 when the primary may have acted on it before failing.
+    pub status: u16,
+    pub message: String,
+}
+
+impl ForwardError {
+    /// Whether the request may have taken effect.
+    pub fn outcome_unknown(&self) -> bool {
+        self.status == 502
+    }
+}
 
 /// Request extension: this request arrived through the forward route.
 #[derive(Clone, Copy, Debug)]
@@ -93,13 +110,17 @@ impl Forwarder {
     pub fn new(cluster: Cluster, auth: Authenticator, metrics: Arc<Metrics>) -> Self {
         // No overall or read timeout: a large object streams for as long as the client
         // takes, and a slow client slows the primary down rather than failing. A primary
-        // that stops answering is suspected within `suspect_after` and then not
-        // forwarded to; a dead connection is found by TCP keepalive; a client that gives
-        // up drops the forwarded request with its own.
+        // that stops answering (hung, stopped, or cut off) is suspected within
+        // `suspect_after`: requests waiting on it, and answers streaming from it, then
+        // fail. A client that gives up drops the forwarded request with its own.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .tcp_keepalive(Duration::from_secs(15))
             .pool_idle_timeout(Duration::from_secs(30))
+            // Peers are addressed directly: never through an environment proxy (it would
+            // see the cluster secret and clients' signatures), never redirected.
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client without TLS always builds");
         Self {
@@ -165,15 +186,19 @@ impl Forwarder {
         rpc_addr: &str,
         parts: &http::request::Parts,
         body: reqwest::Body,
-    ) -> Result<http::Response<reqwest::Body>, String> {
+    ) -> Result<http::Response<reqwest::Body>, ForwardError> {
         let r = self.send(front, node, rpc_addr, parts, body).await;
-        let outcome = if r.is_ok() { "ok" } else { "unreachable" };
+        let outcome = match &r {
+            Ok(_) => "ok",
+            Err(e) if e.outcome_unknown() => "failed",
+            Err(_) => "unreachable",
+        };
         self.metrics
             .forwarded
             .get_or_create(&ForwardLabels { front, outcome })
             .inc();
         if let Err(e) = &r {
-            tracing::warn!(error = %e, "the partition's primary could not be reached");
+            tracing::warn!(error = %e.message, status = e.status, "forwarding to the partition's primary failed");
         }
         r
     }
@@ -185,12 +210,22 @@ impl Forwarder {
         rpc_addr: &str,
         parts: &http::request::Parts,
         body: reqwest::Body,
-    ) -> Result<http::Response<reqwest::Body>, String> {
-        let secret = self
-            .cluster
-            .secret()
-            .ok_or("this node has no cluster secret, so it cannot forward")?;
-        let headers = outgoing_headers(parts)?;
+    ) -> Result<http::Response<reqwest::Body>, ForwardError> {
+        let refuse = |message: String| ForwardError {
+            status: 503,
+            message,
+        };
+        let secret = self.cluster.secret().ok_or_else(|| {
+            refuse("this node has no cluster secret, so it cannot forward".into())
+        })?;
+        let headers = outgoing_headers(parts).map_err(|e| refuse(e.into()))?;
+        // Reads are safe to retry whatever happened; anything else may have taken effect
+        // once the primary got it.
+        let reads = matches!(parts.method, http::Method::GET | http::Method::HEAD);
+        let failed = |message: String, connected: bool| ForwardError {
+            status: if connected && !reads { 502 } else { 503 },
+            message,
+        };
         // Keep the client's framing: a request that declared no body is sent without one
         // (a streamed body would go out chunked, and S3 refuses e.g. a chunked DELETE).
         let has_body = parts.headers.contains_key(header::CONTENT_LENGTH)
@@ -212,11 +247,13 @@ impl Forwarder {
         // suspected within `suspect_after`; a request still waiting for its answer then
         // fails rather than waiting for as long as the client does.
         let resp = tokio::select! {
-            r = send => r.map_err(|e| format!("forwarding to {rpc_addr}: {e}"))?,
+            r = send => r.map_err(|e| {
+                failed(format!("forwarding to {} at {rpc_addr}: {e}", node.0), !e.is_connect())
+            })?,
             () = self.cluster.until_not_alive(node) => {
-                return Err(format!(
-                    "the primary {} at {rpc_addr} stopped answering before it replied",
-                    node.0
+                return Err(failed(
+                    format!("the primary {} at {rpc_addr} stopped answering before it replied", node.0),
+                    true,
                 ));
             }
         };
@@ -224,6 +261,12 @@ impl Forwarder {
             self.cluster.refresh_soon();
         }
         let mut resp: http::Response<reqwest::Body> = resp.into();
+        // The answer's body streams from the primary: it, too, ends (with an error) if
+        // the primary stops answering half-way.
+        let (cluster, node) = (self.cluster.clone(), node.clone());
+        let stop = async move { cluster.until_not_alive(&node).await };
+        let body = std::mem::replace(resp.body_mut(), reqwest::Body::from(bytes::Bytes::new()));
+        *resp.body_mut() = guarded(body, stop);
         let drop: Vec<HeaderName> = resp
             .headers()
             .keys()
@@ -237,16 +280,62 @@ impl Forwarder {
     }
 }
 
+/// `body`, ended by an error as soon as `stop` completes.
+fn guarded(
+    body: reqwest::Body,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> reqwest::Body {
+    use futures::StreamExt;
+    use std::task::Poll;
+    let mut data = http_body_util::BodyExt::into_data_stream(body);
+    let mut stop = Box::pin(stop);
+    let mut done = false;
+    let stream = futures::stream::poll_fn(move |cx| {
+        if done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = data.poll_next_unpin(cx) {
+            done = item.is_none();
+            return Poll::Ready(item.map(|r| r.map_err(std::io::Error::other)));
+        }
+        if stop.as_mut().poll(cx).is_ready() {
+            done = true;
+            return Poll::Ready(Some(Err(std::io::Error::other(
+                "the primary stopped answering while sending the response",
+            ))));
+        }
+        Poll::Pending
+    });
+    reqwest::Body::wrap_stream(stream)
+}
+
 /// The client's headers as the forward route carries them: hop-by-hop ones dropped,
 /// `Host`, `Authorization` and the path with its query moved into `x-granary-fwd-*`
 /// headers (the RPC hop authenticates with its own `Authorization`).
-fn outgoing_headers(parts: &http::request::Parts) -> Result<HeaderMap, String> {
-    let mut out = HeaderMap::with_capacity(parts.headers.len() + 3);
+fn outgoing_headers(parts: &http::request::Parts) -> Result<HeaderMap, &'static str> {
+    // Headers the client named in `Connection` are for the first hop only, too.
+    let listed: Vec<String> = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(parts.headers.len() + 4);
     for (name, value) in &parts.headers {
-        if hop_by_hop(name) || name == header::AUTHORIZATION || name.as_str().starts_with(PREFIX) {
+        if hop_by_hop(name)
+            || name == header::AUTHORIZATION
+            || name.as_str().starts_with(PREFIX)
+            || listed.iter().any(|l| l == name.as_str())
+        {
             continue;
         }
         out.append(name.clone(), value.clone());
+    }
+    // A signature may cover `Expect`; the primary sees it as the client sent it.
+    if let Some(e) = parts.headers.get(header::EXPECT) {
+        out.insert(FWD_EXPECT, e.clone());
     }
     if let Some(a) = parts.headers.get(header::AUTHORIZATION) {
         out.insert(FWD_AUTHORIZATION, a.clone());
@@ -288,6 +377,10 @@ pub fn restore(parts: &mut http::request::Parts) -> Result<(), String> {
     h.remove(header::HOST);
     if let Some(host) = h.remove(FWD_HOST) {
         h.insert(header::HOST, host);
+    }
+    h.remove(header::EXPECT);
+    if let Some(e) = h.remove(FWD_EXPECT) {
+        h.insert(header::EXPECT, e);
     }
     let ours: Vec<HeaderName> = h
         .keys()
@@ -379,7 +472,9 @@ mod tests {
                 .header("x-amz-content-sha256", "UNSIGNED-PAYLOAD")
                 .header("content-length", "5")
                 .header("transfer-encoding", "chunked")
-                .header("connection", "keep-alive")
+                .header("connection", "keep-alive, x-hop")
+                .header("x-hop", "1")
+                .header("expect", "100-continue")
                 .header("x-granary-fwd-uri", "/other/bucket")
                 .body(())
                 .unwrap(),
@@ -388,6 +483,8 @@ mod tests {
         assert!(!sent.contains_key("transfer-encoding"));
         assert!(!sent.contains_key("connection"));
         assert!(!sent.contains_key("authorization"));
+        assert!(!sent.contains_key("x-hop"), "named in Connection");
+        assert!(!sent.contains_key("expect"));
         // What the RPC hop adds, and what an attacker between would have to forge.
         sent.insert("authorization", HeaderValue::from_static("Bearer secret"));
         sent.insert("host", HeaderValue::from_static("10.0.0.2:9300"));
@@ -403,6 +500,10 @@ mod tests {
         );
         assert_eq!(got.headers["x-amz-content-sha256"], "UNSIGNED-PAYLOAD");
         assert_eq!(got.headers["content-length"], "5");
+        assert_eq!(
+            got.headers["expect"], "100-continue",
+            "signed headers survive"
+        );
         assert!(got.headers.keys().all(|k| !k.as_str().starts_with(PREFIX)));
         assert!(got.extensions.get::<Forwarded>().is_some());
     }

@@ -101,6 +101,10 @@ struct Inner {
     states: std::sync::RwLock<Arc<Vec<Option<PartitionState>>>>,
     /// Bumped whenever `view` is replaced.
     view_seq: watch::Sender<u64>,
+    /// Members counted when the bootstrap wait was last logged (logged on change only).
+    waiting_logged: std::sync::atomic::AtomicUsize,
+    /// Whether "this node leads nothing" was logged.
+    idle_logged: std::sync::atomic::AtomicBool,
     wake: Notify,
     http: reqwest::Client,
 }
@@ -112,6 +116,8 @@ impl Cluster {
         let http = reqwest::Client::builder()
             .timeout(cfg.interval)
             .connect_timeout(cfg.interval)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("an HTTP client without TLS always builds");
         Self {
@@ -124,6 +130,8 @@ impl Cluster {
                 layout: watch::Sender::new(None),
                 states: Default::default(),
                 view_seq: watch::Sender::new(0),
+                waiting_logged: Default::default(),
+                idle_logged: Default::default(),
                 wake: Notify::new(),
                 http,
             }),
@@ -317,11 +325,19 @@ impl Cluster {
         if !creating || layout.members.len() >= expect {
             return true;
         }
-        tracing::info!(
-            joined = layout.members.len(),
-            expect,
-            "waiting for bootstrap_expect nodes before assigning partitions"
-        );
+        let joined = layout.members.len();
+        if self
+            .inner
+            .waiting_logged
+            .swap(joined, std::sync::atomic::Ordering::Relaxed)
+            != joined
+        {
+            tracing::info!(
+                joined,
+                expect,
+                "waiting for bootstrap_expect nodes before assigning partitions"
+            );
+        }
         false
     }
 
@@ -378,6 +394,29 @@ impl Cluster {
             .filter(|s| s.primary == *self.me())
             .count();
         self.inner.metrics.partitions_led.set(led as i64);
+        let planned: u32 = self.layout().map_or(0, |l| {
+            l.members
+                .iter()
+                .zip(l.load())
+                .filter(|(m, _)| m.id == *self.me())
+                .map(|(_, (primary, _))| primary)
+                .sum()
+        });
+        if led == 0
+            && planned > 0
+            && table.iter().all(Option::is_some)
+            && !self
+                .inner
+                .idle_logged
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                planned_primaries = planned,
+                "this node leads no partition: it joined a cluster whose partitions were \
+                 assigned without it, and primaries do not move yet (docs/cluster.md); it \
+                 forwards every request"
+            );
+        }
         *self
             .inner
             .states

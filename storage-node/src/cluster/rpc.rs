@@ -289,7 +289,9 @@ pub async fn tenant_work_everywhere(
                 .await
                 .map_err(|e| fail(e.to_string()))?;
             if !r.status().is_success() {
-                return Err(fail(format!("HTTP {}", r.status())));
+                let status = r.status();
+                let why = r.text().await.unwrap_or_default();
+                return Err(fail(format!("HTTP {status}: {}", why.trim())));
             }
             r.json::<serde_json::Value>()
                 .await

@@ -369,6 +369,13 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
                     .await
                 {
                     Ok(r) => r.map(Body::new),
+                    Err(e) if e.outcome_unknown() => ApiError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "OutcomeUnknown",
+                        "the node holding this namespace failed while handling the request; \
+                         whether it took effect is unknown",
+                    )
+                    .into_response(),
                     Err(_) => ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "ServiceUnavailable",

@@ -61,7 +61,7 @@ impl Store {
     pub async fn delete_bucket(&self, tenant: TenantId, name: &str) -> Result<()> {
         let _ddl = self.inner.bucket_ddl.lock().await;
         let b = self.bucket(tenant, name).await?;
-        let prefix = keys::bucket_prefix(self.partition(tenant, name), b.id);
+        let prefix = keys::bucket_prefix(self.led_partition(tenant, name)?, b.id);
         let gone = prefix.clone();
         // Emptiness check and tombstone in one group commit: a PUT or multipart upload
         // committed before it makes the bucket non-empty, one committed after it is

@@ -154,8 +154,9 @@ pub fn kv_container(ns: &str) -> String {
 }
 
 impl Store {
-    fn kv_prefix(&self, tenant: TenantId, ns: &str) -> Vec<u8> {
-        keys::kv_namespace_prefix(self.partition(tenant, &kv_container(ns)), tenant, ns)
+    fn kv_prefix(&self, tenant: TenantId, ns: &str) -> Result<Vec<u8>> {
+        let p = self.led_partition(tenant, &kv_container(ns))?;
+        Ok(keys::kv_namespace_prefix(p, tenant, ns))
     }
 
     pub async fn kv_get(&self, tenant: TenantId, ns: &str, key: &[u8]) -> Result<Option<Entry>> {
@@ -191,7 +192,7 @@ impl Store {
             }
         }
         drop(seen);
-        let prefix = self.kv_prefix(tenant, ns);
+        let prefix = self.kv_prefix(tenant, ns)?;
         let now = now_millis();
         Ok(self
             .engine()
@@ -245,7 +246,7 @@ impl Store {
                 "values are at most {MAX_VALUE} bytes"
             )));
         }
-        let mut full = self.kv_prefix(tenant, ns);
+        let mut full = self.kv_prefix(tenant, ns)?;
         full.extend_from_slice(key);
         let now = now_millis();
         let expires_at = ttl_ms.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
@@ -291,7 +292,7 @@ impl Store {
     ) -> Result<Option<u64>> {
         check_namespace(ns)?;
         check_key(key)?;
-        let mut full = self.kv_prefix(tenant, ns);
+        let mut full = self.kv_prefix(tenant, ns)?;
         full.extend_from_slice(key);
         let now = now_millis();
         self.engine()
@@ -331,7 +332,7 @@ impl Store {
     ) -> Result<ScanPage> {
         check_namespace(ns)?;
         let limit = limit.clamp(1, MAX_SCAN);
-        let base = self.kv_prefix(tenant, ns);
+        let base = self.kv_prefix(tenant, ns)?;
         let prefix = prefix.to_vec();
         let now = now_millis();
         Ok(self
@@ -618,7 +619,7 @@ mod tests {
         let s = store(dir.path()).await;
         let tenant = TenantId::random();
         // A TTL value as an older node wrote it: in the KV table only.
-        let mut full = s.kv_prefix(tenant, "ns");
+        let mut full = s.kv_prefix(tenant, "ns").unwrap();
         full.extend_from_slice(b"old");
         let rec = Stored {
             version: 1,

@@ -57,6 +57,16 @@ pub enum Error {
     IncompleteBody(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// This node does not lead the partition (the request reached it on a stale or
+    /// forged route); retrying through any node finds the primary.
+    #[error("{0}")]
+    NotPrimary(String),
+    /// A copy whose source bucket another node leads (not supported yet).
+    #[error(
+        "the copy source bucket is stored on another node; copying between buckets on \
+         different nodes is not supported yet (copy with GET and PUT instead)"
+    )]
+    CopySourceElsewhere,
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -64,6 +74,20 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// An error reading a copy's source: a source this node does not lead is another
+    /// node's, which a copy cannot read yet.
+    pub fn for_copy_source(self) -> Self {
+        match self {
+            Error::NotPrimary(_) => Error::CopySourceElsewhere,
+            e => e,
+        }
+    }
+}
+
+/// Why this node may not serve a partition, or None when it may.
+pub type PartitionGuard = Arc<dyn Fn(PartitionId) -> Option<String> + Send + Sync>;
 
 /// A set of partitions: the share of a tenant-wide job one node does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +131,9 @@ struct Inner {
     catalog: Arc<dyn Catalog>,
     partitions: u16,
     buckets: RwLock<HashMap<(TenantId, String), Bucket>>,
+    /// Says why this node may not serve a partition (None: it may). Set by the node to
+    /// the cluster's routing; absent (everything served) in a store without a cluster.
+    guard: std::sync::OnceLock<PartitionGuard>,
     /// Bumped (under the `buckets` write lock) whenever a bucket is created or deleted:
     /// a cache fill that read the catalog before the change is dropped, so a deleted
     /// incarnation can never be cached after its deletion.
@@ -123,6 +150,7 @@ impl Store {
                 catalog,
                 partitions,
                 buckets: RwLock::new(HashMap::new()),
+                guard: std::sync::OnceLock::new(),
                 bucket_epoch: Default::default(),
                 bucket_ddl: Mutex::new(()),
             }),
@@ -139,6 +167,22 @@ impl Store {
 
     pub fn partition(&self, tenant: TenantId, container: &str) -> PartitionId {
         PartitionId::of(tenant, container.as_bytes(), self.inner.partitions)
+    }
+
+    /// Makes every bucket and namespace access check `guard` first: a request that
+    /// reached a node that does not lead its partition is refused, never served from
+    /// whatever that node holds. Set once, by the node, before it serves.
+    pub fn set_partition_guard(&self, guard: PartitionGuard) {
+        let _ = self.inner.guard.set(guard);
+    }
+
+    /// The partition of `container`, if this node may serve it.
+    pub(crate) fn led_partition(&self, tenant: TenantId, container: &str) -> Result<PartitionId> {
+        let p = self.partition(tenant, container);
+        match self.inner.guard.get().and_then(|g| g(p)) {
+            Some(why) => Err(Error::NotPrimary(why)),
+            None => Ok(p),
+        }
     }
 
     pub fn all_partitions(&self) -> PartitionSet {

@@ -111,8 +111,8 @@ impl Store {
         bucket: &str,
         upload: UploadId,
     ) -> Result<(crate::types::PartitionId, crate::types::BucketId, Vec<u8>)> {
+        let p = self.led_partition(tenant, bucket)?;
         let b = self.bucket(tenant, bucket).await?;
-        let p = self.partition(tenant, bucket);
         Ok((p, b.id, keys::upload_key(p, b.id, upload)))
     }
 
@@ -421,8 +421,8 @@ impl Store {
         upload_id_marker: Option<UploadId>,
         max: usize,
     ) -> Result<UploadPage> {
+        let p = self.led_partition(tenant, bucket)?;
         let b = self.bucket(tenant, bucket).await?;
-        let p = self.partition(tenant, bucket);
         let bprefix = keys::bucket_prefix(p, b.id);
         let scan_prefix = keys::upload_index_prefix(&bprefix, prefix);
         let key_marker = key_marker.filter(|k| !k.is_empty()).map(str::to_string);

@@ -207,8 +207,8 @@ impl Store {
         tenant: TenantId,
         bucket: &str,
     ) -> Result<(PartitionId, Vec<u8>)> {
+        let p = self.led_partition(tenant, bucket)?;
         let b = self.bucket(tenant, bucket).await?;
-        let p = self.partition(tenant, bucket);
         Ok((p, keys::bucket_prefix(p, b.id)))
     }
 
@@ -379,7 +379,8 @@ impl Store {
         check_key(dst_key)?;
         let (src, _, body) = self
             .get_object(tenant, src_bucket, src_key, None, src_cond)
-            .await?;
+            .await
+            .map_err(Error::for_copy_source)?;
         let (p, mut k) = self.object_location(tenant, dst_bucket).await?;
         k.extend_from_slice(dst_key.as_bytes());
         let written = data::write_body(self.engine().chunks(), p, body.stream).await?;

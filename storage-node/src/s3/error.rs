@@ -60,6 +60,10 @@ pub fn to_s3(e: Error) -> S3Error {
                 "stored data failed its checksum; it will not be served",
             )
         }
+        Error::NotPrimary(m) => S3Error::with_message(S3ErrorCode::ServiceUnavailable, m),
+        e @ Error::CopySourceElsewhere => {
+            S3Error::with_message(S3ErrorCode::NotImplemented, e.to_string())
+        }
         e @ (Error::Engine(_) | Error::Catalog(_)) => {
             tracing::error!(error = %e, "internal error");
             S3Error::with_message(S3ErrorCode::InternalError, "internal error")

@@ -79,6 +79,12 @@ impl S3Front {
                         .await
                     {
                         Ok(resp) => resp.map(s3s::Body::http_body_unsync),
+                        Err(e) if e.outcome_unknown() => s3_error_response(
+                            http::StatusCode::BAD_GATEWAY,
+                            "InternalError",
+                            "the node holding this bucket failed while handling the request; \
+                             whether it took effect is unknown",
+                        ),
                         Err(_) => s3_error_response(
                             http::StatusCode::SERVICE_UNAVAILABLE,
                             "ServiceUnavailable",

@@ -104,7 +104,7 @@ pub async fn upload_part_copy(
         .store
         .get_object(t, &src_bucket, &src_key, range, &cond)
         .await
-        .map_err(|e| match e {
+        .map_err(|e| match e.for_copy_source() {
             crate::model::Error::NotModified => to_s3(crate::model::Error::PreconditionFailed),
             e => to_s3(e),
         })?;

@@ -231,6 +231,61 @@ async fn every_node_serves_every_bucket_and_namespace() {
         });
     }
 
+    // CopyObject within one primary's buckets works through any node; between buckets
+    // on different primaries it is refused clearly (not supported yet), never answered
+    // from the wrong node's data.
+    let (b2, b3) = (&buckets["n2"], &buckets["n3"]);
+    s3[0]
+        .copy_object()
+        .bucket(b2)
+        .key("copied")
+        .copy_source(format!("{b2}/k"))
+        .send()
+        .await
+        .expect("a copy within one primary");
+    let err = s3[0]
+        .copy_object()
+        .bucket(b3)
+        .key("copied")
+        .copy_source(format!("{b2}/k"))
+        .send()
+        .await
+        .expect_err("a copy across primaries");
+    assert_eq!(
+        err.raw_response().map(|r| r.status().as_u16()),
+        Some(501),
+        "{err:?}"
+    );
+
+    // A request that reaches a node which does not lead its bucket is never served
+    // from that node's data, whatever the routing step made of it: a presigned GET with
+    // a decoy Authorization header naming an unknown key is not forwarded (no tenant to
+    // place it by), is authenticated by its presigned query, and refused by the
+    // partition guard.
+    let presigned = s3[0]
+        .get_object()
+        .bucket(b2)
+        .key("k")
+        .presigned(
+            aws_sdk_s3::presigning::PresigningConfig::expires_in(Duration::from_secs(300)).unwrap(),
+        )
+        .await
+        .unwrap();
+    let decoy = reqwest::Client::new()
+        .get(presigned.uri())
+        .header(
+            "authorization",
+            "AWS4-HMAC-SHA256 Credential=NOSUCHKEY/20261127/us-east-1/s3/aws4_request, \
+             SignedHeaders=host, Signature=00",
+        )
+        .send()
+        .await
+        .unwrap();
+    let status = decoy.status().as_u16();
+    let text = decoy.text().await.unwrap();
+    assert_eq!(status, 503, "refused, not served from n1's data: {text}");
+    println!("presigned GET with a decoy header through a non-primary: {status}");
+
     // A 1 GiB object through n1 to a bucket n2 leads and back: it streams through n1,
     // whose peak memory stays far below the object's size.
     let big_bucket = &buckets["n2"];
