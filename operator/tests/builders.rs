@@ -374,6 +374,10 @@ fn a_config_change_rolls_the_pods_and_nothing_else_does() {
     sc.spec.zones[0].pools[0].replicas += 1;
     assert!(toml(&sc).contains(&format!("\nbootstrap_expect = {}\n", nodes + 1)));
     assert_eq!(hash(&sc), before, "scaling is not a config change");
+    assert!(toml(&sc).contains(&format!(
+        "\nmin_in_sync = {}\n",
+        sc.spec.replication.min_in_sync
+    )));
     sc.spec.replication.factor -= 1;
     assert_ne!(hash(&sc), before, "the replication factor is in node.toml");
 }

@@ -63,6 +63,9 @@ pub struct NodeConfig {
     /// answer 503. Default 1; the operator sets the StorageCluster's node count, so a
     /// new cluster does not put every partition on the first node to start.
     pub bootstrap_expect: u16,
+    /// In-sync replicas (the primary included) a write needs before it is acknowledged;
+    /// with fewer, writes answer 503. Default: 2, or the replication factor if smaller.
+    pub min_in_sync: Option<u8>,
     /// This node's weight in partition placement (e.g. GiB of data volume). Default 100.
     pub capacity: u64,
     /// Heartbeat, probe and layout-poll period in milliseconds. Default 1000.
@@ -104,6 +107,7 @@ impl Default for NodeConfig {
             cluster_secret: None,
             replication_factor: 3,
             bootstrap_expect: 1,
+            min_in_sync: None,
             capacity: 100,
             heartbeat_interval_ms: 1000,
             suspect_after_ms: 5000,
@@ -229,6 +233,9 @@ impl NodeConfig {
         if let Some(v) = g("REPLICATION_FACTOR") {
             self.replication_factor = parse("GRANARY_REPLICATION_FACTOR", &v)?;
         }
+        if let Some(v) = g("MIN_IN_SYNC") {
+            self.min_in_sync = Some(parse("GRANARY_MIN_IN_SYNC", &v)?);
+        }
         if let Some(v) = g("BOOTSTRAP_EXPECT") {
             self.bootstrap_expect = parse("GRANARY_BOOTSTRAP_EXPECT", &v)?;
         }
@@ -276,6 +283,14 @@ impl NodeConfig {
             return Err(ConfigError::Invalid(
                 "replication_factor must be at least 1".into(),
             ));
+        }
+        if let Some(m) = self.min_in_sync
+            && (m == 0 || m > self.replication_factor)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "min_in_sync ({m}) must be between 1 and replication_factor ({})",
+                self.replication_factor
+            )));
         }
         if self.bootstrap_expect == 0 {
             return Err(ConfigError::Invalid(

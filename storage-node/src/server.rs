@@ -282,11 +282,25 @@ impl Node {
         ))));
         let s3 = Arc::new(builder.build());
         let forwarder = Forwarder::new(cluster.clone(), auth.clone(), metrics.clone());
+        let replicator = crate::cluster::replication::Replicator::new(
+            cluster.clone(),
+            store.engine().clone(),
+            config
+                .min_in_sync
+                .unwrap_or(config.replication_factor.min(2)) as usize,
+            Duration::from_millis(config.suspect_after_ms),
+        );
+        let replication_task = tokio::spawn(replicator.clone().run(shutdown.clone()));
+        // Longest a request waits for its writes to reach the in-sync replicas (a replica
+        // that stops answering leaves the in-sync set within suspect_after, which ends
+        // the wait sooner; this bounds a slow one).
+        let barrier_wait = Duration::from_secs(600);
         let s3_front = crate::s3::front::S3Front::new(
             s3,
             metrics.clone(),
             forwarder.clone(),
             config.s3_domains.clone(),
+            (replicator.clone(), barrier_wait),
         );
 
         let kv_state = kv::KvState {
@@ -296,6 +310,7 @@ impl Node {
             metrics: metrics.clone(),
             budget: crate::tenancy::budget::MemoryBudget::new(config.memory_budget),
             forwarder: forwarder.clone(),
+            replication: (replicator.clone(), barrier_wait),
         };
         let kv_router = kv::router(kv_state.clone());
         let node_info = serde_json::json!({
@@ -330,7 +345,8 @@ impl Node {
                 listeners.3,
                 crate::cluster::rpc::router(
                     crate::cluster::rpc::RpcState::new(cluster, store.engine().clone())
-                        .with_fronts(s3_front.clone(), kv_state, store.clone()),
+                        .with_fronts(s3_front.clone(), kv_state, store.clone())
+                        .with_replicator(replicator),
                 ),
             )
             .with_graceful_shutdown(signal(shutdown.clone()))
@@ -351,6 +367,7 @@ impl Node {
             let _ = rpc_task.await;
             let _ = sweeper.await;
             let _ = cluster_task.await;
+            let _ = replication_task.await;
         })
         .await;
         store.engine().shutdown().await;

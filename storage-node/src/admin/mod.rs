@@ -199,6 +199,12 @@ async fn layout(
         "underReplicatedPartitions": l.under_replicated(),
         "partitionsByReplicaCount": by_count,
         "partitionsWithoutPrimary": states.iter().filter(|st| st.is_none()).count(),
+        // Partitions whose in-sync set is smaller than the factor (a replica is behind).
+        "partitionsOutOfSync": states
+            .iter()
+            .flatten()
+            .filter(|st| st.in_sync.len() < l.factor as usize)
+            .count(),
         "members": members,
     });
     if q.partitions {
@@ -208,6 +214,16 @@ async fn layout(
                     .replicas(crate::types::PartitionId(p))
                     .map(|m| m.id.0.as_str())
                     .collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        );
+        body["inSync"] = json!(
+            states
+                .iter()
+                .map(|st| st.as_ref().map(|st| st
+                    .in_sync
+                    .iter()
+                    .map(|n| n.0.as_str())
+                    .collect::<Vec<_>>()))
                 .collect::<Vec<_>>()
         );
         body["actingPrimaries"] = json!(

@@ -113,16 +113,10 @@ impl Forwarder {
         // that stops answering (hung, stopped, or cut off) is suspected within
         // `suspect_after`: requests waiting on it, and answers streaming from it, then
         // fail. A client that gives up drops the forwarded request with its own.
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_keepalive(Duration::from_secs(15))
-            .pool_idle_timeout(Duration::from_secs(30))
-            // Peers are addressed directly: never through an environment proxy (it would
-            // see the cluster secret and clients' signatures), never redirected.
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client without TLS always builds");
+        let http = super::peer_client(Duration::from_secs(2), |b| {
+            b.tcp_keepalive(Duration::from_secs(15))
+                .pool_idle_timeout(Duration::from_secs(30))
+        });
         Self {
             cluster,
             auth,

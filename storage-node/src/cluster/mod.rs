@@ -26,6 +26,7 @@
 pub mod forward;
 pub mod layout;
 pub mod membership;
+pub mod replication;
 pub mod rpc;
 
 use std::collections::HashMap;
@@ -101,10 +102,17 @@ struct Inner {
     states: std::sync::RwLock<Arc<Vec<Option<PartitionState>>>>,
     /// Bumped whenever `view` is replaced.
     view_seq: watch::Sender<u64>,
+    /// Bumped whenever the partition table changes.
+    states_seq: watch::Sender<u64>,
     /// Members counted when the bootstrap wait was last logged (logged on change only).
     waiting_logged: std::sync::atomic::AtomicUsize,
     /// Whether "this node leads nothing" was logged.
     idle_logged: std::sync::atomic::AtomicBool,
+    /// Random per process start: a peer whose incarnation changed has restarted (and may
+    /// have lost what it held).
+    incarnation: String,
+    /// Each peer's incarnation, as its last answered probe said.
+    incarnations: Mutex<HashMap<NodeId, String>>,
     wake: Notify,
     http: reqwest::Client,
 }
@@ -113,13 +121,7 @@ impl Cluster {
     pub fn new(cfg: ClusterConfig, catalog: Arc<dyn Catalog>, metrics: Arc<Metrics>) -> Self {
         // Without its timeouts a probe of a hung peer would stall every heartbeat; the
         // builder fails only if the TLS backend cannot start, which plain HTTP never needs.
-        let http = reqwest::Client::builder()
-            .timeout(cfg.interval)
-            .connect_timeout(cfg.interval)
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .expect("an HTTP client without TLS always builds");
+        let http = peer_client(cfg.interval, |b| b.timeout(cfg.interval));
         Self {
             inner: Arc::new(Inner {
                 cfg,
@@ -130,8 +132,11 @@ impl Cluster {
                 layout: watch::Sender::new(None),
                 states: Default::default(),
                 view_seq: watch::Sender::new(0),
+                states_seq: watch::Sender::new(0),
                 waiting_logged: Default::default(),
                 idle_logged: Default::default(),
+                incarnation: uuid::Uuid::new_v4().simple().to_string(),
+                incarnations: Mutex::new(HashMap::new()),
                 wake: Notify::new(),
                 http,
             }),
@@ -236,6 +241,34 @@ impl Cluster {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// This process's incarnation (random per start).
+    pub fn incarnation(&self) -> &str {
+        &self.inner.incarnation
+    }
+
+    /// A peer's incarnation, from its last answered probe.
+    pub fn incarnation_of(&self, id: &NodeId) -> Option<String> {
+        self.inner
+            .incarnations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned()
+    }
+
+    /// Changes whenever the partition table does.
+    pub fn watch_states(&self) -> watch::Receiver<u64> {
+        self.inner.states_seq.subscribe()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn catalog(&self) -> &Arc<dyn Catalog> {
+        &self.inner.catalog
     }
 
     /// Reads the partition states again now (a forwarded request found the cached
@@ -363,12 +396,13 @@ impl Cluster {
                 .map(PartitionId)
                 .filter(|p| !have[p.0 as usize])
                 .filter_map(|p| {
-                    let primary = layout.primary(p)?.id.clone();
+                    // Every replica is empty and so in sync at creation.
+                    let in_sync: Vec<NodeId> = layout.replicas(p).map(|m| m.id.clone()).collect();
                     Some(PartitionState {
                         partition: p,
                         epoch: Epoch(1),
-                        in_sync: vec![primary.clone()],
-                        primary,
+                        primary: in_sync.first()?.clone(),
+                        in_sync,
                     })
                 })
                 .collect();
@@ -417,11 +451,16 @@ impl Cluster {
                  forwards every request"
             );
         }
-        *self
+        let mut current = self
             .inner
             .states
             .write()
-            .unwrap_or_else(PoisonError::into_inner) = Arc::new(table);
+            .unwrap_or_else(PoisonError::into_inner);
+        if **current != table {
+            *current = Arc::new(table);
+            drop(current);
+            self.inner.states_seq.send_modify(|n| *n += 1);
+        }
         Ok(())
     }
 
@@ -440,14 +479,17 @@ impl Cluster {
                 async move {
                     // Only the node we meant counts: a stale address or a wrong advertised
                     // one must not make a dead node look alive.
-                    let ok = match http.get(&url).bearer_auth(&*secret).send().await {
-                        Ok(r) if r.status().is_success() => r
-                            .json::<serde_json::Value>()
-                            .await
-                            .is_ok_and(|v| v["nodeId"].as_str() == Some(id.0.as_str())),
-                        _ => false,
-                    };
-                    (id, ok)
+                    let answer = match http.get(&url).bearer_auth(&*secret).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            r.json::<serde_json::Value>().await.ok()
+                        }
+                        _ => None,
+                    }
+                    .filter(|v| v["nodeId"].as_str() == Some(id.0.as_str()));
+                    let incarnation = answer
+                        .as_ref()
+                        .and_then(|v| v["incarnation"].as_str().map(str::to_string));
+                    (id, answer.is_some(), incarnation)
                 }
             });
         let results = futures::future::join_all(probes).await;
@@ -456,7 +498,18 @@ impl Cluster {
             .unreachable_since
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for (id, ok) in results {
+        let mut incarnations = self
+            .inner
+            .incarnations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for (id, _, inc) in &results {
+            if let Some(inc) = inc {
+                incarnations.insert(id.clone(), inc.clone());
+            }
+        }
+        drop(incarnations);
+        for (id, ok, _) in results {
             if ok {
                 since.remove(&id);
             } else {
@@ -616,6 +669,24 @@ impl Cluster {
         layout.version = stored.version;
         Ok(Some(Arc::new(layout)))
     }
+}
+
+/// An HTTP client for peers' RPC ports: addressed directly (never through an environment
+/// proxy, which would see the cluster secret and clients' signatures), never redirected,
+/// connecting within `connect`; `more` adds settings. Building fails only if a TLS
+/// backend cannot start, which plain HTTP never needs.
+pub(crate) fn peer_client(
+    connect: Duration,
+    more: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> reqwest::Client {
+    more(
+        reqwest::Client::builder()
+            .connect_timeout(connect)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none()),
+    )
+    .build()
+    .expect("an HTTP client without TLS always builds")
 }
 
 /// Logs every change of a member's state, with the evidence for it.

@@ -35,6 +35,9 @@ pub struct RpcState {
     /// The node's front ends and model, for forwarded requests and tenant-wide work
     /// (absent in tests that exercise the RPC port alone).
     pub fronts: Option<Fronts>,
+    /// Applies shipments for the partitions this node replicates (absent in tests of
+    /// the RPC port alone).
+    pub replicator: Option<super::replication::Replicator>,
 }
 
 #[derive(Clone)]
@@ -51,7 +54,13 @@ impl RpcState {
             engine,
             exports: Arc::new(tokio::sync::Semaphore::new(MAX_EXPORTS)),
             fronts: None,
+            replicator: None,
         }
+    }
+
+    pub fn with_replicator(mut self, r: super::replication::Replicator) -> Self {
+        self.replicator = Some(r);
+        self
     }
 
     pub fn with_fronts(
@@ -73,6 +82,17 @@ pub fn router(state: RpcState) -> Router {
         .route("/rpc/v1/ping", get(ping))
         .route("/rpc/v1/partitions/{p}/snapshot", get(snapshot))
         .route("/rpc/v1/forward/{front}", any(forward_in))
+        .route("/rpc/v1/partitions/{p}/position", get(position))
+        .route("/rpc/v1/partitions/{p}/digest", get(digest))
+        .route(
+            "/rpc/v1/partitions/{p}/log",
+            post(receive_log).layer(axum::extract::DefaultBodyLimit::max(MAX_SHIPMENT)),
+        )
+        .route(
+            "/rpc/v1/partitions/{p}/chunks",
+            axum::routing::put(receive_chunk),
+        )
+        .route("/rpc/v1/partitions/{p}/resync", post(resync))
         .route("/rpc/v1/tenants/{id}/{work}", post(tenant_work))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "NoSuchRoute", "unknown RPC route")
@@ -88,6 +108,7 @@ async fn ping(State(s): State<RpcState>) -> Json<serde_json::Value> {
     let c = &s.cluster;
     Json(json!({
         "nodeId": c.me().0,
+        "incarnation": c.incarnation(),
         "layoutVersion": c.layout().map(|l| l.version),
     }))
 }
@@ -98,12 +119,7 @@ const SNAPSHOT_PIPE: usize = 256 * 1024;
 
 /// Streams a snapshot of partition `p` (format: `engine::snapshot`).
 async fn snapshot(State(s): State<RpcState>, Path(p): Path<u16>) -> Result<Response, ApiError> {
-    let partitions = s.cluster.partitions();
-    if p >= partitions {
-        return Err(ApiError::bad_request(format!(
-            "partition {p} does not exist (the cluster has {partitions})"
-        )));
-    }
+    let p = partition(&s, p)?.0;
     let Ok(permit) = s.exports.clone().try_acquire_owned() else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -122,6 +138,114 @@ async fn snapshot(State(s): State<RpcState>, Path(p): Path<u16>) -> Result<Respo
     });
     let body = Body::from_stream(tokio_util::io::ReaderStream::new(r));
     Ok(([("content-type", "application/octet-stream")], body).into_response())
+}
+
+/// Largest shipment of log entries accepted (a shipment holds at most about 8 MiB of
+/// entries, plus one entry that may be larger).
+const MAX_SHIPMENT: usize = 64 << 20;
+
+fn partition(s: &RpcState, p: u16) -> Result<PartitionId, ApiError> {
+    let partitions = s.cluster.partitions();
+    if p >= partitions {
+        return Err(ApiError::bad_request(format!(
+            "partition {p} does not exist (the cluster has {partitions})"
+        )));
+    }
+    Ok(PartitionId(p))
+}
+
+fn replicator(s: &RpcState) -> Result<&super::replication::Replicator, ApiError> {
+    s.replicator.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "this node does not replicate",
+        )
+    })
+}
+
+/// Where this node's log of partition `p` stands.
+async fn position(
+    State(s): State<RpcState>,
+    Path(p): Path<u16>,
+) -> Result<Json<crate::engine::LogPosition>, ApiError> {
+    let p = partition(&s, p)?;
+    Ok(Json(s.engine.log_position(p).await.map_err(internal)?))
+}
+
+/// What this node holds of partition `p`: record count, digest and log position (for
+/// comparing replicas).
+async fn digest(
+    State(s): State<RpcState>,
+    Path(p): Path<u16>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let p = partition(&s, p)?;
+    let (records, sha256) = s.engine.partition_digest(p).await.map_err(internal)?;
+    let at = s.engine.log_position(p).await.map_err(internal)?;
+    Ok(Json(
+        json!({"records": records, "sha256": sha256, "lsn": at.lsn, "epoch": at.epoch}),
+    ))
+}
+
+fn internal(e: EngineError) -> ApiError {
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalError",
+        e.to_string(),
+    )
+}
+
+/// Log entries of partition `p` from its primary (postcard [`super::replication::Shipment`]).
+async fn receive_log(
+    State(s): State<RpcState>,
+    Path(p): Path<u16>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let p = partition(&s, p)?;
+    let shipment: super::replication::Shipment = postcard::from_bytes(&body)
+        .map_err(|e| ApiError::bad_request(format!("malformed shipment: {e}")))?;
+    match replicator(&s)?.receive(p, shipment).await {
+        Ok(lsn) => Ok(Json(json!({"lsn": lsn})).into_response()),
+        Err(refusal) => Ok((StatusCode::CONFLICT, Json(refusal)).into_response()),
+    }
+}
+
+/// One chunk file of partition `p`, streamed by its primary before the entry that
+/// references it.
+async fn receive_chunk(
+    State(s): State<RpcState>,
+    Path(p): Path<u16>,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    use futures::TryStreamExt;
+    let p = partition(&s, p)?;
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let mut reader = tokio_util::io::StreamReader::new(stream);
+    s.engine
+        .receive_sent_chunk(p, &mut reader)
+        .await
+        .map_err(|e| ApiError::bad_request(format!("chunk refused: {e}")))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(serde::Deserialize)]
+struct Resync {
+    epoch: u64,
+    primary: String,
+}
+
+/// The primary asks this node to reinstall partition `p` from its snapshot.
+async fn resync(
+    State(s): State<RpcState>,
+    Path(p): Path<u16>,
+    Json(r): Json<Resync>,
+) -> Result<Json<crate::engine::LogPosition>, ApiError> {
+    let p = partition(&s, p)?;
+    replicator(&s)?
+        .resync(p, r.epoch, &super::NodeId(r.primary))
+        .await
+        .map(Json)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "ResyncFailed", e))
 }
 
 /// Replaces local partition `p` with a snapshot pulled from the peer at `rpc_addr`,

@@ -23,6 +23,7 @@ pub struct WriteCtx<'a> {
     pub txn: TrackedTxn<'a>,
     seq: &'a mut u64,
     chunks: Vec<ChunkRef>,
+    freed: Vec<ChunkRef>,
     logged: &'a mut Vec<(PartitionId, u64)>,
 }
 
@@ -31,6 +32,12 @@ impl WriteCtx<'_> {
     /// travel to the replicas with the log entry.
     pub fn ship_chunks(&mut self, chunks: &[ChunkRef]) {
         self.chunks.extend_from_slice(chunks);
+    }
+
+    /// Declares chunk files no longer referenced (replaced or deleted data): the
+    /// replicas remove their copies when they apply the entry.
+    pub fn free_chunks(&mut self, chunks: &[ChunkRef]) {
+        self.freed.extend_from_slice(chunks);
     }
 
     /// Notes that this write stored log entry `lsn` of `p` itself (applying a log).
@@ -158,6 +165,7 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
                 Ok(txn) => {
                     let mut changes = Vec::new();
                     let mut chunks = Vec::new();
+                    let mut freed = Vec::new();
                     let dones: Vec<Option<Done>> = batch
                         .into_iter()
                         .map(|job| {
@@ -166,15 +174,17 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
                                 txn: TrackedTxn::new(&txn, &recorded),
                                 seq: &mut seq,
                                 chunks: Vec::new(),
+                                freed: Vec::new(),
                                 logged: &mut logged,
                             };
                             let done = job(&mut ctx);
                             chunks.append(&mut ctx.chunks);
+                            freed.append(&mut ctx.freed);
                             changes.append(&mut recorded.into_inner());
                             Some(done)
                         })
                         .collect();
-                    let result = log_changes(&txn, &logs, changes, chunks, &mut logged)
+                    let result = log_changes(&txn, &logs, changes, (chunks, freed), &mut logged)
                         .and_then(|()| store_seq(&txn, seq))
                         .and_then(|()| txn.commit().map_err(|e| e.to_string()));
                     (dones, result)
@@ -208,7 +218,7 @@ fn log_changes(
     txn: &redb::WriteTransaction,
     logs: &LogState,
     changes: Vec<Change>,
-    chunks: Vec<ChunkRef>,
+    (chunks, freed): (Vec<ChunkRef>, Vec<ChunkRef>),
     logged: &mut Vec<(PartitionId, u64)>,
 ) -> Result<(), String> {
     let mut by_partition: BTreeMap<PartitionId, LogEntry> = BTreeMap::new();
@@ -216,6 +226,7 @@ fn log_changes(
         epoch: logs.epoch(p),
         changes: Vec::new(),
         chunks: Vec::new(),
+        freed: Vec::new(),
     };
     for c in changes {
         let (Change::Put { table, key, .. } | Change::Delete { table, key }) = &c;
@@ -235,6 +246,13 @@ fn log_changes(
             .entry(c.partition)
             .or_insert_with(|| entry(c.partition))
             .chunks
+            .push(c);
+    }
+    for c in freed {
+        by_partition
+            .entry(c.partition)
+            .or_insert_with(|| entry(c.partition))
+            .freed
             .push(c);
     }
     for (p, e) in by_partition {

@@ -56,6 +56,9 @@ pub struct LogEntry {
     /// Chunk files the changes make reachable: a replica must hold them before it
     /// applies the entry.
     pub chunks: Vec<ChunkRef>,
+    /// Chunk files no longer referenced on the primary: a replica removes them (after
+    /// the same grace period for reads in flight).
+    pub freed: Vec<ChunkRef>,
 }
 
 impl LogEntry {
@@ -351,7 +354,20 @@ impl LogState {
     }
 }
 
+/// How long a replica keeps freed chunk files for reads that may still use them.
+const FREED_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Engine {
+    /// Logs that `chunks` are no longer referenced (after the commit that unreferenced
+    /// them), so the replicas remove their copies too.
+    pub async fn log_freed(&self, chunks: Vec<ChunkRef>) -> Result<(), EngineError> {
+        self.write(vec![], move |ctx| {
+            ctx.free_chunks(&chunks);
+            Ok(())
+        })
+        .await
+    }
+
     /// Entries of `p` written from now on carry `epoch`.
     pub fn set_epoch(&self, p: PartitionId, epoch: u64) {
         let mut m = self
@@ -479,15 +495,27 @@ impl Engine {
                 }
                 next += 1;
             }
+            let mut freed = Vec::new();
             for (lsn, e) in &entries {
                 for c in &e.changes {
                     apply_change(txn, c)?;
                 }
                 store(txn, p, *lsn, &e.encode()?)?;
                 ctx.logged(p, *lsn);
+                freed.extend(e.freed.iter().cloned());
             }
-            Ok(next - 1)
+            Ok((next - 1, freed))
         })
         .await
+        .map(|(last, freed)| {
+            if !freed.is_empty() {
+                let chunks = self.chunks().clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(FREED_GRACE).await;
+                    chunks.remove_when_unused(freed);
+                });
+            }
+            last
+        })
     }
 }

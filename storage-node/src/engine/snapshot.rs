@@ -505,6 +505,47 @@ impl Engine {
     /// Streams one chunk file into place: temporary name, verified against its own
     /// header and block checksums, fsynced, renamed. Returns its directory (to be synced
     /// by the commit that makes it reachable).
+    /// Writes chunk file `c` as snapshot frames (its start, then its pieces) for a
+    /// replica; false (nothing written) if the file no longer exists (its data was
+    /// replaced since, and the replica will never need it).
+    pub async fn send_chunk<W: AsyncWrite + Unpin>(
+        &self,
+        c: &ChunkRef,
+        out: &mut W,
+    ) -> Result<bool, EngineError> {
+        let path = self.chunks.path(c.partition, c.id);
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e.into()),
+        };
+        let size = file.metadata().await?.len();
+        write_frame(out, &Frame::ChunkStart { id: c.id, size }).await?;
+        let mut left = size;
+        let mut buf = vec![0u8; CHUNK_PIECE];
+        while left > 0 {
+            let n = (left as usize).min(CHUNK_PIECE);
+            file.read_exact(&mut buf[..n]).await?;
+            write_frame(out, &Frame::ChunkPiece(buf[..n].to_vec())).await?;
+            left -= n as u64;
+        }
+        Ok(true)
+    }
+
+    /// Receives one chunk file of partition `p` sent by [`Engine::send_chunk`], verified
+    /// against its own checksums and fsynced; it becomes reachable (and its directory
+    /// durable) with the log entry that references it.
+    pub async fn receive_sent_chunk<R: AsyncRead + Unpin>(
+        &self,
+        p: PartitionId,
+        input: &mut R,
+    ) -> Result<(), EngineError> {
+        let Frame::ChunkStart { id, size } = read_frame(input).await? else {
+            return Err(invalid("a shipped chunk starts with its header frame"));
+        };
+        self.receive_chunk(p, id, size, input).await.map(|_| ())
+    }
+
     async fn receive_chunk<R: AsyncRead + Unpin>(
         &self,
         p: PartitionId,

@@ -39,6 +39,8 @@ pub struct KvState {
     pub budget: MemoryBudget,
     /// Sends requests for namespaces another node leads to that node.
     pub forwarder: Forwarder,
+    /// Answers wait until the writes they follow are durable on the in-sync replicas.
+    pub replication: (crate::cluster::replication::Replicator, std::time::Duration),
 }
 
 pub fn router(state: KvState) -> Router {
@@ -385,7 +387,19 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
                 };
             }
         }
-        match dispatch(&st, Request::from_parts(parts, body), &slot).await {
+        let (resp, touched) = crate::model::tracking_partitions(dispatch(
+            &st,
+            Request::from_parts(parts, body),
+            &slot,
+        ))
+        .await;
+        let (replicator, wait) = &st.replication;
+        if let Err(why) = replicator.barrier(&touched, *wait).await {
+            slot.set("NotDurable");
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NotDurable", why)
+                .into_response();
+        }
+        match resp {
             Ok(r) => r,
             Err(e) => e.into_response(),
         }

@@ -491,14 +491,16 @@ impl Store {
     pub async fn kv_sweep_expired(&self) -> Result<usize> {
         let partitions = self.inner.partitions;
         let mut total = 0;
+        let led = self.led_partitions();
         loop {
             let now = now_millis();
+            let led = led.clone();
             let due = self
                 .engine()
                 .read(move |txn| {
                     let idx = txn.open_table(KV_EXPIRY)?;
                     let mut due = Vec::new();
-                    for p in 0..partitions {
+                    for p in (0..partitions).filter(|p| led.contains(PartitionId(*p))) {
                         let lo = expiry_key(&p.to_be_bytes(), 0);
                         let hi = expiry_key(&p.to_be_bytes(), now.saturating_add(1));
                         for e in idx.range(lo.as_slice()..hi.as_slice())? {

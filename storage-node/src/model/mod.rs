@@ -86,6 +86,22 @@ impl Error {
     }
 }
 
+tokio::task_local! {
+    /// The partitions the request running in this task has accessed.
+    static TOUCHED: std::cell::RefCell<Vec<PartitionId>>;
+}
+
+/// Runs `f` and returns, with its output, the partitions it accessed through the model
+/// (so the answer can wait until their writes are durable on their replicas).
+pub async fn tracking_partitions<F: std::future::Future>(f: F) -> (F::Output, Vec<PartitionId>) {
+    TOUCHED
+        .scope(std::cell::RefCell::new(Vec::new()), async move {
+            let out = f.await;
+            (out, TOUCHED.with(|t| t.take()))
+        })
+        .await
+}
+
 /// Why this node may not serve a partition, or None when it may.
 pub type PartitionGuard = Arc<dyn Fn(PartitionId) -> Option<String> + Send + Sync>;
 
@@ -181,8 +197,28 @@ impl Store {
         let p = self.partition(tenant, container);
         match self.inner.guard.get().and_then(|g| g(p)) {
             Some(why) => Err(Error::NotPrimary(why)),
-            None => Ok(p),
+            None => {
+                let _ = TOUCHED.try_with(|t| {
+                    let mut t = t.borrow_mut();
+                    if !t.contains(&p) {
+                        t.push(p);
+                    }
+                });
+                Ok(p)
+            }
         }
+    }
+
+    /// The partitions this node may serve (all of them without a guard): background
+    /// work changes only these, so a replica never writes what its primary did not.
+    pub fn led_partitions(&self) -> PartitionSet {
+        let mut set = PartitionSet::none(self.inner.partitions);
+        for p in (0..self.inner.partitions).map(PartitionId) {
+            if self.inner.guard.get().is_none_or(|g| g(p).is_none()) {
+                set.insert(p);
+            }
+        }
+        set
     }
 
     pub fn all_partitions(&self) -> PartitionSet {
@@ -194,10 +230,14 @@ impl Store {
         if chunks.is_empty() {
             return;
         }
-        let store = self.inner.engine.chunks().clone();
+        let engine = self.inner.engine.clone();
         tokio::spawn(async move {
+            // The replicas hold these files too: tell them (through the log) to let go.
+            if let Err(e) = engine.log_freed(chunks.clone()).await {
+                tracing::warn!(error = %e, "could not log replaced data for the replicas; they keep it until their next start");
+            }
             tokio::time::sleep(CHUNK_GRACE).await;
-            store.remove_when_unused(chunks);
+            engine.chunks().remove_when_unused(chunks);
         });
     }
 

@@ -499,6 +499,7 @@ impl Store {
     /// Aborts uploads initiated before `cutoff` (Unix ms), at most `limit` of them, and
     /// frees their parts' data. Returns how many were aborted.
     pub async fn expire_uploads(&self, cutoff: i64, limit: usize) -> Result<usize> {
+        let led = self.led_partitions();
         let due = self
             .engine()
             .read(move |txn| {
@@ -507,7 +508,15 @@ impl Store {
                 let mut due = Vec::new();
                 for e in t.range::<&[u8]>(..&end[..])? {
                     let (k, _) = e?;
-                    due.push(k.value()[8..].to_vec());
+                    let ukey = &k.value()[8..];
+                    let Some(pb) = ukey.get(..2) else {
+                        continue;
+                    };
+                    let p = crate::types::PartitionId(u16::from_be_bytes([pb[0], pb[1]]));
+                    if !led.contains(p) {
+                        continue;
+                    }
+                    due.push(ukey.to_vec());
                     if due.len() == limit {
                         break;
                     }

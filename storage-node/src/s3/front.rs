@@ -2,11 +2,12 @@
 //! routing (serve here, or forward to the partition's primary), then s3s.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
 use crate::cluster::forward::{Decision, Forwarded, Forwarder, NOT_PRIMARY};
+use crate::cluster::replication::Replicator;
 use crate::telemetry::{Metrics, OpSlot};
 
 /// Everything one S3 request needs; cheap to clone.
@@ -16,6 +17,8 @@ pub struct S3Front {
     metrics: Arc<Metrics>,
     forwarder: Forwarder,
     domains: Arc<super::Domains>,
+    /// Answers wait until the writes they follow are durable on the in-sync replicas.
+    replication: (Replicator, Duration),
 }
 
 impl S3Front {
@@ -24,12 +27,14 @@ impl S3Front {
         metrics: Arc<Metrics>,
         forwarder: Forwarder,
         domains: Vec<String>,
+        replication: (Replicator, Duration),
     ) -> Self {
         Self {
             s3,
             metrics,
             forwarder,
             domains: Arc::new(super::Domains(domains)),
+            replication,
         }
     }
 
@@ -95,7 +100,17 @@ impl S3Front {
             }
             let mut req = http::Request::from_parts(parts, body);
             req.extensions_mut().insert(slot.clone());
-            match self.s3.call(req).await {
+            let (resp, touched) = crate::model::tracking_partitions(self.s3.call(req)).await;
+            let (replicator, wait) = &self.replication;
+            if let Err(why) = replicator.barrier(&touched, *wait).await {
+                slot.set("NotDurable");
+                return s3_error_response(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    &why,
+                );
+            }
+            match resp {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::error!(error = ?e, "S3 request failed inside s3s");

@@ -62,6 +62,9 @@ pub struct Metrics {
     pub under_replicated: Gauge,
     /// Partitions this node is the acting primary of.
     pub partitions_led: Gauge,
+    /// Partitions this node reinstalled from its primary's snapshot (its log was behind
+    /// what the primary keeps, or diverged).
+    pub replica_resyncs: Counter,
     /// Requests sent on to the partition's primary, by front end and outcome.
     pub forwarded: Family<ForwardLabels, Counter>,
     /// When this node last judged its peers (Unix seconds): a stale value means the
@@ -117,6 +120,13 @@ impl Default for Metrics {
             "Partitions this node is the acting primary of",
             partitions_led.clone(),
         );
+        let replica_resyncs = Counter::default();
+        registry.register(
+            "replica_resyncs",
+            "Partitions this node reinstalled from its primary's snapshot because its log was \
+             behind what the primary keeps, or diverged",
+            replica_resyncs.clone(),
+        );
         let forwarded = Family::<ForwardLabels, Counter>::default();
         registry.register(
             "forwarded_requests",
@@ -139,6 +149,7 @@ impl Default for Metrics {
             layout_version,
             under_replicated,
             partitions_led,
+            replica_resyncs,
             forwarded,
             cluster_view_at,
         }

@@ -150,6 +150,54 @@ impl TestCluster {
     }
 }
 
+impl TestCluster {
+    /// Waits until every node knows a primary for every partition, and every partition
+    /// has its full in-sync set; returns the first node's `/layout?partitions=true`.
+    pub async fn wait_ready(&self) -> Value {
+        let mut first = Value::Null;
+        for m in &self.nodes {
+            let l = eventually(
+                &format!("{} knows every partition's primary", m.id),
+                30,
+                || async {
+                    let l = admin(&m.proc, "/layout?partitions=true").await;
+                    (l["members"].as_array().map_or(0, Vec::len) == self.nodes.len()
+                        && l["partitionsWithoutPrimary"] == 0
+                        && l["partitionsOutOfSync"] == 0)
+                        .then_some(l)
+                },
+            )
+            .await;
+            if first.is_null() {
+                first = l;
+            }
+        }
+        first
+    }
+}
+
+impl TestCluster {
+    /// Creates tenant `name` with a key through node 1; returns its access key, secret
+    /// and id.
+    pub async fn tenant(&self, name: &str) -> (String, String, String) {
+        let adm = crate::Admin::new(&self.nodes[0].proc);
+        let (ak, sk) = adm.tenant_with_key(name).await.unwrap();
+        let (_, t) = adm
+            .call(reqwest::Method::GET, &format!("/tenants/{name}"), None)
+            .await
+            .unwrap();
+        (ak, sk, t["id"].as_str().unwrap().to_string())
+    }
+}
+
+/// A metric's value on a Prometheus page: the first line starting with `series` (a full
+/// series name with its labels); 0 when absent.
+pub fn metric(page: &str, series: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// GET `/admin/v1{path}` on `node`; panics unless it succeeds.
 pub async fn admin(node: &NodeProc, path: &str) -> Value {
     let r = reqwest::Client::new()

@@ -3,7 +3,7 @@
 //! processes in three network namespaces on one real Postgres catalog, real AWS SDK and
 //! SigV4 clients). Covers reads and writes through every node, DeleteBucket emptiness
 //! and tenant usage cluster-wide, KV compare-and-set through a non-primary, a 1 GiB
-//! object through a node that does not hold it (its memory stays flat), what clients
+//! object through a node that is not its primary (its memory stays flat), what clients
 //! see while a primary is stopped, and a cluster-wide tenant purge.
 
 use std::collections::BTreeMap;
@@ -11,19 +11,12 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
-use granary_e2e::cluster::{Settings, TestCluster, admin, eventually, peak_rss, signal};
+use granary_e2e::cluster::{Settings, TestCluster, admin, eventually, metric, peak_rss, signal};
 use granary_e2e::{Admin, KvClient, s3_client};
 use granary_node::types::{PartitionId, TenantId};
 use serde_json::Value;
 
 const PARTITIONS: u16 = 64;
-
-/// Metric value of `line_prefix` (a full series name with labels) on a metrics page.
-fn metric(page: &str, series: &str) -> f64 {
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_serves_every_bucket_and_namespace() {
@@ -62,13 +55,8 @@ async fn every_node_serves_every_bucket_and_namespace() {
         acting = l["actingPrimaries"].clone();
     }
 
-    let adm = Admin::new(&c.nodes[0].proc);
-    let (ak, sk) = adm.tenant_with_key("acme").await.unwrap();
-    let (_, t) = adm
-        .call(reqwest::Method::GET, "/tenants/acme", None)
-        .await
-        .unwrap();
-    let tenant: TenantId = t["id"].as_str().unwrap().parse().unwrap();
+    let (ak, sk, id) = c.tenant("acme").await;
+    let tenant: TenantId = id.parse().unwrap();
     let primary_of = |container: &str| {
         let p = PartitionId::of(tenant, container.as_bytes(), PARTITIONS);
         acting[p.0 as usize].as_str().unwrap().to_string()
@@ -347,13 +335,13 @@ async fn every_node_serves_every_bucket_and_namespace() {
         peak >> 20
     );
     std::fs::remove_file(&big).unwrap();
+    // Replicated (factor 3): the primary n2 and both replicas hold the same files.
+    let held: Vec<usize> = (0..3)
+        .map(|i| granary_e2e::chunk_files(&c.data_dir(i)).len())
+        .collect();
     assert!(
-        !granary_e2e::chunk_files(&c.data_dir(1)).is_empty(),
-        "the object is stored on its primary, n2"
-    );
-    assert!(
-        granary_e2e::chunk_files(&c.data_dir(0)).is_empty(),
-        "the forwarding node stores none of it"
+        held[1] > 0 && held.iter().all(|h| *h == held[1]),
+        "{held:?}"
     );
 
     // n3 stops: once it is suspected, requests for what it leads fail fast with 503
@@ -425,13 +413,17 @@ async fn every_node_serves_every_bucket_and_namespace() {
             .unwrap();
         assert_eq!(s, 404);
     }
-    // Its data is gone from the primaries too: the 1 GiB object's chunk files on n2
-    // are removed (after the grace period for reads in flight).
-    eventually("n2's chunk files removed by the purge", 30, || async {
-        granary_e2e::chunk_files(&c.data_dir(1))
-            .is_empty()
-            .then_some(())
-    })
+    // Its data is gone from the primary and its replicas too: the 1 GiB object's chunk
+    // files are removed everywhere (after the grace period for reads in flight).
+    eventually(
+        "the purged object's chunk files removed on every node",
+        30,
+        || async {
+            (0..3)
+                .all(|i| granary_e2e::chunk_files(&c.data_dir(i)).is_empty())
+                .then_some(())
+        },
+    )
     .await;
 }
 

@@ -1,0 +1,786 @@
+//! Replication of partitions from their primary to their in-sync replicas
+//! (docs/cluster.md, "Replication").
+//!
+//! - The primary of a partition ships its log ([`crate::engine::replog`]) to every other
+//!   member of the partition's replica set, in order, each entry after the chunk files it
+//!   makes reachable. A replica applies entries only in order, only from the primary of
+//!   an epoch at least as new as any it has seen (fencing), and acknowledges after its
+//!   commit is durable.
+//! - A request's answer is released only once everything committed on its partitions
+//!   before the answer was made is durable on every in-sync replica ([`Replicator::barrier`]):
+//!   a write is acknowledged only when it cannot be lost with any one node, and a read
+//!   never shows a write that could still be lost.
+//! - The in-sync set changes only by compare-and-set in the catalog: a replica that does
+//!   not acknowledge within `suspect_after` is removed first and then no longer waited
+//!   for; a replica outside it that has caught up is waited for first and then added.
+//!   A write needs at least `min_in_sync` in-sync replicas (the primary counts).
+//! - A replica whose position is not in the primary's log (too far behind, or holding
+//!   entries of a deposed primary) is reinstalled from a partition snapshot.
+//!
+//! Not yet: promotion of a new primary when one fails (its partitions wait for it), and
+//! leases.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::Cluster;
+use crate::catalog::PartitionState;
+use crate::engine::{Engine, EngineError, LogEntry, LogPosition};
+use crate::types::{Epoch, NodeId, PartitionId};
+
+/// Entries and bytes sent in one shipment.
+const SHIP_ENTRIES: usize = 256;
+const SHIP_BYTES: usize = 8 << 20;
+
+/// What a primary sends a replica: entries of one partition's log, in order.
+#[derive(Serialize, Deserialize)]
+pub struct Shipment {
+    pub epoch: u64,
+    pub primary: NodeId,
+    pub entries: Vec<(u64, LogEntry)>,
+}
+
+/// A replica's answer to a shipment it refused.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refusal {
+    pub reason: String,
+    /// Where the replica's log stands.
+    pub position: LogPosition,
+    /// The newest epoch it has seen for the partition.
+    pub epoch: u64,
+}
+
+#[derive(Clone)]
+pub struct Replicator {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: Cluster,
+    engine: Engine,
+    http: reqwest::Client,
+    min_in_sync: usize,
+    /// A replica that has not acknowledged for this long leaves the in-sync set.
+    ship_timeout: Duration,
+    /// Partitions this node leads, by partition.
+    led: Mutex<HashMap<PartitionId, Arc<Led>>>,
+    /// Replica side: the newest epoch seen per partition (fencing).
+    seen: Mutex<HashMap<PartitionId, u64>>,
+    /// Replica side: one shipment applied at a time per partition.
+    applying: tokio::sync::Mutex<()>,
+}
+
+/// This node's state as the primary of one partition under one epoch.
+struct Led {
+    p: PartitionId,
+    state: Mutex<PartitionState>,
+    /// Replicas that must acknowledge before a write is durable: the in-sync set
+    /// (without this node), plus a caught-up replica about to join it.
+    waited: Mutex<HashSet<NodeId>>,
+    acked: Mutex<HashMap<NodeId, u64>>,
+    /// The highest entry durable on every waited replica (and here).
+    durable: watch::Sender<u64>,
+    /// Set once this node has checked that no in-sync peer holds more of the partition
+    /// than it does (after a restart it may have lost its disk); nothing is served before.
+    verified: std::sync::atomic::AtomicBool,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Led {
+    fn recompute(&self, engine: &Engine) {
+        let committed = engine.committed_lsn(self.p);
+        let waited = self.waited.lock().unwrap_or_else(PoisonError::into_inner);
+        let acked = self.acked.lock().unwrap_or_else(PoisonError::into_inner);
+        let d = waited
+            .iter()
+            .map(|n| acked.get(n).copied().unwrap_or(0))
+            .fold(committed, u64::min);
+        self.durable.send_if_modified(|v| {
+            let changed = *v != d;
+            *v = d;
+            changed
+        });
+    }
+
+    fn in_sync(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .in_sync
+            .len()
+    }
+}
+
+impl Replicator {
+    pub fn new(
+        cluster: Cluster,
+        engine: Engine,
+        min_in_sync: usize,
+        ship_timeout: Duration,
+    ) -> Self {
+        let http = super::peer_client(Duration::from_secs(2), |b| b);
+        Self {
+            inner: Arc::new(Inner {
+                cluster,
+                engine,
+                http,
+                min_in_sync: min_in_sync.max(1),
+                ship_timeout,
+                led: Mutex::new(HashMap::new()),
+                seen: Mutex::new(HashMap::new()),
+                applying: tokio::sync::Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Follows the partition table: starts shipping for every partition this node
+    /// leads (per epoch), stops for those it no longer leads. Runs until `shutdown`.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut states = self.inner.cluster.watch_states();
+        loop {
+            self.follow_table();
+            tokio::select! {
+                r = states.changed() => if r.is_err() { return },
+                _ = shutdown.wait_for(|v| *v) => {
+                    for l in self.led_all() {
+                        l.stop.cancel();
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn led_all(&self) -> Vec<Arc<Led>> {
+        let led = self
+            .inner
+            .led
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        led.values().cloned().collect()
+    }
+
+    fn follow_table(&self) {
+        let me = self.inner.cluster.me().clone();
+        let table = self.inner.cluster.partition_states();
+        let mut led = self
+            .inner
+            .led
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        for state in table.iter().flatten() {
+            let p = state.partition;
+            let current = led
+                .get(&p)
+                .map(|l| l.state.lock().unwrap_or_else(PoisonError::into_inner).epoch);
+            if state.primary != me {
+                if let Some(l) = led.remove(&p) {
+                    l.stop.cancel();
+                }
+                continue;
+            }
+            if current.is_some_and(|e| e >= state.epoch) {
+                continue;
+            }
+            if let Some(old) = led.remove(&p) {
+                old.stop.cancel();
+            }
+            self.inner.engine.set_epoch(p, state.epoch.0);
+            let waited: HashSet<NodeId> = state
+                .in_sync
+                .iter()
+                .filter(|n| **n != me)
+                .cloned()
+                .collect();
+            let l = Arc::new(Led {
+                p,
+                state: Mutex::new(state.clone()),
+                waited: Mutex::new(waited),
+                acked: Mutex::new(HashMap::new()),
+                durable: watch::Sender::new(0),
+                verified: std::sync::atomic::AtomicBool::new(false),
+                stop: tokio_util::sync::CancellationToken::new(),
+            });
+            tokio::spawn(self.clone().verify(l.clone()));
+            l.recompute(&self.inner.engine);
+            let replicas: Vec<NodeId> = self
+                .inner
+                .cluster
+                .layout()
+                .map(|lay| lay.replicas(p).map(|m| m.id.clone()).collect())
+                .unwrap_or_default();
+            for r in replicas
+                .into_iter()
+                .chain(state.in_sync.iter().cloned())
+                .filter(|r| *r != me)
+                .collect::<HashSet<_>>()
+            {
+                tokio::spawn(self.clone().ship(l.clone(), r));
+            }
+            led.insert(p, l);
+        }
+    }
+
+    /// Releases once everything committed on `partitions` (that this node leads) is
+    /// durable on every in-sync replica. Err: not within `wait`, or the partition has
+    /// fewer in-sync replicas than `min_in_sync` while it has writes to make durable.
+    pub async fn barrier(&self, partitions: &[PartitionId], wait: Duration) -> Result<(), String> {
+        for p in partitions {
+            let led = self
+                .inner
+                .led
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(p)
+                .cloned();
+            let Some(l) = led else {
+                // Led by this node in the table, but not yet taken up: nothing is served
+                // before the checks of `verify`.
+                if self.inner.cluster.route(*p) == super::Route::Local {
+                    return Err(format!(
+                        "partition {p} is being taken up by this node; retry"
+                    ));
+                }
+                continue;
+            };
+            if !l.verified.load(std::sync::atomic::Ordering::Acquire) {
+                return Err(format!(
+                    "partition {p} is being checked against its replicas after a restart; retry"
+                ));
+            }
+            let target = self.inner.engine.committed_lsn(*p);
+            l.recompute(&self.inner.engine);
+            let mut durable = l.durable.subscribe();
+            if *durable.borrow() >= target {
+                continue;
+            }
+            // Replicas that stop answering leave the in-sync set within `suspect_after`
+            // (and the wait ends); a slow one that makes progress (a large object) is
+            // waited for, up to `wait`.
+            let started = Instant::now();
+            loop {
+                if *durable.borrow_and_update() >= target {
+                    break;
+                }
+                let in_sync = l.in_sync();
+                if in_sync < self.inner.min_in_sync {
+                    return Err(format!(
+                        "partition {p} has {in_sync} in-sync replicas, fewer than min_in_sync \
+                         {}: the write is stored on too few nodes, and whether it lasts is \
+                         unknown",
+                        self.inner.min_in_sync
+                    ));
+                }
+                if started.elapsed() > wait {
+                    return Err(format!(
+                        "partition {p}: the write did not reach its in-sync replicas within \
+                         {wait:?}; whether it lasts is unknown"
+                    ));
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(500), durable.changed()).await;
+                l.recompute(&self.inner.engine);
+            }
+        }
+        Ok(())
+    }
+
+    /// Before this node serves partition `l.p`: if an in-sync peer holds more of it (this
+    /// node restarted without its data, or behind), it hands the partition to the peer
+    /// that holds the most and rejoins as a replica; otherwise it starts serving. An
+    /// unreachable peer is waited for while this node holds nothing of the partition.
+    async fn verify(self, l: Arc<Led>) {
+        let me = self.inner.cluster.me().clone();
+        loop {
+            if l.stop.is_cancelled() {
+                return;
+            }
+            let mine = self.inner.engine.committed_lsn(l.p);
+            let state = l
+                .state
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            let mut best: Option<(NodeId, u64)> = None;
+            let mut unreachable = false;
+            for peer in state.in_sync.iter().filter(|n| **n != me) {
+                match self.position_of(l.p, peer).await {
+                    Ok(pos)
+                        if pos.lsn > mine && best.as_ref().is_none_or(|(_, b)| pos.lsn > *b) =>
+                    {
+                        best = Some((peer.clone(), pos.lsn));
+                    }
+                    Ok(_) => {}
+                    Err(_) => unreachable = true,
+                }
+            }
+            if let Some((peer, theirs)) = best {
+                tracing::warn!(partition = %l.p, mine, theirs, to = %peer.0,
+                    "an in-sync replica holds more of this partition than this node (restarted without its data?): handing the partition to it");
+                let mut next = state.clone();
+                next.epoch = Epoch(state.epoch.0 + 1);
+                next.primary = peer;
+                next.in_sync.retain(|n| *n != me);
+                self.change(&l, state, next, "primary handed over").await;
+                l.stop.cancel();
+                return;
+            }
+            if !unreachable || mine > 0 {
+                l.verified.store(true, std::sync::atomic::Ordering::Release);
+                return;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    async fn position_of(&self, p: PartitionId, r: &NodeId) -> Result<LogPosition, String> {
+        let addr = self.rpc_addr(r)?;
+        let secret = self.secret()?;
+        self.inner
+            .http
+            .get(format!("http://{addr}/rpc/v1/partitions/{}/position", p.0))
+            .bearer_auth(&*secret)
+            .timeout(self.inner.ship_timeout)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Ships partition `l.p`'s log to replica `r` until this node stops leading it.
+    async fn ship(self, l: Arc<Led>, r: NodeId) {
+        let stop = l.stop.clone();
+        tokio::select! {
+            () = stop.cancelled() => {}
+            () = self.ship_loop(&l, &r) => {}
+        }
+    }
+
+    async fn ship_loop(&self, l: &Led, r: &NodeId) {
+        let engine = &self.inner.engine;
+        let mut log = engine.watch_log();
+        let mut failing_since: Option<Instant> = None;
+        let mut position: Option<u64> = None;
+        // The replica's incarnation when its position was learnt: a restart may have
+        // lost what it held, so its position is asked again.
+        let mut incarnation: Option<String> = None;
+        // Nothing is shipped before this node has checked it holds the partition's
+        // latest state (`verify`): an empty restarted primary must not reinstall its
+        // replicas from its own empty copy.
+        while !l.verified.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        loop {
+            let now = self.inner.cluster.incarnation_of(r);
+            if position.is_some() && now.is_some() && now != incarnation {
+                tracing::info!(partition = %l.p, replica = %r.0, "replica restarted; asking where it stands");
+                position = None;
+            }
+            let outcome = match position {
+                None => {
+                    incarnation = now;
+                    self.establish(l, r).await.map(|lsn| {
+                        position = Some(lsn);
+                    })
+                }
+                Some(at) if at >= engine.committed_lsn(l.p) => {
+                    self.maybe_join(l, r, at).await;
+                    // Wait for new entries (or re-check now and then).
+                    let _ = tokio::time::timeout(Duration::from_secs(1), log.changed()).await;
+                    continue;
+                }
+                Some(at) => self.send(l, r, at).await.map(|lsn| {
+                    position = Some(lsn);
+                }),
+            };
+            match outcome {
+                Ok(()) => {
+                    failing_since = None;
+                    let lsn = position.unwrap_or(0);
+                    l.acked
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(r.clone(), lsn);
+                    l.recompute(engine);
+                }
+                Err(e) => {
+                    position = None;
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    tracing::debug!(partition = %l.p, replica = %r.0, error = %e, "shipping failed");
+                    if since.elapsed() >= self.inner.ship_timeout {
+                        self.leave(l, r, &e).await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    fn rpc_addr(&self, r: &NodeId) -> Result<String, String> {
+        self.inner
+            .cluster
+            .nodes()
+            .into_iter()
+            .find(|v| v.record.id == *r)
+            .map(|v| v.record.rpc_addr)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| format!("no RPC address known for {}", r.0))
+    }
+
+    fn secret(&self) -> Result<Arc<str>, String> {
+        self.inner
+            .cluster
+            .secret()
+            .cloned()
+            .ok_or_else(|| "no cluster secret".to_string())
+    }
+
+    /// Finds where replica `r` stands and makes it a prefix of this node's log: the
+    /// number of its last entry, once it matches ours (reinstalling the partition from a
+    /// snapshot when it does not).
+    async fn establish(&self, l: &Led, r: &NodeId) -> Result<u64, String> {
+        let theirs = self.position_of(l.p, r).await?;
+        let addr = self.rpc_addr(r)?;
+        let secret = self.secret()?;
+        if self
+            .is_prefix(l.p, theirs)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            return Ok(theirs.lsn);
+        }
+        tracing::info!(partition = %l.p, replica = %r.0, their_lsn = theirs.lsn,
+            "replica's log is not a prefix of ours (behind the kept log, or diverged): reinstalling it from a snapshot");
+        let epoch = l
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .epoch
+            .0;
+        let url = format!("http://{addr}/rpc/v1/partitions/{}/resync", l.p.0);
+        let pos: LogPosition = self
+            .inner
+            .http
+            .post(&url)
+            .bearer_auth(&*secret)
+            .json(&serde_json::json!({"epoch": epoch, "primary": self.inner.cluster.me().0}))
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(pos.lsn)
+    }
+
+    /// Whether a log standing at `theirs` is a prefix of this node's log for `p`.
+    async fn is_prefix(&self, p: PartitionId, theirs: LogPosition) -> Result<bool, EngineError> {
+        let engine = &self.inner.engine;
+        if theirs.lsn == 0 {
+            // Empty: a prefix if our log still starts at 1.
+            return Ok(engine.read_log(p, 1, 1, 1).await?.is_some() || engine.committed_lsn(p) == 0);
+        }
+        if theirs.lsn > engine.committed_lsn(p) {
+            return Ok(false);
+        }
+        Ok(match engine.read_log(p, theirs.lsn, 1, 1).await? {
+            Some(e) => e.first().is_some_and(|(_, e)| e.epoch == theirs.epoch),
+            None => false,
+        })
+    }
+
+    /// Sends the entries after `at` (and the chunk files they need); returns the new
+    /// position.
+    async fn send(&self, l: &Led, r: &NodeId, at: u64) -> Result<u64, String> {
+        let engine = &self.inner.engine;
+        let Some(entries) = engine
+            .read_log(l.p, at + 1, SHIP_ENTRIES, SHIP_BYTES)
+            .await
+            .map_err(|e| e.to_string())?
+        else {
+            return Err(format!("entry {} is no longer in the log", at + 1));
+        };
+        let addr = self.rpc_addr(r)?;
+        let secret = self.secret()?;
+        for c in entries.iter().flat_map(|(_, e)| &e.chunks) {
+            let (mut w, rd) = tokio::io::duplex(256 * 1024);
+            let (engine2, c2) = (engine.clone(), c.clone());
+            let writer = tokio::spawn(async move {
+                let sent = engine2.send_chunk(&c2, &mut w).await;
+                drop(w);
+                sent
+            });
+            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(rd));
+            let url = format!("http://{addr}/rpc/v1/partitions/{}/chunks", l.p.0);
+            // No overall timeout (chunk files are large); a replica that stops answering
+            // is suspected, and the transfer ends then.
+            let resp = tokio::select! {
+                r = self.inner.http.put(&url).bearer_auth(&*secret).body(body).send() => r.map_err(|e| e.to_string()),
+                () = self.inner.cluster.until_not_alive(r) => Err(format!("{} stopped answering", r.0)),
+            };
+            let sent = writer.await.map_err(|e| e.to_string())?;
+            match sent {
+                // Gone here: replaced since, so the replica never needs it.
+                Ok(false) => continue,
+                Ok(true) => {}
+                Err(e) => return Err(format!("reading chunk {}: {e}", c.id.0)),
+            }
+            resp.and_then(|resp| resp.error_for_status().map_err(|e| e.to_string()))
+                .map_err(|e| format!("chunk to {}: {e}", r.0))?;
+        }
+        let epoch = l
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .epoch
+            .0;
+        let last = entries.last().map_or(at, |(n, _)| *n);
+        let body = postcard::to_allocvec(&Shipment {
+            epoch,
+            primary: self.inner.cluster.me().clone(),
+            entries,
+        })
+        .map_err(|e| e.to_string())?;
+        let url = format!("http://{addr}/rpc/v1/partitions/{}/log", l.p.0);
+        let resp = self
+            .inner
+            .http
+            .post(&url)
+            .bearer_auth(&*secret)
+            .body(body)
+            .timeout(self.inner.ship_timeout)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            return Err(format!(
+                "{} refused entries {}..={last}: {status} {}",
+                r.0,
+                at + 1,
+                resp.text().await.unwrap_or_default()
+            ));
+        }
+        Ok(last)
+    }
+
+    /// Adds replica `r` (at `at`, caught up) to the in-sync set if it is not in it: it is
+    /// waited for first, and added once it has everything committed since.
+    async fn maybe_join(&self, l: &Led, r: &NodeId, at: u64) {
+        let state = l
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if state.in_sync.contains(r) {
+            return;
+        }
+        l.waited
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(r.clone());
+        if at < self.inner.engine.committed_lsn(l.p) {
+            return; // not yet: next time round, with everything since
+        }
+        let mut next = state.clone();
+        next.epoch = Epoch(state.epoch.0 + 1);
+        next.in_sync.push(r.clone());
+        self.change(
+            l,
+            state,
+            next,
+            &format!("replica {} caught up and joins the in-sync set", r.0),
+        )
+        .await;
+    }
+
+    /// Removes replica `r` from the in-sync set (in the catalog first, then from what
+    /// writes wait for).
+    async fn leave(&self, l: &Led, r: &NodeId, why: &str) {
+        let state = l
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if state.in_sync.contains(r) {
+            let mut next = state.clone();
+            next.epoch = Epoch(state.epoch.0 + 1);
+            next.in_sync.retain(|n| n != r);
+            if !self
+                .change(
+                    l,
+                    state,
+                    next,
+                    &format!("replica {} leaves the in-sync set: {why}", r.0),
+                )
+                .await
+            {
+                return;
+            }
+        }
+        l.waited
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(r);
+        l.recompute(&self.inner.engine);
+    }
+
+    /// Installs `next` by compare-and-set; on success this node keeps leading under the
+    /// new epoch. False (and this node stops leading the partition here) if another
+    /// change won.
+    async fn change(&self, l: &Led, old: PartitionState, next: PartitionState, what: &str) -> bool {
+        match self
+            .inner
+            .cluster
+            .catalog()
+            .cas_partition_state(Some(old.epoch), &next)
+            .await
+        {
+            Ok(true) => {
+                tracing::info!(partition = %l.p, epoch = next.epoch.0, in_sync = ?next.in_sync.iter().map(|n| n.0.as_str()).collect::<Vec<_>>(), "{what}");
+                self.inner.engine.set_epoch(l.p, next.epoch.0);
+                *l.state.lock().unwrap_or_else(PoisonError::into_inner) = next;
+                self.inner.cluster.refresh_soon();
+                true
+            }
+            Ok(false) => {
+                tracing::warn!(partition = %l.p, "the partition's state changed under this primary; re-reading it");
+                self.inner.cluster.refresh_soon();
+                false
+            }
+            Err(e) => {
+                tracing::warn!(partition = %l.p, error = %e, "changing the in-sync set failed");
+                false
+            }
+        }
+    }
+
+    // ---- replica side ----
+
+    /// Applies a shipment from the primary of partition `p`, or says why not.
+    pub async fn receive(&self, p: PartitionId, s: Shipment) -> Result<u64, Refusal> {
+        let engine = &self.inner.engine;
+        let _one = self.inner.applying.lock().await;
+        let position = engine.log_position(p).await.unwrap_or_default();
+        let refuse = |reason: String, seen: u64| Refusal {
+            reason,
+            position,
+            epoch: seen,
+        };
+        let cached = self.inner.cluster.partition_states();
+        let known = cached.get(p.0 as usize).cloned().flatten();
+        let seen = {
+            let m = self
+                .inner
+                .seen
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            m.get(&p).copied().unwrap_or(0)
+        }
+        .max(known.as_ref().map_or(0, |k| k.epoch.0));
+        if s.epoch < seen {
+            return Err(refuse(
+                format!(
+                    "epoch {} is older than {seen}: a deposed primary is fenced",
+                    s.epoch
+                ),
+                seen,
+            ));
+        }
+        if let Some(k) = &known
+            && k.epoch.0 == s.epoch
+            && k.primary != s.primary
+        {
+            return Err(refuse(
+                format!("{} is not the primary of epoch {}", s.primary.0, s.epoch),
+                seen,
+            ));
+        }
+        if known
+            .as_ref()
+            .is_some_and(|k| k.primary == *self.inner.cluster.me())
+            && s.epoch <= seen
+        {
+            return Err(refuse("this node leads the partition".into(), seen));
+        }
+        self.inner
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(p, s.epoch);
+        engine
+            .apply_log(p, s.entries)
+            .await
+            .map_err(|e| refuse(e.to_string(), s.epoch))
+    }
+
+    /// Replaces local partition `p` with a snapshot of its primary's (`primary`, at
+    /// `epoch`); returns the position it then stands at.
+    pub async fn resync(
+        &self,
+        p: PartitionId,
+        epoch: u64,
+        primary: &NodeId,
+    ) -> Result<LogPosition, String> {
+        let _one = self.inner.applying.lock().await;
+        let seen = self
+            .inner
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&p)
+            .copied()
+            .unwrap_or(0);
+        if epoch < seen {
+            return Err(format!("epoch {epoch} is older than {seen}"));
+        }
+        // Wiping a partition on the word of a peer: only for the primary the catalog
+        // names now, under the epoch it names.
+        let current = self
+            .inner
+            .cluster
+            .catalog()
+            .partition_states()
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|s| s.partition == p);
+        if !current
+            .as_ref()
+            .is_some_and(|s| s.primary == *primary && s.epoch.0 == epoch)
+        {
+            return Err(format!(
+                "{} at epoch {epoch} is not partition {p}'s primary in the catalog",
+                primary.0
+            ));
+        }
+        let addr = self.rpc_addr(primary)?;
+        let secret = self.secret()?;
+        let imported = super::rpc::pull_partition(
+            &self.inner.http,
+            &addr,
+            &secret,
+            p,
+            &self.inner.engine,
+            Duration::from_secs(3600),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        tracing::info!(partition = %p, primary = %primary.0, records = imported.records, chunks = imported.chunks, "partition reinstalled from its primary's snapshot");
+        self.inner.cluster.metrics().replica_resyncs.inc();
+        self.inner
+            .engine
+            .log_position(p)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,282 @@
+//! Replication with real processes: three `serve` nodes in three zones (network
+//! namespaces, real Postgres), replication factor 3. Every acknowledged write is on all
+//! in-sync replicas (partition digests equal on every node right after the writes); a
+//! stopped replica leaves the in-sync set and writes go on; resumed, it catches up from
+//! the log, and after more writes than the log keeps, from a snapshot; a replica that
+//! lost its disk is rebuilt.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use granary_e2e::cluster::{SECRET, Settings, TestCluster, admin, eventually, metric, signal};
+use granary_e2e::{KvClient, s3_client};
+use granary_node::types::{PartitionId, TenantId};
+use serde_json::Value;
+
+const PARTITIONS: u16 = 16;
+
+/// Node `i`'s digest of every partition (records, SHA-256 and log position).
+async fn digests(c: &TestCluster, i: usize) -> Vec<Value> {
+    let http = reqwest::Client::new();
+    let mut out = Vec::new();
+    for p in 0..PARTITIONS {
+        let d: Value = http
+            .get(format!("{}/rpc/v1/partitions/{p}/digest", c.nodes[i].rpc))
+            .bearer_auth(SECRET)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        out.push(d);
+    }
+    out
+}
+
+/// Partitions on which the nodes at `idx` do not all hold the same.
+async fn differing(c: &TestCluster, idx: &[usize]) -> Vec<u16> {
+    let mut d = Vec::new();
+    for &i in idx {
+        d.push(digests(c, i).await);
+    }
+    (0..PARTITIONS)
+        .filter(|&p| d.windows(2).any(|w| w[0][p as usize] != w[1][p as usize]))
+        .collect()
+}
+
+/// The last lines of every node's log (printed when a wait fails).
+fn print_logs(c: &TestCluster) {
+    for m in &c.nodes {
+        let log = std::fs::read_to_string(m.proc.data_dir.join("stderr.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        println!("--- {} (last 30 lines)", m.id);
+        for l in &lines[lines.len().saturating_sub(30)..] {
+            println!("{l}");
+        }
+    }
+}
+
+/// Waits up to `secs` until the nodes at `idx` hold the same of every partition.
+async fn converge(c: &TestCluster, idx: &[usize], secs: u64, what: &str) {
+    let started = Instant::now();
+    loop {
+        let d = differing(c, idx).await;
+        if d.is_empty() {
+            println!("{what}: {:.1} s", started.elapsed().as_secs_f64());
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(secs) {
+            print_logs(c);
+            panic!("{what}: partitions {d:?} still differ after {secs} s");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_reach_every_in_sync_replica_and_a_lagging_one_catches_up() {
+    let c = TestCluster::start(
+        3,
+        Settings {
+            partitions: PARTITIONS,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let layout = c.wait_ready().await;
+    for set in layout["inSync"].as_array().unwrap() {
+        assert_eq!(set.as_array().unwrap().len(), 3, "{set}");
+    }
+
+    let (ak, sk, id) = c.tenant("acme").await;
+    let tenant: TenantId = id.parse().unwrap();
+    // Namespaces whose primary is not n3 (n3 will be stopped; its own partitions wait
+    // for it, as failover is not there yet).
+    let not_n3: Vec<String> = (0..)
+        .map(|i| format!("live-{i}"))
+        .filter(|ns| {
+            let p = PartitionId::of(tenant, format!("kv:{ns}").as_bytes(), PARTITIONS);
+            layout["actingPrimaries"][p.0 as usize] != "n3"
+        })
+        .take(3)
+        .collect();
+    let s3: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|m| s3_client(&m.proc.s3, &ak, &sk))
+        .collect();
+    let kv: Vec<KvClient> = c
+        .nodes
+        .iter()
+        .map(|m| KvClient::new(&m.proc.kv, &ak, &sk))
+        .collect();
+
+    // Writes through every node: small and chunked objects, KV values.
+    for b in 0..6 {
+        let bucket = format!("bucket-{b}");
+        s3[b % 3]
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap();
+        for k in 0..4 {
+            let len = if k == 0 { 300_000 } else { 1000 };
+            s3[(b + k) % 3]
+                .put_object()
+                .bucket(&bucket)
+                .key(format!("k{k}"))
+                .body(ByteStream::from(vec![(b * 10 + k) as u8; len]))
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    for i in 0..60 {
+        let r = kv[i % 3]
+            .send(
+                "PUT",
+                &format!("/kv/v1/ns-{}/key-{i}", i % 7),
+                &[],
+                format!("v{i}").into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // Acknowledged means on every in-sync replica: the digests agree at once.
+    assert_eq!(differing(&c, &[0, 1, 2]).await, Vec::<u16>::new());
+    let d = digests(&c, 0).await;
+    let written = d.iter().filter(|p| p["lsn"].as_u64().unwrap() > 0).count();
+    assert!(written >= 5, "{written} partitions written");
+    // The chunked objects' data is on every node.
+    for m in &c.nodes {
+        let files = granary_e2e::chunk_files(&m.proc.data_dir).len();
+        assert!(files >= 6, "{}: {files} chunk files", m.id);
+    }
+
+    // n3 stops. Writes to every partition (n3 replicates all of them) go on once it
+    // has left the in-sync sets.
+    signal(&c.nodes[2].proc, "-STOP");
+    let stopped = Instant::now();
+    let r = kv[0]
+        .send(
+            "PUT",
+            &format!("/kv/v1/{}/while-stopped", not_n3[0]),
+            &[],
+            b"x".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    println!(
+        "first write after a replica stopped: acknowledged after {:.1} s (suspect_after 2 s)",
+        stopped.elapsed().as_secs_f64()
+    );
+    // More writes than a partition's log keeps (1024 entries), to one namespace: n3
+    // will need a snapshot of that partition.
+    let started = Instant::now();
+    for i in 0..1100 {
+        let r = kv[i % 2]
+            .send(
+                "PUT",
+                &format!("/kv/v1/{}/key-{}", not_n3[1], i % 50),
+                &[],
+                format!("{i}").into_bytes(),
+            )
+            .await
+            .unwrap();
+        let status = r.status();
+        assert_eq!(status, 200, "write {i}: {}", r.text().await.unwrap());
+    }
+    println!(
+        "1100 writes with n3 stopped: {:.0} writes/s",
+        1100.0 / started.elapsed().as_secs_f64()
+    );
+    for i in 0..40 {
+        let r = kv[1]
+            .send(
+                "PUT",
+                &format!("/kv/v1/{}/late-{i}", not_n3[2]),
+                &[],
+                vec![1],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let l = admin(&c.nodes[0].proc, "/layout?partitions=true").await;
+    assert!(l["partitionsOutOfSync"].as_u64().unwrap() > 0, "{l}");
+    assert_eq!(
+        differing(&c, &[0, 1]).await,
+        Vec::<u16>::new(),
+        "n1 and n2 agree"
+    );
+
+    // n3 resumes: it catches up (from the log, and from a snapshot where the log no
+    // longer reaches back) and rejoins every in-sync set; all three agree.
+    signal(&c.nodes[2].proc, "-CONT");
+    converge(&c, &[0, 1, 2], 60, "n3 caught up").await;
+    eventually("n3 back in every in-sync set", 30, || async {
+        let l = admin(&c.nodes[0].proc, "/layout?partitions=true").await;
+        (l["partitionsOutOfSync"] == 0).then_some(())
+    })
+    .await;
+    let got = kv[2]
+        .send("GET", &format!("/kv/v1/{}/key-49", not_n3[1]), &[], vec![])
+        .await
+        .unwrap();
+    assert_eq!(got.bytes().await.unwrap().as_ref(), b"1099");
+    // The partition that took 1100 writes was reinstalled from a snapshot (its log
+    // keeps 1024 entries); the others caught up from the log.
+    let page = c.nodes[2].proc.metrics().await.unwrap();
+    let resyncs = metric(&page, "granary_replica_resyncs_total");
+    println!("n3 reinstalled {resyncs} partitions from snapshots");
+    assert!(resyncs >= 1.0, "{page}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_lost_its_disk_is_rebuilt_from_its_primaries() {
+    let mut c = TestCluster::start(
+        3,
+        Settings {
+            partitions: PARTITIONS,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    c.wait_ready().await;
+    let (ak, sk, _) = c.tenant("acme").await;
+    let kv = KvClient::new(&c.nodes[0].proc.kv, &ak, &sk);
+    for i in 0..80 {
+        let r = kv
+            .send(
+                "PUT",
+                &format!("/kv/v1/ns-{}/k{i}", i % 9),
+                &[],
+                vec![i as u8],
+            )
+            .await
+            .unwrap();
+        let status = r.status();
+        assert_eq!(status, 200, "{}", r.text().await.unwrap());
+    }
+    // n2 dies and loses its data directory (the engine; its identity and config stay).
+    c.nodes[1].proc.kill9();
+    std::fs::remove_dir_all(c.data_dir(1).join("engine")).unwrap();
+    let m = c.start_node(1).unwrap();
+    c.nodes[1] = m;
+    converge(&c, &[0, 1, 2], 60, "n2 rebuilt from its peers").await;
+    // Every value reads back through the rebuilt node.
+    let kv2 = KvClient::new(&c.nodes[1].proc.kv, &ak, &sk);
+    for i in 0..80 {
+        let r = kv2
+            .send("GET", &format!("/kv/v1/ns-{}/k{i}", i % 9), &[], vec![])
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "k{i}");
+        assert_eq!(r.bytes().await.unwrap().as_ref(), [i as u8]);
+    }
+}
