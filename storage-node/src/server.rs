@@ -255,11 +255,26 @@ impl Node {
         } = self;
         // Registered, heartbeating and holding a layout before any listener answers.
         let cluster_task = cluster.start(shutdown.clone()).await?;
+        let replicator = crate::cluster::replication::Replicator::new(
+            cluster.clone(),
+            store.engine().clone(),
+            config
+                .min_in_sync
+                .unwrap_or(config.replication_factor.min(2)) as usize,
+            Duration::from_millis(config.suspect_after_ms),
+        );
+        replicator.take_up(Duration::from_secs(5)).await;
+        let replication_task = tokio::spawn(replicator.clone().run(shutdown.clone()));
         // From now on a bucket or namespace is served only by its partition's primary.
         {
             let cluster = cluster.clone();
+            let replicator = replicator.clone();
             store.set_partition_guard(Arc::new(move |p| match cluster.route(p) {
-                crate::cluster::Route::Local => None,
+                crate::cluster::Route::Local if replicator.serving(p) => None,
+                crate::cluster::Route::Local => Some(format!(
+                    "partition {p} is being taken up by this node (checked against its \
+                     replicas first); retry"
+                )),
                 crate::cluster::Route::Remote { node, .. } => Some(format!(
                     "partition {p} is led by node {}, not this one; retry",
                     node.0
@@ -282,15 +297,6 @@ impl Node {
         ))));
         let s3 = Arc::new(builder.build());
         let forwarder = Forwarder::new(cluster.clone(), auth.clone(), metrics.clone());
-        let replicator = crate::cluster::replication::Replicator::new(
-            cluster.clone(),
-            store.engine().clone(),
-            config
-                .min_in_sync
-                .unwrap_or(config.replication_factor.min(2)) as usize,
-            Duration::from_millis(config.suspect_after_ms),
-        );
-        let replication_task = tokio::spawn(replicator.clone().run(shutdown.clone()));
         // Longest a request waits for its writes to reach the in-sync replicas (a replica
         // that stops answering leaves the in-sync set within suspect_after, which ends
         // the wait sooner; this bounds a slow one).

@@ -19,9 +19,11 @@
 //!   without one its layout's preferred primary; every node caches the table and answers
 //!   [`Cluster::route`]: serve here, forward to the primary's RPC port, or unavailable.
 //!
-//! Not yet (docs/cluster.md, "Stages"): replication of partitions to their replica
-//! sets, failover and moving a primary. Until then a partition's data lives on its
-//! primary alone, and a failed primary's partitions are unavailable until it returns.
+//! - Partitions are replicated from their primary to their in-sync replicas
+//!   ([`replication`]).
+//!
+//! Not yet (docs/cluster.md, "Stages"): promoting a replica when a primary fails, and
+//! moving primaries; a failed primary's partitions are unavailable until it returns.
 
 pub mod forward;
 pub mod layout;
@@ -193,8 +195,8 @@ impl Cluster {
             .unwrap_or_else(PoisonError::into_inner);
         match view.iter().find(|v| v.record.id == state.primary) {
             Some(v) if v.state == NodeState::Failed => Route::Unavailable(format!(
-                "partition {p} is held by node {}, which has failed; its data is not replicated \
-                 yet, so it is unavailable until that node returns",
+                "partition {p} is led by node {}, which has failed; no replica is promoted yet \
+                 (its data is safe on them), so it is unavailable until that node returns",
                 state.primary.0
             )),
             // Fail fast rather than queue behind a peer that does not answer probes.

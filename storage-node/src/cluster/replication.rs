@@ -71,8 +71,8 @@ struct Inner {
     led: Mutex<HashMap<PartitionId, Arc<Led>>>,
     /// Replica side: the newest epoch seen per partition (fencing).
     seen: Mutex<HashMap<PartitionId, u64>>,
-    /// Replica side: one shipment applied at a time per partition.
-    applying: tokio::sync::Mutex<()>,
+    /// Replica side: one shipment or resync at a time per partition.
+    applying: Mutex<HashMap<PartitionId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// This node's state as the primary of one partition under one epoch.
@@ -133,7 +133,7 @@ impl Replicator {
                 ship_timeout,
                 led: Mutex::new(HashMap::new()),
                 seen: Mutex::new(HashMap::new()),
-                applying: tokio::sync::Mutex::new(()),
+                applying: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -154,6 +154,33 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// Takes up the partitions this node leads now and waits (up to `within`) until each
+    /// has been checked against its replicas, so a node that starts serves at once what
+    /// it may serve. Partitions still being checked are refused until they are.
+    pub async fn take_up(&self, within: Duration) {
+        self.follow_table();
+        let started = Instant::now();
+        while started.elapsed() < within {
+            if self
+                .led_all()
+                .iter()
+                .all(|l| l.verified.load(std::sync::atomic::Ordering::Acquire))
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let waiting = self
+            .led_all()
+            .iter()
+            .filter(|l| !l.verified.load(std::sync::atomic::Ordering::Acquire))
+            .count();
+        tracing::warn!(
+            partitions = waiting,
+            "some partitions this node leads are still being checked against their replicas; they answer 503 until then"
+        );
     }
 
     fn led_all(&self) -> Vec<Arc<Led>> {
@@ -226,11 +253,30 @@ impl Replicator {
         }
     }
 
-    /// Releases once everything committed on `partitions` (that this node leads) is
-    /// durable on every in-sync replica. Err: not within `wait`, or the partition has
-    /// fewer in-sync replicas than `min_in_sync` while it has writes to make durable.
-    pub async fn barrier(&self, partitions: &[PartitionId], wait: Duration) -> Result<(), String> {
-        for p in partitions {
+    /// Whether this node serves partition `p` now: it leads it and has checked, after
+    /// taking it up, that no in-sync peer holds more of it (`verify`).
+    pub fn serving(&self, p: PartitionId) -> bool {
+        self.inner
+            .led
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&p)
+            .is_some_and(|l| {
+                l.verified.load(std::sync::atomic::Ordering::Acquire) && !l.stop.is_cancelled()
+            })
+    }
+
+    /// Releases once everything a request may have seen or written on `partitions`
+    /// (each with the last entry visible when the request first touched it) is durable
+    /// on every in-sync replica. Err: this node no longer leads one of them; not within
+    /// `wait`; or a partition that was written meanwhile has fewer in-sync replicas than
+    /// `min_in_sync`.
+    pub async fn barrier(
+        &self,
+        partitions: &[(PartitionId, u64)],
+        wait: Duration,
+    ) -> Result<(), String> {
+        for (p, before) in partitions {
             let led = self
                 .inner
                 .led
@@ -238,22 +284,28 @@ impl Replicator {
                 .unwrap_or_else(PoisonError::into_inner)
                 .get(p)
                 .cloned();
-            let Some(l) = led else {
-                // Led by this node in the table, but not yet taken up: nothing is served
-                // before the checks of `verify`.
-                if self.inner.cluster.route(*p) == super::Route::Local {
-                    return Err(format!(
-                        "partition {p} is being taken up by this node; retry"
-                    ));
-                }
-                continue;
-            };
-            if !l.verified.load(std::sync::atomic::Ordering::Acquire) {
+            // The request passed the partition guard, so this node led the partition
+            // then; if it no longer does (or not yet verifiably), what it did here may not
+            // be on the replicas.
+            let Some(l) = led.filter(|l| {
+                l.verified.load(std::sync::atomic::Ordering::Acquire) && !l.stop.is_cancelled()
+            }) else {
                 return Err(format!(
-                    "partition {p} is being checked against its replicas after a restart; retry"
+                    "this node stopped leading partition {p} while the request ran; whether \\
+                     its writes last is unknown"
+                ));
+            };
+            let target = self.inner.engine.visible_lsn(*p);
+            // Writes happened on the partition since the request first touched it (its
+            // own, or others' it may have seen): they need min_in_sync copies.
+            let in_sync = l.in_sync();
+            if target > *before && in_sync < self.inner.min_in_sync {
+                return Err(format!(
+                    "partition {p} has {in_sync} in-sync replicas, fewer than min_in_sync {}: \\
+                     the write is stored on too few nodes, and whether it lasts is unknown",
+                    self.inner.min_in_sync
                 ));
             }
-            let target = self.inner.engine.committed_lsn(*p);
             l.recompute(&self.inner.engine);
             let mut durable = l.durable.subscribe();
             if *durable.borrow() >= target {
@@ -306,6 +358,7 @@ impl Replicator {
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
             let mut best: Option<(NodeId, u64)> = None;
+            let mut behind = Vec::new();
             let mut unreachable = false;
             for peer in state.in_sync.iter().filter(|n| **n != me) {
                 match self.position_of(l.p, peer).await {
@@ -314,6 +367,7 @@ impl Replicator {
                     {
                         best = Some((peer.clone(), pos.lsn));
                     }
+                    Ok(pos) if pos.lsn < mine => behind.push(peer.clone()),
                     Ok(_) => {}
                     Err(_) => unreachable = true,
                 }
@@ -325,11 +379,33 @@ impl Replicator {
                 next.epoch = Epoch(state.epoch.0 + 1);
                 next.primary = peer;
                 next.in_sync.retain(|n| *n != me);
-                self.change(&l, state, next, "primary handed over").await;
-                l.stop.cancel();
-                return;
+                if self.change(&l, state, next, "primary handed over").await {
+                    l.stop.cancel();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
             }
             if !unreachable || mine > 0 {
+                // A peer behind this node may miss writes that were acknowledged before
+                // the restart (how far they went is not kept): it leaves the in-sync set
+                // and rejoins once it has caught up.
+                if !behind.is_empty() {
+                    let mut next = state.clone();
+                    next.epoch = Epoch(state.epoch.0 + 1);
+                    next.in_sync.retain(|n| !behind.contains(n));
+                    let names: Vec<&str> = behind.iter().map(|n| n.0.as_str()).collect();
+                    let what = format!(
+                        "replicas {names:?} are behind after a restart and leave the in-sync \
+                         set until they catch up"
+                    );
+                    if !self.change(&l, state, next, &what).await {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                    let mut waited = l.waited.lock().unwrap_or_else(PoisonError::into_inner);
+                    waited.retain(|n| !behind.contains(n));
+                }
                 l.verified.store(true, std::sync::atomic::Ordering::Release);
                 return;
             }
@@ -366,6 +442,9 @@ impl Replicator {
     async fn ship_loop(&self, l: &Led, r: &NodeId) {
         let engine = &self.inner.engine;
         let mut log = engine.watch_log();
+        // Since when the replica has not advanced while it had entries to take: only
+        // progress resets it, so a replica that keeps refusing (a full disk, say) leaves
+        // the in-sync set like one that does not answer.
         let mut failing_since: Option<Instant> = None;
         let mut position: Option<u64> = None;
         // The replica's incarnation when its position was learnt: a restart may have
@@ -386,9 +465,26 @@ impl Replicator {
             let outcome = match position {
                 None => {
                     incarnation = now;
-                    self.establish(l, r).await.map(|lsn| {
-                        position = Some(lsn);
-                    })
+                    match self.establish(l, r).await {
+                        Ok(lsn) => {
+                            // Less than it acknowledged before (it restarted without its
+                            // data, or was reinstalled): it no longer holds every
+                            // acknowledged write, so it leaves the in-sync set at once
+                            // and rejoins when it has caught up.
+                            let before = l
+                                .acked
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .get(r)
+                                .copied();
+                            if before.is_some_and(|b| lsn < b) {
+                                self.leave(l, r, "it holds less than it acknowledged").await;
+                            }
+                            position = Some(lsn);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 Some(at) if at >= engine.committed_lsn(l.p) => {
                     self.maybe_join(l, r, at).await;
@@ -402,12 +498,19 @@ impl Replicator {
             };
             match outcome {
                 Ok(()) => {
-                    failing_since = None;
                     let lsn = position.unwrap_or(0);
-                    l.acked
+                    let previous = l
+                        .acked
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
                         .insert(r.clone(), lsn);
+                    if previous.is_none_or(|b| lsn > b) || lsn >= engine.committed_lsn(l.p) {
+                        failing_since = None;
+                    } else if failing_since.get_or_insert_with(Instant::now).elapsed()
+                        >= self.inner.ship_timeout
+                    {
+                        self.leave(l, r, "it makes no progress").await;
+                    }
                     l.recompute(engine);
                 }
                 Err(e) => {
@@ -458,6 +561,20 @@ impl Replicator {
         }
         tracing::info!(partition = %l.p, replica = %r.0, their_lsn = theirs.lsn,
             "replica's log is not a prefix of ours (behind the kept log, or diverged): reinstalling it from a snapshot");
+        // Its copy is wiped first: it must not count as holding every acknowledged write
+        // meanwhile.
+        self.leave(l, r, "it is reinstalled from a snapshot").await;
+        if l.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .in_sync
+            .contains(r)
+        {
+            return Err(format!(
+                "{} could not leave the in-sync set before its resync",
+                r.0
+            ));
+        }
         let epoch = l
             .state
             .lock()
@@ -666,10 +783,21 @@ impl Replicator {
 
     // ---- replica side ----
 
+    fn partition_lock(&self, p: PartitionId) -> Arc<tokio::sync::Mutex<()>> {
+        self.inner
+            .applying
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(p)
+            .or_default()
+            .clone()
+    }
+
     /// Applies a shipment from the primary of partition `p`, or says why not.
     pub async fn receive(&self, p: PartitionId, s: Shipment) -> Result<u64, Refusal> {
         let engine = &self.inner.engine;
-        let _one = self.inner.applying.lock().await;
+        let lock = self.partition_lock(p);
+        let _one = lock.lock().await;
         let position = engine.log_position(p).await.unwrap_or_default();
         let refuse = |reason: String, seen: u64| Refusal {
             reason,
@@ -731,7 +859,8 @@ impl Replicator {
         epoch: u64,
         primary: &NodeId,
     ) -> Result<LogPosition, String> {
-        let _one = self.inner.applying.lock().await;
+        let lock = self.partition_lock(p);
+        let _one = lock.lock().await;
         let seen = self
             .inner
             .seen

@@ -6,8 +6,9 @@
 //! (`GET /rpc/v1/partitions/{p}/snapshot`, streamed, for catch-up and partition moves),
 //! forwarded client requests (`/rpc/v1/forward/{s3|kv}`, any method, see [`super::forward`])
 //! and a tenant's share of cluster-wide work in the partitions a node leads
-//! (`POST /rpc/v1/tenants/{id}/{usage|purge|has-kv}`). Replication will be served here
-//! too (docs/cluster.md).
+//! (`POST /rpc/v1/tenants/{id}/{usage|purge|has-kv}`), and replication: a partition's
+//! log position and digest, shipped log entries and chunk files, and resync requests
+//! (`/rpc/v1/partitions/{p}/{position|digest|log|chunks|resync}`; docs/cluster.md).
 
 use std::sync::Arc;
 use std::time::Duration;

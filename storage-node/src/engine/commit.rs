@@ -153,47 +153,54 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
             .map_err(|e| format!("fsync of chunk directory failed: {e}"));
         let before = seq;
         let mut logged = Vec::new();
-        let (dones, result) =
-            match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
-                Err(e) => (
-                    batch
-                        .into_iter()
-                        .map(|_| None)
-                        .collect::<Vec<Option<Done>>>(),
-                    Err(e),
-                ),
-                Ok(txn) => {
-                    let mut changes = Vec::new();
-                    let mut chunks = Vec::new();
-                    let mut freed = Vec::new();
-                    let dones: Vec<Option<Done>> = batch
-                        .into_iter()
-                        .map(|job| {
-                            let recorded = RefCell::new(Vec::new());
-                            let mut ctx = WriteCtx {
-                                txn: TrackedTxn::new(&txn, &recorded),
-                                seq: &mut seq,
-                                chunks: Vec::new(),
-                                freed: Vec::new(),
-                                logged: &mut logged,
-                            };
-                            let done = job(&mut ctx);
-                            chunks.append(&mut ctx.chunks);
-                            freed.append(&mut ctx.freed);
-                            changes.append(&mut recorded.into_inner());
-                            Some(done)
-                        })
-                        .collect();
-                    let result = log_changes(&txn, &logs, changes, (chunks, freed), &mut logged)
-                        .and_then(|()| store_seq(&txn, seq))
-                        .and_then(|()| txn.commit().map_err(|e| e.to_string()));
-                    (dones, result)
-                }
-            };
+        let (dones, result) = match synced
+            .and_then(|()| db.begin_write().map_err(|e| e.to_string()))
+        {
+            Err(e) => (
+                batch
+                    .into_iter()
+                    .map(|_| None)
+                    .collect::<Vec<Option<Done>>>(),
+                Err(e),
+            ),
+            Ok(txn) => {
+                let mut changes = Vec::new();
+                let mut chunks = Vec::new();
+                let mut freed = Vec::new();
+                let dones: Vec<Option<Done>> = batch
+                    .into_iter()
+                    .map(|job| {
+                        let recorded = RefCell::new(Vec::new());
+                        let mut ctx = WriteCtx {
+                            txn: TrackedTxn::new(&txn, &recorded),
+                            seq: &mut seq,
+                            chunks: Vec::new(),
+                            freed: Vec::new(),
+                            logged: &mut logged,
+                        };
+                        let done = job(&mut ctx);
+                        chunks.append(&mut ctx.chunks);
+                        freed.append(&mut ctx.freed);
+                        changes.push(recorded.into_inner());
+                        Some(done)
+                    })
+                    .collect();
+                let result = log_changes(&txn, &logs, changes, (chunks, freed), seq, &mut logged)
+                    .and_then(|()| store_seq(&txn, seq))
+                    .and_then(|()| {
+                        // Published before the data becomes visible: a read that
+                        // sees it waits for these entries to be replicated.
+                        logs.pending(&logged);
+                        txn.commit().map_err(|e| e.to_string())
+                    });
+                (dones, result)
+            }
+        };
         if result.is_err() {
             // Nothing of this batch is durable; hand the numbers out again.
             seq = before;
             tracing::error!(error = ?result, "group commit failed");
+            logs.abandoned(&logged);
         } else {
             logs.committed(&logged);
         }
@@ -212,52 +219,77 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
     }
 }
 
-/// Appends one log entry per partition the batch changed (its changes in the order
-/// they were made, and the chunk files they made reachable).
+/// Appends the batch's log entries: per partition, its changes in the order they were
+/// made, the chunk files they made reachable (with the first entry, before any change
+/// that may reference them) and the ones they freed (with the last). A partition's entry
+/// is closed at a write's boundary once it holds [`replog::ENTRY_BYTES`], so no entry
+/// outgrows a snapshot frame or a shipment, and no write is split between two.
 fn log_changes(
     txn: &redb::WriteTransaction,
     logs: &LogState,
-    changes: Vec<Change>,
+    changes: Vec<Vec<Change>>,
     (chunks, freed): (Vec<ChunkRef>, Vec<ChunkRef>),
+    seq: u64,
     logged: &mut Vec<(PartitionId, u64)>,
 ) -> Result<(), String> {
-    let mut by_partition: BTreeMap<PartitionId, LogEntry> = BTreeMap::new();
     let entry = |p: PartitionId| LogEntry {
         epoch: logs.epoch(p),
+        seq,
         changes: Vec::new(),
         chunks: Vec::new(),
         freed: Vec::new(),
     };
-    for c in changes {
-        let (Change::Put { table, key, .. } | Change::Delete { table, key }) = &c;
-        let Some(p) = replog::partition_of(*table, key) else {
-            return Err(format!(
-                "a change to table {table} has a key without a partition"
-            ));
-        };
-        by_partition
-            .entry(p)
-            .or_insert_with(|| entry(p))
-            .changes
-            .push(c);
+    let mut by_partition: BTreeMap<PartitionId, Vec<(LogEntry, usize)>> = BTreeMap::new();
+    for job in changes {
+        let mut touched = std::collections::BTreeSet::new();
+        for c in job {
+            let (Change::Put { table, key, .. } | Change::Delete { table, key }) = &c;
+            let Some(p) = replog::partition_of(*table, key) else {
+                return Err(format!(
+                    "a change to table {table} has a key without a partition"
+                ));
+            };
+            let size = c.size();
+            let entries = by_partition.entry(p).or_default();
+            // A new entry only where this write starts in the partition.
+            let first_of_write = touched.insert(p);
+            let full = entries
+                .last()
+                .is_none_or(|(_, bytes)| *bytes >= replog::ENTRY_BYTES);
+            if entries.is_empty() || (first_of_write && full) {
+                entries.push((entry(p), 0));
+            }
+            if let Some((e, bytes)) = entries.last_mut() {
+                e.changes.push(c);
+                *bytes += size;
+            }
+        }
     }
+    let mut by_partition: BTreeMap<PartitionId, Vec<LogEntry>> = by_partition
+        .into_iter()
+        .map(|(p, es)| (p, es.into_iter().map(|(e, _)| e).collect()))
+        .collect();
     for c in chunks {
-        by_partition
-            .entry(c.partition)
-            .or_insert_with(|| entry(c.partition))
-            .chunks
-            .push(c);
+        let es = by_partition.entry(c.partition).or_default();
+        if es.is_empty() {
+            es.push(entry(c.partition));
+        }
+        es[0].chunks.push(c);
     }
     for c in freed {
-        by_partition
-            .entry(c.partition)
-            .or_insert_with(|| entry(c.partition))
-            .freed
-            .push(c);
+        let es = by_partition.entry(c.partition).or_default();
+        if es.is_empty() {
+            es.push(entry(c.partition));
+        }
+        if let Some(e) = es.last_mut() {
+            e.freed.push(c);
+        }
     }
-    for (p, e) in by_partition {
-        let lsn = replog::append(txn, p, &e).map_err(|e| e.to_string())?;
-        logged.push((p, lsn));
+    for (p, es) in by_partition {
+        for e in es {
+            let lsn = replog::append(txn, p, &e).map_err(|e| e.to_string())?;
+            logged.push((p, lsn));
+        }
     }
     Ok(())
 }

@@ -29,6 +29,8 @@ pub const REPL_LOG: TableDefinition<&[u8], &[u8]> = TableDefinition::new("repl_l
 pub const PART_LSN: TableDefinition<&[u8], u64> = TableDefinition::new("part_lsn");
 /// Entries kept per partition (older ones are removed as new ones are appended).
 pub const LOG_KEEP: u64 = 1024;
+/// An entry is closed at the next write boundary once its changes reach this size.
+pub const ENTRY_BYTES: usize = 4 << 20;
 
 /// One change to one table (numbered as in partition snapshots).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,11 +49,15 @@ pub enum Change {
     },
 }
 
-/// Everything one group commit changed in one partition.
+/// What one group commit changed in one partition (a commit whose changes to a
+/// partition exceed [`ENTRY_BYTES`] writes several entries, split between writes).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogEntry {
     /// The epoch of the primary that wrote it.
     pub epoch: u64,
+    /// The primary's version counter after the commit: a replica keeps its own above it,
+    /// so versions never repeat if it becomes the primary.
+    pub seq: u64,
     pub changes: Vec<Change>,
     /// Chunk files the changes make reachable: a replica must hold them before it
     /// applies the entry.
@@ -69,6 +75,16 @@ impl LogEntry {
     pub fn decode(bytes: &[u8]) -> Result<Self, EngineError> {
         postcard::from_bytes(bytes)
             .map_err(|e| EngineError::Format(format!("replication log entry: {e}")))
+    }
+}
+
+impl Change {
+    /// Bytes of key and value.
+    pub fn size(&self) -> usize {
+        match self {
+            Change::Put { key, value, .. } => key.len() + value.as_ref().map_or(0, |v| v.len()),
+            Change::Delete { key, .. } => key.len(),
+        }
     }
 }
 
@@ -316,6 +332,9 @@ pub struct LogState {
     epochs: std::sync::Mutex<std::collections::HashMap<PartitionId, u64>>,
     /// Each partition's last committed entry.
     committed: std::sync::Mutex<std::collections::HashMap<PartitionId, u64>>,
+    /// Each partition's last entry of a commit under way (published just before the
+    /// commit makes its data visible).
+    pending: std::sync::Mutex<std::collections::HashMap<PartitionId, u64>>,
     /// Bumped after every commit that logged something.
     tick: tokio::sync::watch::Sender<u64>,
 }
@@ -339,6 +358,21 @@ impl LogState {
     pub(super) fn epoch(&self, p: PartitionId) -> u64 {
         let m = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
         m.get(&p).copied().unwrap_or(0)
+    }
+
+    pub(super) fn pending(&self, logged: &[(PartitionId, u64)]) {
+        let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, lsn) in logged {
+            m.insert(*p, *lsn);
+        }
+    }
+
+    /// The commit failed: what was pending never happened.
+    pub(super) fn abandoned(&self, logged: &[(PartitionId, u64)]) {
+        let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, _) in logged {
+            m.remove(p);
+        }
     }
 
     pub(super) fn committed(&self, logged: &[(PartitionId, u64)]) {
@@ -386,6 +420,20 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         m.get(&p).copied().unwrap_or(0)
+    }
+
+    /// The number of `p`'s last entry whose data may be visible to a read (committed, or
+    /// being committed right now): what an answer must wait for before it is released.
+    pub fn visible_lsn(&self, p: PartitionId) -> u64 {
+        let pending = {
+            let m = self
+                .log_state()
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            m.get(&p).copied().unwrap_or(0)
+        };
+        pending.max(self.committed_lsn(p))
     }
 
     /// Changes whenever a commit logged something.
@@ -500,6 +548,7 @@ impl Engine {
                 for c in &e.changes {
                     apply_change(txn, c)?;
                 }
+                ctx.raise_seq_to(e.seq);
                 store(txn, p, *lsn, &e.encode()?)?;
                 ctx.logged(p, *lsn);
                 freed.extend(e.freed.iter().cloned());

@@ -87,13 +87,17 @@ impl Error {
 }
 
 tokio::task_local! {
-    /// The partitions the request running in this task has accessed.
-    static TOUCHED: std::cell::RefCell<Vec<PartitionId>>;
+    /// The partitions the request running in this task has accessed, each with the
+    /// number of its last log entry visible when it was first accessed.
+    static TOUCHED: std::cell::RefCell<Vec<(PartitionId, u64)>>;
 }
 
-/// Runs `f` and returns, with its output, the partitions it accessed through the model
-/// (so the answer can wait until their writes are durable on their replicas).
-pub async fn tracking_partitions<F: std::future::Future>(f: F) -> (F::Output, Vec<PartitionId>) {
+/// Runs `f` and returns, with its output, the partitions it accessed through the model,
+/// each with the number of its last visible log entry at that moment (so the answer can
+/// wait until what it may have seen or written is durable on the replicas).
+pub async fn tracking_partitions<F: std::future::Future>(
+    f: F,
+) -> (F::Output, Vec<(PartitionId, u64)>) {
     TOUCHED
         .scope(std::cell::RefCell::new(Vec::new()), async move {
             let out = f.await;
@@ -200,8 +204,8 @@ impl Store {
             None => {
                 let _ = TOUCHED.try_with(|t| {
                     let mut t = t.borrow_mut();
-                    if !t.contains(&p) {
-                        t.push(p);
+                    if !t.iter().any(|(q, _)| *q == p) {
+                        t.push((p, self.inner.engine.visible_lsn(p)));
                     }
                 });
                 Ok(p)

@@ -215,6 +215,37 @@ async fn writes_reach_every_in_sync_replica_and_a_lagging_one_catches_up() {
         "n1 and n2 agree"
     );
 
+    // n2 stops as well: a partition n1 leads is left with one in-sync replica, fewer
+    // than min_in_sync (2), so a write to it is not acknowledged.
+    let n1_ns = (0..)
+        .map(|i| format!("solo-{i}"))
+        .find(|ns| {
+            let p = PartitionId::of(tenant, format!("kv:{ns}").as_bytes(), PARTITIONS);
+            layout["actingPrimaries"][p.0 as usize] == "n1"
+        })
+        .unwrap();
+    signal(&c.nodes[1].proc, "-STOP");
+    let refused = eventually(
+        "a write with too few in-sync replicas refused",
+        30,
+        || async {
+            let r = kv[0]
+                .send(
+                    "PUT",
+                    &format!("/kv/v1/{n1_ns}/k"),
+                    &[],
+                    b"one copy".to_vec(),
+                )
+                .await
+                .unwrap();
+            (r.status() == 503).then_some(r.text().await.unwrap())
+        },
+    )
+    .await;
+    assert!(refused.contains("NotDurable"), "{refused}");
+    signal(&c.nodes[1].proc, "-CONT");
+    converge(&c, &[0, 1], 60, "n2 caught up").await;
+
     // n3 resumes: it catches up (from the log, and from a snapshot where the log no
     // longer reaches back) and rejoins every in-sync set; all three agree.
     signal(&c.nodes[2].proc, "-CONT");
