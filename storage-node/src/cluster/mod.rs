@@ -115,6 +115,12 @@ struct Inner {
     incarnation: String,
     /// Each peer's incarnation, as its last answered probe said.
     incarnations: Mutex<HashMap<NodeId, String>>,
+    /// When the last heartbeat that reached the catalog was sent: this node serves the
+    /// partitions it leads only within `suspect_after` of it (its lease), and the
+    /// coordinator promotes a replica only after `fail_after` without a heartbeat.
+    lease_from: Mutex<Option<Instant>>,
+    /// Partitions whose failed primary had no live in-sync replica (logged once each).
+    stranded: Mutex<std::collections::HashSet<PartitionId>>,
     wake: Notify,
     http: reqwest::Client,
 }
@@ -139,6 +145,8 @@ impl Cluster {
                 idle_logged: Default::default(),
                 incarnation: uuid::Uuid::new_v4().simple().to_string(),
                 incarnations: Mutex::new(HashMap::new()),
+                lease_from: Mutex::new(None),
+                stranded: Mutex::new(Default::default()),
                 wake: Notify::new(),
                 http,
             }),
@@ -186,6 +194,13 @@ impl Cluster {
             ));
         };
         if state.primary == *self.me() {
+            if !self.lease_valid() {
+                return Route::Unavailable(format!(
+                    "this node has not reached the catalog for longer than suspect_after, so \
+                     it serves none of its partitions ({p} included) until it does: another \
+                     node may be taking them over"
+                ));
+            }
             return Route::Local;
         }
         let view = self
@@ -245,6 +260,29 @@ impl Cluster {
             .clone()
     }
 
+    /// Whether this node's lease holds: its last heartbeat that reached the catalog was
+    /// sent less than `suspect_after` ago.
+    pub fn lease_valid(&self) -> bool {
+        self.inner
+            .lease_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some_and(|t| t.elapsed() < self.inner.cfg.thresholds.suspect_after)
+    }
+
+    async fn heartbeat(&self) -> anyhow::Result<bool> {
+        let sent = Instant::now();
+        let ok = self.inner.catalog.heartbeat(self.me()).await?;
+        if ok {
+            *self
+                .inner
+                .lease_from
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(sent);
+        }
+        Ok(ok)
+    }
+
     /// This process's incarnation (random per start).
     pub fn incarnation(&self) -> &str {
         &self.inner.incarnation
@@ -293,7 +331,7 @@ impl Cluster {
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         self.inner.catalog.upsert_node(&self.inner.cfg.me).await?;
         // Stamp the first heartbeat with the catalog's clock, like every later one.
-        self.inner.catalog.heartbeat(self.me()).await?;
+        self.heartbeat().await?;
         if let Err(e) = self.tick().await {
             tracing::warn!(error = %e, "first cluster tick failed; retrying");
         }
@@ -322,10 +360,10 @@ impl Cluster {
     async fn tick(&self) -> anyhow::Result<()> {
         let inner = &self.inner;
         let catalog = &inner.catalog;
-        if !catalog.heartbeat(self.me()).await? {
+        if !self.heartbeat().await? {
             // Removed from the catalog behind our back (or a fresh catalog): register again.
             catalog.upsert_node(&inner.cfg.me).await?;
-            catalog.heartbeat(self.me()).await?;
+            self.heartbeat().await?;
         }
         let now = catalog.now_millis().await?;
         let records: Vec<NodeRecord> = catalog
@@ -350,7 +388,74 @@ impl Cluster {
             .min()
             == Some(self.me());
         self.maintain_layout(&view, coordinator).await?;
-        self.maintain_partitions(coordinator).await
+        self.maintain_partitions(coordinator, &view).await
+    }
+
+    /// Failover: for every partition whose primary is failed (no catalog heartbeat for
+    /// `fail_after`, so its lease of `suspect_after` has long expired and it serves
+    /// nothing), names the first live member of its in-sync set, in the layout's order,
+    /// primary under the next epoch, without the failed node. Every in-sync member holds
+    /// every acknowledged write, so none is lost. True if anything changed.
+    async fn promote(&self, stored: &[PartitionState], view: &[NodeView]) -> anyhow::Result<bool> {
+        let state_of = |id: &NodeId| view.iter().find(|v| v.record.id == *id).map(|v| v.state);
+        let layout = self.layout();
+        let mut changed = false;
+        for s in stored {
+            if state_of(&s.primary) != Some(NodeState::Failed) {
+                continue;
+            }
+            let order: Vec<NodeId> = layout
+                .as_ref()
+                .map(|l| l.replicas(s.partition).map(|m| m.id.clone()).collect())
+                .unwrap_or_default();
+            let mut candidates: Vec<&NodeId> = s
+                .in_sync
+                .iter()
+                .filter(|n| **n != s.primary && state_of(n) == Some(NodeState::Alive))
+                .collect();
+            candidates.sort_by_key(|n| order.iter().position(|o| o == *n).unwrap_or(usize::MAX));
+            let Some(next_primary) = candidates.first() else {
+                let first = self
+                    .inner
+                    .stranded
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(s.partition);
+                if first {
+                    tracing::error!(partition = %s.partition, primary = %s.primary.0,
+                        in_sync = ?s.in_sync.iter().map(|n| n.0.as_str()).collect::<Vec<_>>(),
+                        "the partition's primary failed and no in-sync replica is alive: it stays unavailable until one returns");
+                }
+                continue;
+            };
+            let next = PartitionState {
+                partition: s.partition,
+                epoch: Epoch(s.epoch.0 + 1),
+                primary: (*next_primary).clone(),
+                in_sync: s
+                    .in_sync
+                    .iter()
+                    .filter(|n| **n != s.primary)
+                    .cloned()
+                    .collect(),
+            };
+            if self
+                .inner
+                .catalog
+                .cas_partition_state(Some(s.epoch), &next)
+                .await?
+            {
+                self.inner
+                    .stranded
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&s.partition);
+                tracing::warn!(partition = %s.partition, failed = %s.primary.0, primary = %next.primary.0,
+                    epoch = next.epoch.0, "primary failed: promoted an in-sync replica");
+                changed = true;
+            }
+        }
+        Ok(changed)
     }
 
     /// Whether first primaries may be assigned from `layout`: always once the cluster
@@ -377,12 +482,20 @@ impl Cluster {
     }
 
     /// Reads every partition's state; the coordinator first gives each partition that has
-    /// none its layout's preferred primary (epoch 1). A set primary never moves here:
-    /// moving one needs its data to move first (replication, docs/cluster.md).
-    async fn maintain_partitions(&self, coordinator: bool) -> anyhow::Result<()> {
+    /// none its layout's preferred primary (epoch 1), and replaces failed primaries
+    /// ([`Cluster::promote`]). A live primary is never moved here (rebalancing is not
+    /// there yet, docs/cluster.md).
+    async fn maintain_partitions(
+        &self,
+        coordinator: bool,
+        view: &[NodeView],
+    ) -> anyhow::Result<()> {
         let catalog = &self.inner.catalog;
         let n = self.inner.cfg.partitions as usize;
         let mut stored = catalog.partition_states().await?;
+        if coordinator && self.promote(&stored, view).await? {
+            stored = catalog.partition_states().await?;
+        }
         if coordinator
             && stored.len() < n
             && let Some(layout) = self.layout()

@@ -88,6 +88,8 @@ struct Led {
     /// Set once this node has checked that no in-sync peer holds more of the partition
     /// than it does (after a restart it may have lost its disk); nothing is served before.
     verified: std::sync::atomic::AtomicBool,
+    /// Replicas a shipper runs for.
+    shipping: Mutex<HashSet<NodeId>>,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -142,10 +144,12 @@ impl Replicator {
     /// leads (per epoch), stops for those it no longer leads. Runs until `shutdown`.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut states = self.inner.cluster.watch_states();
+        let mut layout = self.inner.cluster.watch_layout();
         loop {
             self.follow_table();
             tokio::select! {
                 r = states.changed() => if r.is_err() { return },
+                r = layout.changed() => if r.is_err() { return },
                 _ = shutdown.wait_for(|v| *v) => {
                     for l in self.led_all() {
                         l.stop.cancel();
@@ -212,6 +216,11 @@ impl Replicator {
                 continue;
             }
             if current.is_some_and(|e| e >= state.epoch) {
+                // Same leadership; the layout may have brought a replica back (or a new
+                // one): ship to it too.
+                if let Some(l) = led.get(&p) {
+                    self.ship_to_replicas(l, state);
+                }
                 continue;
             }
             if let Some(old) = led.remove(&p) {
@@ -231,25 +240,31 @@ impl Replicator {
                 acked: Mutex::new(HashMap::new()),
                 durable: watch::Sender::new(0),
                 verified: std::sync::atomic::AtomicBool::new(false),
+                shipping: Mutex::new(HashSet::new()),
                 stop: tokio_util::sync::CancellationToken::new(),
             });
             tokio::spawn(self.clone().verify(l.clone()));
             l.recompute(&self.inner.engine);
-            let replicas: Vec<NodeId> = self
-                .inner
-                .cluster
-                .layout()
-                .map(|lay| lay.replicas(p).map(|m| m.id.clone()).collect())
-                .unwrap_or_default();
-            for r in replicas
-                .into_iter()
-                .chain(state.in_sync.iter().cloned())
-                .filter(|r| *r != me)
-                .collect::<HashSet<_>>()
-            {
+            self.ship_to_replicas(&l, state);
+            led.insert(p, l);
+        }
+    }
+
+    /// Starts a shipper for every member of the partition's replica set in the current
+    /// layout, and of its in-sync set, that has none yet.
+    fn ship_to_replicas(&self, l: &Arc<Led>, state: &PartitionState) {
+        let me = self.inner.cluster.me();
+        let replicas: Vec<NodeId> = self
+            .inner
+            .cluster
+            .layout()
+            .map(|lay| lay.replicas(l.p).map(|m| m.id.clone()).collect())
+            .unwrap_or_default();
+        let mut shipping = l.shipping.lock().unwrap_or_else(PoisonError::into_inner);
+        for r in replicas.into_iter().chain(state.in_sync.iter().cloned()) {
+            if r != *me && shipping.insert(r.clone()) {
                 tokio::spawn(self.clone().ship(l.clone(), r));
             }
-            led.insert(p, l);
         }
     }
 
@@ -291,7 +306,7 @@ impl Replicator {
                 l.verified.load(std::sync::atomic::Ordering::Acquire) && !l.stop.is_cancelled()
             }) else {
                 return Err(format!(
-                    "this node stopped leading partition {p} while the request ran; whether \\
+                    "this node stopped leading partition {p} while the request ran; whether \
                      its writes last is unknown"
                 ));
             };
@@ -301,7 +316,7 @@ impl Replicator {
             let in_sync = l.in_sync();
             if target > *before && in_sync < self.inner.min_in_sync {
                 return Err(format!(
-                    "partition {p} has {in_sync} in-sync replicas, fewer than min_in_sync {}: \\
+                    "partition {p} has {in_sync} in-sync replicas, fewer than min_in_sync {}: \
                      the write is stored on too few nodes, and whether it lasts is unknown",
                     self.inner.min_in_sync
                 ));

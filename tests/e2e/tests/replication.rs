@@ -311,3 +311,96 @@ async fn a_replica_that_lost_its_disk_is_rebuilt_from_its_primaries() {
         assert_eq!(r.bytes().await.unwrap().as_ref(), [i as u8]);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
+    let mut c = TestCluster::start(
+        3,
+        Settings {
+            partitions: PARTITIONS,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let layout = c.wait_ready().await;
+    let (ak, sk, id) = c.tenant("acme").await;
+    let tenant: TenantId = id.parse().unwrap();
+    let partition_of =
+        |ns: &str| PartitionId::of(tenant, format!("kv:{ns}").as_bytes(), PARTITIONS);
+    let ns = (0..)
+        .map(|i| format!("fo-{i}"))
+        .find(|ns| layout["actingPrimaries"][partition_of(ns).0 as usize] == "n3")
+        .unwrap();
+    let p = partition_of(&ns).0 as usize;
+    let kv = KvClient::new(&c.nodes[0].proc.kv, &ak, &sk);
+    for i in 0..50 {
+        let r = kv
+            .send(
+                "PUT",
+                &format!("/kv/v1/{ns}/k{i}"),
+                &[],
+                format!("v{i}").into_bytes(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    // The primary dies. Writes through n1 fail until a replica is promoted, then go on.
+    c.nodes[2].proc.kill9();
+    let killed = Instant::now();
+    let mut refused = 0;
+    loop {
+        let r = kv
+            .send("PUT", &format!("/kv/v1/{ns}/after"), &[], b"after".to_vec())
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(
+            r.status().is_server_error(),
+            "{}: {}",
+            r.status(),
+            r.text().await.unwrap()
+        );
+        refused += 1;
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "no failover within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "primary killed: writes to its partition resumed after {:.1} s ({refused} refused; \
+         fail_after 6 s, heartbeat 0.3 s)",
+        killed.elapsed().as_secs_f64()
+    );
+    let l = admin(&c.nodes[0].proc, "/layout?partitions=true").await;
+    let primary = l["actingPrimaries"][p].as_str().unwrap().to_string();
+    assert!(primary == "n1" || primary == "n2", "{primary}");
+    assert!(!l["inSync"][p].as_array().unwrap().iter().any(|n| n == "n3"));
+    // Every acknowledged write survived, read through both live nodes.
+    for node in &c.nodes[..2] {
+        let kv = KvClient::new(&node.proc.kv, &ak, &sk);
+        for i in 0..50 {
+            let r = kv
+                .send("GET", &format!("/kv/v1/{ns}/k{i}"), &[], vec![])
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "k{i} through {}", node.id);
+            assert_eq!(
+                r.bytes().await.unwrap().as_ref(),
+                format!("v{i}").as_bytes()
+            );
+        }
+    }
+
+    // The old primary returns: it leads nothing it lost, catches up as a replica, and
+    // all three hold the same again.
+    let m = c.start_node(2).unwrap();
+    c.nodes[2] = m;
+    converge(&c, &[0, 1, 2], 60, "the old primary caught up as a replica").await;
+    let l = admin(&c.nodes[2].proc, "/layout?partitions=true").await;
+    assert_eq!(l["actingPrimaries"][p], primary.as_str());
+}
