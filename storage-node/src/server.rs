@@ -258,9 +258,7 @@ impl Node {
         let replicator = crate::cluster::replication::Replicator::new(
             cluster.clone(),
             store.engine().clone(),
-            config
-                .min_in_sync
-                .unwrap_or(config.replication_factor.min(2)) as usize,
+            config.min_in_sync.unwrap_or(1) as usize,
             Duration::from_millis(config.suspect_after_ms),
         );
         replicator.take_up(Duration::from_secs(5)).await;

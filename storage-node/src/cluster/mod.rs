@@ -22,8 +22,10 @@
 //! - Partitions are replicated from their primary to their in-sync replicas
 //!   ([`replication`]).
 //!
-//! Not yet (docs/cluster.md, "Stages"): promoting a replica when a primary fails, and
-//! moving primaries; a failed primary's partitions are unavailable until it returns.
+//! - A node serves what it leads only within its lease; the coordinator promotes an
+//!   in-sync replica when a primary fails ([`Cluster::lease_valid`], `promote`).
+//!
+//! Not yet (docs/cluster.md, "Stages"): moving live primaries (rebalancing).
 
 pub mod forward;
 pub mod layout;
@@ -210,8 +212,8 @@ impl Cluster {
             .unwrap_or_else(PoisonError::into_inner);
         match view.iter().find(|v| v.record.id == state.primary) {
             Some(v) if v.state == NodeState::Failed => Route::Unavailable(format!(
-                "partition {p} is led by node {}, which has failed; no replica is promoted yet \
-                 (its data is safe on them), so it is unavailable until that node returns",
+                "partition {p} is led by node {}, which has failed; it is unavailable until an \
+                 in-sync replica is promoted (or that node returns)",
                 state.primary.0
             )),
             // Fail fast rather than queue behind a peer that does not answer probes.
@@ -270,17 +272,11 @@ impl Cluster {
             .is_some_and(|t| t.elapsed() < self.inner.cfg.thresholds.suspect_after)
     }
 
-    async fn heartbeat(&self) -> anyhow::Result<bool> {
+    /// Records a heartbeat; returns when it was sent if it reached the catalog.
+    async fn heartbeat(&self) -> anyhow::Result<Option<Instant>> {
         let sent = Instant::now();
         let ok = self.inner.catalog.heartbeat(self.me()).await?;
-        if ok {
-            *self
-                .inner
-                .lease_from
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(sent);
-        }
-        Ok(ok)
+        Ok(ok.then_some(sent))
     }
 
     /// This process's incarnation (random per start).
@@ -360,11 +356,17 @@ impl Cluster {
     async fn tick(&self) -> anyhow::Result<()> {
         let inner = &self.inner;
         let catalog = &inner.catalog;
-        if !self.heartbeat().await? {
-            // Removed from the catalog behind our back (or a fresh catalog): register again.
-            catalog.upsert_node(&inner.cfg.me).await?;
-            self.heartbeat().await?;
-        }
+        let sent = match self.heartbeat().await? {
+            Some(sent) => sent,
+            None => {
+                // Removed from the catalog behind our back (or a fresh catalog): register
+                // again.
+                catalog.upsert_node(&inner.cfg.me).await?;
+                self.heartbeat()
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("this node's heartbeat is not recorded"))?
+            }
+        };
         let now = catalog.now_millis().await?;
         let records: Vec<NodeRecord> = catalog
             .list_nodes()
@@ -388,7 +390,15 @@ impl Cluster {
             .min()
             == Some(self.me());
         self.maintain_layout(&view, coordinator).await?;
-        self.maintain_partitions(coordinator, &view).await
+        self.maintain_partitions(coordinator, &view).await?;
+        // The lease runs from this tick's heartbeat, and only once the partition table
+        // read after it is installed: a node that was stopped or cut off never serves from
+        // the table it had before (another node may lead its partitions now).
+        *inner
+            .lease_from
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(sent);
+        Ok(())
     }
 
     /// Failover: for every partition whose primary is failed (no catalog heartbeat for

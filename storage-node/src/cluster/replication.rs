@@ -17,8 +17,10 @@
 //! - A replica whose position is not in the primary's log (too far behind, or holding
 //!   entries of a deposed primary) is reinstalled from a partition snapshot.
 //!
-//! Not yet: promotion of a new primary when one fails (its partitions wait for it), and
-//! leases.
+//! - A primary that takes a partition over from another node (promotion, hand-over)
+//!   serves it only once the previous primary's lease must have run out.
+//!
+//! Failover itself (promotion by the coordinator) is in [`super::Cluster`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -69,6 +71,8 @@ struct Inner {
     ship_timeout: Duration,
     /// Partitions this node leads, by partition.
     led: Mutex<HashMap<PartitionId, Arc<Led>>>,
+    /// The primary of every partition as last seen by `follow_table`.
+    primaries: Mutex<HashMap<PartitionId, NodeId>>,
     /// Replica side: the newest epoch seen per partition (fencing).
     seen: Mutex<HashMap<PartitionId, u64>>,
     /// Replica side: one shipment or resync at a time per partition.
@@ -90,6 +94,9 @@ struct Led {
     verified: std::sync::atomic::AtomicBool,
     /// Replicas a shipper runs for.
     shipping: Mutex<HashSet<NodeId>>,
+    /// This node took the partition over from another (or cannot tell): it waits out
+    /// the previous primary's lease before serving.
+    takeover: bool,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -134,6 +141,7 @@ impl Replicator {
                 min_in_sync: min_in_sync.max(1),
                 ship_timeout,
                 led: Mutex::new(HashMap::new()),
+                primaries: Mutex::new(HashMap::new()),
                 seen: Mutex::new(HashMap::new()),
                 applying: Mutex::new(HashMap::new()),
             }),
@@ -164,6 +172,7 @@ impl Replicator {
     /// has been checked against its replicas, so a node that starts serves at once what
     /// it may serve. Partitions still being checked are refused until they are.
     pub async fn take_up(&self, within: Duration) {
+        let within = within + self.inner.ship_timeout * 2;
         self.follow_table();
         let started = Instant::now();
         while started.elapsed() < within {
@@ -199,6 +208,18 @@ impl Replicator {
     fn follow_table(&self) {
         let me = self.inner.cluster.me().clone();
         let table = self.inner.cluster.partition_states();
+        let previous: HashMap<PartitionId, NodeId> = std::mem::replace(
+            &mut *self
+                .inner
+                .primaries
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+            table
+                .iter()
+                .flatten()
+                .map(|s| (s.partition, s.primary.clone()))
+                .collect(),
+        );
         let mut led = self
             .inner
             .led
@@ -241,6 +262,7 @@ impl Replicator {
                 durable: watch::Sender::new(0),
                 verified: std::sync::atomic::AtomicBool::new(false),
                 shipping: Mutex::new(HashSet::new()),
+                takeover: state.epoch.0 > 1 && previous.get(&p) != Some(&me),
                 stop: tokio_util::sync::CancellationToken::new(),
             });
             tokio::spawn(self.clone().verify(l.clone()));
@@ -310,6 +332,13 @@ impl Replicator {
                      its writes last is unknown"
                 ));
             };
+            // The data was read under the lease; it must still hold now, when the answer
+            // is released (else another node may have been promoted meanwhile).
+            if !self.inner.cluster.lease_valid() {
+                return Err(format!(
+                    "this node's lease ran out while the request on partition {p} ran; retry"
+                ));
+            }
             let target = self.inner.engine.visible_lsn(*p);
             // Writes happened on the partition since the request first touched it (its
             // own, or others' it may have seen): they need min_in_sync copies.
@@ -362,6 +391,17 @@ impl Replicator {
     /// unreachable peer is waited for while this node holds nothing of the partition.
     async fn verify(self, l: Arc<Led>) {
         let me = self.inner.cluster.me().clone();
+        // Taken over from another node (or not known to be this node's before): the previous
+        // primary serves until its lease runs out, `suspect_after` after its last
+        // heartbeat that saw the old table, which came before the change this node saw.
+        // Wait that long (and a margin for clock rates) before serving.
+        if l.takeover {
+            let wait = self.inner.ship_timeout + self.inner.ship_timeout / 4;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = l.stop.cancelled() => return,
+            }
+        }
         loop {
             if l.stop.is_cancelled() {
                 return;

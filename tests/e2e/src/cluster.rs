@@ -117,7 +117,7 @@ impl TestCluster {
                  s3_listen = \"{addr}:0\"\nkv_listen = \"{addr}:0\"\nadmin_listen = \"{addr}:0\"\n\
                  rpc_listen = \"{addr}:0\"\npartitions = {}\nreplication_factor = {}\n\
                  heartbeat_interval_ms = {}\nsuspect_after_ms = {}\nfail_after_ms = {}\n\
-                 bootstrap_expect = {}\n",
+                 bootstrap_expect = {}\nmin_in_sync = {}\n",
                 data.display(),
                 s.partitions,
                 s.replication_factor,
@@ -125,6 +125,7 @@ impl TestCluster {
                 s.suspect_after_ms,
                 s.fail_after_ms,
                 s.bootstrap_expect,
+                s.replication_factor.min(2),
             ),
         )?;
         let env = [

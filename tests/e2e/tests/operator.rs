@@ -294,15 +294,12 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     let master = wait_for("master key Secret", 60, || {
         secret_value(&cp, ns, "main-master-key", "masterKey")
     });
-    // One node standing in for the cluster's pods (factor 3, so its layout reports the
-    // under-replication the status shows): min_in_sync 1, since the default of 2 refuses
-    // writes until a second replica is in sync.
     let node_dir = dir.path().join("node");
     let config = dir.path().join("node.toml");
     std::fs::write(
         &config,
         format!(
-            "region = \"eu-west-1\"\ndata_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\nrpc_listen = \"127.0.0.1:0\"\nmin_in_sync = 1\n",
+            "region = \"eu-west-1\"\ndata_dir = \"{}\"\ns3_listen = \"127.0.0.1:{s3p}\"\nkv_listen = \"127.0.0.1:{kvp}\"\nadmin_listen = \"127.0.0.1:{adp}\"\nrpc_listen = \"127.0.0.1:0\"\n",
             node_dir.display()
         ),
     )

@@ -404,3 +404,71 @@ async fn a_failed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
     let l = admin(&c.nodes[2].proc, "/layout?partitions=true").await;
     assert_eq!(l["actingPrimaries"][p], primary.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_stopped_past_its_failover_never_serves_stale_data() {
+    let c = TestCluster::start(
+        3,
+        Settings {
+            partitions: PARTITIONS,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let layout = c.wait_ready().await;
+    let (ak, sk, id) = c.tenant("acme").await;
+    let tenant: TenantId = id.parse().unwrap();
+    let ns = (0..)
+        .map(|i| format!("st-{i}"))
+        .find(|ns| {
+            let p = PartitionId::of(tenant, format!("kv:{ns}").as_bytes(), PARTITIONS);
+            layout["actingPrimaries"][p.0 as usize] == "n3"
+        })
+        .unwrap();
+    let path = format!("/kv/v1/{ns}/k");
+    let via_n1 = KvClient::new(&c.nodes[0].proc.kv, &ak, &sk);
+    let via_n3 = KvClient::new(&c.nodes[2].proc.kv, &ak, &sk);
+    let r = via_n1
+        .send("PUT", &path, &[], b"old".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    // The primary n3 freezes; a replica is promoted and takes a newer write.
+    signal(&c.nodes[2].proc, "-STOP");
+    let stopped = Instant::now();
+    loop {
+        let r = via_n1
+            .send("PUT", &path, &[], b"new".to_vec())
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(60), "no failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "promoted while n3 was stopped: {:.1} s",
+        stopped.elapsed().as_secs_f64()
+    );
+    // n3 wakes up believing it leads the partition. Asked directly, it must answer with
+    // the newer value (forwarding to the new primary) or refuse: never the old one.
+    signal(&c.nodes[2].proc, "-CONT");
+    let woke = Instant::now();
+    let mut refused = 0;
+    while woke.elapsed() < Duration::from_secs(5) {
+        let r = via_n3.send("GET", &path, &[], vec![]).await.unwrap();
+        let status = r.status();
+        let body = r.bytes().await.unwrap();
+        assert_ne!(body.as_ref(), b"old", "stale read from the deposed primary");
+        if status == 200 {
+            assert_eq!(body.as_ref(), b"new");
+        } else {
+            refused += 1;
+        }
+    }
+    println!("deposed primary after waking: {refused} reads refused, the rest forwarded");
+    let r = via_n3.send("GET", &path, &[], vec![]).await.unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"new");
+}
