@@ -102,3 +102,56 @@ pub fn init(service: &'static str, default_filter: &str, trace_targets: &[&str])
         }
     }
 }
+
+/// W3C trace context (`traceparent`, `tracestate`) across process boundaries, so one
+/// client request is one trace across the nodes it passes through.
+pub mod propagation {
+    use std::collections::HashMap;
+
+    use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    /// The header names the W3C trace context uses.
+    pub const FIELDS: [&str; 2] = ["traceparent", "tracestate"];
+
+    struct Map(HashMap<String, String>);
+
+    impl Injector for Map {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.insert(key.to_string(), value);
+        }
+    }
+
+    impl Extractor for Map {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).map(String::as_str)
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(String::as_str).collect()
+        }
+    }
+
+    /// The trace context of `span` as (header, value) pairs for a request that
+    /// continues it; empty when traces are not exported.
+    pub fn context_of(span: &tracing::Span) -> Vec<(String, String)> {
+        let mut m = Map(HashMap::new());
+        TraceContextPropagator::new().inject_context(&span.context(), &mut m);
+        m.0.into_iter().collect()
+    }
+
+    /// Makes `span` continue the trace whose context `get` returns for each of
+    /// [`FIELDS`]; nothing happens without a valid `traceparent`.
+    pub fn continue_trace(span: &tracing::Span, get: impl Fn(&str) -> Option<String>) {
+        let m = Map(FIELDS
+            .iter()
+            .filter_map(|f| get(f).map(|v| (f.to_string(), v)))
+            .collect());
+        if !m.0.contains_key("traceparent") {
+            return;
+        }
+        let cx = TraceContextPropagator::new().extract(&m);
+        let _ = span.set_parent(cx);
+    }
+}

@@ -51,6 +51,25 @@ impl ForwardError {
 #[derive(Clone, Copy, Debug)]
 pub struct Forwarded;
 
+/// Request extension: the trace context of the forwarding node's span (the request's
+/// span here continues it, so one client request is one trace across nodes).
+#[derive(Clone, Debug, Default)]
+pub struct ForwardedTrace(pub Vec<(String, String)>);
+
+/// Makes `span` (a request's) continue the trace the request carries: the forwarding
+/// node's when it was forwarded, else the client's own `traceparent`, if any.
+pub fn continue_trace<B>(span: &tracing::Span, req: &http::Request<B>) {
+    let forwarded = req.extensions().get::<ForwardedTrace>();
+    granary_telemetry::propagation::continue_trace(span, |field| match forwarded {
+        Some(t) => t.0.iter().find(|(k, _)| k == field).map(|(_, v)| v.clone()),
+        None => req
+            .headers()
+            .get(field)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+    });
+}
+
 /// Connection-level headers, meaningful for one hop only (RFC 9110 §7.6.1), plus `Host`
 /// and `Expect`, which the forwarding hop sets itself.
 fn hop_by_hop(name: &HeaderName) -> bool {
@@ -334,6 +353,16 @@ fn outgoing_headers(parts: &http::request::Parts) -> Result<HeaderMap, &'static 
     if let Some(a) = parts.headers.get(header::AUTHORIZATION) {
         out.insert(FWD_AUTHORIZATION, a.clone());
     }
+    // This node's span goes along in our own headers: the client's `traceparent` (which
+    // a signature may cover) travels untouched.
+    for (k, v) in granary_telemetry::propagation::context_of(&tracing::Span::current()) {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(format!("{PREFIX}{k}").as_bytes()),
+            HeaderValue::from_str(&v),
+        ) {
+            out.insert(name, value);
+        }
+    }
     let host = match parts.headers.get(header::HOST) {
         Some(h) => Some(h.clone()),
         None => parts
@@ -376,6 +405,17 @@ pub fn restore(parts: &mut http::request::Parts) -> Result<(), String> {
     if let Some(e) = h.remove(FWD_EXPECT) {
         h.insert(header::EXPECT, e);
     }
+    let trace: Vec<(String, String)> = granary_telemetry::propagation::FIELDS
+        .iter()
+        .filter_map(|f| {
+            let v = h.get(format!("{PREFIX}{f}"))?.to_str().ok()?;
+            Some((f.to_string(), v.to_string()))
+        })
+        .collect();
+    if !trace.is_empty() {
+        parts.extensions.insert(ForwardedTrace(trace));
+    }
+    let h = &mut parts.headers;
     let ours: Vec<HeaderName> = h
         .keys()
         .filter(|n| n.as_str().starts_with(PREFIX))

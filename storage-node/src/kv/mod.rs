@@ -339,6 +339,7 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
         bytes = tracing::field::Empty,
         primary = tracing::field::Empty
     );
+    crate::cluster::forward::continue_trace(&span, &req);
     let resp = async {
         let (parts, body) = req.into_parts();
         let container = namespace(parts.uri.path()).map(|ns| crate::model::kv::kv_container(&ns));

@@ -47,6 +47,7 @@ impl S3Front {
             operation = tracing::field::Empty, tenant = tracing::field::Empty,
             bucket = tracing::field::Empty, status = tracing::field::Empty,
             bytes = tracing::field::Empty, primary = tracing::field::Empty);
+        crate::cluster::forward::continue_trace(&span, &req);
         let (parts, body) = req.into_parts();
         let resp = async {
             if let Some(refusal) = refuse_before_body(&parts) {

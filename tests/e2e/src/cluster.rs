@@ -34,6 +34,9 @@ pub struct Settings {
     pub fail_after_ms: u64,
     /// Nodes that must join before partitions are assigned (0: all of the cluster's).
     pub bootstrap_expect: usize,
+    /// Port of an OTLP collector listening on every address of the test's host: the
+    /// nodes export traces to it through the bridge.
+    pub otlp_port: Option<u16>,
 }
 
 impl Default for Settings {
@@ -45,6 +48,7 @@ impl Default for Settings {
             suspect_after_ms: 2000,
             fail_after_ms: 6000,
             bootstrap_expect: 0,
+            otlp_port: None,
         }
     }
 }
@@ -128,12 +132,19 @@ impl TestCluster {
                 s.replication_factor.min(2),
             ),
         )?;
-        let env = [
+        let otlp = s
+            .otlp_port
+            .map(|port| format!("http://{}:{port}", self.net.bridge_addr()));
+        let mut env = vec![
             ("GRANARY_CATALOG_URL", self.url.as_str()),
             ("GRANARY_MASTER_KEY", self.master.as_str()),
             ("GRANARY_ADMIN_TOKEN", TOKEN),
             ("GRANARY_CLUSTER_SECRET", SECRET),
         ];
+        if let Some(o) = &otlp {
+            env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", o.as_str()));
+            env.push(("OTEL_BSP_SCHEDULE_DELAY", "200"));
+        }
         let proc = NodeProc::serve_in(
             Some(self.net.namespace(i)),
             &data,

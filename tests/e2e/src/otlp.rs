@@ -9,8 +9,15 @@ pub type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
 
 /// A minimal OTLP/HTTP collector: records (path, body) of every POST.
 pub fn collector() -> (String, Received) {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = format!("http://{}", l.local_addr().unwrap());
+    let (port, got) = collector_on("127.0.0.1");
+    (format!("http://127.0.0.1:{port}"), got)
+}
+
+/// [`collector`] listening on `ip` (such as `0.0.0.0`, for nodes in network
+/// namespaces that reach the test through the bridge); returns its port.
+pub fn collector_on(ip: &str) -> (u16, Received) {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
     let got = Arc::new(Mutex::new(Vec::new()));
     let g = got.clone();
     std::thread::spawn(move || {
@@ -44,7 +51,16 @@ pub fn collector() -> (String, Received) {
             });
         }
     });
-    (addr, got)
+    (port, got)
+}
+
+/// Whether one recorded `/v1/traces` body contains every one of `needles`.
+pub fn one_export_contains(got: &Received, needles: &[&[u8]]) -> bool {
+    got.lock().is_ok_and(|g| {
+        g.iter()
+            .filter(|(p, _)| p == "/v1/traces")
+            .any(|(_, b)| needles.iter().all(|n| b.windows(n.len()).any(|w| w == *n)))
+    })
 }
 
 /// Whether any recorded `/v1/traces` body contains every one of `needles`.

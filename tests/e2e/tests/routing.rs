@@ -441,3 +441,70 @@ impl Md5Sum {
         self.0.finalize().to_vec()
     }
 }
+
+/// A request forwarded to its partition's primary is one trace: the primary's span
+/// continues the forwarding node's, which continues the client's `traceparent`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_is_one_trace_across_nodes() {
+    let (port, got) = granary_e2e::otlp::collector_on("0.0.0.0");
+    let c = TestCluster::start(
+        2,
+        Settings {
+            partitions: 16,
+            replication_factor: 2,
+            otlp_port: Some(port),
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let layout = c.wait_ready().await;
+    let (ak, sk, id) = c.tenant("acme").await;
+    let tenant: TenantId = id.parse().unwrap();
+    // A namespace n2 leads, asked through n1.
+    let ns = (0..)
+        .map(|i| format!("tr-{i}"))
+        .find(|ns| {
+            let p = PartitionId::of(tenant, format!("kv:{ns}").as_bytes(), 16);
+            layout["actingPrimaries"][p.0 as usize] == "n2"
+        })
+        .unwrap();
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let kv = KvClient::new(&c.nodes[0].proc.kv, &ak, &sk);
+    let r = kv
+        .send(
+            "PUT",
+            &format!("/kv/v1/{ns}/k"),
+            &[("traceparent", &format!("00-{trace_id}-00f067aa0ba902b7-01"))],
+            b"traced".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The primary's span (forwarded = true) is exported in the client's trace.
+    let id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let forwarded_true: &[u8] = b"\x0a\x09forwarded\x12\x02\x10\x01";
+    eventually("the primary's span in the client's trace", 30, || async {
+        granary_e2e::otlp::one_export_contains(&got, &[&id, forwarded_true]).then_some(())
+    })
+    .await;
+    // And the forwarding node's span too (it names the primary it forwarded to), whose
+    // parent is the client's span ...
+    let primary_n2: &[u8] = b"\x0a\x07primary\x12\x04\x0a\x02n2";
+    let client_parent: &[u8] = b"\x22\x08\x00\xf0\x67\xaa\x0b\xa9\x02\xb7";
+    eventually(
+        "the forwarding node's span in the client's trace",
+        30,
+        || async {
+            granary_e2e::otlp::one_export_contains(&got, &[&id, primary_n2, client_parent])
+                .then_some(())
+        },
+    )
+    .await;
+    // ... while the primary's span is the forwarding span's child, not the client's.
+    assert!(!granary_e2e::otlp::one_export_contains(
+        &got,
+        &[forwarded_true, client_parent]
+    ));
+}
