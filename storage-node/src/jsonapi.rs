@@ -53,6 +53,15 @@ impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "InvalidArgument", message)
     }
+
+    /// 503 `ServiceUnavailable`: the client may retry.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            message,
+        )
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -86,9 +95,7 @@ impl From<model::Error> for ApiError {
                     "stored data failed its checksum",
                 )
             }
-            E::NotPrimary(m) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", m)
-            }
+            E::NotPrimary(m) => ApiError::unavailable(m),
             e @ (E::Engine(_) | E::Catalog(_)) => {
                 tracing::error!(error = %e, "internal error");
                 ApiError::new(

@@ -471,18 +471,14 @@ impl Replicator {
     async fn position_of(&self, p: PartitionId, r: &NodeId) -> Result<LogPosition, String> {
         let addr = self.rpc_addr(r)?;
         let secret = self.secret()?;
-        self.inner
-            .http
-            .get(format!("http://{addr}/rpc/v1/partitions/{}/position", p.0))
-            .bearer_auth(&*secret)
-            .timeout(self.inner.ship_timeout)
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())
+        peer_json(
+            self.inner
+                .http
+                .get(format!("http://{addr}/rpc/v1/partitions/{}/position", p.0))
+                .bearer_auth(&*secret)
+                .timeout(self.inner.ship_timeout),
+        )
+        .await
     }
 
     /// Ships partition `l.p`'s log to replica `r` until this node stops leading it.
@@ -637,20 +633,15 @@ impl Replicator {
             .epoch
             .0;
         let url = format!("http://{addr}/rpc/v1/partitions/{}/resync", l.p.0);
-        let pos: LogPosition = self
-            .inner
-            .http
-            .post(&url)
-            .bearer_auth(&*secret)
-            .json(&serde_json::json!({"epoch": epoch, "primary": self.inner.cluster.me().0}))
-            .timeout(Duration::from_secs(3600))
-            .send()
-            .await
-            .and_then(|r| r.error_for_status())
-            .map_err(|e| e.to_string())?
-            .json()
-            .await
-            .map_err(|e| e.to_string())?;
+        let pos: LogPosition = peer_json(
+            self.inner
+                .http
+                .post(&url)
+                .bearer_auth(&*secret)
+                .json(&serde_json::json!({"epoch": epoch, "primary": self.inner.cluster.me().0}))
+                .timeout(Duration::from_secs(3600)),
+        )
+        .await?;
         Ok(pos.lsn)
     }
 
@@ -853,12 +844,35 @@ impl Replicator {
         let engine = &self.inner.engine;
         let lock = self.partition_lock(p);
         let _one = lock.lock().await;
-        let position = engine.log_position(p).await.unwrap_or_default();
-        let refuse = |reason: String, seen: u64| Refusal {
-            reason,
-            position,
-            epoch: seen,
+        let outcome = self.fence(p, &s);
+        let outcome = match outcome {
+            Ok(()) => {
+                self.inner
+                    .seen
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(p, s.epoch);
+                engine
+                    .apply_log(p, s.entries)
+                    .await
+                    .map_err(|e| (e.to_string(), s.epoch))
+            }
+            Err(refused) => Err(refused),
         };
+        // Where this node stands, read only for a refusal (the primary starts over there).
+        match outcome {
+            Ok(lsn) => Ok(lsn),
+            Err((reason, epoch)) => Err(Refusal {
+                reason,
+                position: engine.log_position(p).await.unwrap_or_default(),
+                epoch,
+            }),
+        }
+    }
+
+    /// Why a shipment from `s.primary` under `s.epoch` must be refused (with the newest
+    /// epoch this node has seen for `p`), if it must.
+    fn fence(&self, p: PartitionId, s: &Shipment) -> Result<(), (String, u64)> {
         let cached = self.inner.cluster.partition_states();
         let known = cached.get(p.0 as usize).cloned().flatten();
         let seen = {
@@ -871,7 +885,7 @@ impl Replicator {
         }
         .max(known.as_ref().map_or(0, |k| k.epoch.0));
         if s.epoch < seen {
-            return Err(refuse(
+            return Err((
                 format!(
                     "epoch {} is older than {seen}: a deposed primary is fenced",
                     s.epoch
@@ -883,7 +897,7 @@ impl Replicator {
             && k.epoch.0 == s.epoch
             && k.primary != s.primary
         {
-            return Err(refuse(
+            return Err((
                 format!("{} is not the primary of epoch {}", s.primary.0, s.epoch),
                 seen,
             ));
@@ -893,17 +907,9 @@ impl Replicator {
             .is_some_and(|k| k.primary == *self.inner.cluster.me())
             && s.epoch <= seen
         {
-            return Err(refuse("this node leads the partition".into(), seen));
+            return Err(("this node leads the partition".into(), seen));
         }
-        self.inner
-            .seen
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(p, s.epoch);
-        engine
-            .apply_log(p, s.entries)
-            .await
-            .map_err(|e| refuse(e.to_string(), s.epoch))
+        Ok(())
     }
 
     /// Replaces local partition `p` with a snapshot of its primary's (`primary`, at
@@ -967,4 +973,17 @@ impl Replicator {
             .await
             .map_err(|e| e.to_string())
     }
+}
+
+/// Sends a request to a peer and decodes its JSON answer; any failure as text.
+async fn peer_json<T: serde::de::DeserializeOwned>(
+    req: reqwest::RequestBuilder,
+) -> Result<T, String> {
+    req.send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())
 }

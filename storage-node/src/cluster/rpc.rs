@@ -156,13 +156,9 @@ fn partition(s: &RpcState, p: u16) -> Result<PartitionId, ApiError> {
 }
 
 fn replicator(s: &RpcState) -> Result<&super::replication::Replicator, ApiError> {
-    s.replicator.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServiceUnavailable",
-            "this node does not replicate",
-        )
-    })
+    s.replicator
+        .as_ref()
+        .ok_or_else(|| ApiError::unavailable("this node does not replicate"))
 }
 
 /// Where this node's log of partition `p` stands.
@@ -282,13 +278,9 @@ pub async fn pull_partition(
 }
 
 fn fronts(s: &RpcState) -> Result<&Fronts, ApiError> {
-    s.fronts.as_ref().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServiceUnavailable",
-            "this node serves no clients",
-        )
-    })
+    s.fronts
+        .as_ref()
+        .ok_or_else(|| ApiError::unavailable("this node serves no clients"))
 }
 
 /// A client request another node sent on because this node leads its partition.
@@ -381,8 +373,6 @@ pub async fn tenant_work_everywhere(
     work: &'static str,
     timeout: Duration,
 ) -> Result<Vec<serde_json::Value>, ApiError> {
-    let unavailable =
-        |why: String| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", why);
     let mut local = crate::model::PartitionSet::none(cluster.partitions());
     let mut remote: std::collections::BTreeMap<String, (super::NodeId, Vec<u16>)> =
         Default::default();
@@ -396,7 +386,7 @@ pub async fn tenant_work_everywhere(
                 .or_insert((node, Vec::new()))
                 .1
                 .push(p),
-            super::Route::Unavailable(why) => return Err(unavailable(why)),
+            super::Route::Unavailable(why) => return Err(ApiError::unavailable(why)),
         }
     }
     let secret = cluster.secret().cloned();
@@ -429,9 +419,9 @@ pub async fn tenant_work_everywhere(
     );
     let mut out = vec![mine?];
     for r in theirs {
-        out.push(
-            r.map_err(|e| unavailable(format!("{work} needs every partition's primary: {e}")))?,
-        );
+        out.push(r.map_err(|e| {
+            ApiError::unavailable(format!("{work} needs every partition's primary: {e}"))
+        })?);
     }
     Ok(out)
 }

@@ -350,12 +350,7 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
                 not_primary,
             } => {
                 slot.set(Decision::refusal_name(not_primary));
-                let mut r = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
-                    message,
-                )
-                .into_response();
+                let mut r = ApiError::unavailable(message).into_response();
                 if not_primary {
                     r.headers_mut()
                         .insert(NOT_PRIMARY, HeaderValue::from_static("1"));
@@ -379,9 +374,7 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
                          whether it took effect is unknown",
                     )
                     .into_response(),
-                    Err(_) => ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "ServiceUnavailable",
+                    Err(_) => ApiError::unavailable(
                         "the node holding this namespace cannot be reached; retry",
                     )
                     .into_response(),

@@ -104,11 +104,6 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes every bucket, object and KV key of a tenant (admin purge).
-    pub async fn purge_tenant(&self, tenant: TenantId) -> Result<()> {
-        self.purge_tenant_in(tenant, &self.all_partitions()).await
-    }
-
     /// Deletes the tenant's buckets (with their objects and uploads) and KV keys that
     /// live in the partitions of `set`: this node's share of a cluster-wide purge.
     pub async fn purge_tenant_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<()> {
@@ -157,15 +152,10 @@ pub struct Usage {
 }
 
 impl Store {
-    /// Counts a tenant's buckets, objects, bytes and KV keys by scanning its ranges.
-    /// Exact but proportional to the tenant's size; quota enforcement will keep running
-    /// counters instead (see docs/design.md).
-    pub async fn tenant_usage(&self, tenant: TenantId) -> Result<Usage> {
-        self.tenant_usage_in(tenant, &self.all_partitions()).await
-    }
-
-    /// The tenant's usage in the partitions of `set` (buckets count where their data
-    /// lives): this node's share of a cluster-wide report.
+    /// Counts a tenant's buckets, objects, bytes and KV keys in the partitions of `set`
+    /// (buckets count where their data lives) by scanning its ranges: this node's share
+    /// of a cluster-wide report. Exact but proportional to the tenant's size; quota
+    /// enforcement will keep running counters instead (see docs/design.md).
     pub async fn tenant_usage_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<Usage> {
         let prefixes: Vec<Vec<u8>> = self
             .list_buckets(tenant)

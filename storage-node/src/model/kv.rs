@@ -433,11 +433,6 @@ impl Store {
             .collect()
     }
 
-    /// Removes every KV key of a tenant (admin purge), in one transaction.
-    pub async fn purge_kv(&self, tenant: TenantId) -> Result<()> {
-        self.purge_kv_in(tenant, &self.all_partitions()).await
-    }
-
     /// Removes the tenant's KV keys in the partitions of `set`, in one transaction.
     pub async fn purge_kv_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<()> {
         let ranges = self.tenant_kv_ranges(tenant, set);
@@ -587,11 +582,6 @@ impl Store {
             .await?)
     }
 
-    /// Whether a tenant holds any KV key (for the admin API's non-purging delete).
-    pub async fn tenant_has_kv(&self, tenant: TenantId) -> Result<bool> {
-        self.tenant_has_kv_in(tenant, &self.all_partitions()).await
-    }
-
     /// Whether the tenant has KV keys in the partitions of `set`.
     pub async fn tenant_has_kv_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<bool> {
         let ranges = self.tenant_kv_ranges(tenant, set);
@@ -657,6 +647,12 @@ mod tests {
             .unwrap();
         assert_eq!(page.entries.len(), 1);
         assert_eq!(page.entries[0].key, b"live");
-        assert_eq!(s.tenant_usage(tenant).await.unwrap().kv_keys, 1);
+        assert_eq!(
+            s.tenant_usage_in(tenant, &s.all_partitions())
+                .await
+                .unwrap()
+                .kv_keys,
+            1
+        );
     }
 }
