@@ -52,6 +52,11 @@ K8S_BIN=$(tests/e2e/tools/k8s-tools.sh)
 export GRANARY_K8S_BIN_DIR="$K8S_BIN"
 echo "using $K8S_BIN"
 
+step "linearizability checker (Porcupine v1.3.1; built once into the cache)"
+GRANARY_LINCHECK_BIN=$(tests/e2e/tools/lincheck.sh)
+export GRANARY_LINCHECK_BIN
+echo "using $GRANARY_LINCHECK_BIN"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -92,7 +92,8 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 /// What to do with a request.
 #[derive(Debug)]
 pub enum Decision {
-    Local,
+    /// Serve here; with the request's partition when it names a bucket or namespace.
+    Local(Option<PartitionId>),
     Forward {
         node: NodeId,
         rpc_addr: String,
@@ -172,15 +173,15 @@ impl Forwarder {
 
     async fn place(&self, access_key: Option<&str>, container: Option<&str>) -> Decision {
         let (Some(key), Some(container)) = (access_key, container) else {
-            return Decision::Local;
+            return Decision::Local(None);
         };
         let tenant = match self.auth.tenant_of(key).await {
             Ok(Some(t)) => t,
-            _ => return Decision::Local,
+            _ => return Decision::Local(None),
         };
         let p = PartitionId::of(tenant, container.as_bytes(), self.cluster.partitions());
         match self.cluster.route(p) {
-            Route::Local => Decision::Local,
+            Route::Local => Decision::Local(Some(p)),
             Route::Remote { node, rpc_addr } => Decision::Forward { node, rpc_addr },
             Route::Unavailable(message) => Decision::Refuse {
                 message,

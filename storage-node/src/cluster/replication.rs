@@ -303,6 +303,26 @@ impl Replicator {
             })
     }
 
+    /// Why a write to partition `p` must be refused before it starts (as Kafka's
+    /// `NotEnoughReplicas`): its in-sync set is smaller than `min_in_sync`, so the write
+    /// could not be acknowledged. None: go ahead (the barrier still decides).
+    pub fn refuse_write(&self, p: PartitionId) -> Option<String> {
+        let in_sync = self
+            .inner
+            .led
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&p)?
+            .in_sync();
+        (in_sync < self.inner.min_in_sync).then(|| {
+            format!(
+                "partition {p} has {in_sync} in-sync replicas, fewer than min_in_sync {}: \
+                 writes are refused (nothing was written) until a replica catches up; retry",
+                self.inner.min_in_sync
+            )
+        })
+    }
+
     /// Releases once everything a request may have seen or written on `partitions`
     /// (each with the last entry visible when the request first touched it) is durable
     /// on every in-sync replica. Err: this node no longer leads one of them; not within

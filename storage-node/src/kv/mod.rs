@@ -344,7 +344,21 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
         let (parts, body) = req.into_parts();
         let container = namespace(parts.uri.path()).map(|ns| crate::model::kv::kv_container(&ns));
         match st.forwarder.decide(&parts, container.as_deref()).await {
-            Decision::Local => {}
+            Decision::Local(p) => {
+                let write = !matches!(parts.method, Method::GET | Method::HEAD);
+                if let Some(why) = p
+                    .filter(|_| write)
+                    .and_then(|p| st.replication.0.refuse_write(p))
+                {
+                    slot.set("NotEnoughReplicas");
+                    return ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "NotEnoughReplicas",
+                        why,
+                    )
+                    .into_response();
+                }
+            }
             Decision::Refuse {
                 message,
                 not_primary,
@@ -390,7 +404,9 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
         let (replicator, wait) = &st.replication;
         if let Err(why) = replicator.barrier(&touched, *wait).await {
             slot.set("NotDurable");
-            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NotDurable", why)
+            // 500, not 503: the request may have taken effect (503 always means it did
+            // not, and is safe to retry).
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "NotDurable", why)
                 .into_response();
         }
         match resp {

@@ -58,7 +58,21 @@ impl S3Front {
             }
             let bucket = self.bucket(&parts);
             match self.forwarder.decide(&parts, bucket.as_deref()).await {
-                Decision::Local => {}
+                Decision::Local(p) => {
+                    let write = !matches!(parts.method, http::Method::GET | http::Method::HEAD);
+                    if let Some(why) = p
+                        .filter(|_| write)
+                        .and_then(|p| self.replication.0.refuse_write(p))
+                    {
+                        slot.set("NotEnoughReplicas");
+                        drop(body);
+                        return s3_error_response(
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            "ServiceUnavailable",
+                            &why,
+                        );
+                    }
+                }
                 Decision::Refuse {
                     message,
                     not_primary,
@@ -104,10 +118,12 @@ impl S3Front {
             let (resp, touched) = crate::model::tracking_partitions(self.s3.call(req)).await;
             let (replicator, wait) = &self.replication;
             if let Err(why) = replicator.barrier(&touched, *wait).await {
+                // 500, not 503: the request may have taken effect (503 always means it
+                // did not, and is safe to retry).
                 slot.set("NotDurable");
                 return s3_error_response(
-                    http::StatusCode::SERVICE_UNAVAILABLE,
-                    "ServiceUnavailable",
+                    http::StatusCode::INTERNAL_SERVER_ERROR,
+                    "InternalError",
                     &why,
                 );
             }

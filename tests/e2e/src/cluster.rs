@@ -71,11 +71,11 @@ impl TestCluster {
         println!(
             "network: {n} namespaces on {} (catalog at {})",
             net.subnet(),
-            net.bridge_addr()
+            net.catalog_addr()
         );
-        let pg = PgServer::start_listening(Some((net.bridge_addr(), &net.subnet())))?;
+        let pg = PgServer::start_listening(Some((net.catalog_addr(), &net.subnet())))?;
         pg.create_db("granary_cluster")?;
-        let url = pg.url_at(net.bridge_addr(), "granary_cluster");
+        let url = pg.url_at(net.catalog_addr(), "granary_cluster");
         let out = std::process::Command::new(node_binary())
             .arg("gen-master-key")
             .output()?;
@@ -107,7 +107,9 @@ impl TestCluster {
         self.dir.path().join(format!("n{}", i + 1))
     }
 
-    /// Starts (or restarts) node `i` on its data directory.
+    /// Starts (or restarts) node `i` on its data directory. Each node has an address of
+    /// its own, so its ports are fixed (S3 9000, KV 9100, admin 9200, RPC 9300): a
+    /// restarted node answers where its clients already point.
     pub fn start_node(&self, i: usize) -> Result<Member> {
         let id = format!("n{}", i + 1);
         let addr = self.net.addr(i);
@@ -118,8 +120,8 @@ impl TestCluster {
             self.config_path(i),
             format!(
                 "node_id = \"{id}\"\nregion = \"{REGION}\"\nzone = \"{zone}\"\ndata_dir = \"{}\"\n\
-                 s3_listen = \"{addr}:0\"\nkv_listen = \"{addr}:0\"\nadmin_listen = \"{addr}:0\"\n\
-                 rpc_listen = \"{addr}:0\"\npartitions = {}\nreplication_factor = {}\n\
+                 s3_listen = \"{addr}:9000\"\nkv_listen = \"{addr}:9100\"\n\
+                 admin_listen = \"{addr}:9200\"\nrpc_listen = \"{addr}:9300\"\npartitions = {}\nreplication_factor = {}\n\
                  heartbeat_interval_ms = {}\nsuspect_after_ms = {}\nfail_after_ms = {}\n\
                  bootstrap_expect = {}\nmin_in_sync = {}\n",
                 data.display(),
@@ -185,6 +187,72 @@ impl TestCluster {
             }
         }
         first
+    }
+}
+
+impl TestCluster {
+    /// Node `i`'s digest of every partition (records, SHA-256 and log position).
+    pub async fn digests(&self, i: usize) -> Vec<Value> {
+        let http = reqwest::Client::new();
+        let mut out = Vec::new();
+        for p in 0..self.settings.partitions {
+            let d: Value = http
+                .get(format!(
+                    "{}/rpc/v1/partitions/{p}/digest",
+                    self.nodes[i].rpc
+                ))
+                .bearer_auth(SECRET)
+                .timeout(Duration::from_secs(10))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            out.push(d);
+        }
+        out
+    }
+
+    /// Partitions on which the nodes at `idx` do not all hold the same.
+    pub async fn differing(&self, idx: &[usize]) -> Vec<u16> {
+        let mut d = Vec::new();
+        for &i in idx {
+            d.push(self.digests(i).await);
+        }
+        (0..self.settings.partitions)
+            .filter(|&p| d.windows(2).any(|w| w[0][p as usize] != w[1][p as usize]))
+            .collect()
+    }
+
+    /// The last lines of every node's log (printed when a wait fails).
+    pub fn print_logs(&self) {
+        for m in &self.nodes {
+            let log =
+                std::fs::read_to_string(m.proc.data_dir.join("stderr.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            println!("--- {} (last 30 lines)", m.id);
+            for l in &lines[lines.len().saturating_sub(30)..] {
+                println!("{l}");
+            }
+        }
+    }
+
+    /// Waits up to `secs` until the nodes at `idx` hold the same of every partition.
+    pub async fn converge(&self, idx: &[usize], secs: u64, what: &str) {
+        let started = Instant::now();
+        loop {
+            let d = self.differing(idx).await;
+            if d.is_empty() {
+                println!("{what}: {:.1} s", started.elapsed().as_secs_f64());
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(secs) {
+                self.print_logs();
+                panic!("{what}: partitions {d:?} still differ after {secs} s");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 }
 

@@ -44,47 +44,7 @@ fn find_bin_dir() -> Result<PathBuf> {
     if let Ok(dir) = std::env::var("GRANARY_K8S_BIN_DIR") {
         return Ok(PathBuf::from(dir));
     }
-    let root = crate::workspace_root();
-    let script = root.join("tests/e2e/tools/k8s-tools.sh");
-    let cache = std::env::var("GRANARY_TOOLS_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
-                .join(".cache/granary-tools")
-        });
-    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    let lock = cache.join("k8s-tools.lock");
-    let mut cmd = if which("flock") {
-        let mut c = Command::new("flock");
-        c.arg(&lock).arg("bash").arg(&script);
-        c
-    } else {
-        let mut c = Command::new("bash");
-        c.arg(&script);
-        c
-    };
-    let out = cmd
-        .current_dir(&root)
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!(
-            "{} failed ({}); its progress and errors are above",
-            script.display(),
-            out.status
-        );
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let dir = PathBuf::from(
-        stdout
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .context("k8s-tools.sh printed no directory")?
-            .trim(),
-    );
+    let dir = crate::build_tool("k8s-tools.sh")?;
     for bin in [
         "etcd",
         "kube-apiserver",
@@ -99,11 +59,6 @@ fn find_bin_dir() -> Result<PathBuf> {
         }
     }
     Ok(dir)
-}
-
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
 }
 
 /// Polls `f` every 200 ms until it yields `Some`, failing after `timeout` with `what` and

@@ -102,6 +102,59 @@ pub fn mount_powerloss(dir: &Path, mode: PowerLossMode) -> Result<PowerLossFs> {
     )
 }
 
+/// Runs the build script `tests/e2e/tools/<script>` (which builds test tools from
+/// pinned Go modules into a cache outside the repository, once) and returns the path it
+/// prints last. Scripts run under a file lock in the cache, so parallel test processes
+/// never build at once.
+pub fn build_tool(script: &str) -> Result<PathBuf> {
+    let root = workspace_root();
+    let path = root.join("tests/e2e/tools").join(script);
+    let cache = std::env::var("GRANARY_TOOLS_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/granary-tools")
+        });
+    std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
+    let lock = cache.join(format!("{script}.lock"));
+    let mut cmd = if which("flock") {
+        let mut c = Command::new("flock");
+        c.arg(&lock).arg("bash").arg(&path);
+        c
+    } else {
+        let mut c = Command::new("bash");
+        c.arg(&path);
+        c
+    };
+    let out = cmd
+        .current_dir(&root)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {}", path.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} failed ({}); its progress and errors are above",
+            path.display(),
+            out.status
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(PathBuf::from(
+        stdout
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .with_context(|| format!("{script} printed no path"))?
+            .trim(),
+    ))
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
+}
+
 /// A running `granary-node dev` process on loopback ports chosen by the OS.
 pub struct NodeProc {
     child: Option<Child>,

@@ -1,6 +1,7 @@
 //! A private network for multi-node tests: one network namespace per node, each with its
 //! own address on a bridge the harness creates (the test process and the catalog stay in
-//! the root namespace and reach every node through the bridge). Links are cut and healed
+//! the root namespace and reach every node through the bridge; the catalog listens on an
+//! address of its own, so a node can lose the catalog and keep its clients). Links are cut and healed
 //! with blackhole routes inside the namespaces (iproute2 only), so a cut drops traffic
 //! in both directions without touching anything outside this network. Everything is
 //! removed on drop.
@@ -13,7 +14,8 @@ use anyhow::{Context, Result, bail};
 pub struct Net {
     tag: String,
     bridge: String,
-    /// `198.(18|19).x.0/24`: the bridge is `.1`, host `i` is `.(i + 2)`.
+    /// `198.(18|19).x.0/24`: the bridge is `.1` (and `.254` for the catalog), host `i`
+    /// is `.(i + 2)`.
     prefix: [u8; 3],
     hosts: Vec<String>,
 }
@@ -57,6 +59,13 @@ impl Net {
             "dev",
             &bridge,
         ])?;
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", net.catalog_addr()),
+            "dev",
+            &bridge,
+        ])?;
         ip(&["link", "set", &bridge, "up"])?;
         for i in 0..n {
             let ns = format!("gr{}n{i}", net.tag);
@@ -76,10 +85,16 @@ impl Net {
         Ok(net)
     }
 
-    /// The root namespace's address on the bridge (where the catalog listens).
+    /// The root namespace's address on the bridge (the test process's source address).
     pub fn bridge_addr(&self) -> Ipv4Addr {
         let [a, b, c] = self.prefix;
         Ipv4Addr::new(a, b, c, 1)
+    }
+
+    /// The root namespace's second address on the bridge, where the catalog listens.
+    pub fn catalog_addr(&self) -> Ipv4Addr {
+        let [a, b, c] = self.prefix;
+        Ipv4Addr::new(a, b, c, 254)
     }
 
     /// The subnet, e.g. for a database's allow list.
@@ -117,7 +132,13 @@ impl Net {
 
     /// Cuts host `a` off from the root namespace (the catalog and the test process).
     pub fn isolate_from_root(&self, a: usize, isolated: bool) -> Result<()> {
-        self.blackhole(a, self.bridge_addr(), isolated)
+        self.blackhole(a, self.bridge_addr(), isolated)?;
+        self.blackhole(a, self.catalog_addr(), isolated)
+    }
+
+    /// Cuts host `a` off from the catalog only (its clients still reach it).
+    pub fn isolate_from_catalog(&self, a: usize, isolated: bool) -> Result<()> {
+        self.blackhole(a, self.catalog_addr(), isolated)
     }
 }
 

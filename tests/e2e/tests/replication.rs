@@ -8,72 +8,11 @@
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
-use granary_e2e::cluster::{SECRET, Settings, TestCluster, admin, eventually, metric, signal};
+use granary_e2e::cluster::{Settings, TestCluster, admin, eventually, metric, signal};
 use granary_e2e::{KvClient, s3_client};
 use granary_node::types::{PartitionId, TenantId};
-use serde_json::Value;
 
 const PARTITIONS: u16 = 16;
-
-/// Node `i`'s digest of every partition (records, SHA-256 and log position).
-async fn digests(c: &TestCluster, i: usize) -> Vec<Value> {
-    let http = reqwest::Client::new();
-    let mut out = Vec::new();
-    for p in 0..PARTITIONS {
-        let d: Value = http
-            .get(format!("{}/rpc/v1/partitions/{p}/digest", c.nodes[i].rpc))
-            .bearer_auth(SECRET)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        out.push(d);
-    }
-    out
-}
-
-/// Partitions on which the nodes at `idx` do not all hold the same.
-async fn differing(c: &TestCluster, idx: &[usize]) -> Vec<u16> {
-    let mut d = Vec::new();
-    for &i in idx {
-        d.push(digests(c, i).await);
-    }
-    (0..PARTITIONS)
-        .filter(|&p| d.windows(2).any(|w| w[0][p as usize] != w[1][p as usize]))
-        .collect()
-}
-
-/// The last lines of every node's log (printed when a wait fails).
-fn print_logs(c: &TestCluster) {
-    for m in &c.nodes {
-        let log = std::fs::read_to_string(m.proc.data_dir.join("stderr.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        println!("--- {} (last 30 lines)", m.id);
-        for l in &lines[lines.len().saturating_sub(30)..] {
-            println!("{l}");
-        }
-    }
-}
-
-/// Waits up to `secs` until the nodes at `idx` hold the same of every partition.
-async fn converge(c: &TestCluster, idx: &[usize], secs: u64, what: &str) {
-    let started = Instant::now();
-    loop {
-        let d = differing(c, idx).await;
-        if d.is_empty() {
-            println!("{what}: {:.1} s", started.elapsed().as_secs_f64());
-            return;
-        }
-        if started.elapsed() > Duration::from_secs(secs) {
-            print_logs(c);
-            panic!("{what}: partitions {d:?} still differ after {secs} s");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_reach_every_in_sync_replica_and_a_lagging_one_catches_up() {
@@ -147,8 +86,8 @@ async fn writes_reach_every_in_sync_replica_and_a_lagging_one_catches_up() {
         assert_eq!(r.status(), 200);
     }
     // Acknowledged means on every in-sync replica: the digests agree at once.
-    assert_eq!(differing(&c, &[0, 1, 2]).await, Vec::<u16>::new());
-    let d = digests(&c, 0).await;
+    assert_eq!(c.differing(&[0, 1, 2]).await, Vec::<u16>::new());
+    let d = c.digests(0).await;
     let written = d.iter().filter(|p| p["lsn"].as_u64().unwrap() > 0).count();
     assert!(written >= 5, "{written} partitions written");
     // The chunked objects' data is on every node.
@@ -210,13 +149,15 @@ async fn writes_reach_every_in_sync_replica_and_a_lagging_one_catches_up() {
     let l = admin(&c.nodes[0].proc, "/layout?partitions=true").await;
     assert!(l["partitionsOutOfSync"].as_u64().unwrap() > 0, "{l}");
     assert_eq!(
-        differing(&c, &[0, 1]).await,
+        c.differing(&[0, 1]).await,
         Vec::<u16>::new(),
         "n1 and n2 agree"
     );
 
     // n2 stops as well: a partition n1 leads is left with one in-sync replica, fewer
-    // than min_in_sync (2), so a write to it is not acknowledged.
+    // than min_in_sync (2). A write caught while n2 leaves the in-sync set is not
+    // acknowledged (500 NotDurable: it may or may not last); once n2 is out, writes are
+    // refused before they start (503 NotEnoughReplicas: nothing written).
     let n1_ns = (0..)
         .map(|i| format!("solo-{i}"))
         .find(|ns| {
@@ -225,31 +166,61 @@ async fn writes_reach_every_in_sync_replica_and_a_lagging_one_catches_up() {
         })
         .unwrap();
     signal(&c.nodes[1].proc, "-STOP");
+    let not_durable = std::sync::atomic::AtomicU32::new(0);
+    let path = format!("/kv/v1/{n1_ns}/k");
     let refused = eventually(
         "a write with too few in-sync replicas refused",
         30,
         || async {
             let r = kv[0]
-                .send(
-                    "PUT",
-                    &format!("/kv/v1/{n1_ns}/k"),
-                    &[],
-                    b"one copy".to_vec(),
-                )
+                .send("PUT", &path, &[], b"one copy".to_vec())
                 .await
                 .unwrap();
-            (r.status() == 503).then_some(r.text().await.unwrap())
+            let status = r.status();
+            let text = r.text().await.unwrap();
+            assert!(
+                [200, 500, 503].contains(&status.as_u16()),
+                "{status}: {text}"
+            );
+            if status == 500 {
+                assert!(text.contains("NotDurable"), "{text}");
+                not_durable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            (status == 503).then_some(text)
         },
     )
     .await;
-    assert!(refused.contains("NotDurable"), "{refused}");
+    assert!(refused.contains("NotEnoughReplicas"), "{refused}");
+    println!(
+        "{} writes answered NotDurable while n2 left the in-sync set",
+        not_durable.into_inner()
+    );
+    let r = kv[0]
+        .send(
+            "PUT",
+            &format!("/kv/v1/{n1_ns}/k"),
+            &[],
+            b"refused".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
     signal(&c.nodes[1].proc, "-CONT");
-    converge(&c, &[0, 1], 60, "n2 caught up").await;
+    c.converge(&[0, 1], 60, "n2 caught up").await;
+    let r = kv[0]
+        .send("GET", &format!("/kv/v1/{n1_ns}/k"), &[], vec![])
+        .await
+        .unwrap();
+    assert_ne!(
+        r.bytes().await.unwrap().as_ref(),
+        b"refused",
+        "a refused write took effect"
+    );
 
     // n3 resumes: it catches up (from the log, and from a snapshot where the log no
     // longer reaches back) and rejoins every in-sync set; all three agree.
     signal(&c.nodes[2].proc, "-CONT");
-    converge(&c, &[0, 1, 2], 60, "n3 caught up").await;
+    c.converge(&[0, 1, 2], 60, "n3 caught up").await;
     eventually("n3 back in every in-sync set", 30, || async {
         let l = admin(&c.nodes[0].proc, "/layout?partitions=true").await;
         (l["partitionsOutOfSync"] == 0).then_some(())
@@ -299,7 +270,8 @@ async fn a_replica_that_lost_its_disk_is_rebuilt_from_its_primaries() {
     std::fs::remove_dir_all(c.data_dir(1).join("engine")).unwrap();
     let m = c.start_node(1).unwrap();
     c.nodes[1] = m;
-    converge(&c, &[0, 1, 2], 60, "n2 rebuilt from its peers").await;
+    c.converge(&[0, 1, 2], 60, "n2 rebuilt from its peers")
+        .await;
     // Every value reads back through the rebuilt node.
     let kv2 = KvClient::new(&c.nodes[1].proc.kv, &ak, &sk);
     for i in 0..80 {
@@ -400,7 +372,8 @@ async fn a_failed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
     // all three hold the same again.
     let m = c.start_node(2).unwrap();
     c.nodes[2] = m;
-    converge(&c, &[0, 1, 2], 60, "the old primary caught up as a replica").await;
+    c.converge(&[0, 1, 2], 60, "the old primary caught up as a replica")
+        .await;
     let l = admin(&c.nodes[2].proc, "/layout?partitions=true").await;
     assert_eq!(l["actingPrimaries"][p], primary.as_str());
 }
