@@ -64,7 +64,9 @@ pub struct NodeConfig {
     /// new cluster does not put every partition on the first node to start.
     pub bootstrap_expect: u16,
     /// In-sync replicas (the primary included) a write needs before it is acknowledged;
-    /// with fewer, writes answer 503. A write always waits for every in-sync replica;
+    /// with fewer, writes are refused before they start (503 `NotEnoughReplicas`), or,
+    /// when the in-sync set shrank while they ran, answered 500 `NotDurable` (outcome
+    /// unknown). A write always waits for every in-sync replica;
     /// this bounds how few there may be. Default 1 (as Kafka's `min.insync.replicas`),
     /// so a lone node serves; the operator sets the StorageCluster's `minInSync`.
     pub min_in_sync: Option<u8>,

@@ -96,6 +96,9 @@ impl From<model::Error> for ApiError {
                 )
             }
             E::NotPrimary(m) => ApiError::unavailable(m),
+            E::NotEnoughReplicas(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NotEnoughReplicas", m)
+            }
             e @ (E::Engine(_) | E::Catalog(_)) => {
                 tracing::error!(error = %e, "internal error");
                 ApiError::new(

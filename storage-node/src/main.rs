@@ -11,6 +11,8 @@ use granary_node::engine::dirs::{create_dir_all_durable, create_new_durable};
 use granary_node::server::{Node, load_master_key, shutdown_on_signals};
 use rand::RngCore;
 
+mod dev_cluster;
+
 #[derive(Parser)]
 #[command(name = "granary-node", version, about = "Granary storage node")]
 struct Cli {
@@ -36,6 +38,12 @@ enum Cmd {
         memory_budget: u64,
         #[arg(long, env = "GRANARY_RPC_LISTEN", default_value = "127.0.0.1:9300")]
         rpc_listen: std::net::SocketAddr,
+        /// Run a cluster of this many node processes on this machine instead of one
+        /// node: node i listens on each port above plus i-1, keeps its data under
+        /// DATA_DIR/n<i>, and all share one SQLite catalog (replication factor
+        /// min(3, N), minInSync 2 from 3 nodes). Kill one to watch a failover.
+        #[arg(long, env = "GRANARY_DEV_NODES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
+        nodes: u16,
     },
     /// Run a node from a configuration file (TOML), with GRANARY_* overrides.
     Serve {
@@ -129,10 +137,14 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget } => {
+            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, nodes } => {
                 let _t = granary_node::telemetry::init("granary-node");
                 let config = NodeConfig { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, ..NodeConfig::default() };
-                dev(config).await
+                if nodes > 1 {
+                    dev_cluster::run(config, nodes).await
+                } else {
+                    dev(config).await
+                }
             }
             Cmd::Serve { config } => {
                 let _t = granary_node::telemetry::init("granary-node");
@@ -158,7 +170,10 @@ fn main() -> anyhow::Result<()> {
 /// is complete and durable (data and name) before the secret is used: a power cut
 /// leaves either no file (a new secret next time, none was handed out) or this one. Two
 /// starts racing on one data directory agree on one secret: the second reads the first's.
-fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> anyhow::Result<String> {
+pub(crate) fn read_or_create_secret(
+    path: &Path,
+    make: impl FnOnce() -> String,
+) -> anyhow::Result<String> {
     let read = |path: &Path| {
         std::fs::read_to_string(path)
             .map(|s| s.trim().to_string())
@@ -179,7 +194,7 @@ fn read_or_create_secret(path: &Path, make: impl FnOnce() -> String) -> anyhow::
 }
 
 /// 24 random bytes, hex: an admin token or a cluster secret.
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let mut b = [0u8; 24];
     rand::rng().fill_bytes(&mut b);
     hex::encode(b)
@@ -227,7 +242,7 @@ async fn dev(mut config: NodeConfig) -> anyhow::Result<()> {
 }
 
 /// The dev tenant and a live key of it, created on first start and reused after.
-async fn dev_tenant(catalog: &dyn Catalog) -> anyhow::Result<(String, String, String)> {
+pub(crate) async fn dev_tenant(catalog: &dyn Catalog) -> anyhow::Result<(String, String, String)> {
     let name = "default";
     let t = match catalog.tenant_by_name(name).await? {
         Some(t) => t,

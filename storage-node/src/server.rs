@@ -280,6 +280,10 @@ impl Node {
                 crate::cluster::Route::Unavailable(why) => Some(why),
             }));
         }
+        {
+            let replicator = replicator.clone();
+            store.set_write_guard(Arc::new(move |p| replicator.refuse_write(p)));
+        }
 
         let ready = Arc::new(AtomicBool::new(false));
 
@@ -329,6 +333,7 @@ impl Node {
             ready: ready.clone(),
             node: Arc::new(node_info),
             cluster: cluster.clone(),
+            replicator: replicator.clone(),
         });
 
         let signal = |mut rx: watch::Receiver<bool>| async move {

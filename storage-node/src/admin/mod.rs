@@ -33,6 +33,7 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     pub node: Arc<serde_json::Value>,
     pub cluster: Cluster,
+    pub replicator: crate::cluster::replication::Replicator,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -206,6 +207,10 @@ async fn layout(
             .filter(|st| st.in_sync.len() < l.factor as usize)
             .count(),
         "members": members,
+        // Partitions this node leads and serves now (checked against their replicas).
+        "partitionsServedHere": (0..l.partitions)
+            .filter(|&p| s.replicator.serving(crate::types::PartitionId(p)))
+            .count(),
     });
     if q.partitions {
         body["replicaSets"] = json!(

@@ -92,8 +92,7 @@ fn hop_by_hop(name: &HeaderName) -> bool {
 /// What to do with a request.
 #[derive(Debug)]
 pub enum Decision {
-    /// Serve here; with the request's partition when it names a bucket or namespace.
-    Local(Option<PartitionId>),
+    Local,
     Forward {
         node: NodeId,
         rpc_addr: String,
@@ -173,15 +172,15 @@ impl Forwarder {
 
     async fn place(&self, access_key: Option<&str>, container: Option<&str>) -> Decision {
         let (Some(key), Some(container)) = (access_key, container) else {
-            return Decision::Local(None);
+            return Decision::Local;
         };
         let tenant = match self.auth.tenant_of(key).await {
             Ok(Some(t)) => t,
-            _ => return Decision::Local(None),
+            _ => return Decision::Local,
         };
         let p = PartitionId::of(tenant, container.as_bytes(), self.cluster.partitions());
         match self.cluster.route(p) {
-            Route::Local => Decision::Local(Some(p)),
+            Route::Local => Decision::Local,
             Route::Remote { node, rpc_addr } => Decision::Forward { node, rpc_addr },
             Route::Unavailable(message) => Decision::Refuse {
                 message,

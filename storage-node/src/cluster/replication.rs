@@ -314,7 +314,22 @@ impl Replicator {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&p)?
             .in_sync();
-        (in_sync < self.inner.min_in_sync).then(|| {
+        if in_sync >= self.inner.min_in_sync {
+            return None;
+        }
+        let replicas = self
+            .inner
+            .cluster
+            .layout()
+            .map_or(0, |l| l.replicas(p).count());
+        Some(if replicas < self.inner.min_in_sync {
+            format!(
+                "partition {p} has {replicas} replicas in the layout, fewer than min_in_sync \
+                 {}: writes are refused (nothing was written) until more nodes join the \
+                 cluster (or min_in_sync is lowered)",
+                self.inner.min_in_sync
+            )
+        } else {
             format!(
                 "partition {p} has {in_sync} in-sync replicas, fewer than min_in_sync {}: \
                  writes are refused (nothing was written) until a replica catches up; retry",

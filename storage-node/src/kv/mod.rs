@@ -344,21 +344,7 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
         let (parts, body) = req.into_parts();
         let container = namespace(parts.uri.path()).map(|ns| crate::model::kv::kv_container(&ns));
         match st.forwarder.decide(&parts, container.as_deref()).await {
-            Decision::Local(p) => {
-                let write = !matches!(parts.method, Method::GET | Method::HEAD);
-                if let Some(why) = p
-                    .filter(|_| write)
-                    .and_then(|p| st.replication.0.refuse_write(p))
-                {
-                    slot.set("NotEnoughReplicas");
-                    return ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "NotEnoughReplicas",
-                        why,
-                    )
-                    .into_response();
-                }
-            }
+            Decision::Local => {}
             Decision::Refuse {
                 message,
                 not_primary,
@@ -395,11 +381,17 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
                 };
             }
         }
-        let (resp, touched) = crate::model::tracking_partitions(dispatch(
-            &st,
-            Request::from_parts(parts, body),
-            &slot,
-        ))
+        // Puts, deletes and batch writes must find their partition able to take a write
+        // (checked after authentication); reads (GET, HEAD, batchGet) never are refused so.
+        let write = match parts.method {
+            Method::GET | Method::HEAD => false,
+            Method::POST => parts.uri.query() != Some("batchGet"),
+            _ => true,
+        };
+        let (resp, touched) = crate::model::tracking_partitions(
+            write,
+            dispatch(&st, Request::from_parts(parts, body), &slot),
+        )
         .await;
         let (replicator, wait) = &st.replication;
         if let Err(why) = replicator.barrier(&touched, *wait).await {

@@ -67,6 +67,10 @@ pub enum Error {
          different nodes is not supported yet (copy with GET and PUT instead)"
     )]
     CopySourceElsewhere,
+    /// A write to a partition whose in-sync set is smaller than `min_in_sync`, refused
+    /// before it started (as Kafka's `NotEnoughReplicas`): nothing was written.
+    #[error("{0}")]
+    NotEnoughReplicas(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -86,22 +90,36 @@ impl Error {
     }
 }
 
+/// What the model notes about the request running in a task (see [`tracking_partitions`]).
+struct RequestScope {
+    /// The partitions it accessed, each with the number of its last log entry visible
+    /// when it was first accessed.
+    touched: std::cell::RefCell<Vec<(PartitionId, u64)>>,
+    /// It may write: the partitions it accesses must accept writes.
+    write: bool,
+}
+
 tokio::task_local! {
-    /// The partitions the request running in this task has accessed, each with the
-    /// number of its last log entry visible when it was first accessed.
-    static TOUCHED: std::cell::RefCell<Vec<(PartitionId, u64)>>;
+    static SCOPE: RequestScope;
 }
 
 /// Runs `f` and returns, with its output, the partitions it accessed through the model,
 /// each with the number of its last visible log entry at that moment (so the answer can
-/// wait until what it may have seen or written is durable on the replicas).
+/// wait until what it may have seen or written is durable on the replicas). With
+/// `write`, every partition it accesses is also checked by the write guard first (see
+/// [`Store::set_write_guard`]).
 pub async fn tracking_partitions<F: std::future::Future>(
+    write: bool,
     f: F,
 ) -> (F::Output, Vec<(PartitionId, u64)>) {
-    TOUCHED
-        .scope(std::cell::RefCell::new(Vec::new()), async move {
+    let scope = RequestScope {
+        touched: std::cell::RefCell::new(Vec::new()),
+        write,
+    };
+    SCOPE
+        .scope(scope, async move {
             let out = f.await;
-            (out, TOUCHED.with(|t| t.take()))
+            (out, SCOPE.with(|s| s.touched.take()))
         })
         .await
 }
@@ -154,6 +172,7 @@ struct Inner {
     /// Says why this node may not serve a partition (None: it may). Set by the node to
     /// the cluster's routing; absent (everything served) in a store without a cluster.
     guard: std::sync::OnceLock<PartitionGuard>,
+    write_guard: std::sync::OnceLock<PartitionGuard>,
     /// Bumped (under the `buckets` write lock) whenever a bucket is created or deleted:
     /// a cache fill that read the catalog before the change is dropped, so a deleted
     /// incarnation can never be cached after its deletion.
@@ -171,6 +190,7 @@ impl Store {
                 partitions,
                 buckets: RwLock::new(HashMap::new()),
                 guard: std::sync::OnceLock::new(),
+                write_guard: std::sync::OnceLock::new(),
                 bucket_epoch: Default::default(),
                 bucket_ddl: Mutex::new(()),
             }),
@@ -196,21 +216,30 @@ impl Store {
         let _ = self.inner.guard.set(guard);
     }
 
+    /// Makes every bucket and namespace access of a request that may write (see
+    /// [`tracking_partitions`]) check `guard` as well: a partition that cannot take a
+    /// write now is refused before anything is written. Set once, by the node.
+    pub fn set_write_guard(&self, guard: PartitionGuard) {
+        let _ = self.inner.write_guard.set(guard);
+    }
+
     /// The partition of `container`, if this node may serve it.
     pub(crate) fn led_partition(&self, tenant: TenantId, container: &str) -> Result<PartitionId> {
         let p = self.partition(tenant, container);
-        match self.inner.guard.get().and_then(|g| g(p)) {
-            Some(why) => Err(Error::NotPrimary(why)),
-            None => {
-                let _ = TOUCHED.try_with(|t| {
-                    let mut t = t.borrow_mut();
-                    if !t.iter().any(|(q, _)| *q == p) {
-                        t.push((p, self.inner.engine.visible_lsn(p)));
-                    }
-                });
-                Ok(p)
-            }
+        if let Some(why) = self.inner.guard.get().and_then(|g| g(p)) {
+            return Err(Error::NotPrimary(why));
         }
+        let write = SCOPE.try_with(|s| s.write).unwrap_or(false);
+        if write && let Some(why) = self.inner.write_guard.get().and_then(|g| g(p)) {
+            return Err(Error::NotEnoughReplicas(why));
+        }
+        let _ = SCOPE.try_with(|s| {
+            let mut t = s.touched.borrow_mut();
+            if !t.iter().any(|(q, _)| *q == p) {
+                t.push((p, self.inner.engine.visible_lsn(p)));
+            }
+        });
+        Ok(p)
     }
 
     /// The partitions this node may serve (all of them without a guard): background

@@ -60,7 +60,9 @@ pub fn to_s3(e: Error) -> S3Error {
                 "stored data failed its checksum; it will not be served",
             )
         }
-        Error::NotPrimary(m) => S3Error::with_message(S3ErrorCode::ServiceUnavailable, m),
+        Error::NotPrimary(m) | Error::NotEnoughReplicas(m) => {
+            S3Error::with_message(S3ErrorCode::ServiceUnavailable, m)
+        }
         e @ Error::CopySourceElsewhere => {
             S3Error::with_message(S3ErrorCode::NotImplemented, e.to_string())
         }

@@ -58,21 +58,7 @@ impl S3Front {
             }
             let bucket = self.bucket(&parts);
             match self.forwarder.decide(&parts, bucket.as_deref()).await {
-                Decision::Local(p) => {
-                    let write = !matches!(parts.method, http::Method::GET | http::Method::HEAD);
-                    if let Some(why) = p
-                        .filter(|_| write)
-                        .and_then(|p| self.replication.0.refuse_write(p))
-                    {
-                        slot.set("NotEnoughReplicas");
-                        drop(body);
-                        return s3_error_response(
-                            http::StatusCode::SERVICE_UNAVAILABLE,
-                            "ServiceUnavailable",
-                            &why,
-                        );
-                    }
-                }
+                Decision::Local => {}
                 Decision::Refuse {
                     message,
                     not_primary,
@@ -113,9 +99,13 @@ impl S3Front {
                     };
                 }
             }
+            let method = parts.method.clone();
             let mut req = http::Request::from_parts(parts, body);
             req.extensions_mut().insert(slot.clone());
-            let (resp, touched) = crate::model::tracking_partitions(self.s3.call(req)).await;
+            // Anything but a read may write: the partitions it reaches must accept writes
+            // (checked after authentication, on each bucket the request touches).
+            let write = !matches!(method, http::Method::GET | http::Method::HEAD);
+            let (resp, touched) = crate::model::tracking_partitions(write, self.s3.call(req)).await;
             let (replicator, wait) = &self.replication;
             if let Err(why) = replicator.barrier(&touched, *wait).await {
                 // 500, not 503: the request may have taken effect (503 always means it

@@ -174,7 +174,7 @@ impl TestCluster {
                 &format!("{} knows every partition's primary", m.id),
                 30,
                 || async {
-                    let l = admin(&m.proc, "/layout?partitions=true").await;
+                    let l = try_admin(&m.proc, "/layout?partitions=true").await?;
                     (l["members"].as_array().map_or(0, Vec::len) == self.nodes.len()
                         && l["partitionsWithoutPrimary"] == 0
                         && l["partitionsOutOfSync"] == 0)
@@ -186,6 +186,15 @@ impl TestCluster {
                 first = l;
             }
         }
+        // And every partition is served by its primary (taken up and checked).
+        eventually("every partition served by its primary", 30, || async {
+            let mut served = 0;
+            for m in &self.nodes {
+                served += try_admin(&m.proc, "/layout").await?["partitionsServedHere"].as_u64()?;
+            }
+            (served == u64::from(self.settings.partitions)).then_some(())
+        })
+        .await;
         first
     }
 }
@@ -278,16 +287,28 @@ pub fn metric(page: &str, series: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// GET `/admin/v1{path}` on `node`; panics unless it succeeds.
+/// GET `/admin/v1{path}` on `node`; panics unless it succeeds within 10 s.
 pub async fn admin(node: &NodeProc, path: &str) -> Value {
+    match admin_get(node, path, 10).await {
+        Ok(v) => v,
+        Err(e) => panic!("{path}: {e}"),
+    }
+}
+
+async fn admin_get(node: &NodeProc, path: &str, secs: u64) -> Result<Value> {
     let r = reqwest::Client::new()
         .get(format!("{}/admin/v1{path}", node.admin))
         .bearer_auth(TOKEN)
+        .timeout(Duration::from_secs(secs))
         .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-    r.json().await.unwrap()
+        .await?;
+    anyhow::ensure!(r.status().is_success(), "{}", r.status());
+    Ok(r.json().await?)
+}
+
+/// Like [`admin`], but None on any failure (for polling a node that may be starting).
+pub async fn try_admin(node: &NodeProc, path: &str) -> Option<Value> {
+    admin_get(node, path, 5).await.ok()
 }
 
 /// Polls `f` until it returns Some, or panics after `secs` naming `what`; prints how long

@@ -202,3 +202,183 @@ async fn a_dev_node_is_a_one_node_cluster_with_every_partition() {
     let anon = http.get(format!("{url}/nodes")).send().await.unwrap();
     assert_eq!(anon.status(), 401);
 }
+
+/// Ports `base + 10 * listener + node` for 4 listeners of 3 nodes, all free now.
+fn free_port_block() -> u16 {
+    loop {
+        let base = 20_000 + rand::random::<u16>() % 40_000;
+        let free = (0..4).all(|l| {
+            (0..3).all(|n| std::net::TcpListener::bind(("127.0.0.1", base + 10 * l + n)).is_ok())
+        });
+        if free {
+            return base;
+        }
+    }
+}
+
+/// `granary-node dev --nodes 3`: one command gives a working three-node cluster on
+/// loopback (shared SQLite catalog); data written through one node reads through the
+/// others, a killed primary is failed over and reported, and Ctrl-C (SIGTERM) stops
+/// every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_with_three_nodes_is_a_cluster_that_fails_over() {
+    use granary_e2e::{KvClient, s3_client};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let base = free_port_block();
+    let addr = |l: u16| format!("127.0.0.1:{}", base + 10 * l);
+    let out = dir.path().join("stdout.log");
+    let parent = std::process::Command::new(granary_e2e::node_binary())
+        .arg("dev")
+        .arg("--nodes")
+        .arg("3")
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--s3-listen", &addr(0), "--kv-listen", &addr(1)])
+        .args(["--admin-listen", &addr(2), "--rpc-listen", &addr(3)])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let parent = granary_e2e::ChildGuard::new(parent);
+    let banner = eventually("the dev cluster's banner", 120, || async {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.contains("Secret key").then_some(text)
+    })
+    .await;
+    println!("{banner}");
+    let field = |name: &str| {
+        banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let (ak, sk) = (field("Access key id"), field("Secret key"));
+    let listing: Value =
+        serde_json::from_str(&std::fs::read_to_string(data.join("cluster.json")).unwrap()).unwrap();
+    let nodes = listing["nodes"].as_array().unwrap().clone();
+    assert_eq!(nodes.len(), 3);
+    let ep = |i: usize, k: &str| nodes[i][k].as_str().unwrap().to_string();
+    let s3: Vec<_> = (0..3).map(|i| s3_client(&ep(i, "s3"), &ak, &sk)).collect();
+    let kv: Vec<_> = (0..3)
+        .map(|i| KvClient::new(&ep(i, "kv"), &ak, &sk))
+        .collect();
+
+    // One store: written through one node, read through the others.
+    s3[0].create_bucket().bucket("demo").send().await.unwrap();
+    s3[1]
+        .put_object()
+        .bucket("demo")
+        .key("hello")
+        .body(b"from n2".to_vec().into())
+        .send()
+        .await
+        .unwrap();
+    let got = s3[2]
+        .get_object()
+        .bucket("demo")
+        .key("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.body.collect().await.unwrap().to_vec(), b"from n2");
+    let r = kv[2]
+        .send("PUT", "/kv/v1/app/k", &[], b"v".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = kv[0]
+        .send("GET", "/kv/v1/app/k", &[], vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), b"v");
+
+    // The bucket's primary is killed: the others take over and say so.
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let http = reqwest::Client::new();
+    let (_, t) = granary_e2e::Admin {
+        base: ep(0, "admin"),
+        token: token.trim().to_string(),
+        http: http.clone(),
+    }
+    .call(reqwest::Method::GET, "/tenants/default", None)
+    .await
+    .unwrap();
+    let tenant: granary_node::types::TenantId = t["id"].as_str().unwrap().parse().unwrap();
+    let p = granary_node::types::PartitionId::of(tenant, b"demo", 1024);
+    let layout: Value = http
+        .get(format!(
+            "{}/admin/v1/layout?partitions=true",
+            ep(0, "admin")
+        ))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let primary = layout["actingPrimaries"][p.0 as usize]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let victim = nodes.iter().position(|n| n["id"] == primary).unwrap();
+    let other = (victim + 1) % 3;
+    let pid = nodes[victim]["pid"].as_u64().unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let killed = Instant::now();
+    eventually(
+        "a write to the bucket after its primary was killed",
+        60,
+        || async {
+            s3[other]
+                .put_object()
+                .bucket("demo")
+                .key("after")
+                .body(b"after".to_vec().into())
+                .send()
+                .await
+                .ok()
+        },
+    )
+    .await;
+    println!(
+        "dev cluster: {primary} killed, writes to its bucket resumed after {:.1} s",
+        killed.elapsed().as_secs_f64()
+    );
+    let got = s3[other]
+        .get_object()
+        .bucket("demo")
+        .key("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.body.collect().await.unwrap().to_vec(), b"from n2");
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.contains(&format!("{primary} exited")) && text.contains("serve --config"),
+        "{text}"
+    );
+
+    // SIGTERM stops the whole cluster.
+    let status = parent.terminate(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "{status}");
+    for n in &nodes {
+        let pid = n["pid"].as_u64().unwrap().to_string();
+        let alive = std::process::Command::new("kill")
+            .args(["-0", &pid])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+            .success();
+        assert!(!alive, "node {} (pid {pid}) still runs", n["id"]);
+    }
+}

@@ -72,9 +72,9 @@ func step(state, in, out interface{}) (bool, interface{}) {
 		}
 		return s == o.read, s
 	case "put":
-		return true, i.value
+		return o.result != "fail", i.value
 	case "clear":
-		return true, ""
+		return o.result != "fail", ""
 	case "cas", "create":
 		holds := s == i.expect // create: expect is "", the empty register
 		switch o.result {
