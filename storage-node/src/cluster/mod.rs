@@ -493,8 +493,8 @@ impl Cluster {
 
     /// Reads every partition's state; the coordinator first gives each partition that has
     /// none its layout's preferred primary (epoch 1), and replaces failed primaries
-    /// ([`Cluster::promote`]). A live primary is never moved here (rebalancing is not
-    /// there yet, docs/cluster.md).
+    /// ([`Cluster::promote`]). A live primary is never moved here: primaries hand their
+    /// partitions to the layout's preferred ones themselves (`Replicator::hand_off`).
     async fn maintain_partitions(
         &self,
         coordinator: bool,
@@ -569,11 +569,10 @@ impl Cluster {
                 .idle_logged
                 .swap(true, std::sync::atomic::Ordering::Relaxed)
         {
-            tracing::warn!(
+            tracing::info!(
                 planned_primaries = planned,
-                "this node leads no partition: it joined a cluster whose partitions were \
-                 assigned without it, and primaries do not move yet (docs/cluster.md); it \
-                 forwards every request"
+                "this node leads no partition yet: it joined a cluster whose partitions were \
+                 assigned without it; their primaries hand them over once it has caught up"
             );
         }
         let mut current = self

@@ -71,8 +71,10 @@ struct Inner {
     ship_timeout: Duration,
     /// Partitions this node leads, by partition.
     led: Mutex<HashMap<PartitionId, Arc<Led>>>,
-    /// The primary of every partition as last seen by `follow_table`.
-    primaries: Mutex<HashMap<PartitionId, NodeId>>,
+    /// The primary and epoch of every partition as last seen by `follow_table`.
+    primaries: Mutex<HashMap<PartitionId, (NodeId, Epoch)>>,
+    /// A hand-over of a partition to its preferred primary is under way.
+    rebalancing: std::sync::atomic::AtomicBool,
     /// Replica side: the newest epoch seen per partition (fencing).
     seen: Mutex<HashMap<PartitionId, u64>>,
     /// Replica side: one shipment or resync at a time per partition.
@@ -97,6 +99,8 @@ struct Led {
     /// This node took the partition over from another (or cannot tell): it waits out
     /// the previous primary's lease before serving.
     takeover: bool,
+    /// This node is handing the partition to another: it serves no new request.
+    handing_off: std::sync::atomic::AtomicBool,
     stop: tokio_util::sync::CancellationToken,
 }
 
@@ -142,6 +146,7 @@ impl Replicator {
                 ship_timeout,
                 led: Mutex::new(HashMap::new()),
                 primaries: Mutex::new(HashMap::new()),
+                rebalancing: std::sync::atomic::AtomicBool::new(false),
                 seen: Mutex::new(HashMap::new()),
                 applying: Mutex::new(HashMap::new()),
             }),
@@ -153,11 +158,22 @@ impl Replicator {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut states = self.inner.cluster.watch_states();
         let mut layout = self.inner.cluster.watch_layout();
+        let mut rebalance = tokio::time::interval(self.inner.ship_timeout / 2);
+        rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.follow_table();
             tokio::select! {
                 r = states.changed() => if r.is_err() { return },
                 r = layout.changed() => if r.is_err() { return },
+                _ = rebalance.tick() => {
+                    if !self.inner.rebalancing.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            this.rebalance_one().await;
+                            this.inner.rebalancing.store(false, std::sync::atomic::Ordering::Release);
+                        });
+                    }
+                }
                 _ = shutdown.wait_for(|v| *v) => {
                     for l in self.led_all() {
                         l.stop.cancel();
@@ -208,7 +224,7 @@ impl Replicator {
     fn follow_table(&self) {
         let me = self.inner.cluster.me().clone();
         let table = self.inner.cluster.partition_states();
-        let previous: HashMap<PartitionId, NodeId> = std::mem::replace(
+        let previous: HashMap<PartitionId, (NodeId, Epoch)> = std::mem::replace(
             &mut *self
                 .inner
                 .primaries
@@ -217,7 +233,7 @@ impl Replicator {
             table
                 .iter()
                 .flatten()
-                .map(|s| (s.partition, s.primary.clone()))
+                .map(|s| (s.partition, (s.primary.clone(), s.epoch)))
                 .collect(),
         );
         let mut led = self
@@ -262,7 +278,8 @@ impl Replicator {
                 durable: watch::Sender::new(0),
                 verified: std::sync::atomic::AtomicBool::new(false),
                 shipping: Mutex::new(HashSet::new()),
-                takeover: state.epoch.0 > 1 && previous.get(&p) != Some(&me),
+                takeover: state.epoch.0 > 1 && !handed_over(previous.get(&p), state, &me),
+                handing_off: std::sync::atomic::AtomicBool::new(false),
                 stop: tokio_util::sync::CancellationToken::new(),
             });
             tokio::spawn(self.clone().verify(l.clone()));
@@ -299,8 +316,98 @@ impl Replicator {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&p)
             .is_some_and(|l| {
-                l.verified.load(std::sync::atomic::Ordering::Acquire) && !l.stop.is_cancelled()
+                l.verified.load(std::sync::atomic::Ordering::Acquire)
+                    && !l.stop.is_cancelled()
+                    && !l.handing_off.load(std::sync::atomic::Ordering::Acquire)
             })
+    }
+
+    /// Hands one partition this node leads to the layout's preferred primary for it, when
+    /// that node is alive and in sync (a node that joined, or one that returned after a
+    /// failover and caught up). One at a time per node: each costs its partition a short
+    /// pause (no new requests while what is committed becomes durable everywhere).
+    async fn rebalance_one(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(layout) = self.inner.cluster.layout() else {
+            return;
+        };
+        let me = self.inner.cluster.me().clone();
+        let alive: HashSet<NodeId> = self
+            .inner
+            .cluster
+            .nodes()
+            .into_iter()
+            .filter(|v| v.state == super::NodeState::Alive)
+            .map(|v| v.record.id)
+            .collect();
+        let candidate = self.led_all().into_iter().find_map(|l| {
+            let preferred = layout.replicas(l.p).next()?.id.clone();
+            let ready = l.verified.load(Ordering::Acquire)
+                && !l.stop.is_cancelled()
+                && preferred != me
+                && alive.contains(&preferred)
+                && l.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .in_sync
+                    .contains(&preferred);
+            ready.then_some((l, preferred))
+        });
+        if let Some((l, to)) = candidate {
+            self.hand_off(&l, to).await;
+        }
+    }
+
+    /// Stops serving partition `l.p`, waits until everything visible on it is durable on
+    /// every in-sync replica (and stays so), then names `to` primary under the next epoch,
+    /// keeping this node in the in-sync set: the sign, for `to`, that the hand-over was
+    /// orderly and no lease needs waiting out. Gives up (and serves again) if the
+    /// partition does not settle within twice `suspect_after`.
+    async fn hand_off(&self, l: &Arc<Led>, to: NodeId) {
+        use std::sync::atomic::Ordering;
+        l.handing_off.store(true, Ordering::Release);
+        let engine = &self.inner.engine;
+        let deadline = Instant::now() + self.inner.ship_timeout * 2;
+        let mut last = None;
+        loop {
+            if l.stop.is_cancelled() {
+                return;
+            }
+            l.recompute(engine);
+            let visible = engine.visible_lsn(l.p);
+            if *l.durable.borrow() >= visible && last == Some(visible) {
+                break;
+            }
+            last = Some(visible);
+            if Instant::now() > deadline {
+                tracing::info!(partition = %l.p, to = %to.0, "handing the partition over: it did not settle; serving it again and retrying later");
+                l.handing_off.store(false, Ordering::Release);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let state = l
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if !state.in_sync.contains(&to) {
+            l.handing_off.store(false, Ordering::Release);
+            return;
+        }
+        let mut next = state.clone();
+        next.epoch = Epoch(state.epoch.0 + 1);
+        next.primary = to.clone();
+        let what = format!(
+            "primary handed to {}, the layout's preferred primary for this partition",
+            to.0
+        );
+        if self.change(l, state, next, &what).await {
+            self.inner.cluster.metrics().primary_handoffs.inc();
+            l.stop.cancel();
+        } else {
+            l.handing_off.store(false, Ordering::Release);
+        }
     }
 
     /// Why a write to partition `p` must be refused before it starts (as Kafka's
@@ -1011,6 +1118,16 @@ impl Replicator {
 }
 
 /// Sends a request to a peer and decodes its JSON answer; any failure as text.
+/// Whether `state` (which names `me` primary) came from an orderly hand-over by the
+/// primary this node saw just before: the epoch follows the one seen, and that primary
+/// kept itself in the in-sync set (a failover or a restart hand-over removes it), having
+/// stopped serving before it handed over.
+fn handed_over(previous: Option<&(NodeId, Epoch)>, state: &PartitionState, me: &NodeId) -> bool {
+    previous.is_some_and(|(was, epoch)| {
+        was != me && epoch.0 + 1 == state.epoch.0 && state.in_sync.contains(was)
+    })
+}
+
 async fn peer_json<T: serde::de::DeserializeOwned>(
     req: reqwest::RequestBuilder,
 ) -> Result<T, String> {

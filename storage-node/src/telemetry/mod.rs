@@ -65,6 +65,7 @@ pub struct Metrics {
     /// Partitions this node reinstalled from its primary's snapshot (its log was behind
     /// what the primary keeps, or diverged).
     pub replica_resyncs: Counter,
+    pub primary_handoffs: Counter,
     /// Requests sent on to the partition's primary, by front end and outcome.
     pub forwarded: Family<ForwardLabels, Counter>,
     /// When this node last judged its peers (Unix seconds): a stale value means the
@@ -127,6 +128,13 @@ impl Default for Metrics {
              behind what the primary keeps, or diverged",
             replica_resyncs.clone(),
         );
+        let primary_handoffs = Counter::default();
+        registry.register(
+            "primary_handoffs",
+            "Partitions this node handed to the layout's preferred primary (a node that \
+             joined, or returned and caught up)",
+            primary_handoffs.clone(),
+        );
         let forwarded = Family::<ForwardLabels, Counter>::default();
         registry.register(
             "forwarded_requests",
@@ -150,6 +158,7 @@ impl Default for Metrics {
             under_replicated,
             partitions_led,
             replica_resyncs,
+            primary_handoffs,
             forwarded,
             cluster_view_at,
         }

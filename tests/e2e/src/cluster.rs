@@ -37,6 +37,9 @@ pub struct Settings {
     /// Port of an OTLP collector listening on every address of the test's host: the
     /// nodes export traces to it through the bridge.
     pub otlp_port: Option<u16>,
+    /// Nodes started by [`TestCluster::start`] (0: all); the others have their
+    /// namespace and start later with [`TestCluster::add_node`].
+    pub start_nodes: usize,
 }
 
 impl Default for Settings {
@@ -49,6 +52,7 @@ impl Default for Settings {
             fail_after_ms: 6000,
             bootstrap_expect: 0,
             otlp_port: None,
+            start_nodes: 0,
         }
     }
 }
@@ -81,7 +85,10 @@ impl TestCluster {
             .output()?;
         let master = String::from_utf8(out.stdout)?.trim().to_string();
         if settings.bootstrap_expect == 0 {
-            settings.bootstrap_expect = n;
+            settings.bootstrap_expect = match settings.start_nodes {
+                0 => n,
+                k => k.min(n),
+            };
         }
         let mut c = Self {
             nodes: Vec::new(),
@@ -92,11 +99,21 @@ impl TestCluster {
             master,
             settings,
         };
-        for i in 0..n {
-            let m = c.start_node(i)?;
-            c.nodes.push(m);
+        let start = match c.settings.start_nodes {
+            0 => n,
+            k => k.min(n),
+        };
+        for _ in 0..start {
+            c.add_node()?;
         }
         Ok(c)
+    }
+
+    /// Starts the next node that has a namespace but no process yet.
+    pub fn add_node(&mut self) -> Result<()> {
+        let m = self.start_node(self.nodes.len())?;
+        self.nodes.push(m);
+        Ok(())
     }
 
     fn config_path(&self, i: usize) -> PathBuf {
@@ -196,6 +213,37 @@ impl TestCluster {
         })
         .await;
         first
+    }
+}
+
+impl TestCluster {
+    /// Waits until every partition is led by the layout's preferred primary, with its full
+    /// in-sync set, and served (hand-overs after a join or a return are over).
+    pub async fn wait_balanced(&self, secs: u64) -> Value {
+        eventually(
+            "every partition with its preferred primary, served",
+            secs,
+            || async {
+                let l = try_admin(&self.nodes[0].proc, "/layout?partitions=true").await?;
+                let balanced = l["members"].as_array()?.len() == self.nodes.len()
+                    && l["partitionsOutOfSync"] == 0
+                    && l["replicaSets"]
+                        .as_array()?
+                        .iter()
+                        .zip(l["actingPrimaries"].as_array()?)
+                        .all(|(set, primary)| set[0] == *primary);
+                if !balanced {
+                    return None;
+                }
+                let mut served = 0;
+                for m in &self.nodes {
+                    served +=
+                        try_admin(&m.proc, "/layout").await?["partitionsServedHere"].as_u64()?;
+                }
+                (served == u64::from(self.settings.partitions)).then_some(l)
+            },
+        )
+        .await
     }
 }
 
