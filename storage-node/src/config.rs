@@ -72,6 +72,10 @@ pub struct NodeConfig {
     pub min_in_sync: Option<u8>,
     /// This node's weight in partition placement (e.g. GiB of data volume). Default 100.
     pub capacity: u64,
+    /// Requests this node forwards to one peer at once (each counts until its answer
+    /// has streamed back). More are refused with 503 `SlowDown` (nothing sent), so a
+    /// slow or overloaded primary cannot pile up unbounded work here. Default 512.
+    pub max_forwards_per_peer: u32,
     /// Heartbeat, probe and layout-poll period in milliseconds. Default 1000.
     pub heartbeat_interval_ms: u64,
     /// A node is suspected after this long without a heartbeat or an answered probe.
@@ -113,6 +117,7 @@ impl Default for NodeConfig {
             bootstrap_expect: 1,
             min_in_sync: None,
             capacity: 100,
+            max_forwards_per_peer: 512,
             heartbeat_interval_ms: 1000,
             suspect_after_ms: 5000,
             fail_after_ms: 30_000,
@@ -224,6 +229,9 @@ impl NodeConfig {
         }
         if let Some(v) = g("MEMORY_BUDGET") {
             self.memory_budget = parse("GRANARY_MEMORY_BUDGET", &v)?;
+        }
+        if let Some(v) = g("MAX_FORWARDS_PER_PEER") {
+            self.max_forwards_per_peer = parse("GRANARY_MAX_FORWARDS_PER_PEER", &v)?;
         }
         if let Some(v) = g("RPC_LISTEN") {
             self.rpc_listen = parse("GRANARY_RPC_LISTEN", &v)?;

@@ -298,7 +298,12 @@ impl Node {
             s3_limits(),
         ))));
         let s3 = Arc::new(builder.build());
-        let forwarder = Forwarder::new(cluster.clone(), auth.clone(), metrics.clone());
+        let forwarder = Forwarder::new(
+            cluster.clone(),
+            auth.clone(),
+            metrics.clone(),
+            config.max_forwards_per_peer.max(1) as usize,
+        );
         // Longest a request waits for its writes to reach the in-sync replicas (a replica
         // that stops answering leaves the in-sync set within suspect_after, which ends
         // the wait sooner; this bounds a slow one).

@@ -341,6 +341,8 @@ async fn create_key(
     let t = tenant(&s, &name).await?;
     let desc = body.map(|b| b.0.description).unwrap_or_default();
     let c = s.store.catalog().create_access_key(t.id, &desc).await?;
+    // Usable at once here even if the id was tried (and remembered as unknown) before.
+    s.auth.invalidate(&c.access_key_id).await;
     tracing::info!(tenant = %name, access_key_id = %c.access_key_id, "access key issued");
     Ok((
         StatusCode::CREATED,

@@ -11,6 +11,7 @@
 //! for a partition it does not lead answers 503 (the client retries; the forwarder
 //! refreshes its view of the partition table).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ pub struct ForwardError {
     /// only reads); 502 when the primary may have acted on it before failing.
     pub status: u16,
     pub message: String,
+    /// Not sent because too many requests to that peer are in flight (503 `SlowDown`).
+    pub busy: bool,
 }
 
 impl ForwardError {
@@ -123,10 +126,18 @@ pub struct Forwarder {
     auth: Authenticator,
     metrics: Arc<Metrics>,
     http: reqwest::Client,
+    /// Requests in flight to each peer, bounded (`max_forwards_per_peer`).
+    in_flight: Arc<std::sync::Mutex<HashMap<NodeId, Arc<tokio::sync::Semaphore>>>>,
+    max_in_flight: usize,
 }
 
 impl Forwarder {
-    pub fn new(cluster: Cluster, auth: Authenticator, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        cluster: Cluster,
+        auth: Authenticator,
+        metrics: Arc<Metrics>,
+        max_in_flight: usize,
+    ) -> Self {
         // No overall or read timeout: a large object streams for as long as the client
         // takes, and a slow client slows the primary down rather than failing. A primary
         // that stops answering (hung, stopped, or cut off) is suspected within
@@ -141,7 +152,22 @@ impl Forwarder {
             auth,
             metrics,
             http,
+            in_flight: Arc::default(),
+            max_in_flight,
         }
+    }
+
+    /// A slot for one more request to `node`, or None when `max_forwards_per_peer` are
+    /// in flight already.
+    fn slot(&self, node: &NodeId) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let sem = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(node.clone())
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.max_in_flight)))
+            .clone();
+        sem.try_acquire_owned().ok()
     }
 
     pub fn cluster(&self) -> &Cluster {
@@ -204,6 +230,7 @@ impl Forwarder {
         let outcome = match &r {
             Ok(_) => "ok",
             Err(e) if e.outcome_unknown() => "failed",
+            Err(e) if e.busy => "busy",
             Err(_) => "unreachable",
         };
         self.metrics
@@ -227,7 +254,18 @@ impl Forwarder {
         let refuse = |message: String| ForwardError {
             status: 503,
             message,
+            busy: false,
         };
+        // Held until the answer has streamed back (or the request fails).
+        let permit = self.slot(node).ok_or_else(|| ForwardError {
+            status: 503,
+            message: format!(
+                "{} requests from this node to node {} (which holds this bucket or namespace) \
+                 are in flight already; retry",
+                self.max_in_flight, node.0
+            ),
+            busy: true,
+        })?;
         let secret = self.cluster.secret().ok_or_else(|| {
             refuse("this node has no cluster secret, so it cannot forward".into())
         })?;
@@ -238,6 +276,7 @@ impl Forwarder {
         let failed = |message: String, connected: bool| ForwardError {
             status: if connected && !reads { 502 } else { 503 },
             message,
+            busy: false,
         };
         // Keep the client's framing: a request that declared no body is sent without one
         // (a streamed body would go out chunked, and S3 refuses e.g. a chunked DELETE).
@@ -277,7 +316,10 @@ impl Forwarder {
         // The answer's body streams from the primary: it, too, ends (with an error) if
         // the primary stops answering half-way.
         let (cluster, node) = (self.cluster.clone(), node.clone());
-        let stop = async move { cluster.until_not_alive(&node).await };
+        let stop = async move {
+            let _permit = permit;
+            cluster.until_not_alive(&node).await
+        };
         let body = std::mem::replace(resp.body_mut(), reqwest::Body::from(bytes::Bytes::new()));
         *resp.body_mut() = guarded(body, stop);
         let drop: Vec<HeaderName> = resp

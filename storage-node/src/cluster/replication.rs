@@ -75,6 +75,8 @@ struct Inner {
     primaries: Mutex<HashMap<PartitionId, (NodeId, Epoch)>>,
     /// A hand-over of a partition to its preferred primary is under way.
     rebalancing: std::sync::atomic::AtomicBool,
+    /// Partitions not to hand over before the time given (a recent attempt failed).
+    handoff_backoff: Mutex<HashMap<PartitionId, Instant>>,
     /// Replica side: the newest epoch seen per partition (fencing).
     seen: Mutex<HashMap<PartitionId, u64>>,
     /// Replica side: one shipment or resync at a time per partition.
@@ -147,6 +149,7 @@ impl Replicator {
                 led: Mutex::new(HashMap::new()),
                 primaries: Mutex::new(HashMap::new()),
                 rebalancing: std::sync::atomic::AtomicBool::new(false),
+                handoff_backoff: Mutex::new(HashMap::new()),
                 seen: Mutex::new(HashMap::new()),
                 applying: Mutex::new(HashMap::new()),
             }),
@@ -169,8 +172,9 @@ impl Replicator {
                     if !self.inner.rebalancing.swap(true, std::sync::atomic::Ordering::AcqRel) {
                         let this = self.clone();
                         tokio::spawn(async move {
+                            // Cleared however the task ends (a panic included).
+                            let _clear = ClearOnDrop(&this.inner.rebalancing);
                             this.rebalance_one().await;
-                            this.inner.rebalancing.store(false, std::sync::atomic::Ordering::Release);
                         });
                     }
                 }
@@ -278,7 +282,9 @@ impl Replicator {
                 durable: watch::Sender::new(0),
                 verified: std::sync::atomic::AtomicBool::new(false),
                 shipping: Mutex::new(HashSet::new()),
-                takeover: state.epoch.0 > 1 && !handed_over(previous.get(&p), state, &me),
+                takeover: state.epoch.0 > 1
+                    && previous.get(&p).is_none_or(|(was, _)| *was != me)
+                    && !handed_over(previous.get(&p), state, &me),
                 handing_off: std::sync::atomic::AtomicBool::new(false),
                 stop: tokio_util::sync::CancellationToken::new(),
             });
@@ -340,17 +346,41 @@ impl Replicator {
             .filter(|v| v.state == super::NodeState::Alive)
             .map(|v| v.record.id)
             .collect();
-        let candidate = self.led_all().into_iter().find_map(|l| {
+        let mut led = self.led_all();
+        // Start at a random place, so one partition that does not settle cannot hold up
+        // the others; skip those that recently failed to settle.
+        if !led.is_empty() {
+            let at = rand::random::<u32>() as usize % led.len();
+            led.rotate_left(at);
+        }
+        let now = Instant::now();
+        self.inner
+            .handoff_backoff
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|_, until| *until > now);
+        let backing_off = self
+            .inner
+            .handoff_backoff
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let candidate = led.into_iter().find_map(|l| {
             let preferred = layout.replicas(l.p).next()?.id.clone();
+            l.recompute(&self.inner.engine);
             let ready = l.verified.load(Ordering::Acquire)
                 && !l.stop.is_cancelled()
+                && !l.handing_off.load(Ordering::Acquire)
+                && !backing_off.contains_key(&l.p)
                 && preferred != me
                 && alive.contains(&preferred)
                 && l.state
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .in_sync
-                    .contains(&preferred);
+                    .contains(&preferred)
+                // Settled already (nothing on its way to a replica): the pause will be short.
+                && *l.durable.borrow() >= self.inner.engine.visible_lsn(l.p);
             ready.then_some((l, preferred))
         });
         if let Some((l, to)) = candidate {
@@ -367,7 +397,7 @@ impl Replicator {
         use std::sync::atomic::Ordering;
         l.handing_off.store(true, Ordering::Release);
         let engine = &self.inner.engine;
-        let deadline = Instant::now() + self.inner.ship_timeout * 2;
+        let deadline = Instant::now() + self.inner.ship_timeout;
         let mut last = None;
         loop {
             if l.stop.is_cancelled() {
@@ -381,6 +411,7 @@ impl Replicator {
             last = Some(visible);
             if Instant::now() > deadline {
                 tracing::info!(partition = %l.p, to = %to.0, "handing the partition over: it did not settle; serving it again and retrying later");
+                self.back_off(l.p);
                 l.handing_off.store(false, Ordering::Release);
                 return;
             }
@@ -402,12 +433,42 @@ impl Replicator {
             "primary handed to {}, the layout's preferred primary for this partition",
             to.0
         );
-        if self.change(l, state, next, &what).await {
+        let changed = tokio::time::timeout(
+            self.inner.ship_timeout * 2,
+            self.change(l, state, next, &what),
+        )
+        .await;
+        if changed == Ok(true) {
             self.inner.cluster.metrics().primary_handoffs.inc();
             l.stop.cancel();
-        } else {
-            l.handing_off.store(false, Ordering::Release);
+            return;
         }
+        // Refused, failed or timed out: whether the catalog took the change is not known
+        // here (a failed or slow compare-and-set may have been applied). Never serve on
+        // from this state: drop it, and take the partition up afresh (checked again) if
+        // the table still names this node.
+        self.back_off(l.p);
+        l.stop.cancel();
+        {
+            let mut led = self
+                .inner
+                .led
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if led.get(&l.p).is_some_and(|cur| Arc::ptr_eq(cur, l)) {
+                led.remove(&l.p);
+            }
+        }
+        self.inner.cluster.refresh_soon();
+    }
+
+    /// No hand-over of `p` for a while (it did not settle, or the change failed).
+    fn back_off(&self, p: PartitionId) {
+        self.inner
+            .handoff_backoff
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(p, Instant::now() + self.inner.ship_timeout * 5);
     }
 
     /// Why a write to partition `p` must be refused before it starts (as Kafka's
@@ -518,6 +579,14 @@ impl Replicator {
                     return Err(format!(
                         "partition {p}: the write did not reach its in-sync replicas within \
                          {wait:?}; whether it lasts is unknown"
+                    ));
+                }
+                // This node stopped leading the partition (handed it over, or was deposed):
+                // its shippers are gone, so the wait could only run out.
+                if l.stop.is_cancelled() {
+                    return Err(format!(
+                        "this node stopped leading partition {p} while the request ran; \
+                         whether its writes last is unknown"
                     ));
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(500), durable.changed()).await;
@@ -952,7 +1021,13 @@ impl Replicator {
         {
             Ok(true) => {
                 tracing::info!(partition = %l.p, epoch = next.epoch.0, in_sync = ?next.in_sync.iter().map(|n| n.0.as_str()).collect::<Vec<_>>(), "{what}");
-                self.inner.engine.set_epoch(l.p, next.epoch.0);
+                // Entries are stamped with the epoch of the primary that wrote them. A node
+                // that hands the partition over keeps the old one: an entry it still
+                // commits late then differs (by epoch) from the new primary's entry at
+                // the same position, so it is found and replaced, never taken for it.
+                if next.primary == *self.inner.cluster.me() {
+                    self.inner.engine.set_epoch(l.p, next.epoch.0);
+                }
                 *l.state.lock().unwrap_or_else(PoisonError::into_inner) = next;
                 self.inner.cluster.refresh_soon();
                 true
@@ -1118,6 +1193,15 @@ impl Replicator {
 }
 
 /// Sends a request to a peer and decodes its JSON answer; any failure as text.
+/// Clears the flag when dropped.
+struct ClearOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Whether `state` (which names `me` primary) came from an orderly hand-over by the
 /// primary this node saw just before: the epoch follows the one seen, and that primary
 /// kept itself in the in-sync set (a failover or a restart hand-over removes it), having

@@ -374,6 +374,10 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
                          whether it took effect is unknown",
                     )
                     .into_response(),
+                    Err(e) if e.busy => {
+                        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", e.message)
+                            .into_response()
+                    }
                     Err(_) => ApiError::unavailable(
                         "the node holding this namespace cannot be reached; retry",
                     )

@@ -91,6 +91,11 @@ impl S3Front {
                             "the node holding this bucket failed while handling the request; \
                              whether it took effect is unknown",
                         ),
+                        Err(e) if e.busy => s3_error_response(
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            "SlowDown",
+                            &e.message,
+                        ),
                         Err(_) => s3_error_response(
                             http::StatusCode::SERVICE_UNAVAILABLE,
                             "ServiceUnavailable",

@@ -139,7 +139,8 @@ impl Default for Metrics {
         registry.register(
             "forwarded_requests",
             "Requests this node sent on to their partition's primary, by front end and outcome \
-             (ok: the primary answered; unreachable: it could not be reached)",
+             (ok: the primary answered; unreachable: it could not be reached; failed: it \
+             failed after it may have acted; busy: not sent, max_forwards_per_peer in flight)",
             forwarded.clone(),
         );
         let cluster_view_at = Gauge::default();

@@ -17,6 +17,11 @@ use crate::types::TenantId;
 
 pub const KEY_CACHE_TTL: Duration = Duration::from_secs(5);
 
+/// Unknown access key ids remembered (for [`KEY_CACHE_TTL`]), so a client repeating a
+/// wrong or made-up key costs one catalog read per TTL, not one per request. Bounded: a
+/// flood of distinct made-up keys evicts the oldest.
+const UNKNOWN_KEYS_MAX: usize = 10_000;
+
 #[derive(Clone)]
 pub struct Authenticator {
     catalog: Arc<dyn Catalog>,
@@ -25,6 +30,8 @@ pub struct Authenticator {
     /// the catalog before a revocation does not cache what it read, so a revoked key
     /// is refused on this node from the next request (as the bucket cache does).
     epoch: Arc<AtomicU64>,
+    /// Access key ids the catalog did not know, with when it was asked.
+    unknown: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
 }
 
 impl Authenticator {
@@ -33,6 +40,7 @@ impl Authenticator {
             catalog,
             cache: Arc::default(),
             epoch: Arc::default(),
+            unknown: Arc::default(),
         }
     }
 
@@ -42,6 +50,15 @@ impl Authenticator {
             && at.elapsed() < KEY_CACHE_TTL
         {
             return Ok(Some(c.clone()));
+        }
+        if self
+            .unknown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(access_key_id)
+            .is_some_and(|at| at.elapsed() < KEY_CACHE_TTL)
+        {
+            return Ok(None);
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let found = self.catalog.lookup_access_key(access_key_id).await?;
@@ -53,6 +70,7 @@ impl Authenticator {
             Some(_) => {}
             None => {
                 cache.remove(access_key_id);
+                self.remember_unknown(access_key_id);
             }
         }
         Ok(found)
@@ -62,11 +80,34 @@ impl Authenticator {
         Ok(self.lookup(access_key_id).await?.map(|c| c.tenant_id))
     }
 
-    /// Forgets a key at once (after revocation or tenant deletion).
+    fn remember_unknown(&self, access_key_id: &str) {
+        let mut unknown = self
+            .unknown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if unknown.len() >= UNKNOWN_KEYS_MAX {
+            unknown.retain(|_, at| at.elapsed() < KEY_CACHE_TTL);
+            if unknown.len() >= UNKNOWN_KEYS_MAX {
+                // All recent: keep the newer half.
+                let mut ages: Vec<Instant> = unknown.values().copied().collect();
+                ages.sort_unstable();
+                let cut = ages[ages.len() / 2];
+                unknown.retain(|_, at| *at >= cut);
+            }
+        }
+        unknown.insert(access_key_id.to_string(), Instant::now());
+    }
+
+    /// Forgets a key at once (after revocation or tenant deletion, or its creation: an
+    /// id asked for before it existed is not "unknown" any more).
     pub async fn invalidate(&self, access_key_id: &str) {
         let mut cache = self.cache.write().await;
         self.epoch.fetch_add(1, Ordering::SeqCst);
         cache.remove(access_key_id);
+        self.unknown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(access_key_id);
     }
 
     pub async fn invalidate_tenant(&self, tenant: TenantId) {
@@ -95,6 +136,7 @@ mod tests {
         hold: std::sync::atomic::AtomicBool,
         read_done: Notify,
         release: Notify,
+        lookups: AtomicU64,
     }
 
     #[async_trait]
@@ -127,6 +169,7 @@ mod tests {
             self.inner.revoke_access_key(t, k).await
         }
         async fn lookup_access_key(&self, k: &str) -> Result<Option<Credentials>> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
             let found = self.inner.lookup_access_key(k).await;
             if self.hold.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 self.read_done.notify_one();
@@ -185,19 +228,24 @@ mod tests {
         }
     }
 
-    /// A lookup that read the catalog before a revocation finishes after the cache was
-    /// invalidated: the revoked key must not come back into the cache.
-    #[tokio::test]
-    async fn a_lookup_racing_a_revocation_does_not_recache_the_key() {
+    async fn held_lookups() -> Arc<HeldLookups> {
         let inner = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
             .await
             .unwrap();
-        let catalog = Arc::new(HeldLookups {
+        Arc::new(HeldLookups {
             inner,
             hold: false.into(),
             read_done: Notify::new(),
             release: Notify::new(),
-        });
+            lookups: AtomicU64::new(0),
+        })
+    }
+
+    /// A lookup that read the catalog before a revocation finishes after the cache was
+    /// invalidated: the revoked key must not come back into the cache.
+    #[tokio::test]
+    async fn a_lookup_racing_a_revocation_does_not_recache_the_key() {
+        let catalog = held_lookups().await;
         let tenant = catalog
             .create_tenant("t", &TenantSpec::default())
             .await
@@ -232,6 +280,46 @@ mod tests {
         assert!(
             auth.lookup(&key.access_key_id).await.unwrap().is_none(),
             "the revoked key is still accepted on this node"
+        );
+    }
+
+    /// A made-up key repeated costs one catalog read per TTL; a key created after it was
+    /// asked for works at once on the node that created it (invalidate); a flood of
+    /// distinct made-up keys stays bounded in memory.
+    #[tokio::test]
+    async fn unknown_keys_are_remembered_briefly_and_boundedly() {
+        let catalog = held_lookups().await;
+        let auth = Authenticator::new(catalog.clone());
+        for _ in 0..100 {
+            assert!(auth.lookup("GKMADEUP").await.unwrap().is_none());
+        }
+        assert_eq!(catalog.lookups.load(Ordering::SeqCst), 1);
+
+        let tenant = catalog
+            .create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        let key = catalog.create_access_key(tenant, "k").await.unwrap();
+        assert!(auth.lookup(&key.access_key_id).await.unwrap().is_some());
+        let id = key.access_key_id.clone();
+        // Asked for before it existed (as a client configured too early would):
+        let fresh = Authenticator::new(catalog.clone());
+        fresh.remember_unknown(&id);
+        assert!(fresh.lookup(&id).await.unwrap().is_none());
+        fresh.invalidate(&id).await;
+        assert!(fresh.lookup(&id).await.unwrap().is_some());
+
+        for i in 0..(UNKNOWN_KEYS_MAX + 5_000) {
+            auth.remember_unknown(&format!("GKFLOOD{i}"));
+        }
+        let held = auth.unknown.lock().unwrap().len();
+        assert!(held <= UNKNOWN_KEYS_MAX, "{held}");
+        assert!(
+            auth.unknown
+                .lock()
+                .unwrap()
+                .contains_key(&format!("GKFLOOD{}", UNKNOWN_KEYS_MAX + 4_999))
         );
     }
 }

@@ -40,6 +40,8 @@ pub struct Settings {
     /// Nodes started by [`TestCluster::start`] (0: all); the others have their
     /// namespace and start later with [`TestCluster::add_node`].
     pub start_nodes: usize,
+    /// More lines for every node's config file.
+    pub extra_config: String,
 }
 
 impl Default for Settings {
@@ -53,6 +55,7 @@ impl Default for Settings {
             bootstrap_expect: 0,
             otlp_port: None,
             start_nodes: 0,
+            extra_config: String::new(),
         }
     }
 }
@@ -140,7 +143,7 @@ impl TestCluster {
                  s3_listen = \"{addr}:9000\"\nkv_listen = \"{addr}:9100\"\n\
                  admin_listen = \"{addr}:9200\"\nrpc_listen = \"{addr}:9300\"\npartitions = {}\nreplication_factor = {}\n\
                  heartbeat_interval_ms = {}\nsuspect_after_ms = {}\nfail_after_ms = {}\n\
-                 bootstrap_expect = {}\nmin_in_sync = {}\n",
+                 bootstrap_expect = {}\nmin_in_sync = {}\n{}\n",
                 data.display(),
                 s.partitions,
                 s.replication_factor,
@@ -149,6 +152,7 @@ impl TestCluster {
                 s.fail_after_ms,
                 s.bootstrap_expect,
                 s.replication_factor.min(2),
+                s.extra_config,
             ),
         )?;
         let otlp = s
@@ -292,6 +296,49 @@ impl TestCluster {
             for l in &lines[lines.len().saturating_sub(30)..] {
                 println!("{l}");
             }
+        }
+    }
+
+    /// Waits up to `secs` until, for every partition, the nodes of its replica set in
+    /// the current layout hold the same (records, SHA-256 and log position).
+    pub async fn replicas_agree(&self, secs: u64) {
+        let started = Instant::now();
+        loop {
+            let l = admin(&self.nodes[0].proc, "/layout?partitions=true").await;
+            let mut digests = Vec::new();
+            for i in 0..self.nodes.len() {
+                digests.push(self.digests(i).await);
+            }
+            let index = |id: &Value| self.nodes.iter().position(|m| *id == m.id.as_str());
+            let differing: Vec<usize> = l["replicaSets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .enumerate()
+                .filter(|(p, set)| {
+                    let ds: Vec<&Value> = set
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter_map(index)
+                        .map(|i| &digests[i][*p])
+                        .collect();
+                    ds.windows(2).any(|w| w[0] != w[1])
+                })
+                .map(|(p, _)| p)
+                .collect();
+            if differing.is_empty() {
+                println!(
+                    "every replica set agrees: {:.1} s",
+                    started.elapsed().as_secs_f64()
+                );
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(secs) {
+                self.print_logs();
+                panic!("partitions {differing:?} differ within their replica sets after {secs} s");
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
 

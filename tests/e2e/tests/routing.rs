@@ -508,3 +508,110 @@ async fn a_forwarded_request_is_one_trace_across_nodes() {
         &[forwarded_true, client_parent]
     ));
 }
+
+/// Backpressure: a node forwards at most `max_forwards_per_peer` requests to one peer at
+/// once (each counted until its answer has streamed back); more are refused at once with
+/// 503 SlowDown, nothing sent, and served again when slots free up. Other peers are not
+/// affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_to_one_peer_are_bounded() {
+    let c = TestCluster::start(
+        3,
+        Settings {
+            partitions: PARTITIONS,
+            extra_config: "max_forwards_per_peer = 2".into(),
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let layout = c.wait_ready().await;
+    let (ak, sk, id) = c.tenant("acme").await;
+    let tenant: TenantId = id.parse().unwrap();
+    let led_by = |node: &str| {
+        (0..)
+            .map(|i| format!("bp-{i}"))
+            .find(|b| {
+                let p = PartitionId::of(tenant, b.as_bytes(), PARTITIONS);
+                layout["actingPrimaries"][p.0 as usize] == node
+            })
+            .unwrap()
+    };
+    let (on_n3, on_n2) = (led_by("n3"), led_by("n2"));
+    let via_n1 = s3_client(&c.nodes[0].proc.s3, &ak, &sk);
+    for b in [&on_n3, &on_n2] {
+        via_n1.create_bucket().bucket(b).send().await.unwrap();
+        via_n1
+            .put_object()
+            .bucket(b)
+            .key("big")
+            .body(ByteStream::from(vec![7u8; 32 << 20]))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    // Two GETs through n1 of n3's object, their bodies left unread: both slots to n3
+    // stay taken while the answers wait to stream.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            via_n1
+                .get_object()
+                .bucket(&on_n3)
+                .key("big")
+                .send()
+                .await
+                .unwrap(),
+        );
+    }
+    let refused = via_n1
+        .head_object()
+        .bucket(&on_n3)
+        .key("big")
+        .send()
+        .await
+        .unwrap_err();
+    let raw = refused.raw_response().unwrap();
+    assert_eq!(raw.status().as_u16(), 503);
+    let page = c.nodes[0].proc.metrics().await.unwrap();
+    assert!(
+        metric(
+            &page,
+            "granary_forwarded_requests_total{front=\"s3\",outcome=\"busy\"}"
+        ) >= 1.0,
+        "{page}"
+    );
+    // A SigV4 GET with a raw client shows the S3 error code.
+    let mut raw_s3 = KvClient::new(&c.nodes[0].proc.s3, &ak, &sk);
+    raw_s3.service = "s3";
+    let r = raw_s3
+        .send("GET", &format!("/{on_n3}/big"), &[], vec![])
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("<Code>SlowDown</Code>"));
+    // n2's bucket is not affected.
+    via_n1
+        .head_object()
+        .bucket(&on_n2)
+        .key("big")
+        .send()
+        .await
+        .unwrap();
+
+    // The held answers are read to the end: their slots free up and n3's bucket is
+    // served through n1 again.
+    for o in held {
+        assert_eq!(o.body.collect().await.unwrap().into_bytes().len(), 32 << 20);
+    }
+    eventually("n3's bucket served through n1 again", 10, || async {
+        via_n1
+            .head_object()
+            .bucket(&on_n3)
+            .key("big")
+            .send()
+            .await
+            .ok()
+    })
+    .await;
+}
