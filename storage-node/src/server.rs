@@ -284,6 +284,7 @@ impl Node {
             let replicator = replicator.clone();
             store.set_write_guard(Arc::new(move |p| replicator.refuse_write(p)));
         }
+        store.set_remote_reader(crate::cluster::rpc::remote_reader(cluster.clone()));
 
         let ready = Arc::new(AtomicBool::new(false));
 

@@ -95,6 +95,7 @@ pub fn router(state: RpcState) -> Router {
         )
         .route("/rpc/v1/partitions/{p}/resync", post(resync))
         .route("/rpc/v1/tenants/{id}/{work}", post(tenant_work))
+        .route("/rpc/v1/tenants/{id}/object", get(object))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "NoSuchRoute", "unknown RPC route")
         })
@@ -436,4 +437,232 @@ async fn require_peer(State(c): State<Cluster>, req: Request, next: Next) -> Res
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
+}
+
+// ---- copy sources on another node ----
+
+const OBJECT_HEAD: &str = "x-granary-object";
+const OBJECT_RANGE: &str = "x-granary-range";
+const OBJECT_ERROR: &str = "x-granary-error";
+const OBJECT_SIZE: &str = "x-granary-size";
+
+#[derive(serde::Deserialize)]
+struct ObjectQuery {
+    bucket: String,
+    key: String,
+    /// A `ByteRange` as JSON.
+    range: Option<String>,
+}
+
+/// One object of a bucket this node leads, for a copy running on another node: the
+/// record (without its data) in a header, the resolved range, and the bytes streamed.
+/// Answered only once what was read is durable on the partition's in-sync replicas.
+async fn object(
+    State(s): State<RpcState>,
+    Path(id): Path<uuid::Uuid>,
+    axum::extract::Query(q): axum::extract::Query<ObjectQuery>,
+) -> Response {
+    use crate::model::Error as E;
+    let fail = |status: StatusCode, kind: &str, message: String| {
+        let mut r = (status, message).into_response();
+        if let Ok(v) = axum::http::HeaderValue::from_str(kind) {
+            r.headers_mut().insert(OBJECT_ERROR, v);
+        }
+        r
+    };
+    let f = match fronts(&s) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let range: Option<crate::model::object::ByteRange> =
+        match q.range.as_deref().map(serde_json::from_str).transpose() {
+            Ok(r) => r,
+            Err(_) => return ApiError::bad_request("malformed range").into_response(),
+        };
+    let tenant = crate::types::TenantId(id);
+    let (read, touched) = crate::model::tracking_partitions(
+        false,
+        f.store.get_object(
+            tenant,
+            &q.bucket,
+            &q.key,
+            range,
+            &crate::model::object::Conditions::default(),
+        ),
+    )
+    .await;
+    let (mut rec, r, body) = match read {
+        Ok(v) => v,
+        Err(E::NoSuchKey) => return fail(StatusCode::NOT_FOUND, "NoSuchKey", String::new()),
+        Err(E::NoSuchBucket) => {
+            return fail(StatusCode::NOT_FOUND, "NoSuchBucket", String::new());
+        }
+        Err(E::InvalidRange { size }) => {
+            let mut r = fail(
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "InvalidRange",
+                String::new(),
+            );
+            r.headers_mut().insert(OBJECT_SIZE, size.into());
+            return r;
+        }
+        Err(E::NotPrimary(m)) => {
+            s.cluster.refresh_soon();
+            return fail(StatusCode::SERVICE_UNAVAILABLE, "NotPrimary", m);
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "reading a copy source for another node failed");
+            return fail(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string());
+        }
+    };
+    if let Some(rep) = &s.replicator
+        && let Err(why) = rep.barrier(&touched, Duration::from_secs(60)).await
+    {
+        return fail(StatusCode::SERVICE_UNAVAILABLE, "NotPrimary", why);
+    }
+    rec.data = crate::model::data::ObjectData::Inline {
+        bytes: Vec::new(),
+        crc: 0,
+    };
+    let head = match serde_json::to_vec(&rec) {
+        Ok(j) => base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, j),
+        Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()),
+    };
+    let mut resp = Response::new(Body::from_stream(body.stream));
+    let h = resp.headers_mut();
+    let header = |v: String| axum::http::HeaderValue::from_str(&v).ok();
+    if let (Some(head), Some(range)) = (header(head), header(format!("{}-{}", r.start, r.end))) {
+        h.insert(OBJECT_HEAD, head);
+        h.insert(OBJECT_RANGE, range);
+    }
+    h.insert(axum::http::header::CONTENT_LENGTH, (r.end - r.start).into());
+    resp
+}
+
+/// The copy-source reader a node installs in its model: asks the primary of the source
+/// bucket for the object (`GET /rpc/v1/tenants/{id}/object`) and streams its answer,
+/// at most a few pieces ahead of the copy.
+pub fn remote_reader(cluster: Cluster) -> crate::model::object::RemoteReader {
+    Arc::new(move |tenant, bucket, key, range| {
+        let cluster = cluster.clone();
+        Box::pin(async move { read_remote(&cluster, tenant, &bucket, &key, range).await })
+    })
+}
+
+async fn read_remote(
+    cluster: &Cluster,
+    tenant: crate::types::TenantId,
+    bucket: &str,
+    key: &str,
+    range: Option<crate::model::object::ByteRange>,
+) -> crate::model::Result<(
+    crate::model::object::ObjectRecord,
+    std::ops::Range<u64>,
+    crate::model::data::ObjectBody,
+)> {
+    use crate::model::Error as E;
+    let unavailable = |m: String| E::NotPrimary(m);
+    let p = PartitionId::of(tenant, bucket.as_bytes(), cluster.partitions());
+    let super::Route::Remote { node, rpc_addr } = cluster.route(p) else {
+        return Err(unavailable(format!(
+            "the copy source bucket's partition {p} has no reachable primary; retry"
+        )));
+    };
+    let secret = cluster
+        .secret()
+        .ok_or_else(|| unavailable("this node has no cluster secret".into()))?;
+    let mut query = vec![("bucket", bucket.to_string()), ("key", key.to_string())];
+    if let Some(r) = range {
+        query.push((
+            "range",
+            serde_json::to_string(&r).map_err(|e| E::Invalid(e.to_string()))?,
+        ));
+    }
+    let resp = cluster
+        .http()
+        .get(format!(
+            "http://{rpc_addr}/rpc/v1/tenants/{}/object",
+            tenant.0
+        ))
+        .query(&query)
+        .bearer_auth(&**secret)
+        .send()
+        .await
+        .map_err(|e| unavailable(format!("reading the copy source from node {}: {e}", node.0)))?;
+    let text = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    match (resp.status().as_u16(), text(OBJECT_ERROR).as_deref()) {
+        (200, _) => {}
+        (_, Some("NoSuchKey")) => return Err(E::NoSuchKey),
+        (_, Some("NoSuchBucket")) => return Err(E::NoSuchBucket),
+        (_, Some("InvalidRange")) => {
+            let size = text(OBJECT_SIZE).and_then(|s| s.parse().ok()).unwrap_or(0);
+            return Err(E::InvalidRange { size });
+        }
+        (503, _) => {
+            cluster.refresh_soon();
+            return Err(unavailable(format!(
+                "node {} could not serve the copy source now; retry",
+                node.0
+            )));
+        }
+        (status, _) => {
+            return Err(E::Engine(EngineError::Io(std::io::Error::other(format!(
+                "node {} answered {status} for the copy source",
+                node.0
+            )))));
+        }
+    }
+    let rec: crate::model::object::ObjectRecord = text(OBJECT_HEAD)
+        .and_then(|h| {
+            base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, h).ok()
+        })
+        .and_then(|j| serde_json::from_slice(&j).ok())
+        .ok_or_else(|| E::Corrupt("the copy source's record did not decode".into()))?;
+    let r = text(OBJECT_RANGE)
+        .and_then(|r| {
+            let (a, b) = r.split_once('-')?;
+            Some(a.parse::<u64>().ok()?..b.parse::<u64>().ok()?)
+        })
+        .ok_or_else(|| E::Corrupt("the copy source's range did not decode".into()))?;
+    // The answer streams through a small channel (the model's streams must be Sync).
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
+    let expected = r.end - r.start;
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        let mut got = 0u64;
+        let mut stream = resp.bytes_stream();
+        while let Some(piece) = stream.next().await {
+            let piece = piece.map_err(std::io::Error::other);
+            if let Ok(p) = &piece {
+                got += p.len() as u64;
+            }
+            let failed = piece.is_err();
+            if tx.send(piece).await.is_err() || failed {
+                return;
+            }
+        }
+        if got != expected {
+            let _ = tx
+                .send(Err(std::io::Error::other(format!(
+                    "the copy source ended after {got} of {expected} bytes"
+                ))))
+                .await;
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((
+        rec,
+        r,
+        crate::model::data::ObjectBody {
+            len: expected,
+            stream: Box::pin(stream),
+        },
+    ))
 }

@@ -173,6 +173,7 @@ struct Inner {
     /// the cluster's routing; absent (everything served) in a store without a cluster.
     guard: std::sync::OnceLock<PartitionGuard>,
     write_guard: std::sync::OnceLock<PartitionGuard>,
+    remote_reader: std::sync::OnceLock<object::RemoteReader>,
     /// Bumped (under the `buckets` write lock) whenever a bucket is created or deleted:
     /// a cache fill that read the catalog before the change is dropped, so a deleted
     /// incarnation can never be cached after its deletion.
@@ -191,6 +192,7 @@ impl Store {
                 buckets: RwLock::new(HashMap::new()),
                 guard: std::sync::OnceLock::new(),
                 write_guard: std::sync::OnceLock::new(),
+                remote_reader: std::sync::OnceLock::new(),
                 bucket_epoch: Default::default(),
                 bucket_ddl: Mutex::new(()),
             }),
@@ -221,6 +223,12 @@ impl Store {
     /// write now is refused before anything is written. Set once, by the node.
     pub fn set_write_guard(&self, guard: PartitionGuard) {
         let _ = self.inner.write_guard.set(guard);
+    }
+
+    /// Lets copies read a source object whose bucket another node leads (through
+    /// `reader`, which asks that node). Set once, by the node.
+    pub fn set_remote_reader(&self, reader: object::RemoteReader) {
+        let _ = self.inner.remote_reader.set(reader);
     }
 
     /// The partition of `container`, if this node may serve it.

@@ -121,8 +121,22 @@ impl Conditions {
     }
 }
 
+/// Reads `(tenant, bucket, key, range)` from the node that leads the bucket: the record
+/// (its data left out), the resolved range and the body, streamed.
+pub type RemoteReader = std::sync::Arc<
+    dyn Fn(
+            TenantId,
+            String,
+            String,
+            Option<ByteRange>,
+        )
+            -> futures::future::BoxFuture<'static, Result<(ObjectRecord, Range<u64>, ObjectBody)>>
+        + Send
+        + Sync,
+>;
+
 /// A requested byte range, before it is checked against the object size.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ByteRange {
     /// Inclusive first, optional inclusive last.
     FromTo(u64, Option<u64>),
@@ -364,6 +378,29 @@ impl Store {
         Ok(())
     }
 
+    /// A copy's source: read here when this node leads its bucket, else from the node
+    /// that does (the remote reader), with `cond` checked either way.
+    pub async fn get_copy_source(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        range: Option<ByteRange>,
+        cond: &Conditions,
+    ) -> Result<(ObjectRecord, Range<u64>, ObjectBody)> {
+        match self.get_object(tenant, bucket, key, range, cond).await {
+            Err(Error::NotPrimary(why)) => match self.inner.remote_reader.get() {
+                Some(read) => {
+                    let (rec, r, body) = read(tenant, bucket.into(), key.into(), range).await?;
+                    cond.check_read(&rec)?;
+                    Ok((rec, r, body))
+                }
+                None => Err(Error::NotPrimary(why).for_copy_source()),
+            },
+            other => other,
+        }
+    }
+
     /// Copies an object's data and (unless `meta` is given) its metadata to a new key.
     #[allow(clippy::too_many_arguments)]
     pub async fn copy_object(
@@ -378,9 +415,8 @@ impl Store {
     ) -> Result<(ObjectRecord, PutOutcome)> {
         check_key(dst_key)?;
         let (src, _, body) = self
-            .get_object(tenant, src_bucket, src_key, None, src_cond)
-            .await
-            .map_err(Error::for_copy_source)?;
+            .get_copy_source(tenant, src_bucket, src_key, None, src_cond)
+            .await?;
         let (p, mut k) = self.object_location(tenant, dst_bucket).await?;
         k.extend_from_slice(dst_key.as_bytes());
         let written = data::write_body(self.engine().chunks(), p, body.stream).await?;

@@ -102,9 +102,9 @@ pub async fn upload_part_copy(
     );
     let (_, _, body) = s
         .store
-        .get_object(t, &src_bucket, &src_key, range, &cond)
+        .get_copy_source(t, &src_bucket, &src_key, range, &cond)
         .await
-        .map_err(|e| match e.for_copy_source() {
+        .map_err(|e| match e {
             crate::model::Error::NotModified => to_s3(crate::model::Error::PreconditionFailed),
             e => to_s3(e),
         })?;

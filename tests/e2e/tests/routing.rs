@@ -219,10 +219,14 @@ async fn every_node_serves_every_bucket_and_namespace() {
         });
     }
 
-    // CopyObject within one primary's buckets works through any node; between buckets
-    // on different primaries it is refused clearly (not supported yet), never answered
-    // from the wrong node's data.
+    // CopyObject works through any node, within one primary's buckets and between
+    // buckets on different primaries (the destination's primary reads the source from
+    // the source's primary, streamed); so does a ranged UploadPartCopy. Conditions and
+    // missing sources answer as for a local source.
     let (b2, b3) = (&buckets["n2"], &buckets["n3"]);
+    let source = s3[1].get_object().bucket(b2).key("k").send().await.unwrap();
+    let source_etag = source.e_tag().unwrap().to_string();
+    let source = source.body.collect().await.unwrap().into_bytes();
     s3[0]
         .copy_object()
         .bucket(b2)
@@ -231,19 +235,95 @@ async fn every_node_serves_every_bucket_and_namespace() {
         .send()
         .await
         .expect("a copy within one primary");
+    for via in 0..3 {
+        s3[via]
+            .copy_object()
+            .bucket(b3)
+            .key(format!("copied-{via}"))
+            .copy_source(format!("{b2}/k"))
+            .copy_source_if_match(&source_etag)
+            .send()
+            .await
+            .expect("a copy across primaries");
+        let got = s3[(via + 1) % 3]
+            .get_object()
+            .bucket(b3)
+            .key(format!("copied-{via}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(got.body.collect().await.unwrap().into_bytes(), source);
+    }
     let err = s3[0]
         .copy_object()
         .bucket(b3)
-        .key("copied")
+        .key("nope")
         .copy_source(format!("{b2}/k"))
+        .copy_source_if_match("\"0123456789abcdef0123456789abcdef\"")
         .send()
         .await
-        .expect_err("a copy across primaries");
-    assert_eq!(
-        err.raw_response().map(|r| r.status().as_u16()),
-        Some(501),
-        "{err:?}"
-    );
+        .expect_err("a failed copy-source condition");
+    assert_eq!(err.raw_response().map(|r| r.status().as_u16()), Some(412));
+    let err = s3[0]
+        .copy_object()
+        .bucket(b3)
+        .key("nope")
+        .copy_source(format!("{b2}/missing"))
+        .send()
+        .await
+        .expect_err("a missing copy source");
+    assert_eq!(err.raw_response().map(|r| r.status().as_u16()), Some(404));
+    let up = s3[0]
+        .create_multipart_upload()
+        .bucket(b3)
+        .key("parts")
+        .send()
+        .await
+        .unwrap();
+    let upload = up.upload_id().unwrap();
+    let part = s3[0]
+        .upload_part_copy()
+        .bucket(b3)
+        .key("parts")
+        .upload_id(upload)
+        .part_number(1)
+        .copy_source(format!("{b2}/k"))
+        .copy_source_range("bytes=1-3")
+        .send()
+        .await
+        .expect("a ranged part copy across primaries");
+    let etag = part
+        .copy_part_result()
+        .unwrap()
+        .e_tag()
+        .unwrap()
+        .to_string();
+    s3[0]
+        .complete_multipart_upload()
+        .bucket(b3)
+        .key("parts")
+        .upload_id(upload)
+        .multipart_upload(
+            aws_sdk_s3::types::CompletedMultipartUpload::builder()
+                .parts(
+                    aws_sdk_s3::types::CompletedPart::builder()
+                        .part_number(1)
+                        .e_tag(etag)
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let got = s3[2]
+        .get_object()
+        .bucket(b3)
+        .key("parts")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.body.collect().await.unwrap().into_bytes(), source[1..4]);
 
     // A request that reaches a node which does not lead its bucket is never served
     // from that node's data, whatever the routing step made of it: a presigned GET with
