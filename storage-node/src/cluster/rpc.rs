@@ -543,14 +543,21 @@ async fn object(
 /// bucket for the object (`GET /rpc/v1/tenants/{id}/object`) and streams its answer,
 /// at most a few pieces ahead of the copy.
 pub fn remote_reader(cluster: Cluster) -> crate::model::object::RemoteReader {
+    // No overall timeout (a large source streams for as long as the copy takes); a
+    // source node that stops answering is caught by the failure detector instead.
+    let http = super::peer_client(Duration::from_secs(2), |b| {
+        b.tcp_keepalive(Duration::from_secs(15))
+            .pool_idle_timeout(Duration::from_secs(30))
+    });
     Arc::new(move |tenant, bucket, key, range| {
-        let cluster = cluster.clone();
-        Box::pin(async move { read_remote(&cluster, tenant, &bucket, &key, range).await })
+        let (cluster, http) = (cluster.clone(), http.clone());
+        Box::pin(async move { read_remote(&cluster, &http, tenant, &bucket, &key, range).await })
     })
 }
 
 async fn read_remote(
     cluster: &Cluster,
+    http: &reqwest::Client,
     tenant: crate::types::TenantId,
     bucket: &str,
     key: &str,
@@ -578,17 +585,28 @@ async fn read_remote(
             serde_json::to_string(&r).map_err(|e| E::Invalid(e.to_string()))?,
         ));
     }
-    let resp = cluster
-        .http()
+    // The source's primary checks nothing of the client: the tenant comes from the
+    // signature this node verified, and any holder of the cluster secret may read any
+    // partition (as snapshots do).
+    let send = http
         .get(format!(
             "http://{rpc_addr}/rpc/v1/tenants/{}/object",
             tenant.0
         ))
         .query(&query)
         .bearer_auth(&**secret)
-        .send()
-        .await
-        .map_err(|e| unavailable(format!("reading the copy source from node {}: {e}", node.0)))?;
+        .send();
+    let resp = tokio::select! {
+        r = send => r.map_err(|e| {
+            unavailable(format!("reading the copy source from node {}: {e}", node.0))
+        })?,
+        () = cluster.until_not_alive(&node) => {
+            return Err(unavailable(format!(
+                "node {} (the copy source's primary) stopped answering; retry",
+                node.0
+            )));
+        }
+    };
     let text = |name: &str| {
         resp.headers()
             .get(name)
@@ -622,35 +640,58 @@ async fn read_remote(
             base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, h).ok()
         })
         .and_then(|j| serde_json::from_slice(&j).ok())
-        .ok_or_else(|| E::Corrupt("the copy source's record did not decode".into()))?;
+        .ok_or_else(|| unavailable("the copy source's record did not decode".into()))?;
     let r = text(OBJECT_RANGE)
         .and_then(|r| {
             let (a, b) = r.split_once('-')?;
             Some(a.parse::<u64>().ok()?..b.parse::<u64>().ok()?)
         })
-        .ok_or_else(|| E::Corrupt("the copy source's range did not decode".into()))?;
+        .ok_or_else(|| unavailable("the copy source's range did not decode".into()))?;
     // The answer streams through a small channel (the model's streams must be Sync).
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<bytes::Bytes>>(4);
     let expected = r.end - r.start;
+    let cluster = cluster.clone();
     tokio::spawn(async move {
         use futures::StreamExt;
+        let failed =
+            |why: String| Err(std::io::Error::other(crate::model::data::SourceFailed(why)));
         let mut got = 0u64;
         let mut stream = resp.bytes_stream();
-        while let Some(piece) = stream.next().await {
-            let piece = piece.map_err(std::io::Error::other);
+        loop {
+            // Ends when the copy is dropped, and when the source node stops answering.
+            let piece = tokio::select! {
+                p = stream.next() => p.map(|p| p.map_err(std::io::Error::other)),
+                () = tx.closed() => return,
+                () = cluster.until_not_alive(&node) => Some(failed(format!(
+                    "node {} (the copy source's primary) stopped answering mid-copy; retry",
+                    node.0
+                ))),
+            };
+            let Some(piece) = piece else { break };
+            let piece = piece.or_else(|e| {
+                if e.get_ref()
+                    .is_some_and(|i| i.is::<crate::model::data::SourceFailed>())
+                {
+                    return Err(e);
+                }
+                failed(format!(
+                    "reading the copy source from node {} failed: {e}; retry",
+                    node.0
+                ))
+            });
             if let Ok(p) = &piece {
                 got += p.len() as u64;
             }
-            let failed = piece.is_err();
-            if tx.send(piece).await.is_err() || failed {
+            let stop = piece.is_err();
+            if tx.send(piece).await.is_err() || stop {
                 return;
             }
         }
         if got != expected {
             let _ = tx
-                .send(Err(std::io::Error::other(format!(
-                    "the copy source ended after {got} of {expected} bytes"
-                ))))
+                .send(failed(format!(
+                    "the copy source ended after {got} of {expected} bytes; retry"
+                )))
                 .await;
         }
     });

@@ -161,7 +161,7 @@ async fn write_body_inner(
     while buf.len() <= inline_max || (inline_max == 0 && buf.is_empty()) {
         match body.next().await {
             Some(Ok(b)) => buf.extend_from_slice(&b),
-            Some(Err(e)) => return Err(Error::IncompleteBody(e.to_string())),
+            Some(Err(e)) => return Err(body_error(e)),
             None if inline_max == 0 => {
                 ended = true;
                 break;
@@ -202,7 +202,7 @@ async fn write_body_inner(
                 false
             }
             Some(Err(e)) => {
-                failure = Some(Error::IncompleteBody(e.to_string()));
+                failure = Some(body_error(e));
                 true
             }
             None => true,
@@ -248,6 +248,28 @@ pub async fn abandon(store: &ChunkStore, data: ObjectData) {
     let chunks = data.into_chunks();
     if !chunks.is_empty() {
         let _ = blocking(move || store.remove_files(&chunks)).await;
+    }
+}
+
+/// The error a body stream carries when its *source* failed (a copy source streamed
+/// from another node), not the client: the write is refused as retryable (503), not
+/// blamed on the request (400).
+#[derive(Debug)]
+pub struct SourceFailed(pub String);
+
+impl std::fmt::Display for SourceFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SourceFailed {}
+
+/// A body stream's error as the model reports it.
+fn body_error(e: io::Error) -> Error {
+    match e.get_ref().and_then(|i| i.downcast_ref::<SourceFailed>()) {
+        Some(SourceFailed(why)) => Error::NotPrimary(why.clone()),
+        None => Error::IncompleteBody(e.to_string()),
     }
 }
 

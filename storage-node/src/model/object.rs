@@ -379,7 +379,9 @@ impl Store {
     }
 
     /// A copy's source: read here when this node leads its bucket, else from the node
-    /// that does (the remote reader), with `cond` checked either way.
+    /// that does (the remote reader), with `cond` checked either way. A remote source's
+    /// record comes without its data (`data` is empty inline): use its size, ETag and
+    /// metadata, and read the bytes from the body.
     pub async fn get_copy_source(
         &self,
         tenant: TenantId,

@@ -671,6 +671,16 @@ async fn kv_and_s3_registers_stay_linearizable_under_kills_stops_and_partitions(
             .or_default() += 1;
     }
     println!("faults: {faults:?}");
+    let mut handoffs = 0.0;
+    for m in &c.nodes {
+        if let Ok(page) = m.proc.metrics().await {
+            handoffs += granary_e2e::cluster::metric(&page, "granary_primary_handoffs_total");
+        }
+    }
+    println!(
+        "orderly hand-overs during the run (returning nodes getting their partitions back, \
+         counted since each node's last start): {handoffs}"
+    );
     println!(
         "{} operations recorded, {} failed reads left out:",
         ops.len(),

@@ -324,6 +324,54 @@ async fn every_node_serves_every_bucket_and_namespace() {
         .await
         .unwrap();
     assert_eq!(got.body.collect().await.unwrap().into_bytes(), source[1..4]);
+    // A chunked source, longer to stream than a heartbeat: copied whole, ETag the MD5.
+    let big: Vec<u8> = (0..24u32 << 20).map(|i| (i % 251) as u8).collect();
+    s3[1]
+        .put_object()
+        .bucket(b2)
+        .key("big")
+        .body(ByteStream::from(big.clone()))
+        .send()
+        .await
+        .unwrap();
+    let copied = s3[0]
+        .copy_object()
+        .bucket(b3)
+        .key("big-copy")
+        .copy_source(format!("{b2}/big"))
+        .send()
+        .await
+        .expect("a 24 MiB copy across primaries");
+    let md5 = format!(
+        "\"{}\"",
+        hex::encode(<md5::Md5 as md5::Digest>::digest(&big))
+    );
+    assert_eq!(
+        copied.copy_object_result().unwrap().e_tag(),
+        Some(md5.as_str())
+    );
+    let got = s3[2]
+        .get_object()
+        .bucket(b3)
+        .key("big-copy")
+        .send()
+        .await
+        .unwrap();
+    assert!(got.body.collect().await.unwrap().into_bytes() == big);
+    // Another tenant cannot name this tenant's bucket as a copy source.
+    let (ak2, sk2, _) = c.tenant("other").await;
+    let other = s3_client(&c.nodes[0].proc.s3, &ak2, &sk2);
+    let mine = format!("mine-{}", &buckets["n3"]);
+    other.create_bucket().bucket(&mine).send().await.unwrap();
+    let err = other
+        .copy_object()
+        .bucket(&mine)
+        .key("stolen")
+        .copy_source(format!("{b2}/k"))
+        .send()
+        .await
+        .expect_err("another tenant's bucket as a copy source");
+    assert_eq!(err.raw_response().map(|r| r.status().as_u16()), Some(404));
 
     // A request that reaches a node which does not lead its bucket is never served
     // from that node's data, whatever the routing step made of it: a presigned GET with
