@@ -309,12 +309,16 @@ impl Node {
         // that stops answering leaves the in-sync set within suspect_after, which ends
         // the wait sooner; this bounds a slow one).
         let barrier_wait = Duration::from_secs(600);
+        // One memory budget for the whole node: KV bodies, values and pages, and the S3
+        // XML bodies s3s reads whole.
+        let budget = crate::tenancy::budget::MemoryBudget::new(config.memory_budget);
         let s3_front = crate::s3::front::S3Front::new(
             s3,
             metrics.clone(),
             forwarder.clone(),
             config.s3_domains.clone(),
             (replicator.clone(), barrier_wait),
+            budget.clone(),
         );
 
         let kv_state = kv::KvState {
@@ -322,7 +326,7 @@ impl Node {
             store: store.clone(),
             auth: auth.clone(),
             metrics: metrics.clone(),
-            budget: crate::tenancy::budget::MemoryBudget::new(config.memory_budget),
+            budget,
             forwarder: forwarder.clone(),
             replication: (replicator.clone(), barrier_wait),
         };
@@ -447,7 +451,7 @@ async fn serve_s3(
 /// limits are set low in case a request ever gets through.
 fn s3_limits() -> s3s::config::S3Config {
     let mut c = s3s::config::S3Config::default();
-    c.xml_max_body_size = 4 * 1024 * 1024;
+    c.xml_max_body_size = crate::s3::front::XML_MAX;
     c.post_object_max_file_size = 0;
     c.form_max_field_size = 16 * 1024;
     c.form_max_fields_size = 64 * 1024;

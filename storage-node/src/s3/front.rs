@@ -9,6 +9,7 @@ use tracing::Instrument;
 use crate::cluster::forward::{Decision, Forwarded, Forwarder, NOT_PRIMARY};
 use crate::cluster::replication::Replicator;
 use crate::telemetry::{Metrics, OpSlot};
+use crate::tenancy::budget::MemoryBudget;
 
 /// Everything one S3 request needs; cheap to clone.
 #[derive(Clone)]
@@ -19,7 +20,13 @@ pub struct S3Front {
     domains: Arc<super::Domains>,
     /// Answers wait until the writes they follow are durable on the in-sync replicas.
     replication: (Replicator, Duration),
+    /// The node's memory budget (shared with the KV API): XML request bodies, which
+    /// s3s reads whole (up to 4 MiB), reserve from it first.
+    budget: MemoryBudget,
 }
+
+/// Largest XML request body s3s reads (`s3_limits` in server.rs).
+pub const XML_MAX: usize = 4 * 1024 * 1024;
 
 impl S3Front {
     pub fn new(
@@ -28,6 +35,7 @@ impl S3Front {
         forwarder: Forwarder,
         domains: Vec<String>,
         replication: (Replicator, Duration),
+        budget: MemoryBudget,
     ) -> Self {
         Self {
             s3,
@@ -35,6 +43,7 @@ impl S3Front {
             forwarder,
             domains: Arc::new(super::Domains(domains)),
             replication,
+            budget,
         }
     }
 
@@ -104,6 +113,30 @@ impl S3Front {
                     };
                 }
             }
+            // An XML body is read whole by s3s, before the signature is checked: it
+            // reserves its bytes first, and is refused at once when they are not there.
+            let _xml_hold = if self.xml_body(&parts) {
+                let declared = parts
+                    .headers
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                    .unwrap_or(XML_MAX);
+                match self.budget.try_reserve(declared.min(XML_MAX)) {
+                    Some(r) => Some(r),
+                    None => {
+                        slot.set("SlowDown");
+                        drop(body);
+                        return s3_error_response(
+                            http::StatusCode::SERVICE_UNAVAILABLE,
+                            "SlowDown",
+                            "the node's memory budget for requests in flight is exhausted; \
+                             retry shortly",
+                        );
+                    }
+                }
+            } else {
+                None
+            };
             let method = parts.method.clone();
             let mut req = http::Request::from_parts(parts, body);
             req.extensions_mut().insert(slot.clone());
@@ -144,6 +177,41 @@ impl S3Front {
 
     /// The bucket a request addresses: from a virtual host under a known domain, else the
     /// first path segment.
+    /// Whether s3s reads this request's body whole as XML: every POST (DeleteObjects,
+    /// CompleteMultipartUpload; form uploads are refused earlier), a PUT of a
+    /// subresource (`?tagging`, `?acl`, `?lifecycle`, ...) and a bucket-level PUT
+    /// (CreateBucket's configuration). Object data (PutObject, UploadPart) streams.
+    fn xml_body(&self, parts: &http::request::Parts) -> bool {
+        use s3s::host::S3Host;
+        match parts.method {
+            http::Method::POST => true,
+            http::Method::PUT => {
+                let subresource = parts.uri.query().is_some_and(|q| {
+                    q.split('&').any(|p| {
+                        let name = p.split_once('=').map_or(p, |(k, _)| k);
+                        !name.is_empty()
+                            && !matches!(name, "partNumber" | "uploadId" | "x-id")
+                            && !name.to_ascii_lowercase().starts_with("x-amz-")
+                    })
+                });
+                let path = parts.uri.path().trim_start_matches('/');
+                let virtual_host = parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| self.domains.parse_host_header(h).ok())
+                    .is_some_and(|v| v.bucket().is_some());
+                let key = if virtual_host {
+                    path
+                } else {
+                    path.split_once('/').map_or("", |(_, k)| k)
+                };
+                subresource || key.is_empty()
+            }
+            _ => false,
+        }
+    }
+
     fn bucket(&self, parts: &http::request::Parts) -> Option<String> {
         use s3s::host::S3Host;
         let host = parts

@@ -1,7 +1,7 @@
 //! The node-wide memory budget for request bodies and responses held in memory.
 //!
-//! Every request that buffers data (a KV body, a KV value, scan page or batch answer)
-//! reserves its bytes here first, for as long as the data lives (until the response
+//! Every request that buffers data (a KV body, a KV value, scan page or batch answer,
+//! an S3 XML body) reserves its bytes here first, for as long as the data lives (until the response
 //! body is fully sent); when the budget is exhausted the request is refused at once
 //! with `SlowDown` (HTTP 503) instead of queueing, so a flood of requests or slow
 //! readers cannot grow the node's memory past the budget. Streamed object data (S3

@@ -625,23 +625,22 @@ impl KvClient {
             .await
     }
 
-    /// Like [`KvClient::send`], then adds `unsigned` headers after signing (what an
-    /// attacker replaying a captured request can do).
-    pub async fn send_with_unsigned(
+    /// The headers of a signed request (the given ones, plus the signature's), without
+    /// sending it: for tests that send the request by hand (say, a body that stalls).
+    pub fn signed_headers(
         &self,
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
-        unsigned: &[(&str, &str)],
-        body: Vec<u8>,
-    ) -> Result<reqwest::Response> {
+        body: &[u8],
+    ) -> Result<Vec<(String, String)>> {
         use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
         let url = format!("{}{}", self.base, path);
         let mut req = http::Request::builder().method(method).uri(&url);
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let mut req = req.body(body.clone())?;
+        let mut req = req.body(())?;
         let identity = aws_credential_types::Credentials::new(
             &self.access_key,
             &self.secret_key,
@@ -680,15 +679,39 @@ impl KvClient {
             method,
             &url,
             hdrs.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-            SignableBody::Bytes(&body),
+            SignableBody::Bytes(body),
         )?;
         let (instructions, _) = sign(signable, &params)?.into_parts();
         instructions.apply_to_request_http1x(&mut req);
+        Ok(req
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect())
+    }
+
+    /// Like [`KvClient::send`], then adds `unsigned` headers after signing (what an
+    /// attacker replaying a captured request can do).
+    pub async fn send_with_unsigned(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        unsigned: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<reqwest::Response> {
+        let url = format!("{}{}", self.base, path);
+        let signed = self.signed_headers(method, path, headers, &body)?;
         let mut r = self
             .http
             .request(reqwest::Method::from_bytes(method.as_bytes())?, &url);
-        for (k, v) in req.headers() {
-            r = r.header(k.as_str(), v.as_bytes());
+        for (k, v) in &signed {
+            r = r.header(k.as_str(), v.as_str());
         }
         for (k, v) in unsigned {
             r = r.header(*k, *v);

@@ -625,3 +625,94 @@ async fn damaged_records_never_cost_other_data() {
         .unwrap();
     assert_eq!(listed.key_count(), Some(2));
 }
+
+/// XML bodies (DeleteObjects, CompleteMultipartUpload, subresource PUTs), which s3s reads
+/// whole before it checks the signature, count in the node's memory budget: with a
+/// budget of 8 MiB, two DeleteObjects requests that announce 3 MiB bodies and then stall
+/// hold 6 MiB; a third is refused at once with 503 SlowDown, nothing read; a PutObject
+/// (streamed, not counted) still works; once the stalled ones go away, XML requests are
+/// served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_xml_bodies_count_in_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let node =
+        NodeProc::start_with_env(dir.path(), &[("GRANARY_MEMORY_BUDGET", "8388608")]).unwrap();
+    let addr = node.s3.trim_start_matches("http://").to_string();
+    let s3 = s3_client(&node.s3, &node.access_key, &node.secret_key);
+    s3.create_bucket().bucket("xml").send().await.unwrap();
+    // Signed (with a valid key) for a 3 MiB body: s3s checks the signature from the
+    // head, then reads the body whole.
+    let mut signer = KvClient::new(&node.s3, &node.access_key, &node.secret_key);
+    signer.service = "s3";
+    let body = vec![b' '; 3 * MIB as usize];
+    let head = |_len: u64| {
+        let signed = signer
+            .signed_headers(
+                "POST",
+                "/xml?delete",
+                &[("content-type", "application/xml")],
+                &body,
+            )
+            .unwrap();
+        let mut h = format!(
+            "POST /xml?delete HTTP/1.1\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if !signed.iter().any(|(k, _)| k == "host") {
+            h.push_str(&format!("Host: {addr}\r\n"));
+        }
+        for (k, v) in signed {
+            h.push_str(&format!("{k}: {v}\r\n"));
+        }
+        h.push_str("\r\n");
+        h
+    };
+    // Two stalled uploads: head and 1 MiB of a 3 MiB body each, then nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        c.write_all(head(3 * MIB).as_bytes()).await.unwrap();
+        c.write_all(&vec![b' '; MIB as usize]).await.unwrap();
+        stalled.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = raw_request(&addr, head(3 * MIB), 0).await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("<Code>SlowDown</Code>"), "{refused}");
+    // Object data streams and is not counted.
+    s3.put_object()
+        .bucket("xml")
+        .key("k")
+        .body(vec![1u8; 2 * MIB as usize].into())
+        .send()
+        .await
+        .unwrap();
+    // The stalled clients leave: their reservations go back, and a real DeleteObjects
+    // works again.
+    drop(stalled);
+    let mut deleted = false;
+    for _ in 0..50 {
+        let r = s3
+            .delete_objects()
+            .bucket("xml")
+            .delete(
+                aws_sdk_s3::types::Delete::builder()
+                    .objects(
+                        aws_sdk_s3::types::ObjectIdentifier::builder()
+                            .key("k")
+                            .build()
+                            .unwrap(),
+                    )
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await;
+        if r.is_ok() {
+            deleted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(deleted, "DeleteObjects after the stalled clients left");
+}
