@@ -627,11 +627,12 @@ async fn damaged_records_never_cost_other_data() {
 }
 
 /// XML bodies (DeleteObjects, CompleteMultipartUpload, subresource PUTs), which s3s reads
-/// whole before it checks the signature, count in the node's memory budget: with a
-/// budget of 8 MiB, two DeleteObjects requests that announce 3 MiB bodies and then stall
-/// hold 6 MiB; a third is refused at once with 503 SlowDown, nothing read; a PutObject
-/// (streamed, not counted) still works; once the stalled ones go away, XML requests are
-/// served again.
+/// whole once the signature in the head checks out, count in the node's memory budget:
+/// with a budget of 8 MiB, of 40 signed DeleteObjects requests that send all but the last
+/// byte of a 3 MiB body, two are held (6 MiB) and the others are refused at once with
+/// 503 SlowDown, nothing read, and the node's RSS grows by far less than the 120 MiB they
+/// announced; a PutObject (streamed, not counted) still works; once the stalled ones go
+/// away, XML requests are served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_xml_bodies_count_in_the_memory_budget() {
     let dir = tempfile::tempdir().unwrap();
@@ -667,15 +668,39 @@ async fn stalled_xml_bodies_count_in_the_memory_budget() {
         h.push_str("\r\n");
         h
     };
-    // Two stalled uploads: head and 1 MiB of a 3 MiB body each, then nothing.
+    // 40 signed DeleteObjects requests send all but the last byte of a 3 MiB body and
+    // stall. Without the budget each would hold its 3 MiB in s3s's buffer (120 MiB in
+    // all); with it, two fit (6 of 8 MiB) and the others are refused from their head.
+    let before = rss(node.pid().unwrap());
     let mut stalled = Vec::new();
-    for _ in 0..2 {
+    let mut refused = 0;
+    for _ in 0..40 {
         let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
-        c.write_all(head(3 * MIB).as_bytes()).await.unwrap();
-        c.write_all(&vec![b' '; MIB as usize]).await.unwrap();
-        stalled.push(c);
+        let _ = c.write_all(head(3 * MIB).as_bytes()).await;
+        let _ = c.write_all(&body[..body.len() - 1]).await;
+        let mut answer = vec![0u8; 512];
+        match tokio::time::timeout(Duration::from_millis(300), c.read(&mut answer)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+                assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+                refused += 1;
+            }
+            _ => stalled.push(c),
+        }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let grown = rss(node.pid().unwrap()).saturating_sub(before);
+    println!(
+        "40 stalled 3 MiB XML bodies: {} held, {refused} refused (503 SlowDown); RSS grew \
+         {:.1} MiB",
+        stalled.len(),
+        grown as f64 / MIB as f64
+    );
+    assert!(
+        stalled.len() <= 2 && refused >= 38,
+        "{} held",
+        stalled.len()
+    );
+    assert!(grown < 48 * MIB, "RSS grew {grown} bytes");
     let refused = raw_request(&addr, head(3 * MIB), 0).await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(refused.contains("<Code>SlowDown</Code>"), "{refused}");
