@@ -6,6 +6,9 @@
 #
 #   bench/run.sh                 # peer: Garage (built once from crates.io into the cache)
 #   BENCH_SECONDS=30 bench/run.sh
+#   BENCH_NODES=3 bench/run.sh   # 3-node clusters, 3 copies of everything: `granary-node dev
+#                                # --nodes 3` (factor 3, minInSync 2) against 3 Garage nodes
+#                                # (replication_factor 3); the client talks to node 1 of each
 #
 # MinIO and warp (the peers named in the plan) cannot be built here: the Go module proxy
 # refuses their modules (see docs/benchmarks.md), so the peer is Garage, configured
@@ -18,6 +21,8 @@ SIZES="${BENCH_SIZES:-4096 1048576 67108864}"
 OPS="${BENCH_OPS:-put get mixed}"
 CACHE="${GRANARY_TOOLS_CACHE:-$HOME/.cache/granary-tools}"
 GARAGE_VERSION="${GARAGE_VERSION:-2.5.0}"
+NODES="${BENCH_NODES:-1}"
+case "$NODES" in 1|3) ;; *) echo "BENCH_NODES must be 1 or 3" >&2; exit 2 ;; esac
 
 echo "==> building granary-node and s3bench (release)" >&2
 cargo build -q --release -p granary-storage-node -p granary-bench
@@ -38,43 +43,83 @@ cleanup() {
 trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-echo "==> starting granary-node dev in $WORK/granary" >&2
-GP=$(port)
-"$TARGET/granary-node" dev --data-dir "$WORK/granary" --s3-listen "127.0.0.1:$GP" \
-  --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$(port)" --rpc-listen "127.0.0.1:$(port)" > "$WORK/granary.out" 2> "$WORK/granary.err" &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q "Secret key" "$WORK/granary.out" 2>/dev/null && break; sleep 0.1; done
+# A base port with base..base+2 free for each of 4 listeners spaced by 10.
+portblock() { python3 -c '
+import random, socket
+while True:
+    b = random.randrange(20000, 60000)
+    try:
+        socks = []
+        for l in range(4):
+            for n in range(3):
+                s = socket.socket(); s.bind(("127.0.0.1", b + 10 * l + n)); socks.append(s)
+        print(b); break
+    except OSError:
+        pass
+'; }
+
+if [ "$NODES" = 1 ]; then
+  echo "==> starting granary-node dev in $WORK/granary" >&2
+  GP=$(port)
+  "$TARGET/granary-node" dev --data-dir "$WORK/granary" --s3-listen "127.0.0.1:$GP" \
+    --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$(port)" --rpc-listen "127.0.0.1:$(port)" > "$WORK/granary.out" 2> "$WORK/granary.err" &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q "Secret key" "$WORK/granary.out" 2>/dev/null && break; sleep 0.1; done
+else
+  echo "==> starting granary-node dev --nodes 3 in $WORK/granary" >&2
+  B=$(portblock); GP=$B
+  "$TARGET/granary-node" dev --nodes 3 --data-dir "$WORK/granary" --s3-listen "127.0.0.1:$B" \
+    --kv-listen "127.0.0.1:$((B + 10))" --admin-listen "127.0.0.1:$((B + 20))" \
+    --rpc-listen "127.0.0.1:$((B + 30))" > "$WORK/granary.out" 2> "$WORK/granary.err" &
+  PIDS+=($!)
+  for _ in $(seq 1200); do grep -q "Secret key" "$WORK/granary.out" 2>/dev/null && break; sleep 0.1; done
+fi
 G_AK=$(awk '/Access key id/ {print $4}' "$WORK/granary.out")
 G_SK=$(awk '/Secret key/ {print $3}' "$WORK/granary.out")
+[ -n "$G_SK" ] || { echo "granary did not start:" >&2; cat "$WORK/granary.out" "$WORK/granary.err" >&2; exit 1; }
 
-echo "==> starting Garage $GARAGE_VERSION in $WORK/garage" >&2
-SP=$(port); RP=$(port); AP=$(port)
-mkdir -p "$WORK/garage"
-cat > "$WORK/garage/garage.toml" <<TOML
-metadata_dir = "$WORK/garage/meta"
-data_dir = "$WORK/garage/data"
+echo "==> starting $NODES Garage $GARAGE_VERSION node(s) in $WORK/garage*" >&2
+SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+GARAGE_CFG=()
+for i in $(seq 1 "$NODES"); do
+  SPi=$(port); RPi=$(port); APi=$(port)
+  [ "$i" = 1 ] && SP=$SPi
+  d="$WORK/garage$i"
+  mkdir -p "$d"
+  cat > "$d/garage.toml" <<TOML
+metadata_dir = "$d/meta"
+data_dir = "$d/data"
 db_engine = "lmdb"
 metadata_fsync = true
 data_fsync = true
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:$RP"
-rpc_public_addr = "127.0.0.1:$RP"
-rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+replication_factor = $NODES
+rpc_bind_addr = "127.0.0.1:$RPi"
+rpc_public_addr = "127.0.0.1:$RPi"
+rpc_secret = "$SECRET"
 [s3_api]
 s3_region = "us-east-1"
-api_bind_addr = "127.0.0.1:$SP"
-root_domain = ".s3.garage.localhost"
+api_bind_addr = "127.0.0.1:$SPi"
+root_domain = ".s3.garage$i.localhost"
 [admin]
-api_bind_addr = "127.0.0.1:$AP"
+api_bind_addr = "127.0.0.1:$APi"
 TOML
-G="$GARAGE -c $WORK/garage/garage.toml"
-$G server > "$WORK/garage.out" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do $G status >/dev/null 2>&1 && break; sleep 0.2; done
-NODE=$($G node id -q | cut -d@ -f1)
-$G layout assign -z dc1 -c 10G "$NODE" >/dev/null
+  GARAGE_CFG+=("$d/garage.toml")
+  "$GARAGE" -c "$d/garage.toml" server > "$d/garage.out" 2>&1 &
+  PIDS+=($!)
+done
+G="$GARAGE -c ${GARAGE_CFG[0]}"
+for c in "${GARAGE_CFG[@]}"; do
+  for _ in $(seq 100); do "$GARAGE" -c "$c" status >/dev/null 2>&1 && break; sleep 0.2; done
+done
+i=0
+for c in "${GARAGE_CFG[@]}"; do
+  i=$((i + 1))
+  ID=$("$GARAGE" -c "$c" node id -q)
+  [ "$i" = 1 ] || $G node connect "$ID" >/dev/null
+  $G layout assign -z "dc$i" -c 10G "${ID%@*}" >/dev/null
+done
 $G layout apply --version 1 >/dev/null
-$G bucket create bench >/dev/null
+for _ in $(seq 100); do $G bucket create bench >/dev/null 2>&1 && break; sleep 0.3; done
 KEYOUT=$($G key create bench-key)
 P_AK=$(echo "$KEYOUT" | awk -F': *' '/Key ID/ {print $2}' | tr -d ' ')
 P_SK=$(echo "$KEYOUT" | awk -F': *' '/Secret key/ {print $2}' | tr -d ' ')
