@@ -719,6 +719,39 @@ impl Replicator {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         loop {
+            if !self.wanted(l, r) {
+                // The layout no longer places a replica here and its own replicas are all
+                // in sync: stop waiting for this node, and stop shipping to it.
+                if l.state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .in_sync
+                    .contains(r)
+                {
+                    self.leave(
+                        l,
+                        r,
+                        "the layout no longer places a replica of this partition on it",
+                    )
+                    .await;
+                }
+                let still = l
+                    .state
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .in_sync
+                    .contains(r);
+                if !still {
+                    l.shipping
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(r);
+                    tracing::info!(partition = %l.p, replica = %r.0, "stopped shipping to a node the layout no longer places a replica on");
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
             let now = self.inner.cluster.incarnation_of(r);
             if position.is_some() && now.is_some() && now != incarnation {
                 tracing::info!(partition = %l.p, replica = %r.0, "replica restarted; asking where it stands");
@@ -786,6 +819,25 @@ impl Replicator {
                 }
             }
         }
+    }
+
+    /// Whether partition `l.p` still ships to `r`: it is in the layout's replica set, or
+    /// the layout's own replicas are not all in sync yet (an old replica stays, for
+    /// durability and promotion, until the new ones have caught up).
+    fn wanted(&self, l: &Led, r: &NodeId) -> bool {
+        let Some(layout) = self.inner.cluster.layout() else {
+            return true;
+        };
+        let me = self.inner.cluster.me();
+        let replicas: Vec<NodeId> = layout.replicas(l.p).map(|m| m.id.clone()).collect();
+        if replicas.contains(r) {
+            return true;
+        }
+        let state = l.state.lock().unwrap_or_else(PoisonError::into_inner);
+        !replicas
+            .iter()
+            .filter(|n| *n != me)
+            .all(|n| state.in_sync.contains(n))
     }
 
     fn rpc_addr(&self, r: &NodeId) -> Result<String, String> {

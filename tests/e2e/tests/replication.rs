@@ -12,6 +12,7 @@ use futures::StreamExt;
 use granary_e2e::cluster::{Settings, TestCluster, admin, eventually, metric, signal};
 use granary_e2e::{KvClient, s3_client};
 use granary_node::types::{PartitionId, TenantId};
+use serde_json::Value;
 
 const PARTITIONS: u16 = 16;
 
@@ -493,8 +494,34 @@ async fn a_node_that_joins_takes_over_its_share_of_primaries() {
         acked.len()
     );
     assert!(led_by_n4 > 0 && handoffs >= led_by_n4 as f64, "{l}");
-    // The old primaries handed over cleanly: every replica set holds the same.
+    // The old primaries handed over cleanly: every replica set holds the same. A node
+    // the layout no longer places a partition on leaves its in-sync set (writes stop
+    // waiting for it).
     c.replicas_agree(60).await;
+    eventually(
+        "every in-sync set is its layout replica set",
+        30,
+        || async {
+            let l = admin(&c.nodes[0].proc, "/layout?partitions=true").await;
+            let sorted = |v: &Value| {
+                let mut ids: Vec<String> = v
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| n.as_str().unwrap().to_string())
+                    .collect();
+                ids.sort();
+                ids
+            };
+            l["replicaSets"]
+                .as_array()?
+                .iter()
+                .zip(l["inSync"].as_array()?)
+                .all(|(set, in_sync)| sorted(set) == sorted(in_sync))
+                .then_some(())
+        },
+    )
+    .await;
     assert!(!acked.is_empty());
 
     // Everything reads back through the new node.
