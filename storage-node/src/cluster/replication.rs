@@ -721,20 +721,14 @@ impl Replicator {
         loop {
             if !self.wanted(l, r) {
                 // The layout no longer places a replica here and its own replicas are all
-                // in sync: stop waiting for this node, and stop shipping to it.
-                if l.state
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .in_sync
-                    .contains(r)
-                {
-                    self.leave(
-                        l,
-                        r,
-                        "the layout no longer places a replica of this partition on it",
-                    )
-                    .await;
-                }
+                // in sync: stop waiting for this node (leave also drops it from what
+                // writes wait for when it was only joining), and stop shipping to it.
+                self.leave(
+                    l,
+                    r,
+                    "the layout no longer places a replica of this partition on it",
+                )
+                .await;
                 let still = l
                     .state
                     .lock()
@@ -749,8 +743,8 @@ impl Replicator {
                     tracing::info!(partition = %l.p, replica = %r.0, "stopped shipping to a node the layout no longer places a replica on");
                     return;
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                continue;
+                // The change did not go through: it is still waited for, so it is
+                // still shipped to (and retired on a later round).
             }
             let now = self.inner.cluster.incarnation_of(r);
             if position.is_some() && now.is_some() && now != incarnation {
@@ -834,10 +828,14 @@ impl Replicator {
             return true;
         }
         let state = l.state.lock().unwrap_or_else(PoisonError::into_inner);
-        !replicas
-            .iter()
-            .filter(|n| *n != me)
-            .all(|n| state.in_sync.contains(n))
+        // Retire only into a full replica set that keeps enough copies without it.
+        let full = replicas.len() >= usize::from(layout.factor)
+            && state.in_sync.len() > self.inner.min_in_sync;
+        !(full
+            && replicas
+                .iter()
+                .filter(|n| *n != me)
+                .all(|n| state.in_sync.contains(n)))
     }
 
     fn rpc_addr(&self, r: &NodeId) -> Result<String, String> {

@@ -113,9 +113,9 @@ impl S3Front {
                     };
                 }
             }
-            // An XML body is read whole by s3s, before the signature is checked: it
+            // An XML body is read whole by s3s (once the head's signature checks out): it
             // reserves its bytes first, and is refused at once when they are not there.
-            let _xml_hold = if self.xml_body(&parts) {
+            let xml_hold = if self.xml_body(&parts) {
                 let declared = parts
                     .headers
                     .get(http::header::CONTENT_LENGTH)
@@ -144,6 +144,8 @@ impl S3Front {
             // (checked after authentication, on each bucket the request touches).
             let write = !matches!(method, http::Method::GET | http::Method::HEAD);
             let (resp, touched) = crate::model::tracking_partitions(write, self.s3.call(req)).await;
+            // s3s is done with the body: its bytes go back before the barrier's wait.
+            drop(xml_hold);
             let (replicator, wait) = &self.replication;
             if let Err(why) = replicator.barrier(&touched, *wait).await {
                 // 500, not 503: the request may have taken effect (503 always means it
@@ -175,8 +177,6 @@ impl S3Front {
         resp
     }
 
-    /// The bucket a request addresses: from a virtual host under a known domain, else the
-    /// first path segment.
     /// Whether s3s reads this request's body whole as XML: every POST (DeleteObjects,
     /// CompleteMultipartUpload; form uploads are refused earlier), a PUT of a
     /// subresource (`?tagging`, `?acl`, `?lifecycle`, ...) and a bucket-level PUT
@@ -190,7 +190,16 @@ impl S3Front {
                     q.split('&').any(|p| {
                         let name = p.split_once('=').map_or(p, |(k, _)| k);
                         !name.is_empty()
-                            && !matches!(name, "partNumber" | "uploadId" | "x-id")
+                            && !matches!(
+                                name,
+                                // and the query of a signature version 2 presigned URL
+                                "partNumber"
+                                    | "uploadId"
+                                    | "x-id"
+                                    | "AWSAccessKeyId"
+                                    | "Expires"
+                                    | "Signature"
+                            )
                             && !name.to_ascii_lowercase().starts_with("x-amz-")
                     })
                 });
@@ -212,6 +221,8 @@ impl S3Front {
         }
     }
 
+    /// The bucket a request addresses: from a virtual host under a known domain, else the
+    /// first path segment.
     fn bucket(&self, parts: &http::request::Parts) -> Option<String> {
         use s3s::host::S3Host;
         let host = parts
