@@ -209,11 +209,7 @@ impl TestCluster {
         }
         // And every partition is served by its primary (taken up and checked).
         eventually("every partition served by its primary", 30, || async {
-            let mut served = 0;
-            for m in &self.nodes {
-                served += try_admin(&m.proc, "/layout").await?["partitionsServedHere"].as_u64()?;
-            }
-            (served == u64::from(self.settings.partitions)).then_some(())
+            self.all_served().await.then_some(())
         })
         .await;
         first
@@ -221,6 +217,19 @@ impl TestCluster {
 }
 
 impl TestCluster {
+    /// Whether the nodes' `partitionsServedHere` add up to every partition (false while
+    /// any node does not answer).
+    async fn all_served(&self) -> bool {
+        let mut served = 0;
+        for m in &self.nodes {
+            match try_admin(&m.proc, "/layout").await {
+                Some(l) => served += l["partitionsServedHere"].as_u64().unwrap_or(0),
+                None => return false,
+            }
+        }
+        served == u64::from(self.settings.partitions)
+    }
+
     /// Waits until every partition is led by the layout's preferred primary, with its full
     /// in-sync set, and served (hand-overs after a join or a return are over).
     pub async fn wait_balanced(&self, secs: u64) -> Value {
@@ -236,15 +245,7 @@ impl TestCluster {
                         .iter()
                         .zip(l["actingPrimaries"].as_array()?)
                         .all(|(set, primary)| set[0] == *primary);
-                if !balanced {
-                    return None;
-                }
-                let mut served = 0;
-                for m in &self.nodes {
-                    served +=
-                        try_admin(&m.proc, "/layout").await?["partitionsServedHere"].as_u64()?;
-                }
-                (served == u64::from(self.settings.partitions)).then_some(l)
+                (balanced && self.all_served().await).then_some(l)
             },
         )
         .await

@@ -613,6 +613,14 @@ impl KvClient {
         }
     }
 
+    /// GETs `path` and asserts it answers 200 with `expected` (`what` names it in a
+    /// failure).
+    pub async fn assert_value(&self, path: &str, expected: &[u8], what: &str) {
+        let r = self.send("GET", path, &[], vec![]).await.unwrap();
+        assert_eq!(r.status(), 200, "{what}");
+        assert_eq!(r.bytes().await.unwrap().as_ref(), expected, "{what}");
+    }
+
     /// Sends a signed request; `path` starts with `/kv/v1/`.
     pub async fn send(
         &self,

@@ -279,12 +279,12 @@ async fn a_replica_that_lost_its_disk_is_rebuilt_from_its_primaries() {
     c.wait_balanced(60).await;
     let kv2 = KvClient::new(&c.nodes[1].proc.kv, &ak, &sk);
     for i in 0..80 {
-        let r = kv2
-            .send("GET", &format!("/kv/v1/ns-{}/k{i}", i % 9), &[], vec![])
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "k{i}");
-        assert_eq!(r.bytes().await.unwrap().as_ref(), [i as u8]);
+        kv2.assert_value(
+            &format!("/kv/v1/ns-{}/k{i}", i % 9),
+            &[i as u8],
+            &format!("k{i}"),
+        )
+        .await;
     }
 }
 
@@ -360,15 +360,12 @@ async fn a_failed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
     for node in &c.nodes[..2] {
         let kv = KvClient::new(&node.proc.kv, &ak, &sk);
         for i in 0..50 {
-            let r = kv
-                .send("GET", &format!("/kv/v1/{ns}/k{i}"), &[], vec![])
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "k{i} through {}", node.id);
-            assert_eq!(
-                r.bytes().await.unwrap().as_ref(),
-                format!("v{i}").as_bytes()
-            );
+            kv.assert_value(
+                &format!("/kv/v1/{ns}/k{i}"),
+                format!("v{i}").as_bytes(),
+                &format!("k{i} through {}", node.id),
+            )
+            .await;
         }
     }
 
@@ -395,15 +392,12 @@ async fn a_failed_primary_is_replaced_and_no_acknowledged_write_is_lost() {
     })
     .await;
     for i in 0..50 {
-        let r = kv3
-            .send("GET", &format!("/kv/v1/{ns}/k{i}"), &[], vec![])
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "k{i} through n3 after the hand-back");
-        assert_eq!(
-            r.bytes().await.unwrap().as_ref(),
-            format!("v{i}").as_bytes()
-        );
+        kv3.assert_value(
+            &format!("/kv/v1/{ns}/k{i}"),
+            format!("v{i}").as_bytes(),
+            &format!("k{i} through n3 after the hand-back"),
+        )
+        .await;
     }
 }
 
@@ -527,26 +521,20 @@ async fn a_node_that_joins_takes_over_its_share_of_primaries() {
     // Everything reads back through the new node.
     let kv4 = KvClient::new(&n4.kv, &ak, &sk);
     for i in 0..300 {
-        let r = kv4
-            .send("GET", &format!("/kv/v1/ns-{}/k{i}", i % 12), &[], vec![])
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "k{i}");
-        assert_eq!(
-            r.bytes().await.unwrap().as_ref(),
-            format!("v{i}").as_bytes()
-        );
+        kv4.assert_value(
+            &format!("/kv/v1/ns-{}/k{i}", i % 12),
+            format!("v{i}").as_bytes(),
+            &format!("k{i}"),
+        )
+        .await;
     }
     for i in acked {
-        let r = kv4
-            .send("GET", &format!("/kv/v1/ns-{}/live{i}", i % 12), &[], vec![])
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "live{i}");
-        assert_eq!(
-            r.bytes().await.unwrap().as_ref(),
-            format!("w{i}").as_bytes()
-        );
+        kv4.assert_value(
+            &format!("/kv/v1/ns-{}/live{i}", i % 12),
+            format!("w{i}").as_bytes(),
+            &format!("live{i}"),
+        )
+        .await;
     }
 }
 
