@@ -399,9 +399,14 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
         .await;
         let (replicator, wait) = &st.replication;
         if let Err(why) = replicator.barrier(&touched, *wait).await {
+            // A read changed nothing: it may simply be retried (503). A write's outcome is
+            // unknown: 500, not 503 (503 always means nothing took effect).
+            if !write {
+                slot.set("NotServable");
+                return ApiError::unavailable(format!("{why}; nothing was changed, retry"))
+                    .into_response();
+            }
             slot.set("NotDurable");
-            // 500, not 503: the request may have taken effect (503 always means it did
-            // not, and is safe to retry).
             return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "NotDurable", why)
                 .into_response();
         }

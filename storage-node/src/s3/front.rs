@@ -148,8 +148,16 @@ impl S3Front {
             drop(xml_hold);
             let (replicator, wait) = &self.replication;
             if let Err(why) = replicator.barrier(&touched, *wait).await {
-                // 500, not 503: the request may have taken effect (503 always means it
-                // did not, and is safe to retry).
+                // A read changed nothing: it may simply be retried (503). A write's
+                // outcome is unknown: 500, not 503 (503 always means nothing took effect).
+                if !write {
+                    slot.set("NotServable");
+                    return s3_error_response(
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        "ServiceUnavailable",
+                        &format!("{why}; nothing was changed, retry"),
+                    );
+                }
                 slot.set("NotDurable");
                 return s3_error_response(
                     http::StatusCode::INTERNAL_SERVER_ERROR,

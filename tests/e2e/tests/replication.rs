@@ -757,7 +757,7 @@ async fn a_replica_killed_during_10000_writes_catches_up_and_serves_identical_da
                             .unwrap();
                         match r.status().as_u16() {
                             200 => Ok(r.bytes().await.unwrap().to_vec()),
-                            s => Err(format!("{s}")),
+                            s => Err(format!("{s} {}", r.text().await.unwrap_or_default())),
                         }
                     };
                     match got {
