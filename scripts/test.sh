@@ -57,6 +57,9 @@ GRANARY_LINCHECK_BIN=$(tests/e2e/tools/lincheck.sh)
 export GRANARY_LINCHECK_BIN
 echo "using $GRANARY_LINCHECK_BIN"
 
+step "actionlint (the release workflow; actionlint v1.7.12 built once into the cache)"
+"$(tests/e2e/tools/actionlint.sh)" .github/workflows/*.yml
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
@@ -72,6 +75,13 @@ export GRANARY_NODE_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-node"
 export GRANARY_OPERATOR_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-operator"
 export GRANARY_POWERLOSS_FS_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/granary-powerloss-fs"
 
+step "container images (scripts/images.sh from the debug binaries; the Debian base is built once into the cache)"
+command -v runc >/dev/null || apt_install runc
+GRANARY_IMAGES_DIR=$(IMAGES_OUT="${CARGO_TARGET_DIR:-$PWD/target}/images" \
+  scripts/images.sh --bin-dir "${CARGO_TARGET_DIR:-$PWD/target}/debug")
+export GRANARY_IMAGES_DIR
+echo "images in $GRANARY_IMAGES_DIR"
+
 # Network namespaces and bridges of multi-node tests that were killed before their
 # cleanup ran (names: gr<5 hex>n<i>, grb<5 hex>); nothing else uses those names.
 for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^gr[0-9a-f]{5}n[0-9]+$'); do
@@ -85,7 +95,7 @@ step "cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace -- --test-threads=2 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s+=$1} END {print s+0}')

@@ -142,6 +142,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     tokio::spawn(async move { axum::serve(listener, app).await });
 
+    // Ready once the API server answers, leader or standby: readiness gates nothing here
+    // (the operator serves no traffic), and a standby that never turned Ready would stall
+    // every rolling update of the Deployment (the new pod waits for the Lease the old pod
+    // holds until it is stopped, which waits for the new pod to be Ready).
+    loop {
+        match client.apiserver_version().await {
+            Ok(_) => break,
+            Err(e) => tracing::warn!(error = %e, "the API server does not answer yet; retrying"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            _ = stop.clone() => {
+                tracing::info!("stopped before the API server answered");
+                return Ok(());
+            }
+        }
+    }
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+
     let mut leading = if args.leader_election && !args.no_leader_election {
         let me = std::env::var("POD_NAME")
             .unwrap_or_else(|_| format!("granary-operator-{}", std::process::id()));
@@ -161,7 +180,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    metrics.leader.set(1);
 
     let operator_ns = args.lease_namespace.clone();
     let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), operator_ns));

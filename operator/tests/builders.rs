@@ -142,6 +142,41 @@ fn statefulset_carries_replicas_zone_affinity_volumes_probes_and_secrets() {
         (probe.path.as_deref(), &probe.port),
         (Some("/readyz"), &IntOrString::Int(9200))
     );
+    // Start-up scans of a large volume may take long: a startup probe holds the liveness
+    // probe off for up to an hour (the liveness probe alone allows a minute).
+    let startup = c.startup_probe.as_ref().expect("a startup probe");
+    assert_eq!(
+        startup.http_get.as_ref().unwrap().path.as_deref(),
+        Some("/healthz")
+    );
+    assert!(
+        startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3) >= 3600,
+        "{startup:?}"
+    );
+    // The image's non-root user, the volume given to its group, nothing else allowed.
+    let psc = pod
+        .security_context
+        .as_ref()
+        .expect("a pod securityContext");
+    assert_eq!(
+        (psc.run_as_non_root, psc.run_as_user, psc.fs_group),
+        (Some(true), Some(65532), Some(65532))
+    );
+    let csc = c
+        .security_context
+        .as_ref()
+        .expect("a container securityContext");
+    assert_eq!(
+        (
+            csc.allow_privilege_escalation,
+            csc.read_only_root_filesystem
+        ),
+        (Some(false), Some(true))
+    );
+    assert_eq!(
+        csc.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_string()])
+    );
     let env = c.env.as_ref().unwrap();
     let var = |n: &str| env.iter().find(|e| e.name == n).unwrap();
     let secret_of = |n: &str| {

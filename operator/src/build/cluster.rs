@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSpec,
-    PodTemplateSpec, Probe, SecretKeySelector, Service, ServiceAccount, ServicePort, ServiceSpec,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
+    SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
     TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
@@ -271,6 +272,16 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// The user and group of the node image (the distroless "nonroot" ids); the data volume
+/// is given to this group (`fsGroup`).
+pub const NODE_UID: i64 = 65532;
+
+/// How long a node may take from start to answering `/healthz` (its listeners open after
+/// the start-up scans of the engine, which grow with the volume) before the kubelet
+/// restarts it: the startup probe's period times its failure threshold. The liveness
+/// probe takes over only after the startup probe passed.
+pub const NODE_STARTUP_SECS: i32 = 3600;
+
 /// The storage node's smallest accepted `memory_budget` (its config refuses less).
 const MIN_MEMORY_BUDGET: u64 = 8 << 20;
 
@@ -369,8 +380,19 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
             })
             .to_vec(),
         ),
+        startup_probe: Some(http_probe("/healthz", 10, NODE_STARTUP_SECS / 10)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         liveness_probe: Some(http_probe("/healthz", 10, 6)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         resources: pool.resources.clone(),
         volume_mounts: Some(vec![
             VolumeMount {
@@ -391,6 +413,20 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
         service_account_name: Some(format!("{}-node", ctx.name)),
         automount_service_account_token: Some(false),
         containers: vec![container],
+        // The image's non-root user; the volume's group is set to it on the first mount
+        // only (not on every restart of a large volume).
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(NODE_UID),
+            run_as_group: Some(NODE_UID),
+            fs_group: Some(NODE_UID),
+            fs_group_change_policy: Some("OnRootMismatch".into()),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
         node_selector: (!zone.node_selector.is_empty()).then(|| zone.node_selector.clone()),
         tolerations: (!zone.tolerations.is_empty()).then(|| zone.tolerations.clone()),
         affinity: None::<Affinity>,

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub registry: std::sync::Mutex<Registry>,
     pub reconciles: Family<ReconcileLabels, Counter>,
     pub duration: Family<ReconcileLabels, Histogram>,
+    /// 1 while this process holds the Lease (or runs without leader election), else 0.
+    pub leader: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Default for Metrics {
@@ -51,8 +53,15 @@ impl Default for Metrics {
             "Reconcile durations by controller and result",
             duration.clone(),
         );
+        let leader = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and reconciles, 0 on a standby",
+            leader.clone(),
+        );
         Self {
             registry: std::sync::Mutex::new(registry),
+            leader,
             reconciles,
             duration,
         }

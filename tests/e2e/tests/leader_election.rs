@@ -10,7 +10,7 @@ use granary_e2e::control_plane::{ControlPlane, poll_until};
 use granary_e2e::otlp::{collector, traces_contain};
 use granary_e2e::{ChildGuard, free_port, operator_binary};
 
-fn start(cp: &ControlPlane, name: &str, otlp: &str) -> ChildGuard {
+fn start(cp: &ControlPlane, name: &str, otlp: &str, metrics: u16) -> ChildGuard {
     ChildGuard::new(
         Command::new(operator_binary())
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)
@@ -22,7 +22,7 @@ fn start(cp: &ControlPlane, name: &str, otlp: &str) -> ChildGuard {
                 "--lease-name",
                 "granary-operator",
                 "--metrics-addr",
-                "127.0.0.1:0",
+                &format!("127.0.0.1:{metrics}"),
             ])
             .env("KUBECONFIG", &cp.kubeconfig)
             .env("POD_NAME", name)
@@ -32,6 +32,26 @@ fn start(cp: &ControlPlane, name: &str, otlp: &str) -> ChildGuard {
             .spawn()
             .unwrap(),
     )
+}
+
+/// GET `path` from an operator's metrics port: status code and body.
+fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, body.to_string()))
 }
 
 /// The operator Lease, or None if it cannot be read.
@@ -70,13 +90,30 @@ fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
     cp.kubectl(&["create", "namespace", "granary-system"])
         .unwrap();
     let (otlp, spans) = collector();
-    let mut a = Some(start(&cp, "op-a", &otlp));
-    let mut b = Some(start(&cp, "op-b", &otlp));
+    let ports = [("op-a", free_port()), ("op-b", free_port())];
+    let mut a = Some(start(&cp, "op-a", &otlp, ports[0].1));
+    let mut b = Some(start(&cp, "op-b", &otlp, ports[1].1));
     let first = poll_until(Duration::from_secs(60), "a lease holder", || {
         Ok(holder(&cp))
     })
     .unwrap();
     assert!(first == "op-a" || first == "op-b", "{first}");
+    // Both replicas are Ready, the standby too (a rolling update of the Deployment waits
+    // for the new pod's readiness while the old pod holds the Lease); only the holder
+    // reports itself the leader.
+    for (name, port) in ports {
+        let (status, body) = poll_until(Duration::from_secs(30), "readiness", || {
+            Ok(http_get(port, "/readyz").ok().filter(|(s, _)| *s == 200))
+        })
+        .unwrap();
+        assert_eq!(status, 200, "{name} /readyz: {body}");
+        let (_, page) = http_get(port, "/metrics").unwrap();
+        let leader = if name == first { 1 } else { 0 };
+        assert!(
+            page.contains(&format!("granary_operator_leader {leader}")),
+            "{name} (holder {first}) should report leader {leader}:\n{page}"
+        );
+    }
     // The leader reconciles.
     cp.kubectl_stdin(&["apply", "-f", "-"], &cluster("one"))
         .unwrap();
