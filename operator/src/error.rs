@@ -10,6 +10,9 @@ pub enum Error {
     Invalid(String),
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// Some objects could not be applied (the rest were, and the status was written).
+    #[error("{0}")]
+    Apply(String),
 }
 
 impl Error {
@@ -20,6 +23,7 @@ impl Error {
             Error::Admin(_) => "admin_api",
             Error::Invalid(_) => "invalid",
             Error::Finalizer(_) => "finalizer",
+            Error::Apply(_) => "apply",
         }
     }
 }

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::storage::v1::StorageClass;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -23,9 +25,9 @@ use serde_json::json;
 
 use super::{Context, MANAGER};
 use crate::build::cluster::{self as builder, Desired};
-use crate::conditions;
 use crate::crd::{MemberCounts, StorageCluster, StorageClusterStatus, ZoneStatus};
 use crate::error::{Error, Result};
+use crate::{conditions, quantity};
 
 pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
@@ -134,9 +136,17 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
 
     let mut desired: Desired = builder::build(sc, &bctx);
 
+    // The catalog Secret is the user's: without it no node can start, which the status
+    // says by name (instead of only "0/N nodes ready").
+    let catalog_missing = catalog_secret_problem(sc, ctx, &ns).await;
+
     // Refuse scale-in: keep the current replica count where the spec asks for fewer.
+    // Volume changes: volumeClaimTemplates cannot change, so a larger size expands the
+    // pool's claims in place and anything else is refused.
     let sts_api: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
     let mut refused = Vec::new();
+    let mut volume_refusals = Vec::new();
+    let mut expansions = Vec::new();
     for sts in &mut desired.stateful_sets {
         let name = sts.metadata.name.clone().unwrap_or_default();
         if let Some(current) = sts_api.get_opt(&name).await? {
@@ -146,29 +156,80 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
                 refused.push(format!("{name}: {have} -> {want}"));
                 sts.spec.replicas = Some(have);
             }
+            match volume_change(&current, sts) {
+                VolumeChange::None => {}
+                VolumeChange::Grow(size) => expansions.push((name.clone(), have.max(want), size)),
+                VolumeChange::Refused(why) => volume_refusals.push(format!("{name}: {why}")),
+            }
+            keep_volume_templates(&current, sts);
         }
     }
 
-    ssa(
-        &Api::namespaced(client.clone(), &ns),
-        &desired.service_account,
-    )
-    .await?;
-    ssa(&Api::namespaced(client.clone(), &ns), &desired.config).await?;
+    // Every object is applied even when one fails (a refused change must not freeze the
+    // budget, the policy or the status); the failures are reported together at the end.
+    let mut failures: Vec<String> = Vec::new();
+    let mut note = |what: String, r: Result<()>| {
+        if let Err(e) = r {
+            tracing::warn!(object = %what, error = %e, "apply failed");
+            failures.push(format!("{what}: {e}"));
+        }
+    };
+    note(
+        "ServiceAccount".into(),
+        ssa(
+            &Api::namespaced(client.clone(), &ns),
+            &desired.service_account,
+        )
+        .await,
+    );
+    note(
+        "ConfigMap".into(),
+        ssa(&Api::namespaced(client.clone(), &ns), &desired.config).await,
+    );
     for s in &desired.services {
-        ssa(&Api::namespaced(client.clone(), &ns), s).await?;
+        note(
+            format!("Service {}", s.name_any()),
+            ssa(&Api::namespaced(client.clone(), &ns), s).await,
+        );
     }
     for s in &desired.stateful_sets {
-        ssa(&sts_api, s).await?;
+        note(
+            format!("StatefulSet {}", s.name_any()),
+            ssa(&sts_api, s).await,
+        );
+    }
+    for (sts, replicas, size) in &expansions {
+        match expand_claims(ctx, &ns, sts, *replicas, size).await {
+            Ok(Some(why)) => volume_refusals.push(format!("{sts}: {why}")),
+            Ok(None) => {}
+            Err(e) => note(format!("volumes of {sts}"), Err(e)),
+        }
     }
     let pdb_api: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
-    ssa(&pdb_api, &desired.pdb).await?;
-    remove_stale_pdbs(&pdb_api, &bctx).await?;
-    ssa(
-        &Api::namespaced(client.clone(), &ns),
-        &desired.network_policy,
-    )
-    .await?;
+    note(
+        "PodDisruptionBudget".into(),
+        ssa(&pdb_api, &desired.pdb).await,
+    );
+    note(
+        "superseded PodDisruptionBudgets".into(),
+        remove_stale_pdbs(&pdb_api, &bctx).await,
+    );
+    note(
+        "NetworkPolicy".into(),
+        ssa(
+            &Api::namespaced(client.clone(), &ns),
+            &desired.network_policy,
+        )
+        .await,
+    );
+    // Pools removed from the spec keep running (their nodes hold data) and are reported.
+    let removed = match removed_pools(&sts_api, &bctx, &desired).await {
+        Ok(r) => r,
+        Err(e) => {
+            note("StatefulSets of removed pools".into(), Err(e));
+            Vec::new()
+        }
+    };
 
     // Status from what exists now.
     let mut zones: BTreeMap<String, ZoneStatus> = BTreeMap::new();
@@ -205,7 +266,31 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
         .unwrap_or_default();
     let total: i32 = zones.values().map(|z| z.nodes).sum();
     let ready: i32 = zones.values().map(|z| z.ready_nodes).sum();
-    if all_ready {
+    if let Some(why) = &catalog_missing {
+        if !conds
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.reason == "CatalogSecretMissing")
+        {
+            ctx.event(sc, true, "CatalogSecretMissing", why.clone())
+                .await;
+        }
+        conditions::set(
+            &mut conds,
+            "Ready",
+            false,
+            "CatalogSecretMissing",
+            format!("{why} ({ready}/{total} storage nodes ready)"),
+            gen_,
+        );
+        conditions::set(
+            &mut conds,
+            "Progressing",
+            false,
+            "CatalogSecretMissing",
+            "waiting for the catalog Secret",
+            gen_,
+        );
+    } else if all_ready {
         conditions::set(
             &mut conds,
             "Ready",
@@ -293,6 +378,33 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
     if let Some(msg) = refusal.clone() {
         parts.push((1, "ScaleInRefused", msg));
     }
+    if !volume_refusals.is_empty() {
+        parts.push((
+            1,
+            "VolumeChangeRefused",
+            format!(
+                "volume change refused (the pools keep their volumes): {}",
+                volume_refusals.join(", ")
+            ),
+        ));
+    }
+    if !failures.is_empty() {
+        parts.push((
+            1,
+            "ApplyFailed",
+            format!("not applied: {}", failures.join("; ")),
+        ));
+    }
+    if !removed.is_empty() {
+        parts.push((
+            2,
+            "PoolsRemoved",
+            format!(
+                "pools removed from the spec keep running until their nodes can be drained: {}",
+                removed.join(", ")
+            ),
+        ));
+    }
     parts.sort_by_key(|p| p.0);
     match parts.first() {
         Some((_, reason, _)) => {
@@ -313,10 +425,13 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
             }
             conditions::set(&mut conds, "Degraded", true, reason, msg, gen_);
         }
-        // Without fresh health a replication verdict stands; a refusal is always fresh.
+        // Without fresh health a replication verdict stands; the operator's own
+        // verdicts (refusals, failures, removed pools) are always fresh.
         None if health.is_some()
             || old_reason.is_none()
-            || old_reason.as_deref() == Some("ScaleInRefused") =>
+            || old_reason
+                .as_deref()
+                .is_some_and(|r| !matches!(r, "BelowMinInSync" | "UnderReplicated")) =>
         {
             conditions::set(&mut conds, "Degraded", false, "AsRequested", "", gen_);
         }
@@ -333,6 +448,9 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
         below_min_in_sync_partitions: below,
     };
     patch_status(ctx, &ns, &sc.name_any(), &status).await?;
+    if !failures.is_empty() {
+        return Err(Error::Apply(failures.join("; ")));
+    }
     // Health changes without any Kubernetes event: look again soon while it is bad or
     // unknown.
     Ok(Action::requeue(Duration::from_secs(if !all_ready {
@@ -360,6 +478,200 @@ async fn patch_status(
     )
     .await?;
     Ok(())
+}
+
+/// Why the catalog Secret the cluster names cannot be used, or None.
+async fn catalog_secret_problem(sc: &StorageCluster, ctx: &Context, ns: &str) -> Option<String> {
+    let r = &sc.spec.catalog.postgres_secret_ref;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    match api.get_opt(&r.name).await {
+        Ok(Some(s)) => {
+            let present = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(&r.key))
+                .is_some_and(|v| !v.0.is_empty())
+                || s.string_data
+                    .as_ref()
+                    .and_then(|d| d.get(&r.key))
+                    .is_some_and(|v| !v.is_empty());
+            (!present).then(|| {
+                format!(
+                    "the catalog Secret {ns}/{} has no key {:?} (spec.catalog.postgresSecretRef)",
+                    r.name, r.key
+                )
+            })
+        }
+        Ok(None) => Some(format!(
+            "the catalog Secret {ns}/{} does not exist (spec.catalog.postgresSecretRef): \
+             the storage nodes cannot start without their catalog URL",
+            r.name
+        )),
+        Err(e) => Some(format!(
+            "the catalog Secret {ns}/{} cannot be read: {e}",
+            r.name
+        )),
+    }
+}
+
+/// What a change of a pool's `storage` means for its StatefulSet.
+#[derive(Debug, PartialEq)]
+pub enum VolumeChange {
+    None,
+    /// A larger size: the pool's claims are expanded in place to it.
+    Grow(Quantity),
+    /// A change no volume can make in place (a smaller size, another StorageClass).
+    Refused(String),
+}
+
+fn data_template(sts: &StatefulSet) -> Option<&PersistentVolumeClaim> {
+    sts.spec
+        .volume_claim_templates
+        .as_ref()?
+        .iter()
+        .find(|t| t.metadata.name.as_deref() == Some("data"))
+}
+
+fn requested_size(pvc: &PersistentVolumeClaim) -> Option<&Quantity> {
+    pvc.spec
+        .as_ref()?
+        .resources
+        .as_ref()?
+        .requests
+        .as_ref()?
+        .get("storage")
+}
+
+/// Compares the `data` volume template of the existing StatefulSet with the desired one.
+pub fn volume_change(current: &StatefulSet, desired: &StatefulSet) -> VolumeChange {
+    let (Some(cur), Some(want)) = (data_template(current), data_template(desired)) else {
+        return VolumeChange::None;
+    };
+    let class =
+        |p: &PersistentVolumeClaim| p.spec.as_ref().and_then(|s| s.storage_class_name.clone());
+    if class(cur) != class(want) {
+        let show = |c: Option<String>| c.unwrap_or_else(|| "the default".into());
+        return VolumeChange::Refused(format!(
+            "storageClassName cannot change in place ({} -> {}): the claims keep their class; \
+             move the data to a new pool instead",
+            show(class(cur)),
+            show(class(want))
+        ));
+    }
+    let (Some(have), Some(size)) = (requested_size(cur), requested_size(want)) else {
+        return VolumeChange::None;
+    };
+    match (quantity::to_u64(&have.0), quantity::to_u64(&size.0)) {
+        (Some(h), Some(w)) if w > h => VolumeChange::Grow(size.clone()),
+        (Some(h), Some(w)) if w < h => VolumeChange::Refused(format!(
+            "storage.size cannot shrink ({} -> {}): volumes are never shrunk",
+            have.0, size.0
+        )),
+        _ => VolumeChange::None,
+    }
+}
+
+/// The API server refuses any change to `volumeClaimTemplates`: what is applied keeps the
+/// existing template's size and class (claims are expanded by [`expand_claims`]).
+fn keep_volume_templates(current: &StatefulSet, desired: &mut StatefulSet) {
+    let Some(cur) = data_template(current).and_then(|t| t.spec.clone()) else {
+        return;
+    };
+    if let Some(t) = desired.spec.volume_claim_templates.as_mut().and_then(|ts| {
+        ts.iter_mut()
+            .find(|t| t.metadata.name.as_deref() == Some("data"))
+    }) && let Some(spec) = t.spec.as_mut()
+    {
+        spec.resources = cur.resources;
+        spec.storage_class_name = cur.storage_class_name;
+    }
+}
+
+/// Expands the bound `data` claims of StatefulSet `sts` (ordinals below `replicas`) to
+/// `size` where they are smaller, as Rook and CloudNativePG do (the storage driver grows
+/// the volume, the kubelet the file system). Returns why it cannot, when a
+/// claim's StorageClass does not allow expansion (nothing is changed then).
+async fn expand_claims(
+    ctx: &Context,
+    ns: &str,
+    sts: &str,
+    replicas: i32,
+    size: &Quantity,
+) -> Result<Option<String>> {
+    let want = quantity::to_u64(&size.0).unwrap_or(0);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let classes: Api<StorageClass> = Api::all(ctx.client.clone());
+    let mut small = Vec::new();
+    for i in 0..replicas {
+        let name = format!("data-{sts}-{i}");
+        let Some(pvc) = pvcs.get_opt(&name).await? else {
+            continue; // created later from the template, expanded on a later pass
+        };
+        // Only a bound claim can be resized (the API server refuses the others); one
+        // that binds later is expanded on a later pass.
+        let bound = pvc.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound");
+        if bound
+            && requested_size(&pvc)
+                .and_then(|q| quantity::to_u64(&q.0))
+                .is_some_and(|have| have < want)
+        {
+            small.push(pvc);
+        }
+    }
+    for pvc in &small {
+        let class = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone());
+        let allowed = match &class {
+            Some(c) => classes
+                .get_opt(c)
+                .await?
+                .is_some_and(|sc| sc.allow_volume_expansion == Some(true)),
+            None => false,
+        };
+        if !allowed {
+            return Ok(Some(format!(
+                "storage.size grew to {}, but StorageClass {} does not allow volume expansion \
+                 (allowVolumeExpansion); the claims keep their size",
+                size.0,
+                class.as_deref().unwrap_or("(none)")
+            )));
+        }
+    }
+    for pvc in small {
+        let name = pvc.name_any();
+        let patch = json!({"spec": {"resources": {"requests": {"storage": size}}}});
+        pvcs.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        tracing::info!(claim = %name, size = %size.0, "expanding a volume");
+    }
+    Ok(None)
+}
+
+/// StatefulSets this cluster owns that no pool of its spec describes any more.
+async fn removed_pools(
+    api: &Api<StatefulSet>,
+    bctx: &builder::Context,
+    desired: &Desired,
+) -> Result<Vec<String>> {
+    let labels = crate::build::cluster_labels(&bctx.name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let wanted: Vec<String> = desired.stateful_sets.iter().map(|s| s.name_any()).collect();
+    Ok(api
+        .list(&ListParams::default().labels(&labels))
+        .await?
+        .into_iter()
+        .filter(|s| {
+            s.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.uid == bctx.uid)
+                && !wanted.contains(&s.name_any())
+        })
+        .map(|s| format!("{} ({} nodes)", s.name_any(), s.spec.replicas.unwrap_or(0)))
+        .collect())
 }
 
 async fn set_failed_status(sc: &StorageCluster, ctx: &Context, e: &Error) -> Result<()> {
@@ -481,6 +793,45 @@ mod tests {
         sc.spec.replication.factor = factor;
         sc.spec.replication.min_in_sync = min_in_sync;
         sc
+    }
+
+    fn sts(size: &str, class: Option<&str>) -> StatefulSet {
+        let mut sc = cluster(3, 2);
+        let pool = &mut sc.spec.zones[0].pools[0];
+        pool.storage.size = Quantity(size.into());
+        pool.storage.storage_class_name = class.map(Into::into);
+        let b = builder::Context::of(&sc, "granary-system");
+        builder::build(&sc, &b).stateful_sets.remove(0)
+    }
+
+    #[test]
+    fn volume_changes_grow_in_place_and_refuse_shrinking_or_another_class() {
+        let cur = sts("500Gi", Some("nvme"));
+        assert_eq!(
+            volume_change(&cur, &sts("500Gi", Some("nvme"))),
+            VolumeChange::None
+        );
+        assert_eq!(
+            volume_change(&cur, &sts("536870912000", Some("nvme"))),
+            VolumeChange::None,
+            "the same size written differently"
+        );
+        assert_eq!(
+            volume_change(&cur, &sts("600Gi", Some("nvme"))),
+            VolumeChange::Grow(Quantity("600Gi".into()))
+        );
+        let VolumeChange::Refused(why) = volume_change(&cur, &sts("400Gi", Some("nvme"))) else {
+            panic!("shrinking must be refused")
+        };
+        assert!(why.contains("cannot shrink (500Gi -> 400Gi)"), "{why}");
+        let VolumeChange::Refused(why) = volume_change(&cur, &sts("600Gi", None)) else {
+            panic!("another class must be refused")
+        };
+        assert!(why.contains("nvme -> the default"), "{why}");
+        // What is applied keeps the existing template (the API server refuses changes).
+        let mut want = sts("600Gi", None);
+        keep_volume_templates(&cur, &mut want);
+        assert_eq!(data_template(&want), data_template(&cur));
     }
 
     #[test]

@@ -141,7 +141,7 @@ impl Context {
                 EventType::Normal
             },
             reason: reason.into(),
-            note: Some(note),
+            note: Some(truncate_note(note)),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -149,6 +149,21 @@ impl Context {
             tracing::warn!(error = %e, "could not publish an event");
         }
     }
+}
+
+/// The API server refuses an Event whose note is longer than 1 KiB: longer notes (a
+/// reconcile that failed on several objects) are cut at a character boundary, with `…`.
+fn truncate_note(mut note: String) -> String {
+    const MAX: usize = 1024;
+    if note.len() > MAX {
+        let mut end = MAX - '…'.len_utf8();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push('…');
+    }
+    note
 }
 
 /// The admin API client of a StorageCluster's nodes (the internal Service, or the
@@ -182,5 +197,16 @@ pub fn error_policy<K: ResourceExt>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>
     match err {
         Error::Invalid(_) => Action::requeue(Duration::from_secs(300)),
         _ => Action::requeue(Duration::from_secs(5)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn event_notes_fit_the_api_servers_limit() {
+        assert_eq!(super::truncate_note("short".into()), "short");
+        let long = "é".repeat(700); // 1400 bytes
+        let cut = super::truncate_note(long);
+        assert!(cut.len() <= 1024 && cut.ends_with('…'), "{}", cut.len());
     }
 }

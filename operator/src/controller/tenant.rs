@@ -169,6 +169,8 @@ struct ClusterAccess {
     s3: String,
     kv: String,
     region: String,
+    /// Why the cluster is not Ready (its Ready condition's reason and message), if so.
+    cluster_not_ready: Option<String>,
 }
 
 /// Resolves the cluster and checks the namespace policy. `Ok(Err(reason, message))`
@@ -224,7 +226,26 @@ async fn access(
             .cloned()
             .unwrap_or_else(|| format!("http://{}-kv.{}.svc:9100", b.name, b.namespace)),
         region: sc.spec.region.clone(),
+        cluster_not_ready: cluster_not_ready(&sc),
     }))
+}
+
+/// Why a StorageCluster is not Ready, or None when its Ready condition is True.
+fn cluster_not_ready(sc: &StorageCluster) -> Option<String> {
+    let ready = sc
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"));
+    let name = format!(
+        "StorageCluster {}/{}",
+        sc.namespace().unwrap_or_default(),
+        sc.name_any()
+    );
+    match ready {
+        Some(c) if c.status == "True" => None,
+        Some(c) => Some(format!("{name} is not Ready ({}: {})", c.reason, c.message)),
+        None => Some(format!("{name} has not reported its state yet")),
+    }
 }
 
 async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
@@ -341,17 +362,38 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
         s3: t.spec.endpoints.s3.then(|| access.s3.clone()),
         kv: t.spec.endpoints.kv.then(|| access.kv.clone()),
     });
-    conditions::set(
-        &mut status.conditions,
-        "Ready",
-        true,
-        "Registered",
-        format!(
-            "registered as {name}; credentials in Secret {}",
-            t.spec.credentials_secret
+    // Registered, but the tenant is Ready only while its cluster is: its endpoints
+    // serve nothing otherwise.
+    match &access.cluster_not_ready {
+        None => conditions::set(
+            &mut status.conditions,
+            "Ready",
+            true,
+            "Registered",
+            format!(
+                "registered as {name}; credentials in Secret {}",
+                t.spec.credentials_secret
+            ),
+            gen_,
         ),
-        gen_,
-    );
+        Some(why) => {
+            if !status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == "ClusterNotReady")
+            {
+                ctx.event(t, true, "ClusterNotReady", why.clone()).await;
+            }
+            conditions::set(
+                &mut status.conditions,
+                "Ready",
+                false,
+                "ClusterNotReady",
+                format!("registered as {name}, but {why}"),
+                gen_,
+            );
+        }
+    }
     conditions::set(
         &mut status.conditions,
         "Progressing",
@@ -386,8 +428,15 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
         gen_,
     );
     patch_status(ctx, t, status).await?;
-    // Usage is polled; a minute is fresh enough for a status field.
-    Ok(Action::requeue(Duration::from_secs(60)))
+    // Usage is polled; a minute is fresh enough for a status field. The cluster's
+    // readiness is looked at again sooner while it is not Ready.
+    Ok(Action::requeue(Duration::from_secs(
+        if access.cluster_not_ready.is_some() {
+            10
+        } else {
+            60
+        },
+    )))
 }
 
 /// What is over its quota, in words (`objects 3 > 2`); empty when usage is within every

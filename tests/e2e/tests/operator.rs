@@ -505,6 +505,23 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
             .is_none()
     );
 
+    // Registered, but not Ready while its cluster is not (no kubelets, no ready nodes).
+    let ready = wait_for("analytics Ready condition", 60, || {
+        let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
+        Ok(condition(&v, "Ready"))
+    });
+    assert_eq!(
+        (ready.0.as_str(), ready.1.as_str()),
+        ("False", "ClusterNotReady"),
+        "{ready:?}"
+    );
+    assert!(
+        ready
+            .2
+            .contains("StorageCluster granary-system/main is not Ready"),
+        "{ready:?}"
+    );
+
     // The generated credentials work against the node with a real S3 client.
     let c = s3_client(&s3, &ak, &sk);
     c.create_bucket().bucket("reports").send().await.unwrap();
@@ -673,6 +690,165 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         3,
         "never shrunk"
     );
+
+    // Volumes. volumeClaimTemplates cannot change: a larger size expands the pool's bound
+    // claims in place (their class allows it), another class is refused, and neither
+    // stops the rest of the spec (here minInSync, which the PDB reflects) or the status.
+    cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: nvme}\nprovisioner: kubernetes.io/no-provisioner\nallowVolumeExpansion: true\nvolumeBindingMode: Immediate\n",
+    )
+    .unwrap();
+    wait_for("claim data-main-a-fast-0", 60, || {
+        Ok(json(&cp, &["get", "pvc", "data-main-a-fast-0", "-n", ns]).ok())
+    });
+    cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: pv-a-fast-0}}\nspec:\n  capacity: {{storage: 500Gi}}\n  accessModes: [ReadWriteOnce]\n  storageClassName: nvme\n  hostPath: {{path: /nonexistent/granary-e2e}}\n  claimRef: {{namespace: {ns}, name: data-main-a-fast-0}}\n"
+        ),
+    )
+    .unwrap();
+    wait_for("claim data-main-a-fast-0 bound", 60, || {
+        let v = json(&cp, &["get", "pvc", "data-main-a-fast-0", "-n", ns])?;
+        Ok((v["status"]["phase"] == "Bound").then_some(()))
+    });
+    let generation = |cp: &ControlPlane| {
+        json(cp, &["get", "storagecluster", "main", "-n", ns]).unwrap()["metadata"]["generation"]
+            .clone()
+    };
+    cp.kubectl(&[
+        "patch",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/zones/0/pools/0/storage/size","value":"600Gi"},
+            {"op":"replace","path":"/spec/zones/2/pools/0/storage/size","value":"600Gi"},
+            {"op":"replace","path":"/spec/zones/1/pools/0/storage/storageClassName","value":"other"},
+            {"op":"replace","path":"/spec/replication/minInSync","value":1}]"#,
+    ])
+    .unwrap();
+    let want_generation = generation(&cp);
+    wait_for("claim data-main-a-fast-0 expanded", 60, || {
+        let v = json(&cp, &["get", "pvc", "data-main-a-fast-0", "-n", ns])?;
+        Ok((v["spec"]["resources"]["requests"]["storage"] == "600Gi").then_some(()))
+    });
+    let degraded = wait_for("volume change refused", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Degraded").filter(|c| c.2.contains("volume change refused")))
+    });
+    assert!(
+        degraded
+            .2
+            .contains("main-b-fast: storageClassName cannot change in place (nvme -> other)"),
+        "{degraded:?}"
+    );
+    wait_for("the PDB follows minInSync despite the refusal", 60, || {
+        let v = json(&cp, &["get", "pdb", "main-storage", "-n", ns])?;
+        Ok((v["spec"]["maxUnavailable"] == 2).then_some(()))
+    });
+    let cluster = json(&cp, &["get", "storagecluster", "main", "-n", ns]).unwrap();
+    assert_eq!(cluster["status"]["observedGeneration"], want_generation);
+    let vct = |sts: &str| {
+        json(&cp, &["get", "sts", sts, "-n", ns]).unwrap()["spec"]["volumeClaimTemplates"][0]
+            ["spec"]
+            .clone()
+    };
+    assert_eq!(vct("main-b-fast")["storageClassName"], "nvme", "class kept");
+    assert_eq!(
+        vct("main-a-fast")["resources"]["requests"]["storage"],
+        "500Gi",
+        "the template keeps its size (the claims grow)"
+    );
+    let unbound = json(&cp, &["get", "pvc", "data-main-c-fast-0", "-n", ns]).unwrap();
+    assert_eq!(
+        unbound["spec"]["resources"]["requests"]["storage"], "500Gi",
+        "an unbound claim cannot be resized (it is on a later pass, once bound)"
+    );
+    // Shrinking is refused too; undoing the class change clears the refusal.
+    cp.kubectl(&[
+        "patch",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/zones/0/pools/0/storage/size","value":"400Gi"},
+            {"op":"replace","path":"/spec/zones/1/pools/0/storage/storageClassName","value":"nvme"}]"#,
+    ])
+    .unwrap();
+    let degraded = wait_for("shrink refused", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Degraded").filter(|c| c.2.contains("cannot shrink")))
+    });
+    assert!(!degraded.2.contains("main-b-fast"), "{degraded:?}");
+    cp.kubectl(&[
+        "patch",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/zones/0/pools/0/storage/size","value":"600Gi"},
+            {"op":"replace","path":"/spec/replication/minInSync","value":2}]"#,
+    ])
+    .unwrap();
+    wait_for("volume refusals cleared", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Degraded").filter(|c| !c.2.contains("volume change refused")))
+    });
+
+    // A pool removed from the spec keeps running (its nodes hold data) and is reported.
+    cp.kubectl(&[
+        "patch",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/zones/2/pools/1"}]"#,
+    ])
+    .unwrap();
+    let degraded = wait_for("removed pool reported", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Degraded").filter(|c| c.2.contains("pools removed from the spec")))
+    });
+    assert!(degraded.2.contains("main-c-bulk (1 nodes)"), "{degraded:?}");
+    assert!(json(&cp, &["get", "sts", "main-c-bulk", "-n", ns]).is_ok());
+
+    // A missing catalog Secret is named in the Ready condition, not just "0/N ready".
+    cp.kubectl(&["delete", "secret", "granary-catalog", "-n", ns])
+        .unwrap();
+    let ready = wait_for("CatalogSecretMissing", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Ready").filter(|c| c.1 == "CatalogSecretMissing"))
+    });
+    assert!(
+        ready
+            .2
+            .contains("granary-system/granary-catalog does not exist"),
+        "{ready:?}"
+    );
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "granary-catalog",
+        "-n",
+        ns,
+        "--from-literal=url=sqlite::memory:",
+    ])
+    .unwrap();
+    wait_for("catalog Secret back", 60, || {
+        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        Ok(condition(&v, "Ready").filter(|c| c.1 == "NodesNotReady"))
+    });
 
     // Deletion: Delete removes the tenant and its data; Retain keeps them.
     let (s, _) = node_tenant("team-web.web").await;
