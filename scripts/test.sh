@@ -91,6 +91,13 @@ for br in $(ip -o link show type bridge 2>/dev/null | awk -F': ' '{print $2}' | 
   ip link del "$br" || true
 done
 
+# Containers of the image tests whose run was killed before their cleanup ran.
+if command -v runc >/dev/null; then
+  for id in $(runc --root /run/granary-e2e-runc list -q 2>/dev/null | grep -E '^granary-e2e-' || true); do
+    runc --root /run/granary-e2e-runc delete --force "$id" || true
+  done
+fi
+
 step "cargo test --workspace"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

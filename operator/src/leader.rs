@@ -116,14 +116,29 @@ impl Leadership {
     }
 }
 
-/// Blocks until this process leads, then keeps renewing in the background.
-pub async fn lead(client: Client, namespace: &str, name: &str, me: &str) -> Leadership {
+/// Blocks until this process leads, then keeps renewing in the background. While it
+/// waits, `healthy` says whether the last attempt reached the Lease (held by another
+/// replica counts; an error such as a 403 does not), for readiness.
+pub async fn lead(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    me: &str,
+    healthy: &std::sync::atomic::AtomicBool,
+) -> Leadership {
+    use std::sync::atomic::Ordering;
     let api: Api<Lease> = Api::namespaced(client, namespace);
     loop {
         match try_acquire(&api, name, me).await {
             Ok(true) => break,
-            Ok(false) => tracing::info!(lease = name, "another replica leads; waiting"),
-            Err(e) => tracing::warn!(error = %e, "leader election failed; retrying"),
+            Ok(false) => {
+                healthy.store(true, Ordering::Relaxed);
+                tracing::info!(lease = name, "another replica leads; waiting")
+            }
+            Err(e) => {
+                healthy.store(false, Ordering::Relaxed);
+                tracing::warn!(error = %e, "leader election failed; retrying")
+            }
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

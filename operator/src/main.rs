@@ -11,6 +11,7 @@ use granary_operator::controller::{self, Context, Metrics};
 use granary_operator::crd::{StorageCluster, Tenant};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Secret, Service};
+use kube::api::ListParams;
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client};
 
@@ -142,14 +143,30 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(addr = %listener.local_addr()?, "metrics listening");
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    // Ready once the API server answers, leader or standby: readiness gates nothing here
-    // (the operator serves no traffic), and a standby that never turned Ready would stall
+    // Ready, leader or standby, once this replica could do its work: the API server
+    // answers, the CRDs are installed and its RBAC lets it list them, and (on a standby)
+    // it can read the Lease. A standby that waited for the Lease to turn Ready would stall
     // every rolling update of the Deployment (the new pod waits for the Lease the old pod
-    // holds until it is stopped, which waits for the new pod to be Ready).
+    // holds until it is stopped, which waits for the new pod to be Ready); one that is
+    // Ready without being able to work would let a broken upgrade replace a working one.
     loop {
-        match client.apiserver_version().await {
-            Ok(_) => break,
-            Err(e) => tracing::warn!(error = %e, "the API server does not answer yet; retrying"),
+        let check = async {
+            let probe = ListParams::default().limit(1);
+            Api::<StorageCluster>::all(client.clone())
+                .list(&probe)
+                .await?;
+            Api::<Tenant>::all(client.clone()).list(&probe).await
+        };
+        tokio::select! {
+            r = tokio::time::timeout(Duration::from_secs(10), check) => match r {
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => tracing::warn!(error = %e, "cannot list StorageClusters and Tenants yet (API server, CRDs or RBAC); retrying"),
+                Err(_) => tracing::warn!("the API server did not answer within 10 s; retrying"),
+            },
+            _ = stop.clone() => {
+                tracing::info!("stopped before the API server answered");
+                return Ok(());
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
@@ -169,6 +186,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             &args.lease_namespace,
             &args.lease_name,
             &me,
+            &ready,
         );
         tokio::select! {
             rx = lead => Some(rx),

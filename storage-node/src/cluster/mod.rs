@@ -47,6 +47,12 @@ use crate::types::{Epoch, NodeId, PartitionId};
 pub use layout::{Layout, Member};
 pub use membership::{NodeState, Thresholds};
 
+/// The 503 message of a read whose answer could not be released: what it saw may not be
+/// on enough replicas yet (see `Replicator::barrier`), and a read changes nothing.
+pub const READ_NOT_CONFIRMED: &str = "the partition changed hands or lost in-sync replicas \
+    while this read ran, so what it saw cannot be confirmed durable yet; nothing was \
+    changed, retry";
+
 /// Settings of the cluster layer, taken from the node's configuration. (No `Debug`: it
 /// holds the cluster secret and the catalog URL, which may carry a password.)
 #[derive(Clone)]

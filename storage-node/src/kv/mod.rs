@@ -403,8 +403,8 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
             // unknown: 500, not 503 (503 always means nothing took effect).
             if !write {
                 slot.set("NotServable");
-                return ApiError::unavailable(format!("{why}; nothing was changed, retry"))
-                    .into_response();
+                tracing::debug!(%why, "read not released");
+                return ApiError::unavailable(crate::cluster::READ_NOT_CONFIRMED).into_response();
             }
             slot.set("NotDurable");
             return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "NotDurable", why)

@@ -152,10 +152,11 @@ impl S3Front {
                 // outcome is unknown: 500, not 503 (503 always means nothing took effect).
                 if !write {
                     slot.set("NotServable");
+                    tracing::debug!(%why, "read not released");
                     return s3_error_response(
                         http::StatusCode::SERVICE_UNAVAILABLE,
                         "ServiceUnavailable",
-                        &format!("{why}; nothing was changed, retry"),
+                        crate::cluster::READ_NOT_CONFIRMED,
                     );
                 }
                 slot.set("NotDurable");

@@ -199,11 +199,13 @@ fn images_carry_an_entrypoint_a_non_root_user_and_the_references_the_chart_uses(
     }
 }
 
-/// One `runc` container from an image, in a private runc state directory; deleted on
-/// drop.
+/// runc's state directory for the test containers: fixed, so the test command can remove
+/// containers a killed test run left behind (ids `granary-e2e-*`).
+const RUNC_ROOT: &str = "/run/granary-e2e-runc";
+
+/// One `runc` container from an image; deleted on drop.
 struct Container {
     id: String,
-    state: tempfile::TempDir,
     bundle: PathBuf,
     child: Option<Child>,
     stdout: PathBuf,
@@ -236,7 +238,6 @@ impl Container {
         let r: u32 = rand::random();
         Container {
             id: format!("granary-e2e-{r:08x}"),
-            state: tempfile::tempdir().unwrap(),
             bundle,
             child: None,
             stdout: dir.join("stdout.log"),
@@ -245,7 +246,7 @@ impl Container {
 
     fn runc(&self) -> Command {
         let mut c = Command::new("runc");
-        c.arg("--root").arg(self.state.path());
+        c.args(["--root", RUNC_ROOT]);
         c
     }
 
@@ -418,6 +419,25 @@ async fn the_node_image_serves_s3_and_kv_under_runc_stops_on_sigterm_and_keeps_i
     };
 
     let mut c = start("first");
+    // The runtime base: CA certificates, no shell or package manager, nothing of the
+    // build machine's network setup.
+    let root = c.bundle.join("rootfs");
+    let ca = std::fs::read_to_string(root.join("etc/ssl/certs/ca-certificates.crt")).unwrap();
+    assert!(ca.matches("BEGIN CERTIFICATE").count() > 100, "CA bundle");
+    for absent in [
+        "bin/sh",
+        "bin/bash",
+        "usr/bin/apt",
+        "usr/bin/dpkg",
+        "usr/bin/mawk",
+    ] {
+        assert!(!root.join(absent).exists(), "{absent} in the runtime image");
+    }
+    assert_eq!(std::fs::read(root.join("etc/resolv.conf")).unwrap(), b"");
+    assert!(
+        root.join("var/lib/dpkg/status.d/libc6").exists(),
+        "package list for scanners"
+    );
     let key = c.stdout_line("Access key id");
     let secret = c.stdout_line("Secret key");
     let pid = c.pid();

@@ -107,12 +107,13 @@ fn one_replica_leads_and_the_other_takes_over_when_it_dies() {
         })
         .unwrap();
         assert_eq!(status, 200, "{name} /readyz: {body}");
-        let (_, page) = http_get(port, "/metrics").unwrap();
         let leader = if name == first { 1 } else { 0 };
-        assert!(
-            page.contains(&format!("granary_operator_leader {leader}")),
-            "{name} (holder {first}) should report leader {leader}:\n{page}"
-        );
+        let want = format!("granary_operator_leader {leader}");
+        poll_until(Duration::from_secs(30), "the leader gauge", || {
+            let (_, page) = http_get(port, "/metrics")?;
+            Ok(page.contains(&want).then_some(()))
+        })
+        .unwrap_or_else(|e| panic!("{name} (holder {first}) should report {want}: {e:#}"));
     }
     // The leader reconciles.
     cp.kubectl_stdin(&["apply", "-f", "-"], &cluster("one"))
