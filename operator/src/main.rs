@@ -222,7 +222,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             scoped::<Secret>(&client, &ns),
         );
         let cfg = watcher::Config::default();
-        let c1 = Controller::new(clusters, cfg.clone())
+        let (clusters, cluster_store) = spec_changes(clusters, cfg.clone());
+        let (tenants, tenant_store) = spec_changes(tenants, cfg.clone());
+        let c1 = Controller::for_stream(clusters, cluster_store)
             .owns(sts, cfg.clone())
             .owns(svc, cfg.clone())
             .graceful_shutdown_on(stop.clone())
@@ -232,7 +234,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ctx.clone(),
             )
             .for_each(|_| futures::future::ready(()));
-        let c2 = Controller::new(tenants, cfg.clone())
+        let c2 = Controller::for_stream(tenants, tenant_store)
             .owns(secrets, cfg.clone())
             .graceful_shutdown_on(stop.clone())
             .run(
@@ -285,6 +287,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tracing::info!("operator stopped");
     outcome
+}
+
+/// The objects of `api` whenever their spec (generation), finalizers or annotations
+/// change, and the store they are read from. Status-only updates (the operator's own
+/// included) trigger nothing: they would make every reconcile trigger the next one.
+/// Changes of owned objects still trigger (`owns`), and every reconcile schedules the
+/// next look (`Action::requeue`).
+fn spec_changes<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+) -> (
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+    kube::runtime::reflector::Store<K>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    use kube::runtime::{Predicate, WatchStreamExt, predicates, reflector};
+    let (reader, writer) = reflector::store();
+    let stream = watcher(api, cfg)
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::finalizers)
+                .combine(predicates::annotations),
+            Default::default(),
+        );
+    (stream, reader)
 }
 
 /// An API over one namespace, or all namespaces when `ns` is None.

@@ -33,6 +33,9 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
     let started = Instant::now();
     let r = apply(&sc, &ctx).await;
     ctx.metrics.observe_result("storagecluster", &r, started);
+    if r.is_ok() {
+        ctx.failures.record(sc.as_ref(), true);
+    }
     if let Err(e) = &r {
         ctx.event(sc.as_ref(), true, "ReconcileFailed", e.to_string())
             .await;

@@ -109,6 +109,7 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub http: reqwest::Client,
     pub operator_namespace: String,
+    pub failures: Failures,
 }
 
 impl Context {
@@ -123,6 +124,7 @@ impl Context {
             metrics,
             http: reqwest::Client::new(),
             operator_namespace,
+            failures: Failures::default(),
         }
     }
 
@@ -190,18 +192,85 @@ pub async fn cluster_admin(
     Ok(token.map(|t| crate::admin_client::AdminClient::new(ctx.http.clone(), &url, &t)))
 }
 
-/// Retry with a delay that depends on the kind of failure; the error is recorded by
-/// the reconciler itself (condition and event) before it returns.
-pub fn error_policy<K: ResourceExt>(obj: Arc<K>, err: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(name = %obj.name_any(), error = %err, "reconcile failed");
-    match err {
-        Error::Invalid(_) => Action::requeue(Duration::from_secs(300)),
-        _ => Action::requeue(Duration::from_secs(5)),
+/// Consecutive failed reconciles per object, for the retry backoff.
+#[derive(Default)]
+pub struct Failures(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Failures {
+    fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+        format!(
+            "{}/{}/{}",
+            K::kind(&()),
+            obj.meta().namespace.as_deref().unwrap_or_default(),
+            obj.meta().name.as_deref().unwrap_or_default()
+        )
     }
+
+    /// Records a reconcile's outcome; returns how many failed in a row (0 on success).
+    pub fn record<K: Resource<DynamicType = ()>>(&self, obj: &K, ok: bool) -> u32 {
+        let key = Self::key(obj);
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if ok {
+            m.remove(&key);
+            return 0;
+        }
+        let n = m.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+}
+
+/// The delay before retry `n` (1 = after the first failure): 5 s doubling up to 5
+/// minutes, each spread by ±20 % so objects that failed together (an API server outage)
+/// do not retry in lockstep.
+pub fn retry_delay(n: u32, jitter: f64) -> Duration {
+    let base = 5.0 * 2f64.powi(n.saturating_sub(1).min(16) as i32);
+    Duration::from_secs_f64(base.min(300.0) * (0.8 + 0.4 * jitter.clamp(0.0, 1.0)))
+}
+
+/// Retry with exponential backoff and jitter (an invalid spec waits for its next change
+/// or 5 minutes); the error is recorded by the reconciler itself (condition and event)
+/// before it returns.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let failures = ctx.failures.record(obj.as_ref(), false);
+    let delay = match err {
+        Error::Invalid(_) => Duration::from_secs(300),
+        _ => retry_delay(failures, rand::random::<f64>()),
+    };
+    tracing::warn!(name = %obj.name_any(), error = %err, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn retries_back_off_exponentially_with_jitter_up_to_five_minutes() {
+        use std::time::Duration;
+        let d = |n, j| super::retry_delay(n, j);
+        assert_eq!(d(1, 0.5), Duration::from_secs(5));
+        assert_eq!(d(2, 0.5), Duration::from_secs(10));
+        assert_eq!(d(4, 0.5), Duration::from_secs(40));
+        assert_eq!(d(30, 0.5), Duration::from_secs(300), "capped");
+        assert_eq!(d(1, 0.0), Duration::from_secs(4));
+        assert_eq!(d(1, 1.0), Duration::from_secs(6));
+        let f = super::Failures::default();
+        let mut sc: crate::crd::StorageCluster =
+            serde_yaml::from_str(include_str!("../../../examples/storagecluster.yaml")).unwrap();
+        assert_eq!(f.record(&sc, false), 1);
+        assert_eq!(f.record(&sc, false), 2);
+        sc.metadata.name = Some("other".into());
+        assert_eq!(f.record(&sc, false), 1, "per object");
+        assert_eq!(f.record(&sc, true), 0);
+        assert_eq!(f.record(&sc, false), 1, "reset by a success");
+    }
+
     #[test]
     fn event_notes_fit_the_api_servers_limit() {
         assert_eq!(super::truncate_note("short".into()), "short");

@@ -134,6 +134,9 @@ pub async fn reconcile(t: Arc<Tenant>, ctx: Arc<Context>) -> Result<Action> {
         other => Error::Finalizer(other.to_string()),
     });
     ctx.metrics.observe_result("tenant", &r, started);
+    if r.is_ok() {
+        ctx.failures.record(t.as_ref(), true);
+    }
     if let Err(e) = &r {
         ctx.event(t.as_ref(), true, "ReconcileFailed", e.to_string())
             .await;
