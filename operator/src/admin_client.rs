@@ -82,6 +82,23 @@ impl AdminClient {
         }
     }
 
+    /// Replaces the settings of a tenant the cluster knows; false (nothing done) when it
+    /// does not know it (never registered: nothing to suspend).
+    pub async fn update_existing_tenant(&self, name: &str, spec: &Value) -> Result<bool> {
+        let (s, v) = self
+            .call(
+                reqwest::Method::PUT,
+                &format!("/tenants/{name}"),
+                Some(spec.clone()),
+            )
+            .await?;
+        match s {
+            200 => Ok(true),
+            404 => Ok(false),
+            _ => Err(Self::fail("updating tenant", s, &v)),
+        }
+    }
+
     /// Whether `access_key_id` is a live key of the tenant.
     pub async fn key_is_live(&self, tenant: &str, access_key_id: &str) -> Result<bool> {
         let (s, v) = self

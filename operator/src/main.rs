@@ -10,10 +10,11 @@ use futures::{FutureExt, StreamExt};
 use granary_operator::controller::{self, Context, Metrics};
 use granary_operator::crd::{StorageCluster, Tenant};
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Secret, Service};
 use kube::api::ListParams;
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{Controller, watcher};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 
 #[derive(Parser)]
 #[command(
@@ -234,8 +235,25 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 ctx.clone(),
             )
             .for_each(|_| futures::future::ready(()));
+        // A namespace's labels decide whether its tenants may use their cluster: a change
+        // re-examines its tenants at once (suspends or resumes them).
+        let namespaces = Api::<Namespace>::all(client.clone());
+        let in_namespace = tenant_store.clone();
         let c2 = Controller::for_stream(tenants, tenant_store)
             .owns(secrets, cfg.clone())
+            .watches(
+                namespaces,
+                watcher::Config::default(),
+                move |ns: Namespace| {
+                    let name = ns.name_any();
+                    in_namespace
+                        .state()
+                        .into_iter()
+                        .filter(|t| t.namespace().as_deref() == Some(name.as_str()))
+                        .map(|t| ObjectRef::from_obj(t.as_ref()))
+                        .collect::<Vec<_>>()
+                },
+            )
             .graceful_shutdown_on(stop.clone())
             .run(
                 controller::tenant::reconcile,

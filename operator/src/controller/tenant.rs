@@ -176,19 +176,35 @@ struct ClusterAccess {
     cluster_not_ready: Option<String>,
 }
 
-/// Resolves the cluster and checks the namespace policy. `Ok(Err(reason, message))`
-/// is a user-visible refusal (a condition, nothing created).
-async fn access(
-    t: &Tenant,
-    ctx: &Context,
-) -> Result<Result<ClusterAccess, (&'static str, String)>> {
+/// Why a Tenant cannot be served: a user-visible refusal (a condition, nothing created).
+struct Refusal {
+    reason: &'static str,
+    message: String,
+    /// When the namespace lost its permission: the cluster's admin client, to suspend
+    /// what was registered before.
+    suspend_with: Option<AdminClient>,
+}
+
+impl From<(&'static str, String)> for Refusal {
+    fn from((reason, message): (&'static str, String)) -> Self {
+        Self {
+            reason,
+            message,
+            suspend_with: None,
+        }
+    }
+}
+
+/// Resolves the cluster and checks the namespace policy.
+async fn access(t: &Tenant, ctx: &Context) -> Result<Result<ClusterAccess, Refusal>> {
     let r = &t.spec.cluster_ref;
     let clusters: Api<StorageCluster> = Api::namespaced(ctx.client.clone(), &r.namespace);
     let Some(sc) = clusters.get_opt(&r.name).await? else {
         return Ok(Err((
             "ClusterNotFound",
             format!("StorageCluster {}/{} does not exist", r.namespace, r.name),
-        )));
+        )
+            .into()));
     };
     let tns = t.namespace().unwrap_or_default();
     let allowed = match sc.spec.tenants.as_ref() {
@@ -198,16 +214,17 @@ async fn access(
             selector::matches(&p.namespace_selector, &ns.labels().clone())
         }
     };
+    let b = BuildContext::of(&sc, &ctx.operator_namespace);
     if !allowed {
-        return Ok(Err((
-            "NamespaceNotAllowed",
-            format!(
+        return Ok(Err(Refusal {
+            reason: "NamespaceNotAllowed",
+            message: format!(
                 "namespace {tns:?} is not selected by StorageCluster {}/{} spec.tenants.namespaceSelector",
                 r.namespace, r.name
             ),
-        )));
+            suspend_with: super::cluster_admin(ctx, &sc, &b).await?,
+        }));
     }
-    let b = BuildContext::of(&sc, &ctx.operator_namespace);
     let Some(admin) = super::cluster_admin(ctx, &sc, &b).await? else {
         return Ok(Err((
             "ClusterNotReady",
@@ -215,7 +232,8 @@ async fn access(
                 "the admin token Secret {} does not exist yet",
                 b.admin_token_secret()
             ),
-        )));
+        )
+            .into()));
     };
     let ann = sc.annotations();
     Ok(Ok(ClusterAccess {
@@ -251,36 +269,91 @@ fn cluster_not_ready(sc: &StorageCluster) -> Option<String> {
     }
 }
 
+/// Whether `s` was created for Tenant `t` (it is the Secret's controlling owner).
+fn owned_by(s: &Secret, t: &Tenant) -> bool {
+    let uid = t.meta().uid.as_deref();
+    s.metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
+/// Reports why the Tenant is not served (Ready and Progressing False, a Warning event
+/// when the reason is new) and looks again in 30 s.
+async fn refuse(
+    t: &Tenant,
+    ctx: &Context,
+    mut status: TenantStatus,
+    reason: &'static str,
+    msg: String,
+) -> Result<Action> {
+    let gen_ = t.metadata.generation;
+    if !status.conditions.iter().any(|c| c.reason == reason) {
+        ctx.event(t, true, reason, msg.clone()).await;
+    }
+    conditions::set(&mut status.conditions, "Ready", false, reason, msg, gen_);
+    conditions::set(
+        &mut status.conditions,
+        "Progressing",
+        false,
+        reason,
+        "",
+        gen_,
+    );
+    patch_status(ctx, t, status).await?;
+    Ok(Action::requeue(Duration::from_secs(30)))
+}
+
 async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
     let gen_ = t.metadata.generation;
     let mut status = t.status.clone().unwrap_or_default();
     status.observed_generation = gen_;
     let access = match access(t, ctx).await? {
         Ok(a) => a,
-        Err((reason, msg)) => {
-            if !status.conditions.iter().any(|c| c.reason == reason) {
-                ctx.event(t, true, reason, msg.clone()).await;
+        Err(Refusal {
+            reason,
+            message: mut msg,
+            suspend_with,
+        }) => {
+            // A namespace that lost its permission keeps its data, but its keys stop
+            // working until the permission is back (the next reconcile then registers
+            // the tenant unsuspended).
+            if let Some(admin) = suspend_with {
+                let mut spec = admin_spec(t)?;
+                spec["suspended"] = json!(true);
+                if admin
+                    .update_existing_tenant(&node_tenant_name(t), &spec)
+                    .await?
+                {
+                    msg.push_str(
+                        "; the tenant is suspended: its access keys are refused, its data is kept",
+                    );
+                }
             }
-            conditions::set(&mut status.conditions, "Ready", false, reason, msg, gen_);
-            conditions::set(
-                &mut status.conditions,
-                "Progressing",
-                false,
-                reason,
-                "",
-                gen_,
-            );
-            patch_status(ctx, t, status).await?;
-            return Ok(Action::requeue(Duration::from_secs(30)));
+            return refuse(t, ctx, status, reason, msg).await;
         }
     };
+    // The credentials Secret is this Tenant's alone: one that exists and was not created
+    // for it (another Tenant's, or anything a user keeps there) is never written over,
+    // nor deleted with the Tenant.
+    let ns = t.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = secrets.get_opt(&t.spec.credentials_secret).await?;
+    if let Some(s) = &existing
+        && !owned_by(s, t)
+    {
+        let msg = format!(
+            "Secret {ns}/{} exists and was not created for this Tenant; the operator does \
+             not write over it: delete it or name another spec.credentialsSecret",
+            t.spec.credentials_secret
+        );
+        return refuse(t, ctx, status, "SecretConflict", msg).await;
+    }
     let name = node_tenant_name(t);
     access.admin.upsert_tenant(&name, &admin_spec(t)?).await?;
 
     // Credentials: keep the key in the Secret while it is live; otherwise issue one.
-    let ns = t.namespace().unwrap_or_default();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = secrets.get_opt(&t.spec.credentials_secret).await?;
     let get = |s: &Option<Secret>, k: &str| {
         s.as_ref()
             .and_then(|s| s.data.as_ref())
@@ -493,6 +566,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action> {
             if let Some(ak) = secrets
                 .get_opt(&t.spec.credentials_secret)
                 .await?
+                .filter(|s| owned_by(s, t))
                 .and_then(|s| s.data)
                 .and_then(|d| d.get(ACCESS_KEY_ID).cloned())
             {

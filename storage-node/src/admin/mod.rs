@@ -289,7 +289,10 @@ async fn update_tenant(
 ) -> Result<Json<Tenant>, ApiError> {
     let Json(spec) = body.map_err(json_rejection)?;
     tenant(&s, &name).await?;
-    Ok(Json(s.store.catalog().update_tenant(&name, &spec).await?))
+    let t = s.store.catalog().update_tenant(&name, &spec).await?;
+    // A suspension (or its end) applies on this node from the next request.
+    s.auth.invalidate_tenant(t.id).await;
+    Ok(Json(t))
 }
 
 #[derive(Deserialize)]

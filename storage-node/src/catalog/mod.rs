@@ -51,6 +51,11 @@ pub struct TenantSpec {
     pub placement: Placement,
     #[serde(default)]
     pub tiering: Tiering,
+    /// Every access key of a suspended tenant is refused (as if unknown); its buckets,
+    /// keys and data stay. The operator suspends the tenants of a namespace that loses
+    /// its permission to use the cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -537,12 +542,19 @@ impl Catalog for SqlCatalog {
 
     async fn lookup_access_key(&self, access_key_id: &str) -> Result<Option<Credentials>> {
         let row = sqlx::query(
-            "SELECT tenant_id, secret_sealed FROM access_keys WHERE access_key_id = $1 AND revoked_at IS NULL",
+            "SELECT k.tenant_id, k.secret_sealed, t.spec FROM access_keys k \
+             JOIN tenants t ON t.id = k.tenant_id \
+             WHERE k.access_key_id = $1 AND k.revoked_at IS NULL",
         )
         .bind(access_key_id)
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
+        let spec: TenantSpec = serde_json::from_str(&row.try_get::<String, _>("spec")?)
+            .map_err(|e| CatalogError::Corrupt(format!("tenant spec: {e}")))?;
+        if spec.suspended {
+            return Ok(None);
+        }
         let sealed: String = row.try_get("secret_sealed")?;
         let secret = self
             .master

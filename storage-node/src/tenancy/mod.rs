@@ -114,6 +114,11 @@ impl Authenticator {
         let mut cache = self.cache.write().await;
         self.epoch.fetch_add(1, Ordering::SeqCst);
         cache.retain(|_, (c, _)| c.tenant_id != tenant);
+        // Its keys may have been refused as unknown while it was suspended.
+        self.unknown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 }
 

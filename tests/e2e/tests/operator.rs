@@ -547,6 +547,85 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         .into_bytes();
     assert_eq!(got.as_ref(), b"from kubernetes");
 
+    // A namespace that loses its permission: its tenant is suspended (keys refused, data
+    // kept) and resumes when the permission is back.
+    cp.kubectl(&[
+        "label",
+        "namespace",
+        "team-analytics",
+        "granary.dev/storage-",
+    ])
+    .unwrap();
+    let suspended = wait_for("analytics suspended", 60, || {
+        let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
+        Ok(condition(&v, "Ready").filter(|c| c.1 == "NamespaceNotAllowed"))
+    });
+    assert!(suspended.2.contains("suspended"), "{suspended:?}");
+    let refused = c.list_buckets().send().await;
+    let err = format!(
+        "{:?}",
+        refused.expect_err("a suspended tenant's key is refused")
+    );
+    assert!(err.contains("InvalidAccessKeyId"), "{err}");
+    cp.kubectl(&[
+        "label",
+        "namespace",
+        "team-analytics",
+        "granary.dev/storage=allowed",
+    ])
+    .unwrap();
+    let mut resumed = None;
+    for _ in 0..150 {
+        if let Ok(r) = c.get_object().bucket("reports").key("k").send().await {
+            resumed = Some(r.body.collect().await.unwrap().into_bytes());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    assert_eq!(
+        resumed.as_deref(),
+        Some(&b"from kubernetes"[..]),
+        "the same key and data after the namespace is allowed again"
+    );
+
+    // A Secret the operator did not create is never written over (or deleted).
+    cp.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "precious",
+        "-n",
+        "team-web",
+        "--from-literal=password=hunter2",
+    ])
+    .unwrap();
+    cp.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &tenant_yaml("squatter", "team-web", "").replace("squatter-creds", "precious"),
+    )
+    .unwrap();
+    let conflict = wait_for("SecretConflict", 60, || {
+        let v = json(&cp, &["get", "tenant", "squatter", "-n", "team-web"])?;
+        Ok(condition(&v, "Ready").filter(|c| c.1 == "SecretConflict"))
+    });
+    assert!(conflict.2.contains("team-web/precious"), "{conflict:?}");
+    cp.kubectl(&[
+        "delete",
+        "tenant",
+        "squatter",
+        "-n",
+        "team-web",
+        "--wait=true",
+        "--timeout=60s",
+    ])
+    .unwrap();
+    let precious = json(&cp, &["get", "secret", "precious", "-n", "team-web"]).unwrap();
+    assert_eq!(precious["data"].as_object().unwrap().len(), 1, "{precious}");
+    assert!(
+        precious["metadata"]["ownerReferences"].is_null(),
+        "{precious}"
+    );
+
     // Updates propagate: a quota, and a pool scaled out; scale-in is refused visibly.
     let admin = reqwest::Client::new();
     let node_tenant = |name: &'static str| {
