@@ -57,28 +57,18 @@ impl AdminClient {
 
     /// Creates the tenant or replaces its settings.
     pub async fn upsert_tenant(&self, name: &str, spec: &Value) -> Result<()> {
+        if self.update_existing_tenant(name, spec).await? {
+            return Ok(());
+        }
+        let mut body = spec.clone();
+        body["name"] = json!(name);
         let (s, v) = self
-            .call(
-                reqwest::Method::PUT,
-                &format!("/tenants/{name}"),
-                Some(spec.clone()),
-            )
+            .call(reqwest::Method::POST, "/tenants", Some(body))
             .await?;
-        match s {
-            200 => Ok(()),
-            404 => {
-                let mut body = spec.clone();
-                body["name"] = json!(name);
-                let (s, v) = self
-                    .call(reqwest::Method::POST, "/tenants", Some(body))
-                    .await?;
-                if s == 201 {
-                    Ok(())
-                } else {
-                    Err(Self::fail("creating tenant", s, &v))
-                }
-            }
-            _ => Err(Self::fail("updating tenant", s, &v)),
+        if s == 201 {
+            Ok(())
+        } else {
+            Err(Self::fail("creating tenant", s, &v))
         }
     }
 
