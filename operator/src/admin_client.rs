@@ -144,6 +144,29 @@ impl AdminClient {
         Ok((layout, nodes))
     }
 
+    /// Suspends a tenant the cluster knows, keeping its settings as stored there (never
+    /// rebuilt from the Tenant's spec, which its owner may have made invalid); false when
+    /// the cluster does not know it.
+    pub async fn suspend_tenant(&self, tenant: &str) -> Result<bool> {
+        let (s, v) = self
+            .call(reqwest::Method::GET, &format!("/tenants/{tenant}"), None)
+            .await?;
+        match s {
+            200 => {}
+            404 => return Ok(false),
+            _ => return Err(Self::fail("reading tenant", s, &v)),
+        }
+        let mut spec = v["spec"].clone();
+        if !spec.is_object() {
+            return Err(Self::fail("reading tenant", s, &v));
+        }
+        if spec["suspended"] == json!(true) {
+            return Ok(true);
+        }
+        spec["suspended"] = json!(true);
+        self.update_existing_tenant(tenant, &spec).await
+    }
+
     /// `{buckets, objects, storageBytes, kvKeys}` of the tenant.
     pub async fn usage(&self, tenant: &str) -> Result<Value> {
         let (s, v) = self

@@ -130,7 +130,10 @@ pub async fn lead(
     let api: Api<Lease> = Api::namespaced(client, namespace);
     loop {
         match try_acquire(&api, name, me).await {
-            Ok(true) => break,
+            Ok(true) => {
+                healthy.store(true, Ordering::Relaxed);
+                break;
+            }
             Ok(false) => {
                 healthy.store(true, Ordering::Relaxed);
                 tracing::info!(lease = name, "another replica leads; waiting")

@@ -62,6 +62,10 @@ struct RunArgs {
     /// anyway (keep it below the pod's terminationGracePeriodSeconds).
     #[arg(long, default_value = "10s", value_parser = parse_grace)]
     shutdown_grace: Duration,
+    /// Namespace where Prometheus runs: the storage nodes' NetworkPolicy admits it to the
+    /// admin port, where `/metrics` is served.
+    #[arg(long, env = "GRANARY_PROMETHEUS_NAMESPACE")]
+    prometheus_namespace: Option<String>,
 }
 
 /// A duration such as `10s` or `1m30s` (the Tenant `coldAfter` syntax).
@@ -202,7 +206,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     metrics.leader.set(1);
 
     let operator_ns = args.lease_namespace.clone();
-    let ctx = Arc::new(Context::new(client.clone(), metrics.clone(), operator_ns));
+    let mut ctx = Context::new(client.clone(), metrics.clone(), operator_ns);
+    ctx.prometheus_namespace = args.prometheus_namespace.filter(|p| !p.is_empty());
+    let ctx = Arc::new(ctx);
     let namespaces: Vec<String> = args
         .watch_namespaces
         .into_iter()
@@ -223,11 +229,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             scoped::<Secret>(&client, &ns),
         );
         let cfg = watcher::Config::default();
+        // Only the objects the operator made (its label) are watched and cached: not
+        // every Secret, StatefulSet and Service of the cluster.
+        let own = watcher::Config::default().labels(&format!(
+            "app.kubernetes.io/managed-by={}",
+            granary_operator::build::MANAGER
+        ));
         let (clusters, cluster_store) = spec_changes(clusters, cfg.clone());
         let (tenants, tenant_store) = spec_changes(tenants, cfg.clone());
         let c1 = Controller::for_stream(clusters, cluster_store)
-            .owns(sts, cfg.clone())
-            .owns(svc, cfg.clone())
+            .owns(sts, own.clone())
+            .owns(svc, own.clone())
             .graceful_shutdown_on(stop.clone())
             .run(
                 controller::cluster::reconcile,
@@ -238,22 +250,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // A namespace's labels decide whether its tenants may use their cluster: a change
         // re-examines its tenants at once (suspends or resumes them).
         let namespaces = Api::<Namespace>::all(client.clone());
+        let namespace_cfg = match &ns {
+            Some(n) => watcher::Config::default().fields(&format!("metadata.name={n}")),
+            None => watcher::Config::default(),
+        };
         let in_namespace = tenant_store.clone();
+        // A cluster's changes (its readiness, its namespace selector) re-examine the
+        // tenants it serves.
+        let of_cluster = tenant_store.clone();
+        let all_clusters = Api::<StorageCluster>::all(client.clone());
         let c2 = Controller::for_stream(tenants, tenant_store)
-            .owns(secrets, cfg.clone())
+            .owns(secrets, own.clone())
             .watches(
-                namespaces,
+                all_clusters,
                 watcher::Config::default(),
-                move |ns: Namespace| {
-                    let name = ns.name_any();
-                    in_namespace
+                move |sc: StorageCluster| {
+                    let (name, namespace) = (sc.name_any(), sc.namespace().unwrap_or_default());
+                    of_cluster
                         .state()
                         .into_iter()
-                        .filter(|t| t.namespace().as_deref() == Some(name.as_str()))
+                        .filter(|t| {
+                            t.spec.cluster_ref.name == name
+                                && t.spec.cluster_ref.namespace == namespace
+                        })
                         .map(|t| ObjectRef::from_obj(t.as_ref()))
                         .collect::<Vec<_>>()
                 },
             )
+            .watches(namespaces, namespace_cfg, move |ns: Namespace| {
+                let name = ns.name_any();
+                in_namespace
+                    .state()
+                    .into_iter()
+                    .filter(|t| t.namespace().as_deref() == Some(name.as_str()))
+                    .map(|t| ObjectRef::from_obj(t.as_ref()))
+                    .collect::<Vec<_>>()
+            })
             .graceful_shutdown_on(stop.clone())
             .run(
                 controller::tenant::reconcile,

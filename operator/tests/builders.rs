@@ -320,6 +320,42 @@ fn services_and_network_policy_expose_only_what_they_should() {
         })
         .unwrap();
     assert!(rpc_rule.from.as_ref().unwrap()[0].pod_selector.is_some());
+    // The admin port (and /metrics on it): the operator's namespace, and Prometheus'
+    // when the operator is told where it runs.
+    let admin_namespaces = |d: &granary_operator::build::cluster::Desired| {
+        let rules = d
+            .network_policy
+            .spec
+            .as_ref()
+            .unwrap()
+            .ingress
+            .clone()
+            .unwrap();
+        rules
+            .iter()
+            .filter(|r| {
+                r.ports
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .all(|p| p.port == Some(IntOrString::Int(9200)))
+            })
+            .flat_map(|r| r.from.clone().unwrap_or_default())
+            .filter_map(|p| {
+                p.namespace_selector?
+                    .match_labels?
+                    .get("kubernetes.io/metadata.name")
+                    .cloned()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(admin_namespaces(&d), vec!["granary-operator".to_string()]);
+    let mut with_prometheus = ctx(&sc);
+    with_prometheus.prometheus_namespace = Some("monitoring".into());
+    assert_eq!(
+        admin_namespaces(&build(&sc, &with_prometheus)),
+        vec!["granary-operator".to_string(), "monitoring".to_string()]
+    );
     let cm = d.config.data.as_ref().unwrap()["node.toml"].clone();
     assert!(cm.contains("region = \"eu-west-1\"") && cm.contains("partitions = 1024"));
     assert!(!cm.contains("postgres"), "no secrets in the ConfigMap");

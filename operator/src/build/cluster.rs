@@ -31,6 +31,9 @@ pub struct Context {
     pub uid: String,
     /// Namespace of the operator, whose pods may reach the admin port.
     pub operator_namespace: String,
+    /// Namespace of Prometheus, whose pods may reach the admin port for `/metrics`
+    /// (operator flag `--prometheus-namespace`).
+    pub prometheus_namespace: Option<String>,
 }
 
 impl Context {
@@ -40,6 +43,7 @@ impl Context {
             namespace: sc.metadata.namespace.clone().unwrap_or_default(),
             uid: sc.metadata.uid.clone().unwrap_or_default(),
             operator_namespace: operator_namespace.into(),
+            prometheus_namespace: None,
         }
     }
 
@@ -536,16 +540,26 @@ pub fn network_policy(ctx: &Context) -> NetworkPolicy {
         }),
         ..Default::default()
     };
-    let operator = NetworkPolicyPeer {
+    let namespace = |ns: &str| NetworkPolicyPeer {
         namespace_selector: Some(LabelSelector {
             match_labels: Some(BTreeMap::from([(
                 "kubernetes.io/metadata.name".to_string(),
-                ctx.operator_namespace.clone(),
+                ns.to_string(),
             )])),
             ..Default::default()
         }),
         ..Default::default()
     };
+    // The operator (admin API) and Prometheus (`/metrics`, on the same port; the admin
+    // API itself still needs the admin token).
+    let mut admin_clients = vec![namespace(&ctx.operator_namespace)];
+    if let Some(p) = ctx
+        .prometheus_namespace
+        .as_deref()
+        .filter(|p| *p != ctx.operator_namespace)
+    {
+        admin_clients.push(namespace(p));
+    }
     NetworkPolicy {
         metadata: ctx.meta(format!("{}-node", ctx.name), cluster_labels(&ctx.name)),
         spec: Some(NetworkPolicySpec {
@@ -565,7 +579,7 @@ pub fn network_policy(ctx: &Context) -> NetworkPolicy {
                 },
                 NetworkPolicyIngressRule {
                     ports: Some(vec![np(PORT_ADMIN)]),
-                    from: Some(vec![operator]),
+                    from: Some(admin_clients),
                 },
             ]),
             ..Default::default()

@@ -39,7 +39,10 @@ pub async fn reconcile(sc: Arc<StorageCluster>, ctx: Arc<Context>) -> Result<Act
     if let Err(e) = &r {
         ctx.event(sc.as_ref(), true, "ReconcileFailed", e.to_string())
             .await;
-        let _ = set_failed_status(&sc, &ctx, e).await;
+        // An apply failure was written into the status with everything else.
+        if !matches!(e, Error::Apply(_)) {
+            let _ = set_failed_status(&sc, &ctx, e).await;
+        }
     }
     r
 }
@@ -104,7 +107,8 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
     let ns = sc
         .namespace()
         .ok_or_else(|| Error::Invalid("StorageCluster must be namespaced".into()))?;
-    let bctx = builder::Context::of(sc, &ctx.operator_namespace);
+    let mut bctx = builder::Context::of(sc, &ctx.operator_namespace);
+    bctx.prometheus_namespace = ctx.prometheus_namespace.clone();
     let client = ctx.client.clone();
 
     ensure_secret(
@@ -440,6 +444,16 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
         }
         None => {}
     }
+    if !failures.is_empty() {
+        conditions::set(
+            &mut conds,
+            "Ready",
+            false,
+            "ApplyFailed",
+            format!("not applied: {}", failures.join("; ")),
+            gen_,
+        );
+    }
     let watch_closely = health.is_none() || conditions::is_true(&conds, "Degraded");
     let status = StorageClusterStatus {
         observed_generation: gen_,
@@ -510,10 +524,11 @@ async fn catalog_secret_problem(sc: &StorageCluster, ctx: &Context, ns: &str) ->
              the storage nodes cannot start without their catalog URL",
             r.name
         )),
-        Err(e) => Some(format!(
-            "the catalog Secret {ns}/{} cannot be read: {e}",
-            r.name
-        )),
+        // Not known to be missing: a transient API error is no reason to say so.
+        Err(e) => {
+            tracing::warn!(error = %e, secret = %r.name, "cannot read the catalog Secret");
+            None
+        }
     }
 }
 
@@ -623,19 +638,20 @@ async fn expand_claims(
     }
     for pvc in &small {
         let class = pvc.spec.as_ref().and_then(|s| s.storage_class_name.clone());
-        let allowed = match &class {
-            Some(c) => classes
-                .get_opt(c)
-                .await?
-                .is_some_and(|sc| sc.allow_volume_expansion == Some(true)),
-            None => false,
+        let why = match &class {
+            Some(c) => match classes.get_opt(c).await? {
+                Some(sc) if sc.allow_volume_expansion == Some(true) => None,
+                Some(_) => Some(format!(
+                    "StorageClass {c} does not allow volume expansion (allowVolumeExpansion)"
+                )),
+                None => Some(format!("StorageClass {c} does not exist")),
+            },
+            None => Some("the claim has no StorageClass".to_string()),
         };
-        if !allowed {
+        if let Some(why) = why {
             return Ok(Some(format!(
-                "storage.size grew to {}, but StorageClass {} does not allow volume expansion \
-                 (allowVolumeExpansion); the claims keep their size",
-                size.0,
-                class.as_deref().unwrap_or("(none)")
+                "storage.size grew to {}, but {why}; the claims keep their size",
+                size.0
             )));
         }
     }

@@ -109,6 +109,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     pub http: reqwest::Client,
     pub operator_namespace: String,
+    /// Where Prometheus runs: admitted to the storage nodes' metrics.
+    pub prometheus_namespace: Option<String>,
     pub failures: Failures,
 }
 
@@ -124,6 +126,7 @@ impl Context {
             metrics,
             http: reqwest::Client::new(),
             operator_namespace,
+            prometheus_namespace: None,
             failures: Failures::default(),
         }
     }
@@ -197,13 +200,25 @@ pub async fn cluster_admin(
 pub struct Failures(std::sync::Mutex<std::collections::HashMap<String, u32>>);
 
 impl Failures {
+    /// By uid: a re-created object of the same name starts afresh.
     fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
         format!(
-            "{}/{}/{}",
+            "{}/{}/{}/{}",
             K::kind(&()),
             obj.meta().namespace.as_deref().unwrap_or_default(),
-            obj.meta().name.as_deref().unwrap_or_default()
+            obj.meta().name.as_deref().unwrap_or_default(),
+            obj.meta().uid.as_deref().unwrap_or_default()
         )
+    }
+
+    /// How many reconciles of `obj` failed in a row.
+    pub fn record_peek<K: Resource<DynamicType = ()>>(&self, obj: &K) -> u32 {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&Self::key(obj))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Records a reconcile's outcome; returns how many failed in a row (0 on success).
@@ -239,11 +254,16 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
     err: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    let failures = ctx.failures.record(obj.as_ref(), false);
     let delay = match err {
-        Error::Invalid(_) => Duration::from_secs(300),
-        _ => retry_delay(failures, rand::random::<f64>()),
+        // Waits for the spec to change (which triggers a reconcile) or 5 minutes.
+        Error::Invalid(_) => return Action::requeue(Duration::from_secs(300)),
+        // Some objects failed but the status was written: keep looking at the cluster's
+        // health as often as a healthy reconcile would while it is degraded.
+        Error::Apply(_) => retry_delay(ctx.failures.record(obj.as_ref(), false), rand::random())
+            .min(Duration::from_secs(30)),
+        _ => retry_delay(ctx.failures.record(obj.as_ref(), false), rand::random()),
     };
+    let failures = ctx.failures.record_peek(obj.as_ref());
     tracing::warn!(name = %obj.name_any(), error = %err, failures, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

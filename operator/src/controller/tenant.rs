@@ -319,17 +319,12 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
             // A namespace that lost its permission keeps its data, but its keys stop
             // working until the permission is back (the next reconcile then registers
             // the tenant unsuspended).
-            if let Some(admin) = suspend_with {
-                let mut spec = admin_spec(t)?;
-                spec["suspended"] = json!(true);
-                if admin
-                    .update_existing_tenant(&node_tenant_name(t), &spec)
-                    .await?
-                {
-                    msg.push_str(
-                        "; the tenant is suspended: its access keys are refused, its data is kept",
-                    );
-                }
+            if let Some(admin) = suspend_with
+                && admin.suspend_tenant(&node_tenant_name(t)).await?
+            {
+                msg.push_str(
+                    "; the tenant is suspended: its access keys are refused, its data is kept",
+                );
             }
             return refuse(t, ctx, status, reason, msg).await;
         }
@@ -506,13 +501,9 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
     patch_status(ctx, t, status).await?;
     // Usage is polled; a minute is fresh enough for a status field. The cluster's
     // readiness is looked at again sooner while it is not Ready.
-    Ok(Action::requeue(Duration::from_secs(
-        if access.cluster_not_ready.is_some() {
-            10
-        } else {
-            60
-        },
-    )))
+    // Changes of the cluster (its readiness, its namespace selector) trigger a reconcile
+    // through the StorageCluster watch.
+    Ok(Action::requeue(Duration::from_secs(60)))
 }
 
 /// What is over its quota, in words (`objects 3 > 2`); empty when usage is within every
@@ -543,15 +534,31 @@ fn over_quota(q: &Quotas, u: &Usage) -> Vec<String> {
 /// Deletion: `Delete` removes the tenant and all its data from the cluster; `Retain`
 /// keeps the data and only revokes the key this Tenant was given.
 async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action> {
-    let access = match access(t, ctx).await? {
-        Ok(a) => a,
-        // The cluster is gone or never accepted this tenant: nothing to clean up there.
-        Err(_) => return Ok(Action::await_change()),
+    let admin = match access(t, ctx).await? {
+        Ok(a) => a.admin,
+        // A namespace that lost its permission: what was registered is still cleaned up
+        // (else a later Tenant of the same name would inherit the data and keys).
+        Err(Refusal {
+            suspend_with: Some(admin),
+            ..
+        }) => admin,
+        // The cluster is gone: nothing is left to clean up.
+        Err(Refusal {
+            reason: "ClusterNotFound",
+            ..
+        }) => return Ok(Action::await_change()),
+        // The cluster cannot be reached yet: keep the finalizer and retry.
+        Err(r) => {
+            return Err(Error::Admin(format!(
+                "cannot clean up the tenant yet: {}",
+                r.message
+            )));
+        }
     };
     let name = node_tenant_name(t);
     match t.spec.deletion_policy {
         DeletionPolicy::Delete => {
-            access.admin.delete_tenant(&name, true).await?;
+            admin.delete_tenant(&name, true).await?;
             ctx.event(
                 t,
                 false,
@@ -570,8 +577,7 @@ async fn cleanup(t: &Tenant, ctx: &Context) -> Result<Action> {
                 .and_then(|s| s.data)
                 .and_then(|d| d.get(ACCESS_KEY_ID).cloned())
             {
-                access
-                    .admin
+                admin
                     .revoke_key(&name, &String::from_utf8_lossy(&ak.0))
                     .await?;
             }

@@ -39,6 +39,9 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "camelCase")]
 pub struct TenantSpec {
+    /// The StorageCluster serving this tenant. Immutable: the tenant's data, keys and
+    /// cleanup live on that cluster.
+    #[x_kube(validation = Rule::new("self == oldSelf").message("clusterRef is immutable"))]
     pub cluster_ref: ClusterRef,
     #[serde(default)]
     pub quotas: Quotas,

@@ -288,10 +288,15 @@ async fn update_tenant(
     body: Result<Json<TenantSpec>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Tenant>, ApiError> {
     let Json(spec) = body.map_err(json_rejection)?;
-    tenant(&s, &name).await?;
+    let was_suspended = tenant(&s, &name).await?.spec.suspended;
     let t = s.store.catalog().update_tenant(&name, &spec).await?;
     // A suspension (or its end) applies on this node from the next request.
-    s.auth.invalidate_tenant(t.id).await;
+    if was_suspended != spec.suspended {
+        s.auth.invalidate_tenant(t.id).await;
+        if !spec.suspended {
+            s.auth.forget_unknown();
+        }
+    }
     Ok(Json(t))
 }
 

@@ -114,7 +114,11 @@ impl Authenticator {
         let mut cache = self.cache.write().await;
         self.epoch.fetch_add(1, Ordering::SeqCst);
         cache.retain(|_, (c, _)| c.tenant_id != tenant);
-        // Its keys may have been refused as unknown while it was suspended.
+    }
+
+    /// Forgets every access key id remembered as unknown: after a tenant's suspension
+    /// ends, its keys (refused as unknown meanwhile) work from the next request.
+    pub fn forget_unknown(&self) {
         self.unknown
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

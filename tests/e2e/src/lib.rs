@@ -497,9 +497,25 @@ impl PgServer {
         Self::start_listening(None)
     }
 
+    /// Starts a server that also accepts TLS, with a certificate for `localhost` and
+    /// 127.0.0.1 signed by a CA of its own ([`PgServer::ca_cert`]).
+    pub fn start_tls() -> Result<Self> {
+        Self::start_with(None, true)
+    }
+
+    /// The CA certificate of a [`PgServer::start_tls`] server.
+    pub fn ca_cert(&self) -> Option<PathBuf> {
+        let p = self.dir.path().join("ca.crt");
+        p.exists().then_some(p)
+    }
+
     /// Starts a server that also listens on `extra.0` and admits clients from the subnet
     /// `extra.1` (for nodes in network namespaces).
     pub fn start_listening(extra: Option<(std::net::Ipv4Addr, &str)>) -> Result<Self> {
+        Self::start_with(extra, false)
+    }
+
+    fn start_with(extra: Option<(std::net::Ipv4Addr, &str)>, tls: bool) -> Result<Self> {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("granary-pg").tempdir()?;
         let _ = Command::new("chown")
@@ -528,10 +544,17 @@ impl PgServer {
                 format!("host all all {subnet} trust\n").as_bytes(),
             )?;
         }
-        let opts = format!(
+        let mut opts = format!(
             "-p {port} -k {} -c listen_addresses={listen} -c fsync=off",
             dir.path().display()
         );
+        if tls {
+            make_tls_certs(dir.path())?;
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={0}/server.crt -c ssl_key_file={0}/server.key",
+                dir.path().display()
+            ));
+        }
         let st = pg_command(&bin, "pg_ctl")
             .args(["-D"])
             .arg(&data)
@@ -574,6 +597,87 @@ impl PgServer {
         }
         Ok(self.url(name))
     }
+}
+
+/// A CA and a server certificate for `localhost` / 127.0.0.1 in `dir` (openssl), the key
+/// readable by the `postgres` user only, as the server demands.
+fn make_tls_certs(dir: &Path) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .context("running openssl (the test command installs it)")?;
+        if !out.status.success() {
+            bail!(
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=granary test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+    ])?;
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ])?;
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.crt",
+    ])?;
+    let _ = Command::new("chown")
+        .args(["postgres:postgres", "server.key", "server.crt"])
+        .current_dir(dir)
+        .status();
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
+    Ok(())
 }
 
 impl Drop for PgServer {

@@ -63,6 +63,26 @@ async fn suite(cat: &SqlCatalog) {
         !cat.revoke_access_key(b.id, &k.access_key_id).await.unwrap(),
         "another tenant cannot revoke it"
     );
+    // A suspended tenant's keys are refused as unknown; resuming brings them back.
+    let suspended: TenantSpec =
+        serde_json::from_value(serde_json::json!({"quotas": {"objects": 20}, "suspended": true}))
+            .unwrap();
+    cat.update_tenant("alpha", &suspended).await.unwrap();
+    assert!(
+        cat.lookup_access_key(&k.access_key_id)
+            .await
+            .unwrap()
+            .is_none(),
+        "suspended"
+    );
+    cat.update_tenant("alpha", &spec2).await.unwrap();
+    assert!(
+        cat.lookup_access_key(&k.access_key_id)
+            .await
+            .unwrap()
+            .is_some(),
+        "resumed"
+    );
     let keys = cat.list_access_keys(a.id).await.unwrap();
     assert_eq!(keys.len(), 1);
     assert_eq!(keys[0].description, "ci");
@@ -279,4 +299,37 @@ async fn catalog_suite_on_postgres() {
     assert_eq!(cat.backend(), Backend::Postgres);
     suite(&cat).await;
     cat.close().await;
+}
+
+/// The catalog over TLS (sqlx with rustls): `sslmode=verify-full` with the server's CA
+/// connects; without that CA the certificate is refused with a clear error.
+#[tokio::test]
+async fn catalog_connects_to_postgres_over_verified_tls() {
+    let pg = PgServer::start_tls().expect("a private Postgres with TLS");
+    pg.create_db("granary_tls").unwrap();
+    let ca = pg.ca_cert().expect("the test CA");
+    let url = format!(
+        "postgres://granary@localhost:{}/granary_tls?sslmode=verify-full&sslrootcert={}",
+        pg.port,
+        ca.display()
+    );
+    let cat = SqlCatalog::connect(&url, MasterKey::generate())
+        .await
+        .expect("verified TLS connection");
+    cat.create_tenant("over-tls", &TenantSpec::default())
+        .await
+        .unwrap();
+    cat.close().await;
+    let untrusted = format!(
+        "postgres://granary@localhost:{}/granary_tls?sslmode=verify-full",
+        pg.port
+    );
+    let err = match SqlCatalog::connect(&untrusted, MasterKey::generate()).await {
+        Ok(_) => panic!("a certificate from an unknown CA must be refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.to_lowercase().contains("certificate"),
+        "the error should name the certificate: {err}"
+    );
 }

@@ -66,6 +66,46 @@ fn chart_lints_renders_and_documents_its_rbac() {
         !ok && out.contains("leader"),
         "two replicas without leader election must be refused: {out}"
     );
+    // Metrics: a Service by default; monitors and Prometheus' namespace on request.
+    let render = |sets: &[&str]| {
+        let mut args = vec!["template", "t", "helm/granary", "--kube-version", "1.37.2"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        helm(&args)
+    };
+    let (ok, out) = render(&[]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("name: t-granary-metrics"),
+        "metrics Service by default"
+    );
+    assert!(!out.contains("ServiceMonitor") && !out.contains("--prometheus-namespace"));
+    let (ok, out) = render(&[
+        "metrics.serviceMonitor.enabled=true",
+        "metrics.podMonitor.enabled=true",
+        "metrics.prometheusNamespace=monitoring",
+    ]);
+    assert!(ok, "{out}");
+    for want in [
+        "kind: ServiceMonitor",
+        "kind: PodMonitor",
+        "app.kubernetes.io/name: granary-node",
+        "- --prometheus-namespace\n            - \"monitoring\"",
+    ] {
+        assert!(out.contains(want), "{want:?} missing:\n{out}");
+    }
+    // values.schema.json refuses what the templates cannot use.
+    for (set, why) in [
+        ("logFormat=xml", "logFormat"),
+        ("image.pullPolicy=Sometimes", "pullPolicy"),
+        ("metrics.serviceMonitor.interval=soon", "interval"),
+        ("unknownValue=1", "unknownValue"),
+    ] {
+        let (ok, out) = render(&[set]);
+        assert!(!ok && out.contains(why), "{set} must be refused: {out}");
+    }
+
     // Each rule of the ClusterRole and Role is preceded by a comment saying why.
     for file in [
         "helm/granary/templates/clusterrole.yaml",

@@ -506,6 +506,24 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
             .is_none()
     );
 
+    // clusterRef is immutable: a tenant's data, keys and cleanup live on its cluster.
+    let err = cp
+        .kubectl(&[
+            "patch",
+            "tenant",
+            "web",
+            "-n",
+            "team-web",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"clusterRef":{"name":"elsewhere","namespace":"granary-system"}}}"#,
+        ])
+        .expect_err("changing clusterRef must be refused");
+    assert!(
+        format!("{err:#}").contains("clusterRef is immutable"),
+        "{err:#}"
+    );
+
     // Registered, but not Ready while its cluster is not (no kubelets, no ready nodes).
     let ready = wait_for("analytics Ready condition", 60, || {
         let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
@@ -1044,7 +1062,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     poke(&cp, ns, "test/poke");
     let failed = wait_for("forbidden reconcile reported", 90, || {
         let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
-        Ok(condition(&v, "Ready").filter(|c| c.1 == "ReconcileFailed"))
+        Ok(condition(&v, "Ready").filter(|c| c.1 == "ApplyFailed"))
     });
     assert!(
         failed.2.contains("forbidden") || failed.2.contains("Forbidden"),
