@@ -349,19 +349,28 @@ impl Node {
         let signal = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|v| *v).await;
         };
+        // Small answers go out at once: without TCP_NODELAY, Nagle's algorithm holds a
+        // response's second write until the first is acknowledged, and the client's
+        // delayed ACK makes that 40 ms (seen on every forwarded KV request).
+        use axum::serve::ListenerExt;
+        let nodelay = |l: TcpListener| {
+            l.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            })
+        };
         let kv_task = tokio::spawn(
-            axum::serve(listeners.1, kv_router)
+            axum::serve(nodelay(listeners.1), kv_router)
                 .with_graceful_shutdown(signal(shutdown.clone()))
                 .into_future(),
         );
         let admin_task = tokio::spawn(
-            axum::serve(listeners.2, admin_router)
+            axum::serve(nodelay(listeners.2), admin_router)
                 .with_graceful_shutdown(signal(shutdown.clone()))
                 .into_future(),
         );
         let rpc_task = tokio::spawn(
             axum::serve(
-                listeners.3,
+                nodelay(listeners.3),
                 crate::cluster::rpc::router(
                     crate::cluster::rpc::RpcState::new(cluster, store.engine().clone())
                         .with_fronts(s3_front.clone(), kv_state, store.clone())

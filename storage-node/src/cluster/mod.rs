@@ -812,6 +812,7 @@ pub(crate) fn peer_client(
     more(
         reqwest::Client::builder()
             .connect_timeout(connect)
+            .tcp_nodelay(true)
             .no_proxy()
             .redirect(reqwest::redirect::Policy::none()),
     )
