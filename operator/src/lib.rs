@@ -10,3 +10,4 @@ pub mod error;
 pub mod leader;
 pub mod quantity;
 pub mod selector;
+pub mod smoke;

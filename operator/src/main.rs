@@ -33,6 +33,16 @@ enum Cmd {
     Crd,
     /// Run the controllers.
     Run(RunArgs),
+    /// Write and read back a KV entry through a StorageCluster with a throwaway tenant
+    /// (what the chart's `helm test` runs); exits non-zero on any failure.
+    SmokeTest {
+        /// The StorageCluster's name.
+        #[arg(long)]
+        cluster: String,
+        /// Its namespace; default: this pod's.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        namespace: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -102,6 +112,14 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(run(args)),
+        Cmd::SmokeTest { cluster, namespace } => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(async {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let client = Client::try_default().await?;
+                granary_operator::smoke::run(client, &namespace, &cluster).await
+            }),
     }
 }
 

@@ -235,20 +235,28 @@ async fn access(t: &Tenant, ctx: &Context) -> Result<Result<ClusterAccess, Refus
         )
             .into()));
     };
-    let ann = sc.annotations();
+    let (s3, kv) = client_endpoints(&sc, &b);
     Ok(Ok(ClusterAccess {
         admin,
-        s3: ann
-            .get(ANNOTATION_S3)
-            .cloned()
-            .unwrap_or_else(|| format!("http://{}-s3.{}.svc:9000", b.name, b.namespace)),
-        kv: ann
-            .get(ANNOTATION_KV)
-            .cloned()
-            .unwrap_or_else(|| format!("http://{}-kv.{}.svc:9100", b.name, b.namespace)),
+        s3,
+        kv,
         region: sc.spec.region.clone(),
         cluster_not_ready: cluster_not_ready(&sc),
     }))
+}
+
+/// The S3 and KV endpoints a cluster's tenants use: its client Services, or the
+/// `granary.dev/{s3,kv}-endpoint` annotations.
+pub fn client_endpoints(sc: &StorageCluster, b: &BuildContext) -> (String, String) {
+    let ann = sc.annotations();
+    (
+        ann.get(ANNOTATION_S3)
+            .cloned()
+            .unwrap_or_else(|| format!("http://{}-s3.{}.svc:9000", b.name, b.namespace)),
+        ann.get(ANNOTATION_KV)
+            .cloned()
+            .unwrap_or_else(|| format!("http://{}-kv.{}.svc:9100", b.name, b.namespace)),
+    )
 }
 
 /// Why a StorageCluster is not Ready, or None when its Ready condition is True.

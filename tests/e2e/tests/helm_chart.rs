@@ -95,6 +95,19 @@ fn chart_lints_renders_and_documents_its_rbac() {
     ] {
         assert!(out.contains(want), "{want:?} missing:\n{out}");
     }
+    // `helm test` has a Pod when there is a cluster to test.
+    let (ok, out) = render(&[]);
+    assert!(
+        ok && !out.contains("helm.sh/hook: test"),
+        "no cluster, no test"
+    );
+    let (ok, out) = render(&["test.cluster=main"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("helm.sh/hook: test") && out.contains("- smoke-test"),
+        "{out}"
+    );
+
     // values.schema.json refuses what the templates cannot use.
     for (set, why) in [
         ("logFormat=xml", "logFormat"),

@@ -107,6 +107,52 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     ])
     .unwrap();
 
+    // helm upgrade with changed values goes through, and with leader election on the
+    // Deployment rolls (RollingUpdate: the new pod turns Ready as a standby while the
+    // old one holds the Lease, see leader_election.rs), not Recreate.
+    let out = Command::new(&helm)
+        .args(["upgrade", "granary"])
+        .arg(&chart)
+        .args([
+            "-n",
+            "granary-system",
+            "--set",
+            "shutdownGraceSeconds=12",
+            "--kubeconfig",
+        ])
+        .arg(&cp.kubeconfig)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "helm upgrade: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deploy = json(
+        &cp,
+        &[
+            "get",
+            "deployments",
+            "-n",
+            "granary-system",
+            "-l",
+            "app.kubernetes.io/instance=granary",
+        ],
+    )
+    .unwrap();
+    let d = &deploy["items"][0];
+    assert!(
+        d["spec"]["template"]["spec"]["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("12s"))
+    );
+    assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate", "{d}");
+    assert_eq!(
+        d["metadata"]["generation"], 2,
+        "the upgrade changed the pod template"
+    );
+
     // The apiserver rejects invalid resources with clear messages.
     let ns = "granary-system";
     assert_rejected(
@@ -604,6 +650,37 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         resumed.as_deref(),
         Some(&b"from kubernetes"[..]),
         "the same key and data after the namespace is allowed again"
+    );
+
+    // What `helm test` runs: a throwaway tenant writes and reads a KV entry through the
+    // cluster, with the chart's ServiceAccount, and is removed again.
+    let out = Command::new(operator_binary())
+        .args(["smoke-test", "--cluster", "main", "--namespace", ns])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "smoke-test failed:\n{said}");
+    assert!(
+        said.contains("ok: wrote and read back a KV entry"),
+        "{said}"
+    );
+    let tenants = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{adp}/admin/v1/tenants"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !tenants.contains("helm-test-"),
+        "the smoke test's tenant stays: {tenants}"
     );
 
     // A Secret the operator did not create is never written over (or deleted).
