@@ -139,30 +139,36 @@ $G bucket allow --read --write --owner bench --key bench-key >/dev/null
 # different volume server), a filer (leveldb2 store) and the S3 gateway in front of it.
 # Writes under /buckets/ fsync (filer storage rule, `fs.configure -fsync`), so it too
 # acknowledges only what is on disk.
-# A free port p below 50000 with p + 10000 free too (SeaweedFS's gRPC port is its HTTP
-# port + 10000, and its clients assume so).
-weedport() { python3 -c '
-import random, socket
-while True:
+# N distinct free ports p below 50000, each with p + 10000 free too (SeaweedFS's gRPC
+# port is its HTTP port + 10000, and its clients assume so), all held until all are
+# chosen so none is handed out twice.
+weedports() { python3 -c '
+import random, socket, sys
+held, out = [], []
+while len(out) < int(sys.argv[1]):
     p = random.randrange(20000, 50000)
+    if any(abs(p - q) in (0, 10000) for q in out):
+        continue
     try:
         a = socket.socket(); a.bind(("127.0.0.1", p)); b = socket.socket(); b.bind(("127.0.0.1", p + 10000))
-        print(p); break
+        held += [a, b]; out.append(p)
     except OSError:
         pass
-'; }
+print(" ".join(map(str, out)))
+' "$1"; }
 
 start_seaweedfs() {
   echo "==> starting SeaweedFS (master, $NODES volume server(s), filer, S3) in $WORK/weed*" >&2
-  local mp fp d i
-  mp=$(weedport); fp=$(weedport); SP=$(weedport)
+  local mp fp d i ports
+  read -r -a ports <<< "$(weedports $((NODES + 3)))"
+  mp=${ports[0]}; fp=${ports[1]}; SP=${ports[2]}
   mkdir -p "$WORK/weed-master" "$WORK/weed-filer"
   "$WEED" master -ip=127.0.0.1 -port="$mp" -port.grpc=$((mp + 10000)) -mdir="$WORK/weed-master" \
     -defaultReplication="00$((NODES - 1))" -volumeSizeLimitMB=1024 > "$WORK/weed-master.log" 2>&1 &
   PIDS+=($!)
   for i in $(seq 1 "$NODES"); do
     d="$WORK/weed-volume$i"; mkdir -p "$d"
-    local vp; vp=$(weedport)
+    local vp=${ports[$((i + 2))]}
     "$WEED" volume -ip=127.0.0.1 -port="$vp" -port.grpc=$((vp + 10000)) -dir="$d" -max=64 \
       -mserver="127.0.0.1:$mp" > "$d.log" 2>&1 &
     PIDS+=($!)
@@ -176,6 +182,7 @@ JSON
     -defaultStoreDir="$WORK/weed-filer" > "$WORK/weed-filer.log" 2>&1 &
   PIDS+=($!)
   "$WEED" s3 -ip.bind=127.0.0.1 -port="$SP" -filer="127.0.0.1:$fp" -config="$WORK/weed-s3.json" \
+    -port.iceberg=0 -port.lance=0 \
     > "$WORK/weed-s3.log" 2>&1 &
   PIDS+=($!)
   for _ in $(seq 150); do

@@ -267,7 +267,7 @@ func main() {
 	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
 	pct := func(p float64) float64 {
 		if len(all) == 0 {
-			return math.NaN()
+			return -1 // nothing succeeded (JSON has no NaN); see "errors"
 		}
 		return float64(all[int(math.Min(float64(len(all)-1), p*float64(len(all))))].Microseconds()) / 1000
 	}

@@ -57,18 +57,27 @@ impl AdminClient {
 
     /// Creates the tenant or replaces its settings.
     pub async fn upsert_tenant(&self, name: &str, spec: &Value) -> Result<()> {
-        if self.update_existing_tenant(name, spec).await? {
+        if self.update_existing_tenant(name, spec).await? || self.create_tenant(name, spec).await? {
             return Ok(());
         }
+        Err(Self::fail(
+            "creating tenant",
+            409,
+            &json!({"message": "created concurrently; retried on the next reconcile"}),
+        ))
+    }
+
+    /// Creates a tenant; false (nothing changed) when one of that name exists.
+    pub async fn create_tenant(&self, name: &str, spec: &Value) -> Result<bool> {
         let mut body = spec.clone();
         body["name"] = json!(name);
         let (s, v) = self
             .call(reqwest::Method::POST, "/tenants", Some(body))
             .await?;
-        if s == 201 {
-            Ok(())
-        } else {
-            Err(Self::fail("creating tenant", s, &v))
+        match s {
+            201 => Ok(true),
+            409 => Ok(false),
+            _ => Err(Self::fail("creating tenant", s, &v)),
         }
     }
 

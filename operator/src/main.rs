@@ -173,12 +173,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // holds until it is stopped, which waits for the new pod to be Ready); one that is
     // Ready without being able to work would let a broken upgrade replace a working one.
     loop {
+        // In the first watched namespace when there are any (rbac.namespaced grants no
+        // cluster-wide list).
+        let first = args
+            .watch_namespaces
+            .iter()
+            .find(|n| !n.is_empty())
+            .cloned();
         let check = async {
             let probe = ListParams::default().limit(1);
-            Api::<StorageCluster>::all(client.clone())
+            scoped::<StorageCluster>(&client, &first)
                 .list(&probe)
                 .await?;
-            Api::<Tenant>::all(client.clone()).list(&probe).await
+            scoped::<Tenant>(&client, &first).list(&probe).await
         };
         tokio::select! {
             r = tokio::time::timeout(Duration::from_secs(10), check) => match r {
@@ -276,7 +283,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // A cluster's changes (its readiness, its namespace selector) re-examine the
         // tenants it serves.
         let of_cluster = tenant_store.clone();
-        let all_clusters = Api::<StorageCluster>::all(client.clone());
+        // (In the watched namespaces only: with rbac.namespaced the operator may not
+        // list StorageClusters elsewhere.)
+        let all_clusters = scoped::<StorageCluster>(&client, &ns);
         let c2 = Controller::for_stream(tenants, tenant_store)
             .owns(secrets, own.clone())
             .watches(

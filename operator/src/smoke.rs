@@ -32,10 +32,18 @@ pub async fn run(client: Client, namespace: &str, cluster: &str) -> anyhow::Resu
     let (_, kv) = client_endpoints(&sc, &b);
     let tenant = format!("helm-test-{}", hex::encode(rand::random::<[u8; 4]>()));
     println!("registering tenant {tenant} on {namespace}/{cluster}");
-    admin.upsert_tenant(&tenant, &json!({})).await?;
-    let outcome = write_and_read(&ctx.http, &admin, &tenant, &kv, &sc.spec.region).await;
+    // Create-only: an existing tenant of that name is never touched (nor removed below).
+    let outcome = match admin.create_tenant(&tenant, &json!({})).await {
+        Ok(false) => bail!("a tenant named {tenant} exists already; run the test again"),
+        Ok(true) => write_and_read(&ctx.http, &admin, &tenant, &kv, &sc.spec.region).await,
+        // The create may have happened even though its answer was lost: clean up.
+        Err(e) => Err(e.into()),
+    };
     println!("removing tenant {tenant} and its data");
     let removed = admin.delete_tenant(&tenant, true).await;
+    if let Err(e) = &removed {
+        eprintln!("could not remove tenant {tenant} (remove it through the admin API): {e}");
+    }
     outcome?;
     removed?;
     println!("ok: wrote and read back a KV entry through {kv}");

@@ -66,5 +66,5 @@ cluster-wide permissions to this name. */}}
 Operator image reference; the tag defaults to the chart appVersion.
 */}}
 {{- define "granary.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- printf "%s:%s" .Values.image.repository (toString (default .Chart.AppVersion .Values.image.tag)) }}
 {{- end }}

@@ -550,9 +550,11 @@ impl Catalog for SqlCatalog {
         .fetch_optional(&self.pool)
         .await?;
         let Some(row) = row else { return Ok(None) };
-        let spec: TenantSpec = serde_json::from_str(&row.try_get::<String, _>("spec")?)
-            .map_err(|e| CatalogError::Corrupt(format!("tenant spec: {e}")))?;
-        if spec.suspended {
+        // Only the flag is read, leniently: a spec with fields this version does not know
+        // (written by a newer node during a rolling upgrade) must not lock its keys out.
+        let spec: serde_json::Value =
+            serde_json::from_str(&row.try_get::<String, _>("spec")?).unwrap_or_default();
+        if spec.get("suspended").and_then(serde_json::Value::as_bool) == Some(true) {
             return Ok(None);
         }
         let sealed: String = row.try_get("secret_sealed")?;

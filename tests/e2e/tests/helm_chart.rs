@@ -108,6 +108,30 @@ fn chart_lints_renders_and_documents_its_rbac() {
         "{out}"
     );
 
+    // rbac.namespaced: Roles in the watched namespaces, only cluster-scoped reads in the
+    // ClusterRole; refused without watchNamespaces.
+    let (ok, out) = render(&["rbac.namespaced=true", "watchNamespaces={team-a,team-b}"]);
+    assert!(ok, "{out}");
+    let docs: Vec<&str> = out.split("\n---").collect();
+    let cluster_role = docs
+        .iter()
+        .find(|d| d.contains("\nkind: ClusterRole\n"))
+        .expect("a ClusterRole");
+    assert!(!cluster_role.contains("secrets") && cluster_role.contains("namespaces"));
+    for ns in ["team-a", "team-b"] {
+        assert!(
+            docs.iter().any(|d| d.contains("\nkind: Role\n")
+                && d.contains(&format!("namespace: {ns}"))
+                && d.contains("\"secrets\"")),
+            "no Role with the namespaced rules in {ns}"
+        );
+    }
+    let (ok, out) = render(&["rbac.namespaced=true"]);
+    assert!(
+        !ok && out.contains("rbac.namespaced needs watchNamespaces"),
+        "{out}"
+    );
+
     // values.schema.json refuses what the templates cannot use.
     for (set, why) in [
         ("logFormat=xml", "logFormat"),
