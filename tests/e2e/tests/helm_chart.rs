@@ -95,6 +95,19 @@ fn chart_lints_renders_and_documents_its_rbac() {
     ] {
         assert!(out.contains(want), "{want:?} missing:\n{out}");
     }
+    // The PodMonitor follows watchNamespaces, and needs Prometheus' namespace.
+    let (ok, out) = render(&[
+        "metrics.podMonitor.enabled=true",
+        "metrics.prometheusNamespace=monitoring",
+        "watchNamespaces={team-a}",
+    ]);
+    assert!(ok && out.contains("matchNames:\n      - team-a"), "{out}");
+    let (ok, out) = render(&["metrics.podMonitor.enabled=true"]);
+    assert!(
+        !ok && out.contains("needs metrics.prometheusNamespace"),
+        "{out}"
+    );
+
     // `helm test` has a Pod when there is a cluster to test.
     let (ok, out) = render(&[]);
     assert!(
