@@ -440,7 +440,24 @@ pub fn chunk_files(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A port free right now, for a server a test starts a little later. Chosen below the
+/// kernel's ephemeral range (32768 and up by default): a port the kernel hands out for
+/// `:0` is also what it gives outgoing connections (kubectl, clients), which could take
+/// it before the server binds (a test failed so: "Address already in use").
 pub fn free_port() -> u16 {
+    // Never the same port twice in one test process (three calls in a row for one node's
+    // listeners must not collide).
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..1000 {
+        let p: u16 = 20_000 + rand::random::<u16>() % 12_000;
+        if !given.contains(&p) && TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            given.push(p);
+            return p;
+        }
+    }
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

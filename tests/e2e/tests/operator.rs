@@ -89,7 +89,14 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     let out = Command::new(&helm)
         .args(["install", "granary"])
         .arg(&chart)
-        .args(["-n", "granary-system", "--create-namespace", "--kubeconfig"])
+        .args([
+            "-n",
+            "granary-system",
+            "--create-namespace",
+            "--set",
+            "test.cluster=main",
+            "--kubeconfig",
+        ])
         .arg(&cp.kubeconfig)
         .output()
         .unwrap();
@@ -118,6 +125,8 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
             "granary-system",
             "--set",
             "shutdownGraceSeconds=12",
+            "--set",
+            "test.cluster=main",
             "--kubeconfig",
         ])
         .arg(&cp.kubeconfig)
@@ -254,7 +263,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
             "-n",
             ns,
             "-l",
-            "app.kubernetes.io/instance=granary",
+            "app.kubernetes.io/instance=granary,app.kubernetes.io/name=granary",
         ],
     )
     .unwrap()["items"][0]["metadata"]["name"]
@@ -653,10 +662,15 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     );
 
     // What `helm test` runs: a throwaway tenant writes and reads a KV entry through the
-    // cluster, with the chart's ServiceAccount, and is removed again.
+    // cluster, with the test's own ServiceAccount (it may read only that cluster and its
+    // admin-token Secret), and is removed again.
+    let test_token = cp
+        .token_for_service_account(ns, "granary-smoke-test")
+        .unwrap();
+    let test_kubeconfig = cp.kubeconfig_for_token(&test_token);
     let out = Command::new(operator_binary())
         .args(["smoke-test", "--cluster", "main", "--namespace", ns])
-        .env("KUBECONFIG", &kubeconfig)
+        .env("KUBECONFIG", &test_kubeconfig)
         .output()
         .unwrap();
     let said = format!(
