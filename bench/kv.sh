@@ -34,28 +34,8 @@ if [ ! -x "$KVBENCH" ]; then
    cd bench/kvbench && go build -o "$KVBENCH.tmp" . && mv "$KVBENCH.tmp" "$KVBENCH")
 fi
 
-WORK=$(mktemp -d -p "${BENCH_DIR:-$PWD/target}" kvbench.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-portblock() { python3 -c '
-import random, socket
-while True:
-    b = random.randrange(20000, 60000)
-    try:
-        socks = []
-        for l in range(4):
-            for n in range(3):
-                s = socket.socket(); s.bind(("127.0.0.1", b + 10 * l + n)); socks.append(s)
-        print(b); break
-    except OSError:
-        pass
-'; }
+. bench/lib.sh
+bench_setup kvbench
 
 echo "==> starting granary-node dev --nodes 3 in $WORK/granary" >&2
 B=$(portblock)

@@ -41,30 +41,8 @@ elif [ ! -x "$GARAGE" ]; then
   cargo install -q garage --version "$GARAGE_VERSION" --locked --root "$CACHE/garage-$GARAGE_VERSION"
 fi
 
-WORK=$(mktemp -d -p "${BENCH_DIR:-$PWD/target}" bench.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# A base port with base..base+2 free for each of 4 listeners spaced by 10.
-portblock() { python3 -c '
-import random, socket
-while True:
-    b = random.randrange(20000, 60000)
-    try:
-        socks = []
-        for l in range(4):
-            for n in range(3):
-                s = socket.socket(); s.bind(("127.0.0.1", b + 10 * l + n)); socks.append(s)
-        print(b); break
-    except OSError:
-        pass
-'; }
+. bench/lib.sh
+bench_setup bench
 
 if [ "$NODES" = 1 ]; then
   echo "==> starting granary-node dev in $WORK/granary" >&2

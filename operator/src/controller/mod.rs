@@ -211,16 +211,6 @@ impl Failures {
         )
     }
 
-    /// How many reconciles of `obj` failed in a row.
-    pub fn record_peek<K: Resource<DynamicType = ()>>(&self, obj: &K) -> u32 {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&Self::key(obj))
-            .copied()
-            .unwrap_or(0)
-    }
-
     /// Records a reconcile's outcome; returns how many failed in a row (0 on success).
     pub fn record<K: Resource<DynamicType = ()>>(&self, obj: &K, ok: bool) -> u32 {
         let key = Self::key(obj);
@@ -254,16 +244,17 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
     err: &Error,
     ctx: Arc<Context>,
 ) -> Action {
-    let delay = match err {
-        // Waits for the spec to change (which triggers a reconcile) or 5 minutes.
-        Error::Invalid(_) => return Action::requeue(Duration::from_secs(300)),
-        // Some objects failed but the status was written: keep looking at the cluster's
-        // health as often as a healthy reconcile would while it is degraded.
-        Error::Apply(_) => retry_delay(ctx.failures.record(obj.as_ref(), false), rand::random())
-            .min(Duration::from_secs(30)),
-        _ => retry_delay(ctx.failures.record(obj.as_ref(), false), rand::random()),
-    };
-    let failures = ctx.failures.record_peek(obj.as_ref());
+    // Waits for the spec to change (which triggers a reconcile) or 5 minutes.
+    if matches!(err, Error::Invalid(_)) {
+        return Action::requeue(Duration::from_secs(300));
+    }
+    let failures = ctx.failures.record(obj.as_ref(), false);
+    let mut delay = retry_delay(failures, rand::random());
+    // Some objects failed but the status was written: keep looking at the cluster's
+    // health as often as a healthy reconcile would while it is degraded.
+    if matches!(err, Error::Apply(_)) {
+        delay = delay.min(Duration::from_secs(30));
+    }
     tracing::warn!(name = %obj.name_any(), error = %err, failures, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
 }

@@ -86,25 +86,21 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     let chart = workspace_root().join("helm/granary");
 
     // helm install; the CRDs become Established.
-    let out = Command::new(&helm)
-        .args(["install", "granary"])
-        .arg(&chart)
-        .args([
-            "-n",
-            "granary-system",
-            "--create-namespace",
-            "--set",
-            "test.cluster=main",
-            "--kubeconfig",
-        ])
-        .arg(&cp.kubeconfig)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm install: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let helm_release = |verb: &str, sets: &[&str]| {
+        let mut c = Command::new(&helm);
+        c.args([verb, "granary"]).arg(&chart);
+        c.args(["-n", "granary-system", "--create-namespace"]);
+        for s in sets {
+            c.args(["--set", s]);
+        }
+        let out = c.arg("--kubeconfig").arg(&cp.kubeconfig).output().unwrap();
+        assert!(
+            out.status.success(),
+            "helm {verb}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    helm_release("install", &["test.cluster=main"]);
     cp.kubectl(&[
         "wait",
         "--for=condition=Established",
@@ -117,26 +113,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     // helm upgrade with changed values goes through, and with leader election on the
     // Deployment rolls (RollingUpdate: the new pod turns Ready as a standby while the
     // old one holds the Lease, see leader_election.rs), not Recreate.
-    let out = Command::new(&helm)
-        .args(["upgrade", "granary"])
-        .arg(&chart)
-        .args([
-            "-n",
-            "granary-system",
-            "--set",
-            "shutdownGraceSeconds=12",
-            "--set",
-            "test.cluster=main",
-            "--kubeconfig",
-        ])
-        .arg(&cp.kubeconfig)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "helm upgrade: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    helm_release("upgrade", &["shutdownGraceSeconds=12", "test.cluster=main"]);
     let deploy = json(
         &cp,
         &[
@@ -323,16 +300,19 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     // A storage node process stands in for the pods (no kubelet here). Its ports are
     // fixed before the cluster exists so the cluster can point at them.
     let (s3p, kvp, adp) = (free_port(), free_port(), free_port());
-    cp.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "granary-catalog",
-        "-n",
-        ns,
-        "--from-literal=url=sqlite::memory:",
-    ])
-    .unwrap();
+    let create_catalog_secret = || {
+        cp.kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            "granary-catalog",
+            "-n",
+            ns,
+            "--from-literal=url=sqlite::memory:",
+        ])
+        .unwrap();
+    };
+    create_catalog_secret();
     let mut sc: Value = serde_yaml_to_json(
         &std::fs::read_to_string(workspace_root().join("examples/storagecluster.yaml")).unwrap(),
     );
@@ -1061,16 +1041,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
             .contains("granary-system/granary-catalog does not exist"),
         "{ready:?}"
     );
-    cp.kubectl(&[
-        "create",
-        "secret",
-        "generic",
-        "granary-catalog",
-        "-n",
-        ns,
-        "--from-literal=url=sqlite::memory:",
-    ])
-    .unwrap();
+    create_catalog_secret();
     wait_for("catalog Secret back", 60, || {
         let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Ready").filter(|c| c.1 == "NodesNotReady"))
