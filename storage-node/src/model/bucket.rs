@@ -63,30 +63,66 @@ impl Store {
         let b = self.bucket(tenant, name).await?;
         let prefix = keys::bucket_prefix(self.led_partition(tenant, name)?, b.id);
         let gone = prefix.clone();
-        // Emptiness check and tombstone in one group commit: a PUT or multipart upload
-        // committed before it makes the bucket non-empty, one committed after it is
-        // refused (see `bucket_is_dead`).
-        let empty = self
-            .inner
-            .engine
-            .write(vec![], move |ctx| {
-                for table in [OBJECTS, UPLOADS] {
-                    let t = ctx.txn.open_table(table)?;
+        // S3 aborts a bucket's multipart uploads in progress with the bucket. Each group
+        // commit checks that no object exists, aborts up to `UPLOADS_PER_COMMIT` uploads
+        // and, once none is left, writes the tombstone: a PUT or multipart upload
+        // committed before the tombstone makes the bucket non-empty (or is aborted), one
+        // committed after it is refused (see `bucket_is_dead`).
+        const UPLOADS_PER_COMMIT: usize = 64;
+        enum Step {
+            NotEmpty,
+            More(Vec<crate::engine::ChunkRef>),
+            Done(Vec<crate::engine::ChunkRef>),
+        }
+        loop {
+            let prefix = prefix.clone();
+            let step = self
+                .inner
+                .engine
+                .write(vec![], move |ctx| {
+                    let t = ctx.txn.open_table(OBJECTS)?;
                     if let Some(first) = t.range(prefix.as_slice()..)?.next() {
                         let (k, _) = first?;
                         if k.value().starts_with(&prefix) {
-                            return Ok(false);
+                            return Ok(Step::NotEmpty);
                         }
                     }
+                    drop(t);
+                    let mut uploads = Vec::new();
+                    {
+                        let t = ctx.txn.open_table(UPLOADS)?;
+                        for e in t.range(prefix.as_slice()..)? {
+                            let (k, v) = e?;
+                            if !k.value().starts_with(&prefix) || uploads.len() > UPLOADS_PER_COMMIT
+                            {
+                                break;
+                            }
+                            uploads.push((k.value().to_vec(), v.value().to_vec()));
+                        }
+                    }
+                    let more = uploads.len() > UPLOADS_PER_COMMIT;
+                    let mut garbage = Vec::new();
+                    for (k, v) in uploads.into_iter().take(UPLOADS_PER_COMMIT) {
+                        let up = super::multipart::decode_upload(&v)?;
+                        garbage.extend(super::multipart::remove_upload(&ctx.txn, &k, &up)?);
+                    }
+                    if more {
+                        return Ok(Step::More(garbage));
+                    }
+                    ctx.txn
+                        .open_table(DEAD_BUCKETS)?
+                        .insert(prefix.as_slice(), ())?;
+                    Ok(Step::Done(garbage))
+                })
+                .await?;
+            match step {
+                Step::NotEmpty => return Err(Error::BucketNotEmpty),
+                Step::More(garbage) => self.discard_chunks(garbage),
+                Step::Done(garbage) => {
+                    self.discard_chunks(garbage);
+                    break;
                 }
-                ctx.txn
-                    .open_table(DEAD_BUCKETS)?
-                    .insert(prefix.as_slice(), ())?;
-                Ok(true)
-            })
-            .await?;
-        if !empty {
-            return Err(Error::BucketNotEmpty);
+            }
         }
         if let Err(e) = self.inner.catalog.delete_bucket(tenant, b.id).await {
             // The bucket stays: writes into it are allowed again.

@@ -37,6 +37,10 @@ pub enum Error {
     NoSuchUpload,
     #[error("a precondition failed")]
     PreconditionFailed,
+    /// A conditional write whose condition held when the request arrived but no longer
+    /// held when it committed: another write got there first (AWS answers 409; retry).
+    #[error("a conflicting write changed the object while this conditional write ran")]
+    ConditionalRequestConflict,
     #[error("not modified")]
     NotModified,
     #[error("the range is not satisfiable for an object of {size} bytes")]

@@ -47,7 +47,7 @@ pub struct UploadInfo {
     pub initiated: i64,
 }
 
-fn decode_upload(b: &[u8]) -> Result<UploadRecord, EngineError> {
+pub(super) fn decode_upload(b: &[u8]) -> Result<UploadRecord, EngineError> {
     decode_stored("upload", b).map_err(EngineError::Db)
 }
 
@@ -72,7 +72,7 @@ fn index_upload(
 
 /// Removes upload `ukey` (its record, parts and index entries); returns the chunks of
 /// its parts. `up` is its record, already read.
-fn remove_upload(
+pub(super) fn remove_upload(
     txn: &crate::engine::replog::TrackedTxn<'_>,
     ukey: &[u8],
     up: &UploadRecord,
@@ -281,6 +281,7 @@ impl Store {
             return Err(Error::InvalidPartOrder);
         }
         let (p, bid, ukey) = self.upload_key(tenant, bucket, upload).await?;
+        let conditional = self.precheck_write(tenant, bucket, key, &cond).await?;
         let okey = keys::object_key(p, bid, key);
         let key = key.to_string();
         let r = self
@@ -344,7 +345,7 @@ impl Store {
                     None => None,
                 };
                 if let Err(e) = cond.check_write(current.as_ref()) {
-                    return Ok(Err(e));
+                    return Ok(Err(super::object::conflict_if(conditional, e)));
                 }
                 let etag = format!("{}-{}", hex::encode(md5s.finalize()), parts.len());
                 let used: std::collections::HashSet<_> = parts.iter().map(|(n, _)| *n).collect();
@@ -747,5 +748,78 @@ mod tests {
         // The bucket can be deleted once the remaining upload is aborted.
         s.abort_upload(t, "b", "young", young).await.unwrap();
         s.delete_bucket(t, "b").await.unwrap();
+    }
+
+    /// DeleteBucket aborts the uploads in progress (in batches: more than one commit's
+    /// worth here) and frees their parts; with an object in the bucket it is refused
+    /// and aborts nothing.
+    #[tokio::test]
+    async fn delete_bucket_aborts_uploads_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = setup(dir.path()).await;
+        let chunks = s.engine().chunks().clone();
+        let count = move || chunks.list_all().unwrap().len();
+        let mut ids = Vec::new();
+        for i in 0..150 {
+            let key = format!("k{i:03}");
+            let up = s
+                .create_upload(t, "b", &key, ObjectMeta::default())
+                .await
+                .unwrap();
+            if i % 50 == 0 {
+                let body: ByteStream =
+                    Box::pin(futures::stream::iter([Ok(Bytes::from(vec![7u8; 10_000]))]));
+                s.upload_part(t, "b", &key, up, 1, body, None)
+                    .await
+                    .unwrap();
+            }
+            ids.push((key, up));
+        }
+        assert_eq!(count(), 3);
+        let one: ByteStream = Box::pin(futures::stream::iter([Ok(Bytes::from_static(b"x"))]));
+        s.put_object(
+            t,
+            "b",
+            "obj",
+            one,
+            None,
+            ObjectMeta::default(),
+            Conditions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            s.delete_bucket(t, "b").await,
+            Err(Error::BucketNotEmpty)
+        ));
+        let page = s
+            .list_uploads_page(t, "b", "", None, None, 1000)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.uploads.len(),
+            150,
+            "a refused DeleteBucket aborted uploads"
+        );
+        s.delete_object(t, "b", "obj").await.unwrap();
+        s.delete_bucket(t, "b").await.unwrap();
+        assert!(matches!(s.bucket(t, "b").await, Err(Error::NoSuchBucket)));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while count() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(count(), 0, "the aborted uploads' parts were not freed");
+        // A bucket of the same name starts without them.
+        s.create_bucket(t, "b").await.unwrap();
+        let page = s
+            .list_uploads_page(t, "b", "", None, None, 1000)
+            .await
+            .unwrap();
+        assert!(page.uploads.is_empty());
+        let (key, up) = &ids[0];
+        assert!(matches!(
+            s.list_parts(t, "b", key, *up).await,
+            Err(Error::NoSuchUpload)
+        ));
     }
 }

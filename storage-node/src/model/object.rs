@@ -69,6 +69,16 @@ fn etag_matches(list: &[String], etag: &str) -> bool {
     list.iter().any(|e| e == "*" || e.trim_matches('"') == etag)
 }
 
+/// A conditional write whose conditions held before its body was read (see
+/// `Store::precheck_write`) but not at its commit met a concurrent write: S3 answers
+/// that with 409 `ConditionalRequestConflict` (retry), not 412.
+pub(crate) fn conflict_if(conditional: bool, e: Error) -> Error {
+    match e {
+        Error::PreconditionFailed if conditional => Error::ConditionalRequestConflict,
+        e => e,
+    }
+}
+
 impl Conditions {
     /// RFC 9110 section 13.2.2 order of evaluation, for reads (GET/HEAD).
     pub fn check_read(&self, obj: &ObjectRecord) -> Result<()> {
@@ -307,6 +317,7 @@ impl Store {
     ) -> Result<PutOutcome> {
         check_key(key)?;
         let (p, prefix) = self.object_location(tenant, bucket).await?;
+        let conditional = self.precheck_write(tenant, bucket, key, &cond).await?;
         let written = data::write_body(self.engine().chunks(), p, body).await?;
         if let Some(expected) = content_md5
             && expected != written.md5
@@ -317,7 +328,34 @@ impl Store {
         let etag = hex::encode(written.md5);
         let mut k = prefix;
         k.extend_from_slice(key.as_bytes());
-        self.commit_object(k, written, etag, meta, cond).await
+        self.commit_object(k, written, etag, meta, cond)
+            .await
+            .map_err(|e| conflict_if(conditional, e))
+    }
+
+    /// Checks a write's conditions (`If-Match`, `If-None-Match`) against the current
+    /// object before any of its body is read, as S3 does: a condition that fails here
+    /// is a 412 (`If-Match` on a missing key: 404 `NoSuchKey`) and nothing is uploaded.
+    /// The commit checks them again atomically; see [`conflict_if`]. Returns whether
+    /// the write is conditional.
+    pub(crate) async fn precheck_write(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        cond: &Conditions,
+    ) -> Result<bool> {
+        if cond.if_match.is_none() && cond.if_none_match.is_none() {
+            return Ok(false);
+        }
+        let current = match self.head_object(tenant, bucket, key).await {
+            Ok(o) => Some(o),
+            Err(Error::NoSuchKey) if cond.if_match.is_some() => return Err(Error::NoSuchKey),
+            Err(Error::NoSuchKey) => None,
+            Err(e) => return Err(e),
+        };
+        cond.check_write(current.as_ref())?;
+        Ok(true)
     }
 
     pub async fn head_object(

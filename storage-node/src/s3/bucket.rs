@@ -12,25 +12,60 @@ pub async fn list_buckets(
 ) -> S3Result<S3Response<ListBucketsOutput>> {
     note(&req, "ListBuckets", None);
     let t = s.tenant(&req).await?;
-    let prefix = req.input.prefix.unwrap_or_default();
-    let buckets = s.store.list_buckets(t).await.map_err(to_s3)?;
-    let buckets = buckets
+    let i = req.input;
+    let prefix = i.prefix.unwrap_or_default();
+    // Paged by name: `max-buckets` (1–10000) per page, the token names the last bucket
+    // of the page before.
+    let max = match i.max_buckets {
+        None => usize::MAX,
+        Some(n @ 1..=10000) => n as usize,
+        Some(_) => {
+            return Err(s3s::s3_error!(
+                InvalidArgument,
+                "max-buckets must be between 1 and 10000"
+            ));
+        }
+    };
+    let after = i
+        .continuation_token
+        .as_deref()
+        .map(convert::token_decode)
+        .transpose()?;
+    let mut buckets = s.store.list_buckets(t).await.map_err(to_s3)?;
+    buckets.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut page: Vec<Bucket> = buckets
         .into_iter()
         .filter(|b| b.name.starts_with(&prefix))
+        .filter(|b| after.as_deref().is_none_or(|a| b.name.as_str() > a))
+        .take(max.saturating_add(1))
         .map(|b| Bucket {
             name: Some(b.name),
             creation_date: Some(timestamp(b.created_at)),
             bucket_region: Some(s.region.clone()),
         })
         .collect();
+    let next = if page.len() > max {
+        page.truncate(max);
+        page.last()
+            .and_then(|b| b.name.as_deref())
+            .map(convert::token_encode)
+    } else {
+        None
+    };
     Ok(S3Response::new(ListBucketsOutput {
-        buckets: Some(buckets),
-        owner: Some(Owner {
-            id: Some(t.to_string()),
-            display_name: None,
-        }),
-        ..Default::default()
+        buckets: Some(page),
+        owner: Some(owner(t)),
+        continuation_token: next,
+        prefix: (!prefix.is_empty()).then_some(prefix),
     }))
+}
+
+/// The owner S3 reports for a tenant's buckets and objects: the tenant.
+fn owner(t: crate::types::TenantId) -> Owner {
+    Owner {
+        id: Some(t.to_string()),
+        display_name: None,
+    }
 }
 
 pub async fn create_bucket(
@@ -117,11 +152,16 @@ impl Enc {
     }
 }
 
-fn contents(enc: &Enc, objects: Vec<(String, crate::model::object::ObjectSummary)>) -> Vec<Object> {
+fn contents(
+    enc: &Enc,
+    objects: Vec<(String, crate::model::object::ObjectSummary)>,
+    owner: Option<Owner>,
+) -> Vec<Object> {
     objects
         .into_iter()
         .map(|(k, o)| Object {
             key: Some(enc.s(k)),
+            owner: owner.clone(),
             e_tag: Some(convert::etag(&o.etag)),
             last_modified: Some(timestamp(o.last_modified)),
             size: Some(o.size as i64),
@@ -131,6 +171,11 @@ fn contents(enc: &Enc, objects: Vec<(String, crate::model::object::ObjectSummary
             ..Default::default()
         })
         .collect()
+}
+
+/// The delimiter of a listing: an empty one is none (and is not echoed back).
+fn delimiter(d: &Option<String>) -> Option<String> {
+    d.clone().filter(|d| !d.is_empty())
 }
 
 fn prefixes(enc: &Enc, p: Vec<String>) -> Vec<CommonPrefix> {
@@ -154,13 +199,14 @@ pub async fn list_objects_v2(
         None => i.start_after.clone(),
     };
     let prefix = i.prefix.clone().unwrap_or_default();
+    let delimiter = delimiter(&i.delimiter);
     let page = s
         .store
         .list_objects(
             t,
             &i.bucket,
             &prefix,
-            i.delimiter.as_deref(),
+            delimiter.as_deref(),
             after.as_deref(),
             max,
         )
@@ -181,9 +227,13 @@ pub async fn list_objects_v2(
         continuation_token: i.continuation_token.clone(),
         is_truncated: Some(page.is_truncated),
         next_continuation_token: next,
-        contents: Some(contents(&enc, page.objects)),
+        contents: Some(contents(
+            &enc,
+            page.objects,
+            (i.fetch_owner == Some(true)).then(|| owner(t)),
+        )),
         common_prefixes: Some(prefixes(&enc, page.common_prefixes)),
-        delimiter: enc.o(i.delimiter.clone()),
+        delimiter: enc.o(delimiter),
         encoding_type: i.encoding_type.clone(),
         start_after: enc.o(i.start_after.clone()),
         request_charged: None,
@@ -199,20 +249,22 @@ pub async fn list_objects(
     let i = &req.input;
     let max = convert::max_keys(i.max_keys, 1000)?;
     let prefix = i.prefix.clone().unwrap_or_default();
+    let delimiter = delimiter(&i.delimiter);
     let page = s
         .store
         .list_objects(
             t,
             &i.bucket,
             &prefix,
-            i.delimiter.as_deref(),
-            i.marker.as_deref(),
+            delimiter.as_deref(),
+            i.marker.as_deref().filter(|m| !m.is_empty()),
             max,
         )
         .await
         .map_err(to_s3)?;
-    // V1 returns NextMarker only with a delimiter; clients use the last key otherwise.
-    let next_marker = if page.is_truncated && i.delimiter.is_some() {
+    // V1 returns NextMarker only with a delimiter (the last key or common prefix of the
+    // page); without one, clients continue from the last key.
+    let next_marker = if page.is_truncated && delimiter.is_some() {
         page.last.clone()
     } else {
         None
@@ -221,12 +273,14 @@ pub async fn list_objects(
     Ok(S3Response::new(ListObjectsOutput {
         name: Some(i.bucket.clone()),
         prefix: Some(enc.s(prefix)),
-        marker: enc.o(i.marker.clone()),
+        // Always present in V1, empty when the request had none.
+        marker: Some(enc.s(i.marker.clone().unwrap_or_default())),
         max_keys: Some(max as i32),
         is_truncated: Some(page.is_truncated),
-        contents: Some(contents(&enc, page.objects)),
+        // V1 lists each object's owner by default.
+        contents: Some(contents(&enc, page.objects, Some(owner(t)))),
         common_prefixes: Some(prefixes(&enc, page.common_prefixes)),
-        delimiter: enc.o(i.delimiter.clone()),
+        delimiter: enc.o(delimiter),
         next_marker: enc.o(next_marker),
         encoding_type: i.encoding_type.clone(),
         request_charged: None,

@@ -75,7 +75,7 @@ pub fn meta(
         content_type,
         cache_control,
         content_disposition,
-        content_encoding,
+        content_encoding: content_encoding.and_then(|e| stored_encoding(&e)),
         content_language,
         expires: expires.map(millis),
         user: user
@@ -84,6 +84,18 @@ pub fn meta(
             .map(|(k, v)| (k.to_ascii_lowercase(), v))
             .collect(),
     }
+}
+
+/// The `Content-Encoding` to store: `aws-chunked` describes how the request body was
+/// framed, not the object, so it is dropped (`gzip, aws-chunked` is stored as `gzip`;
+/// `aws-chunked` alone stores none), as S3 does.
+pub fn stored_encoding(e: &str) -> Option<String> {
+    let kept: Vec<&str> = e
+        .split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("aws-chunked"))
+        .collect();
+    (!kept.is_empty()).then(|| kept.join(", "))
 }
 
 pub fn user_metadata(m: &ObjectMeta) -> Option<Metadata> {
@@ -166,5 +178,23 @@ pub fn note<T>(req: &S3Request<T>, op: &'static str, bucket: Option<&str>) {
     }
     if let Some(slot) = req.extensions.get::<crate::telemetry::OpSlot>() {
         slot.set(op);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stored_encoding;
+
+    #[test]
+    fn aws_chunked_is_not_stored_as_a_content_encoding() {
+        assert_eq!(
+            stored_encoding("gzip, aws-chunked").as_deref(),
+            Some("gzip")
+        );
+        assert_eq!(stored_encoding("aws-chunked,gzip").as_deref(), Some("gzip"));
+        assert_eq!(stored_encoding("AWS-Chunked"), None);
+        assert_eq!(stored_encoding("aws-chunked"), None);
+        assert_eq!(stored_encoding("gzip, br").as_deref(), Some("gzip, br"));
+        assert_eq!(stored_encoding(" "), None);
     }
 }

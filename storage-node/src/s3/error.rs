@@ -24,6 +24,10 @@ pub fn to_s3(e: Error) -> S3Error {
             PreconditionFailed,
             "At least one of the preconditions you specified did not hold"
         ),
+        Error::ConditionalRequestConflict => s3_error!(
+            ConditionalRequestConflict,
+            "A conflicting operation occurred during the conditional write; retry the request"
+        ),
         Error::NotModified => S3Error::new(S3ErrorCode::NotModified),
         Error::InvalidRange { size } => s3_error!(
             InvalidRange,

@@ -23,6 +23,8 @@ pub struct S3Front {
     /// The node's memory budget (shared with the KV API): XML request bodies, which
     /// s3s reads whole (up to 4 MiB), reserve from it first.
     budget: MemoryBudget,
+    /// Random per process: the opaque part of each answer's `x-amz-id-2`.
+    host_token: [u8; 12],
 }
 
 /// Largest XML request body s3s reads (`s3_limits` in server.rs).
@@ -44,6 +46,7 @@ impl S3Front {
             domains: Arc::new(super::Domains(domains)),
             replication,
             budget,
+            host_token: rand::random(),
         }
     }
 
@@ -52,8 +55,9 @@ impl S3Front {
         let started = Instant::now();
         let slot = OpSlot::default();
         let forwarded = req.extensions().get::<Forwarded>().is_some();
+        let ids = RequestIds::new(&self.host_token);
         let span = tracing::info_span!("s3", front = "s3", method = %req.method(), forwarded,
-            operation = tracing::field::Empty, tenant = tracing::field::Empty,
+            request_id = %ids.request_id, operation = tracing::field::Empty, tenant = tracing::field::Empty,
             bucket = tracing::field::Empty, status = tracing::field::Empty,
             bytes = tracing::field::Empty, primary = tracing::field::Empty);
         crate::cluster::forward::continue_trace(&span, &req);
@@ -180,6 +184,7 @@ impl S3Front {
         }
         .instrument(span.clone())
         .await;
+        let resp = ids.stamp(resp);
         let status = resp.status().as_u16();
         span.record("status", status);
         self.metrics.observe("s3", slot.get(), status, started);
@@ -253,6 +258,126 @@ impl S3Front {
     }
 }
 
+/// The identifiers of one answer: `x-amz-request-id` and `x-amz-id-2` on every
+/// response, and the same values as `RequestId` and `HostId` in an error's XML, so a
+/// client's error report names the request in the node's traces.
+struct RequestIds {
+    request_id: String,
+    host_id: String,
+}
+
+const REQUEST_ID: &str = "x-amz-request-id";
+const HOST_ID: &str = "x-amz-id-2";
+
+impl RequestIds {
+    fn new(host_token: &[u8; 12]) -> Self {
+        use base64::Engine as _;
+        let id: [u8; 8] = rand::random();
+        let mut host = host_token.to_vec();
+        host.extend_from_slice(&id);
+        Self {
+            request_id: hex::encode_upper(id),
+            host_id: base64::engine::general_purpose::STANDARD.encode(host),
+        }
+    }
+
+    /// Adds the identifiers to `resp`, unless it already has them: an answer forwarded
+    /// from a partition's primary keeps the primary's, which its body already names.
+    fn stamp(&self, mut resp: http::Response<s3s::Body>) -> http::Response<s3s::Body> {
+        if resp.headers().contains_key(REQUEST_ID) {
+            return resp;
+        }
+        let h = resp.headers_mut();
+        if let Ok(v) = http::HeaderValue::from_str(&self.request_id) {
+            h.insert(REQUEST_ID, v);
+        }
+        if let Ok(v) = http::HeaderValue::from_str(&self.host_id) {
+            h.insert(HOST_ID, v);
+        }
+        if resp.status().as_u16() < 400 {
+            return resp;
+        }
+        // Error bodies are small and whole (never a stream): name the request in them.
+        let Some(body) = resp.body().bytes() else {
+            return resp;
+        };
+        let Some(xml) = std::str::from_utf8(&body)
+            .ok()
+            .filter(|x| !x.contains("<RequestId>"))
+        else {
+            return resp;
+        };
+        let Some(end) = xml.rfind("</Error>") else {
+            return resp;
+        };
+        // Both values are hex and base64: nothing in them needs XML escaping.
+        let xml = format!(
+            "{}<RequestId>{}</RequestId><HostId>{}</HostId>{}",
+            &xml[..end],
+            self.request_id,
+            self.host_id,
+            &xml[end..]
+        );
+        resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+        *resp.body_mut() = s3s::Body::from(xml);
+        resp
+    }
+}
+
+/// The longest validity a presigned URL may ask for (`X-Amz-Expires`): 7 days, as S3.
+const PRESIGN_MAX_SECS: i64 = 604_800;
+
+/// A presigned URL's validity, checked from its query before anything else (as S3 does;
+/// its signature is verified later by s3s): an expiry beyond 7 days is refused (400
+/// `AuthorizationQueryParametersError`), an expired URL is 403 `AccessDenied` whatever
+/// the method, for signature version 4 (`X-Amz-Date` + `X-Amz-Expires`) and 2
+/// (`Expires`, seconds since the epoch).
+fn presign_refusal(query: &str, now: i64) -> Option<(http::StatusCode, &'static str, String)> {
+    let param = |name: &str| {
+        query.split('&').find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            (k == name).then_some(v)
+        })
+    };
+    let expired = || {
+        Some((
+            http::StatusCode::FORBIDDEN,
+            "AccessDenied",
+            "Request has expired".to_string(),
+        ))
+    };
+    if param("X-Amz-Signature").is_some() {
+        let expires: i64 = param("X-Amz-Expires")?.parse().ok()?;
+        if !(0..=PRESIGN_MAX_SECS).contains(&expires) {
+            return Some((
+                http::StatusCode::BAD_REQUEST,
+                "AuthorizationQueryParametersError",
+                format!(
+                    "X-Amz-Expires must be between 0 and a week (in seconds), that is \
+                     {PRESIGN_MAX_SECS}; it is {expires}"
+                ),
+            ));
+        }
+        let fmt = time::format_description::parse_borrowed::<2>(
+            "[year][month][day]T[hour][minute][second]Z",
+        )
+        .ok()?;
+        let signed = time::PrimitiveDateTime::parse(param("X-Amz-Date")?, &fmt)
+            .ok()?
+            .assume_utc()
+            .unix_timestamp();
+        if now > signed.saturating_add(expires) {
+            return expired();
+        }
+    } else if param("Signature").is_some() {
+        let until: i64 = param("Expires")?.parse().ok()?;
+        if now > until {
+            return expired();
+        }
+    }
+    None
+}
+
 /// Refusals decided from the request head alone, before any body byte is read:
 /// - POST Object (an HTML-form upload, `multipart/form-data`): not supported yet, and
 ///   s3s would buffer the file part before any authorization check.
@@ -288,6 +413,26 @@ fn refuse_before_body(parts: &http::request::Parts) -> Option<http::Response<s3s
             "Signature is required: Granary serves no anonymous requests",
         ));
     }
+    if presigned
+        && let Some((status, code, message)) = presign_refusal(
+            parts.uri.query().unwrap_or_default(),
+            time::OffsetDateTime::now_utc().unix_timestamp(),
+        )
+    {
+        return Some(s3_error_response(status, code, &message));
+    }
+    // An empty Content-MD5 is a malformed digest, not an absent one.
+    if parts
+        .headers
+        .get("content-md5")
+        .is_some_and(|v| v.as_bytes().iter().all(u8::is_ascii_whitespace))
+    {
+        return Some(s3_error_response(
+            http::StatusCode::BAD_REQUEST,
+            "InvalidDigest",
+            "The Content-MD5 you specified is not valid (it is empty)",
+        ));
+    }
     None
 }
 
@@ -296,6 +441,10 @@ fn s3_error_response(
     code: &str,
     message: &str,
 ) -> http::Response<s3s::Body> {
+    let message = message
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
     );
@@ -311,4 +460,66 @@ fn s3_error_response(
         http::HeaderValue::from_static("close"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(date: &str, expires: &str) -> String {
+        format!(
+            "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date={date}&X-Amz-Expires={expires}\
+             &X-Amz-SignedHeaders=host&X-Amz-Signature=ab"
+        )
+    }
+
+    #[test]
+    fn presigned_urls_expire_and_are_capped_at_a_week() {
+        // 2026-01-01T00:00:00Z
+        let signed = 1_767_225_600;
+        let d = "20260101T000000Z";
+        assert!(presign_refusal(&q(d, "60"), signed + 60).is_none());
+        let (st, code, _) = presign_refusal(&q(d, "60"), signed + 61).unwrap();
+        assert_eq!((st.as_u16(), code), (403, "AccessDenied"));
+        assert!(presign_refusal(&q(d, "604800"), signed).is_none());
+        let (st, code, _) = presign_refusal(&q(d, "604801"), signed).unwrap();
+        assert_eq!(
+            (st.as_u16(), code),
+            (400, "AuthorizationQueryParametersError")
+        );
+        let (st, _, _) = presign_refusal(&q(d, "-1"), signed).unwrap();
+        assert_eq!(st.as_u16(), 400);
+        // Malformed values are left to the signature check.
+        assert!(presign_refusal(&q("yesterday", "60"), signed).is_none());
+        // Signature version 2.
+        let v2 = |until: i64| format!("AWSAccessKeyId=a&Expires={until}&Signature=x");
+        assert!(presign_refusal(&v2(signed), signed).is_none());
+        assert_eq!(
+            presign_refusal(&v2(signed), signed + 1).unwrap().0.as_u16(),
+            403
+        );
+    }
+
+    #[test]
+    fn error_bodies_name_the_request() {
+        let ids = RequestIds::new(&[7; 12]);
+        let r = ids.stamp(s3_error_response(
+            http::StatusCode::NOT_FOUND,
+            "NoSuchKey",
+            "a <b>",
+        ));
+        assert_eq!(r.headers()[REQUEST_ID], ids.request_id.as_str());
+        assert_eq!(r.headers()[HOST_ID], ids.host_id.as_str());
+        let body = String::from_utf8(r.body().bytes().unwrap().to_vec()).unwrap();
+        assert!(
+            body.ends_with(&format!(
+                "<Message>a &lt;b&gt;</Message><RequestId>{}</RequestId><HostId>{}</HostId></Error>",
+                ids.request_id, ids.host_id
+            )),
+            "{body}"
+        );
+        // A forwarded answer keeps the primary's identifiers.
+        let again = RequestIds::new(&[8; 12]).stamp(r);
+        assert_eq!(again.headers()[REQUEST_ID], ids.request_id.as_str());
+    }
 }

@@ -45,6 +45,23 @@ pub async fn put_object(
     }))
 }
 
+/// 304 Not Modified with the object's `ETag` and `Last-Modified`, which clients use to
+/// keep their cached copy current.
+fn not_modified(o: &ObjectRecord) -> S3Error {
+    let mut e = S3Error::new(S3ErrorCode::NotModified);
+    let mut h = http::HeaderMap::new();
+    if let Ok(v) = http::HeaderValue::from_str(&format!("\"{}\"", o.etag)) {
+        h.insert(http::header::ETAG, v);
+    }
+    let lm = std::time::UNIX_EPOCH
+        + std::time::Duration::from_millis(u64::try_from(o.last_modified).unwrap_or(0));
+    if let Ok(v) = http::HeaderValue::from_str(&httpdate::fmt_http_date(lm)) {
+        h.insert(http::header::LAST_MODIFIED, v);
+    }
+    e.set_headers(h);
+    e
+}
+
 fn parts_count(o: &ObjectRecord) -> Option<i32> {
     o.etag.split_once('-').and_then(|(_, n)| n.parse().ok())
 }
@@ -69,11 +86,22 @@ pub async fn get_object(
         i.if_unmodified_since,
     );
     let ranged = i.range.is_some();
-    let (o, r, body) = s
+    let got = s
         .store
         .get_object(t, &i.bucket, &i.key, convert::range(i.range), &cond)
-        .await
-        .map_err(to_s3)?;
+        .await;
+    let (o, r, body) = match got {
+        Err(crate::model::Error::NotModified) => {
+            // A 304 carries the validators (RFC 9110 15.4.5): read them once more.
+            let o = s
+                .store
+                .head_object(t, &i.bucket, &i.key)
+                .await
+                .map_err(to_s3)?;
+            return Err(not_modified(&o));
+        }
+        r => r.map_err(to_s3)?,
+    };
     tracing::Span::current().record("bytes", body.len);
     let m = &o.meta;
     Ok(S3Response::new(GetObjectOutput {
@@ -120,7 +148,10 @@ pub async fn head_object(
         .head_object(t, &i.bucket, &i.key)
         .await
         .map_err(to_s3)?;
-    cond.check_read(&o).map_err(to_s3)?;
+    cond.check_read(&o).map_err(|e| match e {
+        crate::model::Error::NotModified => not_modified(&o),
+        e => to_s3(e),
+    })?;
     let (len, content_range) = match convert::range(i.range) {
         Some(r) => {
             let r = r.resolve(o.size).map_err(to_s3)?;

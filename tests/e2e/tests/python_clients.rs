@@ -1,12 +1,13 @@
-//! boto3, the AWS CLI and curl (virtual-host style) against a real node.
+//! boto3, the AWS CLI and curl against a real node: the everyday operations
+//! (`s3_clients.py`) and the S3 behaviours conformance suites check (`s3_compat.py`).
 
 use granary_e2e::{NodeProc, workspace_root};
 
-#[test]
-fn boto3_aws_cli_and_curl_work_against_a_node() {
+/// Runs `tests/e2e/python/<script>` against a fresh node; it must end with `marker`.
+fn run_script(script: &str, marker: &str) {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProc::start(dir.path()).unwrap();
-    let script = workspace_root().join("tests/e2e/python/s3_clients.py");
+    let script = workspace_root().join("tests/e2e/python").join(script);
     let out = std::process::Command::new("python3")
         .arg(script)
         .env("GRANARY_S3", &node.s3)
@@ -19,7 +20,21 @@ fn boto3_aws_cli_and_curl_work_against_a_node() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "python clients failed:\n{stdout}\n{stderr}"
+        "{marker}: failed:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("all checks passed"), "{stdout}");
+    assert!(stdout.contains(marker), "{stdout}");
+}
+
+#[test]
+fn boto3_aws_cli_and_curl_work_against_a_node() {
+    run_script("s3_clients.py", "python clients: all checks passed");
+}
+
+/// DeleteBucket with uploads in progress (also `aws s3 rb --force`), ListObjects V1
+/// fields, `aws-chunked` Content-Encoding, request ids in errors, presigned expiry,
+/// anonymous answers, chunked uploads without a length, conditional writes and reads,
+/// ListBuckets pagination.
+#[test]
+fn s3_behaviours_conformance_suites_check() {
+    run_script("s3_compat.py", "s3 compatibility: all checks passed");
 }
