@@ -26,8 +26,16 @@ use super::EngineError;
 
 /// The store format this binary reads and writes. Part of the record tables' type name.
 pub const STORE_FORMAT: u32 = 1;
-/// The record version this binary writes (and the newest it reads).
+/// The record version this binary writes for records without extension fields.
 pub const RECORD_VERSION: u8 = 1;
+/// Version 2: the version-1 body followed by the record's extension fields (fields added
+/// after version 1, see `model::object::Extended`). Written only when a record has
+/// them, so records that do not stay readable by binaries that predate version 2, and a
+/// binary that predates it refuses an extended record ([`RecordError::Newer`]) instead
+/// of silently dropping its extension.
+pub const EXTENDED_VERSION: u8 = 2;
+/// The newest record version this binary reads.
+pub const NEWEST_RECORD_VERSION: u8 = EXTENDED_VERSION;
 
 /// The value type of the record tables: raw bytes under a type name that carries the
 /// store format `F`.
@@ -76,7 +84,7 @@ pub enum RecordError {
     #[error("record is empty")]
     Empty,
     #[error(
-        "record version {0} is newer than this binary reads (up to {RECORD_VERSION}); \
+        "record version {0} is newer than this binary reads (up to {NEWEST_RECORD_VERSION}); \
          it was written by a newer Granary"
     )]
     Newer(u8),
@@ -89,8 +97,13 @@ pub enum RecordError {
 /// Frames an encoded record: the current record version, the body, then a CRC32C
 /// (little-endian) of the version and body.
 pub fn seal(body: &[u8]) -> Vec<u8> {
+    seal_version(RECORD_VERSION, body)
+}
+
+/// [`seal`] under record version `version`.
+pub fn seal_version(version: u8, body: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(body.len() + 5);
-    v.push(RECORD_VERSION);
+    v.push(version);
     v.extend_from_slice(body);
     let crc = crc32c::crc32c(&v);
     v.extend_from_slice(&crc.to_le_bytes());
@@ -100,9 +113,14 @@ pub fn seal(body: &[u8]) -> Vec<u8> {
 /// The body of a stored record, if its version is one this binary reads and its
 /// checksum holds.
 pub fn open(bytes: &[u8]) -> Result<&[u8], RecordError> {
+    open_versioned(bytes).map(|(_, body)| body)
+}
+
+/// [`open`], with the record's version.
+pub fn open_versioned(bytes: &[u8]) -> Result<(u8, &[u8]), RecordError> {
     match bytes.first() {
         None => Err(RecordError::Empty),
-        Some(&RECORD_VERSION) => {
+        Some(&version @ (RECORD_VERSION | EXTENDED_VERSION)) => {
             let Some(split) = bytes.len().checked_sub(4).filter(|n| *n >= 1) else {
                 return Err(RecordError::Checksum);
             };
@@ -112,9 +130,9 @@ pub fn open(bytes: &[u8]) -> Result<&[u8], RecordError> {
             if crc32c::crc32c(framed) != u32::from_le_bytes(stored) {
                 return Err(RecordError::Checksum);
             }
-            Ok(&framed[1..])
+            Ok((version, &framed[1..]))
         }
-        Some(&v) if v > RECORD_VERSION => Err(RecordError::Newer(v)),
+        Some(&v) if v > NEWEST_RECORD_VERSION => Err(RecordError::Newer(v)),
         Some(&v) => Err(RecordError::Corrupt(v)),
     }
 }
@@ -195,7 +213,14 @@ mod tests {
             v[i / 8] ^= 1 << (i % 8);
             assert!(open(&v).is_err(), "flip of bit {i} not detected");
         }
-        assert_eq!(open(&[RECORD_VERSION + 1, 1]), Err(RecordError::Newer(2)));
+        assert_eq!(
+            open_versioned(&seal_version(EXTENDED_VERSION, b"ab")),
+            Ok((EXTENDED_VERSION, &b"ab"[..]))
+        );
+        assert_eq!(
+            open(&[NEWEST_RECORD_VERSION + 1, 1]),
+            Err(RecordError::Newer(3))
+        );
         assert_eq!(open(&[0, 1]), Err(RecordError::Corrupt(0)));
     }
 

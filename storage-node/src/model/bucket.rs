@@ -63,67 +63,34 @@ impl Store {
         let b = self.bucket(tenant, name).await?;
         let prefix = keys::bucket_prefix(self.led_partition(tenant, name)?, b.id);
         let gone = prefix.clone();
-        // S3 aborts a bucket's multipart uploads in progress with the bucket. Each group
-        // commit checks that no object exists, aborts up to `UPLOADS_PER_COMMIT` uploads
-        // and, once none is left, writes the tombstone: a PUT or multipart upload
-        // committed before the tombstone makes the bucket non-empty (or is aborted), one
-        // committed after it is refused (see `bucket_is_dead`).
-        const UPLOADS_PER_COMMIT: usize = 64;
-        enum Step {
-            NotEmpty,
-            More(Vec<crate::engine::ChunkRef>),
-            Done(Vec<crate::engine::ChunkRef>),
-        }
-        loop {
-            let prefix = prefix.clone();
-            let step = self
-                .inner
-                .engine
-                .write(vec![], move |ctx| {
-                    let t = ctx.txn.open_table(OBJECTS)?;
-                    if let Some(first) = t.range(prefix.as_slice()..)?.next() {
-                        let (k, _) = first?;
-                        if k.value().starts_with(&prefix) {
-                            return Ok(Step::NotEmpty);
-                        }
+        // The emptiness check and the tombstone in one group commit: a PUT or upload
+        // committed before it makes the bucket non-empty, one committed after it is
+        // refused (see `bucket_is_dead`). Only this commit can refuse the delete.
+        let empty = self
+            .inner
+            .engine
+            .write(vec![], move |ctx| {
+                let t = ctx.txn.open_table(OBJECTS)?;
+                if let Some(first) = t.range(prefix.as_slice()..)?.next() {
+                    let (k, _) = first?;
+                    if k.value().starts_with(&prefix) {
+                        return Ok(false);
                     }
-                    drop(t);
-                    let mut uploads = Vec::new();
-                    {
-                        let t = ctx.txn.open_table(UPLOADS)?;
-                        for e in t.range(prefix.as_slice()..)? {
-                            let (k, v) = e?;
-                            if !k.value().starts_with(&prefix) || uploads.len() > UPLOADS_PER_COMMIT
-                            {
-                                break;
-                            }
-                            uploads.push((k.value().to_vec(), v.value().to_vec()));
-                        }
-                    }
-                    let more = uploads.len() > UPLOADS_PER_COMMIT;
-                    let mut garbage = Vec::new();
-                    for (k, v) in uploads.into_iter().take(UPLOADS_PER_COMMIT) {
-                        let up = super::multipart::decode_upload(&v)?;
-                        garbage.extend(super::multipart::remove_upload(&ctx.txn, &k, &up)?);
-                    }
-                    if more {
-                        return Ok(Step::More(garbage));
-                    }
-                    ctx.txn
-                        .open_table(DEAD_BUCKETS)?
-                        .insert(prefix.as_slice(), ())?;
-                    Ok(Step::Done(garbage))
-                })
-                .await?;
-            match step {
-                Step::NotEmpty => return Err(Error::BucketNotEmpty),
-                Step::More(garbage) => self.discard_chunks(garbage),
-                Step::Done(garbage) => {
-                    self.discard_chunks(garbage);
-                    break;
                 }
-            }
+                drop(t);
+                ctx.txn
+                    .open_table(DEAD_BUCKETS)?
+                    .insert(prefix.as_slice(), ())?;
+                Ok(true)
+            })
+            .await?;
+        if !empty {
+            return Err(Error::BucketNotEmpty);
         }
+        // S3 aborts a bucket's multipart uploads in progress with the bucket: no new
+        // one can start now, so this ends. A failure or crash here leaves a dead
+        // bucket that a retried DeleteBucket finishes.
+        self.abort_uploads_under(gone.clone()).await?;
         if let Err(e) = self.inner.catalog.delete_bucket(tenant, b.id).await {
             // The bucket stays: writes into it are allowed again.
             let _ = self
@@ -138,6 +105,54 @@ impl Store {
         }
         self.bucket_changed(tenant, name, None).await;
         Ok(())
+    }
+
+    /// Aborts every upload under the bucket `prefix`, freeing their parts, in group
+    /// commits of at most `ROWS_PER_COMMIT` removed part rows (and at least one
+    /// upload), so that neither a commit nor its replication log entry grows with the
+    /// number of uploads or parts.
+    async fn abort_uploads_under(&self, prefix: Vec<u8>) -> Result<()> {
+        const ROWS_PER_COMMIT: usize = 10_000;
+        loop {
+            let prefix = prefix.clone();
+            let (garbage, more) = self
+                .inner
+                .engine
+                .write(vec![], move |ctx| {
+                    let mut garbage = Vec::new();
+                    let mut rows = 0usize;
+                    loop {
+                        let next = {
+                            let t = ctx.txn.open_table(UPLOADS)?;
+                            let mut r = t.range(prefix.as_slice()..)?;
+                            match r.next() {
+                                Some(e) => {
+                                    let (k, v) = e?;
+                                    k.value()
+                                        .starts_with(&prefix)
+                                        .then(|| (k.value().to_vec(), v.value().to_vec()))
+                                }
+                                None => None,
+                            }
+                        };
+                        let Some((k, v)) = next else {
+                            return Ok((garbage, false));
+                        };
+                        if rows >= ROWS_PER_COMMIT {
+                            return Ok((garbage, true));
+                        }
+                        let up = super::multipart::decode_upload(&v)?;
+                        let freed = super::multipart::remove_upload(&ctx.txn, &k, &up)?;
+                        rows += 3 + freed.len();
+                        garbage.extend(freed);
+                    }
+                })
+                .await?;
+            self.discard_chunks(garbage);
+            if !more {
+                return Ok(());
+            }
+        }
     }
 
     /// Deletes the tenant's buckets (with their objects and uploads) and KV keys that

@@ -3,6 +3,7 @@
 //! [`Error`] back into their protocol's errors; nothing here knows about HTTP.
 
 pub mod bucket;
+pub mod checksum;
 pub mod data;
 pub mod kv;
 pub mod multipart;
@@ -41,8 +42,10 @@ pub enum Error {
     /// held when it committed: another write got there first (AWS answers 409; retry).
     #[error("a conflicting write changed the object while this conditional write ran")]
     ConditionalRequestConflict,
+    /// A read's `If-None-Match` / `If-Modified-Since` held: 304, with the validators of
+    /// the version the conditions were checked against.
     #[error("not modified")]
-    NotModified,
+    NotModified { etag: String, last_modified: i64 },
     #[error("the range is not satisfiable for an object of {size} bytes")]
     InvalidRange { size: u64 },
     #[error("part {0} was not uploaded or its ETag differs")]
@@ -53,6 +56,13 @@ pub enum Error {
     EntityTooSmall { part: u32, size: u64 },
     #[error("the Content-MD5 you specified did not match what was received")]
     BadDigest,
+    /// A flexible checksum (named by its algorithm) that does not match the data.
+    #[error("the {0} you specified did not match the calculated checksum")]
+    BadChecksum(&'static str),
+    #[error("{0}")]
+    InvalidTag(String),
+    #[error("part {0} does not exist in this object")]
+    InvalidPartNumber(u32),
     #[error("version mismatch: the current version is {current:?}")]
     VersionMismatch { current: Option<u64> },
     #[error("{0}")]
@@ -377,7 +387,7 @@ mod sweep_tests {
 
     use super::*;
     use crate::catalog::TenantSpec;
-    use crate::engine::record::{RECORD_VERSION, seal};
+    use crate::engine::record::{NEWEST_RECORD_VERSION, seal};
 
     async fn put(s: &Store, tenant: TenantId, key: &str, len: usize) {
         let body: ByteStream = Box::pin(futures::stream::iter([Ok(Bytes::from(vec![
@@ -470,7 +480,7 @@ mod sweep_tests {
         // A record written by a newer record version.
         rewrite(&s, tenant, "a", |_| {
             let mut v = seal(b"whatever a newer layout holds");
-            v[0] = RECORD_VERSION + 1;
+            v[0] = NEWEST_RECORD_VERSION + 1;
             v
         })
         .await;

@@ -5,9 +5,11 @@ use md5::{Digest, Md5};
 use redb::ReadableTable;
 use serde::{Deserialize, Serialize};
 
+use super::checksum::{ChecksumCheck, Expected};
 use super::data::{self, ByteStream, ObjectData};
 use super::object::{
-    Conditions, ObjectMeta, ObjectRecord, check_key, decode_record, decode_stored, encode,
+    Checksum, ChecksumAlgorithm, Conditions, Extended, ObjectExt, ObjectMeta, ObjectRecord,
+    check_key, check_tags, decode_ext, decode_record, encode_ext,
 };
 use super::{Error, Result, Store};
 use crate::engine::{
@@ -24,6 +26,27 @@ pub struct UploadRecord {
     pub key: String,
     pub meta: ObjectMeta,
     pub initiated: i64,
+    /// Fields added after record version 1.
+    #[serde(skip)]
+    pub ext: UploadExt,
+}
+
+/// An upload's fields added after record version 1: what the completed object gets.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadExt {
+    pub tags: Vec<(String, String)>,
+    /// The checksum algorithm of CreateMultipartUpload: every part must carry it.
+    pub checksum: Option<(ChecksumAlgorithm, bool)>,
+}
+
+impl Extended for UploadRecord {
+    type Ext = UploadExt;
+    fn ext(&self) -> &UploadExt {
+        &self.ext
+    }
+    fn set_ext(&mut self, ext: UploadExt) {
+        self.ext = ext;
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -32,6 +55,26 @@ pub struct PartRecord {
     pub md5: [u8; 16],
     pub last_modified: i64,
     pub chunks: Vec<ChunkRef>,
+    /// Fields added after record version 1.
+    #[serde(skip)]
+    pub ext: PartExt,
+}
+
+/// A part's fields added after record version 1.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartExt {
+    /// The part's flexible checksum, verified on upload.
+    pub checksum: Option<Checksum>,
+}
+
+impl Extended for PartRecord {
+    type Ext = PartExt;
+    fn ext(&self) -> &PartExt {
+        &self.ext
+    }
+    fn set_ext(&mut self, ext: PartExt) {
+        self.ext = ext;
+    }
 }
 
 impl PartRecord {
@@ -48,11 +91,11 @@ pub struct UploadInfo {
 }
 
 pub(super) fn decode_upload(b: &[u8]) -> Result<UploadRecord, EngineError> {
-    decode_stored("upload", b).map_err(EngineError::Db)
+    decode_ext("upload", b).map_err(EngineError::Db)
 }
 
 fn decode_part(b: &[u8]) -> Result<PartRecord, EngineError> {
-    decode_stored("part", b).map_err(EngineError::Db)
+    decode_ext("part", b).map_err(EngineError::Db)
 }
 
 /// Adds the index entries of upload `ukey`.
@@ -141,20 +184,35 @@ impl Store {
         key: &str,
         meta: ObjectMeta,
     ) -> Result<UploadId> {
+        self.create_upload_ext(tenant, bucket, key, meta, UploadExt::default())
+            .await
+    }
+
+    /// [`Store::create_upload`] with the tags and checksum algorithm of the object to be.
+    pub async fn create_upload_ext(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        meta: ObjectMeta,
+        ext: UploadExt,
+    ) -> Result<UploadId> {
         check_key(key)?;
+        check_tags(&ext.tags)?;
         let id = UploadId::random();
         let (_, _, ukey) = self.upload_key(tenant, bucket, id).await?;
         let rec = UploadRecord {
             key: key.to_string(),
             meta,
             initiated: now_millis(),
+            ext,
         };
         self.engine()
             .write(vec![], move |ctx| {
                 if super::bucket::bucket_is_dead(&ctx.txn, &ukey)? {
                     return Ok(Err(Error::NoSuchBucket));
                 }
-                let bytes = encode(&rec)?;
+                let bytes = encode_ext(&rec)?;
                 ctx.txn
                     .open_table(UPLOADS)?
                     .insert(ukey.as_slice(), bytes.as_slice())?;
@@ -177,25 +235,55 @@ impl Store {
         body: ByteStream,
         content_md5: Option<[u8; 16]>,
     ) -> Result<PartRecord> {
+        self.upload_part_ext(tenant, bucket, key, upload, part, body, content_md5, None)
+            .await
+    }
+
+    /// [`Store::upload_part`] with a flexible checksum to verify and store. A part of
+    /// an upload created with a checksum algorithm gets that algorithm's checksum
+    /// whether or not the client sent one; one of another algorithm is refused.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn upload_part_ext(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        upload: UploadId,
+        part: u32,
+        body: ByteStream,
+        content_md5: Option<[u8; 16]>,
+        checksum: Option<ChecksumCheck>,
+    ) -> Result<PartRecord> {
         if !(1..=MAX_PART_NUMBER).contains(&part) {
             return Err(Error::Invalid(format!(
                 "part numbers must be 1 to {MAX_PART_NUMBER}"
             )));
         }
         let (p, bid, ukey) = self.upload_key(tenant, bucket, upload).await?;
-        self.load_upload(ukey.clone(), key).await?;
+        let up = self.load_upload(ukey.clone(), key).await?;
+        let checksum = match (up.ext.checksum, checksum) {
+            (Some((a, _)), Some(c)) if c.algorithm != a => {
+                return Err(Error::Invalid(format!(
+                    "this upload was created with checksum algorithm {}; the part carries {}",
+                    a.name(),
+                    c.algorithm.name()
+                )));
+            }
+            (Some((a, _)), None) => Some(ChecksumCheck {
+                algorithm: a,
+                expected: Expected::Compute,
+            }),
+            (_, c) => c,
+        };
+        let (body, running) = super::checksum::hashing(body, checksum);
         let written = data::write_body_chunked(self.engine().chunks(), p, body).await?;
-        if let Some(expected) = content_md5
-            && expected != written.md5
-        {
-            data::abandon(self.engine().chunks(), written.data).await;
-            return Err(Error::BadDigest);
-        }
+        let checksum = self.verify_written(&written, running, content_md5).await?;
         let rec = PartRecord {
             size: written.size,
             md5: written.md5,
             last_modified: now_millis(),
             chunks: written.data.chunks().to_vec(),
+            ext: PartExt { checksum },
         };
         let pkey = keys::part_key(p, bid, upload, part);
         let rec2 = rec.clone();
@@ -208,7 +296,7 @@ impl Store {
                 }
                 let mut t = ctx.txn.open_table(PARTS)?;
                 let old = t
-                    .insert(pkey.as_slice(), encode(&rec2)?.as_slice())?
+                    .insert(pkey.as_slice(), encode_ext(&rec2)?.as_slice())?
                     .map(|v| v.value().to_vec());
                 drop(t);
                 ctx.ship_chunks(&rec2.chunks);
@@ -274,6 +362,26 @@ impl Store {
         parts: Vec<(u32, String)>,
         cond: Conditions,
     ) -> Result<(String, u64)> {
+        let (etag, size, _) = self
+            .complete_upload_ext(tenant, bucket, key, upload, parts, cond, None)
+            .await?;
+        Ok((etag, size))
+    }
+
+    /// [`Store::complete_upload`], also answering the object's checksum (composed from
+    /// its parts', see [`super::checksum::of_parts`]) after comparing it with the
+    /// whole-object value the client declared, if any.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn complete_upload_ext(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        upload: UploadId,
+        parts: Vec<(u32, String)>,
+        cond: Conditions,
+        declared_checksum: Option<String>,
+    ) -> Result<(String, u64, Option<Checksum>)> {
         if parts.is_empty() {
             return Err(Error::Invalid("you must specify at least one part".into()));
         }
@@ -281,12 +389,17 @@ impl Store {
             return Err(Error::InvalidPartOrder);
         }
         let (p, bid, ukey) = self.upload_key(tenant, bucket, upload).await?;
+        // A missing upload is NoSuchUpload whatever the conditions say.
+        self.load_upload(ukey.clone(), key).await?;
         let conditional = self.precheck_write(tenant, bucket, key, &cond).await?;
         let okey = keys::object_key(p, bid, key);
         let key = key.to_string();
         let r = self
             .engine()
             .write(vec![], move |ctx| {
+                if super::bucket::bucket_is_dead(&ctx.txn, &ukey)? {
+                    return Ok(Err(Error::NoSuchBucket));
+                }
                 let Some(up) = ctx
                     .txn
                     .open_table(UPLOADS)?
@@ -319,6 +432,8 @@ impl Store {
                 let mut chunks = Vec::new();
                 let mut md5s = Md5::new();
                 let mut size = 0u64;
+                let mut part_sizes = Vec::with_capacity(parts.len());
+                let mut part_sums = Vec::with_capacity(parts.len());
                 let last = parts.len() - 1;
                 for (i, (n, etag)) in parts.iter().enumerate() {
                     let Some(part) = stored.get(n) else {
@@ -335,7 +450,24 @@ impl Store {
                     }
                     md5s.update(part.md5);
                     size += part.size;
+                    part_sizes.push(part.size);
+                    part_sums.push((part.ext.checksum.as_ref(), part.size));
                     chunks.extend(part.chunks.iter().cloned());
+                }
+                let checksum = match up.ext.checksum {
+                    Some((algorithm, full_object)) => {
+                        match super::checksum::of_parts(algorithm, full_object, &part_sums) {
+                            Ok(c) => c,
+                            Err(e) => return Ok(Err(e)),
+                        }
+                    }
+                    None => None,
+                };
+                drop(part_sums);
+                if let (Some(declared), Some(c)) = (&declared_checksum, &checksum)
+                    && declared.trim() != c.value
+                {
+                    return Ok(Err(Error::BadChecksum(c.algorithm.name())));
                 }
                 let mut objects = ctx.txn.open_table(OBJECTS)?;
                 let current = match objects.get(okey.as_slice())? {
@@ -365,17 +497,22 @@ impl Store {
                     version,
                     meta: up.meta,
                     data: ObjectData::Chunks(chunks),
+                    ext: ObjectExt {
+                        tags: up.ext.tags,
+                        part_sizes,
+                        checksum: checksum.clone(),
+                    },
                 };
-                objects.insert(okey.as_slice(), encode(&rec)?.as_slice())?;
+                objects.insert(okey.as_slice(), encode_ext(&rec)?.as_slice())?;
                 drop(objects);
                 // The parts' chunks now belong to the object (or are in `garbage`).
                 remove_upload(&ctx.txn, &ukey, &up_index)?;
-                Ok(Ok((etag, size, garbage)))
+                Ok(Ok((etag, size, checksum, garbage)))
             })
             .await??;
-        let (etag, size, garbage) = r;
+        let (etag, size, checksum, garbage) = r;
         self.discard_chunks(garbage);
-        Ok((etag, size))
+        Ok((etag, size, checksum))
     }
 
     pub async fn abort_upload(
@@ -821,5 +958,152 @@ mod tests {
             s.list_parts(t, "b", key, *up).await,
             Err(Error::NoSuchUpload)
         ));
+    }
+
+    /// A conditional PUT whose condition held when it started (checked before its body
+    /// is read) but that another write overtook while its body streamed in is a
+    /// conflict (409), not a failed precondition, and leaves no data behind.
+    #[tokio::test]
+    async fn a_conditional_put_overtaken_during_its_upload_is_a_conflict() {
+        use futures::{SinkExt, StreamExt};
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = setup(dir.path()).await;
+        let (mut tx, mut rx) = futures::channel::mpsc::channel::<std::io::Result<Bytes>>(1);
+        let (polled_tx, polled_rx) = futures::channel::oneshot::channel::<()>();
+        let mut polled = Some(polled_tx);
+        // Signals its first poll: the condition has been checked by then.
+        let body: ByteStream = Box::pin(futures::stream::poll_fn(move |cx| {
+            if let Some(p) = polled.take() {
+                let _ = p.send(());
+            }
+            rx.poll_next_unpin(cx)
+        }));
+        let cond = Conditions {
+            if_none_match: Some(vec!["*".into()]),
+            ..Default::default()
+        };
+        let put = tokio::spawn({
+            let s = s.clone();
+            async move {
+                s.put_object(t, "b", "k", body, None, ObjectMeta::default(), cond)
+                    .await
+            }
+        });
+        polled_rx.await.unwrap();
+        let chunks = s.engine().chunks().clone();
+        let one: ByteStream = Box::pin(futures::stream::iter([Ok(Bytes::from_static(b"w"))]));
+        s.put_object(
+            t,
+            "b",
+            "k",
+            one,
+            None,
+            ObjectMeta::default(),
+            Conditions::default(),
+        )
+        .await
+        .unwrap();
+        tx.send(Ok(Bytes::from(vec![1u8; 200_000]))).await.unwrap();
+        drop(tx);
+        let r = put.await.unwrap();
+        assert!(matches!(r, Err(Error::ConditionalRequestConflict)), "{r:?}");
+        let (rec, _, _) = s
+            .get_object(t, "b", "k", None, &Conditions::default())
+            .await
+            .unwrap();
+        assert_eq!(rec.size, 1, "the winner's object stays");
+        assert_eq!(
+            chunks.list_all().unwrap().len(),
+            0,
+            "the loser's data is gone"
+        );
+        // Checked before the body: a condition that already fails is a plain 412.
+        let cond = Conditions {
+            if_none_match: Some(vec!["*".into()]),
+            ..Default::default()
+        };
+        let two: ByteStream = Box::pin(futures::stream::iter([Ok(Bytes::from_static(b"x"))]));
+        let r = s
+            .put_object(t, "b", "k", two, None, ObjectMeta::default(), cond)
+            .await;
+        assert!(matches!(r, Err(Error::PreconditionFailed)), "{r:?}");
+    }
+
+    /// Tags and a checksum declared at CreateMultipartUpload reach the completed
+    /// object, with its part sizes; a part whose checksum is wrong is refused.
+    #[tokio::test]
+    async fn multipart_objects_keep_tags_part_sizes_and_checksums() {
+        use crate::model::checksum::{ChecksumCheck, Expected};
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = setup(dir.path()).await;
+        let ext = UploadExt {
+            tags: vec![("team".into(), "web".into())],
+            checksum: Some((ChecksumAlgorithm::Crc32, true)),
+        };
+        let up = s
+            .create_upload_ext(t, "b", "mp", ObjectMeta::default(), ext)
+            .await
+            .unwrap();
+        let p1 = vec![3u8; MIN_PART_SIZE as usize];
+        let body =
+            |b: Vec<u8>| -> ByteStream { Box::pin(futures::stream::iter([Ok(Bytes::from(b))])) };
+        let bad = s
+            .upload_part_ext(
+                t,
+                "b",
+                "mp",
+                up,
+                1,
+                body(p1.clone()),
+                None,
+                Some(ChecksumCheck {
+                    algorithm: ChecksumAlgorithm::Crc32,
+                    expected: Expected::Value("AAAAAA==".into()),
+                }),
+            )
+            .await;
+        assert!(matches!(bad, Err(Error::BadChecksum("CRC32"))), "{bad:?}");
+        let r1 = s
+            .upload_part_ext(t, "b", "mp", up, 1, body(p1.clone()), None, None)
+            .await
+            .unwrap();
+        assert!(
+            r1.ext.checksum.is_some(),
+            "computed for the upload's algorithm"
+        );
+        let r2 = s
+            .upload_part_ext(t, "b", "mp", up, 2, body(b"tail".to_vec()), None, None)
+            .await
+            .unwrap();
+        let parts = vec![(1, r1.etag()), (2, r2.etag())];
+        let (_, size, sum) = s
+            .complete_upload_ext(t, "b", "mp", up, parts, Conditions::default(), None)
+            .await
+            .unwrap();
+        assert_eq!(size, MIN_PART_SIZE + 4);
+        let mut whole = p1.clone();
+        whole.extend_from_slice(b"tail");
+        let expect = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            &crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32IsoHdlc, &whole).to_be_bytes()[4..],
+        );
+        assert_eq!(
+            sum.unwrap().value,
+            expect,
+            "FULL_OBJECT = CRC32 of all the bytes"
+        );
+        let o = s.head_object(t, "b", "mp").await.unwrap();
+        assert_eq!(o.ext.tags, vec![("team".to_string(), "web".to_string())]);
+        assert_eq!(o.ext.part_sizes, vec![MIN_PART_SIZE, 4]);
+        let r = crate::model::object::part_range(&o, 2).unwrap();
+        assert_eq!(r, MIN_PART_SIZE..MIN_PART_SIZE + 4);
+        assert!(matches!(
+            crate::model::object::part_range(&o, 3),
+            Err(Error::InvalidPartNumber(3))
+        ));
+        s.set_object_tags(t, "b", "mp", vec![]).await.unwrap();
+        let o2 = s.head_object(t, "b", "mp").await.unwrap();
+        assert!(o2.ext.tags.is_empty());
+        assert_eq!((o2.etag, o2.last_modified), (o.etag, o.last_modified));
     }
 }

@@ -34,6 +34,84 @@ pub struct ObjectRecord {
     pub version: u64,
     pub meta: ObjectMeta,
     pub data: ObjectData,
+    /// Fields added after record version 1 (see [`Extended`]).
+    #[serde(skip)]
+    pub ext: ObjectExt,
+}
+
+/// An object's fields added after record version 1.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectExt {
+    /// S3 object tags, in the order they were given (at most 10).
+    pub tags: Vec<(String, String)>,
+    /// The size of each part of a multipart object, in part order (GET by
+    /// `partNumber`, GetObjectAttributes); empty for an object stored in one part.
+    pub part_sizes: Vec<u64>,
+    /// The flexible checksum the object was uploaded with, verified on upload.
+    pub checksum: Option<Checksum>,
+}
+
+/// A flexible checksum (`x-amz-checksum-*`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checksum {
+    pub algorithm: ChecksumAlgorithm,
+    /// Base64 of the digest; a composite checksum of a multipart object ends in `-N`.
+    pub value: String,
+    /// Whether it covers the whole object (`FULL_OBJECT`) or is a checksum of the
+    /// parts' checksums (`COMPOSITE`).
+    pub full_object: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChecksumAlgorithm {
+    Crc32,
+    Crc32c,
+    Sha1,
+    Sha256,
+    Crc64Nvme,
+}
+
+/// A record with fields added after record version 1: they are encoded after the
+/// version-1 body under record version 2, and only when set (see
+/// [`crate::engine::record::EXTENDED_VERSION`]). The record type marks them
+/// `#[serde(skip)]`; [`encode_ext`] and [`decode_ext`] carry them.
+pub(crate) trait Extended: Serialize + serde::de::DeserializeOwned {
+    type Ext: Serialize + serde::de::DeserializeOwned + Default + PartialEq;
+    fn ext(&self) -> &Self::Ext;
+    fn set_ext(&mut self, ext: Self::Ext);
+}
+
+impl Extended for ObjectRecord {
+    type Ext = ObjectExt;
+    fn ext(&self) -> &ObjectExt {
+        &self.ext
+    }
+    fn set_ext(&mut self, ext: ObjectExt) {
+        self.ext = ext;
+    }
+}
+
+/// Encodes an [`Extended`] record: version 1 without extension fields, else version 2.
+pub(crate) fn encode_ext<T: Extended>(v: &T) -> Result<Vec<u8>, EngineError> {
+    let err = |e: postcard::Error| EngineError::Db(format!("encode: {e}"));
+    let mut body = postcard::to_allocvec(v).map_err(err)?;
+    if *v.ext() == T::Ext::default() {
+        return Ok(record::seal(&body));
+    }
+    body.extend_from_slice(&postcard::to_allocvec(v.ext()).map_err(err)?);
+    Ok(record::seal_version(record::EXTENDED_VERSION, &body))
+}
+
+/// Decodes an [`Extended`] record of either version; `what` names it in errors.
+pub(crate) fn decode_ext<T: Extended>(what: &str, bytes: &[u8]) -> std::result::Result<T, String> {
+    let (version, body) =
+        record::open_versioned(bytes).map_err(|e| format!("{what} record: {e}"))?;
+    let (mut v, rest): (T, _) =
+        postcard::take_from_bytes(body).map_err(|e| format!("{what} record: {e}"))?;
+    if version == record::EXTENDED_VERSION {
+        v.set_ext(postcard::from_bytes(rest).map_err(|e| format!("{what} record extension: {e}"))?);
+    }
+    Ok(v)
 }
 
 /// What a listing shows of an object: the leading fields of [`ObjectRecord`], decoded
@@ -95,12 +173,18 @@ impl Conditions {
         }
         if let Some(m) = &self.if_none_match {
             if etag_matches(m, &obj.etag) {
-                return Err(Error::NotModified);
+                return Err(Error::NotModified {
+                    etag: obj.etag.clone(),
+                    last_modified: obj.last_modified,
+                });
             }
         } else if let Some(t) = self.if_modified_since
             && lm <= t / 1000
         {
-            return Err(Error::NotModified);
+            return Err(Error::NotModified {
+                etag: obj.etag.clone(),
+                last_modified: obj.last_modified,
+            });
         }
         Ok(())
     }
@@ -151,12 +235,43 @@ pub enum ByteRange {
     /// Inclusive first, optional inclusive last.
     FromTo(u64, Option<u64>),
     Suffix(u64),
+    /// Part `n` of a multipart object (GET with `partNumber`); see [`part_range`].
+    Part(u32),
+}
+
+/// The bytes of part `n` (from 1): of a multipart object, from its part sizes; of an
+/// object stored in one part, part 1 is all of it.
+pub fn part_range(rec: &ObjectRecord, n: u32) -> Result<Range<u64>> {
+    let idx = usize::try_from(n).unwrap_or(usize::MAX);
+    if n == 0 {
+        return Err(Error::InvalidPartNumber(n));
+    }
+    if rec.ext.part_sizes.is_empty() {
+        if rec.etag.contains('-') {
+            return Err(Error::Invalid(
+                "this multipart object was completed before part sizes were recorded; \
+                 read it with a Range instead of partNumber"
+                    .into(),
+            ));
+        }
+        return if n == 1 {
+            Ok(0..rec.size)
+        } else {
+            Err(Error::InvalidPartNumber(n))
+        };
+    }
+    let Some(size) = rec.ext.part_sizes.get(idx - 1) else {
+        return Err(Error::InvalidPartNumber(n));
+    };
+    let start: u64 = rec.ext.part_sizes[..idx - 1].iter().sum();
+    Ok(start..start + size)
 }
 
 impl ByteRange {
     pub fn resolve(self, size: u64) -> Result<Range<u64>> {
         let invalid = Error::InvalidRange { size };
         match self {
+            ByteRange::Part(_) => Err(invalid),
             ByteRange::FromTo(first, last) => {
                 if first >= size {
                     return Err(invalid);
@@ -178,7 +293,7 @@ impl ByteRange {
 }
 
 pub fn decode_record(bytes: &[u8]) -> Result<ObjectRecord> {
-    decode_stored("object", bytes).map_err(Error::Corrupt)
+    decode_ext("object", bytes).map_err(Error::Corrupt)
 }
 
 /// Decodes a stored record (see [`crate::engine::record`]); `what` names it in errors.
@@ -223,6 +338,49 @@ pub struct PutOutcome {
     pub etag: String,
     pub size: u64,
     pub version: u64,
+    pub checksum: Option<Checksum>,
+}
+
+/// What a PUT may carry beyond its data, metadata and conditions.
+#[derive(Default)]
+pub struct PutExtra {
+    pub tags: Vec<(String, String)>,
+    pub checksum: Option<super::checksum::ChecksumCheck>,
+}
+
+/// At most this many tags per object (S3 rule).
+pub const MAX_TAGS: usize = 10;
+
+/// Checks a tag set against S3's rules: at most 10 tags, keys of 1–128 characters,
+/// values of at most 256, no key twice, no `aws:` prefix.
+pub fn check_tags(tags: &[(String, String)]) -> Result<()> {
+    if tags.len() > MAX_TAGS {
+        return Err(Error::InvalidTag(format!(
+            "an object can have at most {MAX_TAGS} tags"
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in tags {
+        if k.is_empty() || k.chars().count() > 128 {
+            return Err(Error::InvalidTag(
+                "tag keys must be 1 to 128 characters".into(),
+            ));
+        }
+        if v.chars().count() > 256 {
+            return Err(Error::InvalidTag(
+                "tag values must be at most 256 characters".into(),
+            ));
+        }
+        if k.to_ascii_lowercase().starts_with("aws:") {
+            return Err(Error::InvalidTag("tag keys may not start with aws:".into()));
+        }
+        if !seen.insert(k.as_str()) {
+            return Err(Error::InvalidTag(format!(
+                "the tag key {k:?} appears twice"
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl Store {
@@ -244,11 +402,13 @@ impl Store {
         written: Written,
         etag: String,
         meta: ObjectMeta,
+        ext: ObjectExt,
         cond: Conditions,
     ) -> Result<PutOutcome> {
         let size = written.size;
         let data = written.data.clone();
         let etag2 = etag.clone();
+        let checksum = ext.checksum.clone();
         let r = self
             .inner
             .engine
@@ -274,8 +434,9 @@ impl Store {
                     version,
                     meta,
                     data,
+                    ext,
                 };
-                t.insert(key_bytes.as_slice(), encode(&rec)?.as_slice())?;
+                t.insert(key_bytes.as_slice(), encode_ext(&rec)?.as_slice())?;
                 drop(t);
                 ctx.ship_chunks(rec.data.chunks());
                 Ok(Ok((
@@ -291,6 +452,7 @@ impl Store {
                     etag,
                     size,
                     version,
+                    checksum,
                 })
             }
             Ok(Err(e)) => {
@@ -315,22 +477,109 @@ impl Store {
         meta: ObjectMeta,
         cond: Conditions,
     ) -> Result<PutOutcome> {
+        self.put_object_ext(
+            tenant,
+            bucket,
+            key,
+            body,
+            content_md5,
+            meta,
+            cond,
+            PutExtra::default(),
+        )
+        .await
+    }
+
+    /// [`Store::put_object`] with tags and a flexible checksum to verify and store.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn put_object_ext(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        body: ByteStream,
+        content_md5: Option<[u8; 16]>,
+        meta: ObjectMeta,
+        cond: Conditions,
+        extra: PutExtra,
+    ) -> Result<PutOutcome> {
         check_key(key)?;
+        check_tags(&extra.tags)?;
         let (p, prefix) = self.object_location(tenant, bucket).await?;
         let conditional = self.precheck_write(tenant, bucket, key, &cond).await?;
+        let (body, running) = super::checksum::hashing(body, extra.checksum);
         let written = data::write_body(self.engine().chunks(), p, body).await?;
-        if let Some(expected) = content_md5
-            && expected != written.md5
-        {
-            data::abandon(self.engine().chunks(), written.data).await;
-            return Err(Error::BadDigest);
-        }
+        let checksum = self.verify_written(&written, running, content_md5).await?;
         let etag = hex::encode(written.md5);
         let mut k = prefix;
         k.extend_from_slice(key.as_bytes());
-        self.commit_object(k, written, etag, meta, cond)
+        let ext = ObjectExt {
+            tags: extra.tags,
+            part_sizes: Vec::new(),
+            checksum,
+        };
+        self.commit_object(k, written, etag, meta, ext, cond)
             .await
             .map_err(|e| conflict_if(conditional, e))
+    }
+
+    /// Checks data just written against the flexible checksum computed while it
+    /// streamed in and the `Content-MD5` the client sent; on a mismatch the data is
+    /// removed. Returns the checksum to store.
+    pub(crate) async fn verify_written(
+        &self,
+        written: &Written,
+        running: Option<super::checksum::Running>,
+        content_md5: Option<[u8; 16]>,
+    ) -> Result<Option<Checksum>> {
+        let verdict = running
+            .map(|r| r.finish())
+            .transpose()
+            .and_then(|c| match content_md5 {
+                Some(expected) if expected != written.md5 => Err(Error::BadDigest),
+                _ => Ok(c),
+            });
+        if verdict.is_err() {
+            data::abandon(self.engine().chunks(), written.data.clone()).await;
+        }
+        verdict
+    }
+
+    /// The object's tags.
+    pub async fn object_tags(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Vec<(String, String)>> {
+        Ok(self.head_object(tenant, bucket, key).await?.ext.tags)
+    }
+
+    /// Replaces the object's tags (an empty set removes them); its data, ETag and
+    /// Last-Modified stay, as in S3.
+    pub async fn set_object_tags(
+        &self,
+        tenant: TenantId,
+        bucket: &str,
+        key: &str,
+        tags: Vec<(String, String)>,
+    ) -> Result<()> {
+        check_key(key)?;
+        check_tags(&tags)?;
+        let (_, mut k) = self.object_location(tenant, bucket).await?;
+        k.extend_from_slice(key.as_bytes());
+        self.engine()
+            .write(vec![], move |ctx| {
+                let mut t = ctx.txn.open_table(OBJECTS)?;
+                let Some(old) = t.get(k.as_slice())?.map(|v| v.value().to_vec()) else {
+                    return Ok(Err(Error::NoSuchKey));
+                };
+                let mut rec = decode_record(&old).map_err(|e| EngineError::Db(e.to_string()))?;
+                rec.ext.tags = tags;
+                t.insert(k.as_slice(), encode_ext(&rec)?.as_slice())?;
+                Ok(Ok(()))
+            })
+            .await?
     }
 
     /// Checks a write's conditions (`If-Match`, `If-None-Match`) against the current
@@ -390,6 +639,7 @@ impl Store {
         let rec = self.head_object(tenant, bucket, key).await?;
         cond.check_read(&rec)?;
         let r = match range {
+            Some(ByteRange::Part(n)) => part_range(&rec, n)?,
             Some(r) => r.resolve(rec.size)?,
             None => 0..rec.size,
         };
@@ -452,20 +702,41 @@ impl Store {
         dst_bucket: &str,
         dst_key: &str,
         meta: Option<ObjectMeta>,
+        tags: Option<Vec<(String, String)>>,
     ) -> Result<(ObjectRecord, PutOutcome)> {
         check_key(dst_key)?;
+        if let Some(t) = &tags {
+            check_tags(t)?;
+        }
         let (src, _, body) = self
             .get_copy_source(tenant, src_bucket, src_key, None, src_cond)
             .await?;
         let (p, mut k) = self.object_location(tenant, dst_bucket).await?;
         k.extend_from_slice(dst_key.as_bytes());
-        let written = data::write_body(self.engine().chunks(), p, body.stream).await?;
+        // The copy gets a whole-object checksum of the source's algorithm, computed
+        // over the bytes as they are copied.
+        let check = src
+            .ext
+            .checksum
+            .as_ref()
+            .map(|c| super::checksum::ChecksumCheck {
+                algorithm: c.algorithm,
+                expected: super::checksum::Expected::Compute,
+            });
+        let (stream, running) = super::checksum::hashing(body.stream, check);
+        let written = data::write_body(self.engine().chunks(), p, stream).await?;
+        let checksum = self.verify_written(&written, running, None).await?;
         // A multipart source keeps its ETag only when the data is unchanged; a copy is
         // stored as one part, so its ETag is the MD5 of the bytes.
         let etag = hex::encode(written.md5);
         let meta = meta.unwrap_or_else(|| src.meta.clone());
+        let ext = ObjectExt {
+            tags: tags.unwrap_or_else(|| src.ext.tags.clone()),
+            part_sizes: Vec::new(),
+            checksum,
+        };
         let out = self
-            .commit_object(k, written, etag, meta, Conditions::default())
+            .commit_object(k, written, etag, meta, ext, Conditions::default())
             .await?;
         Ok((src, out))
     }
@@ -592,8 +863,10 @@ mod tests {
                 ..Default::default()
             },
             data: data::ObjectData::inline(vec![7; 65536]),
+            ext: ObjectExt::default(),
         };
-        let bytes = encode(&rec).unwrap();
+        let bytes = encode_ext(&rec).unwrap();
+        assert_eq!(bytes[0], record::RECORD_VERSION, "no extension: version 1");
         assert_eq!(
             decode_summary(&bytes).unwrap(),
             ObjectSummary {
@@ -604,5 +877,46 @@ mod tests {
             }
         );
         assert!(decode_summary(&bytes[..3]).is_err());
+        assert_eq!(decode_record(&bytes).unwrap(), rec);
+    }
+
+    /// Extension fields are written under record version 2 after the version-1 body:
+    /// the summary and a version-1 reader of the body still decode it, and the full
+    /// decode gets them back.
+    #[test]
+    fn extension_fields_round_trip_under_version_2() {
+        let rec = ObjectRecord {
+            size: 5,
+            etag: "e-2".into(),
+            last_modified: 1,
+            version: 2,
+            meta: ObjectMeta::default(),
+            data: data::ObjectData::inline(b"hello".to_vec()),
+            ext: ObjectExt {
+                tags: vec![("k".into(), "v".into())],
+                part_sizes: vec![3, 2],
+                checksum: Some(Checksum {
+                    algorithm: ChecksumAlgorithm::Crc32,
+                    value: "AAAAAA==".into(),
+                    full_object: true,
+                }),
+            },
+        };
+        let bytes = encode_ext(&rec).unwrap();
+        assert_eq!(bytes[0], record::EXTENDED_VERSION);
+        assert_eq!(decode_record(&bytes).unwrap(), rec);
+        assert_eq!(decode_summary(&bytes).unwrap().etag, "e-2");
+        // What a version-1 decoder of the same body sees: everything but the extension.
+        let v1: ObjectRecord = decode_stored("object", &bytes).unwrap();
+        assert_eq!(v1.ext, ObjectExt::default());
+        assert_eq!(v1.data, rec.data);
+        check_tags(&rec.ext.tags).unwrap();
+        let many: Vec<_> = (0..11).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(matches!(check_tags(&many), Err(Error::InvalidTag(_))));
+        let dup = vec![
+            ("a".to_string(), "1".to_string()),
+            ("a".to_string(), "2".to_string()),
+        ];
+        assert!(matches!(check_tags(&dup), Err(Error::InvalidTag(_))));
     }
 }

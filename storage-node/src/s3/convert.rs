@@ -5,7 +5,8 @@ use s3s::dto::{ETag, ETagCondition, Metadata, Timestamp};
 use s3s::{S3Error, S3ErrorCode, S3Request, S3Result};
 use time::OffsetDateTime;
 
-use crate::model::object::ByteRange;
+use crate::model::checksum::{ChecksumCheck, Expected};
+use crate::model::object::{ByteRange, Checksum, ChecksumAlgorithm};
 use crate::model::{Conditions, ObjectMeta};
 
 pub fn timestamp(ms: i64) -> Timestamp {
@@ -90,6 +91,9 @@ pub fn meta(
 /// framed, not the object, so it is dropped (`gzip, aws-chunked` is stored as `gzip`;
 /// `aws-chunked` alone stores none), as S3 does.
 pub fn stored_encoding(e: &str) -> Option<String> {
+    if !e.to_ascii_lowercase().contains("aws-chunked") {
+        return (!e.trim().is_empty()).then(|| e.to_string());
+    }
     let kept: Vec<&str> = e
         .split(',')
         .map(str::trim)
@@ -181,6 +185,178 @@ pub fn note<T>(req: &S3Request<T>, op: &'static str, bucket: Option<&str>) {
     }
 }
 
+/// The tags of an `x-amz-tagging` header: a URL-encoded query string (`k1=v1&k2=v2`).
+pub fn tags_header(v: Option<&str>) -> S3Result<Vec<(String, String)>> {
+    let Some(v) = v.filter(|v| !v.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let dec = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| {
+                S3Error::with_message(S3ErrorCode::InvalidTag, "x-amz-tagging is not valid UTF-8")
+            })
+    };
+    v.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Ok((dec(k)?, dec(v)?))
+        })
+        .collect()
+}
+
+/// A tag set of the XML API.
+pub fn tags_from(t: s3s::dto::Tagging) -> Vec<(String, String)> {
+    t.tag_set
+        .into_iter()
+        .map(|t| (t.key.unwrap_or_default(), t.value.unwrap_or_default()))
+        .collect()
+}
+
+pub fn tag_set(tags: Vec<(String, String)>) -> Vec<s3s::dto::Tag> {
+    tags.into_iter()
+        .map(|(k, v)| s3s::dto::Tag {
+            key: Some(k),
+            value: Some(v),
+        })
+        .collect()
+}
+
+/// `x-amz-tagging-directive: REPLACE` on a copy: the copy gets the request's tags
+/// (`Some`); else (`COPY`, the default) the source's (`None`).
+pub fn copy_tags(
+    directive: Option<&s3s::dto::TaggingDirective>,
+    tagging: Option<&str>,
+) -> S3Result<Option<Vec<(String, String)>>> {
+    match directive.map(|d| d.as_str()) {
+        Some(d) if d.eq_ignore_ascii_case("REPLACE") => Ok(Some(tags_header(tagging)?)),
+        _ => Ok(None),
+    }
+}
+
+const CHECKSUM_HEADERS: [(&str, ChecksumAlgorithm); 5] = [
+    ("x-amz-checksum-crc32", ChecksumAlgorithm::Crc32),
+    ("x-amz-checksum-crc32c", ChecksumAlgorithm::Crc32c),
+    ("x-amz-checksum-crc64nvme", ChecksumAlgorithm::Crc64Nvme),
+    ("x-amz-checksum-sha1", ChecksumAlgorithm::Sha1),
+    ("x-amz-checksum-sha256", ChecksumAlgorithm::Sha256),
+];
+
+/// The flexible checksum a body must match: from an `x-amz-checksum-*` header, else
+/// from the `aws-chunked` trailer `x-amz-trailer` names, else computed only when
+/// `x-amz-sdk-checksum-algorithm` (or the upload, for a part) asks for one.
+pub fn checksum_check<T>(req: &S3Request<T>) -> S3Result<Option<ChecksumCheck>> {
+    let h = &req.headers;
+    let mut given = CHECKSUM_HEADERS
+        .iter()
+        .filter_map(|(name, a)| Some((*a, h.get(*name)?.to_str().ok()?.to_string())));
+    if let Some((algorithm, value)) = given.next() {
+        if given.next().is_some() {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidRequest,
+                "Expecting a single x-amz-checksum- header. Multiple checksum Types are not allowed.",
+            ));
+        }
+        return Ok(Some(ChecksumCheck {
+            algorithm,
+            expected: Expected::Value(value),
+        }));
+    }
+    if let Some(trailer) = h.get("x-amz-trailer").and_then(|v| v.to_str().ok()) {
+        let name = trailer.trim().to_ascii_lowercase();
+        if let Some((_, algorithm)) = CHECKSUM_HEADERS.iter().find(|(n, _)| *n == name) {
+            let Some(trailers) = req.trailing_headers.clone() else {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::InvalidRequest,
+                    "x-amz-trailer needs an aws-chunked body",
+                ));
+            };
+            return Ok(Some(ChecksumCheck {
+                algorithm: *algorithm,
+                expected: Expected::Trailer(Box::new(move || {
+                    trailers
+                        .read(|t| {
+                            t.get(name.as_str())
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        })
+                        .flatten()
+                })),
+            }));
+        }
+    }
+    let asked = h
+        .get("x-amz-sdk-checksum-algorithm")
+        .or_else(|| h.get("x-amz-checksum-algorithm"))
+        .and_then(|v| v.to_str().ok());
+    match asked {
+        None => Ok(None),
+        Some(a) => Ok(Some(ChecksumCheck {
+            algorithm: algorithm_named(a)?,
+            expected: Expected::Compute,
+        })),
+    }
+}
+
+pub fn algorithm_named(a: &str) -> S3Result<ChecksumAlgorithm> {
+    ChecksumAlgorithm::from_name(a).ok_or_else(|| {
+        S3Error::with_message(
+            S3ErrorCode::InvalidRequest,
+            format!("Checksum algorithm {a:?} is not supported"),
+        )
+    })
+}
+
+/// The checksum fields of an answer: the one of `c`'s algorithm set.
+#[derive(Default)]
+pub struct Sums {
+    pub crc32: Option<String>,
+    pub crc32c: Option<String>,
+    pub crc64nvme: Option<String>,
+    pub sha1: Option<String>,
+    pub sha256: Option<String>,
+    pub kind: Option<s3s::dto::ChecksumType>,
+}
+
+pub fn sums(c: Option<&Checksum>) -> Sums {
+    let Some(c) = c else {
+        return Sums::default();
+    };
+    let mut s = Sums {
+        kind: Some(s3s::dto::ChecksumType::from_static(if c.full_object {
+            s3s::dto::ChecksumType::FULL_OBJECT
+        } else {
+            s3s::dto::ChecksumType::COMPOSITE
+        })),
+        ..Default::default()
+    };
+    let v = Some(c.value.clone());
+    match c.algorithm {
+        ChecksumAlgorithm::Crc32 => s.crc32 = v,
+        ChecksumAlgorithm::Crc32c => s.crc32c = v,
+        ChecksumAlgorithm::Crc64Nvme => s.crc64nvme = v,
+        ChecksumAlgorithm::Sha1 => s.sha1 = v,
+        ChecksumAlgorithm::Sha256 => s.sha256 = v,
+    }
+    s
+}
+
+/// Sets the `checksum_*` fields (and `checksum_type`) of an output from [`Sums`].
+macro_rules! set_checksums {
+    ($out:expr, $c:expr) => {{
+        let s = $crate::s3::convert::sums($c);
+        $out.checksum_crc32 = s.crc32;
+        $out.checksum_crc32c = s.crc32c;
+        $out.checksum_crc64nvme = s.crc64nvme;
+        $out.checksum_sha1 = s.sha1;
+        $out.checksum_sha256 = s.sha256;
+        $out.checksum_type = s.kind;
+    }};
+}
+pub(crate) use set_checksums;
+
 #[cfg(test)]
 mod tests {
     use super::stored_encoding;
@@ -194,7 +370,7 @@ mod tests {
         assert_eq!(stored_encoding("aws-chunked,gzip").as_deref(), Some("gzip"));
         assert_eq!(stored_encoding("AWS-Chunked"), None);
         assert_eq!(stored_encoding("aws-chunked"), None);
-        assert_eq!(stored_encoding("gzip, br").as_deref(), Some("gzip, br"));
+        assert_eq!(stored_encoding("gzip,br").as_deref(), Some("gzip,br"));
         assert_eq!(stored_encoding(" "), None);
     }
 }

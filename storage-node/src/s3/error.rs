@@ -28,7 +28,10 @@ pub fn to_s3(e: Error) -> S3Error {
             ConditionalRequestConflict,
             "A conflicting operation occurred during the conditional write; retry the request"
         ),
-        Error::NotModified => S3Error::new(S3ErrorCode::NotModified),
+        Error::NotModified {
+            etag,
+            last_modified,
+        } => super::object::not_modified(&etag, last_modified),
         Error::InvalidRange { size } => s3_error!(
             InvalidRange,
             "The requested range is not satisfiable (object size {size})"
@@ -51,6 +54,19 @@ pub fn to_s3(e: Error) -> S3Error {
             BadDigest,
             "The Content-MD5 you specified did not match what we received"
         ),
+        Error::BadChecksum(algorithm) => S3Error::with_message(
+            S3ErrorCode::BadDigest,
+            format!("The {algorithm} you specified did not match the calculated checksum."),
+        ),
+        Error::InvalidTag(m) => S3Error::with_message(S3ErrorCode::InvalidTag, m),
+        Error::InvalidPartNumber(n) => {
+            let mut e = S3Error::with_message(
+                S3ErrorCode::Custom("InvalidPartNumber".into()),
+                format!("The requested partnumber is not satisfiable (part {n})"),
+            );
+            e.set_status_code(http::StatusCode::RANGE_NOT_SATISFIABLE);
+            e
+        }
         Error::VersionMismatch { .. } => s3_error!(
             PreconditionFailed,
             "At least one of the preconditions you specified did not hold"

@@ -62,6 +62,11 @@ impl S3Front {
             bytes = tracing::field::Empty, primary = tracing::field::Empty);
         crate::cluster::forward::continue_trace(&span, &req);
         let (parts, body) = req.into_parts();
+        let has_body = parts.headers.contains_key(http::header::TRANSFER_ENCODING)
+            || parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
         let resp = async {
             if let Some(refusal) = refuse_before_body(&parts) {
                 slot.set("Refused");
@@ -184,7 +189,16 @@ impl S3Front {
         }
         .instrument(span.clone())
         .await;
-        let resp = ids.stamp(resp);
+        let mut resp = ids.stamp(resp);
+        // An error may come before the request body was read (a failed precondition, a
+        // refused upload): the connection closes after it rather than being reused
+        // with unread body bytes in it.
+        if has_body && resp.status().as_u16() >= 400 {
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         let status = resp.status().as_u16();
         span.record("status", status);
         self.metrics.observe("s3", slot.get(), status, started);
@@ -333,11 +347,24 @@ const PRESIGN_MAX_SECS: i64 = 604_800;
 /// the method, for signature version 4 (`X-Amz-Date` + `X-Amz-Expires`) and 2
 /// (`Expires`, seconds since the epoch).
 fn presign_refusal(query: &str, now: i64) -> Option<(http::StatusCode, &'static str, String)> {
-    let param = |name: &str| {
-        query.split('&').find_map(|p| {
-            let (k, v) = p.split_once('=')?;
-            (k == name).then_some(v)
+    // Decoded as s3s decodes the query it verifies (so `X-Amz-%45xpires` is
+    // `X-Amz-Expires` here too).
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(&s.replace('+', " "))
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let params: Vec<(String, String)> = query
+        .split('&')
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
         })
+        .collect();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find_map(|(k, v)| (k == name).then_some(v.as_str()))
     };
     let expired = || {
         Some((
@@ -403,6 +430,7 @@ fn refuse_before_body(parts: &http::request::Parts) -> Option<http::Response<s3s
     let presigned = parts.uri.query().is_some_and(|q| {
         q.split('&').any(|p| {
             let name = p.split_once('=').map_or(p, |(k, _)| k);
+            let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
             name == "X-Amz-Signature" || name == "Signature"
         })
     });
@@ -489,6 +517,11 @@ mod tests {
         );
         let (st, _, _) = presign_refusal(&q(d, "-1"), signed).unwrap();
         assert_eq!(st.as_u16(), 400);
+        // Percent-encoded names and values are what s3s verifies: decoded here too.
+        let sneaky = "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Date=20260101T000000Z\
+                      &X-Amz-%45xpires=%36%30%34%38%30%31&X-Amz-SignedHeaders=host\
+                      &X-Amz-Signature=ab";
+        assert_eq!(presign_refusal(sneaky, signed).unwrap().0.as_u16(), 400);
         // Malformed values are left to the signature check.
         assert!(presign_refusal(&q("yesterday", "60"), signed).is_none());
         // Signature version 2.

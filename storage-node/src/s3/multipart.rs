@@ -32,6 +32,31 @@ pub async fn create(
     note(&req, "CreateMultipartUpload", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
+    let checksum = match &i.checksum_algorithm {
+        None => None,
+        Some(a) => {
+            let a = convert::algorithm_named(a.as_str())?;
+            // FULL_OBJECT by default for CRC64NVME (as S3), COMPOSITE for the others.
+            let full = match &i.checksum_type {
+                Some(k) => k.as_str().eq_ignore_ascii_case(ChecksumType::FULL_OBJECT),
+                None => a == crate::model::object::ChecksumAlgorithm::Crc64Nvme,
+            };
+            if full && !a.combines() {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::InvalidRequest,
+                    format!(
+                        "The FULL_OBJECT checksum type cannot be used with the {} checksum algorithm.",
+                        a.name()
+                    ),
+                ));
+            }
+            Some((a, full))
+        }
+    };
+    let ext = crate::model::multipart::UploadExt {
+        tags: convert::tags_header(i.tagging.as_deref())?,
+        checksum,
+    };
     let meta = convert::meta(
         i.content_type,
         i.cache_control,
@@ -43,13 +68,21 @@ pub async fn create(
     );
     let id = s
         .store
-        .create_upload(t, &i.bucket, &i.key, meta)
+        .create_upload_ext(t, &i.bucket, &i.key, meta, ext)
         .await
         .map_err(to_s3)?;
     Ok(S3Response::new(CreateMultipartUploadOutput {
         bucket: Some(i.bucket),
         key: Some(i.key),
         upload_id: Some(id.to_string()),
+        checksum_algorithm: i.checksum_algorithm,
+        checksum_type: checksum.map(|(_, full)| {
+            ChecksumType::from_static(if full {
+                ChecksumType::FULL_OBJECT
+            } else {
+                ChecksumType::COMPOSITE
+            })
+        }),
         ..Default::default()
     }))
 }
@@ -60,12 +93,13 @@ pub async fn upload_part(
 ) -> S3Result<S3Response<UploadPartOutput>> {
     note(&req, "UploadPart", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
+    let checksum = convert::checksum_check(&req)?;
     let i = req.input;
     let md5 = convert::content_md5(i.content_md5.as_deref())?;
     let part = part_number(i.part_number)?;
     let rec = s
         .store
-        .upload_part(
+        .upload_part_ext(
             t,
             &i.bucket,
             &i.key,
@@ -73,14 +107,22 @@ pub async fn upload_part(
             part,
             body_stream(i.body),
             md5,
+            checksum,
         )
         .await
         .map_err(to_s3)?;
     tracing::Span::current().record("bytes", rec.size);
-    Ok(S3Response::new(UploadPartOutput {
+    let mut out = UploadPartOutput {
         e_tag: Some(convert::etag(&rec.etag())),
         ..Default::default()
-    }))
+    };
+    let sums = convert::sums(rec.ext.checksum.as_ref());
+    out.checksum_crc32 = sums.crc32;
+    out.checksum_crc32c = sums.crc32c;
+    out.checksum_crc64nvme = sums.crc64nvme;
+    out.checksum_sha1 = sums.sha1;
+    out.checksum_sha256 = sums.sha256;
+    Ok(S3Response::new(out))
 }
 
 pub async fn upload_part_copy(
@@ -105,7 +147,9 @@ pub async fn upload_part_copy(
         .get_copy_source(t, &src_bucket, &src_key, range, &cond)
         .await
         .map_err(|e| match e {
-            crate::model::Error::NotModified => to_s3(crate::model::Error::PreconditionFailed),
+            crate::model::Error::NotModified { .. } => {
+                to_s3(crate::model::Error::PreconditionFailed)
+            }
             e => to_s3(e),
         })?;
     let rec = s
@@ -148,19 +192,27 @@ pub async fn complete(
         list.push((part_number(n)?, e.into_value()));
     }
     let cond = convert::conditions(i.if_match, i.if_none_match, None, None);
-    let (etag, size) = s
+    let declared = i
+        .checksum_crc32
+        .or(i.checksum_crc32c)
+        .or(i.checksum_crc64nvme)
+        .or(i.checksum_sha1)
+        .or(i.checksum_sha256);
+    let (etag, size, checksum) = s
         .store
-        .complete_upload(t, &i.bucket, &i.key, upload, list, cond)
+        .complete_upload_ext(t, &i.bucket, &i.key, upload, list, cond, declared)
         .await
         .map_err(to_s3)?;
     tracing::Span::current().record("bytes", size);
-    Ok(S3Response::new(CompleteMultipartUploadOutput {
+    let mut out = CompleteMultipartUploadOutput {
         bucket: Some(i.bucket.clone()),
         key: Some(i.key.clone()),
         e_tag: Some(convert::etag(&etag)),
         location: Some(format!("/{}/{}", i.bucket, i.key)),
         ..Default::default()
-    }))
+    };
+    convert::set_checksums!(out, checksum.as_ref());
+    Ok(S3Response::new(out))
 }
 
 pub async fn abort(

@@ -21,7 +21,9 @@ pub async fn put_object(
 ) -> S3Result<S3Response<PutObjectOutput>> {
     note(&req, "PutObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
+    let checksum = convert::checksum_check(&req)?;
     let i = req.input;
+    let tags = convert::tags_header(i.tagging.as_deref())?;
     let md5 = convert::content_md5(i.content_md5.as_deref())?;
     let meta = convert::meta(
         i.content_type,
@@ -33,28 +35,85 @@ pub async fn put_object(
         i.metadata,
     );
     let cond = convert::conditions(i.if_match, i.if_none_match, None, None);
+    let extra = crate::model::object::PutExtra { tags, checksum };
     let out = s
         .store
-        .put_object(t, &i.bucket, &i.key, body_stream(i.body), md5, meta, cond)
+        .put_object_ext(
+            t,
+            &i.bucket,
+            &i.key,
+            body_stream(i.body),
+            md5,
+            meta,
+            cond,
+            extra,
+        )
         .await
         .map_err(to_s3)?;
     tracing::Span::current().record("bytes", out.size);
-    Ok(S3Response::new(PutObjectOutput {
+    let mut o = PutObjectOutput {
         e_tag: Some(convert::etag(&out.etag)),
         ..Default::default()
-    }))
+    };
+    convert::set_checksums!(o, out.checksum.as_ref());
+    Ok(S3Response::new(o))
+}
+
+/// The byte range a GET or HEAD asks for: `Range`, or `partNumber` (not both).
+fn requested_range(
+    range: Option<s3s::dto::Range>,
+    part_number: Option<i32>,
+) -> S3Result<Option<crate::model::object::ByteRange>> {
+    match (range, part_number) {
+        (Some(_), Some(_)) => Err(S3Error::with_message(
+            S3ErrorCode::InvalidRequest,
+            "Cannot specify both Range header and partNumber query parameter",
+        )),
+        (None, Some(n)) => {
+            let n = u32::try_from(n)
+                .ok()
+                .filter(|n| (1..=10_000).contains(n))
+                .ok_or_else(|| {
+                    S3Error::with_message(
+                        S3ErrorCode::InvalidArgument,
+                        "Part number must be an integer between 1 and 10000, inclusive",
+                    )
+                })?;
+            Ok(Some(crate::model::object::ByteRange::Part(n)))
+        }
+        (r, None) => Ok(convert::range(r)),
+    }
+}
+
+fn checksum_mode(m: &Option<ChecksumMode>) -> bool {
+    m.as_ref()
+        .is_some_and(|m| m.as_str().eq_ignore_ascii_case(ChecksumMode::ENABLED))
+}
+
+/// The checksum a read answers with (`x-amz-checksum-mode: ENABLED`): the object's, for
+/// the whole object; the part's is not kept for a GET by part, so none then.
+fn read_checksum(
+    o: &ObjectRecord,
+    mode: bool,
+    whole: bool,
+) -> Option<&crate::model::object::Checksum> {
+    o.ext.checksum.as_ref().filter(|_| mode && whole)
+}
+
+fn tag_count(o: &ObjectRecord) -> Option<i32> {
+    (!o.ext.tags.is_empty()).then_some(o.ext.tags.len() as i32)
 }
 
 /// 304 Not Modified with the object's `ETag` and `Last-Modified`, which clients use to
 /// keep their cached copy current.
-fn not_modified(o: &ObjectRecord) -> S3Error {
+pub(super) fn not_modified(etag: &str, last_modified: i64) -> S3Error {
     let mut e = S3Error::new(S3ErrorCode::NotModified);
     let mut h = http::HeaderMap::new();
-    if let Ok(v) = http::HeaderValue::from_str(&format!("\"{}\"", o.etag)) {
+    if let Ok(v) = http::HeaderValue::from_str(&format!("\"{etag}\"")) {
         h.insert(http::header::ETAG, v);
     }
     let lm = std::time::UNIX_EPOCH
-        + std::time::Duration::from_millis(u64::try_from(o.last_modified).unwrap_or(0));
+        + std::time::Duration::from_millis(u64::try_from(last_modified).unwrap_or(0));
     if let Ok(v) = http::HeaderValue::from_str(&httpdate::fmt_http_date(lm)) {
         h.insert(http::header::LAST_MODIFIED, v);
     }
@@ -73,38 +132,23 @@ pub async fn get_object(
     note(&req, "GetObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let i = req.input;
-    if i.part_number.is_some() {
-        return Err(S3Error::with_message(
-            S3ErrorCode::NotImplemented,
-            "GET by partNumber is not supported yet",
-        ));
-    }
+    let by_part = i.part_number.is_some();
+    let range = requested_range(i.range, i.part_number)?;
     let cond = convert::conditions(
         i.if_match,
         i.if_none_match,
         i.if_modified_since,
         i.if_unmodified_since,
     );
-    let ranged = i.range.is_some();
-    let got = s
+    let ranged = range.is_some();
+    let (o, r, body) = s
         .store
-        .get_object(t, &i.bucket, &i.key, convert::range(i.range), &cond)
-        .await;
-    let (o, r, body) = match got {
-        Err(crate::model::Error::NotModified) => {
-            // A 304 carries the validators (RFC 9110 15.4.5): read them once more.
-            let o = s
-                .store
-                .head_object(t, &i.bucket, &i.key)
-                .await
-                .map_err(to_s3)?;
-            return Err(not_modified(&o));
-        }
-        r => r.map_err(to_s3)?,
-    };
+        .get_object(t, &i.bucket, &i.key, range, &cond)
+        .await
+        .map_err(to_s3)?;
     tracing::Span::current().record("bytes", body.len);
     let m = &o.meta;
-    Ok(S3Response::new(GetObjectOutput {
+    let mut out = GetObjectOutput {
         body: Some(StreamingBlob::wrap(body.stream)),
         content_length: Some(body.len as i64),
         content_range: ranged
@@ -126,8 +170,19 @@ pub async fn get_object(
         expires: i.response_expires.or_else(|| m.expires.map(timestamp)),
         metadata: convert::user_metadata(m),
         parts_count: parts_count(&o),
+        tag_count: tag_count(&o),
         ..Default::default()
-    }))
+    };
+    let whole = !ranged || (by_part && r.start == 0 && r.end == o.size);
+    convert::set_checksums!(
+        out,
+        read_checksum(&o, checksum_mode(&i.checksum_mode), whole)
+    );
+    let mut resp = S3Response::new(out);
+    if ranged {
+        resp.status = Some(http::StatusCode::PARTIAL_CONTENT);
+    }
+    Ok(resp)
 }
 
 pub async fn head_object(
@@ -148,13 +203,17 @@ pub async fn head_object(
         .head_object(t, &i.bucket, &i.key)
         .await
         .map_err(to_s3)?;
-    cond.check_read(&o).map_err(|e| match e {
-        crate::model::Error::NotModified => not_modified(&o),
-        e => to_s3(e),
-    })?;
-    let (len, content_range) = match convert::range(i.range) {
+    cond.check_read(&o).map_err(to_s3)?;
+    let range = requested_range(i.range, i.part_number)?;
+    let ranged = range.is_some();
+    let (len, content_range) = match range {
         Some(r) => {
-            let r = r.resolve(o.size).map_err(to_s3)?;
+            let r = match r {
+                crate::model::object::ByteRange::Part(n) => {
+                    crate::model::object::part_range(&o, n).map_err(to_s3)?
+                }
+                r => r.resolve(o.size).map_err(to_s3)?,
+            };
             (
                 r.end - r.start,
                 Some(format!(
@@ -168,7 +227,7 @@ pub async fn head_object(
         None => (o.size, None),
     };
     let m = &o.meta;
-    Ok(S3Response::new(HeadObjectOutput {
+    let mut out = HeadObjectOutput {
         content_length: Some(len as i64),
         content_range,
         accept_ranges: Some("bytes".to_string()),
@@ -183,7 +242,17 @@ pub async fn head_object(
         metadata: convert::user_metadata(m),
         parts_count: parts_count(&o),
         ..Default::default()
-    }))
+    };
+    let whole = !ranged || len == o.size;
+    convert::set_checksums!(
+        out,
+        read_checksum(&o, checksum_mode(&i.checksum_mode), whole)
+    );
+    let mut resp = S3Response::new(out);
+    if ranged {
+        resp.status = Some(http::StatusCode::PARTIAL_CONTENT);
+    }
+    Ok(resp)
 }
 
 pub async fn delete_object(
@@ -263,6 +332,7 @@ pub async fn copy_object(
             "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata.",
         ));
     }
+    let tags = convert::copy_tags(i.tagging_directive.as_ref(), i.tagging.as_deref())?;
     let meta: Option<ObjectMeta> = replace.then(|| {
         convert::meta(
             i.content_type,
@@ -282,11 +352,22 @@ pub async fn copy_object(
     );
     let (_, out) = s
         .store
-        .copy_object(t, &src_bucket, &src_key, &cond, &i.bucket, &i.key, meta)
+        .copy_object(
+            t,
+            &src_bucket,
+            &src_key,
+            &cond,
+            &i.bucket,
+            &i.key,
+            meta,
+            tags,
+        )
         .await
         .map_err(|e| match e {
             // A failed copy-source condition is a 412 even when it is If-None-Match.
-            crate::model::Error::NotModified => to_s3(crate::model::Error::PreconditionFailed),
+            crate::model::Error::NotModified { .. } => {
+                to_s3(crate::model::Error::PreconditionFailed)
+            }
             e => to_s3(e),
         })?;
     Ok(S3Response::new(CopyObjectOutput {
@@ -297,4 +378,124 @@ pub async fn copy_object(
         }),
         ..Default::default()
     }))
+}
+
+pub async fn get_object_tagging(
+    s: &GranaryS3,
+    req: S3Request<GetObjectTaggingInput>,
+) -> S3Result<S3Response<GetObjectTaggingOutput>> {
+    note(&req, "GetObjectTagging", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    let i = &req.input;
+    let tags = s
+        .store
+        .object_tags(t, &i.bucket, &i.key)
+        .await
+        .map_err(to_s3)?;
+    Ok(S3Response::new(GetObjectTaggingOutput {
+        tag_set: convert::tag_set(tags),
+        version_id: None,
+    }))
+}
+
+pub async fn put_object_tagging(
+    s: &GranaryS3,
+    req: S3Request<PutObjectTaggingInput>,
+) -> S3Result<S3Response<PutObjectTaggingOutput>> {
+    note(&req, "PutObjectTagging", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    let i = req.input;
+    s.store
+        .set_object_tags(t, &i.bucket, &i.key, convert::tags_from(i.tagging))
+        .await
+        .map_err(to_s3)?;
+    Ok(S3Response::new(PutObjectTaggingOutput { version_id: None }))
+}
+
+pub async fn delete_object_tagging(
+    s: &GranaryS3,
+    req: S3Request<DeleteObjectTaggingInput>,
+) -> S3Result<S3Response<DeleteObjectTaggingOutput>> {
+    note(&req, "DeleteObjectTagging", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    let i = &req.input;
+    s.store
+        .set_object_tags(t, &i.bucket, &i.key, Vec::new())
+        .await
+        .map_err(to_s3)?;
+    let mut resp = S3Response::new(DeleteObjectTaggingOutput { version_id: None });
+    resp.status = Some(http::StatusCode::NO_CONTENT);
+    Ok(resp)
+}
+
+/// GetObjectAttributes: the attributes asked for (ETag, Checksum, ObjectParts,
+/// StorageClass, ObjectSize), parts paged by `max-parts` and `part-number-marker`.
+pub async fn get_object_attributes(
+    s: &GranaryS3,
+    req: S3Request<GetObjectAttributesInput>,
+) -> S3Result<S3Response<GetObjectAttributesOutput>> {
+    note(&req, "GetObjectAttributes", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    let i = &req.input;
+    let o = s
+        .store
+        .head_object(t, &i.bucket, &i.key)
+        .await
+        .map_err(to_s3)?;
+    // One header, `x-amz-object-attributes: ETag,ObjectSize`, may arrive as one item.
+    let want = |a: &str| {
+        i.object_attributes
+            .iter()
+            .flat_map(|x| x.as_str().split(','))
+            .any(|x| x.trim().eq_ignore_ascii_case(a))
+    };
+    let mut out = GetObjectAttributesOutput {
+        last_modified: Some(timestamp(o.last_modified)),
+        ..Default::default()
+    };
+    if want(ObjectAttributes::ETAG) {
+        out.e_tag = Some(convert::etag(&o.etag));
+    }
+    if want(ObjectAttributes::OBJECT_SIZE) {
+        out.object_size = Some(o.size as i64);
+    }
+    if want(ObjectAttributes::STORAGE_CLASS) {
+        out.storage_class = Some(StorageClass::from_static(StorageClass::STANDARD));
+    }
+    if want(ObjectAttributes::CHECKSUM)
+        && let Some(c) = &o.ext.checksum
+    {
+        let mut sum = s3s::dto::Checksum::default();
+        convert::set_checksums!(sum, Some(c));
+        out.checksum = Some(sum);
+    }
+    if want(ObjectAttributes::OBJECT_PARTS) && !o.ext.part_sizes.is_empty() {
+        let max = convert::max_keys(i.max_parts, 1000)?;
+        let marker = i.part_number_marker.unwrap_or(0).max(0) as usize;
+        let total = o.ext.part_sizes.len();
+        let parts: Vec<ObjectPart> = o
+            .ext
+            .part_sizes
+            .iter()
+            .enumerate()
+            .skip(marker)
+            .take(max)
+            .map(|(n, size)| ObjectPart {
+                part_number: Some(n as i32 + 1),
+                size: Some(*size as i64),
+                ..Default::default()
+            })
+            .collect();
+        let last = parts.last().and_then(|p| p.part_number);
+        let truncated = marker + parts.len() < total;
+        out.object_parts = Some(GetObjectAttributesParts {
+            is_truncated: Some(truncated),
+            max_parts: Some(max as i32),
+            next_part_number_marker: truncated.then_some(last).flatten(),
+            part_number_marker: i.part_number_marker,
+            parts: Some(parts),
+            total_parts_count: Some(total as i32),
+        });
+    }
+    Ok(S3Response::new(out))
 }

@@ -824,3 +824,161 @@ async fn multipart_uploads_page_with_markers() {
         }
     }
 }
+
+/// The AWS SDK for Rust with its default checksum settings (a CRC32 of every upload,
+/// sent in an `aws-chunked` trailer when the body streams; checksum validation of
+/// reads), and with CRC64NVME: uploads are verified and stored, reads with checksum
+/// mode return the checksum and the SDK validates the bytes against it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flexible_checksums_with_the_sdk_defaults() {
+    use aws_sdk_s3::types::{ChecksumAlgorithm, ChecksumMode};
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path()).unwrap();
+    let c = client(&node.s3, &node.access_key, &node.secret_key);
+    c.create_bucket().bucket("sums").send().await.unwrap();
+    let body = data(3 << 20, 5);
+    let put = c
+        .put_object()
+        .bucket("sums")
+        .key("a")
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .unwrap();
+    let crc = put
+        .checksum_crc32()
+        .expect("the SDK's default CRC32 is stored")
+        .to_string();
+    let got = c
+        .get_object()
+        .bucket("sums")
+        .key("a")
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.checksum_crc32(), Some(crc.as_str()));
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().to_vec(),
+        body
+    );
+
+    // A streamed body (from a file): the CRC32 travels in a trailer.
+    let path = dir.path().join("upload.bin");
+    std::fs::write(&path, &body).unwrap();
+    let put = c
+        .put_object()
+        .bucket("sums")
+        .key("from-file")
+        .body(ByteStream::from_path(&path).await.unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.checksum_crc32(), Some(crc.as_str()));
+
+    // CRC64NVME, single part and multipart (FULL_OBJECT by default).
+    let whole = c
+        .put_object()
+        .bucket("sums")
+        .key("one")
+        .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .unwrap()
+        .checksum_crc64_nvme()
+        .expect("stored")
+        .to_string();
+    let up = c
+        .create_multipart_upload()
+        .bucket("sums")
+        .key("mp")
+        .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+        .send()
+        .await
+        .unwrap();
+    let uid = up.upload_id().unwrap();
+    let big = [body.clone(), body.clone()].concat();
+    let mut done = Vec::new();
+    for (n, range) in [(1, 0..(5 << 20)), (2, (5 << 20)..big.len())] {
+        let p = c
+            .upload_part()
+            .bucket("sums")
+            .key("mp")
+            .upload_id(uid)
+            .part_number(n)
+            .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+            .body(ByteStream::from(big[range].to_vec()))
+            .send()
+            .await
+            .unwrap();
+        done.push(
+            CompletedPart::builder()
+                .part_number(n)
+                .e_tag(p.e_tag().unwrap())
+                .checksum_crc64_nvme(p.checksum_crc64_nvme().unwrap())
+                .build(),
+        );
+    }
+    let fin = c
+        .complete_multipart_upload()
+        .bucket("sums")
+        .key("mp")
+        .upload_id(uid)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .set_parts(Some(done))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let single_big = c
+        .put_object()
+        .bucket("sums")
+        .key("big-one")
+        .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
+        .body(ByteStream::from(big.clone()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        fin.checksum_crc64_nvme(),
+        single_big.checksum_crc64_nvme(),
+        "the parts' CRC64NVMEs combine into the whole object's"
+    );
+    assert_ne!(fin.checksum_crc64_nvme(), Some(whole.as_str()));
+    let got = c
+        .get_object()
+        .bucket("sums")
+        .key("mp")
+        .checksum_mode(ChecksumMode::Enabled)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.checksum_crc64_nvme(), fin.checksum_crc64_nvme());
+    assert_eq!(
+        got.body.collect().await.unwrap().into_bytes().len(),
+        big.len()
+    );
+
+    // A wrong checksum is refused and stores nothing.
+    let e = c
+        .put_object()
+        .bucket("sums")
+        .key("bad")
+        .checksum_crc32("AAAAAA==")
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), "BadDigest", "{e:?}");
+    let e = c
+        .head_object()
+        .bucket("sums")
+        .key("bad")
+        .send()
+        .await
+        .unwrap_err();
+    assert_eq!(status(&e), 404);
+}
