@@ -197,6 +197,15 @@ pub trait Catalog: Send + Sync + 'static {
     async fn bucket(&self, tenant: TenantId, name: &str) -> Result<Option<Bucket>>;
     async fn list_buckets(&self, tenant: TenantId) -> Result<Vec<Bucket>>;
     async fn delete_bucket(&self, tenant: TenantId, id: BucketId) -> Result<()>;
+    /// A bucket setting of `kind` (a JSON document), if set.
+    async fn bucket_setting(&self, bucket: BucketId, kind: &str) -> Result<Option<String>>;
+    /// Sets (`Some`) or removes (`None`) a bucket setting of `kind`.
+    async fn set_bucket_setting(
+        &self,
+        bucket: BucketId,
+        kind: &str,
+        value: Option<&str>,
+    ) -> Result<()>;
 
     async fn upsert_node(&self, node: &NodeRecord) -> Result<()>;
     async fn list_nodes(&self) -> Result<Vec<NodeRecord>>;
@@ -612,7 +621,51 @@ impl Catalog for SqlCatalog {
         rows.iter().map(bucket_from_row).collect()
     }
 
+    async fn bucket_setting(&self, bucket: BucketId, kind: &str) -> Result<Option<String>> {
+        let row =
+            sqlx::query("SELECT value FROM bucket_settings WHERE bucket_id = $1 AND kind = $2")
+                .bind(bucket.to_string())
+                .bind(kind)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|r| r.try_get::<String, _>("value")).transpose()?)
+    }
+
+    async fn set_bucket_setting(
+        &self,
+        bucket: BucketId,
+        kind: &str,
+        value: Option<&str>,
+    ) -> Result<()> {
+        match value {
+            Some(v) => {
+                sqlx::query(
+                    "INSERT INTO bucket_settings (bucket_id, kind, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (bucket_id, kind) DO UPDATE SET value = excluded.value",
+                )
+                .bind(bucket.to_string())
+                .bind(kind)
+                .bind(v)
+                .execute(&self.pool)
+                .await?;
+            }
+            None => {
+                sqlx::query("DELETE FROM bucket_settings WHERE bucket_id = $1 AND kind = $2")
+                    .bind(bucket.to_string())
+                    .bind(kind)
+                    .execute(&self.pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn delete_bucket(&self, tenant: TenantId, id: BucketId) -> Result<()> {
+        // Its settings first (the foreign key cascades too, where it is enforced).
+        sqlx::query("DELETE FROM bucket_settings WHERE bucket_id = $1")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
         sqlx::query("DELETE FROM buckets WHERE tenant_id = $1 AND id = $2")
             .bind(tenant.to_string())
             .bind(id.to_string())

@@ -107,6 +107,33 @@ impl Store {
         Ok(())
     }
 
+    /// A bucket setting of `kind` (JSON), if set; `NoSuchBucket` for a missing bucket.
+    pub async fn bucket_setting(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        kind: &str,
+    ) -> Result<Option<String>> {
+        let b = self.bucket(tenant, name).await?;
+        Ok(self.inner.catalog.bucket_setting(b.id, kind).await?)
+    }
+
+    /// Sets or removes a bucket setting of `kind`.
+    pub async fn set_bucket_setting(
+        &self,
+        tenant: TenantId,
+        name: &str,
+        kind: &str,
+        value: Option<&str>,
+    ) -> Result<()> {
+        let b = self.bucket(tenant, name).await?;
+        Ok(self
+            .inner
+            .catalog
+            .set_bucket_setting(b.id, kind, value)
+            .await?)
+    }
+
     /// Aborts every upload under the bucket `prefix`, freeing their parts, in group
     /// commits of at most `ROWS_PER_COMMIT` removed part rows (and at least one
     /// upload), so that neither a commit nor its replication log entry grows with the

@@ -354,10 +354,13 @@ pub const MAX_TAGS: usize = 10;
 /// Checks a tag set against S3's rules: at most 10 tags, keys of 1–128 characters,
 /// values of at most 256, no key twice, no `aws:` prefix.
 pub fn check_tags(tags: &[(String, String)]) -> Result<()> {
-    if tags.len() > MAX_TAGS {
-        return Err(Error::InvalidTag(format!(
-            "an object can have at most {MAX_TAGS} tags"
-        )));
+    check_tag_set(tags, MAX_TAGS)
+}
+
+/// [`check_tags`] with at most `max` tags (a bucket may have 50).
+pub fn check_tag_set(tags: &[(String, String)], max: usize) -> Result<()> {
+    if tags.len() > max {
+        return Err(Error::InvalidTag(format!("at most {max} tags are allowed")));
     }
     let mut seen = std::collections::HashSet::new();
     for (k, v) in tags {

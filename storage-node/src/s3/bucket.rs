@@ -286,3 +286,143 @@ pub async fn list_objects(
         request_charged: None,
     }))
 }
+
+/// The `bucket_settings` kinds.
+const TAGGING: &str = "tagging";
+const PUBLIC_ACCESS_BLOCK: &str = "public_access_block";
+
+/// At most this many tags per bucket (S3 rule).
+const MAX_BUCKET_TAGS: usize = 50;
+
+fn json_err(e: serde_json::Error) -> s3s::S3Error {
+    tracing::error!(error = %e, "bucket setting");
+    s3s::s3_error!(InternalError, "a stored bucket setting could not be read")
+}
+
+pub async fn put_bucket_tagging(
+    s: &GranaryS3,
+    req: S3Request<PutBucketTaggingInput>,
+) -> S3Result<S3Response<PutBucketTaggingOutput>> {
+    note(&req, "PutBucketTagging", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    let i = req.input;
+    let tags = convert::tags_from(i.tagging);
+    crate::model::object::check_tag_set(&tags, MAX_BUCKET_TAGS).map_err(to_s3)?;
+    let v = serde_json::to_string(&tags).map_err(json_err)?;
+    s.store
+        .set_bucket_setting(t, &i.bucket, TAGGING, Some(&v))
+        .await
+        .map_err(to_s3)?;
+    Ok(S3Response::new(PutBucketTaggingOutput {}))
+}
+
+pub async fn get_bucket_tagging(
+    s: &GranaryS3,
+    req: S3Request<GetBucketTaggingInput>,
+) -> S3Result<S3Response<GetBucketTaggingOutput>> {
+    note(&req, "GetBucketTagging", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    let v = s
+        .store
+        .bucket_setting(t, &req.input.bucket, TAGGING)
+        .await
+        .map_err(to_s3)?
+        .ok_or_else(|| s3s::s3_error!(NoSuchTagSet, "The TagSet does not exist"))?;
+    let tags: Vec<(String, String)> = serde_json::from_str(&v).map_err(json_err)?;
+    Ok(S3Response::new(GetBucketTaggingOutput {
+        tag_set: convert::tag_set(tags),
+    }))
+}
+
+pub async fn delete_bucket_tagging(
+    s: &GranaryS3,
+    req: S3Request<DeleteBucketTaggingInput>,
+) -> S3Result<S3Response<DeleteBucketTaggingOutput>> {
+    note(&req, "DeleteBucketTagging", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    s.store
+        .set_bucket_setting(t, &req.input.bucket, TAGGING, None)
+        .await
+        .map_err(to_s3)?;
+    let mut r = S3Response::new(DeleteBucketTaggingOutput {});
+    r.status = Some(http::StatusCode::NO_CONTENT);
+    Ok(r)
+}
+
+/// The public access block as stored: the four flags.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AccessBlock {
+    block_public_acls: Option<bool>,
+    ignore_public_acls: Option<bool>,
+    block_public_policy: Option<bool>,
+    restrict_public_buckets: Option<bool>,
+}
+
+/// PutPublicAccessBlock: stored and reported back. Granary grants no public access of
+/// any kind (no ACLs, no bucket policies, no anonymous requests), so every bucket is
+/// private whatever the flags say; they are kept for the tools that set and audit them.
+pub async fn put_public_access_block(
+    s: &GranaryS3,
+    req: S3Request<PutPublicAccessBlockInput>,
+) -> S3Result<S3Response<PutPublicAccessBlockOutput>> {
+    note(&req, "PutPublicAccessBlock", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    let c = req.input.public_access_block_configuration;
+    let v = serde_json::to_string(&AccessBlock {
+        block_public_acls: c.block_public_acls,
+        ignore_public_acls: c.ignore_public_acls,
+        block_public_policy: c.block_public_policy,
+        restrict_public_buckets: c.restrict_public_buckets,
+    })
+    .map_err(json_err)?;
+    s.store
+        .set_bucket_setting(t, &req.input.bucket, PUBLIC_ACCESS_BLOCK, Some(&v))
+        .await
+        .map_err(to_s3)?;
+    Ok(S3Response::new(PutPublicAccessBlockOutput {}))
+}
+
+pub async fn get_public_access_block(
+    s: &GranaryS3,
+    req: S3Request<GetPublicAccessBlockInput>,
+) -> S3Result<S3Response<GetPublicAccessBlockOutput>> {
+    note(&req, "GetPublicAccessBlock", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    let Some(v) = s
+        .store
+        .bucket_setting(t, &req.input.bucket, PUBLIC_ACCESS_BLOCK)
+        .await
+        .map_err(to_s3)?
+    else {
+        let mut e = s3s::S3Error::with_message(
+            s3s::S3ErrorCode::Custom("NoSuchPublicAccessBlockConfiguration".into()),
+            "The public access block configuration was not found",
+        );
+        e.set_status_code(http::StatusCode::NOT_FOUND);
+        return Err(e);
+    };
+    let b: AccessBlock = serde_json::from_str(&v).map_err(json_err)?;
+    Ok(S3Response::new(GetPublicAccessBlockOutput {
+        public_access_block_configuration: Some(PublicAccessBlockConfiguration {
+            block_public_acls: b.block_public_acls,
+            ignore_public_acls: b.ignore_public_acls,
+            block_public_policy: b.block_public_policy,
+            restrict_public_buckets: b.restrict_public_buckets,
+        }),
+    }))
+}
+
+pub async fn delete_public_access_block(
+    s: &GranaryS3,
+    req: S3Request<DeletePublicAccessBlockInput>,
+) -> S3Result<S3Response<DeletePublicAccessBlockOutput>> {
+    note(&req, "DeletePublicAccessBlock", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    s.store
+        .set_bucket_setting(t, &req.input.bucket, PUBLIC_ACCESS_BLOCK, None)
+        .await
+        .map_err(to_s3)?;
+    let mut r = S3Response::new(DeletePublicAccessBlockOutput {});
+    r.status = Some(http::StatusCode::NO_CONTENT);
+    Ok(r)
+}

@@ -198,6 +198,12 @@ mod tests {
         async fn delete_bucket(&self, t: TenantId, id: BucketId) -> Result<()> {
             self.inner.delete_bucket(t, id).await
         }
+        async fn bucket_setting(&self, b: BucketId, kind: &str) -> Result<Option<String>> {
+            self.inner.bucket_setting(b, kind).await
+        }
+        async fn set_bucket_setting(&self, b: BucketId, k: &str, v: Option<&str>) -> Result<()> {
+            self.inner.set_bucket_setting(b, k, v).await
+        }
         async fn upsert_node(&self, n: &NodeRecord) -> Result<()> {
             self.inner.upsert_node(n).await
         }

@@ -378,6 +378,37 @@ assert code(e) == "InvalidTag", e.response
 e = err(s3.put_object_tagging, Bucket="compat", Key="no-such-key", Tagging={"TagSet": []})
 assert code(e) == "NoSuchKey", e.response
 
+check("bucket tagging and the public access block: stored, answered, deleted with the bucket")
+e = err(s3.get_bucket_tagging, Bucket="compat")
+assert (status(e), code(e)) == (404, "NoSuchTagSet"), e.response
+s3.put_bucket_tagging(Bucket="compat", Tagging={"TagSet": [{"Key": "team", "Value": "web"},
+                                                          {"Key": "env", "Value": "prod"}]})
+tags = s3.get_bucket_tagging(Bucket="compat")["TagSet"]
+assert tags == [{"Key": "team", "Value": "web"}, {"Key": "env", "Value": "prod"}], tags
+e = err(s3.put_bucket_tagging, Bucket="compat",
+        Tagging={"TagSet": [{"Key": f"k{i}", "Value": "v"} for i in range(51)]})
+assert code(e) == "InvalidTag", e.response
+s3.delete_bucket_tagging(Bucket="compat")
+assert code(err(s3.get_bucket_tagging, Bucket="compat")) == "NoSuchTagSet"
+e = err(s3.get_public_access_block, Bucket="compat")
+assert (status(e), code(e)) == (404, "NoSuchPublicAccessBlockConfiguration"), e.response
+pab = {"BlockPublicAcls": True, "IgnorePublicAcls": True, "BlockPublicPolicy": False,
+       "RestrictPublicBuckets": True}
+s3.put_public_access_block(Bucket="compat", PublicAccessBlockConfiguration=pab)
+assert s3.get_public_access_block(Bucket="compat")["PublicAccessBlockConfiguration"] == pab
+# Whatever the flags say, nothing is public: an anonymous read is still refused.
+st, _, _ = raw("GET", "/compat/pre", sign=False)
+assert st == 403, st
+s3.delete_public_access_block(Bucket="compat")
+assert code(err(s3.get_public_access_block, Bucket="compat")) == "NoSuchPublicAccessBlockConfiguration"
+s3.create_bucket(Bucket="settings-gone")
+s3.put_bucket_tagging(Bucket="settings-gone", Tagging={"TagSet": [{"Key": "a", "Value": "b"}]})
+s3.delete_bucket(Bucket="settings-gone")
+assert code(err(s3.get_bucket_tagging, Bucket="settings-gone")) == "NoSuchBucket"
+s3.create_bucket(Bucket="settings-gone")
+assert code(err(s3.get_bucket_tagging, Bucket="settings-gone")) == "NoSuchTagSet", "tags outlived the bucket"
+assert code(err(s3.get_bucket_tagging, Bucket="no-such-bucket-xyz")) == "NoSuchBucket"
+
 check("GetObject and HeadObject with partNumber")
 part1, part2 = os.urandom(5 << 20), os.urandom(1000)
 uid = s3.create_multipart_upload(Bucket="compat", Key="parts")["UploadId"]

@@ -121,7 +121,28 @@ async fn suite(cat: &SqlCatalog) {
         .map(|b| b.name)
         .collect();
     assert_eq!(names, ["archive", "logs"]);
+    // Bucket settings: set, replaced, removed, and gone with their bucket.
+    assert_eq!(cat.bucket_setting(ba.id, "tagging").await.unwrap(), None);
+    cat.set_bucket_setting(ba.id, "tagging", Some("[1]"))
+        .await
+        .unwrap();
+    cat.set_bucket_setting(ba.id, "tagging", Some("[2]"))
+        .await
+        .unwrap();
+    cat.set_bucket_setting(ba.id, "other", Some("{}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        cat.bucket_setting(ba.id, "tagging")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("[2]")
+    );
+    cat.set_bucket_setting(ba.id, "other", None).await.unwrap();
+    assert_eq!(cat.bucket_setting(ba.id, "other").await.unwrap(), None);
     cat.delete_bucket(a.id, ba.id).await.unwrap();
+    assert_eq!(cat.bucket_setting(ba.id, "tagging").await.unwrap(), None);
     assert!(cat.bucket(a.id, "logs").await.unwrap().is_none());
     assert!(cat.bucket(b.id, "logs").await.unwrap().is_some());
 
