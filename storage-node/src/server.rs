@@ -288,11 +288,8 @@ impl Node {
 
         let ready = Arc::new(AtomicBool::new(false));
 
-        let mut builder = S3ServiceBuilder::new(GranaryS3::new(
-            store.clone(),
-            auth.clone(),
-            config.region.clone(),
-        ));
+        let granary_s3 = GranaryS3::new(store.clone(), auth.clone(), config.region.clone());
+        let mut builder = S3ServiceBuilder::new(granary_s3.clone());
         builder.set_auth(TenantKeys(auth.clone()));
         builder.set_host(crate::s3::Domains(config.s3_domains.clone()));
         builder.set_config(Arc::new(s3s::config::StaticConfigProvider::new(Arc::new(
@@ -319,6 +316,7 @@ impl Node {
             config.s3_domains.clone(),
             (replicator.clone(), barrier_wait),
             budget.clone(),
+            granary_s3,
         );
 
         let kv_state = kv::KvState {

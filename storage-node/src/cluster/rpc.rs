@@ -442,6 +442,17 @@ async fn require_peer(State(c): State<Cluster>, req: Request, next: Next) -> Res
 // ---- copy sources on another node ----
 
 const OBJECT_HEAD: &str = "x-granary-object";
+
+/// A copy source's record as it travels between nodes: the record's JSON with its
+/// extension fields (tags, part sizes, checksum) beside it, as they are not part of the
+/// record's serde form. A peer from before them ignores `ext`; one without it sends none.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RemoteHead {
+    #[serde(flatten)]
+    rec: crate::model::object::ObjectRecord,
+    #[serde(default)]
+    ext: crate::model::object::ObjectExt,
+}
 const OBJECT_RANGE: &str = "x-granary-range";
 const OBJECT_ERROR: &str = "x-granary-error";
 const OBJECT_SIZE: &str = "x-granary-size";
@@ -524,7 +535,10 @@ async fn object(
         bytes: Vec::new(),
         crc: 0,
     };
-    let head = match serde_json::to_vec(&rec) {
+    let head = match serde_json::to_vec(&RemoteHead {
+        ext: rec.ext.clone(),
+        rec,
+    }) {
         Ok(j) => base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, j),
         Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()),
     };
@@ -635,12 +649,14 @@ async fn read_remote(
             )))));
         }
     }
-    let rec: crate::model::object::ObjectRecord = text(OBJECT_HEAD)
+    let head: RemoteHead = text(OBJECT_HEAD)
         .and_then(|h| {
             base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, h).ok()
         })
         .and_then(|j| serde_json::from_slice(&j).ok())
         .ok_or_else(|| unavailable("the copy source's record did not decode".into()))?;
+    let mut rec = head.rec;
+    rec.ext = head.ext;
     let r = text(OBJECT_RANGE)
         .and_then(|r| {
             let (a, b) = r.split_once('-')?;

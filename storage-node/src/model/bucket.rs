@@ -88,19 +88,16 @@ impl Store {
             return Err(Error::BucketNotEmpty);
         }
         // S3 aborts a bucket's multipart uploads in progress with the bucket: no new
-        // one can start now, so this ends. A failure or crash here leaves a dead
-        // bucket that a retried DeleteBucket finishes.
-        self.abort_uploads_under(gone.clone()).await?;
+        // one can start now, so this ends. If it fails (an upload record that does not
+        // decode), the bucket takes writes again and the error is answered; a crash
+        // here leaves a dead bucket that a retried DeleteBucket finishes.
+        if let Err(e) = self.abort_uploads_under(gone.clone()).await {
+            self.lift_tombstone(gone).await;
+            return Err(e);
+        }
         if let Err(e) = self.inner.catalog.delete_bucket(tenant, b.id).await {
             // The bucket stays: writes into it are allowed again.
-            let _ = self
-                .inner
-                .engine
-                .write(vec![], move |ctx| {
-                    ctx.txn.open_table(DEAD_BUCKETS)?.remove(gone.as_slice())?;
-                    Ok(())
-                })
-                .await;
+            self.lift_tombstone(gone).await;
             return Err(e.into());
         }
         self.bucket_changed(tenant, name, None).await;
@@ -132,6 +129,23 @@ impl Store {
             .catalog
             .set_bucket_setting(b.id, kind, value)
             .await?)
+    }
+
+    /// Removes the tombstone of the bucket `prefix` (a delete that did not finish).
+    async fn lift_tombstone(&self, prefix: Vec<u8>) {
+        let r = self
+            .inner
+            .engine
+            .write(vec![], move |ctx| {
+                ctx.txn
+                    .open_table(DEAD_BUCKETS)?
+                    .remove(prefix.as_slice())?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "a failed DeleteBucket could not lift its tombstone");
+        }
     }
 
     /// Aborts every upload under the bucket `prefix`, freeing their parts, in group

@@ -464,10 +464,23 @@ impl Store {
                     None => None,
                 };
                 drop(part_sums);
-                if let (Some(declared), Some(c)) = (&declared_checksum, &checksum)
-                    && declared.trim() != c.value
-                {
-                    return Ok(Err(Error::BadChecksum(c.algorithm.name())));
+                match (&declared_checksum, &checksum) {
+                    (Some(_), None) => {
+                        return Ok(Err(Error::Invalid(
+                            "a checksum was sent for an upload created without a checksum \
+                             algorithm (or whose parts have none)"
+                                .into(),
+                        )));
+                    }
+                    // A COMPOSITE value may be sent with or without its `-N`.
+                    (Some(declared), Some(c))
+                        if declared.trim() != c.value
+                            && c.value.rsplit_once('-').map(|(v, _)| v)
+                                != Some(declared.trim()) =>
+                    {
+                        return Ok(Err(Error::BadChecksum(c.algorithm.name())));
+                    }
+                    _ => {}
                 }
                 let mut objects = ctx.txn.open_table(OBJECTS)?;
                 let current = match objects.get(okey.as_slice())? {

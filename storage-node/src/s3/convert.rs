@@ -249,9 +249,16 @@ const CHECKSUM_HEADERS: [(&str, ChecksumAlgorithm); 5] = [
 /// `x-amz-sdk-checksum-algorithm` (or the upload, for a part) asks for one.
 pub fn checksum_check<T>(req: &S3Request<T>) -> S3Result<Option<ChecksumCheck>> {
     let h = &req.headers;
-    let mut given = CHECKSUM_HEADERS
-        .iter()
-        .filter_map(|(name, a)| Some((*a, h.get(*name)?.to_str().ok()?.to_string())));
+    let mut values = Vec::new();
+    for (name, a) in CHECKSUM_HEADERS {
+        if let Some(v) = h.get(name) {
+            let v = v.to_str().map_err(|_| {
+                S3Error::with_message(S3ErrorCode::InvalidRequest, format!("{name} is not valid"))
+            })?;
+            values.push((a, v.to_string()));
+        }
+    }
+    let mut given = values.into_iter();
     if let Some((algorithm, value)) = given.next() {
         if given.next().is_some() {
             return Err(S3Error::with_message(

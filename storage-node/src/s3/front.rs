@@ -25,6 +25,8 @@ pub struct S3Front {
     budget: MemoryBudget,
     /// Random per process: the opaque part of each answer's `x-amz-id-2`.
     host_token: [u8; 12],
+    /// Form uploads (POST Object) bypass s3s, which would buffer the file.
+    post: super::GranaryS3,
 }
 
 /// Largest XML request body s3s reads (`s3_limits` in server.rs).
@@ -38,6 +40,7 @@ impl S3Front {
         domains: Vec<String>,
         replication: (Replicator, Duration),
         budget: MemoryBudget,
+        post: super::GranaryS3,
     ) -> Self {
         Self {
             s3,
@@ -47,6 +50,7 @@ impl S3Front {
             replication,
             budget,
             host_token: rand::random(),
+            post,
         }
     }
 
@@ -124,13 +128,20 @@ impl S3Front {
             }
             // An XML body is read whole by s3s (once the head's signature checks out): it
             // reserves its bytes first, and is refused at once when they are not there.
-            let xml_hold = if self.xml_body(&parts) {
+            // So do a form upload's fields, read before its policy can be checked.
+            let form = super::post::is_form_post(&parts);
+            let xml_hold = if form || self.xml_body(&parts) {
                 let declared = parts
                     .headers
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
                     .unwrap_or(XML_MAX);
-                match self.budget.try_reserve(declared.min(XML_MAX)) {
+                let want = if form {
+                    super::post::FIELDS_MAX
+                } else {
+                    declared.min(XML_MAX)
+                };
+                match self.budget.try_reserve(want) {
                     Some(r) => Some(r),
                     None => {
                         slot.set("SlowDown");
@@ -147,12 +158,31 @@ impl S3Front {
                 None
             };
             let method = parts.method.clone();
-            let mut req = http::Request::from_parts(parts, body);
-            req.extensions_mut().insert(slot.clone());
             // Anything but a read may write: the partitions it reaches must accept writes
             // (checked after authentication, on each bucket the request touches).
             let write = !matches!(method, http::Method::GET | http::Method::HEAD);
-            let (resp, touched) = crate::model::tracking_partitions(write, self.s3.call(req)).await;
+            let (resp, touched) = if form {
+                slot.set("PostObject");
+                let span = tracing::Span::current();
+                span.record("operation", "PostObject");
+                let bucket = bucket.unwrap_or_default();
+                span.record("bucket", bucket.as_str());
+                let post = async {
+                    Ok(
+                        match super::post::handle(&self.post, &parts, &bucket, body).await {
+                            Ok(r) => r,
+                            Err(super::post::Refusal(status, code, message)) => {
+                                s3_error_response(status, code, &message)
+                            }
+                        },
+                    )
+                };
+                crate::model::tracking_partitions(true, post).await
+            } else {
+                let mut req = http::Request::from_parts(parts, body);
+                req.extensions_mut().insert(slot.clone());
+                crate::model::tracking_partitions(write, self.s3.call(req)).await
+            };
             // s3s is done with the body: its bytes go back before the barrier's wait.
             drop(xml_hold);
             let (replicator, wait) = &self.replication;
@@ -193,7 +223,9 @@ impl S3Front {
         // An error may come before the request body was read (a failed precondition, a
         // refused upload): the connection closes after it rather than being reused
         // with unread body bytes in it.
-        if has_body && resp.status().as_u16() >= 400 {
+        // (Not on the hop from a forwarding node: that node closes its client's
+        // connection itself, and keeps its pooled connection to this one.)
+        if has_body && !forwarded && resp.status().as_u16() >= 400 {
             resp.headers_mut().insert(
                 http::header::CONNECTION,
                 http::HeaderValue::from_static("close"),
@@ -406,27 +438,11 @@ fn presign_refusal(query: &str, now: i64) -> Option<(http::StatusCode, &'static 
 }
 
 /// Refusals decided from the request head alone, before any body byte is read:
-/// - POST Object (an HTML-form upload, `multipart/form-data`): not supported yet, and
-///   s3s would buffer the file part before any authorization check.
-/// - Requests without any signature (no `Authorization` header, no presigned-URL
-///   signature): Granary serves no anonymous S3 access, so nothing is read for them.
+/// requests without any signature (no `Authorization` header, no presigned-URL
+/// signature, and not a form upload, whose signature is in its fields): Granary serves
+/// no anonymous S3 access, so nothing is read for them.
 fn refuse_before_body(parts: &http::request::Parts) -> Option<http::Response<s3s::Body>> {
-    let is_form = parts
-        .headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("multipart/form-data")
-        });
-    if parts.method == http::Method::POST && is_form {
-        return Some(s3_error_response(
-            http::StatusCode::NOT_IMPLEMENTED,
-            "NotImplemented",
-            "POST Object (HTML form upload) is not supported; use PUT Object or a presigned PUT URL",
-        ));
-    }
+    let is_form = super::post::is_form_post(parts);
     let presigned = parts.uri.query().is_some_and(|q| {
         q.split('&').any(|p| {
             let name = p.split_once('=').map_or(p, |(k, _)| k);
@@ -434,7 +450,7 @@ fn refuse_before_body(parts: &http::request::Parts) -> Option<http::Response<s3s
             name == "X-Amz-Signature" || name == "Signature"
         })
     });
-    if !presigned && !parts.headers.contains_key(http::header::AUTHORIZATION) {
+    if !presigned && !is_form && !parts.headers.contains_key(http::header::AUTHORIZATION) {
         return Some(s3_error_response(
             http::StatusCode::FORBIDDEN,
             "AccessDenied",

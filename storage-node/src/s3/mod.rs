@@ -8,6 +8,7 @@ mod error;
 pub mod front;
 mod multipart;
 mod object;
+pub mod post;
 
 use async_trait::async_trait;
 use s3s::auth::{S3Auth, SecretKey};

@@ -100,6 +100,13 @@ fn read_checksum(
     o.ext.checksum.as_ref().filter(|_| mode && whole)
 }
 
+/// Whether an answer carries the whole object, so that the object's checksum describes
+/// it: no Range, or part 1 of an object stored in one part (a part of a multipart
+/// object is not described by the object's checksum, whatever its range).
+fn answers_whole(o: &ObjectRecord, ranged: bool, by_part: bool, r: &std::ops::Range<u64>) -> bool {
+    !ranged || (by_part && o.ext.part_sizes.is_empty() && r.start == 0 && r.end == o.size)
+}
+
 fn tag_count(o: &ObjectRecord) -> Option<i32> {
     (!o.ext.tags.is_empty()).then_some(o.ext.tags.len() as i32)
 }
@@ -151,8 +158,9 @@ pub async fn get_object(
     let mut out = GetObjectOutput {
         body: Some(StreamingBlob::wrap(body.stream)),
         content_length: Some(body.len as i64),
-        content_range: ranged
-            .then(|| format!("bytes {}-{}/{}", r.start, r.end.saturating_sub(1), o.size)),
+        // An empty part (or empty object) has no byte range to name: 200, not 206.
+        content_range: (ranged && r.end > r.start)
+            .then(|| format!("bytes {}-{}/{}", r.start, r.end - 1, o.size)),
         accept_ranges: Some("bytes".to_string()),
         e_tag: Some(convert::etag(&o.etag)),
         last_modified: Some(timestamp(o.last_modified)),
@@ -173,16 +181,12 @@ pub async fn get_object(
         tag_count: tag_count(&o),
         ..Default::default()
     };
-    let whole = !ranged || (by_part && r.start == 0 && r.end == o.size);
+    let whole = answers_whole(&o, ranged, by_part, &r);
     convert::set_checksums!(
         out,
         read_checksum(&o, checksum_mode(&i.checksum_mode), whole)
     );
-    let mut resp = S3Response::new(out);
-    if ranged {
-        resp.status = Some(http::StatusCode::PARTIAL_CONTENT);
-    }
-    Ok(resp)
+    Ok(S3Response::new(out))
 }
 
 pub async fn head_object(
@@ -204,28 +208,19 @@ pub async fn head_object(
         .await
         .map_err(to_s3)?;
     cond.check_read(&o).map_err(to_s3)?;
+    let by_part = i.part_number.is_some();
     let range = requested_range(i.range, i.part_number)?;
     let ranged = range.is_some();
-    let (len, content_range) = match range {
-        Some(r) => {
-            let r = match r {
-                crate::model::object::ByteRange::Part(n) => {
-                    crate::model::object::part_range(&o, n).map_err(to_s3)?
-                }
-                r => r.resolve(o.size).map_err(to_s3)?,
-            };
-            (
-                r.end - r.start,
-                Some(format!(
-                    "bytes {}-{}/{}",
-                    r.start,
-                    r.end.saturating_sub(1),
-                    o.size
-                )),
-            )
+    let r = match range {
+        Some(crate::model::object::ByteRange::Part(n)) => {
+            crate::model::object::part_range(&o, n).map_err(to_s3)?
         }
-        None => (o.size, None),
+        Some(r) => r.resolve(o.size).map_err(to_s3)?,
+        None => 0..o.size,
     };
+    let len = r.end - r.start;
+    let content_range =
+        (ranged && len > 0).then(|| format!("bytes {}-{}/{}", r.start, r.end - 1, o.size));
     let m = &o.meta;
     let mut out = HeadObjectOutput {
         content_length: Some(len as i64),
@@ -243,13 +238,14 @@ pub async fn head_object(
         parts_count: parts_count(&o),
         ..Default::default()
     };
-    let whole = !ranged || len == o.size;
+    let whole = answers_whole(&o, ranged, by_part, &r);
+    let partial = out.content_range.is_some();
     convert::set_checksums!(
         out,
         read_checksum(&o, checksum_mode(&i.checksum_mode), whole)
     );
     let mut resp = S3Response::new(out);
-    if ranged {
+    if partial {
         resp.status = Some(http::StatusCode::PARTIAL_CONTENT);
     }
     Ok(resp)
@@ -470,7 +466,8 @@ pub async fn get_object_attributes(
         out.checksum = Some(sum);
     }
     if want(ObjectAttributes::OBJECT_PARTS) && !o.ext.part_sizes.is_empty() {
-        let max = convert::max_keys(i.max_parts, 1000)?;
+        // max-parts=0 would answer a truncated page with no marker to continue from.
+        let max = convert::max_keys(i.max_parts.filter(|n| *n != 0), 1000)?;
         let marker = i.part_number_marker.unwrap_or(0).max(0) as usize;
         let total = o.ext.part_sizes.len();
         let parts: Vec<ObjectPart> = o

@@ -94,6 +94,36 @@ pub fn parse_authorization(v: &str) -> Result<Authorization<'_>, SigError> {
     })
 }
 
+/// The SigV4 signing key of a secret for one day, region and service.
+pub fn signing_key(secret: &str, date: &str, region: &str, service: &str) -> Vec<u8> {
+    let mut key = hmac(format!("AWS4{secret}").as_bytes(), date.as_bytes());
+    key = hmac(&key, region.as_bytes());
+    key = hmac(&key, service.as_bytes());
+    hmac(&key, b"aws4_request")
+}
+
+/// Whether `signature` (hex) is the SigV4 signature of a POST policy (its base64 text
+/// is the string to sign) under the signing key of `secret`, `date`, `region`, `service`.
+/// Compared in constant time.
+pub fn verify_policy(
+    secret: &str,
+    date: &str,
+    region: &str,
+    service: &str,
+    policy_b64: &str,
+    signature: &str,
+) -> bool {
+    let key = signing_key(secret, date, region, service);
+    let Ok(expected) = hex::decode(signature) else {
+        return false;
+    };
+    let Ok(mut m) = <HmacSha256 as Mac>::new_from_slice(&key) else {
+        return false;
+    };
+    m.update(policy_b64.as_bytes());
+    m.verify_slice(&expected).is_ok()
+}
+
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     m.update(data);
@@ -273,10 +303,7 @@ pub fn verify_with_payload_hash(
         "{}/{}/{}/aws4_request",
         auth.date, auth.region, auth.service
     );
-    let mut key = hmac(format!("AWS4{secret}").as_bytes(), auth.date.as_bytes());
-    key = hmac(&key, auth.region.as_bytes());
-    key = hmac(&key, auth.service.as_bytes());
-    key = hmac(&key, b"aws4_request");
+    let key = signing_key(secret, auth.date, auth.region, auth.service);
     let query = canonical_query(req.query);
     let path = if req.raw_path.is_empty() {
         "/"

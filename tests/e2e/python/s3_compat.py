@@ -502,4 +502,84 @@ for algo, kind in (("CRC32", "FULL_OBJECT"), ("SHA256", "COMPOSITE")):
             ChecksumType="FULL_OBJECT")
     assert code(e) == "InvalidRequest", e.response
 
+# --- POST Object: browser form uploads -------------------------------------------
+import urllib3
+
+
+def form_post(bucket, fields, data, filename="up.bin", file_first=False):
+    parts = list(fields.items())
+    filepart = ("file", (filename, data, "application/octet-stream"))
+    parts = [filepart] + parts if file_first else parts + [filepart]
+    body, ctype = urllib3.encode_multipart_formdata(parts)
+    conn = http.client.HTTPConnection(HOST, timeout=60)
+    conn.request("POST", f"/{bucket}", body=body, headers={"Content-Type": ctype})
+    r = conn.getresponse()
+    b = r.read()
+    conn.close()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, b
+
+
+check("POST Object: signed policy, conditions, success status, redirect, size range")
+post = s3.generate_presigned_post("compat", "forms/${filename}",
+                                  Conditions=[["starts-with", "$key", "forms/"],
+                                              ["content-length-range", 1, 1 << 20]],
+                                  ExpiresIn=300)
+data = os.urandom(100_000)
+st, h, b = form_post("compat", post["fields"], data, filename="a.bin")
+assert st == 204, (st, b)
+assert s3.get_object(Bucket="compat", Key="forms/a.bin")["Body"].read() == data
+assert h["etag"] == '"' + hashlib.md5(data).hexdigest() + '"', h
+# 201 with a PostResponse document.
+post = s3.generate_presigned_post("compat", "forms/created", Fields={"success_action_status": "201"},
+                                  Conditions=[{"success_action_status": "201"}], ExpiresIn=300)
+st, h, b = form_post("compat", post["fields"], b"created")
+assert st == 201 and text(xml(b), "Key") == "forms/created", (st, b)
+assert text(xml(b), "Bucket") == "compat", b
+# A redirect.
+post = s3.generate_presigned_post("compat", "forms/redir",
+                                  Fields={"success_action_redirect": "http://example.invalid/done"},
+                                  Conditions=[{"success_action_redirect": "http://example.invalid/done"}],
+                                  ExpiresIn=300)
+st, h, b = form_post("compat", post["fields"], b"r")
+assert st == 303 and h["location"].startswith("http://example.invalid/done?bucket=compat&key=forms%2Fredir&etag="), (st, h)
+# Too large for the policy's range: refused, nothing stored.
+post = s3.generate_presigned_post("compat", "forms/big", Conditions=[["content-length-range", 1, 1000]],
+                                  ExpiresIn=300)
+st, _, b = form_post("compat", post["fields"], os.urandom(5000))
+assert st == 400 and text(xml(b), "Code") == "EntityTooLarge", (st, b)
+assert status(err(s3.head_object, Bucket="compat", Key="forms/big")) == 404
+st, _, b = form_post("compat", post["fields"], b"")
+assert st == 400 and text(xml(b), "Code") == "EntityTooSmall", (st, b)
+# A key outside the policy's prefix, a field the policy does not cover, a bad
+# signature, an expired policy, no policy at all.
+post = s3.generate_presigned_post("compat", "forms/x", Conditions=[["starts-with", "$key", "forms/"]],
+                                  ExpiresIn=300)
+f = dict(post["fields"], key="elsewhere/x")
+st, _, b = form_post("compat", f, b"x")
+assert st == 403 and text(xml(b), "Code") == "AccessDenied", (st, b)
+f = dict(post["fields"], **{"x-amz-meta-sneaky": "1"})
+st, _, b = form_post("compat", f, b"x")
+assert st == 403 and "Extra input fields" in text(xml(b), "Message"), (st, b)
+f = dict(post["fields"], **{"x-amz-signature": "0" * 64})
+st, _, b = form_post("compat", f, b"x")
+assert st == 403 and text(xml(b), "Code") == "SignatureDoesNotMatch", (st, b)
+old = s3.generate_presigned_post("compat", "forms/old", ExpiresIn=1)
+time.sleep(2.1)
+st, _, b = form_post("compat", old["fields"], b"x")
+assert st == 403 and "expired" in text(xml(b), "Message").lower(), (st, b)
+st, _, b = form_post("compat", {"key": "forms/anon"}, b"x")
+assert st == 403 and text(xml(b), "Code") == "AccessDenied", (st, b)
+# Fields before the file are bounded (held in memory before the policy is checked).
+f = dict(post["fields"], **{"x-ignore-pad": "p" * (300 * 1024)})
+st, _, b = form_post("compat", f, b"x")
+assert st == 400 and text(xml(b), "Code") == "MaxPostPreDataLengthExceeded", (st, b)
+for k in ("forms/x", "forms/anon", "forms/old"):
+    assert status(err(s3.head_object, Bucket="compat", Key=k)) == 404, k
+# A large file streams through.
+post = s3.generate_presigned_post("compat", "forms/large", ExpiresIn=300)
+large = os.urandom(24 << 20)
+st, _, b = form_post("compat", post["fields"], large)
+assert st == 204, (st, b)
+assert s3.head_object(Bucket="compat", Key="forms/large")["ContentLength"] == len(large)
+
 print("s3 compatibility: all checks passed")
