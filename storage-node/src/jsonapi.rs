@@ -50,6 +50,17 @@ impl ApiError {
         }
     }
 
+    /// 503 `SlowDown` for a request over its tenant's rate limit; the answer carries
+    /// `Retry-After` (seconds) and `retryAfterSeconds` in its body.
+    pub fn slow_down(th: &crate::tenancy::rate::Throttled) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "SlowDown",
+            message: format!("the tenant's {} rate limit is reached", th.limit),
+            extra: Some(("retryAfterSeconds", json!(th.retry_after_secs()))),
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "InvalidArgument", message)
     }
@@ -67,10 +78,19 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({"error": self.code, "message": self.message});
+        let retry_after = match &self.extra {
+            Some(("retryAfterSeconds", v)) => v.as_u64(),
+            _ => None,
+        };
         if let Some((k, v)) = self.extra {
             body[k] = v;
         }
-        (self.status, Json(body)).into_response()
+        let mut r = (self.status, Json(body)).into_response();
+        if let Some(s) = retry_after {
+            r.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        r
     }
 }
 

@@ -255,6 +255,25 @@ impl Node {
         } = self;
         // Registered, heartbeating and holding a layout before any listener answers.
         let cluster_task = cluster.start(shutdown.clone()).await?;
+        // Each node admits 1/N of every tenant's rate limits, N the nodes not failed.
+        tokio::spawn({
+            let (cluster, limits, mut shutdown) =
+                (cluster.clone(), auth.limits().clone(), shutdown.clone());
+            async move {
+                loop {
+                    let serving = cluster
+                        .nodes()
+                        .iter()
+                        .filter(|v| v.state != crate::cluster::NodeState::Failed)
+                        .count();
+                    limits.set_nodes(u32::try_from(serving).unwrap_or(u32::MAX));
+                    tokio::select! {
+                        _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+                        _ = shutdown.wait_for(|v| *v) => return,
+                    }
+                }
+            }
+        });
         let replicator = crate::cluster::replication::Replicator::new(
             cluster.clone(),
             store.engine().clone(),

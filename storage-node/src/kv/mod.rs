@@ -440,6 +440,11 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
     let ns = String::from_utf8(decode(&ns)?)
         .map_err(|_| ApiError::bad_request("namespace must be UTF-8"))?;
     let (tenant, body, _body_hold) = authenticate(st, &parts, body).await?;
+    st.auth
+        .limits()
+        .admit(tenant, body.len() as u64)
+        .await
+        .map_err(|th| ApiError::slow_down(&th))?;
     let span = tracing::Span::current();
     span.record("tenant", tracing::field::display(tenant));
     span.record("bucket", ns.as_str());
@@ -454,6 +459,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                 .await?
                 .ok_or_else(|| ApiError::from(crate::model::Error::NoSuchKey))?;
             span.record("bytes", e.value.len());
+            st.auth.limits().charge(tenant, e.value.len() as u64);
             let mut r = Response::new(if parts.method == Method::HEAD {
                 Body::empty()
             } else {

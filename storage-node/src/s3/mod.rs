@@ -50,8 +50,50 @@ impl GranaryS3 {
             .map_err(|e| to_s3(e.into()))?
             .ok_or_else(|| s3_error!(InvalidAccessKeyId))?;
         tracing::Span::current().record("tenant", tracing::field::display(t));
+        let body = if matches!(req.method, http::Method::PUT | http::Method::POST) {
+            declared_body(&req.headers)
+        } else {
+            0
+        };
+        self.auth
+            .limits()
+            .admit(t, body)
+            .await
+            .map_err(|th| slow_down(&th))?;
         Ok(t)
     }
+}
+
+/// The body bytes a request announces (`x-amz-decoded-content-length` for an
+/// `aws-chunked` body, else `Content-Length`).
+pub(crate) fn declared_body(h: &http::HeaderMap) -> u64 {
+    ["x-amz-decoded-content-length", "content-length"]
+        .iter()
+        .find_map(|n| h.get(*n)?.to_str().ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 503 `SlowDown` with `Retry-After`, for a request over its tenant's rate limit.
+pub(crate) fn slow_down(th: &crate::tenancy::rate::Throttled) -> s3s::S3Error {
+    let mut e = s3s::S3Error::with_message(
+        s3s::S3ErrorCode::SlowDown,
+        format!(
+            "the tenant's {} rate limit is reached; retry after {} s",
+            th.limit,
+            th.retry_after_secs()
+        ),
+    );
+    let mut h = http::HeaderMap::new();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/xml"),
+    );
+    h.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(th.retry_after_secs()),
+    );
+    e.set_headers(h);
+    e
 }
 
 /// Verifies signatures with the tenants' access keys from the catalog.

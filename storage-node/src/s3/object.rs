@@ -154,6 +154,7 @@ pub async fn get_object(
         .await
         .map_err(to_s3)?;
     tracing::Span::current().record("bytes", body.len);
+    s.auth.limits().charge(t, body.len);
     let m = &o.meta;
     let mut out = GetObjectOutput {
         body: Some(StreamingBlob::wrap(body.stream)),

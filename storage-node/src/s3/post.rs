@@ -99,6 +99,7 @@ pub async fn handle(
     };
 
     let tenant = authenticate(s3, &fields).await?;
+    admit(s3, tenant, super::declared_body(&parts.headers)).await?;
     let (min, max) = check_policy(&fields, bucket)?;
 
     let file_name = file.file_name().unwrap_or_default().to_string();
@@ -302,6 +303,21 @@ async fn authenticate(
     }
     tracing::Span::current().record("tenant", tracing::field::display(creds.tenant_id));
     Ok(creds.tenant_id)
+}
+
+/// The tenant's rate limits, for a form of `bytes`.
+async fn admit(s3: &GranaryS3, tenant: crate::types::TenantId, bytes: u64) -> Result<(), Refusal> {
+    s3.auth.limits().admit(tenant, bytes).await.map_err(|th| {
+        Refusal(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "SlowDown",
+            format!(
+                "the tenant's {} rate limit is reached; retry after {} s",
+                th.limit,
+                th.retry_after_secs()
+            ),
+        )
+    })
 }
 
 /// Checks the policy's expiry and conditions against the form; answers the allowed size

@@ -3,6 +3,7 @@
 //! others). Quotas, rate limits and I/O scheduling will live here as well.
 
 pub mod budget;
+pub mod rate;
 pub mod sigv4;
 
 use std::collections::HashMap;
@@ -32,16 +33,24 @@ pub struct Authenticator {
     epoch: Arc<AtomicU64>,
     /// Access key ids the catalog did not know, with when it was asked.
     unknown: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
+    /// The tenants' rate limits, checked once a request's tenant is known.
+    limits: rate::RateLimits,
 }
 
 impl Authenticator {
     pub fn new(catalog: Arc<dyn Catalog>) -> Self {
         Self {
+            limits: rate::RateLimits::new(catalog.clone()),
             catalog,
             cache: Arc::default(),
             epoch: Arc::default(),
             unknown: Arc::default(),
         }
+    }
+
+    /// The tenants' rate limits (see [`rate`]).
+    pub fn limits(&self) -> &rate::RateLimits {
+        &self.limits
     }
 
     /// The live credentials for an access key id, or None if unknown or revoked.

@@ -1,0 +1,248 @@
+//! Per-tenant rate limits: the Tenant's QoS `requestsPerSecond` and
+//! `bandwidthBytesPerSecond` (bytes read and written), as token buckets.
+//!
+//! - Each bucket refills at its rate and holds at most one second of it, so over any
+//!   window of T seconds a tenant is admitted at most `rate x (T + 1)`.
+//! - A request is admitted while its tenant has a request token and a non-negative
+//!   byte balance; its declared body bytes (and, for reads, the bytes it answers with)
+//!   are then taken, so one large transfer may take the balance below zero and the
+//!   next requests wait until it is paid back: the long-run rate holds.
+//! - A refused request gets S3 `SlowDown` (KV: `SlowDown`) with `Retry-After`, the
+//!   seconds until a token is there again, and consumes nothing.
+//! - On a cluster each node admits `1/N` of each limit, N the nodes that serve: the
+//!   tenant's aggregate stays within its limit however its requests spread, at the
+//!   cost that a tenant whose requests all reach one node gets `1/N` of its limit there.
+//! - A Tenant's QoS is read from the catalog at most every [`SPEC_TTL`]: a changed limit
+//!   takes effect within that time. A catalog that cannot be read admits (limits are
+//!   not a security boundary; quotas and authentication are).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::catalog::Catalog;
+use crate::types::TenantId;
+
+/// How long a Tenant's QoS is used before it is read again.
+pub const SPEC_TTL: Duration = Duration::from_secs(5);
+
+/// A refused request: retry after this long.
+#[derive(Debug)]
+pub struct Throttled {
+    pub retry_after: Duration,
+    /// Which limit: `requests` or `bytes`.
+    pub limit: &'static str,
+}
+
+impl Throttled {
+    /// `Retry-After` in whole seconds (at least 1).
+    pub fn retry_after_secs(&self) -> u64 {
+        self.retry_after.as_secs_f64().ceil().max(1.0) as u64
+    }
+}
+
+#[derive(Clone)]
+pub struct RateLimits {
+    catalog: Arc<dyn Catalog>,
+    tenants: Arc<std::sync::Mutex<HashMap<TenantId, Limiter>>>,
+    /// The nodes that serve: each admits 1/N of every limit.
+    nodes: Arc<AtomicU32>,
+}
+
+struct Limiter {
+    /// (requests/s, bytes/s) as last read, and when.
+    limits: (Option<u64>, Option<u64>),
+    read_at: Instant,
+    requests: Bucket,
+    bytes: Bucket,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: Option<f64>) -> Self {
+        Bucket {
+            tokens: rate.unwrap_or(0.0),
+            at: Instant::now(),
+        }
+    }
+
+    /// Refills at `rate` per second, up to one second's worth.
+    fn refill(&mut self, rate: f64, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + rate * dt).min(rate);
+        self.at = now;
+    }
+}
+
+impl RateLimits {
+    pub fn new(catalog: Arc<dyn Catalog>) -> Self {
+        Self {
+            catalog,
+            tenants: Arc::default(),
+            nodes: Arc::new(AtomicU32::new(1)),
+        }
+    }
+
+    /// Sets the number of nodes sharing each tenant's limits.
+    pub fn set_nodes(&self, n: u32) {
+        self.nodes.store(n.max(1), Ordering::Relaxed);
+    }
+
+    fn share(&self, limit: Option<u64>) -> Option<f64> {
+        limit.map(|l| l as f64 / f64::from(self.nodes.load(Ordering::Relaxed).max(1)))
+    }
+
+    async fn limits(&self, tenant: TenantId) -> (Option<u64>, Option<u64>) {
+        if let Some(l) = self
+            .lock()
+            .get(&tenant)
+            .filter(|l| l.read_at.elapsed() < SPEC_TTL)
+        {
+            return l.limits;
+        }
+        let read = match self.catalog.tenant_by_id(tenant).await {
+            Ok(Some(t)) => (
+                t.spec.qos.requests_per_second,
+                t.spec.qos.bandwidth_bytes_per_second,
+            ),
+            Ok(None) => (None, None),
+            Err(e) => {
+                tracing::warn!(error = %e, %tenant, "rate limits unreadable; admitting");
+                return (None, None);
+            }
+        };
+        let now = Instant::now();
+        let mut tenants = self.lock();
+        let l = tenants.entry(tenant).or_insert_with(|| Limiter {
+            limits: read,
+            read_at: now,
+            requests: Bucket::full(self.share(read.0)),
+            bytes: Bucket::full(self.share(read.1)),
+        });
+        l.limits = read;
+        l.read_at = now;
+        read
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Limiter>> {
+        self.tenants
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Admits one request of `tenant` carrying `bytes` (its declared body), or answers
+    /// how long to wait. A refused request takes nothing.
+    pub async fn admit(&self, tenant: TenantId, bytes: u64) -> Result<(), Throttled> {
+        let (rps, bps) = self.limits(tenant).await;
+        if rps.is_none() && bps.is_none() {
+            return Ok(());
+        }
+        let (rps, bps) = (self.share(rps), self.share(bps));
+        let now = Instant::now();
+        let mut tenants = self.lock();
+        let Some(l) = tenants.get_mut(&tenant) else {
+            return Ok(());
+        };
+        if let Some(r) = rps {
+            l.requests.refill(r, now);
+            if l.requests.tokens < 1.0 {
+                return Err(Throttled {
+                    retry_after: Duration::from_secs_f64((1.0 - l.requests.tokens) / r),
+                    limit: "requests",
+                });
+            }
+        }
+        if let Some(r) = bps {
+            l.bytes.refill(r, now);
+            if l.bytes.tokens < 0.0 {
+                return Err(Throttled {
+                    retry_after: Duration::from_secs_f64(-l.bytes.tokens / r),
+                    limit: "bytes",
+                });
+            }
+            l.bytes.tokens -= bytes as f64;
+        }
+        if rps.is_some() {
+            l.requests.tokens -= 1.0;
+        }
+        Ok(())
+    }
+
+    /// Takes `bytes` a request answers with (a read) from the tenant's byte balance,
+    /// after the fact: it may go negative, which the next requests wait out.
+    pub fn charge(&self, tenant: TenantId, bytes: u64) {
+        let mut tenants = self.lock();
+        if let Some(l) = tenants.get_mut(&tenant)
+            && let Some(r) = self.share(l.limits.1)
+        {
+            l.bytes.refill(r, Instant::now());
+            l.bytes.tokens -= bytes as f64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{SqlCatalog, TenantSpec};
+
+    async fn limited(rps: Option<u64>, bps: Option<u64>) -> (RateLimits, TenantId) {
+        let cat = Arc::new(
+            SqlCatalog::connect("sqlite::memory:", crate::catalog::MasterKey::generate())
+                .await
+                .unwrap(),
+        );
+        let mut spec = TenantSpec::default();
+        spec.qos.requests_per_second = rps;
+        spec.qos.bandwidth_bytes_per_second = bps;
+        let t = cat.create_tenant("t", &spec).await.unwrap().id;
+        (RateLimits::new(cat), t)
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_rate_wait_and_take_nothing() {
+        let (r, t) = limited(Some(10), None).await;
+        for _ in 0..10 {
+            r.admit(t, 0).await.unwrap();
+        }
+        let e = r.admit(t, 0).await.unwrap_err();
+        assert_eq!(e.limit, "requests");
+        assert!(e.retry_after <= Duration::from_millis(110), "{e:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        // About 2.5 tokens came back.
+        r.admit(t, 0).await.unwrap();
+        r.admit(t, 0).await.unwrap();
+        assert!(r.admit(t, 0).await.is_err() || r.admit(t, 0).await.is_err());
+        // Two nodes share it: each admits half.
+        r.set_nodes(2);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let mut n = 0;
+        while r.admit(t, 0).await.is_ok() {
+            n += 1;
+        }
+        assert_eq!(n, 5);
+    }
+
+    #[tokio::test]
+    async fn a_large_transfer_is_paid_back_before_the_next() {
+        let (r, t) = limited(None, Some(1000)).await;
+        r.admit(t, 5000).await.unwrap();
+        let e = r.admit(t, 1).await.unwrap_err();
+        assert_eq!(e.limit, "bytes");
+        assert!(e.retry_after >= Duration::from_secs(3), "{e:?}");
+        assert!(e.retry_after_secs() >= 4);
+        r.charge(t, 1000);
+        let e = r.admit(t, 1).await.unwrap_err();
+        assert!(e.retry_after >= Duration::from_secs(4), "{e:?}");
+        // A tenant without limits is never refused.
+        let (free, u) = limited(None, None).await;
+        for _ in 0..1000 {
+            free.admit(u, 1 << 30).await.unwrap();
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Per-tenant rate limits against a real node: requests/s and bytes/s from the Tenant's
+//! QoS, refused with `SlowDown` and `Retry-After` (S3 and KV), admitted at most at the
+//! limit, retried successfully by the AWS SDK, and changed without a restart.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::primitives::ByteStream;
+use granary_e2e::{Admin, KvClient, NodeProc, s3_client};
+use serde_json::json;
+
+async fn limited_tenant(admin: &Admin, name: &str, qos: serde_json::Value) -> (String, String) {
+    let (s, v) = admin
+        .call(
+            reqwest::Method::POST,
+            "/tenants",
+            Some(json!({"name": name, "qos": qos})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    let (s, v) = admin
+        .call(
+            reqwest::Method::POST,
+            &format!("/tenants/{name}/keys"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 201, "{v}");
+    (
+        v["accessKeyId"].as_str().unwrap().to_string(),
+        v["secretAccessKey"].as_str().unwrap().to_string(),
+    )
+}
+
+/// A tenant limited to R requests/s, hammered by 8 clients for 30 s, is admitted at most
+/// 1.1 R/s (and not much less than R); every refusal is `SlowDown` with `Retry-After`.
+/// The AWS SDK with its standard retries then gets every request through; an unlimited
+/// tenant on the same node is never refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_is_admitted_at_its_request_rate() {
+    const R: u64 = 20;
+    const SECS: u64 = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path()).unwrap();
+    let admin = Admin::new(&node);
+    let (ak, sk) = limited_tenant(&admin, "limited", json!({"requestsPerSecond": R})).await;
+    let c = s3_client(&node.s3, &ak, &sk);
+    // Creating the bucket spends a token or two: wait for a full bucket.
+    c.create_bucket().bucket("rlim").send().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let admitted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(SECS);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (c, admitted, refused) = (c.clone(), admitted.clone(), refused.clone());
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < deadline {
+                match c.head_bucket().bucket("rlim").send().await {
+                    Ok(_) => {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        let raw = e.raw_response().expect("an HTTP answer");
+                        assert_eq!(raw.status().as_u16(), 503, "{e:?}");
+                        let retry: u64 = raw
+                            .headers()
+                            .get("retry-after")
+                            .expect("Retry-After")
+                            .parse()
+                            .unwrap();
+                        assert!((1..=2).contains(&retry), "Retry-After {retry}");
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, no) = (
+        admitted.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    );
+    let rate = ok as f64 / SECS as f64;
+    println!("admitted {ok} ({rate:.1}/s against a limit of {R}/s), refused {no}");
+    assert!(ok as f64 <= 1.1 * (R * SECS) as f64, "admitted {ok}");
+    assert!(ok as f64 >= 0.8 * (R * SECS) as f64, "admitted only {ok}");
+    assert!(no > 0);
+
+    // A refusal through GET carries the S3 error code too.
+    let burst: Vec<_> = (0..60)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.list_objects_v2().bucket("rlim").send().await })
+        })
+        .collect();
+    let mut codes = Vec::new();
+    for b in burst {
+        if let Err(e) = b.await.unwrap() {
+            codes.push(
+                aws_sdk_s3::error::ProvideErrorMetadata::code(&e)
+                    .unwrap_or("?")
+                    .to_string(),
+            );
+        }
+    }
+    assert!(
+        !codes.is_empty() && codes.iter().all(|c| c == "SlowDown"),
+        "{codes:?}"
+    );
+
+    // The SDK's standard retries (with backoff) get every request through.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let retrying = aws_sdk_s3::Client::from_conf(
+        c.config()
+            .to_builder()
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::standard().with_max_attempts(10))
+            .build(),
+    );
+    let mut sdk = Vec::new();
+    for i in 0..40 {
+        let c = retrying.clone();
+        sdk.push(tokio::spawn(async move {
+            c.put_object()
+                .bucket("rlim")
+                .key(format!("k{i}"))
+                .body(ByteStream::from_static(b"x"))
+                .send()
+                .await
+        }));
+    }
+    for s in sdk {
+        s.await.unwrap().expect("the SDK's retries get through");
+    }
+
+    // Another tenant on the same node is not limited by this one.
+    let free = s3_client(&node.s3, &node.access_key, &node.secret_key);
+    free.create_bucket().bucket("free").send().await.unwrap();
+    for _ in 0..200 {
+        free.head_bucket().bucket("free").send().await.unwrap();
+    }
+}
+
+/// A tenant limited in bytes/s may take one large transfer into debt, then waits it out
+/// (S3 and KV answer `SlowDown` with a `Retry-After` that covers the debt); lifting the
+/// limit takes effect within the QoS re-read interval (5 s), without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_is_held_to_its_bandwidth() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path()).unwrap();
+    let admin = Admin::new(&node);
+    let mib = 1u64 << 20;
+    let (ak, sk) = limited_tenant(&admin, "narrow", json!({"bandwidthBytesPerSecond": mib})).await;
+    let c = s3_client(&node.s3, &ak, &sk);
+    c.create_bucket().bucket("bwlim").send().await.unwrap();
+    c.put_object()
+        .bucket("bwlim")
+        .key("big")
+        .body(ByteStream::from(vec![7u8; 4 * mib as usize]))
+        .send()
+        .await
+        .expect("one transfer may go into debt");
+    let e = c
+        .head_object()
+        .bucket("bwlim")
+        .key("big")
+        .send()
+        .await
+        .unwrap_err();
+    let raw = e.raw_response().unwrap();
+    assert_eq!(raw.status().as_u16(), 503);
+    let retry: u64 = raw.headers().get("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (3..=5).contains(&retry),
+        "Retry-After {retry} for 4 MiB at 1 MiB/s"
+    );
+    // The KV API answers the same way, in JSON.
+    let kv = KvClient::new(&node.kv, &ak, &sk);
+    let r = kv.send("GET", "/kv/v1/ns/k", &[], vec![]).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "SlowDown", "{body}");
+    assert!(body["retryAfterSeconds"].as_u64().unwrap() >= 1, "{body}");
+
+    // Lifting the limit: admitted again within the re-read interval (and the debt).
+    let (s, v) = admin
+        .call(
+            reqwest::Method::PUT,
+            "/tenants/narrow",
+            Some(json!({"qos": {}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    // Within the re-read interval (5 s) every node reads the new QoS: no limit then.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for _ in 0..20 {
+        let o = c
+            .get_object()
+            .bucket("bwlim")
+            .key("big")
+            .send()
+            .await
+            .expect("no bandwidth limit any more");
+        assert_eq!(o.body.collect().await.unwrap().into_bytes().len(), 4 << 20);
+    }
+}
