@@ -204,6 +204,12 @@ impl Forwarder {
             Ok(Some(t)) => t,
             _ => return Decision::Local,
         };
+        self.place_tenant(tenant, container)
+    }
+
+    /// Where a request of `tenant` for its bucket or namespace `container` is served,
+    /// once the tenant is known (a form upload's comes from its fields).
+    pub fn place_tenant(&self, tenant: crate::types::TenantId, container: &str) -> Decision {
         let p = PartitionId::of(tenant, container.as_bytes(), self.cluster.partitions());
         match self.cluster.route(p) {
             Route::Local => Decision::Local,

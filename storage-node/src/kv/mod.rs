@@ -459,7 +459,9 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
                 .await?
                 .ok_or_else(|| ApiError::from(crate::model::Error::NoSuchKey))?;
             span.record("bytes", e.value.len());
-            st.auth.limits().charge(tenant, e.value.len() as u64);
+            if parts.method == Method::GET {
+                st.auth.limits().charge(tenant, e.value.len() as u64);
+            }
             let mut r = Response::new(if parts.method == Method::HEAD {
                 Body::empty()
             } else {

@@ -130,7 +130,7 @@ impl S3Front {
             // reserves its bytes first, and is refused at once when they are not there.
             // So do a form upload's fields, read before its policy can be checked.
             let form = super::post::is_form_post(&parts);
-            let xml_hold = if form || self.xml_body(&parts) {
+            let mut xml_hold = if form || self.xml_body(&parts) {
                 let declared = parts
                     .headers
                     .get(http::header::CONTENT_LENGTH)
@@ -169,7 +169,16 @@ impl S3Front {
                 span.record("bucket", bucket.as_str());
                 let post = async {
                     Ok(
-                        match super::post::handle(&self.post, &parts, &bucket, body).await {
+                        match super::post::handle(
+                            &self.post,
+                            &self.forwarder,
+                            &parts,
+                            &bucket,
+                            body,
+                            xml_hold.take(),
+                        )
+                        .await
+                        {
                             Ok(r) => r,
                             Err(super::post::Refusal(status, code, message)) => {
                                 s3_error_response(status, code, &message)

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use futures::{Stream, TryStreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use serde_json::Value;
 
 use super::GranaryS3;
@@ -37,8 +37,15 @@ fn denied(msg: impl Into<String>) -> Refusal {
 }
 
 /// Whether a request is a form upload (POST with `multipart/form-data`).
+/// (A POST with a query, such as `?uploads` or `?delete`, or to an object path, is an
+/// API call whatever its body's content type.)
 pub fn is_form_post(parts: &http::request::Parts) -> bool {
+    let to_bucket = parts.uri.query().is_none_or(str::is_empty) && {
+        let path = parts.uri.path().trim_matches('/');
+        !path.contains('/')
+    };
     parts.method == http::Method::POST
+        && to_bucket
         && parts
             .headers
             .get(http::header::CONTENT_TYPE)
@@ -50,13 +57,78 @@ pub fn is_form_post(parts: &http::request::Parts) -> bool {
             })
 }
 
-/// Handles a form upload to `bucket`. `Ok` is the success answer; a model error comes
-/// back as the S3 error it maps to.
+/// At most this many fields before the file.
+const FIELDS_COUNT_MAX: usize = 64;
+/// The fields before the file must arrive within this time.
+const FIELDS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// User metadata (`x-amz-meta-*` names and values) at most (S3: 2 KiB).
+const USER_META_MAX: usize = 2048;
+/// The body bytes the form parser may pull before the file starts: the fields, their
+/// part headers and the parser's read-ahead.
+const PRE_FILE_MAX: usize = FIELDS_MAX + 64 * 1024;
+
+/// The request body as the form parser pulls it: counted (and recorded, to forward the
+/// form to its bucket's primary) until the file starts, and ended with an error past
+/// [`PRE_FILE_MAX`]. The rest of the body can be taken back once the fields are read.
+struct Source {
+    body: Option<std::pin::Pin<Box<s3s::Body>>>,
+    recorded: Vec<u8>,
+    file_started: bool,
+    too_large: bool,
+}
+
+type Shared = Arc<std::sync::Mutex<Source>>;
+
+fn lock(s: &Shared) -> std::sync::MutexGuard<'_, Source> {
+    s.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn pulled(shared: Shared) -> impl Stream<Item = std::io::Result<bytes::Bytes>> + Send {
+    futures::stream::poll_fn(move |cx| {
+        use std::task::Poll;
+        let mut s = lock(&shared);
+        let Some(body) = s.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match body.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                if !s.file_started {
+                    if s.recorded.len() + b.len() > PRE_FILE_MAX {
+                        s.too_large = true;
+                        return Poll::Ready(Some(Err(std::io::Error::other(
+                            "the fields before the file are too large",
+                        ))));
+                    }
+                    s.recorded.extend_from_slice(&b);
+                }
+                Poll::Ready(Some(Ok(b)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                Poll::Ready(Some(Err(std::io::Error::other(e.to_string()))))
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+}
+
+fn too_large_fields() -> Refusal {
+    bad(
+        "MaxPostPreDataLengthExceeded",
+        "Your POST request fields preceding the upload file were too large.",
+    )
+}
+
+/// Handles a form upload to `bucket`. `hold` (the memory reserved for the fields) is
+/// released once they are read. On a cluster, a form for a bucket another node leads is
+/// forwarded there whole, once its policy has been verified here.
 pub async fn handle(
     s3: &GranaryS3,
+    forwarder: &crate::cluster::forward::Forwarder,
     parts: &http::request::Parts,
     bucket: &str,
     body: s3s::Body,
+    hold: Option<crate::tenancy::budget::Reservation>,
 ) -> Result<http::Response<s3s::Body>, Refusal> {
     let ct = parts
         .headers
@@ -65,42 +137,129 @@ pub async fn handle(
         .unwrap_or_default();
     let boundary = multer::parse_boundary(ct)
         .map_err(|_| bad("MalformedPOSTRequest", "the multipart boundary is missing"))?;
-    let stream = body.map_err(|e| std::io::Error::other(e.to_string()));
-    let mut form = multer::Multipart::new(stream, boundary);
-
-    // The fields before the file, bounded.
-    let mut fields: BTreeMap<String, String> = BTreeMap::new();
-    let mut held = 0usize;
-    let file = loop {
-        let Some(mut field) = form.next_field().await.map_err(malformed)? else {
-            return Err(bad(
-                "InvalidArgument",
-                "POST requires exactly one file upload per request.",
-            ));
-        };
-        let name = field.name().unwrap_or_default().to_ascii_lowercase();
-        if name == "file" {
-            break field;
+    let shared: Shared = Arc::new(std::sync::Mutex::new(Source {
+        body: Some(Box::pin(body)),
+        recorded: Vec::new(),
+        file_started: false,
+        too_large: false,
+    }));
+    let mut form = multer::Multipart::new(pulled(shared.clone()), boundary);
+    let failed = |e: multer::Error| {
+        if lock(&shared).too_large {
+            too_large_fields()
+        } else {
+            malformed(e)
         }
-        let mut value = Vec::new();
-        while let Some(chunk) = field.chunk().await.map_err(malformed)? {
-            held += chunk.len();
-            if value.len() + chunk.len() > FIELD_MAX || held > FIELDS_MAX {
-                return Err(bad(
-                    "MaxPostPreDataLengthExceeded",
-                    "Your POST request fields preceding the upload file were too large.",
-                ));
-            }
-            value.extend_from_slice(&chunk);
-        }
-        let value = String::from_utf8(value)
-            .map_err(|_| bad("MalformedPOSTRequest", format!("field {name} is not UTF-8")))?;
-        fields.insert(name, value);
     };
 
+    // The fields before the file: bounded in bytes, count and time.
+    let read_fields = async {
+        let mut fields: BTreeMap<String, String> = BTreeMap::new();
+        let mut held = 0usize;
+        loop {
+            let Some(mut field) = form.next_field().await.map_err(failed)? else {
+                return Err(bad(
+                    "InvalidArgument",
+                    "POST requires exactly one file upload per request.",
+                ));
+            };
+            let name = field.name().unwrap_or_default().to_ascii_lowercase();
+            if name == "file" {
+                lock(&shared).file_started = true;
+                return Ok((fields, field));
+            }
+            if fields.len() >= FIELDS_COUNT_MAX {
+                return Err(too_large_fields());
+            }
+            held += name.len() + 64;
+            let mut value = Vec::new();
+            while let Some(chunk) = field.chunk().await.map_err(failed)? {
+                held += chunk.len();
+                if value.len() + chunk.len() > FIELD_MAX || held > FIELDS_MAX {
+                    return Err(too_large_fields());
+                }
+                value.extend_from_slice(&chunk);
+            }
+            let value = String::from_utf8(value)
+                .map_err(|_| bad("MalformedPOSTRequest", format!("field {name} is not UTF-8")))?;
+            fields.insert(name, value);
+        }
+    };
+    let (fields, file) = tokio::time::timeout(FIELDS_DEADLINE, read_fields)
+        .await
+        .map_err(|_| {
+            Refusal(
+                http::StatusCode::BAD_REQUEST,
+                "RequestTimeout",
+                "the form's fields did not arrive in time".into(),
+            )
+        })??;
+    drop(hold);
+
     let tenant = authenticate(s3, &fields).await?;
-    admit(s3, tenant, super::declared_body(&parts.headers)).await?;
     let (min, max) = check_policy(&fields, bucket)?;
+    admit(s3, tenant, super::declared_body(&parts.headers)).await?;
+
+    // A bucket another node leads: the whole form goes there (what was read, then the
+    // rest of the body), where it is verified again and stored.
+    use crate::cluster::forward::{Decision, Forwarded};
+    match forwarder.place_tenant(tenant, bucket) {
+        Decision::Local => {}
+        Decision::Refuse { message, .. } => {
+            return Err(Refusal(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                message,
+            ));
+        }
+        Decision::Forward { .. } if parts.extensions.get::<Forwarded>().is_some() => {
+            return Err(Refusal(
+                http::StatusCode::SERVICE_UNAVAILABLE,
+                "ServiceUnavailable",
+                "this node does not lead the bucket's partition any more; retry".into(),
+            ));
+        }
+        Decision::Forward { node, rpc_addr } => {
+            drop(file);
+            drop(form);
+            let (prefix, rest) = {
+                let mut s = lock(&shared);
+                (std::mem::take(&mut s.recorded), s.body.take())
+            };
+            let rest = futures::stream::iter(rest)
+                .flatten()
+                .map_err(|e| std::io::Error::other(e.to_string()));
+            let whole = futures::stream::once(async move {
+                Ok::<_, std::io::Error>(bytes::Bytes::from(prefix))
+            })
+            .chain(rest);
+            return match forwarder
+                .forward(
+                    "s3",
+                    &node,
+                    &rpc_addr,
+                    parts,
+                    reqwest::Body::wrap_stream(whole),
+                )
+                .await
+            {
+                Ok(resp) => Ok(resp.map(s3s::Body::http_body_unsync)),
+                Err(e) if e.outcome_unknown() => Err(Refusal(
+                    http::StatusCode::BAD_GATEWAY,
+                    "InternalError",
+                    "the node holding this bucket failed while handling the upload; whether \
+                     it took effect is unknown"
+                        .into(),
+                )),
+                Err(_) => Err(Refusal(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    "ServiceUnavailable",
+                    "the node holding this bucket cannot be reached; retry".into(),
+                )),
+            };
+        }
+    }
+    lock(&shared).recorded = Vec::new();
 
     let file_name = file.file_name().unwrap_or_default().to_string();
     let key = fields
@@ -112,8 +271,40 @@ pub async fn handle(
             )
         })?
         .replace("${filename}", &file_name);
+    // Stored fields come back as headers: they must be valid header names and values,
+    // and the user metadata stays within S3's 2 KiB.
+    for (k, v) in &fields {
+        let stored = k.starts_with("x-amz-meta-")
+            || matches!(
+                k.as_str(),
+                "content-type" | "cache-control" | "content-disposition" | "content-encoding"
+            );
+        if stored
+            && (http::HeaderValue::from_str(v).is_err()
+                || http::HeaderName::from_bytes(k.as_bytes()).is_err())
+        {
+            return Err(bad(
+                "InvalidArgument",
+                format!("field {k} is not a valid header"),
+            ));
+        }
+    }
+    let user_bytes: usize = fields
+        .iter()
+        .filter_map(|(k, v)| Some(k.strip_prefix("x-amz-meta-")?.len() + v.len()))
+        .sum();
+    if user_bytes > USER_META_MAX {
+        return Err(bad(
+            "MetadataTooLarge",
+            format!(
+                "Your metadata headers exceed the maximum allowed metadata size \
+                 ({USER_META_MAX} bytes)."
+            ),
+        ));
+    }
     let meta = ObjectMeta {
         content_type: fields.get("content-type").cloned(),
+
         cache_control: fields.get("cache-control").cloned(),
         content_disposition: fields.get("content-disposition").cloned(),
         content_encoding: fields.get("content-encoding").cloned(),
@@ -199,13 +390,16 @@ pub async fn handle(
         (Err(e), _) => return Err(model_refusal(e)),
         (Ok(out), _) => out,
     };
-    // Read the rest of the form (what follows the file is ignored, as in S3), so that
-    // the connection holds no unread bytes.
-    while let Ok(Some(mut f)) = form.next_field().await {
-        while let Ok(Some(_)) = f.chunk().await {}
-    }
+    // What follows the file is ignored (as in S3) and not read: the connection closes
+    // after the answer rather than carry unread bytes into another request.
+    drop(form);
     tracing::Span::current().record("bytes", out.size);
-    Ok(success(&fields, bucket, &key, &out.etag))
+    let mut r = success(&fields, bucket, &key, &out.etag);
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    Ok(r)
 }
 
 fn malformed(e: multer::Error) -> Refusal {
@@ -268,6 +462,24 @@ async fn authenticate(
             "x-amz-credential must be KEY/DATE/REGION/SERVICE/aws4_request",
         ));
     };
+    if service != "s3" || region != s3.region {
+        return Err(bad(
+            "AuthorizationQueryParametersError",
+            format!(
+                "the credential scope must name service s3 and region {}",
+                s3.region
+            ),
+        ));
+    }
+    if !f
+        .get("x-amz-date")
+        .is_some_and(|d| d.len() >= 8 && d.get(..8) == Some(date))
+    {
+        return Err(bad(
+            "InvalidArgument",
+            "x-amz-date is required and must fall on the credential scope's date",
+        ));
+    }
     let creds = s3
         .auth
         .lookup(access_key)
@@ -469,9 +681,7 @@ fn success(
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
     };
     let location = format!("/{bucket}/{}", enc(key).replace("%2F", "/"));
-    let mut b = http::Response::builder()
-        .header(http::header::ETAG, etag_q.as_str())
-        .header(http::header::LOCATION, location.as_str());
+    let b = http::Response::builder().header(http::header::ETAG, etag_q.as_str());
     if let Some(r) = f
         .get("success_action_redirect")
         .or_else(|| f.get("redirect"))
@@ -484,11 +694,17 @@ fn success(
             enc(key),
             enc(&etag_q)
         );
-        b = b
-            .status(http::StatusCode::SEE_OTHER)
-            .header(http::header::LOCATION, to);
-        return b.body(s3s::Body::empty()).unwrap_or_default();
+        if let Ok(to) = http::HeaderValue::from_str(&to) {
+            return b
+                .status(http::StatusCode::SEE_OTHER)
+                .header(http::header::LOCATION, to)
+                .body(s3s::Body::empty())
+                .unwrap_or_default();
+        }
+        // A redirect that is no valid header: answered as without one (the object is
+        // stored).
     }
+    let b = b.header(http::header::LOCATION, location.as_str());
     match f.get("success_action_status").map(String::as_str) {
         Some("200") => b.status(http::StatusCode::OK).body(s3s::Body::empty()),
         Some("201") => {

@@ -66,17 +66,27 @@ struct Bucket {
 impl Bucket {
     fn full(rate: Option<f64>) -> Self {
         Bucket {
-            tokens: rate.unwrap_or(0.0),
+            tokens: rate.map_or(0.0, burst),
             at: Instant::now(),
         }
     }
 
-    /// Refills at `rate` per second, up to one second's worth.
+    /// Refills at `rate` per second, up to one second's worth (at least one token, so
+    /// that a node's share below 1/s still admits a request now and then).
     fn refill(&mut self, rate: f64, now: Instant) {
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + rate * dt).min(rate);
+        self.tokens = (self.tokens + rate * dt).min(burst(rate));
         self.at = now;
     }
+}
+
+fn burst(rate: f64) -> f64 {
+    rate.max(1.0)
+}
+
+/// How long until `missing` tokens come back at `rate` (a minute if never).
+fn wait(missing: f64, rate: f64) -> Duration {
+    Duration::try_from_secs_f64(missing / rate).unwrap_or(Duration::from_secs(60))
 }
 
 impl RateLimits {
@@ -112,8 +122,17 @@ impl RateLimits {
             ),
             Ok(None) => (None, None),
             Err(e) => {
-                tracing::warn!(error = %e, %tenant, "rate limits unreadable; admitting");
-                return (None, None);
+                // Keep what was read last (or admit), and ask again after the interval
+                // rather than on every request.
+                tracing::warn!(error = %e, %tenant, "rate limits unreadable; keeping the last read");
+                let mut tenants = self.lock();
+                return match tenants.get_mut(&tenant) {
+                    Some(l) => {
+                        l.read_at = Instant::now();
+                        l.limits
+                    }
+                    None => (None, None),
+                };
             }
         };
         let now = Instant::now();
@@ -142,6 +161,15 @@ impl RateLimits {
         if rps.is_none() && bps.is_none() {
             return Ok(());
         }
+        // A limit of 0 blocks the tenant.
+        for (limit, what) in [(rps, "requests"), (bps, "bytes")] {
+            if limit == Some(0) {
+                return Err(Throttled {
+                    retry_after: Duration::from_secs(60),
+                    limit: what,
+                });
+            }
+        }
         let (rps, bps) = (self.share(rps), self.share(bps));
         let now = Instant::now();
         let mut tenants = self.lock();
@@ -152,7 +180,7 @@ impl RateLimits {
             l.requests.refill(r, now);
             if l.requests.tokens < 1.0 {
                 return Err(Throttled {
-                    retry_after: Duration::from_secs_f64((1.0 - l.requests.tokens) / r),
+                    retry_after: wait(1.0 - l.requests.tokens, r),
                     limit: "requests",
                 });
             }
@@ -161,7 +189,7 @@ impl RateLimits {
             l.bytes.refill(r, now);
             if l.bytes.tokens < 0.0 {
                 return Err(Throttled {
-                    retry_after: Duration::from_secs_f64(-l.bytes.tokens / r),
+                    retry_after: wait(-l.bytes.tokens, r),
                     limit: "bytes",
                 });
             }
@@ -239,6 +267,15 @@ mod tests {
         r.charge(t, 1000);
         let e = r.admit(t, 1).await.unwrap_err();
         assert!(e.retry_after >= Duration::from_secs(4), "{e:?}");
+        // A share below one request per second still admits one now and then, and a
+        // limit of 0 blocks without a panic.
+        let (slow, v) = limited(Some(2), None).await;
+        slow.set_nodes(3);
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        slow.admit(v, 0).await.unwrap();
+        let (blocked, w) = limited(Some(0), Some(0)).await;
+        let e = blocked.admit(w, 0).await.unwrap_err();
+        assert_eq!(e.retry_after_secs(), 60);
         // A tenant without limits is never refused.
         let (free, u) = limited(None, None).await;
         for _ in 0..1000 {

@@ -124,6 +124,20 @@ pub fn verify_policy(
     m.verify_slice(&expected).is_ok()
 }
 
+/// The SigV4 signature (hex) of a POST policy, as a client computes it.
+pub fn sign_policy(
+    secret: &str,
+    date: &str,
+    region: &str,
+    service: &str,
+    policy_b64: &str,
+) -> String {
+    hex::encode(hmac(
+        &signing_key(secret, date, region, service),
+        policy_b64.as_bytes(),
+    ))
+}
+
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     let mut m = <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
     m.update(data);

@@ -219,6 +219,101 @@ async fn every_node_serves_every_bucket_and_namespace() {
         });
     }
 
+    // A browser form upload (POST Object) through any node reaches the bucket's
+    // primary: the node that takes it verifies the policy, then forwards the form.
+    let b3 = &buckets["n3"];
+    for (via, m) in c.nodes.iter().enumerate() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (y, mo, d) = {
+            // Civil date from days since the epoch (proleptic Gregorian).
+            let z = (now / 86400) as i64 + 719_468;
+            let era = z.div_euclid(146_097);
+            let doe = z - era * 146_097;
+            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+            let mp = (5 * doy + 2) / 153;
+            let d = doy - (153 * mp + 2) / 5 + 1;
+            let m = if mp < 10 { mp + 3 } else { mp - 9 };
+            (yoe + era * 400 + i64::from(m <= 2), m, d)
+        };
+        let date = format!("{y:04}{mo:02}{d:02}");
+        let credential = format!("{ak}/{date}/us-east-1/s3/aws4_request");
+        let key = format!("form-{via}");
+        let policy = serde_json::json!({
+            "expiration": format!("{:04}-12-31T00:00:00Z", y + 1),
+            "conditions": [
+                {"bucket": b3}, {"key": key},
+                {"x-amz-algorithm": "AWS4-HMAC-SHA256"},
+                {"x-amz-credential": credential},
+                {"x-amz-date": format!("{date}T000000Z")},
+            ],
+        });
+        let policy = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            policy.to_string(),
+        );
+        let sig = granary_node::tenancy::sigv4::sign_policy(&sk, &date, "us-east-1", "s3", &policy);
+        let boundary = "formboundary7MA4YWxk";
+        let mut body = Vec::new();
+        for (k, v) in [
+            ("key", key.as_str()),
+            ("x-amz-algorithm", "AWS4-HMAC-SHA256"),
+            ("x-amz-credential", credential.as_str()),
+            ("x-amz-date", &format!("{date}T000000Z")),
+            ("policy", policy.as_str()),
+            ("x-amz-signature", sig.as_str()),
+        ] {
+            body.extend_from_slice(
+                format!(
+                    "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"
+                )
+                .as_bytes(),
+            );
+        }
+        let file = vec![via as u8 + 1; 300_000];
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; \
+                 filename=\"f\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        body.extend_from_slice(&file);
+        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let r = reqwest::Client::new()
+            .post(format!("{}/{b3}", m.proc.s3))
+            .header(
+                "content-type",
+                format!("multipart/form-data; boundary={boundary}"),
+            )
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        assert_eq!(
+            status,
+            204,
+            "form upload via {}: {:?}",
+            m.id,
+            r.text().await
+        );
+        let got = s3[(via + 1) % 3]
+            .get_object()
+            .bucket(b3)
+            .key(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            got.body.collect().await.unwrap().into_bytes().to_vec(),
+            file
+        );
+    }
+
     // CopyObject works through any node, within one primary's buckets and between
     // buckets on different primaries (the destination's primary reads the source from
     // the source's primary, streamed); so does a ranged UploadPartCopy. Conditions and
