@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use granary_e2e::{KvClient, NodeProc, chunk_files, s3_client};
+use granary_e2e::{KvClient, NodeProc, chunk_files, civil_from_days, s3_client};
 use granary_node::engine::Record;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -186,6 +186,25 @@ async fn anonymous_uploads_are_refused_before_their_body_is_read() {
             async move { raw_request(&kv_addr, head, gib).await }
         }));
     }
+    // Forms that never reach a file: part headers that never end, and a preamble with
+    // no boundary. The bytes before the file are bounded (320 KiB), so both are refused
+    // early rather than buffered.
+    let pad = "a".repeat(400 * 1024);
+    for prefix in [
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"x\"\r\nX-Pad: {pad}"),
+        pad.clone(),
+    ] {
+        let head = format!(
+            "POST /uploads HTTP/1.1\r\nHost: {addr}\r\n\
+             Content-Type: multipart/form-data; boundary={boundary}\r\n\
+             Content-Length: {}\r\n\r\n{prefix}",
+            gib + prefix.len() as u64
+        );
+        tasks.push(tokio::spawn({
+            let addr = addr.clone();
+            async move { raw_request(&addr, head, gib).await }
+        }));
+    }
     let started = Instant::now();
     let answers = futures::future::join_all(tasks).await;
     let peak = sampler.peak();
@@ -197,6 +216,9 @@ async fn anonymous_uploads_are_refused_before_their_body_is_read() {
             // policy it is refused there, before any byte of the file.
             assert!(a.starts_with("HTTP/1.1 403"), "POST Object {i}: {a:?}");
             assert!(a.contains("<Code>AccessDenied</Code>"), "{a}");
+        } else if i >= 12 {
+            assert!(a.starts_with("HTTP/1.1 400"), "endless form {i}: {a:?}");
+            assert!(a.contains("MaxPostPreDataLengthExceeded"), "{a}");
         } else if i == 10 {
             assert!(
                 a.starts_with("HTTP/1.1 401"),
@@ -227,19 +249,6 @@ async fn anonymous_uploads_are_refused_before_their_body_is_read() {
     // Still serving, and nothing was stored.
     let listed = c.list_objects_v2().bucket("uploads").send().await.unwrap();
     assert_eq!(listed.key_count(), Some(0));
-}
-
-/// Gregorian (year, month, day) of a day count since 1970-01-01.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 async fn json(r: reqwest::Response) -> (u16, serde_json::Value) {

@@ -227,18 +227,7 @@ async fn every_node_serves_every_bucket_and_namespace() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
-        let (y, mo, d) = {
-            // Civil date from days since the epoch (proleptic Gregorian).
-            let z = (now / 86400) as i64 + 719_468;
-            let era = z.div_euclid(146_097);
-            let doe = z - era * 146_097;
-            let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-            let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-            let mp = (5 * doy + 2) / 153;
-            let d = doy - (153 * mp + 2) / 5 + 1;
-            let m = if mp < 10 { mp + 3 } else { mp - 9 };
-            (yoe + era * 400 + i64::from(m <= 2), m, d)
-        };
+        let (y, mo, d) = granary_e2e::civil_from_days((now / 86400) as i64);
         let date = format!("{y:04}{mo:02}{d:02}");
         let credential = format!("{ak}/{date}/us-east-1/s3/aws4_request");
         let key = format!("form-{via}");
