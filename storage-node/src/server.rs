@@ -208,6 +208,28 @@ impl Node {
             metrics.clone(),
         );
         let auth = Authenticator::new(dyn_catalog);
+        {
+            let t = &auth.limits().metrics;
+            let mut r = metrics
+                .registry
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            r.register(
+                "tenant_requests",
+                "Requests admitted, by tenant",
+                t.requests.clone(),
+            );
+            r.register(
+                "tenant_bytes",
+                "Body bytes written and answered, by tenant",
+                t.bytes.clone(),
+            );
+            r.register(
+                "tenant_throttled",
+                "Requests refused for a tenant rate limit, by tenant and limit",
+                t.throttled.clone(),
+            );
+        }
         Ok(Self {
             config,
             store,

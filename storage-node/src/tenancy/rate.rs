@@ -21,8 +21,35 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
 use crate::catalog::Catalog;
 use crate::types::TenantId;
+
+/// Per-tenant series: bounded by the number of tenants (never per key or bucket).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ThrottleLabels {
+    pub tenant: String,
+    pub limit: &'static str,
+}
+
+/// The tenant series this node keeps (registered with the node's metrics).
+#[derive(Clone, Default)]
+pub struct TenantMetrics {
+    /// Requests admitted (signature verified), per tenant.
+    pub requests: Family<TenantLabels, Counter>,
+    /// Body bytes written and answered, per tenant.
+    pub bytes: Family<TenantLabels, Counter>,
+    /// Requests refused for a rate limit, per tenant and limit.
+    pub throttled: Family<ThrottleLabels, Counter>,
+}
 
 /// How long a Tenant's QoS is used before it is read again.
 pub const SPEC_TTL: Duration = Duration::from_secs(5);
@@ -48,9 +75,12 @@ pub struct RateLimits {
     tenants: Arc<std::sync::Mutex<HashMap<TenantId, Limiter>>>,
     /// The nodes that serve: each admits 1/N of every limit.
     nodes: Arc<AtomicU32>,
+    pub metrics: TenantMetrics,
 }
 
 struct Limiter {
+    /// The tenant's name, for its metrics.
+    name: String,
     /// (requests/s, bytes/s) as last read, and when.
     limits: (Option<u64>, Option<u64>),
     read_at: Instant,
@@ -95,6 +125,7 @@ impl RateLimits {
             catalog,
             tenants: Arc::default(),
             nodes: Arc::new(AtomicU32::new(1)),
+            metrics: TenantMetrics::default(),
         }
     }
 
@@ -115,12 +146,15 @@ impl RateLimits {
         {
             return l.limits;
         }
-        let read = match self.catalog.tenant_by_id(tenant).await {
+        let (read, name) = match self.catalog.tenant_by_id(tenant).await {
             Ok(Some(t)) => (
-                t.spec.qos.requests_per_second,
-                t.spec.qos.bandwidth_bytes_per_second,
+                (
+                    t.spec.qos.requests_per_second,
+                    t.spec.qos.bandwidth_bytes_per_second,
+                ),
+                t.name,
             ),
-            Ok(None) => (None, None),
+            Ok(None) => ((None, None), tenant.to_string()),
             Err(e) => {
                 // Keep what was read last (or admit), and ask again after the interval
                 // rather than on every request.
@@ -138,6 +172,7 @@ impl RateLimits {
         let now = Instant::now();
         let mut tenants = self.lock();
         let l = tenants.entry(tenant).or_insert_with(|| Limiter {
+            name: name.clone(),
             limits: read,
             read_at: now,
             requests: Bucket::full(self.share(read.0)),
@@ -145,7 +180,17 @@ impl RateLimits {
         });
         l.limits = read;
         l.read_at = now;
+        l.name = name;
         read
+    }
+
+    fn label(&self, tenant: TenantId) -> TenantLabels {
+        TenantLabels {
+            tenant: self
+                .lock()
+                .get(&tenant)
+                .map_or_else(|| tenant.to_string(), |l| l.name.clone()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantId, Limiter>> {
@@ -157,6 +202,27 @@ impl RateLimits {
     /// Admits one request of `tenant` carrying `bytes` (its declared body), or answers
     /// how long to wait. A refused request takes nothing.
     pub async fn admit(&self, tenant: TenantId, bytes: u64) -> Result<(), Throttled> {
+        let verdict = self.admit_inner(tenant, bytes).await;
+        let l = self.label(tenant);
+        match &verdict {
+            Ok(()) => {
+                self.metrics.requests.get_or_create(&l).inc();
+                self.metrics.bytes.get_or_create(&l).inc_by(bytes);
+            }
+            Err(th) => {
+                self.metrics
+                    .throttled
+                    .get_or_create(&ThrottleLabels {
+                        tenant: l.tenant,
+                        limit: th.limit,
+                    })
+                    .inc();
+            }
+        }
+        verdict
+    }
+
+    async fn admit_inner(&self, tenant: TenantId, bytes: u64) -> Result<(), Throttled> {
         let (rps, bps) = self.limits(tenant).await;
         if rps.is_none() && bps.is_none() {
             return Ok(());
@@ -204,6 +270,8 @@ impl RateLimits {
     /// Takes `bytes` a request answers with (a read) from the tenant's byte balance,
     /// after the fact: it may go negative, which the next requests wait out.
     pub fn charge(&self, tenant: TenantId, bytes: u64) {
+        let l = self.label(tenant);
+        self.metrics.bytes.get_or_create(&l).inc_by(bytes);
         let mut tenants = self.lock();
         if let Some(l) = tenants.get_mut(&tenant)
             && let Some(r) = self.share(l.limits.1)

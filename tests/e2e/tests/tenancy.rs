@@ -140,6 +140,17 @@ async fn a_tenant_is_admitted_at_its_request_rate() {
         s.await.unwrap().expect("the SDK's retries get through");
     }
 
+    // The tenant's series count what happened (labels: the tenant's name only).
+    let page = node.metrics().await.unwrap();
+    let admitted_series =
+        granary_e2e::cluster::metric(&page, "granary_tenant_requests_total{tenant=\"limited\"}");
+    let throttled_series = granary_e2e::cluster::metric(
+        &page,
+        "granary_tenant_throttled_total{tenant=\"limited\",limit=\"requests\"}",
+    );
+    assert!(admitted_series >= ok as f64, "{admitted_series} < {ok}");
+    assert!(throttled_series >= no as f64, "{throttled_series} < {no}");
+
     // Another tenant on the same node is not limited by this one.
     let free = s3_client(&node.s3, &node.access_key, &node.secret_key);
     free.create_bucket().bucket("free").send().await.unwrap();
