@@ -440,7 +440,8 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
     let ns = String::from_utf8(decode(&ns)?)
         .map_err(|_| ApiError::bad_request("namespace must be UTF-8"))?;
     let (tenant, body, _body_hold) = authenticate(st, &parts, body).await?;
-    st.auth
+    let _held = st
+        .auth
         .limits()
         .admit(tenant, body.len() as u64)
         .await

@@ -58,6 +58,7 @@ impl S3Front {
     pub async fn handle(&self, req: http::Request<s3s::Body>) -> http::Response<s3s::Body> {
         let started = Instant::now();
         let slot = OpSlot::default();
+        let hold = crate::tenancy::rate::HoldSlot::default();
         let forwarded = req.extensions().get::<Forwarded>().is_some();
         let ids = RequestIds::new(&self.host_token);
         let span = tracing::info_span!("s3", front = "s3", method = %req.method(), forwarded,
@@ -190,6 +191,7 @@ impl S3Front {
             } else {
                 let mut req = http::Request::from_parts(parts, body);
                 req.extensions_mut().insert(slot.clone());
+                req.extensions_mut().insert(hold.clone());
                 crate::model::tracking_partitions(write, self.s3.call(req)).await
             };
             // s3s is done with the body: its bytes go back before the barrier's wait.
@@ -240,6 +242,16 @@ impl S3Front {
                 http::HeaderValue::from_static("close"),
             );
         }
+        // The tenant's concurrent request ends with its response body.
+        let resp = match hold.take() {
+            Some(held) => resp.map(|b| {
+                s3s::Body::http_body_unsync(Held {
+                    inner: Box::pin(b),
+                    _held: held,
+                })
+            }),
+            None => resp,
+        };
         let status = resp.status().as_u16();
         span.record("status", status);
         self.metrics.observe("s3", slot.get(), status, started);
@@ -310,6 +322,32 @@ impl S3Front {
             .decode_utf8()
             .ok()?;
         (!b.is_empty()).then(|| b.into_owned())
+    }
+}
+
+/// A response body that holds its tenant's concurrent request until it is done.
+struct Held {
+    inner: std::pin::Pin<Box<s3s::Body>>,
+    _held: crate::tenancy::rate::InFlight,
+}
+
+impl http_body::Body for Held {
+    type Data = bytes::Bytes;
+    type Error = s3s::StdError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.inner.as_mut().poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -55,11 +55,16 @@ impl GranaryS3 {
         } else {
             0
         };
-        self.auth
+        let held = self
+            .auth
             .limits()
             .admit(t, body)
             .await
             .map_err(|th| slow_down(&th))?;
+        // Held until the response is done (see s3/front.rs).
+        if let Some(slot) = req.extensions.get::<crate::tenancy::rate::HoldSlot>() {
+            slot.put(held);
+        }
         Ok(t)
     }
 }

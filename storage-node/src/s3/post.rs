@@ -198,7 +198,7 @@ pub async fn handle(
 
     let tenant = authenticate(s3, &fields).await?;
     let (min, max) = check_policy(&fields, bucket)?;
-    admit(s3, tenant, super::declared_body(&parts.headers)).await?;
+    let _held = admit(s3, tenant, super::declared_body(&parts.headers)).await?;
 
     // A bucket another node leads: the whole form goes there (what was read, then the
     // rest of the body), where it is verified again and stored.
@@ -518,7 +518,11 @@ async fn authenticate(
 }
 
 /// The tenant's rate limits, for a form of `bytes`.
-async fn admit(s3: &GranaryS3, tenant: crate::types::TenantId, bytes: u64) -> Result<(), Refusal> {
+async fn admit(
+    s3: &GranaryS3,
+    tenant: crate::types::TenantId,
+    bytes: u64,
+) -> Result<crate::tenancy::rate::InFlight, Refusal> {
     s3.auth.limits().admit(tenant, bytes).await.map_err(|th| {
         Refusal(
             http::StatusCode::SERVICE_UNAVAILABLE,

@@ -75,14 +75,69 @@ pub struct RateLimits {
     tenants: Arc<std::sync::Mutex<HashMap<TenantId, Limiter>>>,
     /// The nodes that serve: each admits 1/N of every limit.
     nodes: Arc<AtomicU32>,
+    /// Requests in flight per tenant (those with a concurrency cap).
+    inflight: Counts,
     pub metrics: TenantMetrics,
 }
+
+type Counts = Arc<std::sync::Mutex<HashMap<TenantId, u32>>>;
+
+/// Where a request's [`InFlight`] waits until its response is done: the S3 front puts
+/// one in the request, the operation fills it, the front ties it to the response body.
+#[derive(Clone, Default)]
+pub struct HoldSlot(Arc<std::sync::Mutex<Option<InFlight>>>);
+
+impl HoldSlot {
+    pub fn put(&self, held: InFlight) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(held);
+    }
+
+    pub fn take(&self) -> Option<InFlight> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// One of a tenant's concurrent requests, given back when dropped.
+#[must_use]
+pub struct InFlight(Option<(TenantId, Counts)>);
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("InFlight")
+            .field(&self.0.as_ref().map(|(t, _)| t))
+            .finish()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some((t, counts)) = self.0.take() {
+            let mut counts = counts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(n) = counts.get_mut(&t) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    counts.remove(&t);
+                }
+            }
+        }
+    }
+}
+
+type Limits = (Option<u64>, Option<u64>, Option<u32>);
 
 struct Limiter {
     /// The tenant's name, for its metrics.
     name: String,
-    /// (requests/s, bytes/s) as last read, and when.
-    limits: (Option<u64>, Option<u64>),
+    /// (requests/s, bytes/s, concurrent requests) as last read, and when.
+    limits: Limits,
     read_at: Instant,
     requests: Bucket,
     bytes: Bucket,
@@ -125,6 +180,7 @@ impl RateLimits {
             catalog,
             tenants: Arc::default(),
             nodes: Arc::new(AtomicU32::new(1)),
+            inflight: Arc::default(),
             metrics: TenantMetrics::default(),
         }
     }
@@ -138,7 +194,7 @@ impl RateLimits {
         limit.map(|l| l as f64 / f64::from(self.nodes.load(Ordering::Relaxed).max(1)))
     }
 
-    async fn limits(&self, tenant: TenantId) -> (Option<u64>, Option<u64>) {
+    async fn limits(&self, tenant: TenantId) -> Limits {
         if let Some(l) = self
             .lock()
             .get(&tenant)
@@ -151,10 +207,11 @@ impl RateLimits {
                 (
                     t.spec.qos.requests_per_second,
                     t.spec.qos.bandwidth_bytes_per_second,
+                    t.spec.qos.max_concurrent_requests,
                 ),
                 t.name,
             ),
-            Ok(None) => ((None, None), tenant.to_string()),
+            Ok(None) => ((None, None, None), tenant.to_string()),
             Err(e) => {
                 // Keep what was read last (or admit), and ask again after the interval
                 // rather than on every request.
@@ -165,7 +222,7 @@ impl RateLimits {
                         l.read_at = Instant::now();
                         l.limits
                     }
-                    None => (None, None),
+                    None => (None, None, None),
                 };
             }
         };
@@ -200,12 +257,13 @@ impl RateLimits {
     }
 
     /// Admits one request of `tenant` carrying `bytes` (its declared body), or answers
-    /// how long to wait. A refused request takes nothing.
-    pub async fn admit(&self, tenant: TenantId, bytes: u64) -> Result<(), Throttled> {
+    /// how long to wait. A refused request takes nothing. The answer holds one of the
+    /// tenant's concurrent requests until it is dropped (with the response).
+    pub async fn admit(&self, tenant: TenantId, bytes: u64) -> Result<InFlight, Throttled> {
         let verdict = self.admit_inner(tenant, bytes).await;
         let l = self.label(tenant);
         match &verdict {
-            Ok(()) => {
+            Ok(_) => {
                 self.metrics.requests.get_or_create(&l).inc();
                 self.metrics.bytes.get_or_create(&l).inc_by(bytes);
             }
@@ -222,10 +280,11 @@ impl RateLimits {
         verdict
     }
 
-    async fn admit_inner(&self, tenant: TenantId, bytes: u64) -> Result<(), Throttled> {
-        let (rps, bps) = self.limits(tenant).await;
+    async fn admit_inner(&self, tenant: TenantId, bytes: u64) -> Result<InFlight, Throttled> {
+        let (rps, bps, concurrent) = self.limits(tenant).await;
+        let held = self.enter(tenant, concurrent)?;
         if rps.is_none() && bps.is_none() {
-            return Ok(());
+            return Ok(held);
         }
         // A limit of 0 blocks the tenant.
         for (limit, what) in [(rps, "requests"), (bps, "bytes")] {
@@ -240,7 +299,7 @@ impl RateLimits {
         let now = Instant::now();
         let mut tenants = self.lock();
         let Some(l) = tenants.get_mut(&tenant) else {
-            return Ok(());
+            return Ok(held);
         };
         if let Some(r) = rps {
             l.requests.refill(r, now);
@@ -264,7 +323,30 @@ impl RateLimits {
         if rps.is_some() {
             l.requests.tokens -= 1.0;
         }
-        Ok(())
+        Ok(held)
+    }
+
+    /// Takes one of the tenant's concurrent requests on this node (its share of
+    /// `maxConcurrentRequests`, at least one), or refuses.
+    fn enter(&self, tenant: TenantId, cap: Option<u32>) -> Result<InFlight, Throttled> {
+        let Some(cap) = cap else {
+            return Ok(InFlight(None));
+        };
+        let nodes = self.nodes.load(Ordering::Relaxed).max(1);
+        let share = cap.div_ceil(nodes).max(1);
+        let mut counts = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(tenant).or_insert(0);
+        if *n >= share {
+            return Err(Throttled {
+                retry_after: Duration::from_secs(1),
+                limit: "concurrency",
+            });
+        }
+        *n += 1;
+        Ok(InFlight(Some((tenant, self.inflight.clone()))))
     }
 
     /// Takes `bytes` a request answers with (a read) from the tenant's byte balance,
@@ -288,6 +370,14 @@ mod tests {
     use crate::catalog::{SqlCatalog, TenantSpec};
 
     async fn limited(rps: Option<u64>, bps: Option<u64>) -> (RateLimits, TenantId) {
+        limited_with(rps, bps, None).await
+    }
+
+    async fn limited_with(
+        rps: Option<u64>,
+        bps: Option<u64>,
+        concurrent: Option<u32>,
+    ) -> (RateLimits, TenantId) {
         let cat = Arc::new(
             SqlCatalog::connect("sqlite::memory:", crate::catalog::MasterKey::generate())
                 .await
@@ -296,6 +386,7 @@ mod tests {
         let mut spec = TenantSpec::default();
         spec.qos.requests_per_second = rps;
         spec.qos.bandwidth_bytes_per_second = bps;
+        spec.qos.max_concurrent_requests = concurrent;
         let t = cat.create_tenant("t", &spec).await.unwrap().id;
         (RateLimits::new(cat), t)
     }
@@ -304,15 +395,15 @@ mod tests {
     async fn requests_beyond_the_rate_wait_and_take_nothing() {
         let (r, t) = limited(Some(10), None).await;
         for _ in 0..10 {
-            r.admit(t, 0).await.unwrap();
+            let _ = r.admit(t, 0).await.unwrap();
         }
         let e = r.admit(t, 0).await.unwrap_err();
         assert_eq!(e.limit, "requests");
         assert!(e.retry_after <= Duration::from_millis(110), "{e:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
         // About 2.5 tokens came back.
-        r.admit(t, 0).await.unwrap();
-        r.admit(t, 0).await.unwrap();
+        let _ = r.admit(t, 0).await.unwrap();
+        let _ = r.admit(t, 0).await.unwrap();
         assert!(r.admit(t, 0).await.is_err() || r.admit(t, 0).await.is_err());
         // Two nodes share it: each admits half.
         r.set_nodes(2);
@@ -327,7 +418,7 @@ mod tests {
     #[tokio::test]
     async fn a_large_transfer_is_paid_back_before_the_next() {
         let (r, t) = limited(None, Some(1000)).await;
-        r.admit(t, 5000).await.unwrap();
+        let _ = r.admit(t, 5000).await.unwrap();
         let e = r.admit(t, 1).await.unwrap_err();
         assert_eq!(e.limit, "bytes");
         assert!(e.retry_after >= Duration::from_secs(3), "{e:?}");
@@ -340,14 +431,25 @@ mod tests {
         let (slow, v) = limited(Some(2), None).await;
         slow.set_nodes(3);
         tokio::time::sleep(Duration::from_millis(1600)).await;
-        slow.admit(v, 0).await.unwrap();
+        let _ = slow.admit(v, 0).await.unwrap();
         let (blocked, w) = limited(Some(0), Some(0)).await;
         let e = blocked.admit(w, 0).await.unwrap_err();
         assert_eq!(e.retry_after_secs(), 60);
         // A tenant without limits is never refused.
         let (free, u) = limited(None, None).await;
         for _ in 0..1000 {
-            free.admit(u, 1 << 30).await.unwrap();
+            let _ = free.admit(u, 1 << 30).await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_are_capped_and_given_back() {
+        let (r, t) = limited_with(None, None, Some(2)).await;
+        let a = r.admit(t, 0).await.unwrap();
+        let _b = r.admit(t, 0).await.unwrap();
+        let e = r.admit(t, 0).await.unwrap_err();
+        assert_eq!(e.limit, "concurrency");
+        drop(a);
+        let _c = r.admit(t, 0).await.unwrap();
     }
 }

@@ -230,3 +230,67 @@ async fn a_tenant_is_held_to_its_bandwidth() {
         assert_eq!(o.body.collect().await.unwrap().into_bytes().len(), 4 << 20);
     }
 }
+
+/// A tenant's concurrent requests are capped (`maxConcurrentRequests`): a request is
+/// held from its admission until its response body is done, so two unread downloads
+/// keep a third request out (`SlowDown`) until one of them is dropped; other tenants
+/// are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenants_concurrent_requests_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path()).unwrap();
+    let admin = Admin::new(&node);
+    let (ak, sk) = limited_tenant(&admin, "twoatatime", json!({"maxConcurrentRequests": 2})).await;
+    let c = s3_client(&node.s3, &ak, &sk);
+    c.create_bucket().bucket("capped").send().await.unwrap();
+    c.put_object()
+        .bucket("capped")
+        .key("big")
+        .body(ByteStream::from(vec![1u8; 48 << 20]))
+        .send()
+        .await
+        .unwrap();
+    // Two downloads whose bodies are not read: both stay in flight.
+    let g1 = c
+        .get_object()
+        .bucket("capped")
+        .key("big")
+        .send()
+        .await
+        .unwrap();
+    let g2 = c
+        .get_object()
+        .bucket("capped")
+        .key("big")
+        .send()
+        .await
+        .unwrap();
+    let e = c
+        .head_object()
+        .bucket("capped")
+        .key("big")
+        .send()
+        .await
+        .unwrap_err();
+    let raw = e.raw_response().unwrap();
+    assert_eq!(raw.status().as_u16(), 503, "{e:?}");
+    assert_eq!(raw.headers().get("retry-after"), Some("1"));
+    // Another tenant is not affected.
+    let other = s3_client(&node.s3, &node.access_key, &node.secret_key);
+    other.create_bucket().bucket("other").send().await.unwrap();
+    other.head_bucket().bucket("other").send().await.unwrap();
+    // Dropping one download gives its slot back.
+    drop(g1);
+    let started = Instant::now();
+    loop {
+        match c.head_object().bucket("capped").key("big").send().await {
+            Ok(_) => break,
+            Err(_) if started.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the slot was not given back: {e:?}"),
+        }
+    }
+    let body = g2.body.collect().await.unwrap().into_bytes();
+    assert_eq!(body.len(), 48 << 20);
+}
