@@ -327,6 +327,7 @@ async fn authenticate(
 pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response {
     let started = Instant::now();
     let slot = OpSlot::default();
+    let hold = crate::tenancy::rate::HoldSlot::default();
     let forwarded = req.extensions().get::<Forwarded>().is_some();
     let span = tracing::info_span!(
         "kv",
@@ -392,11 +393,10 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
             Method::POST => parts.uri.query() != Some("batchGet"),
             _ => true,
         };
-        let (resp, touched) = crate::model::tracking_partitions(
-            write,
-            dispatch(&st, Request::from_parts(parts, body), &slot),
-        )
-        .await;
+        let mut req = Request::from_parts(parts, body);
+        req.extensions_mut().insert(hold.clone());
+        let (resp, touched) =
+            crate::model::tracking_partitions(write, dispatch(&st, req, &slot)).await;
         let (replicator, wait) = &st.replication;
         if let Err(why) = replicator.barrier(&touched, *wait).await {
             // A read changed nothing: it may simply be retried (503). A write's outcome is
@@ -417,6 +417,11 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
     }
     .instrument(span.clone())
     .await;
+    // The tenant's concurrent request ends with its response body.
+    let resp = match hold.take() {
+        Some(held) => resp.map(|b| Body::new(crate::tenancy::rate::Held::new(b, held))),
+        None => resp,
+    };
     span.record("status", resp.status().as_u16());
     st.metrics
         .observe("kv", slot.get(), resp.status().as_u16(), started);
@@ -440,12 +445,18 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
     let ns = String::from_utf8(decode(&ns)?)
         .map_err(|_| ApiError::bad_request("namespace must be UTF-8"))?;
     let (tenant, body, _body_hold) = authenticate(st, &parts, body).await?;
-    let _held = st
+    let held = st
         .auth
         .limits()
         .admit(tenant, body.len() as u64)
         .await
         .map_err(|th| ApiError::slow_down(&th))?;
+    // Held until the response body is done (see `handle`).
+    if held.is_held()
+        && let Some(slot) = parts.extensions.get::<crate::tenancy::rate::HoldSlot>()
+    {
+        slot.put(held);
+    }
     let span = tracing::Span::current();
     span.record("tenant", tracing::field::display(tenant));
     span.record("bucket", ns.as_str());

@@ -244,12 +244,9 @@ impl S3Front {
         }
         // The tenant's concurrent request ends with its response body.
         let resp = match hold.take() {
-            Some(held) => resp.map(|b| {
-                s3s::Body::http_body_unsync(Held {
-                    inner: Box::pin(b),
-                    _held: held,
-                })
-            }),
+            Some(held) => {
+                resp.map(|b| s3s::Body::http_body_unsync(crate::tenancy::rate::Held::new(b, held)))
+            }
             None => resp,
         };
         let status = resp.status().as_u16();
@@ -322,32 +319,6 @@ impl S3Front {
             .decode_utf8()
             .ok()?;
         (!b.is_empty()).then(|| b.into_owned())
-    }
-}
-
-/// A response body that holds its tenant's concurrent request until it is done.
-struct Held {
-    inner: std::pin::Pin<Box<s3s::Body>>,
-    _held: crate::tenancy::rate::InFlight,
-}
-
-impl http_body::Body for Held {
-    type Data = bytes::Bytes;
-    type Error = s3s::StdError;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        self.inner.as_mut().poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

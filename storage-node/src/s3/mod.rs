@@ -62,7 +62,9 @@ impl GranaryS3 {
             .await
             .map_err(|th| slow_down(&th))?;
         // Held until the response is done (see s3/front.rs).
-        if let Some(slot) = req.extensions.get::<crate::tenancy::rate::HoldSlot>() {
+        if held.is_held()
+            && let Some(slot) = req.extensions.get::<crate::tenancy::rate::HoldSlot>()
+        {
             slot.put(held);
         }
         Ok(t)

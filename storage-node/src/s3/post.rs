@@ -198,7 +198,6 @@ pub async fn handle(
 
     let tenant = authenticate(s3, &fields).await?;
     let (min, max) = check_policy(&fields, bucket)?;
-    let _held = admit(s3, tenant, super::declared_body(&parts.headers)).await?;
 
     // A bucket another node leads: the whole form goes there (what was read, then the
     // rest of the body), where it is verified again and stored.
@@ -260,6 +259,8 @@ pub async fn handle(
         }
     }
     lock(&shared).recorded = Vec::new();
+    // Admitted where it is stored (a forwarded form is admitted by the primary).
+    let _held = admit(s3, tenant, super::declared_body(&parts.headers)).await?;
 
     let file_name = file.file_name().unwrap_or_default().to_string();
     let key = fields

@@ -107,6 +107,54 @@ impl HoldSlot {
 #[must_use]
 pub struct InFlight(Option<(TenantId, Counts)>);
 
+impl InFlight {
+    /// Whether this holds one of a capped tenant's slots (else there is nothing to
+    /// give back).
+    pub fn is_held(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+/// A response body that holds its request's [`InFlight`] until the body has ended (or
+/// is dropped, when the client goes away).
+pub struct Held<B> {
+    inner: std::pin::Pin<Box<B>>,
+    held: Option<InFlight>,
+}
+
+impl<B> Held<B> {
+    pub fn new(inner: B, held: InFlight) -> Self {
+        Self {
+            inner: Box::pin(inner),
+            held: Some(held),
+        }
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Held<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let r = self.inner.as_mut().poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.held = None;
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl std::fmt::Debug for InFlight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("InFlight")
@@ -332,6 +380,13 @@ impl RateLimits {
         let Some(cap) = cap else {
             return Ok(InFlight(None));
         };
+        if cap == 0 {
+            // A cap of 0 blocks the tenant, as a rate of 0 does.
+            return Err(Throttled {
+                retry_after: Duration::from_secs(60),
+                limit: "concurrency",
+            });
+        }
         let nodes = self.nodes.load(Ordering::Relaxed).max(1);
         let share = cap.div_ceil(nodes).max(1);
         let mut counts = self

@@ -275,6 +275,11 @@ async fn a_tenants_concurrent_requests_are_capped() {
     let raw = e.raw_response().unwrap();
     assert_eq!(raw.status().as_u16(), 503, "{e:?}");
     assert_eq!(raw.headers().get("retry-after"), Some("1"));
+    // The KV API counts the same slots.
+    let kv = KvClient::new(&node.kv, &ak, &sk);
+    let r = kv.send("GET", "/kv/v1/ns/k", &[], vec![]).await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers().get("retry-after").unwrap(), "1");
     // Another tenant is not affected.
     let other = s3_client(&node.s3, &node.access_key, &node.secret_key);
     other.create_bucket().bucket("other").send().await.unwrap();
