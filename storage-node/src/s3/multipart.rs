@@ -247,12 +247,19 @@ pub async fn list_parts(
     let mut parts = Vec::new();
     while parts.len() < max {
         let Some((n, p)) = rest.next() else { break };
+        // Each part's flexible checksum, as the clients that compose a multipart
+        // object's checksum themselves read it back.
+        let sums = convert::sums(p.ext.checksum.as_ref());
         parts.push(Part {
             part_number: Some(n as i32),
             e_tag: Some(convert::etag(&p.etag())),
             size: Some(p.size as i64),
             last_modified: Some(timestamp(p.last_modified)),
-            ..Default::default()
+            checksum_crc32: sums.crc32,
+            checksum_crc32c: sums.crc32c,
+            checksum_crc64nvme: sums.crc64nvme,
+            checksum_sha1: sums.sha1,
+            checksum_sha256: sums.sha256,
         });
     }
     let truncated = rest.peek().is_some();

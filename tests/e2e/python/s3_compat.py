@@ -490,6 +490,8 @@ for algo, kind in (("CRC32", "FULL_OBJECT"), ("SHA256", "COMPOSITE")):
         r = s3.upload_part(Bucket="compat", Key=key, UploadId=uid, PartNumber=n, Body=chunk,
                            ChecksumAlgorithm=algo)
         ps.append({"PartNumber": n, "ETag": r["ETag"], f"Checksum{algo}": r[f"Checksum{algo}"]})
+    listed = s3.list_parts(Bucket="compat", Key=key, UploadId=uid)["Parts"]
+    assert [p[f"Checksum{algo}"] for p in listed] == [p[f"Checksum{algo}"] for p in ps], listed
     r = s3.complete_multipart_upload(Bucket="compat", Key=key, UploadId=uid, MultipartUpload={"Parts": ps})
     assert r.get("ChecksumType") == kind, r
     if algo == "CRC32":
