@@ -647,6 +647,76 @@ async fn every_node_serves_every_bucket_and_namespace() {
     })
     .await;
 
+    // Key rotation: a second key works through every node; revoked through n2 it is
+    // refused there at once and on every node within the key cache's 5 s, while the
+    // first key keeps working.
+    let admin2 = Admin::new(&c.nodes[1].proc);
+    let (status, v) = admin2
+        .call(reqwest::Method::POST, "/tenants/acme/keys", None)
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{v}");
+    let (ak2, sk2) = (
+        v["accessKeyId"].as_str().unwrap().to_string(),
+        v["secretAccessKey"].as_str().unwrap().to_string(),
+    );
+    for m in &c.nodes {
+        s3_client(&m.proc.s3, &ak2, &sk2)
+            .list_buckets()
+            .send()
+            .await
+            .expect("the new key works on every node");
+    }
+    let (status, v) = admin2
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/tenants/acme/keys/{ak2}"),
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, 204, "{v}");
+    let revoked_at = Instant::now();
+    let e = s3_client(&c.nodes[1].proc.s3, &ak2, &sk2)
+        .list_buckets()
+        .send()
+        .await
+        .expect_err("refused at once where it was revoked");
+    assert_eq!(
+        aws_sdk_s3::error::ProvideErrorMetadata::code(&e),
+        Some("InvalidAccessKeyId")
+    );
+    for m in &c.nodes {
+        loop {
+            match s3_client(&m.proc.s3, &ak2, &sk2)
+                .list_buckets()
+                .send()
+                .await
+            {
+                Err(_) => break,
+                Ok(_) => {
+                    assert!(
+                        revoked_at.elapsed() < Duration::from_secs(7),
+                        "{}: the revoked key still works after {:?}",
+                        m.id,
+                        revoked_at.elapsed()
+                    );
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+    println!(
+        "revoked key refused everywhere {:?} after the revocation",
+        revoked_at.elapsed()
+    );
+    for s in &s3 {
+        s.list_buckets()
+            .send()
+            .await
+            .expect("the first key still works");
+    }
+
     // A purge through n2 removes the tenant's data on every node.
     let (status, v) = Admin::new(&c.nodes[1].proc)
         .call(reqwest::Method::DELETE, "/tenants/acme?purge=true", None)
