@@ -64,54 +64,6 @@ G_AK=$(awk '/Access key id/ {print $4}' "$WORK/granary.out")
 G_SK=$(awk '/Secret key/ {print $3}' "$WORK/granary.out")
 [ -n "$G_SK" ] || { echo "granary did not start:" >&2; cat "$WORK/granary.out" "$WORK/granary.err" >&2; exit 1; }
 
-start_garage() {
-echo "==> starting $NODES Garage $GARAGE_VERSION node(s) in $WORK/garage*" >&2
-SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
-GARAGE_CFG=()
-for i in $(seq 1 "$NODES"); do
-  SPi=$(port); RPi=$(port); APi=$(port)
-  [ "$i" = 1 ] && SP=$SPi
-  d="$WORK/garage$i"
-  mkdir -p "$d"
-  cat > "$d/garage.toml" <<TOML
-metadata_dir = "$d/meta"
-data_dir = "$d/data"
-db_engine = "lmdb"
-metadata_fsync = true
-data_fsync = true
-replication_factor = $NODES
-rpc_bind_addr = "127.0.0.1:$RPi"
-rpc_public_addr = "127.0.0.1:$RPi"
-rpc_secret = "$SECRET"
-[s3_api]
-s3_region = "us-east-1"
-api_bind_addr = "127.0.0.1:$SPi"
-root_domain = ".s3.garage$i.localhost"
-[admin]
-api_bind_addr = "127.0.0.1:$APi"
-TOML
-  GARAGE_CFG+=("$d/garage.toml")
-  "$GARAGE" -c "$d/garage.toml" server > "$d/garage.out" 2>&1 &
-  PIDS+=($!)
-done
-G="$GARAGE -c ${GARAGE_CFG[0]}"
-for c in "${GARAGE_CFG[@]}"; do
-  for _ in $(seq 100); do "$GARAGE" -c "$c" status >/dev/null 2>&1 && break; sleep 0.2; done
-done
-i=0
-for c in "${GARAGE_CFG[@]}"; do
-  i=$((i + 1))
-  ID=$("$GARAGE" -c "$c" node id -q)
-  [ "$i" = 1 ] || $G node connect "$ID" >/dev/null
-  $G layout assign -z "dc$i" -c 10G "${ID%@*}" >/dev/null
-done
-$G layout apply --version 1 >/dev/null
-for _ in $(seq 100); do $G bucket create bench >/dev/null 2>&1 && break; sleep 0.3; done
-KEYOUT=$($G key create bench-key)
-P_AK=$(echo "$KEYOUT" | awk -F': *' '/Key ID/ {print $2}' | tr -d ' ')
-P_SK=$(echo "$KEYOUT" | awk -F': *' '/Secret key/ {print $2}' | tr -d ' ')
-$G bucket allow --read --write --owner bench --key bench-key >/dev/null
-}
 
 # SeaweedFS: one master, NODES volume servers (replication 00(NODES-1): every copy on a
 # different volume server), a filer (leveldb2 store) and the S3 gateway in front of it.

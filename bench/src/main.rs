@@ -40,6 +40,11 @@ struct Args {
     /// Label printed with the result (e.g. the server's name).
     #[arg(long, default_value = "")]
     label: String,
+    /// Operations per second over all tasks, each task starting its operations on a
+    /// fixed schedule (an open loop; 0: each task starts the next as soon as the last
+    /// ends). Latency is measured from the scheduled start, so a stalled server shows.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -100,7 +105,24 @@ async fn main() -> anyhow::Result<()> {
             let mut bytes = 0u64;
             let mut errors = 0u64;
             let mut i = 0u64;
+            // The open loop's schedule: this task's share of `rate`, staggered.
+            let every =
+                (a.rate > 0.0).then(|| Duration::from_secs_f64(a.concurrency as f64 / a.rate));
+            let mut next = Instant::now()
+                + every.map_or(Duration::ZERO, |e| {
+                    e.mul_f64(t as f64 / a.concurrency as f64)
+                });
             while Instant::now() < deadline {
+                if every.is_some() {
+                    tokio::time::sleep_until(next.into()).await;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                let scheduled = next;
+                if let Some(e) = every {
+                    next += e;
+                }
                 let is_put = match a.op.as_str() {
                     "put" => true,
                     "get" => false,
@@ -112,7 +134,11 @@ async fn main() -> anyhow::Result<()> {
                     format!("{prefix}/{}", rand::rng().random_range(0..keyset))
                 };
                 i += 1;
-                let t0 = Instant::now();
+                let t0 = if every.is_some() {
+                    scheduled
+                } else {
+                    Instant::now()
+                };
                 let ok = if is_put {
                     c.put_object()
                         .bucket(&a.bucket)

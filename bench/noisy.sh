@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Noisy neighbour: tenant B runs a light, steady 4 KiB GET/PUT workload at a fixed rate
+# (an open loop: latency from the scheduled start) and records p50/p99 alone; then
+# tenant A floods the node with concurrent 64 MiB PUTs and GETs while B runs again.
+# Prints B's p99 with A flooding over B's p99 alone, and A's throughput, for:
+#   granary            A and B with equal QoS (no caps)
+#   granary, A capped  A's QoS maxConcurrentRequests=4 (the isolation Granary has today)
+#   garage             two keys on one Garage node (it has no tenant isolation)
+# Single node, fsync on everywhere, all on this machine, same client (s3bench).
+#
+#   bench/noisy.sh
+#   NOISY_SECONDS=30 NOISY_RATE=200 bench/noisy.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SECS="${NOISY_SECONDS:-20}"
+RATE="${NOISY_RATE:-100}"
+FLOOD="${NOISY_FLOOD_CONCURRENCY:-16}"
+NODES=1
+GARAGE_VERSION=2.5.0
+CACHE="${GRANARY_TOOLS_CACHE:-$HOME/.cache/granary-tools}"
+GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"
+
+echo "==> building granary-node and s3bench (release)" >&2
+cargo build -q --release -p granary-storage-node -p granary-bench
+TARGET="${CARGO_TARGET_DIR:-$PWD/target}/release"
+if [ ! -x "$GARAGE" ]; then
+  echo "==> building Garage $GARAGE_VERSION from crates.io into $CACHE (first time only; ~20 min)" >&2
+  cargo install -q garage --version "$GARAGE_VERSION" --locked --root "$CACHE/garage-$GARAGE_VERSION"
+fi
+
+. bench/lib.sh
+bench_setup noisy
+
+echo "==> starting granary-node dev in $WORK/granary" >&2
+GP=$(port); AP=$(port)
+"$TARGET/granary-node" dev --data-dir "$WORK/granary" --s3-listen "127.0.0.1:$GP" \
+  --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$AP" --rpc-listen "127.0.0.1:$(port)" \
+  > "$WORK/granary.out" 2> "$WORK/granary.err" &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q "Secret key" "$WORK/granary.out" 2>/dev/null && break; sleep 0.1; done
+TOKEN=$(cat "$WORK/granary/admin.token")
+admin() { # method path [json]
+  curl -sS -f -X "$1" -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+    ${3:+--data "$3"} "http://127.0.0.1:$AP/admin/v1$2"
+}
+tenant() { # name -> "AK SK"
+  admin POST /tenants "{\"name\":\"$1\"}" > /dev/null
+  admin POST "/tenants/$1/keys" '{}' | python3 -c 'import json,sys; k=json.load(sys.stdin); print(k["accessKeyId"], k["secretAccessKey"])'
+}
+read -r A_AK A_SK < <(tenant noisy-a)
+read -r B_AK B_SK < <(tenant quiet-b)
+
+start_garage
+KEYOUT=$($G key create quiet-b)
+PB_AK=$(echo "$KEYOUT" | awk -F': *' '/Key ID/ {print $2}' | tr -d ' ')
+PB_SK=$(echo "$KEYOUT" | awk -F': *' '/Secret key/ {print $2}' | tr -d ' ')
+$G bucket create quiet >/dev/null
+$G bucket allow --read --write --owner quiet --key quiet-b >/dev/null
+
+quiet() { # endpoint ak sk bucket label
+  "$TARGET/s3bench" --endpoint "$1" --access-key "$2" --secret-key "$3" --bucket "$4" \
+    --op mixed --size 4096 --concurrency 4 --rate "$RATE" --seconds "$SECS" --label "$5"
+}
+flood() { # endpoint ak sk bucket label
+  "$TARGET/s3bench" --endpoint "$1" --access-key "$2" --secret-key "$3" --bucket "$4" \
+    --op mixed --size 67108864 --concurrency "$FLOOD" --seconds "$((SECS + 8))" --label "$5"
+}
+# B alone, then B while A floods (A starts first and ends after B).
+pair() { # endpoint a_ak a_sk a_bucket b_ak b_sk b_bucket label
+  local alone flooded a
+  alone=$(quiet "$1" "$5" "$6" "$7" "$8-alone")
+  flood "$1" "$2" "$3" "$4" "$8-flood" > "$WORK/flood.json" &
+  local fp=$!
+  sleep 4
+  flooded=$(quiet "$1" "$5" "$6" "$7" "$8-flooded")
+  wait "$fp"
+  a=$(cat "$WORK/flood.json")
+  python3 - "$8" "$alone" "$flooded" "$a" <<'PY'
+import json, sys
+name, alone, flooded, a = sys.argv[1], *(json.loads(x) for x in sys.argv[2:])
+ratio = flooded["p99_ms"] / alone["p99_ms"] if alone["p99_ms"] else float("nan")
+print(f'{name:<20} | B alone p50 {alone["p50_ms"]:7.2f} p99 {alone["p99_ms"]:8.2f} ms | '
+      f'B flooded p50 {flooded["p50_ms"]:8.2f} p99 {flooded["p99_ms"]:8.2f} ms | '
+      f'p99 x {ratio:6.2f} | A {a["mib_per_s"]:7.1f} MiB/s'
+      + (f' | errors B {flooded["errors"]}, A {a["errors"]}' if flooded["errors"] or a["errors"] else ''))
+PY
+}
+echo; echo "noisy neighbour: B mixed 4 KiB at $RATE ops/s, A mixed 64 MiB x $FLOOD, ${SECS} s"
+G_EP="http://127.0.0.1:$GP"
+pair "$G_EP" "$A_AK" "$A_SK" noisy-a "$B_AK" "$B_SK" quiet-b granary
+admin PUT /tenants/noisy-a '{"qos":{"maxConcurrentRequests":4}}' > /dev/null
+sleep 6 # the QoS re-read interval
+pair "$G_EP" "$A_AK" "$A_SK" noisy-a "$B_AK" "$B_SK" quiet-b "granary, A capped 4"
+pair "http://127.0.0.1:$SP" "$P_AK" "$P_SK" bench "$PB_AK" "$PB_SK" quiet garage
