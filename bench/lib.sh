@@ -75,8 +75,14 @@ for c in "${GARAGE_CFG[@]}"; do
 done
 $G layout apply --version 1 >/dev/null
 for _ in $(seq 100); do $G bucket create bench >/dev/null 2>&1 && break; sleep 0.3; done
-KEYOUT=$($G key create bench-key)
-P_AK=$(echo "$KEYOUT" | awk -F': *' '/Key ID/ {print $2}' | tr -d ' ')
-P_SK=$(echo "$KEYOUT" | awk -F': *' '/Secret key/ {print $2}' | tr -d ' ')
-$G bucket allow --read --write --owner bench --key bench-key >/dev/null
+read -r P_AK P_SK < <(garage_key bench-key bench)
+}
+
+# garage_key NAME BUCKET: creates a Garage key with full access to BUCKET; prints "AK SK".
+garage_key() {
+  local out
+  out=$($G key create "$1")
+  $G bucket allow --read --write --owner "$2" --key "$1" >/dev/null
+  echo "$(echo "$out" | awk -F': *' '/Key ID/ {print $2}' | tr -d ' ')" \
+    "$(echo "$out" | awk -F': *' '/Secret key/ {print $2}' | tr -d ' ')"
 }

@@ -52,11 +52,8 @@ read -r A_AK A_SK < <(tenant noisy-a)
 read -r B_AK B_SK < <(tenant quiet-b)
 
 start_garage
-KEYOUT=$($G key create quiet-b)
-PB_AK=$(echo "$KEYOUT" | awk -F': *' '/Key ID/ {print $2}' | tr -d ' ')
-PB_SK=$(echo "$KEYOUT" | awk -F': *' '/Secret key/ {print $2}' | tr -d ' ')
 $G bucket create quiet >/dev/null
-$G bucket allow --read --write --owner quiet --key quiet-b >/dev/null
+read -r PB_AK PB_SK < <(garage_key quiet-b quiet)
 
 quiet() { # endpoint ak sk bucket label
   "$TARGET/s3bench" --endpoint "$1" --access-key "$2" --secret-key "$3" --bucket "$4" \

@@ -661,11 +661,7 @@ impl Catalog for SqlCatalog {
     }
 
     async fn delete_bucket(&self, tenant: TenantId, id: BucketId) -> Result<()> {
-        // Its settings first (the foreign key cascades too, where it is enforced).
-        sqlx::query("DELETE FROM bucket_settings WHERE bucket_id = $1")
-            .bind(id.to_string())
-            .execute(&self.pool)
-            .await?;
+        // Its settings go with it (ON DELETE CASCADE; SQLite runs with foreign_keys on).
         sqlx::query("DELETE FROM buckets WHERE tenant_id = $1 AND id = $2")
             .bind(tenant.to_string())
             .bind(id.to_string())

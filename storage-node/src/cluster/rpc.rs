@@ -535,10 +535,10 @@ async fn object(
         bytes: Vec::new(),
         crc: 0,
     };
-    let head = match serde_json::to_vec(&RemoteHead {
-        ext: rec.ext.clone(),
-        rec,
-    }) {
+    // A copy keeps the source's tags and checksum, not its part sizes.
+    let mut ext = std::mem::take(&mut rec.ext);
+    ext.part_sizes.clear();
+    let head = match serde_json::to_vec(&RemoteHead { ext, rec }) {
         Ok(j) => base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, j),
         Err(e) => return fail(StatusCode::INTERNAL_SERVER_ERROR, "Internal", e.to_string()),
     };

@@ -393,10 +393,9 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
             Method::POST => parts.uri.query() != Some("batchGet"),
             _ => true,
         };
-        let mut req = Request::from_parts(parts, body);
-        req.extensions_mut().insert(hold.clone());
+        let req = Request::from_parts(parts, body);
         let (resp, touched) =
-            crate::model::tracking_partitions(write, dispatch(&st, req, &slot)).await;
+            crate::model::tracking_partitions(write, dispatch(&st, req, &slot, &hold)).await;
         let (replicator, wait) = &st.replication;
         if let Err(why) = replicator.barrier(&touched, *wait).await {
             // A read changed nothing: it may simply be retried (503). A write's outcome is
@@ -428,7 +427,12 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
     resp
 }
 
-async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response, ApiError> {
+async fn dispatch(
+    st: &KvState,
+    req: Request,
+    slot: &OpSlot,
+    hold: &crate::tenancy::rate::HoldSlot,
+) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_string();
     let rest = path.strip_prefix("/kv/v1/").ok_or_else(|| {
@@ -452,11 +456,7 @@ async fn dispatch(st: &KvState, req: Request, slot: &OpSlot) -> Result<Response,
         .await
         .map_err(|th| ApiError::slow_down(&th))?;
     // Held until the response body is done (see `handle`).
-    if held.is_held()
-        && let Some(slot) = parts.extensions.get::<crate::tenancy::rate::HoldSlot>()
-    {
-        slot.put(held);
-    }
+    hold.put(held);
     let span = tracing::Span::current();
     span.record("tenant", tracing::field::display(tenant));
     span.record("bucket", ns.as_str());

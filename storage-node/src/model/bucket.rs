@@ -214,18 +214,7 @@ impl Store {
                     break;
                 }
             }
-            loop {
-                let page = self
-                    .list_uploads_page(tenant, &b.name, "", None, None, 1000)
-                    .await?;
-                for u in &page.uploads {
-                    self.abort_upload(tenant, &b.name, &u.key, u.upload_id)
-                        .await?;
-                }
-                if !page.is_truncated {
-                    break;
-                }
-            }
+            // DeleteBucket aborts the uploads in progress itself.
             self.delete_bucket(tenant, &b.name).await?;
         }
         self.purge_kv_in(tenant, set).await?;

@@ -41,7 +41,7 @@ impl ChecksumAlgorithm {
     /// Whether a multipart object can carry a `FULL_OBJECT` checksum of this algorithm
     /// (CRCs combine; SHAs do not).
     pub fn combines(self) -> bool {
-        !matches!(self, ChecksumAlgorithm::Sha1 | ChecksumAlgorithm::Sha256)
+        self.crc().is_some()
     }
 
     fn crc(self) -> Option<crc_fast::CrcAlgorithm> {

@@ -389,9 +389,14 @@ impl Store {
             return Err(Error::InvalidPartOrder);
         }
         let (p, bid, ukey) = self.upload_key(tenant, bucket, upload).await?;
-        // A missing upload is NoSuchUpload whatever the conditions say.
-        self.load_upload(ukey.clone(), key).await?;
-        let conditional = self.precheck_write(tenant, bucket, key, &cond).await?;
+        // A missing upload is NoSuchUpload whatever the conditions say (the commit finds
+        // it missing too; only a conditional request needs to know before).
+        let conditional = if cond.if_match.is_some() || cond.if_none_match.is_some() {
+            self.load_upload(ukey.clone(), key).await?;
+            self.precheck_write(tenant, bucket, key, &cond).await?
+        } else {
+            false
+        };
         let okey = keys::object_key(p, bid, key);
         let key = key.to_string();
         let r = self

@@ -267,6 +267,15 @@ pub fn part_range(rec: &ObjectRecord, n: u32) -> Result<Range<u64>> {
     Ok(start..start + size)
 }
 
+/// The bytes a read of `rec` asks for: a Range, a part, or all of it.
+pub fn range_of(rec: &ObjectRecord, r: Option<ByteRange>) -> Result<Range<u64>> {
+    match r {
+        Some(ByteRange::Part(n)) => part_range(rec, n),
+        Some(r) => r.resolve(rec.size),
+        None => Ok(0..rec.size),
+    }
+}
+
 impl ByteRange {
     pub fn resolve(self, size: u64) -> Result<Range<u64>> {
         let invalid = Error::InvalidRange { size };
@@ -602,8 +611,7 @@ impl Store {
         }
         let current = match self.head_object(tenant, bucket, key).await {
             Ok(o) => Some(o),
-            Err(Error::NoSuchKey) if cond.if_match.is_some() => return Err(Error::NoSuchKey),
-            Err(Error::NoSuchKey) => None,
+            Err(Error::NoSuchKey) if cond.if_match.is_none() => None,
             Err(e) => return Err(e),
         };
         cond.check_write(current.as_ref())?;
@@ -641,11 +649,7 @@ impl Store {
     ) -> Result<(ObjectRecord, Range<u64>, ObjectBody)> {
         let rec = self.head_object(tenant, bucket, key).await?;
         cond.check_read(&rec)?;
-        let r = match range {
-            Some(ByteRange::Part(n)) => part_range(&rec, n)?,
-            Some(r) => r.resolve(rec.size)?,
-            None => 0..rec.size,
-        };
+        let r = range_of(&rec, range)?;
         let body = data::read_body(self.engine().chunks(), &rec.data, r.clone()).await?;
         Ok((rec, r, body))
     }

@@ -327,16 +327,21 @@ pub struct Sums {
     pub kind: Option<s3s::dto::ChecksumType>,
 }
 
+/// `FULL_OBJECT` or `COMPOSITE`.
+pub fn checksum_type(full_object: bool) -> s3s::dto::ChecksumType {
+    s3s::dto::ChecksumType::from_static(if full_object {
+        s3s::dto::ChecksumType::FULL_OBJECT
+    } else {
+        s3s::dto::ChecksumType::COMPOSITE
+    })
+}
+
 pub fn sums(c: Option<&Checksum>) -> Sums {
     let Some(c) = c else {
         return Sums::default();
     };
     let mut s = Sums {
-        kind: Some(s3s::dto::ChecksumType::from_static(if c.full_object {
-            s3s::dto::ChecksumType::FULL_OBJECT
-        } else {
-            s3s::dto::ChecksumType::COMPOSITE
-        })),
+        kind: Some(checksum_type(c.full_object)),
         ..Default::default()
     };
     let v = Some(c.value.clone());
@@ -351,15 +356,20 @@ pub fn sums(c: Option<&Checksum>) -> Sums {
 }
 
 /// Sets the `checksum_*` fields (and `checksum_type`) of an output from [`Sums`].
+/// `@sums` sets only the five values (for outputs without a `checksum_type`).
 macro_rules! set_checksums {
-    ($out:expr, $c:expr) => {{
-        let s = $crate::s3::convert::sums($c);
+    (@sums $out:expr, $s:expr) => {{
+        let s = $s;
         $out.checksum_crc32 = s.crc32;
         $out.checksum_crc32c = s.crc32c;
         $out.checksum_crc64nvme = s.crc64nvme;
         $out.checksum_sha1 = s.sha1;
         $out.checksum_sha256 = s.sha256;
-        $out.checksum_type = s.kind;
+        s.kind
+    }};
+    ($out:expr, $c:expr) => {{
+        $out.checksum_type =
+            $crate::s3::convert::set_checksums!(@sums $out, $crate::s3::convert::sums($c));
     }};
 }
 pub(crate) use set_checksums;

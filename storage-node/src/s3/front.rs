@@ -435,14 +435,7 @@ fn presign_refusal(query: &str, now: i64) -> Option<(http::StatusCode, &'static 
                 ),
             ));
         }
-        let fmt = time::format_description::parse_borrowed::<2>(
-            "[year][month][day]T[hour][minute][second]Z",
-        )
-        .ok()?;
-        let signed = time::PrimitiveDateTime::parse(param("X-Amz-Date")?, &fmt)
-            .ok()?
-            .assume_utc()
-            .unix_timestamp();
+        let signed = crate::tenancy::sigv4::parse_amz_date(param("X-Amz-Date")?)?;
         if now > signed.saturating_add(expires) {
             return expired();
         }
@@ -498,15 +491,19 @@ fn refuse_before_body(parts: &http::request::Parts) -> Option<http::Response<s3s
     None
 }
 
+/// `s` as XML text (`&`, `<`, `>` escaped).
+pub(super) fn xml_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
 fn s3_error_response(
     status: http::StatusCode,
     code: &str,
     message: &str,
 ) -> http::Response<s3s::Body> {
-    let message = message
-        .replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;");
+    let message = xml_escape(message);
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message></Error>"
     );

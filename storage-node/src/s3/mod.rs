@@ -62,9 +62,7 @@ impl GranaryS3 {
             .await
             .map_err(|th| slow_down(&th))?;
         // Held until the response is done (see s3/front.rs).
-        if held.is_held()
-            && let Some(slot) = req.extensions.get::<crate::tenancy::rate::HoldSlot>()
-        {
+        if let Some(slot) = req.extensions.get::<crate::tenancy::rate::HoldSlot>() {
             slot.put(held);
         }
         Ok(t)
@@ -82,14 +80,7 @@ pub(crate) fn declared_body(h: &http::HeaderMap) -> u64 {
 
 /// 503 `SlowDown` with `Retry-After`, for a request over its tenant's rate limit.
 pub(crate) fn slow_down(th: &crate::tenancy::rate::Throttled) -> s3s::S3Error {
-    let mut e = s3s::S3Error::with_message(
-        s3s::S3ErrorCode::SlowDown,
-        format!(
-            "the tenant's {} rate limit is reached; retry after {} s",
-            th.limit,
-            th.retry_after_secs()
-        ),
-    );
+    let mut e = s3s::S3Error::with_message(s3s::S3ErrorCode::SlowDown, th.to_string());
     let mut h = http::HeaderMap::new();
     h.insert(
         http::header::CONTENT_TYPE,

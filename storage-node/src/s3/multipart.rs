@@ -76,13 +76,7 @@ pub async fn create(
         key: Some(i.key),
         upload_id: Some(id.to_string()),
         checksum_algorithm: i.checksum_algorithm,
-        checksum_type: checksum.map(|(_, full)| {
-            ChecksumType::from_static(if full {
-                ChecksumType::FULL_OBJECT
-            } else {
-                ChecksumType::COMPOSITE
-            })
-        }),
+        checksum_type: checksum.map(|(_, full)| convert::checksum_type(full)),
         ..Default::default()
     }))
 }
@@ -116,12 +110,7 @@ pub async fn upload_part(
         e_tag: Some(convert::etag(&rec.etag())),
         ..Default::default()
     };
-    let sums = convert::sums(rec.ext.checksum.as_ref());
-    out.checksum_crc32 = sums.crc32;
-    out.checksum_crc32c = sums.crc32c;
-    out.checksum_crc64nvme = sums.crc64nvme;
-    out.checksum_sha1 = sums.sha1;
-    out.checksum_sha256 = sums.sha256;
+    convert::set_checksums!(@sums out, convert::sums(rec.ext.checksum.as_ref()));
     Ok(S3Response::new(out))
 }
 
@@ -249,18 +238,15 @@ pub async fn list_parts(
         let Some((n, p)) = rest.next() else { break };
         // Each part's flexible checksum, as the clients that compose a multipart
         // object's checksum themselves read it back.
-        let sums = convert::sums(p.ext.checksum.as_ref());
-        parts.push(Part {
+        let mut part = Part {
             part_number: Some(n as i32),
             e_tag: Some(convert::etag(&p.etag())),
             size: Some(p.size as i64),
             last_modified: Some(timestamp(p.last_modified)),
-            checksum_crc32: sums.crc32,
-            checksum_crc32c: sums.crc32c,
-            checksum_crc64nvme: sums.crc64nvme,
-            checksum_sha1: sums.sha1,
-            checksum_sha256: sums.sha256,
-        });
+            ..Default::default()
+        };
+        convert::set_checksums!(@sums part, convert::sums(p.ext.checksum.as_ref()));
+        parts.push(part);
     }
     let truncated = rest.peek().is_some();
     Ok(S3Response::new(ListPartsOutput {

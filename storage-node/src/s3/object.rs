@@ -212,13 +212,7 @@ pub async fn head_object(
     let by_part = i.part_number.is_some();
     let range = requested_range(i.range, i.part_number)?;
     let ranged = range.is_some();
-    let r = match range {
-        Some(crate::model::object::ByteRange::Part(n)) => {
-            crate::model::object::part_range(&o, n).map_err(to_s3)?
-        }
-        Some(r) => r.resolve(o.size).map_err(to_s3)?,
-        None => 0..o.size,
-    };
+    let r = crate::model::object::range_of(&o, range).map_err(to_s3)?;
     let len = r.end - r.start;
     let content_range =
         (ranged && len > 0).then(|| format!("bytes {}-{}/{}", r.start, r.end - 1, o.size));

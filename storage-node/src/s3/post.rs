@@ -528,11 +528,7 @@ async fn admit(
         Refusal(
             http::StatusCode::SERVICE_UNAVAILABLE,
             "SlowDown",
-            format!(
-                "the tenant's {} rate limit is reached; retry after {} s",
-                th.limit,
-                th.retry_after_secs()
-            ),
+            th.to_string(),
         )
     })
 }
@@ -713,12 +709,7 @@ fn success(
     match f.get("success_action_status").map(String::as_str) {
         Some("200") => b.status(http::StatusCode::OK).body(s3s::Body::empty()),
         Some("201") => {
-            let esc = |s: &str| {
-                s.replace('&', "&amp;")
-                    .replace('<', "&lt;")
-                    .replace('>', "&gt;")
-                    .replace('"', "&quot;")
-            };
+            let esc = |s: &str| super::front::xml_escape(s).replace('"', "&quot;");
             let xml = format!(
                 "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<PostResponse><Location>{}</Location>\
                  <Bucket>{}</Bucket><Key>{}</Key><ETag>{}</ETag></PostResponse>",

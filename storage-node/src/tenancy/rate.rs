@@ -58,8 +58,19 @@ pub const SPEC_TTL: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Throttled {
     pub retry_after: Duration,
-    /// Which limit: `requests` or `bytes`.
+    /// Which limit: `requests`, `bytes` or `concurrency`.
     pub limit: &'static str,
+}
+
+impl std::fmt::Display for Throttled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the tenant's {} rate limit is reached; retry after {} s",
+            self.limit,
+            self.retry_after_secs()
+        )
+    }
 }
 
 impl Throttled {
@@ -88,7 +99,11 @@ type Counts = Arc<std::sync::Mutex<HashMap<TenantId, u32>>>;
 pub struct HoldSlot(Arc<std::sync::Mutex<Option<InFlight>>>);
 
 impl HoldSlot {
+    /// Keeps `held` if it holds a slot (an unheld one has nothing to give back).
     pub fn put(&self, held: InFlight) {
+        if !held.is_held() {
+            return;
+        }
         *self
             .0
             .lock()

@@ -212,7 +212,7 @@ pub struct SignedRequest<'a> {
     pub now_unix: i64,
 }
 
-fn parse_amz_date(s: &str) -> Option<i64> {
+pub(crate) fn parse_amz_date(s: &str) -> Option<i64> {
     let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
     time::PrimitiveDateTime::parse(s, &fmt)
         .ok()

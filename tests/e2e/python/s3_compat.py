@@ -1,6 +1,6 @@
 """S3 behaviours that conformance suites and real tools check, against a running node.
 
-Run by tests/e2e/tests/s3_compat.rs with GRANARY_S3, AWS_ACCESS_KEY_ID and
+Run by tests/e2e/tests/python_clients.rs with GRANARY_S3, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY set. boto3 and the AWS CLI where they show the behaviour; raw
 SigV4-signed HTTP (botocore's signer, http.client) where the SDKs hide the wire.
 Every check prints its name; the script exits non-zero on the first failure.
@@ -10,10 +10,7 @@ import datetime
 import hashlib
 import http.client
 import os
-import re
 import subprocess
-import sys
-import threading
 import time
 import urllib.parse
 import zlib
@@ -500,9 +497,9 @@ for algo, kind in (("CRC32", "FULL_OBJECT"), ("SHA256", "COMPOSITE")):
         digests = b"".join(base64.b64decode(p["ChecksumSHA256"]) for p in ps)
         want = base64.b64encode(hashlib.sha256(digests).digest()).decode() + "-2"
         assert r["ChecksumSHA256"] == want, (r, want)
-    e = err(s3.create_multipart_upload, Bucket="compat", Key="x", ChecksumAlgorithm="SHA1",
-            ChecksumType="FULL_OBJECT")
-    assert code(e) == "InvalidRequest", e.response
+e = err(s3.create_multipart_upload, Bucket="compat", Key="x", ChecksumAlgorithm="SHA1",
+        ChecksumType="FULL_OBJECT")
+assert code(e) == "InvalidRequest", e.response
 
 # --- POST Object: browser form uploads -------------------------------------------
 import urllib3

@@ -9,6 +9,7 @@ lengths) and refuse or show nothing of B; B checks afterwards that nothing of it
 changed. Raw SigV4-signed HTTP (botocore's signer) so the whole answer is compared;
 boto3 and the AWS CLI for the client-level cases.
 """
+import base64
 import hashlib
 import http.client
 import json
@@ -237,7 +238,7 @@ probes += 1
 print(f"probe {probes}: POST Object into B's bucket: {answers[0][0]}")
 # DeleteObjects naming B's key.
 xml = b"<Delete><Object><Key>secret.txt</Key></Object></Delete>"
-md5 = __import__("base64").b64encode(hashlib.md5(xml).digest()).decode()
+md5 = base64.b64encode(hashlib.md5(xml).digest()).decode()
 probe("DeleteObjects", "POST", f"/{BB}", f"/{NONE}", "delete", headers={"Content-MD5": md5}, body=xml)
 
 # KV: A's namespace "app" is A's own; B's key in it does not exist for A.

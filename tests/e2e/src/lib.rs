@@ -891,12 +891,20 @@ impl Admin {
 
     /// Creates a tenant with one key; returns (access key, secret).
     pub async fn tenant_with_key(&self, name: &str) -> Result<(String, String)> {
+        self.tenant_with_spec(name, serde_json::json!({})).await
+    }
+
+    /// Creates a tenant with `spec` (quotas, qos, ...) and one key; returns (access key,
+    /// secret).
+    pub async fn tenant_with_spec(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<(String, String)> {
+        let mut body = spec;
+        body["name"] = serde_json::json!(name);
         let (s, v) = self
-            .call(
-                reqwest::Method::POST,
-                "/tenants",
-                Some(serde_json::json!({"name": name})),
-            )
+            .call(reqwest::Method::POST, "/tenants", Some(body))
             .await?;
         anyhow::ensure!(s == 201, "create tenant: {s} {v}");
         let (s, v) = self

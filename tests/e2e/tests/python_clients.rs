@@ -44,7 +44,7 @@ fn s3_behaviours_conformance_suites_check() {
 
 /// Tenant isolation: tenant A's credentials aimed at tenant B's buckets, objects,
 /// upload ids, copy sources, presigned URLs, form uploads and KV keys answer exactly as
-/// for resources that do not exist (at least 40 probes), and B finds nothing changed.
+/// for resources that do not exist (50 probes; at least 40 asserted), and B finds nothing changed.
 #[test]
 fn another_tenants_resources_answer_as_if_they_did_not_exist() {
     run_script("tenant_probes.py", "tenant probes: all");

@@ -693,7 +693,15 @@ async fn every_node_serves_every_bucket_and_namespace() {
                 .send()
                 .await
             {
-                Err(_) => break,
+                Err(e) => {
+                    assert_eq!(
+                        aws_sdk_s3::error::ProvideErrorMetadata::code(&e),
+                        Some("InvalidAccessKeyId"),
+                        "{}: {e:?}",
+                        m.id
+                    );
+                    break;
+                }
                 Ok(_) => {
                     assert!(
                         revoked_at.elapsed() < Duration::from_secs(7),

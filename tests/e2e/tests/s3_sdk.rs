@@ -877,8 +877,7 @@ async fn flexible_checksums_with_the_sdk_defaults() {
     assert_eq!(put.checksum_crc32(), Some(crc.as_str()));
 
     // CRC64NVME, single part and multipart (FULL_OBJECT by default).
-    let whole = c
-        .put_object()
+    c.put_object()
         .bucket("sums")
         .key("one")
         .checksum_algorithm(ChecksumAlgorithm::Crc64Nvme)
@@ -887,8 +886,7 @@ async fn flexible_checksums_with_the_sdk_defaults() {
         .await
         .unwrap()
         .checksum_crc64_nvme()
-        .expect("stored")
-        .to_string();
+        .expect("stored");
     let up = c
         .create_multipart_upload()
         .bucket("sums")
@@ -947,7 +945,6 @@ async fn flexible_checksums_with_the_sdk_defaults() {
         single_big.checksum_crc64_nvme(),
         "the parts' CRC64NVMEs combine into the whole object's"
     );
-    assert_ne!(fin.checksum_crc64_nvme(), Some(whole.as_str()));
     let got = c
         .get_object()
         .bucket("sums")

@@ -11,28 +11,10 @@ use granary_e2e::{Admin, KvClient, NodeProc, s3_client};
 use serde_json::json;
 
 async fn limited_tenant(admin: &Admin, name: &str, qos: serde_json::Value) -> (String, String) {
-    let (s, v) = admin
-        .call(
-            reqwest::Method::POST,
-            "/tenants",
-            Some(json!({"name": name, "qos": qos})),
-        )
+    admin
+        .tenant_with_spec(name, json!({"qos": qos}))
         .await
-        .unwrap();
-    assert_eq!(s, 201, "{v}");
-    let (s, v) = admin
-        .call(
-            reqwest::Method::POST,
-            &format!("/tenants/{name}/keys"),
-            None,
-        )
-        .await
-        .unwrap();
-    assert_eq!(s, 201, "{v}");
-    (
-        v["accessKeyId"].as_str().unwrap().to_string(),
-        v["secretAccessKey"].as_str().unwrap().to_string(),
-    )
+        .unwrap()
 }
 
 /// A tenant limited to R requests/s, hammered by 8 clients for 30 s, is admitted at most
