@@ -115,7 +115,16 @@ impl From<model::Error> for ApiError {
                     "stored data failed its checksum",
                 )
             }
-            E::NotPrimary(m) => ApiError::unavailable(m),
+            E::NotPrimary(m) | E::QuotaUndecided(m) => ApiError::unavailable(m),
+            E::QuotaExceeded(q) => ApiError {
+                status: StatusCode::FORBIDDEN,
+                code: "QuotaExceeded",
+                message: q.to_string(),
+                extra: Some((
+                    "quota",
+                    json!({"name": q.what, "limit": q.limit, "used": q.used, "adding": q.adding}),
+                )),
+            },
             E::NotEnoughReplicas(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "NotEnoughReplicas", m)
             }

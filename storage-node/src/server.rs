@@ -326,6 +326,16 @@ impl Node {
             store.set_write_guard(Arc::new(move |p| replicator.refuse_write(p)));
         }
         store.set_remote_reader(crate::cluster::rpc::remote_reader(cluster.clone()));
+        // Quotas are decided by each tenant's authority, against cluster-wide usage.
+        store
+            .quotas()
+            .set_measure(crate::cluster::rpc::quota_measure(
+                cluster.clone(),
+                store.downgrade(),
+            ));
+        store
+            .quotas()
+            .set_authority(crate::cluster::rpc::quota_authority(cluster.clone()));
 
         let ready = Arc::new(AtomicBool::new(false));
 

@@ -53,6 +53,22 @@ async fn assert_same_partition(a: &Engine, b: &Engine, p: PartitionId) {
         b.committed_lsn(p),
         "the log position travelled"
     );
+    // The usage counters are derived on each node: the partition's rows agree, and each
+    // node's counters agree with a recount of what it holds.
+    let rows = |e: &Engine| {
+        let e = e.clone();
+        async move {
+            let mut r = e.usage_rows().await.unwrap();
+            r.retain(|(k, _)| k.starts_with(&p.0.to_be_bytes()));
+            r
+        }
+    };
+    let ra = rows(a).await;
+    assert!(!ra.is_empty());
+    assert_eq!(ra, rows(b).await, "usage of partition {p}");
+    for e in [a, b] {
+        assert_eq!(e.verify_usage().await.unwrap(), vec![]);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -290,6 +290,8 @@ async fn update_tenant(
     let Json(spec) = body.map_err(json_rejection)?;
     let was_suspended = tenant(&s, &name).await?.spec.suspended;
     let t = s.store.catalog().update_tenant(&name, &spec).await?;
+    // New quotas apply on this node at once (on the others within quota::SPEC_TTL).
+    s.store.quotas().invalidate(t.id);
     // A suspension (or its end) applies on this node from the next request.
     if was_suspended != spec.suspended {
         s.auth.invalidate_tenant(t.id).await;
@@ -402,10 +404,7 @@ async fn usage(
                 format!("a peer's usage report is malformed: {e}"),
             )
         })?;
-        total.buckets += u.buckets;
-        total.objects += u.objects;
-        total.storage_bytes += u.storage_bytes;
-        total.kv_keys += u.kv_keys;
+        total.add(&u);
     }
     Ok(Json(total))
 }

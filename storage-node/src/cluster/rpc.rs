@@ -6,7 +6,8 @@
 //! (`GET /rpc/v1/partitions/{p}/snapshot`, streamed, for catch-up and partition moves),
 //! forwarded client requests (`/rpc/v1/forward/{s3|kv}`, any method, see [`super::forward`])
 //! and a tenant's share of cluster-wide work in the partitions a node leads
-//! (`POST /rpc/v1/tenants/{id}/{usage|purge|has-kv}`), and replication: a partition's
+//! (`POST /rpc/v1/tenants/{id}/{usage|purge|has-kv}`), quota admissions asked of a
+//! tenant's quota authority (`POST /rpc/v1/quota/{id}`), and replication: a partition's
 //! log position and digest, shipped log entries and chunk files, and resync requests
 //! (`/rpc/v1/partitions/{p}/{position|digest|log|chunks|resync}`; docs/cluster.md).
 
@@ -96,6 +97,7 @@ pub fn router(state: RpcState) -> Router {
         .route("/rpc/v1/partitions/{p}/resync", post(resync))
         .route("/rpc/v1/tenants/{id}/{work}", post(tenant_work))
         .route("/rpc/v1/tenants/{id}/object", get(object))
+        .route("/rpc/v1/quota/{id}", post(quota_admit))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "NoSuchRoute", "unknown RPC route")
         })
@@ -437,6 +439,122 @@ async fn require_peer(State(c): State<Cluster>, req: Request, next: Next) -> Res
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
+}
+
+// ---- quotas ----
+
+/// Admits an amount for a tenant whose quota authority this node is (it leads the
+/// tenant's authority partition): 200 admitted (and counted at once), 403 with the
+/// quota refused, 503 when this node is not the authority or cannot decide.
+async fn quota_admit(
+    State(s): State<RpcState>,
+    Path(id): Path<uuid::Uuid>,
+    Json(amount): Json<crate::tenancy::quota::Amount>,
+) -> Result<Response, ApiError> {
+    let f = fronts(&s)?;
+    let tenant = crate::types::TenantId(id);
+    let p = crate::tenancy::quota::authority_partition(tenant, s.cluster.partitions());
+    if s.cluster.route(p) != super::Route::Local {
+        s.cluster.refresh_soon();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "NotPrimary",
+            format!("this node does not lead partition {p}, the tenant's quota authority"),
+        ));
+    }
+    match f.store.quotas().admit_here(tenant, amount).await {
+        Ok(r) => {
+            // The asker commits after this answer; counted now (the safe side).
+            r.committed();
+            Ok(Json(json!({})).into_response())
+        }
+        Err(Ok(q)) => Ok((StatusCode::FORBIDDEN, Json(q)).into_response()),
+        Err(Err(m)) => Err(ApiError::unavailable(m)),
+    }
+}
+
+/// The way a node reaches its tenants' quota authorities: None (decide here) when it
+/// leads the tenant's authority partition, else the authority's verdict over the RPC
+/// port (undecided when there is no reachable authority: the write is refused with 503
+/// and nothing is stored).
+pub fn quota_authority(cluster: Cluster) -> crate::tenancy::quota::Authority {
+    Arc::new(move |tenant, amount| {
+        let cluster = cluster.clone();
+        Box::pin(async move {
+            let p = crate::tenancy::quota::authority_partition(tenant, cluster.partitions());
+            let (node, addr) = match cluster.route(p) {
+                super::Route::Local => return None,
+                super::Route::Remote { node, rpc_addr } => (node, rpc_addr),
+                super::Route::Unavailable(why) => {
+                    return Some(Err(Err(format!(
+                        "the tenant's quota authority (partition {p}) is unavailable: {why}; retry"
+                    ))));
+                }
+            };
+            let fail = |e: String| {
+                Some(Err(Err(format!(
+                    "the tenant's quota authority, node {} ({addr}), did not decide: {e}; retry",
+                    node.0
+                ))))
+            };
+            let Some(secret) = cluster.secret().cloned() else {
+                return fail("this node has no cluster secret".into());
+            };
+            let r = match cluster
+                .http()
+                .post(format!("http://{addr}/rpc/v1/quota/{}", tenant.0))
+                .bearer_auth(&*secret)
+                .timeout(Duration::from_secs(5))
+                .json(&amount)
+                .send()
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => return fail(e.to_string()),
+            };
+            match r.status() {
+                s if s.is_success() => Some(Ok(())),
+                StatusCode::FORBIDDEN => {
+                    match r.json::<crate::tenancy::quota::QuotaExceeded>().await {
+                        Ok(q) => Some(Err(Ok(q))),
+                        Err(e) => fail(format!("unreadable refusal: {e}")),
+                    }
+                }
+                s => {
+                    if s == StatusCode::SERVICE_UNAVAILABLE {
+                        cluster.refresh_soon();
+                    }
+                    let why = r.text().await.unwrap_or_default();
+                    fail(format!("HTTP {s}: {}", why.trim()))
+                }
+            }
+        })
+    })
+}
+
+/// A tenant's usage over the whole cluster (every partition's primary counts its
+/// share), for the quota authority's measurements.
+pub fn quota_measure(
+    cluster: Cluster,
+    store: crate::model::WeakStore,
+) -> crate::tenancy::quota::Measure {
+    Arc::new(move |tenant| {
+        let (cluster, store) = (cluster.clone(), store.clone());
+        Box::pin(async move {
+            let store = store.upgrade().ok_or("the node is shutting down")?;
+            let shares =
+                tenant_work_everywhere(&cluster, &store, tenant, "usage", Duration::from_secs(10))
+                    .await
+                    .map_err(|e| e.message)?;
+            let mut total = crate::model::bucket::Usage::default();
+            for share in shares {
+                let u: crate::model::bucket::Usage = serde_json::from_value(share)
+                    .map_err(|e| format!("a peer's usage report is malformed: {e}"))?;
+                total.add(&u);
+            }
+            Ok(total)
+        })
+    })
 }
 
 // ---- copy sources on another node ----

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::chunk::ChunkRef;
 use super::replog::{self, Change, LogEntry, LogState, TrackedTxn};
+use super::usage::UsageDeltas;
 use super::{EngineError, META};
 use crate::types::PartitionId;
 
@@ -153,49 +154,60 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
             .map_err(|e| format!("fsync of chunk directory failed: {e}"));
         let before = seq;
         let mut logged = Vec::new();
-        let (dones, result) = match synced
-            .and_then(|()| db.begin_write().map_err(|e| e.to_string()))
-        {
-            Err(e) => (
-                batch
-                    .into_iter()
-                    .map(|_| None)
-                    .collect::<Vec<Option<Done>>>(),
-                Err(e),
-            ),
-            Ok(txn) => {
-                let mut changes = Vec::new();
-                let mut chunks = Vec::new();
-                let mut freed = Vec::new();
-                let dones: Vec<Option<Done>> = batch
-                    .into_iter()
-                    .map(|job| {
-                        let recorded = RefCell::new(Vec::new());
-                        let mut ctx = WriteCtx {
-                            txn: TrackedTxn::new(&txn, &recorded),
-                            seq: &mut seq,
-                            chunks: Vec::new(),
-                            freed: Vec::new(),
-                            logged: &mut logged,
-                        };
-                        let done = job(&mut ctx);
-                        chunks.append(&mut ctx.chunks);
-                        freed.append(&mut ctx.freed);
-                        changes.push(recorded.into_inner());
-                        Some(done)
-                    })
-                    .collect();
-                let result = log_changes(&txn, &logs, changes, (chunks, freed), seq, &mut logged)
-                    .and_then(|()| store_seq(&txn, seq))
-                    .and_then(|()| {
-                        // Published before the data becomes visible: a read that
-                        // sees it waits for these entries to be replicated.
-                        logs.pending(&logged);
-                        txn.commit().map_err(|e| e.to_string())
-                    });
-                (dones, result)
-            }
-        };
+        let (dones, result) =
+            match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
+                Err(e) => (
+                    batch
+                        .into_iter()
+                        .map(|_| None)
+                        .collect::<Vec<Option<Done>>>(),
+                    Err(e),
+                ),
+                Ok(txn) => {
+                    let mut changes = Vec::new();
+                    let mut chunks = Vec::new();
+                    let mut freed = Vec::new();
+                    let mut counted: Result<(), String> = Ok(());
+                    let dones: Vec<Option<Done>> = batch
+                        .into_iter()
+                        .map(|job| {
+                            let recorded = RefCell::new(Vec::new());
+                            let usage = RefCell::new(UsageDeltas::default());
+                            let mut ctx = WriteCtx {
+                                txn: TrackedTxn::new(&txn, &recorded, &usage),
+                                seq: &mut seq,
+                                chunks: Vec::new(),
+                                freed: Vec::new(),
+                                logged: &mut logged,
+                            };
+                            let done = job(&mut ctx);
+                            // Each write's counts are stored before the next write runs, so
+                            // a write sees the usage the writes before it left.
+                            if counted.is_ok() {
+                                counted = usage.borrow_mut().flush(&txn).map_err(|e| {
+                                    format!("updating the usage counters failed: {e}")
+                                });
+                            }
+                            chunks.append(&mut ctx.chunks);
+                            freed.append(&mut ctx.freed);
+                            changes.push(recorded.into_inner());
+                            Some(done)
+                        })
+                        .collect();
+                    let result = counted
+                        .and_then(|()| {
+                            log_changes(&txn, &logs, changes, (chunks, freed), seq, &mut logged)
+                        })
+                        .and_then(|()| store_seq(&txn, seq))
+                        .and_then(|()| {
+                            // Published before the data becomes visible: a read that
+                            // sees it waits for these entries to be replicated.
+                            logs.pending(&logged);
+                            txn.commit().map_err(|e| e.to_string())
+                        });
+                    (dones, result)
+                }
+            };
         if result.is_err() {
             // Nothing of this batch is durable; hand the numbers out again.
             seq = before;

@@ -17,6 +17,7 @@ pub mod keys;
 pub mod record;
 pub mod replog;
 mod snapshot;
+pub mod usage;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -110,8 +111,10 @@ impl Engine {
             txn.open_table(META)?;
             txn.open_table(replog::REPL_LOG)?;
             txn.open_table(replog::PART_LSN)?;
+            txn.open_table(usage::USAGE)?;
             txn.commit()?;
         }
+        usage::rebuild_if_needed(&db)?;
         let chunks = ChunkStore::open(dir.join("chunks"))?;
         dirs::sync_dir(dir)?;
         let logs = Arc::new(replog::LogState::load(&db)?);

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use super::chunk::ChunkRef;
 use super::snapshot::{AGE_PREFIX, AGE_TABLE, KEY_TABLES, VALUE_TABLES};
+use super::usage::UsageDeltas;
 use super::{Engine, EngineError, UPLOADS_BY_AGE};
 use crate::types::PartitionId;
 
@@ -117,11 +118,20 @@ pub fn partition_of(table: u8, key: &[u8]) -> Option<PartitionId> {
 pub struct TrackedTxn<'a> {
     txn: &'a redb::WriteTransaction,
     changes: &'a RefCell<Vec<Change>>,
+    usage: &'a RefCell<UsageDeltas>,
 }
 
 impl<'a> TrackedTxn<'a> {
-    pub(super) fn new(txn: &'a redb::WriteTransaction, changes: &'a RefCell<Vec<Change>>) -> Self {
-        Self { txn, changes }
+    pub(super) fn new(
+        txn: &'a redb::WriteTransaction,
+        changes: &'a RefCell<Vec<Change>>,
+        usage: &'a RefCell<UsageDeltas>,
+    ) -> Self {
+        Self {
+            txn,
+            changes,
+            usage,
+        }
     }
 
     pub fn open_table<K: Key + 'static, V: Value + 'static>(
@@ -132,6 +142,7 @@ impl<'a> TrackedTxn<'a> {
             inner: self.txn.open_table(def)?,
             number: table_number(def.name()),
             changes: self.changes,
+            usage: self.usage,
         })
     }
 
@@ -139,6 +150,12 @@ impl<'a> TrackedTxn<'a> {
     /// (or is replicated by other means: snapshot import, applying a log).
     pub(super) fn untracked(&self) -> &'a redb::WriteTransaction {
         self.txn
+    }
+
+    /// The usage counters' changes of this write, for changes made through
+    /// [`Self::untracked`] (applying a log, importing a snapshot).
+    pub(super) fn usage(&self) -> &'a RefCell<UsageDeltas> {
+        self.usage
     }
 }
 
@@ -148,6 +165,7 @@ pub struct TrackedTable<'a, K: Key + 'static, V: Value + 'static> {
     inner: redb::Table<'a, K, V>,
     number: Option<u8>,
     changes: &'a RefCell<Vec<Change>>,
+    usage: &'a RefCell<UsageDeltas>,
 }
 
 impl<'a, K: Key + 'static, V: Value + 'static> std::ops::Deref for TrackedTable<'a, K, V> {
@@ -164,29 +182,51 @@ impl<'a, K: Key + 'static, V: Value + 'static> TrackedTable<'a, K, V> {
         key: impl Borrow<K::SelfType<'k>>,
         value: impl Borrow<V::SelfType<'v>>,
     ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        if let Some(table) = self.number {
-            let has_value = (table as usize) < VALUE_TABLES.len();
-            self.changes.borrow_mut().push(Change::Put {
+        let Some(table) = self.number else {
+            return self.inner.insert(key, value);
+        };
+        let has_value = (table as usize) < VALUE_TABLES.len();
+        let k = K::as_bytes(key.borrow()).as_ref().to_vec();
+        let v = has_value.then(|| serde_bytes::ByteBuf::from(V::as_bytes(value.borrow()).as_ref()));
+        let old = self.inner.insert(key, value)?;
+        if has_value {
+            let old_value = old.as_ref().map(AccessGuard::value);
+            let old_bytes = old_value.as_ref().map(|o| V::as_bytes(o));
+            self.usage.borrow_mut().observe(
                 table,
-                key: K::as_bytes(key.borrow()).as_ref().to_vec(),
-                value: has_value
-                    .then(|| serde_bytes::ByteBuf::from(V::as_bytes(value.borrow()).as_ref())),
-            });
+                &k,
+                old_bytes.as_ref().map(AsRef::as_ref),
+                v.as_deref().map(|b| &b[..]),
+            );
         }
-        self.inner.insert(key, value)
+        self.changes.borrow_mut().push(Change::Put {
+            table,
+            key: k,
+            value: v,
+        });
+        Ok(old)
     }
 
     pub fn remove<'k>(
         &mut self,
         key: impl Borrow<K::SelfType<'k>>,
     ) -> Result<Option<AccessGuard<'_, V>>, StorageError> {
-        if let Some(table) = self.number {
-            self.changes.borrow_mut().push(Change::Delete {
-                table,
-                key: K::as_bytes(key.borrow()).as_ref().to_vec(),
-            });
+        let Some(table) = self.number else {
+            return self.inner.remove(key);
+        };
+        let k = K::as_bytes(key.borrow()).as_ref().to_vec();
+        let old = self.inner.remove(key)?;
+        if (table as usize) < VALUE_TABLES.len() {
+            let old_value = old.as_ref().map(AccessGuard::value);
+            let old_bytes = old_value.as_ref().map(|o| V::as_bytes(o));
+            self.usage
+                .borrow_mut()
+                .observe(table, &k, old_bytes.as_ref().map(AsRef::as_ref), None);
         }
-        self.inner.remove(key)
+        self.changes
+            .borrow_mut()
+            .push(Change::Delete { table, key: k });
+        Ok(old)
     }
 
     /// Removes every entry for which `keep` is false.
@@ -216,11 +256,17 @@ impl<'a, K: Key + 'static, V: Value + 'static> TrackedTable<'a, K, V> {
         &self,
         mut keep: F,
     ) -> impl for<'f> FnMut(K::SelfType<'f>, V::SelfType<'f>) -> bool + use<'a, K, V, F> {
-        let (number, changes) = (self.number, self.changes);
+        let (number, changes, usage) = (self.number, self.changes, self.usage);
         move |k, v| {
             let key = number.map(|_| K::as_bytes(&k).as_ref().to_vec());
+            let counted = number
+                .filter(|t| (*t as usize) < VALUE_TABLES.len())
+                .map(|_| V::as_bytes(&v).as_ref().to_vec());
             let kept = keep(k, v);
             if let (false, Some(table), Some(key)) = (kept, number, key) {
+                if let Some(old) = counted {
+                    usage.borrow_mut().observe(table, &key, Some(&old), None);
+                }
                 changes.borrow_mut().push(Change::Delete { table, key });
             }
             kept
@@ -228,8 +274,12 @@ impl<'a, K: Key + 'static, V: Value + 'static> TrackedTable<'a, K, V> {
     }
 }
 
-/// Applies one logged (or snapshot) change without recording it.
-pub(super) fn apply_change(txn: &redb::WriteTransaction, c: &Change) -> Result<(), EngineError> {
+/// Applies one logged (or snapshot) change without recording it; counts it in `usage`.
+pub(super) fn apply_change(
+    txn: &redb::WriteTransaction,
+    c: &Change,
+    usage: &mut UsageDeltas,
+) -> Result<(), EngineError> {
     let bad = |t: u8| EngineError::Format(format!("change to unknown table {t}"));
     match c {
         Change::Put {
@@ -241,7 +291,14 @@ pub(super) fn apply_change(txn: &redb::WriteTransaction, c: &Change) -> Result<(
                 .iter()
                 .find(|(n, _)| n == table)
                 .ok_or_else(|| bad(*table))?;
-            txn.open_table(*def)?.insert(key.as_slice(), v.as_slice())?;
+            let mut t = txn.open_table(*def)?;
+            let old = t.insert(key.as_slice(), v.as_slice())?;
+            usage.observe(
+                *table,
+                key,
+                old.as_ref().map(|o| o.value()),
+                Some(v.as_slice()),
+            );
         }
         Change::Put {
             table,
@@ -260,7 +317,9 @@ pub(super) fn apply_change(txn: &redb::WriteTransaction, c: &Change) -> Result<(
         }
         Change::Delete { table, key } => {
             if let Some((_, def)) = VALUE_TABLES.iter().find(|(n, _)| n == table) {
-                txn.open_table(*def)?.remove(key.as_slice())?;
+                let mut t = txn.open_table(*def)?;
+                let old = t.remove(key.as_slice())?;
+                usage.observe(*table, key, old.as_ref().map(|o| o.value()), None);
             } else if *table == AGE_TABLE {
                 txn.open_table(UPLOADS_BY_AGE)?.remove(key.as_slice())?;
             } else {
@@ -544,9 +603,10 @@ impl Engine {
                 next += 1;
             }
             let mut freed = Vec::new();
+            let mut usage = ctx.txn.usage().borrow_mut();
             for (lsn, e) in &entries {
                 for c in &e.changes {
-                    apply_change(txn, c)?;
+                    apply_change(txn, c, &mut usage)?;
                 }
                 ctx.raise_seq_to(e.seq);
                 store(txn, p, *lsn, &e.encode()?)?;

@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::chunk::{self, ChunkRef};
 use super::keys::{partition_prefix, prefix_end};
 use super::replog::{PART_LSN, REPL_LOG};
+use super::usage::{USAGE, UsageDeltas};
 use super::{
     DEAD_BUCKETS, Engine, EngineError, KV, KV_EXPIRY, META, OBJECTS, PARTS, Record, UPLOADS,
     UPLOADS_BY_AGE, UPLOADS_BY_KEY,
@@ -452,7 +453,7 @@ impl Engine {
         let mark = importing_key(p);
         let last = std::mem::take(&mut batch);
         self.write(dirs, move |ctx| {
-            apply(ctx.txn.untracked(), last)?;
+            apply(ctx.txn.untracked(), last, &mut ctx.txn.usage().borrow_mut())?;
             let lsn = super::replog::last_lsn(ctx.txn.untracked(), p)?;
             ctx.logged(p, lsn);
             ctx.raise_seq_to(sender_seq);
@@ -498,8 +499,14 @@ impl Engine {
         records: Vec<Rec>,
         dirs: Vec<PathBuf>,
     ) -> Result<(), EngineError> {
-        self.write(dirs, move |ctx| apply(ctx.txn.untracked(), records))
-            .await
+        self.write(dirs, move |ctx| {
+            apply(
+                ctx.txn.untracked(),
+                records,
+                &mut ctx.txn.usage().borrow_mut(),
+            )
+        })
+        .await
     }
 
     /// Streams one chunk file into place: temporary name, verified against its own
@@ -647,6 +654,8 @@ fn clear_partition(txn: &redb::WriteTransaction, p: PartitionId) -> Result<(), E
     }
     clear_range(txn, REPL_LOG, range)?;
     clear_range(txn, PART_LSN, range)?;
+    // The partition's usage rows go with its records (their keys start with it too).
+    clear_range(txn, USAGE, range)?;
     txn.open_table(UPLOADS_BY_AGE)?.retain(|k, _| {
         !k.get(AGE_PREFIX..)
             .is_some_and(|rest| rest.starts_with(&start))
@@ -654,7 +663,11 @@ fn clear_partition(txn: &redb::WriteTransaction, p: PartitionId) -> Result<(), E
     Ok(())
 }
 
-fn apply(txn: &redb::WriteTransaction, records: Vec<Rec>) -> Result<(), EngineError> {
+fn apply(
+    txn: &redb::WriteTransaction,
+    records: Vec<Rec>,
+    usage: &mut UsageDeltas,
+) -> Result<(), EngineError> {
     // Validate all first: a write closure may fail only before its first change.
     for (table, _, value) in &records {
         let ok = match value {
@@ -681,8 +694,9 @@ fn apply(txn: &redb::WriteTransaction, records: Vec<Rec>) -> Result<(), EngineEr
                     .insert(key.as_slice(), u64::from_le_bytes(b))?;
             }
             (n, Some(v)) if (n as usize) < VALUE_TABLES.len() => {
-                txn.open_table(VALUE_TABLES[n as usize].1)?
-                    .insert(key.as_slice(), v.as_slice())?;
+                let mut t = txn.open_table(VALUE_TABLES[n as usize].1)?;
+                let old = t.insert(key.as_slice(), v.as_slice())?;
+                usage.observe(n, &key, old.as_ref().map(|o| o.value()), Some(&v));
             }
             (AGE_TABLE, None) => {
                 txn.open_table(UPLOADS_BY_AGE)?.insert(key.as_slice(), ())?;

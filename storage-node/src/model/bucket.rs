@@ -7,8 +7,8 @@ use redb::ReadableTable;
 
 use super::{Error, PartitionSet, Result, Store};
 use crate::catalog::{Bucket, CatalogError};
-use crate::engine::{DEAD_BUCKETS, EngineError, OBJECTS, UPLOADS, keys};
-use crate::types::TenantId;
+use crate::engine::{DEAD_BUCKETS, EngineError, OBJECTS, UPLOADS, keys, usage};
+use crate::types::{PartitionId, TenantId};
 
 impl Store {
     /// The bucket named `name` of `tenant`, or `NoSuchBucket`.
@@ -43,8 +43,20 @@ impl Store {
 
     pub async fn create_bucket(&self, tenant: TenantId, name: &str) -> Result<Bucket> {
         let _ddl = self.inner.bucket_ddl.lock().await;
+        let one = crate::tenancy::quota::Amount {
+            buckets: 1,
+            ..Default::default()
+        };
+        let admitted = match self.admit(tenant, one).await {
+            // Creating a bucket the tenant already has is no new bucket.
+            Err(Error::QuotaExceeded(_)) if self.bucket(tenant, name).await.is_ok() => {
+                return Err(Error::BucketAlreadyOwnedByYou);
+            }
+            r => r?,
+        };
         match self.inner.catalog.create_bucket(tenant, name).await {
             Ok(b) => {
+                admitted.committed();
                 self.bucket_changed(tenant, name, Some(b.clone())).await;
                 Ok(b)
             }
@@ -222,55 +234,71 @@ impl Store {
     }
 }
 
-/// What a tenant stores, for the admin API's usage report.
+/// What a tenant stores, for the admin API's usage report and quota checks.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
     pub buckets: u64,
     pub objects: u64,
+    /// Every stored byte: objects, parts of multipart uploads in progress, KV entries
+    /// (what the `storageBytes` quota limits).
     pub storage_bytes: u64,
     pub kv_keys: u64,
+    #[serde(default)]
+    pub object_bytes: u64,
+    #[serde(default)]
+    pub multipart_uploads: u64,
+    #[serde(default)]
+    pub multipart_bytes: u64,
+    /// Namespace, key and value bytes of KV entries.
+    #[serde(default)]
+    pub kv_bytes: u64,
+}
+
+impl Usage {
+    pub fn add(&mut self, o: &Usage) {
+        self.buckets += o.buckets;
+        self.objects += o.objects;
+        self.storage_bytes += o.storage_bytes;
+        self.kv_keys += o.kv_keys;
+        self.object_bytes += o.object_bytes;
+        self.multipart_uploads += o.multipart_uploads;
+        self.multipart_bytes += o.multipart_bytes;
+        self.kv_bytes += o.kv_bytes;
+    }
 }
 
 impl Store {
-    /// Counts a tenant's buckets, objects, bytes and KV keys in the partitions of `set`
-    /// (buckets count where their data lives) by scanning its ranges: this node's share
-    /// of a cluster-wide report. Exact but proportional to the tenant's size; quota
-    /// enforcement will keep running counters instead (see docs/design.md).
+    /// A tenant's buckets, objects, bytes and KV keys in the partitions of `set`
+    /// (buckets count where their data lives): this node's share of a cluster-wide
+    /// report. Read from the usage counters (`engine::usage`): one row per bucket and
+    /// per partition, whatever the tenant stores.
     pub async fn tenant_usage_in(&self, tenant: TenantId, set: &PartitionSet) -> Result<Usage> {
-        let prefixes: Vec<Vec<u8>> = self
+        let mut rows: Vec<[u8; 19]> = self
             .list_buckets(tenant)
             .await?
             .iter()
             .map(|b| (self.partition(tenant, &b.name), b.id))
             .filter(|(p, _)| set.contains(*p))
-            .map(|(p, id)| keys::bucket_prefix(p, id))
+            .map(|(p, id)| usage::bucket_row(p, id))
             .collect();
-        let n = prefixes.len() as u64;
-        let usage = self
-            .engine()
-            .read(move |txn| {
-                let mut u = Usage {
-                    buckets: n,
-                    ..Default::default()
-                };
-                let t = txn.open_table(OBJECTS)?;
-                for p in &prefixes {
-                    let end = keys::prefix_end(p).unwrap_or_default();
-                    for e in t.range(p.as_slice()..end.as_slice())? {
-                        let (_, v) = e?;
-                        u.objects += 1;
-                        u.storage_bytes += super::object::decode_summary(v.value())
-                            .map(|r| r.size)
-                            .unwrap_or(0);
-                    }
-                }
-                Ok(u)
-            })
-            .await?;
+        let buckets = rows.len() as u64;
+        rows.extend(
+            (0..self.inner.partitions)
+                .map(PartitionId)
+                .filter(|p| set.contains(*p))
+                .map(|p| usage::kv_row(p, tenant)),
+        );
+        let c = self.engine().usage_of(rows).await?;
         Ok(Usage {
-            kv_keys: self.tenant_kv_keys(tenant, set).await?,
-            ..usage
+            buckets,
+            objects: c.objects,
+            storage_bytes: c.bytes(),
+            kv_keys: c.kv_keys,
+            object_bytes: c.object_bytes,
+            multipart_uploads: c.uploads,
+            multipart_bytes: c.part_bytes,
+            kv_bytes: c.kv_bytes,
         })
     }
 }

@@ -248,9 +248,15 @@ impl Store {
         }
         let mut full = self.kv_prefix(tenant, ns)?;
         full.extend_from_slice(key);
+        let stored_bytes = (full
+            .len()
+            .saturating_sub(crate::engine::usage::KV_KEY_OVERHEAD)
+            + value.len()) as u64;
+        let admitted = self.admit_record(tenant, KV, &full, stored_bytes).await?;
         let now = now_millis();
         let expires_at = ttl_ms.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
-        self.engine()
+        let r = self
+            .engine()
             .write(vec![], move |ctx| {
                 let mut t = ctx.txn.open_table(KV)?;
                 let stored = match t.get(full.as_slice())? {
@@ -279,7 +285,9 @@ impl Store {
                 t.insert(full.as_slice(), record.as_slice())?;
                 Ok(Ok(version))
             })
-            .await?
+            .await??;
+        admitted.committed();
+        Ok(r)
     }
 
     /// Deletes a key; returns the version it had, or None if it did not exist.
@@ -458,25 +466,6 @@ impl Store {
             })
             .await?;
         Ok(())
-    }
-
-    /// How many KV keys a tenant holds (expired ones count until swept).
-    pub async fn tenant_kv_keys(&self, tenant: TenantId, set: &PartitionSet) -> Result<u64> {
-        let ranges = self.tenant_kv_ranges(tenant, set);
-        Ok(self
-            .engine()
-            .read(move |txn| {
-                let t = txn.open_table(KV)?;
-                let mut n = 0;
-                for (lo, hi) in &ranges {
-                    for e in t.range(lo.as_slice()..hi.as_slice())? {
-                        e?;
-                        n += 1;
-                    }
-                }
-                Ok(n)
-            })
-            .await?)
     }
 
     /// Removes KV values whose TTL has passed (they already read as absent), at most

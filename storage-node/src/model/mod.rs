@@ -8,6 +8,7 @@ pub mod data;
 pub mod kv;
 pub mod multipart;
 pub mod object;
+mod quota;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -85,6 +86,14 @@ pub enum Error {
     /// before it started (as Kafka's `NotEnoughReplicas`): nothing was written.
     #[error("{0}")]
     NotEnoughReplicas(String),
+    /// The write would take its tenant past a quota; nothing was stored.
+    #[error(transparent)]
+    QuotaExceeded(#[from] crate::tenancy::quota::QuotaExceeded),
+    /// The tenant has quotas and whether the write fits could not be decided (its usage
+    /// or quotas were unreadable, or the quota authority did not answer); nothing was
+    /// stored, retry.
+    #[error("{0}")]
+    QuotaUndecided(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -194,12 +203,41 @@ struct Inner {
     bucket_epoch: std::sync::atomic::AtomicU64,
     /// Serialises bucket creation and deletion against each other.
     bucket_ddl: Mutex<()>,
+    /// Quota enforcement: every write that adds data is admitted here first.
+    quotas: crate::tenancy::quota::QuotaGate,
+}
+
+/// A handle on a [`Store`] that does not keep it alive (for callbacks the store holds).
+#[derive(Clone)]
+pub struct WeakStore(std::sync::Weak<Inner>);
+
+impl WeakStore {
+    pub fn upgrade(&self) -> Option<Store> {
+        self.0.upgrade().map(|inner| Store { inner })
+    }
 }
 
 impl Store {
+    pub fn downgrade(&self) -> WeakStore {
+        WeakStore(Arc::downgrade(&self.inner))
+    }
+
     pub fn new(engine: Engine, catalog: Arc<dyn Catalog>, partitions: u16) -> Self {
         Self {
-            inner: Arc::new(Inner {
+            inner: Arc::new_cyclic(|me: &std::sync::Weak<Inner>| Inner {
+                quotas: crate::tenancy::quota::QuotaGate::new(catalog.clone(), {
+                    let me = me.clone();
+                    Arc::new(move |tenant| {
+                        let me = me.clone();
+                        Box::pin(async move {
+                            let inner = me.upgrade().ok_or("the store is gone")?;
+                            let s = Store { inner };
+                            s.tenant_usage_in(tenant, &s.all_partitions())
+                                .await
+                                .map_err(|e| e.to_string())
+                        })
+                    })
+                }),
                 engine,
                 catalog,
                 partitions,
@@ -722,5 +760,237 @@ mod replication_log_tests {
             }
         }
         assert!(objects > 5, "{objects} objects compared");
+
+        // Usage counters: a recount agrees with the primary's, and the replica derived
+        // the same ones from the log alone.
+        assert_eq!(s.engine().verify_usage().await.unwrap(), vec![]);
+        assert_eq!(
+            r.engine().usage_rows().await.unwrap(),
+            s.engine().usage_rows().await.unwrap()
+        );
+        assert!(!s.engine().usage_rows().await.unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod usage_tests {
+    use bytes::Bytes;
+
+    use super::kv::KvCondition;
+    use super::*;
+    use crate::catalog::TenantSpec;
+    use crate::engine::usage::Counters;
+
+    fn body(len: usize) -> ByteStream {
+        Box::pin(futures::stream::iter([Ok(Bytes::from(vec![7u8; len]))]))
+    }
+
+    async fn usage(s: &Store, t: TenantId) -> bucket::Usage {
+        s.tenant_usage_in(t, &s.all_partitions()).await.unwrap()
+    }
+
+    /// Every kind of write moves the counters by exactly what it stores or frees: parts
+    /// of uploads in progress count, complete turns them into object bytes, abort, delete,
+    /// overwrite and TTL expiry give back; KV counts namespace, key and value.
+    #[tokio::test]
+    async fn every_write_moves_the_counters_by_what_it_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = test_store(dir.path()).await;
+        let t = s
+            .catalog()
+            .create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        let other = s
+            .catalog()
+            .create_tenant("o", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        s.create_bucket(t, "b").await.unwrap();
+        s.create_bucket(other, "b").await.unwrap();
+        assert_eq!(usage(&s, t).await.buckets, 1);
+
+        // A part of an upload in progress counts before the upload completes.
+        let big = multipart::MIN_PART_SIZE as usize * 3 / 2;
+        let small = multipart::MIN_PART_SIZE as usize;
+        let u = s
+            .create_upload(t, "b", "mp", ObjectMeta::default())
+            .await
+            .unwrap();
+        s.upload_part(t, "b", "mp", u, 1, body(big), None)
+            .await
+            .unwrap();
+        let got = usage(&s, t).await;
+        assert_eq!(
+            (
+                got.multipart_uploads,
+                got.multipart_bytes,
+                got.storage_bytes
+            ),
+            (1, big as u64, big as u64)
+        );
+        // Replacing the part counts the new one only.
+        let p1 = s
+            .upload_part(t, "b", "mp", u, 1, body(small), None)
+            .await
+            .unwrap();
+        let p2 = s
+            .upload_part(t, "b", "mp", u, 2, body(10), None)
+            .await
+            .unwrap();
+        assert_eq!(usage(&s, t).await.multipart_bytes, (small + 10) as u64);
+        s.complete_upload(
+            t,
+            "b",
+            "mp",
+            u,
+            vec![(1, p1.etag()), (2, p2.etag())],
+            Conditions::default(),
+        )
+        .await
+        .unwrap();
+        let got = usage(&s, t).await;
+        assert_eq!(
+            (
+                got.objects,
+                got.object_bytes,
+                got.multipart_uploads,
+                got.multipart_bytes
+            ),
+            (1, (small + 10) as u64, 0, 0)
+        );
+        // An aborted upload gives its parts back.
+        let u2 = s
+            .create_upload(t, "b", "x", ObjectMeta::default())
+            .await
+            .unwrap();
+        s.upload_part(t, "b", "x", u2, 1, body(1000), None)
+            .await
+            .unwrap();
+        assert_eq!(usage(&s, t).await.multipart_bytes, 1000);
+        s.abort_upload(t, "b", "x", u2).await.unwrap();
+        assert_eq!(usage(&s, t).await.multipart_bytes, 0);
+
+        // Overwrites count the new size; deletes give back.
+        for (len, objects, bytes) in [
+            (100, 2, small + 110),
+            (40, 2, small + 50),
+            (big, 2, small + 10 + big),
+        ] {
+            s.put_object(
+                t,
+                "b",
+                "o",
+                body(len),
+                None,
+                ObjectMeta::default(),
+                Conditions::default(),
+            )
+            .await
+            .unwrap();
+            let got = usage(&s, t).await;
+            assert_eq!((got.objects, got.object_bytes), (objects, bytes as u64));
+        }
+        s.delete_object(t, "b", "o").await.unwrap();
+        s.delete_object(t, "b", "mp").await.unwrap();
+        let got = usage(&s, t).await;
+        assert_eq!((got.objects, got.object_bytes), (0, 0));
+
+        // KV: namespace, key and value; overwrite, delete and expiry give back.
+        s.kv_put(t, "ns", b"key", vec![1; 100], KvCondition::None, None)
+            .await
+            .unwrap();
+        s.kv_put(t, "ns", b"k2", vec![1; 10], KvCondition::None, Some(1))
+            .await
+            .unwrap();
+        let got = usage(&s, t).await;
+        assert_eq!(
+            (got.kv_keys, got.kv_bytes),
+            (2, (2 + 3 + 100) + (2 + 2 + 10))
+        );
+        s.kv_put(t, "ns", b"key", vec![1; 5], KvCondition::None, None)
+            .await
+            .unwrap();
+        assert_eq!(usage(&s, t).await.kv_bytes, (2 + 3 + 5) + (2 + 2 + 10));
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(s.kv_sweep_expired().await.unwrap(), 1);
+        let got = usage(&s, t).await;
+        assert_eq!((got.kv_keys, got.kv_bytes), (1, 2 + 3 + 5));
+        assert_eq!(got.storage_bytes, got.kv_bytes);
+        s.kv_delete(t, "ns", b"key", KvCondition::None)
+            .await
+            .unwrap();
+        assert_eq!(usage(&s, t).await.kv_keys, 0);
+
+        // The other tenant saw none of it.
+        assert_eq!(
+            usage(&s, other).await,
+            bucket::Usage {
+                buckets: 1,
+                ..Default::default()
+            }
+        );
+        assert_eq!(s.engine().verify_usage().await.unwrap(), vec![]);
+    }
+
+    /// A store whose counters are missing (written before they existed) gets them at
+    /// open, equal to what the writes left.
+    #[tokio::test]
+    async fn counters_are_rebuilt_at_open_when_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = test_store(dir.path()).await;
+        let t = s
+            .catalog()
+            .create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap()
+            .id;
+        s.create_bucket(t, "b").await.unwrap();
+        for i in 0..20 {
+            s.put_object(
+                t,
+                "b",
+                &format!("o{i}"),
+                body(i * 1000),
+                None,
+                ObjectMeta::default(),
+                Conditions::default(),
+            )
+            .await
+            .unwrap();
+            s.kv_put(
+                t,
+                "ns",
+                format!("k{i}").as_bytes(),
+                vec![0; i],
+                KvCondition::None,
+                None,
+            )
+            .await
+            .unwrap();
+        }
+        let before = s.engine().usage_rows().await.unwrap();
+        let total: Counters = before.iter().fold(Counters::default(), |mut a, (_, c)| {
+            a += *c;
+            a
+        });
+        assert_eq!((total.objects, total.kv_keys), (20, 20));
+        s.engine().shutdown().await;
+        drop(s);
+        {
+            let db = redb::Database::create(dir.path().join("meta.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.delete_table(crate::engine::usage::USAGE).unwrap();
+            txn.open_table(crate::engine::META)
+                .unwrap()
+                .remove("usage_version")
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let e = Engine::open(dir.path()).unwrap();
+        assert_eq!(e.usage_rows().await.unwrap(), before);
+        assert_eq!(e.verify_usage().await.unwrap(), vec![]);
     }
 }

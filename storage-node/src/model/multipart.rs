@@ -235,8 +235,18 @@ impl Store {
         body: ByteStream,
         content_md5: Option<[u8; 16]>,
     ) -> Result<PartRecord> {
-        self.upload_part_ext(tenant, bucket, key, upload, part, body, content_md5, None)
-            .await
+        self.upload_part_ext(
+            tenant,
+            bucket,
+            key,
+            upload,
+            part,
+            body,
+            content_md5,
+            None,
+            None,
+        )
+        .await
     }
 
     /// [`Store::upload_part`] with a flexible checksum to verify and store. A part of
@@ -253,6 +263,7 @@ impl Store {
         body: ByteStream,
         content_md5: Option<[u8; 16]>,
         checksum: Option<ChecksumCheck>,
+        declared_size: Option<u64>,
     ) -> Result<PartRecord> {
         if !(1..=MAX_PART_NUMBER).contains(&part) {
             return Err(Error::Invalid(format!(
@@ -275,6 +286,10 @@ impl Store {
             }),
             (_, c) => c,
         };
+        let pkey = keys::part_key(p, bid, upload, part);
+        if let Some(n) = declared_size {
+            self.precheck_record(tenant, PARTS, &pkey, n).await?;
+        }
         let (body, running) = super::checksum::hashing(body, checksum);
         let written = data::write_body_chunked(self.engine().chunks(), p, body).await?;
         let checksum = self.verify_written(&written, running, content_md5).await?;
@@ -285,7 +300,13 @@ impl Store {
             chunks: written.data.chunks().to_vec(),
             ext: PartExt { checksum },
         };
-        let pkey = keys::part_key(p, bid, upload, part);
+        let admitted = match self.admit_record(tenant, PARTS, &pkey, written.size).await {
+            Ok(r) => r,
+            Err(e) => {
+                data::abandon(self.engine().chunks(), written.data).await;
+                return Err(e);
+            }
+        };
         let rec2 = rec.clone();
         let r = self
             .engine()
@@ -305,6 +326,7 @@ impl Store {
             .await;
         match r {
             Ok(Some(old)) => {
+                admitted.committed();
                 if let Some(old) = old {
                     self.discard_chunks(decode_part(&old)?.chunks);
                 }
@@ -398,6 +420,8 @@ impl Store {
             false
         };
         let okey = keys::object_key(p, bid, key);
+        // The parts become the object's data: only a new key adds (an object).
+        let admitted = self.admit_record(tenant, OBJECTS, &okey, 0).await?;
         let key = key.to_string();
         let r = self
             .engine()
@@ -528,6 +552,7 @@ impl Store {
                 Ok(Ok((etag, size, checksum, garbage)))
             })
             .await??;
+        admitted.committed();
         let (etag, size, checksum, garbage) = r;
         self.discard_chunks(garbage);
         Ok((etag, size, checksum))
@@ -1078,11 +1103,12 @@ mod tests {
                     algorithm: ChecksumAlgorithm::Crc32,
                     expected: Expected::Value("AAAAAA==".into()),
                 }),
+                None,
             )
             .await;
         assert!(matches!(bad, Err(Error::BadChecksum("CRC32"))), "{bad:?}");
         let r1 = s
-            .upload_part_ext(t, "b", "mp", up, 1, body(p1.clone()), None, None)
+            .upload_part_ext(t, "b", "mp", up, 1, body(p1.clone()), None, None, None)
             .await
             .unwrap();
         assert!(
@@ -1090,7 +1116,17 @@ mod tests {
             "computed for the upload's algorithm"
         );
         let r2 = s
-            .upload_part_ext(t, "b", "mp", up, 2, body(b"tail".to_vec()), None, None)
+            .upload_part_ext(
+                t,
+                "b",
+                "mp",
+                up,
+                2,
+                body(b"tail".to_vec()),
+                None,
+                None,
+                None,
+            )
             .await
             .unwrap();
         let parts = vec![(1, r1.etag()), (2, r2.etag())];

@@ -355,6 +355,9 @@ pub struct PutOutcome {
 pub struct PutExtra {
     pub tags: Vec<(String, String)>,
     pub checksum: Option<super::checksum::ChecksumCheck>,
+    /// The body size the request announced: a write that cannot fit the tenant's
+    /// quotas is refused before its body is read.
+    pub declared_size: Option<u64>,
 }
 
 /// At most this many tags per object (S3 rule).
@@ -406,10 +409,12 @@ impl Store {
         Ok((p, keys::bucket_prefix(p, b.id)))
     }
 
-    /// Commits freshly written data as the new version of `key`, if `cond` allows.
-    /// Replaced data is discarded; refused data is removed.
+    /// Commits freshly written data as the new version of `key`, if `cond` allows and
+    /// the tenant's quotas admit it. Replaced data is discarded; refused data is removed.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn commit_object(
         &self,
+        tenant: TenantId,
         key_bytes: Vec<u8>,
         written: Written,
         etag: String,
@@ -418,6 +423,13 @@ impl Store {
         cond: Conditions,
     ) -> Result<PutOutcome> {
         let size = written.size;
+        let admitted = match self.admit_record(tenant, OBJECTS, &key_bytes, size).await {
+            Ok(r) => r,
+            Err(e) => {
+                data::abandon(self.engine().chunks(), written.data).await;
+                return Err(e);
+            }
+        };
         let data = written.data.clone();
         let etag2 = etag.clone();
         let checksum = ext.checksum.clone();
@@ -459,6 +471,7 @@ impl Store {
             .await;
         match r {
             Ok(Ok((version, replaced))) => {
+                admitted.committed();
                 self.discard_chunks(replaced);
                 Ok(PutOutcome {
                     etag,
@@ -519,18 +532,21 @@ impl Store {
         check_tags(&extra.tags)?;
         let (p, prefix) = self.object_location(tenant, bucket).await?;
         let conditional = self.precheck_write(tenant, bucket, key, &cond).await?;
+        let mut k = prefix;
+        k.extend_from_slice(key.as_bytes());
+        if let Some(n) = extra.declared_size {
+            self.precheck_record(tenant, OBJECTS, &k, n).await?;
+        }
         let (body, running) = super::checksum::hashing(body, extra.checksum);
         let written = data::write_body(self.engine().chunks(), p, body).await?;
         let checksum = self.verify_written(&written, running, content_md5).await?;
         let etag = hex::encode(written.md5);
-        let mut k = prefix;
-        k.extend_from_slice(key.as_bytes());
         let ext = ObjectExt {
             tags: extra.tags,
             part_sizes: Vec::new(),
             checksum,
         };
-        self.commit_object(k, written, etag, meta, ext, cond)
+        self.commit_object(tenant, k, written, etag, meta, ext, cond)
             .await
             .map_err(|e| conflict_if(conditional, e))
     }
@@ -743,7 +759,7 @@ impl Store {
             checksum,
         };
         let out = self
-            .commit_object(k, written, etag, meta, ext, Conditions::default())
+            .commit_object(tenant, k, written, etag, meta, ext, Conditions::default())
             .await?;
         Ok((src, out))
     }

@@ -80,7 +80,13 @@ pub fn to_s3(e: Error) -> S3Error {
                 "stored data failed its checksum; it will not be served",
             )
         }
-        Error::NotPrimary(m) | Error::NotEnoughReplicas(m) => {
+        Error::QuotaExceeded(q) => {
+            let mut e =
+                S3Error::with_message(S3ErrorCode::Custom("QuotaExceeded".into()), q.to_string());
+            e.set_status_code(http::StatusCode::FORBIDDEN);
+            e
+        }
+        Error::NotPrimary(m) | Error::NotEnoughReplicas(m) | Error::QuotaUndecided(m) => {
             S3Error::with_message(S3ErrorCode::ServiceUnavailable, m)
         }
         e @ Error::CopySourceElsewhere => {

@@ -22,6 +22,7 @@ pub async fn put_object(
     note(&req, "PutObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let checksum = convert::checksum_check(&req)?;
+    let declared = super::declared_body(&req.headers);
     let i = req.input;
     let tags = convert::tags_header(i.tagging.as_deref())?;
     let md5 = convert::content_md5(i.content_md5.as_deref())?;
@@ -35,7 +36,11 @@ pub async fn put_object(
         i.metadata,
     );
     let cond = convert::conditions(i.if_match, i.if_none_match, None, None);
-    let extra = crate::model::object::PutExtra { tags, checksum };
+    let extra = crate::model::object::PutExtra {
+        tags,
+        checksum,
+        declared_size: Some(declared),
+    };
     let out = s
         .store
         .put_object_ext(

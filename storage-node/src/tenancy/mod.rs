@@ -3,6 +3,7 @@
 //! others). Quotas, rate limits and I/O scheduling will live here as well.
 
 pub mod budget;
+pub mod quota;
 pub mod rate;
 pub mod sigv4;
 
