@@ -446,10 +446,19 @@ async fn require_peer(State(c): State<Cluster>, req: Request, next: Next) -> Res
 /// Admits an amount for a tenant whose quota authority this node is (it leads the
 /// tenant's authority partition): 200 admitted (and counted at once), 403 with the
 /// quota refused, 503 when this node is not the authority or cannot decide.
+/// A quota question for a tenant's authority.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct QuotaAsk {
+    amount: crate::tenancy::quota::Amount,
+    /// Only whether it fits now (an early check before a body is read): nothing counted.
+    #[serde(default)]
+    probe: bool,
+}
+
 async fn quota_admit(
     State(s): State<RpcState>,
     Path(id): Path<uuid::Uuid>,
-    Json(amount): Json<crate::tenancy::quota::Amount>,
+    Json(QuotaAsk { amount, probe }): Json<QuotaAsk>,
 ) -> Result<Response, ApiError> {
     let f = fronts(&s)?;
     let tenant = crate::types::TenantId(id);
@@ -464,8 +473,14 @@ async fn quota_admit(
     }
     match f.store.quotas().admit_here(tenant, amount).await {
         Ok(r) => {
-            // The asker commits after this answer; counted now (the safe side).
-            r.committed();
+            // The asker commits after this answer, within GRANT_TTL or not at all:
+            // counted until a measurement that begins after that. A probe counts
+            // nothing.
+            if probe {
+                r.release();
+            } else {
+                r.granted();
+            }
             Ok(Json(json!({})).into_response())
         }
         Err(Ok(q)) => Ok((StatusCode::FORBIDDEN, Json(q)).into_response()),
@@ -473,12 +488,16 @@ async fn quota_admit(
     }
 }
 
+/// What a client hears when its tenant's quota authority does not answer.
+const QUOTA_UNAVAILABLE: &str = "the tenant's quota could not be checked now (the cluster \
+     is moving the node that decides it); nothing was written; retry";
+
 /// The way a node reaches its tenants' quota authorities: None (decide here) when it
 /// leads the tenant's authority partition, else the authority's verdict over the RPC
 /// port (undecided when there is no reachable authority: the write is refused with 503
 /// and nothing is stored).
 pub fn quota_authority(cluster: Cluster) -> crate::tenancy::quota::Authority {
-    Arc::new(move |tenant, amount| {
+    Arc::new(move |tenant, amount, probe| {
         let cluster = cluster.clone();
         Box::pin(async move {
             let p = crate::tenancy::quota::authority_partition(tenant, cluster.partitions());
@@ -486,16 +505,14 @@ pub fn quota_authority(cluster: Cluster) -> crate::tenancy::quota::Authority {
                 super::Route::Local => return None,
                 super::Route::Remote { node, rpc_addr } => (node, rpc_addr),
                 super::Route::Unavailable(why) => {
-                    return Some(Err(Err(format!(
-                        "the tenant's quota authority (partition {p}) is unavailable: {why}; retry"
-                    ))));
+                    tracing::warn!(%tenant, partition = %p, why, "no quota authority for the tenant");
+                    return Some(Err(Err(QUOTA_UNAVAILABLE.into())));
                 }
             };
+            // The details go to the log; the client learns that nothing was written.
             let fail = |e: String| {
-                Some(Err(Err(format!(
-                    "the tenant's quota authority, node {} ({addr}), did not decide: {e}; retry",
-                    node.0
-                ))))
+                tracing::warn!(%tenant, authority = %node.0, %addr, error = %e, "the tenant's quota authority did not decide");
+                Some(Err(Err(QUOTA_UNAVAILABLE.into())))
             };
             let Some(secret) = cluster.secret().cloned() else {
                 return fail("this node has no cluster secret".into());
@@ -504,8 +521,8 @@ pub fn quota_authority(cluster: Cluster) -> crate::tenancy::quota::Authority {
                 .http()
                 .post(format!("http://{addr}/rpc/v1/quota/{}", tenant.0))
                 .bearer_auth(&*secret)
-                .timeout(Duration::from_secs(5))
-                .json(&amount)
+                .timeout(crate::tenancy::quota::GRANT_USE)
+                .json(&QuotaAsk { amount, probe })
                 .send()
                 .await
             {
@@ -543,7 +560,7 @@ pub fn quota_measure(
         Box::pin(async move {
             let store = store.upgrade().ok_or("the node is shutting down")?;
             let shares =
-                tenant_work_everywhere(&cluster, &store, tenant, "usage", Duration::from_secs(10))
+                tenant_work_everywhere(&cluster, &store, tenant, "usage", Duration::from_secs(3))
                     .await
                     .map_err(|e| e.message)?;
             let mut total = crate::model::bucket::Usage::default();

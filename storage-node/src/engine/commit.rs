@@ -200,6 +200,9 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
                         })
                         .and_then(|()| store_seq(&txn, seq))
                         .and_then(|()| {
+                            super::usage::note_positions(&txn, &logged).map_err(|e| e.to_string())
+                        })
+                        .and_then(|()| {
                             // Published before the data becomes visible: a read that
                             // sees it waits for these entries to be replicated.
                             logs.pending(&logged);

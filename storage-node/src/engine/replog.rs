@@ -603,10 +603,10 @@ impl Engine {
                 next += 1;
             }
             let mut freed = Vec::new();
-            let mut usage = ctx.txn.usage().borrow_mut();
+            let usage = ctx.txn.usage();
             for (lsn, e) in &entries {
                 for c in &e.changes {
-                    apply_change(txn, c, &mut usage)?;
+                    apply_change(txn, c, &mut usage.borrow_mut())?;
                 }
                 ctx.raise_seq_to(e.seq);
                 store(txn, p, *lsn, &e.encode()?)?;

@@ -29,6 +29,7 @@ use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::record;
+use super::replog::PART_LSN;
 use super::{EngineError, KV, META, OBJECTS, PARTS, UPLOADS};
 use crate::types::{BucketId, PartitionId, TenantId};
 
@@ -42,6 +43,10 @@ const VERSION_KEY: &str = "usage_version";
 
 const KIND_BUCKET: u8 = b'b';
 const KIND_KV: u8 = b'k';
+/// Per partition: the log position the partition's counters are current at (8 bytes,
+/// big-endian). A binary without counters (a rollback) writes log entries without
+/// moving it; the next open sees the difference and counts again.
+const KIND_POSITION: u8 = b'l';
 const FIELDS: usize = 6;
 /// Bytes of a KV engine key that are not the namespace or the key: partition (2),
 /// tenant (16), the namespace's length (1).
@@ -154,16 +159,28 @@ fn row(p: [u8; 2], kind: u8, id: [u8; 16]) -> [u8; 19] {
     k
 }
 
+/// A record's body without checking its checksum: a record damaged after it was
+/// counted must still be sized as it was when it goes (else the counters drift). None
+/// for versions this binary does not know.
+fn body_unchecked(value: &[u8]) -> Option<&[u8]> {
+    match value.first()? {
+        &(record::RECORD_VERSION | record::EXTENDED_VERSION) => {
+            value.get(1..value.len().checked_sub(4)?)
+        }
+        _ => None,
+    }
+}
+
 /// The size of an object or part record: its first field.
 pub fn leading_size(value: &[u8]) -> Option<u64> {
-    let body = record::open(value).ok()?;
-    postcard::take_from_bytes::<u64>(body).ok().map(|(s, _)| s)
+    postcard::take_from_bytes::<u64>(body_unchecked(value)?)
+        .ok()
+        .map(|(s, _)| s)
 }
 
 /// The value length of a KV record (version, expiry, value).
 pub fn kv_value_len(value: &[u8]) -> Option<u64> {
-    let body = record::open(value).ok()?;
-    postcard::take_from_bytes::<(u64, Option<i64>, &[u8])>(body)
+    postcard::take_from_bytes::<(u64, Option<i64>, &[u8])>(body_unchecked(value)?)
         .ok()
         .map(|((_, _, v), _)| v.len() as u64)
 }
@@ -233,9 +250,16 @@ impl UsageDeltas {
             return Ok(());
         }
         let mut t = txn.open_table(USAGE)?;
+        let mut damaged = false;
         for (k, d) in std::mem::take(&mut self.0) {
             let old = match t.get(k.as_slice())? {
-                Some(v) => Counters::decode(v.value())?,
+                Some(v) => Counters::decode(v.value()).unwrap_or_else(|e| {
+                    // Never fail the writes for it: count from zero, and have the next
+                    // open count everything again.
+                    tracing::error!(row = %hex::encode(k), error = %e, "a usage counter row is damaged; it is rebuilt at the next start");
+                    damaged = true;
+                    Counters::default()
+                }),
                 None => Counters::default(),
             };
             let mut a = old.to_array();
@@ -249,6 +273,9 @@ impl UsageDeltas {
                 t.insert(k.as_slice(), new.encode().as_slice())?;
             }
         }
+        if damaged {
+            txn.open_table(META)?.remove(VERSION_KEY)?;
+        }
         Ok(())
     }
 }
@@ -257,12 +284,34 @@ impl UsageDeltas {
 /// version (a store written before they existed): one transaction, nothing logged.
 pub(super) fn rebuild_if_needed(db: &redb::Database) -> Result<(), EngineError> {
     use redb::ReadableDatabase;
-    {
+    let why = {
         let txn = db.begin_read()?;
-        if txn.open_table(META)?.get(VERSION_KEY)?.map(|v| v.value()) == Some(USAGE_VERSION) {
-            return Ok(());
+        if txn.open_table(META)?.get(VERSION_KEY)?.map(|v| v.value()) != Some(USAGE_VERSION) {
+            Some("missing or of another version")
+        } else {
+            let usage = txn.open_table(USAGE)?;
+            let mut stale = None;
+            for e in txn.open_table(PART_LSN)?.iter()? {
+                let (k, v) = e?;
+                let Ok(p) = <[u8; 2]>::try_from(k.value()) else {
+                    continue;
+                };
+                let at = usage
+                    .get(row(p, KIND_POSITION, [0; 16]).as_slice())?
+                    .and_then(|r| <[u8; 8]>::try_from(r.value()).ok())
+                    .map(u64::from_be_bytes);
+                if at != Some(v.value()) {
+                    stale = Some("behind the data (written by a binary without counters?)");
+                    break;
+                }
+            }
+            stale
         }
-    }
+    };
+    let Some(why) = why else {
+        return Ok(());
+    };
+    tracing::info!(reason = why, "counting usage from the stored records");
     let started = std::time::Instant::now();
     let txn = db.begin_write()?;
     let n = rebuild(&txn)?;
@@ -285,7 +334,41 @@ pub(super) fn rebuild(txn: &redb::WriteTransaction) -> Result<u64, EngineError> 
         n += count(&txn.open_table(def)?, number, &mut deltas)?;
         deltas.flush(txn)?;
     }
+    let positions: Vec<(PartitionId, u64)> = txn
+        .open_table(PART_LSN)?
+        .iter()?
+        .filter_map(|e| {
+            let (k, v) = e.ok()?;
+            let p = <[u8; 2]>::try_from(k.value()).ok()?;
+            Some((PartitionId(u16::from_be_bytes(p)), v.value()))
+        })
+        .collect();
+    note_positions(txn, &positions)?;
     Ok(n)
+}
+
+/// Records that the counters of each partition are current at its log position, in the
+/// commit that logged it.
+pub(super) fn note_positions(
+    txn: &redb::WriteTransaction,
+    logged: &[(PartitionId, u64)],
+) -> Result<(), EngineError> {
+    if logged.is_empty() {
+        return Ok(());
+    }
+    let mut t = txn.open_table(USAGE)?;
+    for (p, lsn) in logged {
+        t.insert(
+            row(p.0.to_be_bytes(), KIND_POSITION, [0; 16]).as_slice(),
+            lsn.to_be_bytes().as_slice(),
+        )?;
+    }
+    Ok(())
+}
+
+/// Whether a row holds counters (not a partition's position).
+fn is_counter_row(k: &[u8]) -> bool {
+    k.get(2) != Some(&KIND_POSITION)
 }
 
 /// Observes every record of table `t` (number `number`) as new.
@@ -348,7 +431,9 @@ impl super::Engine {
             let mut out = Vec::new();
             for e in t.iter()? {
                 let (k, v) = e?;
-                out.push((k.value().to_vec(), Counters::decode(v.value())?));
+                if is_counter_row(k.value()) {
+                    out.push((k.value().to_vec(), Counters::decode(v.value())?));
+                }
             }
             Ok(out)
         })
@@ -363,7 +448,9 @@ impl super::Engine {
             let mut stored = BTreeMap::new();
             for e in txn.open_table(USAGE)?.iter()? {
                 let (k, v) = e?;
-                stored.insert(k.value().to_vec(), Counters::decode(v.value())?);
+                if is_counter_row(k.value()) {
+                    stored.insert(k.value().to_vec(), Counters::decode(v.value())?);
+                }
             }
             let mut deltas = UsageDeltas::default();
             for (number, def) in [(0, OBJECTS), (1, UPLOADS), (2, PARTS), (3, KV)] {

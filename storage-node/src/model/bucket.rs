@@ -42,7 +42,8 @@ impl Store {
     }
 
     pub async fn create_bucket(&self, tenant: TenantId, name: &str) -> Result<Bucket> {
-        let _ddl = self.inner.bucket_ddl.lock().await;
+        // Admitted before the node-wide DDL lock: a quota check (perhaps an RPC or a
+        // measurement) must not hold up other tenants' bucket changes.
         let one = crate::tenancy::quota::Amount {
             buckets: 1,
             ..Default::default()
@@ -54,13 +55,18 @@ impl Store {
             }
             r => r?,
         };
+        let _ddl = self.inner.bucket_ddl.lock().await;
         match self.inner.catalog.create_bucket(tenant, name).await {
             Ok(b) => {
                 admitted.committed();
                 self.bucket_changed(tenant, name, Some(b.clone())).await;
                 Ok(b)
             }
-            Err(CatalogError::Conflict(_)) => Err(Error::BucketAlreadyOwnedByYou),
+            Err(CatalogError::Conflict(_)) => {
+                admitted.release();
+                Err(Error::BucketAlreadyOwnedByYou)
+            }
+            // The catalog may or may not have created it: counted (the safe side).
             Err(e) => Err(e.into()),
         }
     }
@@ -256,15 +262,20 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// Adds another share (saturating: shares come from peers).
     pub fn add(&mut self, o: &Usage) {
-        self.buckets += o.buckets;
-        self.objects += o.objects;
-        self.storage_bytes += o.storage_bytes;
-        self.kv_keys += o.kv_keys;
-        self.object_bytes += o.object_bytes;
-        self.multipart_uploads += o.multipart_uploads;
-        self.multipart_bytes += o.multipart_bytes;
-        self.kv_bytes += o.kv_bytes;
+        for (a, b) in [
+            (&mut self.buckets, o.buckets),
+            (&mut self.objects, o.objects),
+            (&mut self.storage_bytes, o.storage_bytes),
+            (&mut self.kv_keys, o.kv_keys),
+            (&mut self.object_bytes, o.object_bytes),
+            (&mut self.multipart_uploads, o.multipart_uploads),
+            (&mut self.multipart_bytes, o.multipart_bytes),
+            (&mut self.kv_bytes, o.kv_bytes),
+        ] {
+            *a = a.saturating_add(b);
+        }
     }
 }
 

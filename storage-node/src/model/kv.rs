@@ -255,6 +255,7 @@ impl Store {
         let admitted = self.admit_record(tenant, KV, &full, stored_bytes).await?;
         let now = now_millis();
         let expires_at = ttl_ms.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
+        let guard = admitted.guard();
         let r = self
             .engine()
             .write(vec![], move |ctx| {
@@ -266,6 +267,9 @@ impl Store {
                 let current = stored.clone().filter(|s| s.live(now));
                 if let Err(e) = check(cond, current.as_ref()) {
                     return Ok(Err(e));
+                }
+                if let Err(m) = guard.check(stored.as_ref().map(|s| s.value.len() as u64)) {
+                    return Ok(Err(Error::QuotaUndecided(m)));
                 }
                 let version = ctx.next_seq();
                 let crc = crc32c::crc32c(&value);
@@ -285,9 +289,21 @@ impl Store {
                 t.insert(full.as_slice(), record.as_slice())?;
                 Ok(Ok(version))
             })
-            .await??;
-        admitted.committed();
-        Ok(r)
+            .await;
+        match r {
+            Ok(Ok(version)) => {
+                admitted.committed();
+                Ok(version)
+            }
+            Ok(Err(e)) => {
+                admitted.release();
+                Err(e)
+            }
+            Err(e) => {
+                admitted.release();
+                Err(e.into())
+            }
+        }
     }
 
     /// Deletes a key; returns the version it had, or None if it did not exist.

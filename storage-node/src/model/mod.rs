@@ -992,5 +992,34 @@ mod usage_tests {
         let e = Engine::open(dir.path()).unwrap();
         assert_eq!(e.usage_rows().await.unwrap(), before);
         assert_eq!(e.verify_usage().await.unwrap(), vec![]);
+
+        // A binary without counters (a rollback) writes a partition: its log position
+        // moves, the counters' does not, and the next open counts again.
+        e.shutdown().await;
+        drop(e);
+        {
+            let db = redb::Database::create(dir.path().join("meta.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            let mut objects = txn.open_table(crate::engine::OBJECTS).unwrap();
+            let (first, v) = {
+                let mut it = objects.iter().unwrap();
+                let (k, v) = it.next().unwrap().unwrap();
+                (k.value().to_vec(), v.value().to_vec())
+            };
+            let mut k = first.clone();
+            k.extend_from_slice(b"-written-by-an-old-binary");
+            objects.insert(k.as_slice(), v.as_slice()).unwrap();
+            drop(objects);
+            let mut lsn = txn.open_table(crate::engine::replog::PART_LSN).unwrap();
+            let p = &first[..2];
+            let at = lsn.get(p).unwrap().map(|v| v.value()).unwrap();
+            lsn.insert(p, at + 1).unwrap();
+            drop(lsn);
+            txn.commit().unwrap();
+        }
+        let e = Engine::open(dir.path()).unwrap();
+        assert_eq!(e.verify_usage().await.unwrap(), vec![]);
+        let total = |rows: &[(Vec<u8>, Counters)]| rows.iter().fold(0, |a, (_, c)| a + c.objects);
+        assert_eq!(total(&e.usage_rows().await.unwrap()), total(&before) + 1);
     }
 }

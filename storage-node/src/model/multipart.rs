@@ -307,36 +307,45 @@ impl Store {
                 return Err(e);
             }
         };
+        let guard = admitted.guard();
         let rec2 = rec.clone();
         let r = self
             .engine()
             .write(written.dirs, move |ctx| {
                 // The upload may have been completed or aborted while the data streamed in.
                 if ctx.txn.open_table(UPLOADS)?.get(ukey.as_slice())?.is_none() {
-                    return Ok(None);
+                    return Ok(Err(Error::NoSuchUpload));
                 }
                 let mut t = ctx.txn.open_table(PARTS)?;
+                let replaced = t
+                    .get(pkey.as_slice())?
+                    .map(|v| crate::engine::usage::leading_size(v.value()).unwrap_or(0));
+                if let Err(m) = guard.check(replaced) {
+                    return Ok(Err(Error::QuotaUndecided(m)));
+                }
                 let old = t
                     .insert(pkey.as_slice(), encode_ext(&rec2)?.as_slice())?
                     .map(|v| v.value().to_vec());
                 drop(t);
                 ctx.ship_chunks(&rec2.chunks);
-                Ok(Some(old))
+                Ok(Ok(old))
             })
             .await;
         match r {
-            Ok(Some(old)) => {
+            Ok(Ok(old)) => {
                 admitted.committed();
                 if let Some(old) = old {
                     self.discard_chunks(decode_part(&old)?.chunks);
                 }
                 Ok(rec)
             }
-            Ok(None) => {
+            Ok(Err(e)) => {
+                admitted.release();
                 data::abandon(self.engine().chunks(), written.data).await;
-                Err(Error::NoSuchUpload)
+                Err(e)
             }
             Err(e) => {
+                admitted.release();
                 data::abandon(self.engine().chunks(), written.data).await;
                 Err(e.into())
             }
@@ -422,6 +431,7 @@ impl Store {
         let okey = keys::object_key(p, bid, key);
         // The parts become the object's data: only a new key adds (an object).
         let admitted = self.admit_record(tenant, OBJECTS, &okey, 0).await?;
+        let guard = admitted.guard();
         let key = key.to_string();
         let r = self
             .engine()
@@ -521,6 +531,9 @@ impl Store {
                 if let Err(e) = cond.check_write(current.as_ref()) {
                     return Ok(Err(super::object::conflict_if(conditional, e)));
                 }
+                if let Err(m) = guard.check(current.as_ref().map(|c| c.size)) {
+                    return Ok(Err(Error::QuotaUndecided(m)));
+                }
                 let etag = format!("{}-{}", hex::encode(md5s.finalize()), parts.len());
                 let used: std::collections::HashSet<_> = parts.iter().map(|(n, _)| *n).collect();
                 let mut garbage: Vec<ChunkRef> = stored
@@ -551,7 +564,18 @@ impl Store {
                 remove_upload(&ctx.txn, &ukey, &up_index)?;
                 Ok(Ok((etag, size, checksum, garbage)))
             })
-            .await??;
+            .await;
+        let r = match r {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                admitted.release();
+                return Err(e);
+            }
+            Err(e) => {
+                admitted.release();
+                return Err(e.into());
+            }
+        };
         admitted.committed();
         let (etag, size, checksum, garbage) = r;
         self.discard_chunks(garbage);

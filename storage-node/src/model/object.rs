@@ -430,6 +430,7 @@ impl Store {
                 return Err(e);
             }
         };
+        let guard = admitted.guard();
         let data = written.data.clone();
         let etag2 = etag.clone();
         let checksum = ext.checksum.clone();
@@ -449,6 +450,9 @@ impl Store {
                 };
                 if let Err(e) = cond.check_write(current.as_ref()) {
                     return Ok(Err(e));
+                }
+                if let Err(m) = guard.check(current.as_ref().map(|c| c.size)) {
+                    return Ok(Err(Error::QuotaUndecided(m)));
                 }
                 let version = ctx.next_seq();
                 let rec = ObjectRecord {
@@ -481,10 +485,12 @@ impl Store {
                 })
             }
             Ok(Err(e)) => {
+                admitted.release();
                 data::abandon(self.engine().chunks(), written.data).await;
                 Err(e)
             }
             Err(e) => {
+                admitted.release();
                 data::abandon(self.engine().chunks(), written.data).await;
                 Err(e.into())
             }

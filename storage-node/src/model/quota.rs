@@ -39,7 +39,11 @@ impl Store {
         bytes: u64,
     ) -> Result<Reservation> {
         match self.record_amount(tenant, table, key, bytes).await? {
-            Some(amount) => self.admit(tenant, amount).await,
+            Some((amount, old)) => Ok(self.admit(tenant, amount).await?.replacing(
+                old.is_some(),
+                old.unwrap_or(0),
+                bytes > 0,
+            )),
             None => Ok(Reservation::none()),
         }
     }
@@ -53,20 +57,21 @@ impl Store {
         key: &[u8],
         bytes: u64,
     ) -> Result<()> {
-        if let Some(amount) = self.record_amount(tenant, table, key, bytes).await? {
+        if let Some((amount, _)) = self.record_amount(tenant, table, key, bytes).await? {
             self.inner.quotas.precheck(tenant, amount).await?;
         }
         Ok(())
     }
 
-    /// What storing `bytes` at `key` of `table` adds; None when no quota applies.
+    /// What storing `bytes` at `key` of `table` adds, and the size of the record it
+    /// replaces (None: absent); None when no quota applies.
     async fn record_amount(
         &self,
         tenant: TenantId,
         table: TableDefinition<'static, &'static [u8], Record>,
         key: &[u8],
         bytes: u64,
-    ) -> Result<Option<Amount>> {
+    ) -> Result<Option<(Amount, Option<u64>)>> {
         if !self.inner.quotas.applies(tenant).await {
             return Ok(None);
         }
@@ -90,7 +95,7 @@ impl Store {
             })
             .await?;
         let new = u64::from(old.is_none());
-        Ok(Some(if kv {
+        let amount = if kv {
             // Namespace, key and value.
             let key_len = key.len().saturating_sub(usage::KV_KEY_OVERHEAD) as u64;
             Amount {
@@ -110,7 +115,8 @@ impl Store {
                 objects: new,
                 ..Default::default()
             }
-        }))
+        };
+        Ok(Some((amount, old)))
     }
 }
 

@@ -70,12 +70,16 @@ impl GranaryS3 {
 }
 
 /// The body bytes a request announces (`x-amz-decoded-content-length` for an
-/// `aws-chunked` body, else `Content-Length`).
+/// `aws-chunked` body, else `Content-Length`), 0 when it announces none.
 pub(crate) fn declared_body(h: &http::HeaderMap) -> u64 {
+    declared_len(h).unwrap_or(0)
+}
+
+/// [`declared_body`], None when the request announces no length.
+pub(crate) fn declared_len(h: &http::HeaderMap) -> Option<u64> {
     ["x-amz-decoded-content-length", "content-length"]
         .iter()
         .find_map(|n| h.get(*n)?.to_str().ok()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// 503 `SlowDown` with `Retry-After`, for a request over its tenant's rate limit.

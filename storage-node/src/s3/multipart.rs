@@ -88,7 +88,7 @@ pub async fn upload_part(
     note(&req, "UploadPart", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let checksum = convert::checksum_check(&req)?;
-    let declared = super::declared_body(&req.headers);
+    let declared = super::declared_len(&req.headers);
     let i = req.input;
     let md5 = convert::content_md5(i.content_md5.as_deref())?;
     let part = part_number(i.part_number)?;
@@ -103,7 +103,7 @@ pub async fn upload_part(
             body_stream(i.body),
             md5,
             checksum,
-            Some(declared),
+            declared,
         )
         .await
         .map_err(to_s3)?;

@@ -22,7 +22,7 @@ pub async fn put_object(
     note(&req, "PutObject", Some(&req.input.bucket));
     let t = s.tenant(&req).await?;
     let checksum = convert::checksum_check(&req)?;
-    let declared = super::declared_body(&req.headers);
+    let declared = super::declared_len(&req.headers);
     let i = req.input;
     let tags = convert::tags_header(i.tagging.as_deref())?;
     let md5 = convert::content_md5(i.content_md5.as_deref())?;
@@ -39,7 +39,7 @@ pub async fn put_object(
     let extra = crate::model::object::PutExtra {
         tags,
         checksum,
-        declared_size: Some(declared),
+        declared_size: declared,
     };
     let out = s
         .store

@@ -2,28 +2,31 @@
 //! `objects`, `buckets`, `kvKeys`) is refused before it commits, and nothing is stored.
 //!
 //! Each node keeps, per tenant with a quota, a ledger:
-//! - `base`: the tenant's usage as last measured (the usage counters, `engine::usage`:
-//!   this node's partitions, or every primary's share on a cluster);
+//! - `base`: the tenant's usage as last measured (the usage counters, `engine::usage`,
+//!   of every partition's primary) and when that measurement began;
 //! - `pending`: what admitted writes still in flight may add;
-//! - `since`: what admitted writes added after the measurement began (they may or may
-//!   not be in `base`: counted again, which errs on the safe side).
+//! - `since`: what admitted writes added that a measurement may not have seen yet, each
+//!   with the moment from which any measurement surely sees it (a local write: its
+//!   commit; a grant to another node, or a write whose request was cancelled: its
+//!   deadline plus a margin, see [`GRANT_TTL`]). An entry leaves when a measurement that
+//!   began after that moment completes; until then it may be counted twice, the safe side.
 //!
 //! A write is admitted when `base + since + pending + its amount` stays within every
 //! quota; its amount is what it adds at most (an overwrite adds its size minus the size
-//! it replaces, read just before; a delete adds nothing, and what deletes give back
-//! shows at the next measurement). A measurement older than [`MEASURE_EVERY`] is taken
-//! again before admitting, and a write that does not fit measures again first (at most
-//! every [`REMEASURE_MIN`]) so that space freed meanwhile counts. On one node every write
-//! of the tenant passes this ledger, so a quota is never exceeded.
+//! it replaces, read just before and checked again inside the commit, [`CommitGuard`]; a
+//! delete adds nothing, and what deletes give back shows at the next measurement). A
+//! measurement older than [`MEASURE_EVERY`] is taken again before admitting, and a write
+//! that does not fit measures again first (at most every [`REMEASURE_MIN`]) so that space
+//! freed meanwhile counts. Every admitted write must commit within [`GRANT_USE`] of its
+//! admission or is refused (retry), which bounds how long an admission can stay unseen.
 //!
 //! On a cluster every admission of a tenant is decided by one node, the tenant's quota
-//! authority (the primary of the partition its id hashes to, see `cluster`): other
-//! nodes ask it over the RPC port and it counts what it grants them as added at once
-//! (a write that then fails is counted until the next measurement: the safe side). So a
-//! quota holds exactly on a cluster too, except across a failover of the authority: the
-//! new one measures afresh and does not know the grants of the old one whose writes had
-//! not committed yet, so the overshoot is at most the writes in flight at that moment
-//! (docs/design.md, "Quotas").
+//! authority (the primary of the partition its id hashes to): other nodes ask it over
+//! the RPC port. So a quota holds exactly on one node and on a cluster (given commits
+//! whose fsync takes less than `GRANT_TTL - GRANT_USE`), except across a failover of the
+//! authority: the new one measures afresh and does not know the old one's grants whose
+//! writes had not committed yet, so the overshoot is at most the writes in flight at
+//! that moment (docs/design.md, "Usage counters and quotas").
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -74,7 +77,7 @@ impl Amount {
 
 /// A refused write: which quota, its limit, and what the tenant holds.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
-#[error("the tenant's {what} quota is {limit}; it holds {used} and this write would add {adding}")]
+#[error("the tenant's {what} quota is {limit}; it counts {used} and this write would add {adding}")]
 pub struct QuotaExceeded {
     /// The quota's name in the Tenant spec (`storageBytes`, `objects`, `buckets`,
     /// `kvKeys`).
@@ -93,10 +96,12 @@ pub fn authority_partition(tenant: TenantId, partitions: u16) -> crate::types::P
 /// What an admission decided: admitted, refused by a quota, or undecided (why).
 pub type Verdict = Result<(), Result<QuotaExceeded, String>>;
 
-/// Asks the tenant's quota authority to admit an amount; None: this node is the
-/// authority (decide here).
+/// Asks the tenant's quota authority to admit an amount (or, probing, whether it
+/// fits); None: this node is the authority (decide here).
 pub type Authority = Arc<
-    dyn Fn(TenantId, Amount) -> Pin<Box<dyn Future<Output = Option<Verdict>> + Send>> + Send + Sync,
+    dyn Fn(TenantId, Amount, bool) -> Pin<Box<dyn Future<Output = Option<Verdict>> + Send>>
+        + Send
+        + Sync,
 >;
 
 /// Measures a tenant's usage (cluster-wide on a cluster).
@@ -107,14 +112,36 @@ pub type Measure = Arc<
 #[derive(Default)]
 struct Ledger {
     quotas: Option<(Quotas, Instant)>,
+    /// The last measurement and when it began.
     base: Option<(Usage, Instant)>,
-    /// Bumped when a measurement starts; `since` is split at that point.
-    measuring: u64,
     pending: Amount,
-    since: Amount,
-    /// `since` when the measurement under way began.
-    since_at_start: Amount,
+    /// Additions not known to be in `base`: (from when a measurement surely sees it,
+    /// amount). An entry leaves once a measurement that began after its time completes:
+    /// a local write's time is its commit; a grant to another node's write is its time
+    /// plus [`GRANT_TTL`], by which that write has committed or been refused.
+    since: std::collections::VecDeque<(Instant, Amount)>,
 }
+
+impl Ledger {
+    fn since_total(&self) -> Amount {
+        let mut t = Amount::default();
+        for (_, a) in &self.since {
+            t.add(*a);
+        }
+        t
+    }
+}
+
+/// How long a write admitted by another node's quota authority may take to commit after
+/// the grant; the asker refuses to commit it later ([`CommitGuard`]), so a measurement
+/// that begins after this has seen it.
+pub const GRANT_TTL: Duration = Duration::from_secs(3);
+/// The asker's own limit, counted from before it asked: inside [`GRANT_TTL`].
+pub const GRANT_USE: Duration = Duration::from_millis(1500);
+/// How old a measurement may be and still be used when a new one fails (a partition
+/// without a reachable primary): what was admitted since still counts, so an old one
+/// errs on the safe side.
+pub const STALE_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct QuotaGate {
@@ -127,12 +154,46 @@ pub struct QuotaGate {
     measuring: Arc<tokio::sync::Mutex<HashMap<TenantId, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
-/// An admitted write's claim on its tenant's headroom: released when dropped; call
-/// [`Reservation::committed`] once the write is durable, so its amount counts until the
-/// next measurement sees it.
+/// An admitted write's claim on its tenant's headroom. Call [`Reservation::committed`]
+/// once the write is durable (its amount counts until a measurement sees it) or
+/// [`Reservation::release`] when it surely did not happen; dropped otherwise (a request
+/// cancelled while its commit ran) it counts as committed, the safe side.
 pub struct Reservation {
     gate: Option<(QuotaGate, TenantId)>,
     amount: Amount,
+    guard: CommitGuard,
+}
+
+/// What the write's commit must still check, inside its transaction: that it commits
+/// in time (a grant of another node's authority) and that the record it replaces is at
+/// least what the admission assumed (else it would add more than admitted).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CommitGuard {
+    deadline: Option<Instant>,
+    /// (the record existed, its size) as admitted; None: nothing to check.
+    replaces: Option<(bool, u64)>,
+    /// Whether the write adds bytes (a completed upload does not: its parts are counted).
+    bytes: bool,
+}
+
+impl CommitGuard {
+    /// Err (retry) when the write may no longer commit as admitted; `current` is the
+    /// size of the record it replaces now (None: absent).
+    pub fn check(&self, current: Option<u64>) -> Result<(), String> {
+        if self.deadline.is_some_and(|d| Instant::now() > d) {
+            return Err(
+                "the quota check of this write expired before it could commit; retry".into(),
+            );
+        }
+        if let Some((existed, size)) = self.replaces
+            && ((existed && current.is_none()) || (self.bytes && current.unwrap_or(0) < size))
+        {
+            return Err(
+                "what this write replaces changed while its quota was checked; retry".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 impl Reservation {
@@ -141,24 +202,57 @@ impl Reservation {
         Self {
             gate: None,
             amount: Amount::default(),
+            guard: CommitGuard::default(),
         }
     }
 
+    /// What the commit checks (copied into the write's closure).
+    pub fn guard(&self) -> CommitGuard {
+        self.guard
+    }
+
+    /// Notes the record the write replaces, as admitted.
+    pub fn replacing(mut self, existed: bool, size: u64, bytes: bool) -> Self {
+        self.guard.replaces = Some((existed, size));
+        self.guard.bytes = bytes;
+        self
+    }
+
     pub fn committed(mut self) {
+        self.settle(Some(Instant::now()));
+    }
+
+    /// The write did not happen: its amount is free again.
+    pub fn release(mut self) {
+        self.settle(None);
+    }
+
+    /// Counts the amount for a write another node commits within [`GRANT_TTL`].
+    pub fn granted(mut self) {
+        self.settle(Some(Instant::now() + GRANT_TTL));
+    }
+
+    fn settle(&mut self, seen_from: Option<Instant>) {
         if let Some((g, t)) = self.gate.take() {
             let mut ls = g.lock();
             let l = ls.entry(t).or_default();
             l.pending.sub(self.amount);
-            l.since.add(self.amount);
+            if let Some(from) = seen_from {
+                l.since.push_back((from, self.amount));
+            }
         }
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        if let Some((g, t)) = self.gate.take() {
-            g.lock().entry(t).or_default().pending.sub(self.amount);
-        }
+        // The write may still commit, up to its deadline: counted until a measurement
+        // that begins after that.
+        let from = self
+            .guard
+            .deadline
+            .map_or_else(Instant::now, |d| d + (GRANT_TTL - GRANT_USE));
+        self.settle(Some(from.max(Instant::now())));
     }
 }
 
@@ -239,8 +333,33 @@ impl QuotaGate {
     }
 
     /// Measures the tenant's usage now (one measurement at a time per tenant; a caller
-    /// that waited for another's uses it if it is fresh enough).
+    /// that waited for another's uses it if it is fresh enough). When it fails, a
+    /// measurement up to [`STALE_MAX`] old is kept (what was admitted since still counts).
     async fn measure(&self, tenant: TenantId, fresher_than: Duration) -> Result<(), String> {
+        match self.measure_now(tenant, fresher_than).await {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let usable = self
+                    .lock()
+                    .get(&tenant)
+                    .and_then(|l| l.base.as_ref())
+                    .is_some_and(|(_, at)| at.elapsed() < STALE_MAX);
+                if usable {
+                    tracing::warn!(%tenant, error = %e, "measuring the tenant's usage failed; checking quotas against the last measurement");
+                    Ok(())
+                } else {
+                    tracing::warn!(%tenant, error = %e, "measuring the tenant's usage failed");
+                    Err(
+                        "the tenant's usage could not be measured for its quota check; \
+                         nothing was written; retry"
+                            .into(),
+                    )
+                }
+            }
+        }
+    }
+
+    async fn measure_now(&self, tenant: TenantId, fresher_than: Duration) -> Result<(), String> {
         let lock = self
             .measuring
             .lock()
@@ -258,24 +377,13 @@ impl QuotaGate {
             return Ok(());
         }
         let started = Instant::now();
-        let generation = {
-            let mut ls = self.lock();
-            let l = ls.entry(tenant).or_default();
-            l.measuring += 1;
-            l.since_at_start = l.since;
-            l.measuring
-        };
         let m = self.measure.get().unwrap_or(&self.local).clone();
         let usage = m(tenant).await?;
         let mut ls = self.lock();
         let l = ls.entry(tenant).or_default();
-        if l.measuring == generation {
-            // What was committed before the measurement began is in it.
-            let before = l.since_at_start;
-            l.since.sub(before);
-            l.since_at_start = Amount::default();
-            l.base = Some((usage, started));
-        }
+        // What surely committed before the measurement began is in it.
+        l.since.retain(|(from, _)| *from >= started);
+        l.base = Some((usage, started));
         Ok(())
     }
 
@@ -284,7 +392,7 @@ impl QuotaGate {
         let Some((base, _)) = &l.base else {
             return Ok(());
         };
-        let mut added = l.since;
+        let mut added = l.since_total();
         added.add(l.pending);
         let fields: [(&'static str, Option<u64>, u64, u64, u64); 4] = [
             (
@@ -339,6 +447,17 @@ impl QuotaGate {
         tenant: TenantId,
         amount: Amount,
     ) -> Result<Reservation, Result<QuotaExceeded, String>> {
+        self.decide(tenant, amount, false).await
+    }
+
+    /// [`Self::admit`], or with `probe` only whether `amount` fits now (nothing is
+    /// admitted or counted).
+    async fn decide(
+        &self,
+        tenant: TenantId,
+        amount: Amount,
+        probe: bool,
+    ) -> Result<Reservation, Result<QuotaExceeded, String>> {
         if amount.is_zero() {
             return Ok(Reservation::none());
         }
@@ -350,11 +469,17 @@ impl QuotaGate {
         if !applies {
             return Ok(Reservation::none());
         }
+        let asked = Instant::now();
         if let Some(a) = self.authority.get()
-            && let Some(verdict) = a(tenant, amount).await
+            && let Some(verdict) = a(tenant, amount, probe).await
         {
-            // Decided (and counted) by the authority.
-            return verdict.map(|()| Reservation::none());
+            // Decided (and counted, unless a probe) by the authority, which counts it
+            // for GRANT_TTL after its grant: the write must commit before then.
+            return verdict.map(|()| {
+                let mut r = Reservation::none();
+                r.guard.deadline = Some(asked + GRANT_USE);
+                r
+            });
         }
         self.admit_here(tenant, amount).await
     }
@@ -392,6 +517,12 @@ impl QuotaGate {
                     return Ok(Reservation {
                         gate: Some((self.clone(), tenant)),
                         amount,
+                        // A write that does not commit in time is refused (retry), so
+                        // a reservation dropped without an outcome is bounded too.
+                        guard: CommitGuard {
+                            deadline: Some(Instant::now() + GRANT_USE),
+                            ..Default::default()
+                        },
                     });
                 }
                 Err(e) if remeasured => return Err(Ok(e)),
@@ -408,9 +539,10 @@ impl QuotaGate {
     /// Refuses early a write whose declared size cannot fit (before its body is read);
     /// admits nothing. The write is checked again, exactly, before it commits.
     pub async fn precheck(&self, tenant: TenantId, amount: Amount) -> Result<(), QuotaExceeded> {
-        match self.admit(tenant, amount).await {
+        match self.decide(tenant, amount, true).await {
+            // A probe admits nothing: give back what was reserved here.
             Ok(r) => {
-                drop(r);
+                r.release();
                 Ok(())
             }
             Err(Ok(e)) => Err(e),
@@ -471,7 +603,7 @@ mod tests {
             ("storageBytes", 1000, 900, 101)
         );
         let b = g.admit(t, bytes(100)).await.ok().unwrap();
-        drop(b);
+        b.release();
         let b = g.admit(t, bytes(100)).await.ok().unwrap();
         // Committed, not yet measured: still counted.
         a.committed();
@@ -496,5 +628,31 @@ mod tests {
             .await
             .is_ok()
         );
+    }
+
+    /// A grant to another node's write counts until a measurement that began after the
+    /// write's deadline (it may commit right after a measurement read its partition); a
+    /// reservation dropped without an outcome (a cancelled request) counts the same way.
+    #[tokio::test]
+    async fn grants_and_cancelled_writes_count_until_surely_measured() {
+        let usage = Arc::new(Mutex::new(Usage::default()));
+        let q = Quotas {
+            storage_bytes: Some(1000),
+            ..Default::default()
+        };
+        let (g, t) = gate(q, usage).await;
+        g.admit_here(t, bytes(600)).await.ok().unwrap().granted();
+        tokio::time::sleep(REMEASURE_MIN).await;
+        // Measured again (usage still 0: the write has not committed): still counted.
+        assert!(g.admit(t, bytes(500)).await.is_err());
+        drop(g.admit(t, bytes(300)).await.ok().unwrap());
+        tokio::time::sleep(REMEASURE_MIN).await;
+        assert!(
+            g.admit(t, bytes(200)).await.is_err(),
+            "a dropped reservation counts"
+        );
+        // After the grant's lifetime a measurement decides alone.
+        tokio::time::sleep(GRANT_TTL).await;
+        assert!(g.admit(t, bytes(1000)).await.is_ok());
     }
 }
