@@ -229,6 +229,11 @@ impl Node {
                 "Requests refused for a tenant rate limit, by tenant and limit",
                 t.throttled.clone(),
             );
+            r.register(
+                "tenant_quota_refused",
+                "Writes refused for a tenant quota, by tenant and quota",
+                store.quotas().refused.clone(),
+            );
         }
         Ok(Self {
             config,

@@ -118,6 +118,7 @@ impl Store {
             self.lift_tombstone(gone).await;
             return Err(e.into());
         }
+        self.quotas().freed(tenant);
         self.bucket_changed(tenant, name, None).await;
         Ok(())
     }

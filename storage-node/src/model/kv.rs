@@ -319,7 +319,8 @@ impl Store {
         let mut full = self.kv_prefix(tenant, ns)?;
         full.extend_from_slice(key);
         let now = now_millis();
-        self.engine()
+        let r = self
+            .engine()
             .write(vec![], move |ctx| {
                 let mut t = ctx.txn.open_table(KV)?;
                 let stored = match t.get(full.as_slice())? {
@@ -337,7 +338,11 @@ impl Store {
                 t.remove(full.as_slice())?;
                 Ok(Ok(current.map(|c| c.version)))
             })
-            .await?
+            .await?;
+        if matches!(r, Ok(Some(_))) {
+            self.quotas().freed(tenant);
+        }
+        r
     }
 
     /// Ordered scan of keys with `prefix`, from `start` (inclusive) to `end`

@@ -609,6 +609,7 @@ impl Store {
                 Ok(Ok(remove_upload(&ctx.txn, &ukey, &up)?))
             })
             .await??;
+        self.quotas().freed(tenant);
         self.discard_chunks(garbage);
         Ok(())
     }

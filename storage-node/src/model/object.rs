@@ -690,6 +690,7 @@ impl Store {
             })
             .await?;
         if let Some(old) = removed {
+            self.quotas().freed(tenant);
             self.discard_chunks(decode_record(&old)?.data.into_chunks());
         }
         Ok(())

@@ -112,6 +112,11 @@ pub type Measure = Arc<
 #[derive(Default)]
 struct Ledger {
     quotas: Option<(Quotas, Instant)>,
+    /// The tenant's name, for metrics.
+    name: Option<String>,
+    /// Something of the tenant was deleted here since the last measurement began: a
+    /// write that does not fit measures again at once (not after REMEASURE_MIN).
+    freed: bool,
     /// The last measurement and when it began.
     base: Option<(Usage, Instant)>,
     pending: Amount,
@@ -143,9 +148,21 @@ pub const GRANT_USE: Duration = Duration::from_millis(1500);
 /// errs on the safe side.
 pub const STALE_MAX: Duration = Duration::from_secs(60);
 
+/// Writes refused for a quota, per tenant and quota (bounded: tenants x 4).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub tenant: String,
+    pub quota: String,
+}
+
 #[derive(Clone)]
 pub struct QuotaGate {
     catalog: Arc<dyn Catalog>,
+    /// Writes refused by a quota, counted where the client was answered.
+    pub refused: prometheus_client::metrics::family::Family<
+        QuotaLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
     measure: Arc<std::sync::OnceLock<Measure>>,
     authority: Arc<std::sync::OnceLock<Authority>>,
     local: Measure,
@@ -262,6 +279,7 @@ impl QuotaGate {
     pub fn new(catalog: Arc<dyn Catalog>, local: Measure) -> Self {
         Self {
             catalog,
+            refused: Default::default(),
             measure: Arc::default(),
             authority: Arc::default(),
             local,
@@ -293,9 +311,9 @@ impl QuotaGate {
         {
             return Ok(q.clone());
         }
-        let q = match self.catalog.tenant_by_id(tenant).await {
-            Ok(Some(t)) => t.spec.quotas,
-            Ok(None) => Quotas::default(),
+        let (q, name) = match self.catalog.tenant_by_id(tenant).await {
+            Ok(Some(t)) => (t.spec.quotas, Some(t.name)),
+            Ok(None) => (Quotas::default(), None),
             Err(e) => {
                 // Keep enforcing what was read last; with nothing read, refuse rather
                 // than admit unchecked.
@@ -307,7 +325,12 @@ impl QuotaGate {
                 return kept.ok_or_else(|| format!("the tenant's quotas are unreadable: {e}"));
             }
         };
-        self.lock().entry(tenant).or_default().quotas = Some((q.clone(), Instant::now()));
+        let mut ls = self.lock();
+        let l = ls.entry(tenant).or_default();
+        l.quotas = Some((q.clone(), Instant::now()));
+        if name.is_some() {
+            l.name = name;
+        }
         Ok(q)
     }
 
@@ -322,6 +345,13 @@ impl QuotaGate {
                     || q.kv_keys.is_some()
             }
             Err(_) => true,
+        }
+    }
+
+    /// Notes that a delete on this node gave some of `tenant`'s usage back.
+    pub fn freed(&self, tenant: TenantId) {
+        if let Some(l) = self.lock().get_mut(&tenant) {
+            l.freed = true;
         }
     }
 
@@ -377,6 +407,9 @@ impl QuotaGate {
             return Ok(());
         }
         let started = Instant::now();
+        if let Some(l) = self.lock().get_mut(&tenant) {
+            l.freed = false;
+        }
         let m = self.measure.get().unwrap_or(&self.local).clone();
         let usage = m(tenant).await?;
         let mut ls = self.lock();
@@ -450,9 +483,36 @@ impl QuotaGate {
         self.decide(tenant, amount, false).await
     }
 
+    fn count_refusal(&self, tenant: TenantId, q: &QuotaExceeded) {
+        let name = self
+            .lock()
+            .get(&tenant)
+            .and_then(|l| l.name.clone())
+            .unwrap_or_else(|| tenant.to_string());
+        self.refused
+            .get_or_create(&QuotaLabels {
+                tenant: name,
+                quota: q.what.to_string(),
+            })
+            .inc();
+    }
+
     /// [`Self::admit`], or with `probe` only whether `amount` fits now (nothing is
     /// admitted or counted).
     async fn decide(
+        &self,
+        tenant: TenantId,
+        amount: Amount,
+        probe: bool,
+    ) -> Result<Reservation, Result<QuotaExceeded, String>> {
+        let verdict = self.decide_inner(tenant, amount, probe).await;
+        if let Err(Ok(q)) = &verdict {
+            self.count_refusal(tenant, q);
+        }
+        verdict
+    }
+
+    async fn decide_inner(
         &self,
         tenant: TenantId,
         amount: Amount,
@@ -528,8 +588,11 @@ impl QuotaGate {
                 Err(e) if remeasured => return Err(Ok(e)),
                 Err(_) => {
                     // Space freed since the last measurement counts: measure again
-                    // (not more often than REMEASURE_MIN) and decide on that.
-                    self.measure(tenant, REMEASURE_MIN).await.map_err(Err)?;
+                    // (at once after a delete here, else not more often than
+                    // REMEASURE_MIN) and decide on that.
+                    let freed = self.lock().get(&tenant).is_some_and(|l| l.freed);
+                    let fresher = if freed { Duration::ZERO } else { REMEASURE_MIN };
+                    self.measure(tenant, fresher).await.map_err(Err)?;
                     remeasured = true;
                 }
             }

@@ -767,6 +767,49 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     });
     assert_eq!(usage["buckets"], 1);
     assert_eq!(usage["storage"], "15");
+    // The node enforces the Tenant's quotas: a write accepted under 7 objects is refused
+    // once the quota is lowered to what the tenant holds.
+    c.put_object()
+        .bucket("reports")
+        .key("second")
+        .body(ByteStream::from_static(b"x"))
+        .send()
+        .await
+        .unwrap();
+    quota(2);
+    let mut refused = None;
+    for _ in 0..150 {
+        let r = c
+            .put_object()
+            .bucket("reports")
+            .key("third")
+            .body(ByteStream::from_static(b"y"))
+            .send()
+            .await;
+        if let Err(e) = r {
+            refused = Some(e);
+            break;
+        }
+        // Accepted before the change reached the node: take it back and try again.
+        c.delete_object()
+            .bucket("reports")
+            .key("third")
+            .send()
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = refused.expect("the lowered quota was never enforced");
+    assert_eq!(
+        e.raw_response().map(|r| r.status().as_u16()),
+        Some(403),
+        "{e:?}"
+    );
+    assert_eq!(
+        aws_sdk_s3::error::ProvideErrorMetadata::code(&e),
+        Some("QuotaExceeded"),
+        "{e:?}"
+    );
     // Usage above a quota shows as QuotaExceeded (with a Warning event), and clears.
     let quota_condition = |want: &'static str| {
         wait_for("QuotaExceeded condition", 60, || {
@@ -777,7 +820,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     quota(0);
     let (_, reason, message) = quota_condition("True");
     assert_eq!(reason, "OverQuota");
-    assert!(message.contains("objects 1 > 0"), "{message}");
+    assert!(message.contains("objects 2 > 0"), "{message}");
     let events = json(
         &cp,
         &[
@@ -799,7 +842,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
                 && e["message"]
                     .as_str()
                     .unwrap_or("")
-                    .contains("objects 1 > 0")),
+                    .contains("objects 2 > 0")),
         "no Warning event: {events}"
     );
     quota(7);

@@ -230,6 +230,103 @@ async fn quotas_refuse_writes_with_real_clients() {
     assert_eq!(u["kvBytes"], 3 * (2 + 1 + 1), "{u}");
 }
 
+/// Eight concurrent writers drive a tenant to its byte and object quotas: every refusal
+/// is `QuotaExceeded`, the final usage is within both quotas (exactly: one node), the
+/// refusals are counted per tenant and quota in the metrics, and deleting frees quota so
+/// that writes succeed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_writers_meet_the_byte_and_object_quotas() {
+    const BYTES: u64 = 600_000;
+    const OBJECTS: u64 = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(dir.path()).unwrap();
+    let admin = Admin::new(&node);
+    let (ak, sk) = admin
+        .tenant_with_spec(
+            "eight",
+            json!({"quotas": {"storageBytes": BYTES, "objects": OBJECTS}}),
+        )
+        .await
+        .unwrap();
+    let c = s3_client(&node.s3, &ak, &sk);
+    c.create_bucket().bucket("eight").send().await.unwrap();
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ok, mut refused) = (0u64, 0u64);
+            for i in 0.. {
+                let len = rand::rng().random_range(1..40_000usize);
+                let r = c
+                    .put_object()
+                    .bucket("eight")
+                    .key(format!("w{w}-{i}"))
+                    .body(ByteStream::from(vec![7u8; len]))
+                    .send()
+                    .await;
+                match r {
+                    Ok(_) => ok += 1,
+                    Err(e) => {
+                        assert_eq!(s3_code(&e), ("QuotaExceeded".into(), 403), "{e:?}");
+                        refused += 1;
+                        if refused == 5 {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(150)).await;
+                    }
+                }
+            }
+            (ok, refused)
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.unwrap().0;
+    }
+    let u = usage(&admin, "eight").await;
+    println!("{admitted} objects admitted; usage {u}");
+    let (bytes, objects) = (
+        u["storageBytes"].as_u64().unwrap(),
+        u["objects"].as_u64().unwrap(),
+    );
+    assert_eq!(objects, admitted);
+    assert!(bytes <= BYTES && objects <= OBJECTS, "{u}");
+    assert!(
+        bytes > BYTES - 40_000 || objects == OBJECTS,
+        "neither quota was reached: {u}"
+    );
+    let page = node.metrics().await.unwrap();
+    let refusals: f64 = page
+        .lines()
+        .filter(|l| {
+            l.starts_with("granary_tenant_quota_refused_total{") && l.contains("tenant=\"eight\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        refusals >= 40.0,
+        "refusals counted in the metrics: {refusals}\n{page}"
+    );
+
+    // Deleting frees quota; writes succeed again.
+    let list = c.list_objects_v2().bucket("eight").send().await.unwrap();
+    for o in list.contents().iter().take(10) {
+        c.delete_object()
+            .bucket("eight")
+            .key(o.key().unwrap())
+            .send()
+            .await
+            .unwrap();
+    }
+    c.put_object()
+        .bucket("eight")
+        .key("after")
+        .body(ByteStream::from(vec![1u8; 1000]))
+        .send()
+        .await
+        .unwrap();
+}
+
 /// The usage counters live in the same transactions as the data: after random writes
 /// through S3 and KV and a SIGKILL in the middle of them, the data directory's counters
 /// equal a full recount, and the restarted node reports that usage.
