@@ -76,6 +76,9 @@ pub struct NodeConfig {
     /// has streamed back). More are refused with 503 `SlowDown` (nothing sent), so a
     /// slow or overloaded primary cannot pile up unbounded work here. Default 512.
     pub max_forwards_per_peer: u32,
+    /// Pieces of object-body I/O (up to 1 MiB each) the node runs at once; more wait in
+    /// the fair scheduler's order (tenancy/sched.rs). Default 2.
+    pub io_slots: u32,
     /// Heartbeat, probe and layout-poll period in milliseconds. Default 1000.
     pub heartbeat_interval_ms: u64,
     /// A node is suspected after this long without a heartbeat or an answered probe.
@@ -118,6 +121,7 @@ impl Default for NodeConfig {
             min_in_sync: None,
             capacity: 100,
             max_forwards_per_peer: 512,
+            io_slots: crate::tenancy::sched::DEFAULT_SLOTS as u32,
             heartbeat_interval_ms: 1000,
             suspect_after_ms: 5000,
             fail_after_ms: 30_000,
@@ -233,6 +237,9 @@ impl NodeConfig {
         if let Some(v) = g("MAX_FORWARDS_PER_PEER") {
             self.max_forwards_per_peer = parse("GRANARY_MAX_FORWARDS_PER_PEER", &v)?;
         }
+        if let Some(v) = g("IO_SLOTS") {
+            self.io_slots = parse("GRANARY_IO_SLOTS", &v)?;
+        }
         if let Some(v) = g("RPC_LISTEN") {
             self.rpc_listen = parse("GRANARY_RPC_LISTEN", &v)?;
         }
@@ -308,6 +315,9 @@ impl NodeConfig {
             return Err(ConfigError::Invalid(
                 "bootstrap_expect must be at least 1".into(),
             ));
+        }
+        if self.io_slots == 0 {
+            return Err(ConfigError::Invalid("io_slots must be at least 1".into()));
         }
         if self.heartbeat_interval_ms == 0
             || self.suspect_after_ms <= self.heartbeat_interval_ms

@@ -234,6 +234,11 @@ impl Node {
                 "Writes refused for a tenant quota, by tenant and quota",
                 store.quotas().refused.clone(),
             );
+            r.register(
+                "tenant_queue_wait_seconds",
+                "Time spent waiting for the I/O scheduler, by tenant",
+                store.io_scheduler().waited.clone(),
+            );
         }
         Ok(Self {
             config,
@@ -331,6 +336,7 @@ impl Node {
             store.set_write_guard(Arc::new(move |p| replicator.refuse_write(p)));
         }
         store.set_remote_reader(crate::cluster::rpc::remote_reader(cluster.clone()));
+        store.io_scheduler().set_slots(config.io_slots as usize);
         // Quotas are decided by each tenant's authority, against cluster-wide usage.
         store
             .quotas()

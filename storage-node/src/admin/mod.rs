@@ -270,9 +270,22 @@ async fn create_tenant(
     let spec: TenantSpec = serde_json::from_value(serde_json::Value::Object(obj))
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "MalformedJSON", e.to_string()))?;
     check_tenant_name(&name)?;
+    check_spec(&spec)?;
     let t = s.store.catalog().create_tenant(&name, &spec).await?;
     tracing::info!(tenant = %t.name, id = %t.id, "tenant created");
     Ok((StatusCode::CREATED, Json(t)).into_response())
+}
+
+/// Refuses settings outside their documented ranges (the Tenant CRD's bounds).
+fn check_spec(spec: &TenantSpec) -> Result<(), ApiError> {
+    if let Some(w) = spec.qos.weight
+        && !(1..=10_000).contains(&w)
+    {
+        return Err(ApiError::bad_request(format!(
+            "qos.weight must be between 1 and 10000, not {w}"
+        )));
+    }
+    Ok(())
 }
 
 async fn get_tenant(
@@ -288,6 +301,7 @@ async fn update_tenant(
     body: Result<Json<TenantSpec>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Tenant>, ApiError> {
     let Json(spec) = body.map_err(json_rejection)?;
+    check_spec(&spec)?;
     let was_suspended = tenant(&s, &name).await?.spec.suspended;
     let t = s.store.catalog().update_tenant(&name, &spec).await?;
     // New quotas apply on this node at once (on the others within quota::SPEC_TTL).

@@ -457,6 +457,14 @@ async fn dispatch(
         .map_err(|th| ApiError::slow_down(&th))?;
     // Held until the response body is done (see `handle`).
     hold.put(held);
+    // The request's fair turn at the node's I/O scheduler.
+    st.store
+        .io_scheduler()
+        .turn(
+            crate::tenancy::sched::Class::Tenant(tenant),
+            body.len() as u64,
+        )
+        .await;
     let span = tracing::Span::current();
     span.record("tenant", tracing::field::display(tenant));
     span.record("bucket", ns.as_str());

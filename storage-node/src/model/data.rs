@@ -25,6 +25,21 @@ pub const INLINE_MAX: usize = 64 * 1024;
 /// Size of the pieces handed to the blocking writer and read back on GET.
 const IO_PIECE: usize = 1024 * 1024;
 
+/// Whose I/O a body transfer is, for the node's I/O scheduler: each piece read from or
+/// written to a chunk file waits for a slot in its class's fair turn.
+#[derive(Clone)]
+pub struct Io {
+    pub sched: crate::tenancy::sched::IoScheduler,
+    pub class: crate::tenancy::sched::Class,
+    pub weight: u32,
+}
+
+impl Io {
+    async fn slot(&self, bytes: usize) -> crate::tenancy::sched::Slot {
+        self.sched.slot(self.class, self.weight, bytes as u64).await
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ObjectData {
     Inline {
@@ -135,8 +150,9 @@ pub async fn write_body(
     store: &ChunkStore,
     partition: PartitionId,
     body: ByteStream,
+    io: &Io,
 ) -> Result<Written> {
-    write_body_inner(store, partition, body, INLINE_MAX).await
+    write_body_inner(store, partition, body, INLINE_MAX, io).await
 }
 
 /// Like [`write_body`] but always to chunk files (multipart parts are stitched by
@@ -145,8 +161,9 @@ pub async fn write_body_chunked(
     store: &ChunkStore,
     partition: PartitionId,
     body: ByteStream,
+    io: &Io,
 ) -> Result<Written> {
-    write_body_inner(store, partition, body, 0).await
+    write_body_inner(store, partition, body, 0, io).await
 }
 
 async fn write_body_inner(
@@ -154,6 +171,7 @@ async fn write_body_inner(
     partition: PartitionId,
     mut body: ByteStream,
     inline_max: usize,
+    io: &Io,
 ) -> Result<Written> {
     let mut buf = BytesMut::new();
     let mut ended = false;
@@ -186,10 +204,12 @@ async fn write_body_inner(
         md5: Md5::new(),
         size: 0,
     };
+    let slot = io.slot(buf.len()).await;
     let mut in_flight: tokio::task::JoinHandle<(Sink, io::Result<()>)> =
         tokio::task::spawn_blocking(move || {
             let mut sink = sink;
             let r = sink.write(&buf);
+            drop(slot);
             (sink, r)
         });
     let mut next = BytesMut::with_capacity(IO_PIECE);
@@ -220,8 +240,10 @@ async fn write_body_inner(
                 return Err(f);
             }
             let piece = next.split().freeze();
+            let slot = io.slot(piece.len()).await;
             in_flight = tokio::task::spawn_blocking(move || {
                 let r = sink.write(&piece);
+                drop(slot);
                 (sink, r)
             });
             if end {
@@ -236,9 +258,15 @@ async fn write_body_inner(
         blocking(move || sink.abandon()).await?;
         return Err(Error::Engine(e.into()));
     }
-    let written = blocking(move || sink.finish())
-        .await?
-        .map_err(|e| Error::Engine(e.into()))?;
+    // The last chunk's fsync is disk time too.
+    let slot = io.slot(IO_PIECE).await;
+    let written = blocking(move || {
+        let r = sink.finish();
+        drop(slot);
+        r
+    })
+    .await?
+    .map_err(|e| Error::Engine(e.into()))?;
     Ok(written)
 }
 
@@ -293,6 +321,7 @@ pub async fn read_body(
     store: &ChunkStore,
     data: &ObjectData,
     range: Range<u64>,
+    io: &Io,
 ) -> Result<ObjectBody> {
     let len = range.end - range.start;
     match data {
@@ -332,23 +361,34 @@ pub async fn read_body(
                 None => Bytes::new(),
                 Some((c, s, e)) => {
                     let st = store.clone();
+                    let slot = io.slot((e - s) as usize).await;
                     Bytes::from(
-                        blocking(move || st.read_range(&c, s, e))
-                            .await?
-                            .map_err(chunk_err)?,
+                        blocking(move || {
+                            let r = st.read_range(&c, s, e);
+                            drop(slot);
+                            r
+                        })
+                        .await?
+                        .map_err(chunk_err)?,
                     )
                 }
             };
             let store = store.clone();
+            let io = io.clone();
             let rest = futures::stream::unfold((plan, pin), move |(mut plan, pin)| {
-                let store = store.clone();
+                let (store, io) = (store.clone(), io.clone());
                 async move {
                     let (c, s, e) = plan.next()?;
-                    let r = tokio::task::spawn_blocking(move || store.read_range(&c, s, e))
-                        .await
-                        .map_err(io::Error::other)
-                        .and_then(|r| r.map_err(io::Error::other))
-                        .map(Bytes::from);
+                    let slot = io.slot((e - s) as usize).await;
+                    let r = tokio::task::spawn_blocking(move || {
+                        let r = store.read_range(&c, s, e);
+                        drop(slot);
+                        r
+                    })
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|r| r.map_err(io::Error::other))
+                    .map(Bytes::from);
                     Some((r, (plan, pin)))
                 }
             });

@@ -205,6 +205,8 @@ struct Inner {
     bucket_ddl: Mutex<()>,
     /// Quota enforcement: every write that adds data is admitted here first.
     quotas: crate::tenancy::quota::QuotaGate,
+    /// The node's I/O scheduler (object body pieces and request turns).
+    io: crate::tenancy::sched::IoScheduler,
 }
 
 /// A handle on a [`Store`] that does not keep it alive (for callbacks the store holds).
@@ -238,6 +240,10 @@ impl Store {
                         })
                     })
                 }),
+                io: crate::tenancy::sched::IoScheduler::new(
+                    crate::tenancy::sched::DEFAULT_SLOTS,
+                    Some(catalog.clone()),
+                ),
                 engine,
                 catalog,
                 partitions,
@@ -253,6 +259,21 @@ impl Store {
 
     pub fn engine(&self) -> &Engine {
         &self.inner.engine
+    }
+
+    /// The node's I/O scheduler.
+    pub fn io_scheduler(&self) -> &crate::tenancy::sched::IoScheduler {
+        &self.inner.io
+    }
+
+    /// `tenant`'s place in the I/O scheduler.
+    pub(crate) async fn io(&self, tenant: TenantId) -> data::Io {
+        let class = crate::tenancy::sched::Class::Tenant(tenant);
+        data::Io {
+            sched: self.inner.io.clone(),
+            class,
+            weight: self.inner.io.weight(class).await,
+        }
     }
 
     pub fn catalog(&self) -> &Arc<dyn Catalog> {

@@ -291,7 +291,9 @@ impl Store {
             self.precheck_record(tenant, PARTS, &pkey, n).await?;
         }
         let (body, running) = super::checksum::hashing(body, checksum);
-        let written = data::write_body_chunked(self.engine().chunks(), p, body).await?;
+        let written =
+            data::write_body_chunked(self.engine().chunks(), p, body, &self.io(tenant).await)
+                .await?;
         let checksum = self.verify_written(&written, running, content_md5).await?;
         let rec = PartRecord {
             size: written.size,

@@ -544,7 +544,8 @@ impl Store {
             self.precheck_record(tenant, OBJECTS, &k, n).await?;
         }
         let (body, running) = super::checksum::hashing(body, extra.checksum);
-        let written = data::write_body(self.engine().chunks(), p, body).await?;
+        let written =
+            data::write_body(self.engine().chunks(), p, body, &self.io(tenant).await).await?;
         let checksum = self.verify_written(&written, running, content_md5).await?;
         let etag = hex::encode(written.md5);
         let ext = ObjectExt {
@@ -672,7 +673,13 @@ impl Store {
         let rec = self.head_object(tenant, bucket, key).await?;
         cond.check_read(&rec)?;
         let r = range_of(&rec, range)?;
-        let body = data::read_body(self.engine().chunks(), &rec.data, r.clone()).await?;
+        let body = data::read_body(
+            self.engine().chunks(),
+            &rec.data,
+            r.clone(),
+            &self.io(tenant).await,
+        )
+        .await?;
         Ok((rec, r, body))
     }
 
@@ -754,7 +761,8 @@ impl Store {
                 expected: super::checksum::Expected::Compute,
             });
         let (stream, running) = super::checksum::hashing(body.stream, check);
-        let written = data::write_body(self.engine().chunks(), p, stream).await?;
+        let written =
+            data::write_body(self.engine().chunks(), p, stream, &self.io(tenant).await).await?;
         let checksum = self.verify_written(&written, running, None).await?;
         // A multipart source keeps its ETag only when the data is unchanged; a copy is
         // stored as one part, so its ETag is the MD5 of the bytes.

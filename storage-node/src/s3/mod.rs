@@ -65,6 +65,12 @@ impl GranaryS3 {
         if let Some(slot) = req.extensions.get::<crate::tenancy::rate::HoldSlot>() {
             slot.put(held);
         }
+        // The request's fair turn at the node's I/O scheduler: with every slot taken, a
+        // quiet tenant's request goes before a flooding tenant's queued pieces.
+        self.store
+            .io_scheduler()
+            .turn(crate::tenancy::sched::Class::Tenant(t), 0)
+            .await;
         Ok(t)
     }
 }

@@ -5,6 +5,7 @@
 pub mod budget;
 pub mod quota;
 pub mod rate;
+pub mod sched;
 pub mod sigv4;
 
 use std::collections::HashMap;
