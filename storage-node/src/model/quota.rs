@@ -39,11 +39,22 @@ impl Store {
         bytes: u64,
     ) -> Result<Reservation> {
         match self.record_amount(tenant, table, key, bytes).await? {
-            Some((amount, old)) => Ok(self.admit(tenant, amount).await?.replacing(
-                old.is_some(),
-                old.unwrap_or(0),
-                bytes > 0,
-            )),
+            Some((amount, old)) => {
+                // The check at commit compares sizes in the record's own unit (a KV
+                // value's length; the key is the same before and after).
+                let is_kv = redb::TableHandle::name(&table) == redb::TableHandle::name(&KV);
+                let new = if is_kv {
+                    bytes.saturating_sub(key.len().saturating_sub(usage::KV_KEY_OVERHEAD) as u64)
+                } else {
+                    bytes
+                };
+                // A completed upload (bytes 0) adds no bytes whatever it replaces.
+                let admitted = if bytes == 0 { u64::MAX } else { amount.bytes };
+                Ok(self
+                    .admit(tenant, amount)
+                    .await?
+                    .replacing(old.is_some(), new, admitted))
+            }
             None => Ok(Reservation::none()),
         }
     }

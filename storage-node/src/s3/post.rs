@@ -421,6 +421,7 @@ fn model_refusal(e: Error) -> Refusal {
         "IncompleteBody" => "IncompleteBody",
         "ServiceUnavailable" => "ServiceUnavailable",
         "SlowDown" => "SlowDown",
+        "QuotaExceeded" => "QuotaExceeded",
         _ => "InternalError",
     };
     Refusal(status, code, e.message().unwrap_or("").to_string())

@@ -143,6 +143,9 @@ impl Ledger {
 pub const GRANT_TTL: Duration = Duration::from_secs(3);
 /// The asker's own limit, counted from before it asked: inside [`GRANT_TTL`].
 pub const GRANT_USE: Duration = Duration::from_millis(1500);
+/// How long a write admitted on its own node may take to commit (a slow disk delays the
+/// group commit); a reservation dropped unsettled counts until a measurement after it.
+pub const LOCAL_USE: Duration = Duration::from_secs(30);
 /// How old a measurement may be and still be used when a new one fails (a partition
 /// without a reachable primary): what was admitted since still counts, so an old one
 /// errs on the safe side.
@@ -182,15 +185,14 @@ pub struct Reservation {
 }
 
 /// What the write's commit must still check, inside its transaction: that it commits
-/// in time (a grant of another node's authority) and that the record it replaces is at
-/// least what the admission assumed (else it would add more than admitted).
+/// in time and that it adds no more than it was admitted for (the record it replaces
+/// may have changed since its size was read).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct CommitGuard {
     deadline: Option<Instant>,
-    /// (the record existed, its size) as admitted; None: nothing to check.
-    replaces: Option<(bool, u64)>,
-    /// Whether the write adds bytes (a completed upload does not: its parts are counted).
-    bytes: bool,
+    /// (the record existed when admitted, the new record's size, bytes admitted);
+    /// None: nothing to check (no quota applies).
+    replaces: Option<(bool, u64, u64)>,
 }
 
 impl CommitGuard {
@@ -202,8 +204,9 @@ impl CommitGuard {
                 "the quota check of this write expired before it could commit; retry".into(),
             );
         }
-        if let Some((existed, size)) = self.replaces
-            && ((existed && current.is_none()) || (self.bytes && current.unwrap_or(0) < size))
+        if let Some((existed, new, admitted)) = self.replaces
+            && ((existed && current.is_none())
+                || new.saturating_sub(current.unwrap_or(0)) > admitted)
         {
             return Err(
                 "what this write replaces changed while its quota was checked; retry".into(),
@@ -228,10 +231,11 @@ impl Reservation {
         self.guard
     }
 
-    /// Notes the record the write replaces, as admitted.
-    pub fn replacing(mut self, existed: bool, size: u64, bytes: bool) -> Self {
-        self.guard.replaces = Some((existed, size));
-        self.guard.bytes = bytes;
+    /// Notes what the commit must check: whether the replaced record existed, the new
+    /// record's size (in the unit `current` is given in at the check) and the bytes
+    /// admitted for it.
+    pub fn replacing(mut self, existed: bool, new: u64, admitted: u64) -> Self {
+        self.guard.replaces = Some((existed, new, admitted));
         self
     }
 
@@ -265,10 +269,9 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         // The write may still commit, up to its deadline: counted until a measurement
         // that begins after that.
-        let from = self
-            .guard
-            .deadline
-            .map_or_else(Instant::now, |d| d + (GRANT_TTL - GRANT_USE));
+        let from = self.guard.deadline.map_or_else(Instant::now, |d| {
+            d + (GRANT_TTL - GRANT_USE).max(Duration::from_secs(1))
+        });
         self.settle(Some(from.max(Instant::now())));
     }
 }
@@ -303,14 +306,26 @@ impl QuotaGate {
     }
 
     async fn quotas(&self, tenant: TenantId) -> Result<Quotas, String> {
-        if let Some((q, _)) = self
-            .lock()
-            .get(&tenant)
-            .and_then(|l| l.quotas.as_ref())
-            .filter(|(_, at)| at.elapsed() < SPEC_TTL)
-        {
-            return Ok(q.clone());
+        let stale = {
+            let mut ls = self.lock();
+            match ls.get_mut(&tenant).and_then(|l| l.quotas.as_mut()) {
+                Some((q, at)) if at.elapsed() < SPEC_TTL => return Ok(q.clone()),
+                // Expired: this caller reads them again; concurrent writes keep using
+                // the old ones meanwhile (one catalog read, not one per write).
+                Some((q, at)) => {
+                    *at = Instant::now();
+                    Some(q.clone())
+                }
+                None => None,
+            }
+        };
+        match stale {
+            Some(stale) => Ok(self.refresh_quotas(tenant).await.unwrap_or(stale)),
+            None => self.refresh_quotas(tenant).await,
         }
+    }
+
+    async fn refresh_quotas(&self, tenant: TenantId) -> Result<Quotas, String> {
         let (q, name) = match self.catalog.tenant_by_id(tenant).await {
             Ok(Some(t)) => (t.spec.quotas, Some(t.name)),
             Ok(None) => (Quotas::default(), None),
@@ -580,7 +595,7 @@ impl QuotaGate {
                         // A write that does not commit in time is refused (retry), so
                         // a reservation dropped without an outcome is bounded too.
                         guard: CommitGuard {
-                            deadline: Some(Instant::now() + GRANT_USE),
+                            deadline: Some(Instant::now() + LOCAL_USE),
                             ..Default::default()
                         },
                     });
@@ -714,8 +729,11 @@ mod tests {
             g.admit(t, bytes(200)).await.is_err(),
             "a dropped reservation counts"
         );
-        // After the grant's lifetime a measurement decides alone.
+        // After the grant's lifetime it is gone; the dropped local reservation still
+        // counts (its write could commit until LOCAL_USE after its admission).
         tokio::time::sleep(GRANT_TTL).await;
-        assert!(g.admit(t, bytes(1000)).await.is_ok());
+        assert!(g.admit(t, bytes(701)).await.is_err());
+        let r = g.admit(t, bytes(700)).await.ok().unwrap();
+        r.release();
     }
 }

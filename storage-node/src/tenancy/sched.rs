@@ -2,20 +2,20 @@
 //!
 //! Object bodies move in pieces of at most 1 MiB (`model::data`); every piece read from
 //! or written to a chunk file takes one of the node's `slots` for the time of its disk
-//! I/O, and every request takes a turn (a slot taken and given back at once) when it is
-//! admitted. While slots are free nothing waits. When they are all taken, waiters are
-//! served in order of their virtual finish time (start-time fair queueing): a tenant's
-//! next piece starts where its previous one finished, `cost / weight` later, with cost in
-//! bytes, so over any busy period each tenant gets slot time in proportion to its weight
-//! (the Tenant's `qos.weight`, default 100), whatever the number or size of its
-//! requests. A small request of a quiet tenant therefore waits for at most one piece per
-//! slot, not behind a flooding tenant's queue.
+//! I/O, and every request takes a turn when it is admitted: it waits behind the queued
+//! pieces with smaller tags but holds no slot. While slots are free nothing waits. When
+//! they are all taken, waiters are served smallest finish tag first, with the tags of
+//! start-time fair queueing: a class's next piece starts where its previous one finished
+//! (or at the virtual time, if later) and finishes `cost / weight` later, cost in bytes.
+//! So over a busy period each tenant gets slot time in proportion to its weight (the
+//! Tenant's `qos.weight`, default 100), whatever the number or size of its requests, and
+//! a small request of a quiet tenant waits for at most one piece per slot, not behind a
+//! flooding tenant's queue. A class alone may take up to [`ALONE_FACTOR`] times the slots.
 //!
-//! Background work (expiry, snapshot streaming for rebalancing and catch-up, the orphan
-//! sweep) runs as its own class with weight [`BACKGROUND_WEIGHT`], so it takes slot time
-//! only as a small share while tenants are busy, and all of it when they are not.
+//! [`Class::Background`] (weight [`BACKGROUND_WEIGHT`]) is meant for expiry, snapshot
+//! streaming and the orphan sweep; those paths do not take slots yet (docs/design.md).
 //!
-//! Metrics: time spent waiting for a slot, per tenant (`granary_tenant_queue_wait_seconds`).
+//! Metrics: time spent waiting, per tenant (`granary_tenant_queue_wait_seconds_total`).
 
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};

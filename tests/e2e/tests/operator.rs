@@ -786,9 +786,16 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
             .body(ByteStream::from_static(b"y"))
             .send()
             .await;
-        if let Err(e) = r {
-            refused = Some(e);
-            break;
+        match r {
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(403) => {
+                refused = Some(e);
+                break;
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            Ok(_) => {}
         }
         // Accepted before the change reached the node: take it back and try again.
         c.delete_object()

@@ -266,6 +266,9 @@ async fn eight_writers_meet_the_byte_and_object_quotas() {
                     .await;
                 match r {
                     Ok(_) => ok += 1,
+                    Err(e) if s3_code(&e).1 == 503 => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                     Err(e) => {
                         assert_eq!(s3_code(&e), ("QuotaExceeded".into(), 403), "{e:?}");
                         refused += 1;
@@ -463,7 +466,7 @@ async fn a_quota_holds_across_a_cluster_and_an_authority_failover() {
         .iter()
         .map(|m| s3_client(&m.proc.s3, &ak, &sk))
         .collect();
-    let buckets: Vec<String> = (0..6).map(|i| format!("cq-{i}")).collect();
+    let buckets: Vec<String> = (0..9).map(|i| format!("cq-{i}")).collect();
     for b in &buckets {
         clients[0].create_bucket().bucket(b).send().await.unwrap();
     }
@@ -507,16 +510,19 @@ async fn a_quota_holds_across_a_cluster_and_an_authority_failover() {
                         Ok(_) => ok += 1,
                         Err(e) => match s3_code(&e) {
                             (code, 403) if code == "QuotaExceeded" => {
-                                // Space may be counted twice until the authority measures
-                                // again (a write admitted but not yet seen): try again a
-                                // few times, a measurement apart.
+                                // A grant to another node counts until a measurement that
+                                // began after its commit deadline (3 s): try again for
+                                // longer than that before calling the quota full.
                                 refused += 1;
-                                if refused >= 5 {
+                                if refused >= 12 {
                                     break;
                                 }
-                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                tokio::time::sleep(Duration::from_millis(500)).await;
                             }
-                            (_, 503) => {
+                            // Not applied (503), or unknown while the killed node was
+                            // still in its partitions' in-sync sets (500): not admitted
+                            // as far as the test knows; the final usage decides.
+                            (_, 503 | 500) => {
                                 unavailable += 1;
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                             }
@@ -549,7 +555,7 @@ async fn a_quota_holds_across_a_cluster_and_an_authority_failover() {
     };
     let used = usage(1).await;
     println!("{stored} objects admitted, {used} bytes stored of a {QUOTA}-byte quota");
-    assert_eq!(used, stored * SIZE as u64);
+    assert!(used >= stored * SIZE as u64, "{used} < {stored} x {SIZE}");
     assert!(used <= QUOTA, "{used} > {QUOTA}");
     assert!(
         used > QUOTA - 2 * SIZE as u64,
@@ -608,5 +614,5 @@ async fn a_quota_holds_across_a_cluster_and_an_authority_failover() {
     assert!(after >= 1, "no write admitted after the failover");
     let used = usage(alive[0]).await;
     assert!(used <= QUOTA, "{used} > {QUOTA} after the failover");
-    assert_eq!(used, (stored - freed + after) * SIZE as u64);
+    assert!(used >= (stored - freed + after) * SIZE as u64, "{used}");
 }
