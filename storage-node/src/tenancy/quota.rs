@@ -117,6 +117,8 @@ struct Ledger {
     /// Something of the tenant was deleted here since the last measurement began: a
     /// write that does not fit measures again at once (not after REMEASURE_MIN).
     freed: bool,
+    /// The last measurement that failed, and why (cleared by one that succeeds).
+    failed: Option<(Instant, String)>,
     /// The last measurement and when it began.
     base: Option<(Usage, Instant)>,
     pending: Amount,
@@ -146,6 +148,9 @@ pub const GRANT_USE: Duration = Duration::from_millis(1500);
 /// How long a write admitted on its own node may take to commit (a slow disk delays the
 /// group commit); a reservation dropped unsettled counts until a measurement after it.
 pub const LOCAL_USE: Duration = Duration::from_secs(30);
+/// A failed measurement is not tried again for this long (the writes waiting for it use
+/// the last good one, or are refused with 503).
+pub const RETRY_FAILED: Duration = Duration::from_secs(1);
 /// How old a measurement may be and still be used when a new one fails (a partition
 /// without a reachable primary): what was admitted since still counts, so an old one
 /// errs on the safe side.
@@ -421,17 +426,35 @@ impl QuotaGate {
         {
             return Ok(());
         }
+        // One that just failed (a partition without a primary, a peer that does not
+        // answer) is not tried again by every write that waited behind it.
+        if let Some(e) = self
+            .lock()
+            .get(&tenant)
+            .and_then(|l| l.failed.as_ref())
+            .filter(|(at, _)| at.elapsed() < RETRY_FAILED)
+            .map(|(_, e)| e.clone())
+        {
+            return Err(e);
+        }
         let started = Instant::now();
         if let Some(l) = self.lock().get_mut(&tenant) {
             l.freed = false;
         }
         let m = self.measure.get().unwrap_or(&self.local).clone();
-        let usage = m(tenant).await?;
+        let usage = match m(tenant).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.lock().entry(tenant).or_default().failed = Some((Instant::now(), e.clone()));
+                return Err(e);
+            }
+        };
         let mut ls = self.lock();
         let l = ls.entry(tenant).or_default();
         // What surely committed before the measurement began is in it.
         l.since.retain(|(from, _)| *from >= started);
         l.base = Some((usage, started));
+        l.failed = None;
         Ok(())
     }
 
@@ -735,5 +758,67 @@ mod tests {
         assert!(g.admit(t, bytes(701)).await.is_err());
         let r = g.admit(t, bytes(700)).await.ok().unwrap();
         r.release();
+    }
+
+    /// When measuring fails (a partition without a primary), the writes waiting for the
+    /// measurement do not each try again: one attempt per RETRY_FAILED, and the last good
+    /// measurement (with what was admitted since) decides meanwhile.
+    #[tokio::test]
+    async fn a_failed_measurement_is_not_retried_by_every_write() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let cat = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
+            .await
+            .unwrap();
+        let spec = TenantSpec {
+            quotas: Quotas {
+                storage_bytes: Some(1000),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let t = cat.create_tenant("t", &spec).await.unwrap().id;
+        let (calls, failing) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let m: Measure = {
+            let (calls, failing) = (calls.clone(), failing.clone());
+            Arc::new(move |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let fail = failing.load(Ordering::SeqCst);
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if fail {
+                        Err("partition 3 has no primary".to_string())
+                    } else {
+                        Ok(Usage::default())
+                    }
+                })
+            })
+        };
+        let g = QuotaGate::new(Arc::new(cat), m);
+        g.admit(t, bytes(100)).await.ok().unwrap().committed();
+        failing.store(true, Ordering::SeqCst);
+        tokio::time::sleep(MEASURE_EVERY).await;
+        let before = calls.load(Ordering::SeqCst);
+        let writes: Vec<_> = (0..10)
+            .map(|_| {
+                let g = g.clone();
+                tokio::spawn(async move { g.admit(t, bytes(10)).await.map(Reservation::committed) })
+            })
+            .collect();
+        for w in writes {
+            assert!(
+                w.await.unwrap().is_ok(),
+                "the last good measurement decides"
+            );
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst) - before,
+            1,
+            "one attempt, not ten"
+        );
+        // It still counts what was admitted: 100 + 10 x 10 of 1000.
+        assert!(g.admit(t, bytes(801)).await.is_err());
     }
 }
