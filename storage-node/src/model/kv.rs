@@ -248,11 +248,14 @@ impl Store {
         }
         let mut full = self.kv_prefix(tenant, ns)?;
         full.extend_from_slice(key);
-        let stored_bytes = (full
-            .len()
-            .saturating_sub(crate::engine::usage::KV_KEY_OVERHEAD)
-            + value.len()) as u64;
-        let admitted = self.admit_record(tenant, KV, &full, stored_bytes).await?;
+        let admitted = self
+            .admit_record(
+                tenant,
+                super::quota::RecordKind::Kv,
+                &full,
+                value.len() as u64,
+            )
+            .await?;
         let now = now_millis();
         let expires_at = ttl_ms.map(|t| now.saturating_add(i64::try_from(t).unwrap_or(i64::MAX)));
         let guard = admitted.guard();

@@ -288,7 +288,8 @@ impl Store {
         };
         let pkey = keys::part_key(p, bid, upload, part);
         if let Some(n) = declared_size {
-            self.precheck_record(tenant, PARTS, &pkey, n).await?;
+            self.precheck_record(tenant, super::quota::RecordKind::Part, &pkey, n)
+                .await?;
         }
         let (body, running) = super::checksum::hashing(body, checksum);
         let written =
@@ -302,7 +303,10 @@ impl Store {
             chunks: written.data.chunks().to_vec(),
             ext: PartExt { checksum },
         };
-        let admitted = match self.admit_record(tenant, PARTS, &pkey, written.size).await {
+        let admitted = match self
+            .admit_record(tenant, super::quota::RecordKind::Part, &pkey, written.size)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 data::abandon(self.engine().chunks(), written.data).await;
@@ -432,7 +436,9 @@ impl Store {
         };
         let okey = keys::object_key(p, bid, key);
         // The parts become the object's data: only a new key adds (an object).
-        let admitted = self.admit_record(tenant, OBJECTS, &okey, 0).await?;
+        let admitted = self
+            .admit_record(tenant, super::quota::RecordKind::Object, &okey, 0)
+            .await?;
         let guard = admitted.guard();
         let key = key.to_string();
         let r = self

@@ -423,7 +423,10 @@ impl Store {
         cond: Conditions,
     ) -> Result<PutOutcome> {
         let size = written.size;
-        let admitted = match self.admit_record(tenant, OBJECTS, &key_bytes, size).await {
+        let admitted = match self
+            .admit_record(tenant, super::quota::RecordKind::Object, &key_bytes, size)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 data::abandon(self.engine().chunks(), written.data).await;
@@ -541,7 +544,8 @@ impl Store {
         let mut k = prefix;
         k.extend_from_slice(key.as_bytes());
         if let Some(n) = extra.declared_size {
-            self.precheck_record(tenant, OBJECTS, &k, n).await?;
+            self.precheck_record(tenant, super::quota::RecordKind::Object, &k, n)
+                .await?;
         }
         let (body, running) = super::checksum::hashing(body, extra.checksum);
         let written =

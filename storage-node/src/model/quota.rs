@@ -28,106 +28,114 @@ impl Store {
             })
     }
 
-    /// Admits storing a record that holds `bytes` at engine key `key` of `table`
-    /// (objects, parts or KV entries): it adds its bytes less those of the record it
-    /// replaces, and one object or KV key where there is none.
+    /// Admits storing a record of `size` (an object's or part's size, a KV value's
+    /// length) at engine key `key`: it adds its size less that of the record it replaces
+    /// (a new KV entry also its namespace and key), and one object or KV key where there
+    /// is none.
     pub(crate) async fn admit_record(
         &self,
         tenant: TenantId,
-        table: TableDefinition<'static, &'static [u8], Record>,
+        kind: RecordKind,
         key: &[u8],
-        bytes: u64,
+        size: u64,
     ) -> Result<Reservation> {
-        match self.record_amount(tenant, table, key, bytes).await? {
+        match self.record_amount(tenant, kind, key, size).await? {
             Some((amount, old)) => {
-                // The check at commit compares sizes in the record's own unit (a KV
-                // value's length; the key is the same before and after).
-                let is_kv = redb::TableHandle::name(&table) == redb::TableHandle::name(&KV);
-                let new = if is_kv {
-                    bytes.saturating_sub(key.len().saturating_sub(usage::KV_KEY_OVERHEAD) as u64)
-                } else {
-                    bytes
-                };
-                // A completed upload (bytes 0) adds no bytes whatever it replaces.
-                let admitted = if bytes == 0 { u64::MAX } else { amount.bytes };
+                // A completed upload (size 0) adds no bytes whatever it replaces.
+                let admitted = if size == 0 { u64::MAX } else { amount.bytes };
                 Ok(self
                     .admit(tenant, amount)
                     .await?
-                    .replacing(old.is_some(), new, admitted))
+                    .replacing(old.is_some(), size, admitted))
             }
             None => Ok(Reservation::none()),
         }
     }
 
-    /// Refuses early (before its body is read) a write of a record of `bytes` at `key`
+    /// Refuses early (before its body is read) a write of a record of `size` at `key`
     /// that cannot fit; admits nothing ([`Self::admit_record`] decides at commit).
     pub(crate) async fn precheck_record(
         &self,
         tenant: TenantId,
-        table: TableDefinition<'static, &'static [u8], Record>,
+        kind: RecordKind,
         key: &[u8],
-        bytes: u64,
+        size: u64,
     ) -> Result<()> {
-        if let Some((amount, _)) = self.record_amount(tenant, table, key, bytes).await? {
+        if let Some((amount, _)) = self.record_amount(tenant, kind, key, size).await? {
             self.inner.quotas.precheck(tenant, amount).await?;
         }
         Ok(())
     }
 
-    /// What storing `bytes` at `key` of `table` adds, and the size of the record it
+    /// What storing a record of `size` at `key` adds, and the size of the record it
     /// replaces (None: absent); None when no quota applies.
     async fn record_amount(
         &self,
         tenant: TenantId,
-        table: TableDefinition<'static, &'static [u8], Record>,
+        kind: RecordKind,
         key: &[u8],
-        bytes: u64,
+        size: u64,
     ) -> Result<Option<(Amount, Option<u64>)>> {
         if !self.inner.quotas.applies(tenant).await {
             return Ok(None);
         }
-        let is = |t: TableDefinition<'static, &'static [u8], Record>| {
-            redb::TableHandle::name(&table) == redb::TableHandle::name(&t)
-        };
-        let kv = is(KV);
         let k = key.to_vec();
         let old = self
             .engine()
             .read(move |txn| {
-                let t = txn.open_table(table)?;
-                Ok(t.get(k.as_slice())?.map(|v| {
-                    let v = v.value();
-                    if kv {
-                        usage::kv_value_len(v).unwrap_or(0)
-                    } else {
-                        usage::leading_size(v).unwrap_or(0)
-                    }
-                }))
+                let t = txn.open_table(kind.table())?;
+                Ok(t.get(k.as_slice())?.map(|v| kind.size_of(v.value())))
             })
             .await?;
         let new = u64::from(old.is_none());
-        let amount = if kv {
-            // Namespace, key and value.
-            let key_len = key.len().saturating_sub(usage::KV_KEY_OVERHEAD) as u64;
-            Amount {
-                bytes: bytes.saturating_sub(old.map_or(0, |o| o + key_len)),
-                kv_keys: new,
-                ..Default::default()
-            }
-        } else if is(PARTS) {
-            Amount {
-                bytes: bytes.saturating_sub(old.unwrap_or(0)),
-                ..Default::default()
-            }
-        } else {
-            debug_assert!(is(OBJECTS));
-            Amount {
-                bytes: bytes.saturating_sub(old.unwrap_or(0)),
-                objects: new,
-                ..Default::default()
-            }
-        };
-        Ok(Some((amount, old)))
+        let grows = size.saturating_sub(old.unwrap_or(0));
+        Ok(Some((
+            match kind {
+                RecordKind::Object => Amount {
+                    bytes: grows,
+                    objects: new,
+                    ..Default::default()
+                },
+                RecordKind::Part => Amount {
+                    bytes: grows,
+                    ..Default::default()
+                },
+                // A new entry also stores its namespace and key.
+                RecordKind::Kv => Amount {
+                    bytes: grows + new * key.len().saturating_sub(usage::KV_KEY_OVERHEAD) as u64,
+                    kv_keys: new,
+                    ..Default::default()
+                },
+            },
+            old,
+        )))
+    }
+}
+
+/// The records a quota admission is about.
+#[derive(Clone, Copy)]
+pub(crate) enum RecordKind {
+    Object,
+    Part,
+    Kv,
+}
+
+impl RecordKind {
+    fn table(self) -> TableDefinition<'static, &'static [u8], Record> {
+        match self {
+            RecordKind::Object => OBJECTS,
+            RecordKind::Part => PARTS,
+            RecordKind::Kv => KV,
+        }
+    }
+
+    /// The size a stored record of this kind counts (as `engine::usage` counts it).
+    fn size_of(self, v: &[u8]) -> u64 {
+        match self {
+            RecordKind::Kv => usage::kv_value_len(v),
+            RecordKind::Object | RecordKind::Part => usage::leading_size(v),
+        }
+        .unwrap_or(0)
     }
 }
 
