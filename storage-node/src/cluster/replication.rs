@@ -139,6 +139,9 @@ impl Replicator {
         ship_timeout: Duration,
     ) -> Self {
         let http = super::peer_client(Duration::from_secs(2), |b| b);
+        // A partition's entries go to its replicas while the primary's own commit is
+        // being made durable, as a Raft leader sends while it appends.
+        engine.ship_early();
         Self {
             inner: Arc::new(Inner {
                 cluster,
@@ -558,6 +561,9 @@ impl Replicator {
             if *durable.borrow() >= target {
                 continue;
             }
+            // The replicas may acknowledge before this node's own commit is durable: that
+            // commit (a log tick) is the other event that can complete the wait.
+            let mut ticks = self.inner.engine.watch_log(*p);
             // Replicas that stop answering leave the in-sync set within `suspect_after`
             // (and the wait ends); a slow one that makes progress (a large object) is
             // waited for, up to `wait`.
@@ -589,7 +595,13 @@ impl Replicator {
                          whether its writes last is unknown"
                     ));
                 }
-                let _ = tokio::time::timeout(Duration::from_millis(500), durable.changed()).await;
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    tokio::select! {
+                        _ = durable.changed() => {}
+                        _ = ticks.changed() => {}
+                    }
+                })
+                .await;
                 l.recompute(&self.inner.engine);
             }
         }
@@ -703,7 +715,7 @@ impl Replicator {
 
     async fn ship_loop(&self, l: &Led, r: &NodeId) {
         let engine = &self.inner.engine;
-        let mut log = engine.watch_log();
+        let mut log = engine.watch_log(l.p);
         // Since when the replica has not advanced while it had entries to take: only
         // progress resets it, so a replica that keeps refusing (a full disk, say) leaves
         // the in-sync set like one that does not answer.
@@ -775,8 +787,11 @@ impl Replicator {
                         Err(e) => Err(e),
                     }
                 }
-                Some(at) if at >= engine.committed_lsn(l.p) => {
+                Some(at) if at >= engine.shippable_lsn(l.p) => {
                     self.maybe_join(l, r, at).await;
+                    // The replica may have acknowledged entries before this node's own
+                    // commit of them was durable; that commit woke this loop.
+                    l.recompute(engine);
                     // Wait for new entries (or re-check now and then).
                     let _ = tokio::time::timeout(Duration::from_secs(1), log.changed()).await;
                     continue;
@@ -914,7 +929,9 @@ impl Replicator {
             return Ok(engine.read_log(p, 1, 1, 1).await?.is_some() || engine.committed_lsn(p) == 0);
         }
         if theirs.lsn > engine.committed_lsn(p) {
-            return Ok(false);
+            // Ahead of this node's commits: a prefix only if it holds entries of the
+            // commit under way here (shipped while this node's fsync ran).
+            return Ok(engine.recent_epoch(p, theirs.lsn) == Some(theirs.epoch));
         }
         Ok(match engine.read_log(p, theirs.lsn, 1, 1).await? {
             Some(e) => e.first().is_some_and(|(_, e)| e.epoch == theirs.epoch),
@@ -927,7 +944,7 @@ impl Replicator {
     async fn send(&self, l: &Led, r: &NodeId, at: u64) -> Result<u64, String> {
         let engine = &self.inner.engine;
         let Some(entries) = engine
-            .read_log(l.p, at + 1, SHIP_ENTRIES, SHIP_BYTES)
+            .entries_to_ship(l.p, at + 1, SHIP_ENTRIES, SHIP_BYTES)
             .await
             .map_err(|e| e.to_string())?
         else {

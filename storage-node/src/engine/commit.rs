@@ -154,6 +154,7 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
             .map_err(|e| format!("fsync of chunk directory failed: {e}"));
         let before = seq;
         let mut logged = Vec::new();
+        let mut shipped = false;
         let (dones, result) =
             match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
                 Err(e) => (
@@ -194,23 +195,44 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
                             Some(done)
                         })
                         .collect();
+                    // Partitions whose log this batch writes with entries from elsewhere
+                    // (a replica applying its primary's log, a snapshot import).
+                    for (p, _) in &logged {
+                        logs.forget(*p);
+                    }
                     let result = counted
                         .and_then(|()| {
                             log_changes(&txn, &logs, changes, (chunks, freed), seq, &mut logged)
                         })
-                        .and_then(|()| store_seq(&txn, seq))
-                        .and_then(|()| {
-                            super::usage::note_positions(&txn, &logged).map_err(|e| e.to_string())
+                        .and_then(|staged| store_seq(&txn, seq).map(|()| staged))
+                        .and_then(|staged| {
+                            super::usage::note_positions(&txn, &logged)
+                                .map(|()| staged)
+                                .map_err(|e| e.to_string())
                         })
-                        .and_then(|()| {
+                        .and_then(|staged| {
                             // Published before the data becomes visible: a read that
                             // sees it waits for these entries to be replicated.
                             logs.pending(&logged);
+                            // From here the entries may reach the replicas before the
+                            // commit below is durable (it runs in parallel with their fsync).
+                            shipped = logs.stage(staged);
                             txn.commit().map_err(|e| e.to_string())
                         });
                     (dones, result)
                 }
             };
+        if result.is_err() && shipped {
+            // The batch's log entries may be on replicas already, and their numbers would
+            // be handed out again here to other changes: the logs would diverge unseen.
+            // Stop, as a database does when its log cannot be written: once restarted,
+            // this node finds an in-sync replica ahead of it and hands it the partition.
+            tracing::error!(error = ?result, "group commit failed after its log entries were offered to the replicas; stopping the node so the logs cannot diverge");
+            eprintln!(
+                "granary-node: group commit failed after its log entries were offered to the replicas ({result:?}); stopping"
+            );
+            std::process::abort();
+        }
         if result.is_err() {
             // Nothing of this batch is durable; hand the numbers out again.
             seq = before;
@@ -246,7 +268,7 @@ fn log_changes(
     (chunks, freed): (Vec<ChunkRef>, Vec<ChunkRef>),
     seq: u64,
     logged: &mut Vec<(PartitionId, u64)>,
-) -> Result<(), String> {
+) -> Result<Vec<(PartitionId, u64, LogEntry)>, String> {
     let entry = |p: PartitionId| LogEntry {
         epoch: logs.epoch(p),
         seq,
@@ -300,13 +322,15 @@ fn log_changes(
             e.freed.push(c);
         }
     }
+    let mut staged = Vec::new();
     for (p, es) in by_partition {
         for e in es {
             let lsn = replog::append(txn, p, &e).map_err(|e| e.to_string())?;
             logged.push((p, lsn));
+            staged.push((p, lsn, e));
         }
     }
-    Ok(())
+    Ok(staged)
 }
 
 fn load_seq(db: &redb::Database) -> Result<u64, EngineError> {

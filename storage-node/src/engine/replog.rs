@@ -77,6 +77,12 @@ impl LogEntry {
         postcard::from_bytes(bytes)
             .map_err(|e| EngineError::Format(format!("replication log entry: {e}")))
     }
+
+    /// About how many bytes the entry takes (keys, values and chunk references).
+    pub fn size(&self) -> usize {
+        let refs = (self.chunks.len() + self.freed.len()) * std::mem::size_of::<ChunkRef>();
+        self.changes.iter().map(Change::size).sum::<usize>() + refs + 16
+    }
 }
 
 impl Change {
@@ -394,8 +400,27 @@ pub struct LogState {
     /// Each partition's last entry of a commit under way (published just before the
     /// commit makes its data visible).
     pending: std::sync::Mutex<std::collections::HashMap<PartitionId, u64>>,
-    /// Bumped after every commit that logged something.
-    tick: tokio::sync::watch::Sender<u64>,
+    /// Per partition, bumped after every commit that logged something to it and when its
+    /// entries are staged: each shipper wakes for its own partition only.
+    ticks:
+        std::sync::Mutex<std::collections::HashMap<PartitionId, tokio::sync::watch::Sender<u64>>>,
+    /// Set by the replication layer: entries this node writes are kept in [`Self::recent`]
+    /// from just before their commit, so they reach the replicas while the local fsync
+    /// runs (docs/cluster.md, "Replication").
+    early: std::sync::atomic::AtomicBool,
+    /// The newest entries of each partition this node wrote itself, contiguous: every
+    /// entry of a commit under way, and committed ones up to [`RECENT_BYTES`].
+    recent: std::sync::Mutex<std::collections::HashMap<PartitionId, Recent>>,
+}
+
+/// Committed entries kept in memory per partition for shipping (entries of a commit
+/// under way are kept whatever their size).
+const RECENT_BYTES: usize = 256 << 10;
+
+#[derive(Default)]
+struct Recent {
+    entries: std::collections::VecDeque<(u64, LogEntry, usize)>,
+    bytes: usize,
 }
 
 impl LogState {
@@ -443,7 +468,65 @@ impl LogState {
             m.insert(*p, *lsn);
         }
         drop(m);
-        self.tick.send_modify(|t| *t += 1);
+        if self.early.load(std::sync::atomic::Ordering::Acquire) {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            for (p, lsn) in logged {
+                if let Some(r) = recent.get_mut(p) {
+                    while r.bytes > RECENT_BYTES
+                        && r.entries.front().is_some_and(|(n, _, _)| n <= lsn)
+                    {
+                        if let Some((_, _, size)) = r.entries.pop_front() {
+                            r.bytes -= size;
+                        }
+                    }
+                }
+            }
+        }
+        let mut partitions: Vec<PartitionId> = logged.iter().map(|(p, _)| *p).collect();
+        partitions.dedup();
+        self.tick(&partitions);
+    }
+
+    /// Keeps the entries of the commit about to happen (`entries`: partition, number,
+    /// entry, in log order) where shippers find them, and wakes the shippers. False when
+    /// early shipping is off (nothing kept).
+    pub(super) fn stage(&self, entries: Vec<(PartitionId, u64, LogEntry)>) -> bool {
+        if entries.is_empty() || !self.early.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
+        let mut partitions: Vec<PartitionId> = entries.iter().map(|(p, _, _)| *p).collect();
+        partitions.dedup();
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        for (p, lsn, e) in entries {
+            let r = recent.entry(p).or_default();
+            // Only a contiguous run is kept: a gap (entries applied from another
+            // primary, a snapshot) starts it afresh.
+            if r.entries.back().is_some_and(|(n, _, _)| n + 1 != lsn) {
+                *r = Recent::default();
+            }
+            let size = e.size();
+            r.bytes += size;
+            r.entries.push_back((lsn, e, size));
+        }
+        drop(recent);
+        self.tick(&partitions);
+        true
+    }
+
+    fn tick(&self, partitions: &[PartitionId]) {
+        let ticks = self.ticks.lock().unwrap_or_else(|e| e.into_inner());
+        for p in partitions {
+            if let Some(t) = ticks.get(p) {
+                t.send_modify(|t| *t += 1);
+            }
+        }
+    }
+
+    /// Forgets the kept entries of `p`: its log is being written by another primary's
+    /// entries or a snapshot, so what is kept may no longer be its log.
+    pub(super) fn forget(&self, p: PartitionId) {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        recent.remove(&p);
     }
 }
 
@@ -495,9 +578,95 @@ impl Engine {
         pending.max(self.committed_lsn(p))
     }
 
-    /// Changes whenever a commit logged something.
-    pub fn watch_log(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.log_state().tick.subscribe()
+    /// Changes whenever a commit logged something to `p`, and when entries of `p` are
+    /// staged for an early shipment.
+    pub fn watch_log(&self, p: PartitionId) -> tokio::sync::watch::Receiver<u64> {
+        let mut ticks = self
+            .log_state()
+            .ticks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        ticks
+            .entry(p)
+            .or_insert_with(|| tokio::sync::watch::channel(0).0)
+            .subscribe()
+    }
+
+    /// From now on, entries this node writes can be shipped from just before their
+    /// commit (in parallel with the local fsync) rather than after it. The replication
+    /// layer turns this on; a commit that fails after its entries were staged then stops
+    /// the process, since a replica may hold them (docs/cluster.md, "Replication").
+    pub fn ship_early(&self) {
+        self.log_state()
+            .early
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The number of `p`'s last entry that can be shipped: committed, or staged for the
+    /// commit under way.
+    pub fn shippable_lsn(&self, p: PartitionId) -> u64 {
+        let staged = {
+            let recent = self
+                .log_state()
+                .recent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            recent
+                .get(&p)
+                .and_then(|r| r.entries.back())
+                .map_or(0, |(n, _, _)| *n)
+        };
+        staged.max(self.committed_lsn(p))
+    }
+
+    /// The epoch of `p`'s entry `lsn` if it is among the entries kept in memory.
+    pub fn recent_epoch(&self, p: PartitionId, lsn: u64) -> Option<u64> {
+        let recent = self
+            .log_state()
+            .recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let r = recent.get(&p)?;
+        let first = r.entries.front()?.0;
+        let i = usize::try_from(lsn.checked_sub(first)?).ok()?;
+        r.entries.get(i).map(|(_, e, _)| e.epoch)
+    }
+
+    /// Entries of `p` from number `from` on, for a shipment: from memory when they are
+    /// kept there (the commit under way included), else from the stored log (as
+    /// [`Self::read_log`]).
+    pub async fn entries_to_ship(
+        &self,
+        p: PartitionId,
+        from: u64,
+        max: usize,
+        max_bytes: usize,
+    ) -> Result<Option<Vec<(u64, LogEntry)>>, EngineError> {
+        {
+            let recent = self
+                .log_state()
+                .recent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = recent.get(&p)
+                && let Some(first) = r.entries.front().map(|(n, _, _)| *n)
+                && first <= from
+                && let Ok(skip) = usize::try_from(from - first)
+                && skip < r.entries.len()
+            {
+                let mut out = Vec::new();
+                let mut bytes = 0;
+                for (n, e, size) in r.entries.iter().skip(skip) {
+                    out.push((*n, e.clone()));
+                    bytes += size;
+                    if out.len() >= max || bytes >= max_bytes {
+                        break;
+                    }
+                }
+                return Ok(Some(out));
+            }
+        }
+        self.read_log(p, from, max, max_bytes).await
     }
 }
 
@@ -567,6 +736,7 @@ impl Engine {
         p: PartitionId,
         entries: Vec<(u64, LogEntry)>,
     ) -> Result<u64, EngineError> {
+        self.log_state().forget(p);
         let dirs = entries
             .iter()
             .flat_map(|(_, e)| &e.chunks)
@@ -626,5 +796,68 @@ impl Engine {
             }
             last
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(epoch: u64, key: &[u8]) -> LogEntry {
+        LogEntry {
+            epoch,
+            seq: 1,
+            changes: vec![Change::Delete {
+                table: 0,
+                key: key.to_vec(),
+            }],
+            chunks: Vec::new(),
+            freed: Vec::new(),
+        }
+    }
+
+    /// Entries of a commit under way are offered to shippers before the commit is
+    /// durable, only contiguously, and only once early shipping is on.
+    #[tokio::test]
+    async fn staged_entries_are_shippable_before_their_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let p = PartitionId(3);
+        let logs = engine.log_state();
+        assert!(!logs.stage(vec![(p, 1, entry(4, b"a"))]), "off by default");
+        assert_eq!(engine.shippable_lsn(p), 0);
+
+        engine.ship_early();
+        let mut tick = engine.watch_log(p);
+        let other = engine.watch_log(PartitionId(4));
+        tick.borrow_and_update();
+        assert!(logs.stage(vec![(p, 1, entry(4, b"a")), (p, 2, entry(4, b"b"))]));
+        assert!(
+            tick.has_changed().unwrap(),
+            "the partition's shippers are woken"
+        );
+        assert!(!other.has_changed().unwrap(), "another partition's are not");
+        assert_eq!(engine.committed_lsn(p), 0);
+        assert_eq!(engine.shippable_lsn(p), 2);
+        assert_eq!(engine.recent_epoch(p, 2), Some(4));
+        let offered = engine.entries_to_ship(p, 2, 10, usize::MAX).await.unwrap();
+        assert_eq!(offered, Some(vec![(2, entry(4, b"b"))]));
+
+        // A gap starts the kept run afresh.
+        assert!(logs.stage(vec![(p, 7, entry(5, b"c"))]));
+        assert_eq!(engine.recent_epoch(p, 1), None);
+        assert_eq!(engine.recent_epoch(p, 7), Some(5));
+        // Nothing stored and nothing kept before 7: not offered.
+        assert_eq!(
+            engine.entries_to_ship(p, 1, 10, usize::MAX).await.unwrap(),
+            None
+        );
+
+        logs.forget(p);
+        assert_eq!(engine.shippable_lsn(p), 0);
+        assert_eq!(
+            engine.entries_to_ship(p, 7, 10, usize::MAX).await.unwrap(),
+            None
+        );
     }
 }

@@ -377,6 +377,7 @@ impl Engine {
         p: PartitionId,
         input: &mut R,
     ) -> Result<Imported, EngineError> {
+        self.log_state().forget(p);
         match read_frame(input).await? {
             Frame::Start { format, partition } if format == FORMAT && partition == p.0 => {}
             other => {

@@ -440,12 +440,24 @@ pub(crate) async fn test_store(dir: &std::path::Path) -> Store {
     Store::new(Engine::open(dir).expect("engine"), Arc::new(catalog), 16)
 }
 
+/// [`test_store`] with one tenant `t` (default spec) created in its catalog.
+#[cfg(test)]
+pub(crate) async fn test_store_with_tenant(dir: &std::path::Path) -> (Store, TenantId) {
+    let s = test_store(dir).await;
+    let t = s
+        .catalog()
+        .create_tenant("t", &crate::catalog::TenantSpec::default())
+        .await
+        .expect("tenant")
+        .id;
+    (s, t)
+}
+
 #[cfg(test)]
 mod sweep_tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::catalog::TenantSpec;
     use crate::engine::record::{NEWEST_RECORD_VERSION, seal};
 
     async fn put(s: &Store, tenant: TenantId, key: &str, len: usize) {
@@ -495,13 +507,7 @@ mod sweep_tests {
     #[tokio::test]
     async fn the_sweep_deletes_nothing_when_a_record_cannot_be_read() {
         let dir = tempfile::tempdir().unwrap();
-        let s = test_store(dir.path()).await;
-        let tenant = s
-            .catalog()
-            .create_tenant("t", &TenantSpec::default())
-            .await
-            .unwrap()
-            .id;
+        let (s, tenant) = test_store_with_tenant(dir.path()).await;
         s.create_bucket(tenant, "b").await.unwrap();
         for k in ["a", "bb", "ccc"] {
             put(&s, tenant, k, 200 * 1024).await;
@@ -790,6 +796,96 @@ mod replication_log_tests {
             s.engine().usage_rows().await.unwrap()
         );
         assert!(!s.engine().usage_rows().await.unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod early_shipping_tests {
+    use super::kv::KvCondition;
+    use super::*;
+
+    /// With early shipping on, what a shipper is offered for any range of a partition's
+    /// log is exactly the stored log: from memory for the newest entries, from the table
+    /// for older ones; memory stays bounded, and entries a node applies from another
+    /// primary are never offered as its own.
+    #[tokio::test]
+    async fn entries_offered_for_shipping_are_the_stored_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = test_store_with_tenant(&dir.path().join("a")).await;
+        s.engine().ship_early();
+        // Concurrent puts, so group commits hold several writes and partitions.
+        let mut tasks = Vec::new();
+        for w in 0..8u8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..40u32 {
+                    let ns = format!("ns{}", (u32::from(w) + i) % 3);
+                    let key = format!("k{}", i % 5);
+                    s.kv_put(
+                        t,
+                        &ns,
+                        key.as_bytes(),
+                        vec![w; 8 << 10],
+                        KvCondition::None,
+                        None,
+                    )
+                    .await
+                    .unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let replica = Engine::open(&dir.path().join("b")).unwrap();
+        replica.ship_early();
+        let mut trimmed = 0;
+        let mut compared = 0;
+        for p in (0..16).map(PartitionId) {
+            let last = s.engine().committed_lsn(p);
+            if last == 0 {
+                continue;
+            }
+            assert_eq!(s.engine().shippable_lsn(p), last, "nothing is under way");
+            let stored = s
+                .engine()
+                .read_log(p, 1, usize::MAX, usize::MAX)
+                .await
+                .unwrap()
+                .unwrap();
+            for from in 1..=last {
+                let offered = s
+                    .engine()
+                    .entries_to_ship(p, from, 3, usize::MAX)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let want: Vec<_> = stored
+                    .iter()
+                    .skip(from as usize - 1)
+                    .take(3)
+                    .cloned()
+                    .collect();
+                assert_eq!(offered, want, "partition {p} from {from}");
+                compared += 1;
+            }
+            let newest = stored.last().map(|(_, e)| e.epoch);
+            assert_eq!(
+                s.engine().recent_epoch(p, last),
+                newest,
+                "the newest is kept"
+            );
+            if s.engine().recent_epoch(p, 1).is_none() {
+                trimmed += 1;
+            }
+            // Applied from a primary: stored, and not offered from memory.
+            replica.apply_log(p, stored).await.unwrap();
+            assert_eq!(replica.committed_lsn(p), last);
+            assert_eq!(replica.recent_epoch(p, last), None);
+            assert_eq!(replica.shippable_lsn(p), last);
+        }
+        assert!(compared >= 40, "{compared} ranges compared");
+        assert!(trimmed >= 1, "no partition's kept entries were trimmed");
     }
 }
 
