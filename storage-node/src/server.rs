@@ -335,6 +335,8 @@ impl Node {
             let replicator = replicator.clone();
             store.set_write_guard(Arc::new(move |p| replicator.refuse_write(p)));
         }
+        // Chunk files reach the replicas while their upload still runs.
+        store.set_chunk_hook(replicator.chunk_hook());
         store.set_remote_reader(crate::cluster::rpc::remote_reader(cluster.clone()));
         store.io_scheduler().set_slots(config.io_slots as usize);
         // Quotas are decided by each tenant's authority, against cluster-wide usage.

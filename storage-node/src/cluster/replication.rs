@@ -31,8 +31,13 @@ use tokio::sync::watch;
 
 use super::Cluster;
 use crate::catalog::PartitionState;
-use crate::engine::{Engine, EngineError, LogEntry, LogPosition};
+use crate::engine::{ChunkRef, Engine, EngineError, LogEntry, LogPosition};
+use crate::types::ChunkId;
 use crate::types::{Epoch, NodeId, PartitionId};
+
+/// Header of a shipment naming the chunk files it does not carry (comma-separated ids);
+/// its presence asks the replica to check that every other chunk has arrived.
+pub const SKIPPED_HEADER: &str = "x-granary-chunks-skipped";
 
 /// Entries and bytes sent in one shipment.
 const SHIP_ENTRIES: usize = 256;
@@ -81,6 +86,10 @@ struct Inner {
     seen: Mutex<HashMap<PartitionId, u64>>,
     /// Replica side: one shipment or resync at a time per partition.
     applying: Mutex<HashMap<PartitionId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Chunk files being sent ahead of their entries.
+    presend_slots: Arc<tokio::sync::Semaphore>,
+    /// Partitions this process has served as primary (each under an epoch of its own).
+    taken_up: Mutex<HashSet<PartitionId>>,
 }
 
 /// This node's state as the primary of one partition under one epoch.
@@ -104,7 +113,28 @@ struct Led {
     /// This node is handing the partition to another: it serves no new request.
     handing_off: std::sync::atomic::AtomicBool,
     stop: tokio_util::sync::CancellationToken,
+    /// Chunk files sent to a replica while their upload still ran, before the entry that
+    /// references them (see [`Replicator::pre_ship`]).
+    presend: Mutex<HashMap<(NodeId, ChunkId), Presend>>,
 }
+
+/// A chunk file on its way to a replica ahead of its log entry.
+struct Presend {
+    at: Instant,
+    chunk: ChunkRef,
+    /// Ok(true): the replica holds it; Ok(false): gone here; Err: not sent.
+    done: futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, String>>>,
+}
+
+/// Chunk files sent ahead of their entries at once, per node (more are sent with their
+/// entries, as before).
+const PRESEND_SLOTS: usize = 4;
+/// A chunk sent ahead whose entry never came (the upload failed) is forgotten after this,
+/// and the replicas are told to remove it.
+const PRESEND_MAX_AGE: Duration = Duration::from_secs(600);
+/// At most this many chunk files gone here are named in one shipment (their entries are
+/// followed by ones that free them; the replica checks every other chunk has arrived).
+const SKIPPED_MAX: usize = 64;
 
 impl Led {
     fn recompute(&self, engine: &Engine) {
@@ -139,9 +169,6 @@ impl Replicator {
         ship_timeout: Duration,
     ) -> Self {
         let http = super::peer_client(Duration::from_secs(2), |b| b);
-        // A partition's entries go to its replicas while the primary's own commit is
-        // being made durable, as a Raft leader sends while it appends.
-        engine.ship_early();
         Self {
             inner: Arc::new(Inner {
                 cluster,
@@ -155,6 +182,8 @@ impl Replicator {
                 handoff_backoff: Mutex::new(HashMap::new()),
                 seen: Mutex::new(HashMap::new()),
                 applying: Mutex::new(HashMap::new()),
+                presend_slots: Arc::new(tokio::sync::Semaphore::new(PRESEND_SLOTS)),
+                taken_up: Mutex::new(HashSet::new()),
             }),
         }
     }
@@ -290,6 +319,7 @@ impl Replicator {
                     && !handed_over(previous.get(&p), state, &me),
                 handing_off: std::sync::atomic::AtomicBool::new(false),
                 stop: tokio_util::sync::CancellationToken::new(),
+                presend: Mutex::new(HashMap::new()),
             });
             tokio::spawn(self.clone().verify(l.clone()));
             l.recompute(&self.inner.engine);
@@ -313,6 +343,11 @@ impl Replicator {
             if r != *me && shipping.insert(r.clone()) {
                 tokio::spawn(self.clone().ship(l.clone(), r));
             }
+        }
+        if !shipping.is_empty() {
+            // The partition's entries go to its replicas while the primary's own commit
+            // is being made durable, as a Raft leader sends while it appends.
+            self.inner.engine.ship_early(l.p);
         }
     }
 
@@ -556,14 +591,15 @@ impl Replicator {
                     self.inner.min_in_sync
                 ));
             }
+            // The replicas may acknowledge before this node's own commit is durable: that
+            // commit (a log tick) is the other event that can complete the wait. Watched
+            // before `durable` is computed, so a commit in between is not missed.
+            let mut ticks = self.inner.engine.watch_log(*p);
             l.recompute(&self.inner.engine);
             let mut durable = l.durable.subscribe();
             if *durable.borrow() >= target {
                 continue;
             }
-            // The replicas may acknowledge before this node's own commit is durable: that
-            // commit (a log tick) is the other event that can complete the wait.
-            let mut ticks = self.inner.engine.watch_log(*p);
             // Replicas that stop answering leave the in-sync set within `suspect_after`
             // (and the wait ends); a slow one that makes progress (a large object) is
             // waited for, up to `wait`.
@@ -668,15 +704,30 @@ impl Replicator {
                 // A peer behind this node may miss writes that were acknowledged before
                 // the restart (how far they went is not kept): it leaves the in-sync set
                 // and rejoins once it has caught up.
-                if !behind.is_empty() {
+                // The first time this process serves the partition it does so under a
+                // new epoch: before a crash it may have shipped entries it never
+                // committed (early shipping), and the numbers it now writes again must not
+                // carry the epoch those entries carry, or a replica holding them would
+                // look like a prefix of this log (Raft's new term after a restart).
+                let first = !self
+                    .inner
+                    .taken_up
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .contains(&l.p);
+                if !behind.is_empty() || first {
                     let mut next = state.clone();
                     next.epoch = Epoch(state.epoch.0 + 1);
                     next.in_sync.retain(|n| !behind.contains(n));
                     let names: Vec<&str> = behind.iter().map(|n| n.0.as_str()).collect();
-                    let what = format!(
-                        "replicas {names:?} are behind after a restart and leave the in-sync \
-                         set until they catch up"
-                    );
+                    let what = if behind.is_empty() {
+                        "taken up by this node after it started: a new epoch".to_string()
+                    } else {
+                        format!(
+                            "replicas {names:?} are behind after a restart and leave the \
+                             in-sync set until they catch up"
+                        )
+                    };
                     if !self.change(&l, state, next, &what).await {
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         continue;
@@ -684,6 +735,11 @@ impl Replicator {
                     let mut waited = l.waited.lock().unwrap_or_else(PoisonError::into_inner);
                     waited.retain(|n| !behind.contains(n));
                 }
+                self.inner
+                    .taken_up
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(l.p);
                 l.verified.store(true, std::sync::atomic::Ordering::Release);
                 return;
             }
@@ -766,6 +822,12 @@ impl Replicator {
             let outcome = match position {
                 None => {
                     incarnation = now;
+                    // What was sent ahead may be gone (the replica restarted, or is
+                    // about to be reinstalled): everything is sent again with its entry.
+                    l.presend
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .retain(|(n, _), _| n != r);
                     match self.establish(l, r).await {
                         Ok(lsn) => {
                             // Less than it acknowledged before (it restarted without its
@@ -931,7 +993,13 @@ impl Replicator {
         if theirs.lsn > engine.committed_lsn(p) {
             // Ahead of this node's commits: a prefix only if it holds entries of the
             // commit under way here (shipped while this node's fsync ran).
-            return Ok(engine.recent_epoch(p, theirs.lsn) == Some(theirs.epoch));
+            if let Some(epoch) = engine.recent_epoch(p, theirs.lsn) {
+                return Ok(epoch == theirs.epoch);
+            }
+            // Not kept in memory: committed (and trimmed) since, or never written here.
+            if theirs.lsn > engine.committed_lsn(p) {
+                return Ok(false);
+            }
         }
         Ok(match engine.read_log(p, theirs.lsn, 1, 1).await? {
             Some(e) => e.first().is_some_and(|(_, e)| e.epoch == theirs.epoch),
@@ -950,34 +1018,36 @@ impl Replicator {
         else {
             return Err(format!("entry {} is no longer in the log", at + 1));
         };
+        let mut entries = entries;
         let addr = self.rpc_addr(r)?;
         let secret = self.secret()?;
-        for c in entries.iter().flat_map(|(_, e)| &e.chunks) {
-            let (mut w, rd) = tokio::io::duplex(256 * 1024);
-            let (engine2, c2) = (engine.clone(), c.clone());
-            let writer = tokio::spawn(async move {
-                let sent = engine2.send_chunk(&c2, &mut w).await;
-                drop(w);
-                sent
-            });
-            let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(rd));
-            let url = format!("http://{addr}/rpc/v1/partitions/{}/chunks", l.p.0);
-            // No overall timeout (chunk files are large); a replica that stops answering
-            // is suspected, and the transfer ends then.
-            let resp = tokio::select! {
-                r = self.inner.http.put(&url).bearer_auth(&*secret).body(body).send() => r.map_err(|e| e.to_string()),
-                () = self.inner.cluster.until_not_alive(r) => Err(format!("{} stopped answering", r.0)),
-            };
-            let sent = writer.await.map_err(|e| e.to_string())?;
-            match sent {
-                // Gone here: replaced since, so the replica never needs it.
-                Ok(false) => continue,
-                Ok(true) => {}
-                Err(e) => return Err(format!("reading chunk {}: {e}", c.id.0)),
+        // Chunk files gone here (replaced since; a later entry frees them): named to the
+        // replica, which checks that every other chunk an entry references has arrived.
+        let mut skipped: Vec<ChunkId> = Vec::new();
+        let mut cut = entries.len();
+        'entries: for (i, (_, e)) in entries.iter().enumerate() {
+            for c in &e.chunks {
+                let ahead = l
+                    .presend
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&(r.clone(), c.id));
+                if let Some(ahead) = ahead
+                    && ahead.done.await == Ok(true)
+                {
+                    self.inner.cluster.metrics().chunks_sent_ahead.inc();
+                    continue;
+                }
+                if !self.put_chunk(r, c).await? {
+                    skipped.push(c.id);
+                    if skipped.len() >= SKIPPED_MAX {
+                        cut = i + 1;
+                        break 'entries;
+                    }
+                }
             }
-            resp.and_then(|resp| resp.error_for_status().map_err(|e| e.to_string()))
-                .map_err(|e| format!("chunk to {}: {e}", r.0))?;
         }
+        entries.truncate(cut);
         let epoch = l
             .state
             .lock()
@@ -992,11 +1062,13 @@ impl Replicator {
         })
         .map_err(|e| e.to_string())?;
         let url = format!("http://{addr}/rpc/v1/partitions/{}/log", l.p.0);
+        let skipped: Vec<String> = skipped.iter().map(|c| c.0.simple().to_string()).collect();
         let resp = self
             .inner
             .http
             .post(&url)
             .bearer_auth(&*secret)
+            .header(SKIPPED_HEADER, skipped.join(","))
             .body(body)
             .timeout(self.inner.ship_timeout)
             .send()
@@ -1012,6 +1084,137 @@ impl Replicator {
             ));
         }
         Ok(last)
+    }
+
+    /// Streams chunk file `c` to replica `r`. Ok(false): the file is gone here (replaced
+    /// since, so the replica never needs it).
+    async fn put_chunk(&self, r: &NodeId, c: &ChunkRef) -> Result<bool, String> {
+        let engine = &self.inner.engine;
+        let addr = self.rpc_addr(r)?;
+        let secret = self.secret()?;
+        let (mut w, rd) = tokio::io::duplex(256 * 1024);
+        let (engine2, c2) = (engine.clone(), c.clone());
+        let writer = tokio::spawn(async move {
+            let sent = engine2.send_chunk(&c2, &mut w).await;
+            drop(w);
+            sent
+        });
+        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(rd));
+        let url = format!("http://{addr}/rpc/v1/partitions/{}/chunks", c.partition.0);
+        // No overall timeout (chunk files are large); a replica that stops answering
+        // is suspected, and the transfer ends then.
+        let resp = tokio::select! {
+            r = self.inner.http.put(&url).bearer_auth(&*secret).body(body).send() => r.map_err(|e| e.to_string()),
+            () = self.inner.cluster.until_not_alive(r) => Err(format!("{} stopped answering", r.0)),
+        };
+        let sent = writer.await.map_err(|e| e.to_string())?;
+        match sent {
+            Ok(false) => return Ok(false),
+            Ok(true) => {}
+            Err(e) => return Err(format!("reading chunk {}: {e}", c.id.0)),
+        }
+        resp.and_then(|resp| resp.error_for_status().map_err(|e| e.to_string()))
+            .map_err(|e| format!("chunk to {}: {e}", r.0))?;
+        Ok(true)
+    }
+
+    /// The hook the model calls for every chunk file an upload finishes (see
+    /// [`crate::model::ChunkHook`]).
+    pub fn chunk_hook(&self) -> crate::model::ChunkHook {
+        let this = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        Arc::new(move |c: &ChunkRef| {
+            let _rt = handle.enter();
+            this.pre_ship(c);
+        })
+    }
+
+    /// Starts sending chunk file `c`, just written by an upload to a partition this node
+    /// leads, to the replicas shipped to, so a large object reaches them while its body
+    /// still arrives (the entry that references it then finds it there). Only while a
+    /// slot is free: otherwise the chunk goes with its entry, as always. Never blocks.
+    fn pre_ship(&self, c: &ChunkRef) {
+        let led = self
+            .inner
+            .led
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&c.partition)
+            .cloned();
+        let Some(l) = led.filter(|l| {
+            l.verified.load(std::sync::atomic::Ordering::Acquire) && !l.stop.is_cancelled()
+        }) else {
+            return;
+        };
+        self.prune_presends(&l);
+        let replicas: Vec<NodeId> = l
+            .shipping
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect();
+        for r in replicas {
+            let Ok(permit) = self.inner.presend_slots.clone().try_acquire_owned() else {
+                return;
+            };
+            let (this, c2, r2, stop) = (self.clone(), c.clone(), r.clone(), l.stop.clone());
+            let task = tokio::spawn(async move {
+                let _permit = permit;
+                tokio::select! {
+                    sent = this.put_chunk(&r2, &c2) => sent,
+                    () = stop.cancelled() => Err("no longer the primary".to_string()),
+                }
+            });
+            use futures::FutureExt;
+            let done = async move { task.await.map_err(|e| e.to_string())? }
+                .boxed()
+                .shared();
+            l.presend
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(
+                    (r, c.id),
+                    Presend {
+                        at: Instant::now(),
+                        chunk: c.clone(),
+                        done,
+                    },
+                );
+        }
+    }
+
+    /// Forgets chunks sent ahead whose entry never came; the replicas are told to remove
+    /// the ones gone here (their upload failed) through the log.
+    fn prune_presends(&self, l: &Led) {
+        let stale: Vec<ChunkRef> = {
+            let mut m = l.presend.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stale = Vec::new();
+            m.retain(|_, ahead| {
+                let keep = ahead.at.elapsed() < PRESEND_MAX_AGE;
+                if !keep {
+                    stale.push(ahead.chunk.clone());
+                }
+                keep
+            });
+            stale
+        };
+        if stale.is_empty() {
+            return;
+        }
+        let engine = self.inner.engine.clone();
+        tokio::spawn(async move {
+            let chunks = engine.chunks().clone();
+            let gone: Vec<ChunkRef> = stale
+                .into_iter()
+                .filter(|c| !chunks.path(c.partition, c.id).exists())
+                .collect();
+            if !gone.is_empty()
+                && let Err(e) = engine.log_freed(gone).await
+            {
+                tracing::warn!(error = %e, "could not log the removal of chunks sent ahead of a failed upload");
+            }
+        });
     }
 
     /// Adds replica `r` (at `at`, caught up) to the in-sync set if it is not in it: it is
@@ -1124,11 +1327,51 @@ impl Replicator {
     }
 
     /// Applies a shipment from the primary of partition `p`, or says why not.
-    pub async fn receive(&self, p: PartitionId, s: Shipment) -> Result<u64, Refusal> {
+    pub async fn receive(
+        &self,
+        p: PartitionId,
+        s: Shipment,
+        skipped: Option<HashSet<ChunkId>>,
+    ) -> Result<u64, Refusal> {
         let engine = &self.inner.engine;
         let lock = self.partition_lock(p);
         let _one = lock.lock().await;
         let outcome = self.fence(p, &s);
+        // Every chunk file an entry makes reachable must be here before the entry is
+        // applied (a chunk sent ahead may have been removed since: a restart's orphan
+        // sweep, a reinstall): the primary sends it again after this refusal.
+        let outcome = match (outcome, skipped) {
+            (Ok(()), Some(skipped)) => {
+                let chunks = engine.chunks().clone();
+                let wanted: Vec<(u64, ChunkRef)> = s
+                    .entries
+                    .iter()
+                    .flat_map(|(n, e)| e.chunks.iter().map(|c| (*n, c.clone())))
+                    .filter(|(_, c)| !skipped.contains(&c.id))
+                    .collect();
+                let missing = tokio::task::spawn_blocking(move || {
+                    wanted
+                        .into_iter()
+                        .find(|(_, c)| !chunks.path(c.partition, c.id).exists())
+                })
+                .await
+                .unwrap_or(None);
+                match missing {
+                    Some((n, c)) => Err({
+                        self.inner.cluster.metrics().missing_chunk_refusals.inc();
+                        (
+                            format!(
+                                "chunk {} of entry {n} has not arrived; send it again",
+                                c.id.0
+                            ),
+                            s.epoch,
+                        )
+                    }),
+                    None => Ok(()),
+                }
+            }
+            (outcome, _) => outcome,
+        };
         let outcome = match outcome {
             Ok(()) => {
                 self.inner

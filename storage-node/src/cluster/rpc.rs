@@ -199,12 +199,30 @@ fn internal(e: EngineError) -> ApiError {
 async fn receive_log(
     State(s): State<RpcState>,
     Path(p): Path<u16>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let p = partition(&s, p)?;
     let shipment: super::replication::Shipment = postcard::from_bytes(&body)
         .map_err(|e| ApiError::bad_request(format!("malformed shipment: {e}")))?;
-    match replicator(&s)?.receive(p, shipment).await {
+    // Sent by primaries that name the chunks they skip (older ones do not: nothing is
+    // checked for them).
+    let skipped = match headers.get(super::replication::SKIPPED_HEADER) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .map(|v| {
+                    v.split(',')
+                        .filter(|id| !id.is_empty())
+                        .map(|id| uuid::Uuid::parse_str(id).map(crate::types::ChunkId))
+                        .collect::<Result<std::collections::HashSet<_>, _>>()
+                })
+                .and_then(Result::ok)
+                .ok_or_else(|| ApiError::bad_request("malformed list of skipped chunks"))?,
+        ),
+    };
+    match replicator(&s)?.receive(p, shipment, skipped).await {
         Ok(lsn) => Ok(Json(json!({"lsn": lsn})).into_response()),
         Err(refusal) => Ok((StatusCode::CONFLICT, Json(refusal)).into_response()),
     }

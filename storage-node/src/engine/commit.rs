@@ -154,7 +154,7 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
             .map_err(|e| format!("fsync of chunk directory failed: {e}"));
         let before = seq;
         let mut logged = Vec::new();
-        let mut shipped = false;
+        let mut staged: Vec<(PartitionId, u64)> = Vec::new();
         let (dones, result) =
             match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
                 Err(e) => (
@@ -204,32 +204,38 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
                         .and_then(|()| {
                             log_changes(&txn, &logs, changes, (chunks, freed), seq, &mut logged)
                         })
-                        .and_then(|staged| store_seq(&txn, seq).map(|()| staged))
-                        .and_then(|staged| {
+                        .and_then(|entries| store_seq(&txn, seq).map(|()| entries))
+                        .and_then(|entries| {
                             super::usage::note_positions(&txn, &logged)
-                                .map(|()| staged)
+                                .map(|()| entries)
                                 .map_err(|e| e.to_string())
                         })
-                        .and_then(|staged| {
+                        .and_then(|entries| {
                             // Published before the data becomes visible: a read that
                             // sees it waits for these entries to be replicated.
                             logs.pending(&logged);
                             // From here the entries may reach the replicas before the
                             // commit below is durable (it runs in parallel with their fsync).
-                            shipped = logs.stage(staged);
+                            staged = logs.stage(entries);
                             txn.commit().map_err(|e| e.to_string())
                         });
                     (dones, result)
                 }
             };
-        if result.is_err() && shipped {
-            // The batch's log entries may be on replicas already, and their numbers would
-            // be handed out again here to other changes: the logs would diverge unseen.
-            // Stop, as a database does when its log cannot be written: once restarted,
-            // this node finds an in-sync replica ahead of it and hands it the partition.
-            tracing::error!(error = ?result, "group commit failed after its log entries were offered to the replicas; stopping the node so the logs cannot diverge");
+        if result.is_err() && !staged.is_empty() && !logs.unstage(&staged) {
+            // Some of the batch's log entries may be on replicas already, and their
+            // numbers would be handed out again here to other changes: the logs would
+            // diverge unseen. Stop, as a database does when its log cannot be written;
+            // once restarted, this node serves the partitions under new epochs, and a
+            // replica holding such entries is reinstalled or takes the partition over.
+            let at: Vec<String> = staged
+                .iter()
+                .map(|(p, lsn)| format!("partition {p} from entry {lsn}"))
+                .collect();
+            tracing::error!(error = ?result, staged = ?at, "group commit failed after its log entries were sent to replicas; stopping the node so the logs cannot diverge");
             eprintln!(
-                "granary-node: group commit failed after its log entries were offered to the replicas ({result:?}); stopping"
+                "granary-node: group commit failed after its log entries were sent to replicas ({}): {result:?}; stopping",
+                at.join(", ")
             );
             std::process::abort();
         }

@@ -81,7 +81,14 @@ impl LogEntry {
     /// About how many bytes the entry takes (keys, values and chunk references).
     pub fn size(&self) -> usize {
         let refs = (self.chunks.len() + self.freed.len()) * std::mem::size_of::<ChunkRef>();
-        self.changes.iter().map(Change::size).sum::<usize>() + refs + 16
+        // Each change's own allocations and enum, besides its key and value bytes.
+        let per_change = std::mem::size_of::<Change>() + 32;
+        self.changes
+            .iter()
+            .map(|c| c.size() + per_change)
+            .sum::<usize>()
+            + refs
+            + std::mem::size_of::<Self>()
     }
 }
 
@@ -407,7 +414,7 @@ pub struct LogState {
     /// Set by the replication layer: entries this node writes are kept in [`Self::recent`]
     /// from just before their commit, so they reach the replicas while the local fsync
     /// runs (docs/cluster.md, "Replication").
-    early: std::sync::atomic::AtomicBool,
+    early: std::sync::Mutex<std::collections::HashSet<PartitionId>>,
     /// The newest entries of each partition this node wrote itself, contiguous: every
     /// entry of a commit under way, and committed ones up to [`RECENT_BYTES`].
     recent: std::sync::Mutex<std::collections::HashMap<PartitionId, Recent>>,
@@ -415,12 +422,14 @@ pub struct LogState {
 
 /// Committed entries kept in memory per partition for shipping (entries of a commit
 /// under way are kept whatever their size).
-const RECENT_BYTES: usize = 256 << 10;
+const RECENT_BYTES: usize = 64 << 10;
 
 #[derive(Default)]
 struct Recent {
-    entries: std::collections::VecDeque<(u64, LogEntry, usize)>,
+    entries: std::collections::VecDeque<(u64, std::sync::Arc<LogEntry>, usize)>,
     bytes: usize,
+    /// The highest entry handed to a shipper.
+    taken: u64,
 }
 
 impl LogState {
@@ -468,7 +477,7 @@ impl LogState {
             m.insert(*p, *lsn);
         }
         drop(m);
-        if self.early.load(std::sync::atomic::Ordering::Acquire) {
+        {
             let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
             for (p, lsn) in logged {
                 if let Some(r) = recent.get_mut(p) {
@@ -488,16 +497,23 @@ impl LogState {
     }
 
     /// Keeps the entries of the commit about to happen (`entries`: partition, number,
-    /// entry, in log order) where shippers find them, and wakes the shippers. False when
-    /// early shipping is off (nothing kept).
-    pub(super) fn stage(&self, entries: Vec<(PartitionId, u64, LogEntry)>) -> bool {
-        if entries.is_empty() || !self.early.load(std::sync::atomic::Ordering::Acquire) {
-            return false;
-        }
-        let mut partitions: Vec<PartitionId> = entries.iter().map(|(p, _, _)| *p).collect();
-        partitions.dedup();
+    /// entry, in log order) of partitions shipped early where shippers find them, and
+    /// wakes their shippers. Returns each staged partition with its first staged number
+    /// (empty: nothing kept).
+    pub(super) fn stage(
+        &self,
+        entries: Vec<(PartitionId, u64, LogEntry)>,
+    ) -> Vec<(PartitionId, u64)> {
+        let early = self.early.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut staged: Vec<(PartitionId, u64)> = Vec::new();
         let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
         for (p, lsn, e) in entries {
+            if !early.contains(&p) {
+                continue;
+            }
+            if staged.last().is_none_or(|(q, _)| *q != p) {
+                staged.push((p, lsn));
+            }
             let r = recent.entry(p).or_default();
             // Only a contiguous run is kept: a gap (entries applied from another
             // primary, a snapshot) starts it afresh.
@@ -506,10 +522,33 @@ impl LogState {
             }
             let size = e.size();
             r.bytes += size;
-            r.entries.push_back((lsn, e, size));
+            r.entries.push_back((lsn, std::sync::Arc::new(e), size));
         }
         drop(recent);
+        let partitions: Vec<PartitionId> = staged.iter().map(|(p, _)| *p).collect();
         self.tick(&partitions);
+        staged
+    }
+
+    /// The commit of entries staged at `staged` failed: drops them if no shipper has
+    /// taken any (true); false if one may be on a replica already.
+    pub(super) fn unstage(&self, staged: &[(PartitionId, u64)]) -> bool {
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if staged
+            .iter()
+            .any(|(p, first)| recent.get(p).is_some_and(|r| r.taken >= *first))
+        {
+            return false;
+        }
+        for (p, first) in staged {
+            if let Some(r) = recent.get_mut(p) {
+                while r.entries.back().is_some_and(|(n, _, _)| n >= first) {
+                    if let Some((_, _, size)) = r.entries.pop_back() {
+                        r.bytes -= size;
+                    }
+                }
+            }
+        }
         true
     }
 
@@ -592,14 +631,17 @@ impl Engine {
             .subscribe()
     }
 
-    /// From now on, entries this node writes can be shipped from just before their
-    /// commit (in parallel with the local fsync) rather than after it. The replication
-    /// layer turns this on; a commit that fails after its entries were staged then stops
-    /// the process, since a replica may hold them (docs/cluster.md, "Replication").
-    pub fn ship_early(&self) {
+    /// From now on, entries this node writes to `p` can be shipped from just before
+    /// their commit (in parallel with the local fsync) rather than after it. The
+    /// replication layer turns this on for partitions it ships to other nodes; a commit
+    /// that fails after a shipper took such an entry stops the process, since a replica
+    /// may hold it (docs/cluster.md, "Replication").
+    pub fn ship_early(&self, p: PartitionId) {
         self.log_state()
             .early
-            .store(true, std::sync::atomic::Ordering::Release);
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(p);
     }
 
     /// The number of `p`'s last entry that can be shipped: committed, or staged for the
@@ -642,19 +684,19 @@ impl Engine {
         max: usize,
         max_bytes: usize,
     ) -> Result<Option<Vec<(u64, LogEntry)>>, EngineError> {
-        {
-            let recent = self
+        let kept = {
+            let mut recent = self
                 .log_state()
                 .recent
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if let Some(r) = recent.get(&p)
+            let mut out = Vec::new();
+            if let Some(r) = recent.get_mut(&p)
                 && let Some(first) = r.entries.front().map(|(n, _, _)| *n)
                 && first <= from
                 && let Ok(skip) = usize::try_from(from - first)
                 && skip < r.entries.len()
             {
-                let mut out = Vec::new();
                 let mut bytes = 0;
                 for (n, e, size) in r.entries.iter().skip(skip) {
                     out.push((*n, e.clone()));
@@ -663,8 +705,19 @@ impl Engine {
                         break;
                     }
                 }
-                return Ok(Some(out));
+                if let Some((n, _)) = out.last() {
+                    r.taken = r.taken.max(*n);
+                }
             }
+            out
+        };
+        if !kept.is_empty() {
+            // Copied outside the lock: the group commit stages and trims under it.
+            return Ok(Some(
+                kept.into_iter()
+                    .map(|(n, e)| (n, LogEntry::clone(&e)))
+                    .collect(),
+            ));
         }
         self.read_log(p, from, max, max_bytes).await
     }
@@ -824,14 +877,22 @@ mod tests {
         let engine = Engine::open(dir.path()).unwrap();
         let p = PartitionId(3);
         let logs = engine.log_state();
-        assert!(!logs.stage(vec![(p, 1, entry(4, b"a"))]), "off by default");
+        assert!(
+            logs.stage(vec![(p, 1, entry(4, b"a"))]).is_empty(),
+            "off by default"
+        );
         assert_eq!(engine.shippable_lsn(p), 0);
 
-        engine.ship_early();
+        engine.ship_early(p);
         let mut tick = engine.watch_log(p);
         let other = engine.watch_log(PartitionId(4));
         tick.borrow_and_update();
-        assert!(logs.stage(vec![(p, 1, entry(4, b"a")), (p, 2, entry(4, b"b"))]));
+        let staged = logs.stage(vec![
+            (p, 1, entry(4, b"a")),
+            (p, 2, entry(4, b"b")),
+            (PartitionId(4), 1, entry(4, b"x")),
+        ]);
+        assert_eq!(staged, vec![(p, 1)], "only partitions shipped early");
         assert!(
             tick.has_changed().unwrap(),
             "the partition's shippers are woken"
@@ -843,8 +904,15 @@ mod tests {
         let offered = engine.entries_to_ship(p, 2, 10, usize::MAX).await.unwrap();
         assert_eq!(offered, Some(vec![(2, entry(4, b"b"))]));
 
+        // A failed commit of entries a shipper took may not be undone (the node stops);
+        // of entries none took, it may.
+        assert!(!logs.unstage(&[(p, 2)]), "entry 2 was taken");
+        assert_eq!(logs.stage(vec![(p, 3, entry(4, b"c"))]), vec![(p, 3)]);
+        assert!(logs.unstage(&[(p, 3)]));
+        assert_eq!(engine.shippable_lsn(p), 2);
+
         // A gap starts the kept run afresh.
-        assert!(logs.stage(vec![(p, 7, entry(5, b"c"))]));
+        assert_eq!(logs.stage(vec![(p, 7, entry(5, b"c"))]), vec![(p, 7)]);
         assert_eq!(engine.recent_epoch(p, 1), None);
         assert_eq!(engine.recent_epoch(p, 7), Some(5));
         // Nothing stored and nothing kept before 7: not offered.

@@ -32,6 +32,8 @@ pub struct Io {
     pub sched: crate::tenancy::sched::IoScheduler,
     pub class: crate::tenancy::sched::Class,
     pub weight: u32,
+    /// Told of each chunk file once it is complete and durable.
+    pub announce: Option<super::ChunkHook>,
 }
 
 impl Io {
@@ -89,6 +91,7 @@ struct Sink {
     dirs: Vec<PathBuf>,
     md5: Md5,
     size: u64,
+    announce: Option<super::ChunkHook>,
 }
 
 impl Sink {
@@ -111,7 +114,11 @@ impl Sink {
             if w.len() >= CHUNK_MAX
                 && let Some(full) = self.current.take()
             {
-                self.done.push(full.finish()?);
+                let c = full.finish()?;
+                if let Some(a) = &self.announce {
+                    a(&c);
+                }
+                self.done.push(c);
             }
         }
         Ok(())
@@ -119,7 +126,11 @@ impl Sink {
 
     fn finish(mut self) -> io::Result<Written> {
         if let Some(w) = self.current.take() {
-            self.done.push(w.finish()?);
+            let c = w.finish()?;
+            if let Some(a) = &self.announce {
+                a(&c);
+            }
+            self.done.push(c);
         }
         Ok(Written {
             data: ObjectData::Chunks(self.done),
@@ -203,6 +214,7 @@ async fn write_body_inner(
         dirs: Vec::new(),
         md5: Md5::new(),
         size: 0,
+        announce: io.announce.clone(),
     };
     let slot = io.slot(buf.len()).await;
     let mut in_flight: tokio::task::JoinHandle<(Sink, io::Result<()>)> =

@@ -149,6 +149,11 @@ pub async fn tracking_partitions<F: std::future::Future>(
 
 /// Why this node may not serve a partition, or None when it may.
 pub type PartitionGuard = Arc<dyn Fn(PartitionId) -> Option<String> + Send + Sync>;
+/// Told of every chunk file as soon as an upload has finished and fsynced it (before the
+/// write that references it commits): the replication layer starts sending it to the
+/// partition's replicas while the rest of the body arrives. Called on a blocking thread;
+/// must not block.
+pub type ChunkHook = Arc<dyn Fn(&crate::engine::ChunkRef) + Send + Sync>;
 
 /// A set of partitions: the share of a tenant-wide job one node does.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -196,6 +201,7 @@ struct Inner {
     /// the cluster's routing; absent (everything served) in a store without a cluster.
     guard: std::sync::OnceLock<PartitionGuard>,
     write_guard: std::sync::OnceLock<PartitionGuard>,
+    chunk_hook: std::sync::OnceLock<ChunkHook>,
     remote_reader: std::sync::OnceLock<object::RemoteReader>,
     /// Bumped (under the `buckets` write lock) whenever a bucket is created or deleted:
     /// a cache fill that read the catalog before the change is dropped, so a deleted
@@ -250,6 +256,7 @@ impl Store {
                 buckets: RwLock::new(HashMap::new()),
                 guard: std::sync::OnceLock::new(),
                 write_guard: std::sync::OnceLock::new(),
+                chunk_hook: std::sync::OnceLock::new(),
                 remote_reader: std::sync::OnceLock::new(),
                 bucket_epoch: Default::default(),
                 bucket_ddl: Mutex::new(()),
@@ -273,6 +280,7 @@ impl Store {
             sched: self.inner.io.clone(),
             class,
             weight: self.inner.io.weight(class).await,
+            announce: self.inner.chunk_hook.get().cloned(),
         }
     }
 
@@ -296,6 +304,12 @@ impl Store {
     /// write now is refused before anything is written. Set once, by the node.
     pub fn set_write_guard(&self, guard: PartitionGuard) {
         let _ = self.inner.write_guard.set(guard);
+    }
+
+    /// Calls `hook` for every chunk file an upload finishes (see [`ChunkHook`]). Set once,
+    /// by the node.
+    pub fn set_chunk_hook(&self, hook: ChunkHook) {
+        let _ = self.inner.chunk_hook.set(hook);
     }
 
     /// Lets copies read a source object whose bucket another node leads (through
@@ -812,7 +826,9 @@ mod early_shipping_tests {
     async fn entries_offered_for_shipping_are_the_stored_log() {
         let dir = tempfile::tempdir().unwrap();
         let (s, t) = test_store_with_tenant(&dir.path().join("a")).await;
-        s.engine().ship_early();
+        for p in 0..16 {
+            s.engine().ship_early(PartitionId(p));
+        }
         // Concurrent puts, so group commits hold several writes and partitions.
         let mut tasks = Vec::new();
         for w in 0..8u8 {
@@ -838,7 +854,9 @@ mod early_shipping_tests {
             task.await.unwrap();
         }
         let replica = Engine::open(&dir.path().join("b")).unwrap();
-        replica.ship_early();
+        for p in 0..16 {
+            replica.ship_early(PartitionId(p));
+        }
         let mut trimmed = 0;
         let mut compared = 0;
         for p in (0..16).map(PartitionId) {

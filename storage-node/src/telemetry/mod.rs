@@ -66,6 +66,12 @@ pub struct Metrics {
     /// what the primary keeps, or diverged).
     pub replica_resyncs: Counter,
     pub primary_handoffs: Counter,
+    /// Chunk files that reached a replica while their upload still ran, and were not
+    /// sent again with their entry.
+    pub chunks_sent_ahead: Counter,
+    /// Shipments this node refused because a chunk file an entry references had not
+    /// arrived (the primary sends it again).
+    pub missing_chunk_refusals: Counter,
     /// Requests sent on to the partition's primary, by front end and outcome.
     pub forwarded: Family<ForwardLabels, Counter>,
     /// When this node last judged its peers (Unix seconds): a stale value means the
@@ -135,6 +141,20 @@ impl Default for Metrics {
              joined, or returned and caught up)",
             primary_handoffs.clone(),
         );
+        let chunks_sent_ahead = Counter::default();
+        registry.register(
+            "replication_chunks_sent_ahead",
+            "Chunk files this node (as primary) sent to a replica while their upload still \
+             ran, so they were not sent again with the log entry that references them",
+            chunks_sent_ahead.clone(),
+        );
+        let missing_chunk_refusals = Counter::default();
+        registry.register(
+            "replication_missing_chunk_refusals",
+            "Shipments this node (as replica) refused because a chunk file an entry \
+             references had not arrived; the primary sends it again",
+            missing_chunk_refusals.clone(),
+        );
         let forwarded = Family::<ForwardLabels, Counter>::default();
         registry.register(
             "forwarded_requests",
@@ -160,6 +180,8 @@ impl Default for Metrics {
             partitions_led,
             replica_resyncs,
             primary_handoffs,
+            chunks_sent_ahead,
+            missing_chunk_refusals,
             forwarded,
             cluster_view_at,
         }

@@ -784,3 +784,202 @@ async fn a_replica_killed_during_10000_writes_catches_up_and_serves_identical_da
     );
     println!("all {WRITES} keys and objects read back from n3 alone");
 }
+
+/// A large object's chunk files reach the replicas while its upload still runs (sent
+/// ahead of the log entry, counted in the primary's metrics), every node ends up with the
+/// same chunk files, and a replica refuses an entry whose chunk file has not arrived
+/// rather than applying it (the primary then sends the file again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_reach_replicas_during_the_upload_and_missing_ones_are_refused() {
+    use granary_node::cluster::replication::{SKIPPED_HEADER, Shipment};
+    use granary_node::engine::ChunkRef;
+    use granary_node::engine::replog::LogEntry;
+    use granary_node::types::{ChunkId, NodeId};
+
+    let c = TestCluster::start(
+        3,
+        Settings {
+            partitions: PARTITIONS,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let layout = c.wait_ready().await;
+    let (ak, sk, id) = c.tenant("acme").await;
+    let tenant: TenantId = id.parse().unwrap();
+    let p = PartitionId::of(tenant, b"big", PARTITIONS);
+    let primary = layout["actingPrimaries"][p.0 as usize]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let at = |id: &str| c.nodes.iter().position(|m| m.id == id).unwrap();
+    let replica = (0..3).find(|i| c.nodes[*i].id != primary).unwrap();
+    // Through a node that is not the primary: the body streams on to it.
+    let s3 = s3_client(&c.nodes[replica].proc.s3, &ak, &sk);
+    s3.create_bucket().bucket("big").send().await.unwrap();
+    let body: Vec<u8> = (0..40u32 << 20).map(|i| (i % 251) as u8).collect();
+    s3.put_object()
+        .bucket("big")
+        .key("obj")
+        .body(ByteStream::from(body.clone()))
+        .send()
+        .await
+        .unwrap();
+    // Acknowledged: on every in-sync replica, chunk files included.
+    assert_eq!(c.differing(&[0, 1, 2]).await, Vec::<u16>::new());
+    let names = |i: usize| {
+        let mut n: Vec<String> = granary_e2e::chunk_files(&c.nodes[i].proc.data_dir)
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        n.sort();
+        n
+    };
+    assert!(names(0).len() >= 5, "{:?}", names(0));
+    assert_eq!(names(0), names(1));
+    assert_eq!(names(0), names(2));
+    let page = c.nodes[at(&primary)].proc.metrics().await.unwrap();
+    let ahead = metric(&page, "granary_replication_chunks_sent_ahead_total");
+    println!("chunk files sent ahead of their entry: {ahead} (5 chunks, 2 replicas)");
+    assert!(ahead >= 1.0, "no chunk file was sent during the upload");
+    let got = s3
+        .get_object()
+        .bucket("big")
+        .key("obj")
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert!(
+        got.as_ref() == body.as_slice(),
+        "the object reads back identical"
+    );
+
+    // A shipment whose entry references a chunk file the replica does not hold is
+    // refused, and nothing of it is applied. (An epoch above every real one passes the
+    // fence without being remembered, since the shipment is refused.)
+    let http = reqwest::Client::new();
+    let rpc = &c.nodes[replica].rpc;
+    let lsn = c.digests(replica).await[p.0 as usize]["lsn"]
+        .as_u64()
+        .unwrap();
+    let ghost = ChunkRef {
+        id: ChunkId(uuid::Uuid::new_v4()),
+        partition: p,
+        len: 1,
+    };
+    let shipment = Shipment {
+        epoch: 1 << 40,
+        primary: NodeId(primary.clone()),
+        entries: vec![(
+            lsn + 1,
+            LogEntry {
+                epoch: 1 << 40,
+                seq: 1,
+                changes: Vec::new(),
+                chunks: vec![ghost],
+                freed: Vec::new(),
+            },
+        )],
+    };
+    let r = http
+        .post(format!("{rpc}/rpc/v1/partitions/{}/log", p.0))
+        .bearer_auth(granary_e2e::cluster::SECRET)
+        .header(SKIPPED_HEADER, "")
+        .body(postcard::to_allocvec(&shipment).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 409);
+    let refusal: Value = r.json().await.unwrap();
+    assert!(
+        refusal["reason"]
+            .as_str()
+            .unwrap()
+            .contains("has not arrived"),
+        "{refusal}"
+    );
+    assert_eq!(
+        refusal["position"]["lsn"].as_u64(),
+        Some(lsn),
+        "nothing applied"
+    );
+    let page = c.nodes[replica].proc.metrics().await.unwrap();
+    assert_eq!(
+        metric(&page, "granary_replication_missing_chunk_refusals_total"),
+        1.0
+    );
+    // The real primary still ships to it: a later write is acknowledged everywhere.
+    s3.put_object()
+        .bucket("big")
+        .key("after")
+        .body(ByteStream::from(vec![9u8; 12 << 20]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(c.differing(&[0, 1, 2]).await, Vec::<u16>::new());
+}
+
+/// A primary serves a partition again after a restart only under a new epoch: before a
+/// crash it may have sent replicas entries it never committed (they are shipped while its
+/// own fsync runs), and the entries it writes again under the same numbers must not
+/// carry the epoch those carry. The primary of a partition is killed and restarted at
+/// once, with no writes meanwhile and failure detection slow enough that nothing else
+/// changes the partition's epoch; it leads the partition again, and its next entry
+/// carries a higher epoch than the last one before the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_primary_writes_under_a_new_epoch() {
+    let mut c = TestCluster::start(
+        3,
+        Settings {
+            partitions: PARTITIONS,
+            suspect_after_ms: 15_000,
+            fail_after_ms: 60_000,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    let layout = c.wait_ready().await;
+    let (ak, sk, id) = c.tenant("acme").await;
+    let tenant: TenantId = id.parse().unwrap();
+    let ns = "epochs";
+    let p = PartitionId::of(tenant, format!("kv:{ns}").as_bytes(), PARTITIONS).0 as usize;
+    let primary = layout["actingPrimaries"][p].as_str().unwrap().to_string();
+    let i = c.nodes.iter().position(|m| m.id == primary).unwrap();
+    let other = (i + 1) % 3;
+    let put = |endpoint: String, v: &'static str| {
+        let kv = KvClient::new(&endpoint, &ak, &sk);
+        async move {
+            match kv
+                .send("PUT", &format!("/kv/v1/{ns}/k"), &[], v.as_bytes().to_vec())
+                .await
+            {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            }
+        }
+    };
+    assert_eq!(put(c.nodes[other].proc.kv.clone(), "before").await, 200);
+    let before = c.digests(i).await[p]["epoch"].as_u64().unwrap();
+    c.nodes[i].proc.kill9();
+    let m = c.start_node(i).unwrap();
+    c.nodes[i] = m;
+    let endpoint = c.nodes[other].proc.kv.clone();
+    eventually("a write after the restart", 60, || {
+        let put = put(endpoint.clone(), "after");
+        async move { (put.await == 200).then_some(()) }
+    })
+    .await;
+    let l = admin(&c.nodes[other].proc, "/layout?partitions=true").await;
+    assert_eq!(l["actingPrimaries"][p], primary.as_str(), "no failover");
+    let after = c.digests(i).await[p]["epoch"].as_u64().unwrap();
+    println!("partition {p}: last entry's epoch {before} before the restart, {after} after");
+    assert!(
+        after > before,
+        "epoch {after} after the restart, {before} before"
+    );
+}
