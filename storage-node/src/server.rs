@@ -239,6 +239,13 @@ impl Node {
                 "Time spent waiting for the I/O scheduler, by tenant",
                 store.io_scheduler().waited.clone(),
             );
+            r.register(
+                "background_io_bytes",
+                "Background work admitted by the I/O scheduler at its low weight: bytes of \
+                 partition snapshots streamed to replicas, and a cost per record for the \
+                 expiry sweeps",
+                store.io_scheduler().background.clone(),
+            );
         }
         Ok(Self {
             config,

@@ -38,6 +38,8 @@ use crate::types::{Epoch, NodeId, PartitionId};
 /// Header of a shipment naming the chunk files it does not carry (comma-separated ids);
 /// its presence asks the replica to check that every other chunk has arrived.
 pub const SKIPPED_HEADER: &str = "x-granary-chunks-skipped";
+/// Header of a replica's answer to a shipment it checked that way.
+pub const CHECKED_HEADER: &str = "x-granary-chunks-checked";
 
 /// Entries and bytes sent in one shipment.
 const SHIP_ENTRIES: usize = 256;
@@ -90,6 +92,13 @@ struct Inner {
     presend_slots: Arc<tokio::sync::Semaphore>,
     /// Partitions this process has served as primary (each under an epoch of its own).
     taken_up: Mutex<HashSet<PartitionId>>,
+    /// Replicas (with the incarnation that said so) that check every chunk an entry
+    /// references has arrived: only for them is a chunk sent ahead not sent again.
+    checks: Mutex<HashMap<NodeId, Option<String>>>,
+    /// Copies held here of partitions the layout moved elsewhere, since when they have
+    /// been found no longer needed.
+    retiring: Mutex<HashMap<PartitionId, Instant>>,
+    retire_checked: Mutex<Option<Instant>>,
 }
 
 /// This node's state as the primary of one partition under one epoch.
@@ -122,9 +131,15 @@ struct Led {
 struct Presend {
     at: Instant,
     chunk: ChunkRef,
+    /// Stops the transfer when the pre-send is forgotten.
+    abort: tokio::task::AbortHandle,
     /// Ok(true): the replica holds it; Ok(false): gone here; Err: not sent.
     done: futures::future::Shared<futures::future::BoxFuture<'static, Result<bool, String>>>,
 }
+
+/// A copy of a partition the layout moved elsewhere is dropped once it has been found
+/// unneeded for this many times `suspect_after`.
+const RETIRE_AFTER: u32 = 4;
 
 /// Chunk files sent ahead of their entries at once, per node (more are sent with their
 /// entries, as before).
@@ -184,6 +199,9 @@ impl Replicator {
                 applying: Mutex::new(HashMap::new()),
                 presend_slots: Arc::new(tokio::sync::Semaphore::new(PRESEND_SLOTS)),
                 taken_up: Mutex::new(HashSet::new()),
+                checks: Mutex::new(HashMap::new()),
+                retiring: Mutex::new(HashMap::new()),
+                retire_checked: Mutex::new(None),
             }),
         }
     }
@@ -207,6 +225,7 @@ impl Replicator {
                             // Cleared however the task ends (a panic included).
                             let _clear = ClearOnDrop(&this.inner.rebalancing);
                             this.rebalance_one().await;
+                            this.retire_copies().await;
                         });
                     }
                 }
@@ -370,6 +389,105 @@ impl Replicator {
     /// that node is alive and in sync (a node that joined, or one that returned after a
     /// failover and caught up). One at a time per node: each costs its partition a short
     /// pause (no new requests while what is committed becomes durable everywhere).
+    /// Drops the copies this node holds of partitions the layout no longer places on it,
+    /// once the move is complete: the catalog names a primary in the layout's replica set,
+    /// every member of that set is in sync, and this node is neither primary nor in sync.
+    /// A copy is dropped only after it has been found so for [`RETIRE_AFTER`] times
+    /// `suspect_after` (a layout that flaps back keeps it), and again under the
+    /// partition's replica lock just before, so no shipment or reinstall runs meanwhile.
+    async fn retire_copies(&self) {
+        {
+            let mut checked = self
+                .inner
+                .retire_checked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if checked.is_some_and(|at| at.elapsed() < self.inner.ship_timeout) {
+                return;
+            }
+            *checked = Some(Instant::now());
+        }
+        let Ok(states) = self.inner.cluster.catalog().partition_states().await else {
+            return;
+        };
+        let grace = self.inner.ship_timeout * RETIRE_AFTER;
+        let mut due = Vec::new();
+        for st in &states {
+            let p = st.partition;
+            let holds = self.inner.engine.committed_lsn(p) > 0
+                || tokio::fs::try_exists(self.inner.engine.chunks().root().join(p.to_string()))
+                    .await
+                    .unwrap_or(true);
+            let mut retiring = self
+                .inner
+                .retiring
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !(holds && self.retired(st)) {
+                retiring.remove(&p);
+                continue;
+            }
+            let since = *retiring.entry(p).or_insert_with(Instant::now);
+            if since.elapsed() >= grace {
+                due.push(p);
+            }
+        }
+        for p in due {
+            let lock = self.partition_lock(p);
+            let _one = lock.lock().await;
+            let fresh = self
+                .inner
+                .cluster
+                .catalog()
+                .partition_states()
+                .await
+                .ok()
+                .and_then(|all| all.into_iter().find(|s| s.partition == p));
+            let led = self
+                .inner
+                .led
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&p);
+            if led || !fresh.as_ref().is_some_and(|st| self.retired(st)) {
+                continue;
+            }
+            match self.inner.engine.drop_partition(p).await {
+                Ok(files) => {
+                    self.inner.cluster.metrics().retired_copies.inc();
+                    tracing::info!(partition = %p, chunk_files = files, "dropped this node's copy of a partition the layout moved to other nodes (all of them in sync)");
+                    self.inner
+                        .retiring
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&p);
+                }
+                Err(e) => {
+                    tracing::warn!(partition = %p, error = %e, "could not drop the copy of a partition the layout moved elsewhere");
+                }
+            }
+        }
+    }
+
+    /// Whether this node's copy of `st.partition` is no longer needed (see
+    /// [`Self::retire_copies`]).
+    fn retired(&self, st: &PartitionState) -> bool {
+        let Some(layout) = self.inner.cluster.layout() else {
+            return false;
+        };
+        let me = self.inner.cluster.me();
+        let replicas: Vec<NodeId> = layout
+            .replicas(st.partition)
+            .map(|m| m.id.clone())
+            .collect();
+        !replicas.is_empty()
+            && !replicas.contains(me)
+            && st.primary != *me
+            && !st.in_sync.contains(me)
+            && replicas.contains(&st.primary)
+            && replicas.iter().all(|n| st.in_sync.contains(n))
+    }
+
     async fn rebalance_one(&self) {
         use std::sync::atomic::Ordering;
         let Some(layout) = self.inner.cluster.layout() else {
@@ -827,7 +945,14 @@ impl Replicator {
                     l.presend
                         .lock()
                         .unwrap_or_else(PoisonError::into_inner)
-                        .retain(|(n, _), _| n != r);
+                        .retain(|(n, _), ahead| {
+                            let keep = n != r;
+                            if !keep {
+                                ahead.abort.abort();
+                            }
+                            keep
+                        });
+
                     match self.establish(l, r).await {
                         Ok(lsn) => {
                             // Less than it acknowledged before (it restarted without its
@@ -1025,29 +1150,41 @@ impl Replicator {
         // replica, which checks that every other chunk an entry references has arrived.
         let mut skipped: Vec<ChunkId> = Vec::new();
         let mut cut = entries.len();
-        'entries: for (i, (_, e)) in entries.iter().enumerate() {
+        let trusted = self.checks_chunks(r);
+        for (i, (_, e)) in entries.iter().enumerate() {
+            let before = skipped.len();
             for c in &e.chunks {
                 let ahead = l
                     .presend
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&(r.clone(), c.id));
+                // A transfer still running is awaited (never two of one chunk at once);
+                // what it delivered counts only for a replica that checks (another may
+                // have lost it since, unseen).
                 if let Some(ahead) = ahead
                     && ahead.done.await == Ok(true)
+                    && trusted
                 {
                     self.inner.cluster.metrics().chunks_sent_ahead.inc();
                     continue;
                 }
                 if !self.put_chunk(r, c).await? {
                     skipped.push(c.id);
-                    if skipped.len() >= SKIPPED_MAX {
-                        cut = i + 1;
-                        break 'entries;
-                    }
                 }
+            }
+            // Too many to name: the shipment ends before this entry (which goes first in
+            // the next one), unless it is the first.
+            if skipped.len() > SKIPPED_MAX && i > 0 {
+                skipped.truncate(before);
+                cut = i;
+                break;
             }
         }
         entries.truncate(cut);
+        // A lone first entry naming more than that is sent unchecked, as older primaries
+        // send (its chunks were all just sent with it).
+        let checked = skipped.len() <= SKIPPED_MAX;
         let epoch = l
             .state
             .lock()
@@ -1063,17 +1200,29 @@ impl Replicator {
         .map_err(|e| e.to_string())?;
         let url = format!("http://{addr}/rpc/v1/partitions/{}/log", l.p.0);
         let skipped: Vec<String> = skipped.iter().map(|c| c.0.simple().to_string()).collect();
-        let resp = self
-            .inner
-            .http
-            .post(&url)
-            .bearer_auth(&*secret)
-            .header(SKIPPED_HEADER, skipped.join(","))
+        let mut req = self.inner.http.post(&url).bearer_auth(&*secret);
+        if checked {
+            req = req.header(SKIPPED_HEADER, skipped.join(","));
+        }
+        let resp = req
             .body(body)
             .timeout(self.inner.ship_timeout)
             .send()
             .await
             .map_err(|e| e.to_string())?;
+        if checked {
+            let incarnation = self.inner.cluster.incarnation_of(r);
+            let mut checks = self
+                .inner
+                .checks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if resp.headers().contains_key(CHECKED_HEADER) && incarnation.is_some() {
+                checks.insert(r.clone(), incarnation);
+            } else {
+                checks.remove(r);
+            }
+        }
         if !resp.status().is_success() {
             let status = resp.status();
             return Err(format!(
@@ -1084,6 +1233,20 @@ impl Replicator {
             ));
         }
         Ok(last)
+    }
+
+    /// Whether replica `r`, as it runs now (its incarnation), answered a shipment saying
+    /// it checks that every chunk an entry references has arrived.
+    fn checks_chunks(&self, r: &NodeId) -> bool {
+        let now = self.inner.cluster.incarnation_of(r);
+        now.is_some()
+            && self
+                .inner
+                .checks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(r)
+                == Some(&now)
     }
 
     /// Streams chunk file `c` to replica `r`. Ok(false): the file is gone here (replaced
@@ -1167,6 +1330,7 @@ impl Replicator {
                 }
             });
             use futures::FutureExt;
+            let abort = task.abort_handle();
             let done = async move { task.await.map_err(|e| e.to_string())? }
                 .boxed()
                 .shared();
@@ -1178,6 +1342,7 @@ impl Replicator {
                     Presend {
                         at: Instant::now(),
                         chunk: c.clone(),
+                        abort,
                         done,
                     },
                 );
@@ -1186,13 +1351,14 @@ impl Replicator {
 
     /// Forgets chunks sent ahead whose entry never came; the replicas are told to remove
     /// the ones gone here (their upload failed) through the log.
-    fn prune_presends(&self, l: &Led) {
+    fn prune_presends(&self, l: &Arc<Led>) {
         let stale: Vec<ChunkRef> = {
             let mut m = l.presend.lock().unwrap_or_else(PoisonError::into_inner);
             let mut stale = Vec::new();
             m.retain(|_, ahead| {
                 let keep = ahead.at.elapsed() < PRESEND_MAX_AGE;
                 if !keep {
+                    ahead.abort.abort();
                     stale.push(ahead.chunk.clone());
                 }
                 keep
@@ -1202,14 +1368,20 @@ impl Replicator {
         if stale.is_empty() {
             return;
         }
-        let engine = self.inner.engine.clone();
+        let (engine, l) = (self.inner.engine.clone(), l.clone());
         tokio::spawn(async move {
             let chunks = engine.chunks().clone();
-            let gone: Vec<ChunkRef> = stale
-                .into_iter()
-                .filter(|c| !chunks.path(c.partition, c.id).exists())
-                .collect();
+            let gone: Vec<ChunkRef> = tokio::task::spawn_blocking(move || {
+                stale
+                    .into_iter()
+                    .filter(|c| !chunks.path(c.partition, c.id).exists())
+                    .collect()
+            })
+            .await
+            .unwrap_or_default();
+            // Only the partition's primary writes its log.
             if !gone.is_empty()
+                && !l.stop.is_cancelled()
                 && let Err(e) = engine.log_freed(gone).await
             {
                 tracing::warn!(error = %e, "could not log the removal of chunks sent ahead of a failed upload");

@@ -140,7 +140,25 @@ async fn snapshot(State(s): State<RpcState>, Path(p): Path<u16>) -> Result<Respo
             tracing::warn!(partition = p, error = %e, "partition snapshot export failed");
         }
     });
-    let body = Body::from_stream(tokio_util::io::ReaderStream::new(r));
+    // Streamed as background work: each piece waits for its turn in the node's I/O
+    // scheduler at the background weight, and the export (which writes into a small
+    // pipe) follows at that pace, so a replica's reinstall does not crowd out tenants.
+    let sched = s.fronts.as_ref().map(|f| f.store.io_scheduler().clone());
+    let pieces = tokio_util::io::ReaderStream::with_capacity(r, SNAPSHOT_PIPE);
+    let body = Body::from_stream(futures::StreamExt::then(pieces, move |piece| {
+        let sched = sched.clone();
+        async move {
+            if let (Some(sched), Ok(b)) = (&sched, &piece) {
+                use crate::tenancy::sched::{BACKGROUND_WEIGHT, Class};
+                drop(
+                    sched
+                        .slot(Class::Background, BACKGROUND_WEIGHT, b.len() as u64)
+                        .await,
+                );
+            }
+            piece
+        }
+    }));
     Ok(([("content-type", "application/octet-stream")], body).into_response())
 }
 
@@ -222,10 +240,20 @@ async fn receive_log(
                 .ok_or_else(|| ApiError::bad_request("malformed list of skipped chunks"))?,
         ),
     };
-    match replicator(&s)?.receive(p, shipment, skipped).await {
-        Ok(lsn) => Ok(Json(json!({"lsn": lsn})).into_response()),
-        Err(refusal) => Ok((StatusCode::CONFLICT, Json(refusal)).into_response()),
+    let checked = skipped.is_some();
+    let mut resp = match replicator(&s)?.receive(p, shipment, skipped).await {
+        Ok(lsn) => Json(json!({"lsn": lsn})).into_response(),
+        Err(refusal) => (StatusCode::CONFLICT, Json(refusal)).into_response(),
+    };
+    if checked {
+        // Tells the primary this node checks that chunks have arrived, so a chunk sent
+        // ahead of its entry need not be sent again.
+        resp.headers_mut().insert(
+            super::replication::CHECKED_HEADER,
+            axum::http::HeaderValue::from_static("1"),
+        );
     }
+    Ok(resp)
 }
 
 /// One chunk file of partition `p`, streamed by its primary before the entry that

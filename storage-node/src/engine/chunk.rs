@@ -282,51 +282,7 @@ impl ChunkStore {
         start: u64,
         end: u64,
     ) -> Result<Vec<u8>, ChunkError> {
-        let path = self.path(chunk.partition, chunk.id);
-        let file = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ChunkError::Missing { id: chunk.id });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let corrupt = |what: &str| ChunkError::Corrupt {
-            id: chunk.id,
-            what: what.to_string(),
-        };
-        let len = header_len(&file, chunk.id)?;
-        if len != chunk.len {
-            return Err(corrupt("length differs from the manifest"));
-        }
-        let end = end.min(len);
-        if start >= end {
-            return Ok(Vec::new());
-        }
-        let first_block = start / BLOCK as u64;
-        let last_block = (end - 1) / BLOCK as u64;
-        let mut out = Vec::with_capacity((end - start) as usize);
-        let mut buf = vec![0u8; BLOCK + 4];
-        for b in first_block..=last_block {
-            let block_start = b * BLOCK as u64;
-            let data_len = (len - block_start).min(BLOCK as u64) as usize;
-            let raw = &mut buf[..data_len + 4];
-            file.read_exact_at(raw, HEADER + b * BLOCK_ON_DISK)
-                .map_err(|e| {
-                    if e.kind() == io::ErrorKind::UnexpectedEof {
-                        corrupt("truncated")
-                    } else {
-                        e.into()
-                    }
-                })?;
-            let (data, crc) = raw.split_at(data_len);
-            if crc32c::crc32c(data) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
-                return Err(corrupt(&format!("checksum mismatch in block {b}")));
-            }
-            let from = start.saturating_sub(block_start) as usize;
-            let to = ((end - block_start) as usize).min(data_len);
-            out.extend_from_slice(&data[from..to]);
-        }
-        Ok(out)
+        read_range_at(&self.path(chunk.partition, chunk.id), chunk, start, end)
     }
 
     /// Verifies a whole chunk; used by the scrubber and tests.
@@ -473,6 +429,72 @@ impl ChunkWriter {
     pub fn abandon(self) {
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// Reads `[start, end)` of the chunk file at `path` (holding `chunk`), verifying every
+/// block it touches.
+fn read_range_at(
+    path: &Path,
+    chunk: &ChunkRef,
+    start: u64,
+    end: u64,
+) -> Result<Vec<u8>, ChunkError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(ChunkError::Missing { id: chunk.id });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let corrupt = |what: &str| ChunkError::Corrupt {
+        id: chunk.id,
+        what: what.to_string(),
+    };
+    let len = header_len(&file, chunk.id)?;
+    if len != chunk.len {
+        return Err(corrupt("length differs from the manifest"));
+    }
+    let end = end.min(len);
+    if start >= end {
+        return Ok(Vec::new());
+    }
+    let first_block = start / BLOCK as u64;
+    let last_block = (end - 1) / BLOCK as u64;
+    let mut out = Vec::with_capacity((end - start) as usize);
+    let mut buf = vec![0u8; BLOCK + 4];
+    for b in first_block..=last_block {
+        let block_start = b * BLOCK as u64;
+        let data_len = (len - block_start).min(BLOCK as u64) as usize;
+        let raw = &mut buf[..data_len + 4];
+        file.read_exact_at(raw, HEADER + b * BLOCK_ON_DISK)
+            .map_err(|e| {
+                if e.kind() == io::ErrorKind::UnexpectedEof {
+                    corrupt("truncated")
+                } else {
+                    e.into()
+                }
+            })?;
+        let (data, crc) = raw.split_at(data_len);
+        if crc32c::crc32c(data) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+            return Err(corrupt(&format!("checksum mismatch in block {b}")));
+        }
+        let from = start.saturating_sub(block_start) as usize;
+        let to = ((end - block_start) as usize).min(data_len);
+        out.extend_from_slice(&data[from..to]);
+    }
+    Ok(out)
+}
+
+/// Verifies the whole chunk file at `path` (a file received under a temporary name,
+/// before it takes the chunk's own).
+pub fn verify_at(path: &Path, chunk: &ChunkRef) -> Result<(), ChunkError> {
+    let mut pos = 0;
+    while pos < chunk.len {
+        let end = (pos + 4 * BLOCK as u64).min(chunk.len);
+        read_range_at(path, chunk, pos, end)?;
+        pos = end;
+    }
+    Ok(())
 }
 
 pub use super::dirs::sync_dir;

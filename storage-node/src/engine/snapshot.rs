@@ -571,7 +571,13 @@ impl Engine {
                 "chunk file of {size} bytes announced; at most {MAX_CHUNK_FILE} exist"
             )));
         }
-        let tmp = dir.join(format!("{}.import", id.0.simple()));
+        // A name of its own per transfer: two transfers of one chunk (sent ahead, then
+        // again with its entry) never write or rename each other's file.
+        let tmp = dir.join(format!(
+            "{}.{}.import",
+            id.0.simple(),
+            uuid::Uuid::new_v4().simple()
+        ));
         // Durably created like any chunk directory; the file's own name is made durable
         // by the commit that first references it (its directory is passed to it).
         let (chunks, d) = (self.chunks.clone(), dir.clone());
@@ -604,18 +610,16 @@ impl Engine {
         let (tmp2, path2) = (tmp.clone(), path.clone());
         let verified = tokio::task::spawn_blocking(move || -> Result<(), EngineError> {
             let len = chunk::stored_len(&tmp2, id)?;
-            std::fs::rename(&tmp2, &path2)?;
-            // Under its final name, yet unreferenced until the batch that needs it commits:
-            // a file that fails here is removed and never seen.
+            // Verified under its temporary name: only a whole, intact file ever takes the
+            // chunk's name (replacing a copy already there with the same bytes).
             let r = ChunkRef {
                 id,
                 partition: p,
                 len,
             };
-            if let Err(e) = chunks.verify(&r) {
-                let _ = std::fs::remove_file(&path2);
-                return Err(e.into());
-            }
+            chunk::verify_at(&tmp2, &r)?;
+            std::fs::rename(&tmp2, &path2)?;
+            drop(chunks);
             Ok(())
         })
         .await
@@ -641,6 +645,34 @@ fn remove_temporaries(pdir: &Path) -> Result<(), EngineError> {
         }
     }
     Ok(())
+}
+
+impl Engine {
+    /// Removes everything this node holds of partition `p`: records, log, usage rows and
+    /// chunk files (a copy the layout no longer places here). Returns how many chunk files
+    /// were removed. The caller makes sure nothing else writes `p` meanwhile.
+    pub async fn drop_partition(&self, p: PartitionId) -> Result<usize, EngineError> {
+        self.log_state().forget(p);
+        self.write(vec![], move |ctx| {
+            clear_partition(ctx.txn.untracked(), p)?;
+            ctx.logged(p, 0);
+            Ok(())
+        })
+        .await?;
+        let chunks = self.chunks.clone();
+        tokio::task::spawn_blocking(move || -> Result<usize, EngineError> {
+            let files = chunks.list_partition(p)?;
+            let removed = chunks.remove_files(&files);
+            // The partition's directories go too (what is left in them is unreferenced).
+            match std::fs::remove_dir_all(chunks.root().join(p.to_string())) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| EngineError::Db(format!("chunk removal task failed: {e}")))?
+    }
 }
 
 fn clear_partition(txn: &redb::WriteTransaction, p: PartitionId) -> Result<(), EngineError> {

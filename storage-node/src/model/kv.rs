@@ -525,6 +525,8 @@ impl Store {
                 return Ok(total);
             }
             let full_batch = due.len() == SWEEP_BATCH;
+            // Background work: the batch waits for its turn behind tenants' I/O.
+            self.background_turn(due.len()).await;
             total += self
                 .engine()
                 .write(vec![], move |ctx| {

@@ -273,6 +273,16 @@ impl Store {
         &self.inner.io
     }
 
+    /// Waits for a turn of background work (an expiry batch of `records` records) in
+    /// the I/O scheduler, at the background weight.
+    pub(crate) async fn background_turn(&self, records: usize) {
+        let cost = (records as u64).saturating_mul(crate::tenancy::sched::TURN_COST);
+        self.inner
+            .io
+            .turn(crate::tenancy::sched::Class::Background, cost)
+            .await;
+    }
+
     /// `tenant`'s place in the I/O scheduler.
     pub(crate) async fn io(&self, tenant: TenantId) -> data::Io {
         let class = crate::tenancy::sched::Class::Tenant(tenant);

@@ -741,6 +741,8 @@ impl Store {
         if due.is_empty() {
             return Ok(0);
         }
+        // Background work: the batch waits for its turn behind tenants' I/O.
+        self.background_turn(due.len()).await;
         let (n, garbage) = self
             .engine()
             .write(vec![], move |ctx| {

@@ -72,6 +72,8 @@ pub struct Metrics {
     /// Shipments this node refused because a chunk file an entry references had not
     /// arrived (the primary sends it again).
     pub missing_chunk_refusals: Counter,
+    /// Copies of partitions this node dropped after the layout moved them elsewhere.
+    pub retired_copies: Counter,
     /// Requests sent on to the partition's primary, by front end and outcome.
     pub forwarded: Family<ForwardLabels, Counter>,
     /// When this node last judged its peers (Unix seconds): a stale value means the
@@ -155,6 +157,13 @@ impl Default for Metrics {
              references had not arrived; the primary sends it again",
             missing_chunk_refusals.clone(),
         );
+        let retired_copies = Counter::default();
+        registry.register(
+            "replication_retired_copies",
+            "Copies of partitions this node dropped (records, log and chunk files) once the \
+             layout had moved them to other nodes and those were all in sync",
+            retired_copies.clone(),
+        );
         let forwarded = Family::<ForwardLabels, Counter>::default();
         registry.register(
             "forwarded_requests",
@@ -182,6 +191,7 @@ impl Default for Metrics {
             primary_handoffs,
             chunks_sent_ahead,
             missing_chunk_refusals,
+            retired_copies,
             forwarded,
             cluster_view_at,
         }

@@ -12,8 +12,11 @@
 //! a small request of a quiet tenant waits for at most one piece per slot, not behind a
 //! flooding tenant's queue. A class alone may take up to [`ALONE_FACTOR`] times the slots.
 //!
-//! [`Class::Background`] (weight [`BACKGROUND_WEIGHT`]) is meant for expiry, snapshot
-//! streaming and the orphan sweep; those paths do not take slots yet (docs/design.md).
+//! [`Class::Background`] (weight [`BACKGROUND_WEIGHT`]) is background work: a partition
+//! snapshot streamed to a replica takes its turn per piece sent, and the KV TTL and
+//! multipart expiry sweeps per batch (counted in `granary_background_io_bytes_total`).
+//! Not yet in it: the startup orphan sweep (before the node serves) and chunk files
+//! shipped to replicas (on the writing request's path).
 //!
 //! Metrics: time spent waiting, per tenant (`granary_tenant_queue_wait_seconds_total`).
 
@@ -103,6 +106,8 @@ pub struct IoScheduler {
     weights: Arc<Mutex<HashMap<TenantId, (u32, Instant)>>>,
     /// Seconds waited for a slot, per tenant.
     pub waited: Family<TenantLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
+    /// Bytes (or cost units) of background work admitted (snapshot streaming, expiry).
+    pub background: Counter,
     names: Arc<Mutex<HashMap<TenantId, String>>>,
 }
 
@@ -168,6 +173,7 @@ impl IoScheduler {
             catalog,
             weights: Arc::default(),
             waited: Family::default(),
+            background: Counter::default(),
             names: Arc::default(),
         }
     }
@@ -243,6 +249,9 @@ impl IoScheduler {
     }
 
     async fn wait(&self, class: Class, weight: u32, cost: u64, turn: bool) {
+        if class == Class::Background {
+            self.background.inc_by(cost);
+        }
         let weight = weight.max(1);
         let rx = {
             let mut s = self.lock();

@@ -239,6 +239,17 @@ async fn writes_reach_every_in_sync_replica_and_a_lagging_one_catches_up() {
     let resyncs = metric(&page, "granary_replica_resyncs_total");
     println!("n3 reinstalled {resyncs} partitions from snapshots");
     assert!(resyncs >= 1.0, "{page}");
+    // The snapshots were streamed as background work through the primaries' I/O
+    // schedulers.
+    let mut background = 0.0;
+    for m in &c.nodes[..2] {
+        background += metric(
+            &m.proc.metrics().await.unwrap(),
+            "granary_background_io_bytes_total",
+        );
+    }
+    println!("background work admitted on n1 and n2: {background} bytes");
+    assert!(background > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -536,6 +547,56 @@ async fn a_node_that_joins_takes_over_its_share_of_primaries() {
         )
         .await;
     }
+
+    // The old nodes drop their copies of the partitions the layout moved to n4 (records,
+    // log and chunk files), and keep every other.
+    let l = admin(&c.nodes[0].proc, "/layout?partitions=true").await;
+    let placed = |i: usize, p: usize| {
+        l["replicaSets"][p]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| *n == c.nodes[i].id.as_str())
+    };
+    let moved: Vec<(usize, usize)> = (0..3)
+        .flat_map(|i| (0..PARTITIONS as usize).map(move |p| (i, p)))
+        .filter(|(i, p)| !placed(*i, *p))
+        .collect();
+    assert!(!moved.is_empty(), "the layout moved nothing off n1..n3");
+    let started = Instant::now();
+    eventually("the moved copies are dropped", 90, || async {
+        for (i, p) in &moved {
+            let d = &c.digests(*i).await[*p];
+            if d["records"] != 0 || d["lsn"] != 0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let mut dropped = 0.0;
+    for m in &c.nodes[..3] {
+        dropped += metric(
+            &m.proc.metrics().await.unwrap(),
+            "granary_replication_retired_copies_total",
+        );
+    }
+    println!(
+        "{} moved copies dropped after {:.1} s more ({dropped} drops counted)",
+        moved.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(dropped >= 1.0);
+    // Every partition still placed on a node is whole there.
+    c.replicas_agree(30).await;
+    for i in 0..300 {
+        kv1.assert_value(
+            &format!("/kv/v1/ns-{}/k{i}", i % 12),
+            format!("v{i}").as_bytes(),
+            &format!("k{i} after the copies were dropped"),
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -817,6 +878,15 @@ async fn chunks_reach_replicas_during_the_upload_and_missing_ones_are_refused() 
     // Through a node that is not the primary: the body streams on to it.
     let s3 = s3_client(&c.nodes[replica].proc.s3, &ak, &sk);
     s3.create_bucket().bucket("big").send().await.unwrap();
+    // A first small write: the primary learns from the replicas' answers that they check
+    // every chunk has arrived (only then does it trust a chunk sent ahead).
+    s3.put_object()
+        .bucket("big")
+        .key("small")
+        .body(ByteStream::from(vec![1u8; 1000]))
+        .send()
+        .await
+        .unwrap();
     let body: Vec<u8> = (0..40u32 << 20).map(|i| (i % 251) as u8).collect();
     s3.put_object()
         .bucket("big")
