@@ -385,16 +385,13 @@ impl Replicator {
             })
     }
 
-    /// Hands one partition this node leads to the layout's preferred primary for it, when
-    /// that node is alive and in sync (a node that joined, or one that returned after a
-    /// failover and caught up). One at a time per node: each costs its partition a short
-    /// pause (no new requests while what is committed becomes durable everywhere).
     /// Drops the copies this node holds of partitions the layout no longer places on it,
     /// once the move is complete: the catalog names a primary in the layout's replica set,
     /// every member of that set is in sync, and this node is neither primary nor in sync.
     /// A copy is dropped only after it has been found so for [`RETIRE_AFTER`] times
     /// `suspect_after` (a layout that flaps back keeps it), and again under the
-    /// partition's replica lock just before, so no shipment or reinstall runs meanwhile.
+    /// partition's replica lock just before, so no shipment or reinstall runs meanwhile
+    /// (a partition whose lock is busy is left for a later round).
     async fn retire_copies(&self) {
         {
             let mut checked = self
@@ -414,10 +411,9 @@ impl Replicator {
         let mut due = Vec::new();
         for st in &states {
             let p = st.partition;
-            let holds = self.inner.engine.committed_lsn(p) > 0
-                || tokio::fs::try_exists(self.inner.engine.chunks().root().join(p.to_string()))
-                    .await
-                    .unwrap_or(true);
+            // Its log is what a copy is known by (chunk files left without records, say
+            // a transfer that raced a drop, go with the next startup sweep).
+            let holds = self.inner.engine.committed_lsn(p) > 0;
             let mut retiring = self
                 .inner
                 .retiring
@@ -434,7 +430,11 @@ impl Replicator {
         }
         for p in due {
             let lock = self.partition_lock(p);
-            let _one = lock.lock().await;
+            // Never waits (this runs in the node's one rebalancing task; a reinstall may
+            // hold the lock for long).
+            let Ok(_one) = lock.try_lock() else {
+                continue;
+            };
             let fresh = self
                 .inner
                 .cluster
@@ -488,6 +488,10 @@ impl Replicator {
             && replicas.iter().all(|n| st.in_sync.contains(n))
     }
 
+    /// Hands one partition this node leads to the layout's preferred primary for it, when
+    /// that node is alive and in sync (a node that joined, or one that returned after a
+    /// failover and caught up). One at a time per node: each costs its partition a short
+    /// pause (no new requests while what is committed becomes durable everywhere).
     async fn rebalance_one(&self) {
         use std::sync::atomic::Ordering;
         let Some(layout) = self.inner.cluster.layout() else {
@@ -1151,6 +1155,8 @@ impl Replicator {
         let mut skipped: Vec<ChunkId> = Vec::new();
         let mut cut = entries.len();
         let trusted = self.checks_chunks(r);
+        // Chunks not sent again because they were sent ahead.
+        let mut ahead_used: Vec<ChunkRef> = Vec::new();
         for (i, (_, e)) in entries.iter().enumerate() {
             let before = skipped.len();
             for c in &e.chunks {
@@ -1166,7 +1172,7 @@ impl Replicator {
                     && ahead.done.await == Ok(true)
                     && trusted
                 {
-                    self.inner.cluster.metrics().chunks_sent_ahead.inc();
+                    ahead_used.push(c.clone());
                     continue;
                 }
                 if !self.put_chunk(r, c).await? {
@@ -1183,8 +1189,21 @@ impl Replicator {
         }
         entries.truncate(cut);
         // A lone first entry naming more than that is sent unchecked, as older primaries
-        // send (its chunks were all just sent with it).
+        // send: every chunk it references that is here goes with it then, those sent
+        // ahead included.
         let checked = skipped.len() <= SKIPPED_MAX;
+        if !checked {
+            for c in std::mem::take(&mut ahead_used) {
+                self.put_chunk(r, &c).await?;
+            }
+        }
+        self.inner
+            .cluster
+            .metrics()
+            .chunks_sent_ahead
+            .inc_by(ahead_used.len() as u64);
+        // Read before the shipment goes: a restart while it is answered is not credited.
+        let incarnation = self.inner.cluster.incarnation_of(r);
         let epoch = l
             .state
             .lock()
@@ -1211,7 +1230,6 @@ impl Replicator {
             .await
             .map_err(|e| e.to_string())?;
         if checked {
-            let incarnation = self.inner.cluster.incarnation_of(r);
             let mut checks = self
                 .inner
                 .checks
@@ -1257,28 +1275,67 @@ impl Replicator {
         let secret = self.secret()?;
         let (mut w, rd) = tokio::io::duplex(256 * 1024);
         let (engine2, c2) = (engine.clone(), c.clone());
+        // Progress of the transfer: pieces taken by the connection, and whether the whole
+        // file has been handed to it.
+        let pulled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let written2 = written.clone();
         let writer = tokio::spawn(async move {
             let sent = engine2.send_chunk(&c2, &mut w).await;
+            written2.store(true, std::sync::atomic::Ordering::Release);
             drop(w);
             sent
         });
-        let body = reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::new(rd));
+        let pulled2 = pulled.clone();
+        let body = reqwest::Body::wrap_stream(futures::StreamExt::inspect(
+            tokio_util::io::ReaderStream::new(rd),
+            move |_| {
+                pulled2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            },
+        ));
         let url = format!("http://{addr}/rpc/v1/partitions/{}/chunks", c.partition.0);
         // No overall timeout (chunk files are large); a replica that stops answering
-        // is suspected, and the transfer ends then.
+        // is suspected, and the transfer ends then. One that still answers heartbeats but
+        // takes nothing for `suspect_after` (or, once all is sent, does not answer within
+        // four times that) has stalled: the transfer fails, and its shipper moves on.
+        let idle = self.inner.ship_timeout;
+        let stalled = async {
+            let (mut last, mut quiet) = (u64::MAX, Duration::ZERO);
+            loop {
+                tokio::time::sleep(idle / 4).await;
+                let now = pulled.load(std::sync::atomic::Ordering::Relaxed);
+                if now == last {
+                    quiet += idle / 4;
+                } else {
+                    (last, quiet) = (now, Duration::ZERO);
+                }
+                let limit = if written.load(std::sync::atomic::Ordering::Acquire) {
+                    idle * 4
+                } else {
+                    idle
+                };
+                if quiet >= limit {
+                    return quiet;
+                }
+            }
+        };
         let resp = tokio::select! {
             r = self.inner.http.put(&url).bearer_auth(&*secret).body(body).send() => r.map_err(|e| e.to_string()),
             () = self.inner.cluster.until_not_alive(r) => Err(format!("{} stopped answering", r.0)),
+            quiet = stalled => Err(format!("{} took nothing of chunk {} for {quiet:?}", r.0, c.id.0)),
         };
         let sent = writer.await.map_err(|e| e.to_string())?;
-        match sent {
-            Ok(false) => return Ok(false),
-            Ok(true) => {}
-            Err(e) => return Err(format!("reading chunk {}: {e}", c.id.0)),
+        match (sent, resp) {
+            // Gone here: replaced since, so the replica never needs it.
+            (Ok(false), _) => Ok(false),
+            // The transfer failed first (the reading side then only saw its end).
+            (_, Err(e)) => Err(format!("chunk to {}: {e}", r.0)),
+            (Err(e), Ok(_)) => Err(format!("reading chunk {}: {e}", c.id.0)),
+            (Ok(true), Ok(resp)) => resp
+                .error_for_status()
+                .map(|_| true)
+                .map_err(|e| format!("chunk to {}: {e}", r.0)),
         }
-        resp.and_then(|resp| resp.error_for_status().map_err(|e| e.to_string()))
-            .map_err(|e| format!("chunk to {}: {e}", r.0))?;
-        Ok(true)
     }
 
     /// The hook the model calls for every chunk file an upload finishes (see

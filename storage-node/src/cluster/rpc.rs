@@ -149,10 +149,13 @@ async fn snapshot(State(s): State<RpcState>, Path(p): Path<u16>) -> Result<Respo
         let sched = sched.clone();
         async move {
             if let (Some(sched), Ok(b)) = (&sched, &piece) {
-                use crate::tenancy::sched::{BACKGROUND_WEIGHT, Class};
+                // At a default tenant's weight, not the background one: a reinstall restores
+                // a lost copy, and must not starve behind tenants (its read transaction
+                // stays open while it streams).
+                use crate::tenancy::sched::{Class, DEFAULT_WEIGHT};
                 drop(
                     sched
-                        .slot(Class::Background, BACKGROUND_WEIGHT, b.len() as u64)
+                        .slot(Class::Background, DEFAULT_WEIGHT, b.len() as u64)
                         .await,
                 );
             }

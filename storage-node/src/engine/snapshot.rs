@@ -584,6 +584,17 @@ impl Engine {
         tokio::task::spawn_blocking(move || chunks.ensure_dir(&d))
             .await
             .map_err(|e| EngineError::Db(format!("chunk directory task failed: {e}")))??;
+        // Removed however this ends (an error, or the transfer dropped midway), unless
+        // it took the chunk's name.
+        struct Temporary(Option<PathBuf>);
+        impl Drop for Temporary {
+            fn drop(&mut self) {
+                if let Some(t) = self.0.take() {
+                    let _ = std::fs::remove_file(t);
+                }
+            }
+        }
+        let mut guard = Temporary(Some(tmp.clone()));
         let received = async {
             let mut file = tokio::fs::File::create(&tmp).await?;
             let mut left = size;
@@ -624,10 +635,8 @@ impl Engine {
         })
         .await
         .map_err(|e| EngineError::Db(format!("chunk import task failed: {e}")))?;
-        if let Err(e) = verified {
-            let _ = tokio::fs::remove_file(&tmp).await;
-            return Err(e);
-        }
+        verified?;
+        guard.0 = None;
         Ok(dir)
     }
 }
@@ -662,13 +671,12 @@ impl Engine {
         let chunks = self.chunks.clone();
         tokio::task::spawn_blocking(move || -> Result<usize, EngineError> {
             let files = chunks.list_partition(p)?;
-            let removed = chunks.remove_files(&files);
-            // The partition's directories go too (what is left in them is unreferenced).
-            match std::fs::remove_dir_all(chunks.root().join(p.to_string())) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
-            Ok(removed)
+            let n = files.len();
+            // A read still streaming one (it began while this node led the partition)
+            // keeps it until it is done. The directories stay: they are known durable, and
+            // the partition may be placed here again.
+            chunks.remove_when_unused(files);
+            Ok(n)
         })
         .await
         .map_err(|e| EngineError::Db(format!("chunk removal task failed: {e}")))?

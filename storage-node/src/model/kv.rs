@@ -525,8 +525,16 @@ impl Store {
                 return Ok(total);
             }
             let full_batch = due.len() == SWEEP_BATCH;
-            // Background work: the batch waits for its turn behind tenants' I/O.
+            // Background work: the batch waits for its turn behind tenants' I/O; what
+            // this node no longer leads after the wait is left to its new primary.
             self.background_turn(due.len()).await;
+            let led_now = self.led_partitions();
+            let mut due = due;
+            due.retain(|k| {
+                k.get(..2).is_some_and(|b| {
+                    led_now.contains(PartitionId(u16::from_be_bytes([b[0], b[1]])))
+                })
+            });
             total += self
                 .engine()
                 .write(vec![], move |ctx| {

@@ -741,8 +741,16 @@ impl Store {
         if due.is_empty() {
             return Ok(0);
         }
-        // Background work: the batch waits for its turn behind tenants' I/O.
+        // Background work: the batch waits for its turn behind tenants' I/O; what this
+        // node no longer leads after the wait is left to its new primary.
         self.background_turn(due.len()).await;
+        let led_now = self.led_partitions();
+        let mut due = due;
+        due.retain(|ukey: &Vec<u8>| {
+            ukey.get(..2).is_some_and(|b| {
+                led_now.contains(crate::types::PartitionId(u16::from_be_bytes([b[0], b[1]])))
+            })
+        });
         let (n, garbage) = self
             .engine()
             .write(vec![], move |ctx| {

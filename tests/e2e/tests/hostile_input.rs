@@ -453,7 +453,14 @@ async fn slow_readers_exhaust_the_memory_budget_and_get_slow_down() {
     assert!(held.len() >= 2, "{} held", held.len());
     assert!(slowed >= 1, "{slowed} refused");
     assert_eq!(held.len() + slowed, 16);
-    assert!(growth < budget, "RSS grew by {} MiB", growth / MIB);
+    // Readers are admitted until the budget is spent, so the held answers alone come to
+    // about the budget; the allocator's and the threads' own overhead on top is allowed
+    // a quarter of it. Without the budget all 16 would be held (about 80 MiB).
+    assert!(
+        growth < budget + budget / 4,
+        "RSS grew by {} MiB",
+        growth / MIB
+    );
 
     // The readers finally read (or go away): the budget is back.
     let mut first = held.remove(0);
