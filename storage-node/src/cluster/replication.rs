@@ -435,6 +435,19 @@ impl Replicator {
             let Ok(_one) = lock.try_lock() else {
                 continue;
             };
+            // Decided on this node's cached layout: only if it is still the newest (a
+            // layout that placed the partition here again may not have reached it yet).
+            let newest = self
+                .inner
+                .cluster
+                .catalog()
+                .latest_layout_version()
+                .await
+                .ok()
+                .flatten();
+            if newest.is_none() || newest != self.inner.cluster.layout().map(|l| l.version) {
+                continue;
+            }
             let fresh = self
                 .inner
                 .cluster

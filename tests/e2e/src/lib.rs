@@ -382,6 +382,14 @@ impl ChildGuard {
         self.0.as_ref().map(Child::id)
     }
 
+    /// Its exit status if it has exited (without waiting).
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        match self.0.as_mut() {
+            Some(c) => c.try_wait(),
+            None => Ok(None),
+        }
+    }
+
     /// SIGTERM; its exit status if it exits within `within` (see [`terminate`]).
     pub fn terminate(mut self, within: Duration) -> Option<std::process::ExitStatus> {
         terminate(self.0.take()?, within)

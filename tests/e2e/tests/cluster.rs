@@ -206,7 +206,9 @@ async fn a_dev_node_is_a_one_node_cluster_with_every_partition() {
 /// Ports `base + 10 * listener + node` for 4 listeners of 3 nodes, all free now.
 fn free_port_block() -> u16 {
     loop {
-        let base = 20_000 + rand::random::<u16>() % 40_000;
+        // Below the kernel's ephemeral range (32768 and up): a port checked free here
+        // cannot be taken meanwhile by another test's outgoing connection.
+        let base = 20_000 + rand::random::<u16>() % 12_000;
         let free = (0..4).all(|l| {
             (0..3).all(|n| std::net::TcpListener::bind(("127.0.0.1", base + 10 * l + n)).is_ok())
         });
@@ -240,12 +242,26 @@ async fn dev_with_three_nodes_is_a_cluster_that_fails_over() {
         .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
         .spawn()
         .unwrap();
-    let parent = granary_e2e::ChildGuard::new(parent);
-    let banner = eventually("the dev cluster's banner", 120, || async {
+    let mut parent = granary_e2e::ChildGuard::new(parent);
+    let started = Instant::now();
+    let banner = loop {
         let text = std::fs::read_to_string(&out).unwrap_or_default();
-        text.contains("Secret key").then_some(text)
-    })
-    .await;
+        if text.contains("Secret key") {
+            break text;
+        }
+        // The launcher gives up (a node that exits during start-up, or no cluster within
+        // its own 120 s): say why rather than wait on.
+        let exited = parent.try_wait().unwrap();
+        if exited.is_some() || started.elapsed() > Duration::from_secs(150) {
+            let err = std::fs::read_to_string(dir.path().join("stderr.log")).unwrap_or_default();
+            panic!("the dev cluster did not start ({exited:?}): {err}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!(
+        "the dev cluster's banner: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     println!("{banner}");
     let field = |name: &str| {
         banner
