@@ -404,12 +404,12 @@ impl Replicator {
             }
             *checked = Some(Instant::now());
         }
-        let Ok(states) = self.inner.cluster.catalog().partition_states().await else {
-            return;
-        };
+        // Candidates from this node's cached view of the table (no catalog query per
+        // round); each is read fresh from the catalog before it is dropped.
+        let states = self.inner.cluster.partition_states();
         let grace = self.inner.ship_timeout * RETIRE_AFTER;
         let mut due = Vec::new();
-        for st in &states {
+        for st in states.iter().flatten() {
             let p = st.partition;
             // Its log is what a copy is known by (chunk files left without records, say
             // a transfer that raced a drop, go with the next startup sweep).

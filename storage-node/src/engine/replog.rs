@@ -397,6 +397,11 @@ pub(super) fn last_lsn(txn: &redb::WriteTransaction, p: PartitionId) -> Result<u
         .map_or(0, |v| v.value()))
 }
 
+/// Locks `m`, ignoring poisoning (as every lock of the log state always did).
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What the engine shares about its logs with the replication layer.
 #[derive(Default)]
 pub struct LogState {
@@ -437,7 +442,7 @@ impl LogState {
         use redb::ReadableDatabase;
         let s = Self::default();
         let txn = db.begin_read()?;
-        let mut committed = s.committed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut committed = lock(&s.committed);
         for e in txn.open_table(PART_LSN)?.iter()? {
             let (k, v) = e?;
             if let [a, b] = k.value() {
@@ -449,12 +454,12 @@ impl LogState {
     }
 
     pub(super) fn epoch(&self, p: PartitionId) -> u64 {
-        let m = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        let m = lock(&self.epochs);
         m.get(&p).copied().unwrap_or(0)
     }
 
     pub(super) fn pending(&self, logged: &[(PartitionId, u64)]) {
-        let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = lock(&self.pending);
         for (p, lsn) in logged {
             m.insert(*p, *lsn);
         }
@@ -462,7 +467,7 @@ impl LogState {
 
     /// The commit failed: what was pending never happened.
     pub(super) fn abandoned(&self, logged: &[(PartitionId, u64)]) {
-        let mut m = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = lock(&self.pending);
         for (p, _) in logged {
             m.remove(p);
         }
@@ -472,13 +477,13 @@ impl LogState {
         if logged.is_empty() {
             return;
         }
-        let mut m = self.committed.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = lock(&self.committed);
         for (p, lsn) in logged {
             m.insert(*p, *lsn);
         }
         drop(m);
         {
-            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let mut recent = lock(&self.recent);
             for (p, lsn) in logged {
                 if let Some(r) = recent.get_mut(p) {
                     while r.bytes > RECENT_BYTES
@@ -504,9 +509,9 @@ impl LogState {
         &self,
         entries: Vec<(PartitionId, u64, LogEntry)>,
     ) -> Vec<(PartitionId, u64)> {
-        let early = self.early.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let early = lock(&self.early);
         let mut staged: Vec<(PartitionId, u64)> = Vec::new();
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = lock(&self.recent);
         for (p, lsn, e) in entries {
             if !early.contains(&p) {
                 continue;
@@ -533,7 +538,7 @@ impl LogState {
     /// The commit of entries staged at `staged` failed: drops them if no shipper has
     /// taken any (true); false if one may be on a replica already.
     pub(super) fn unstage(&self, staged: &[(PartitionId, u64)]) -> bool {
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = lock(&self.recent);
         if staged
             .iter()
             .any(|(p, first)| recent.get(p).is_some_and(|r| r.taken >= *first))
@@ -553,7 +558,7 @@ impl LogState {
     }
 
     fn tick(&self, partitions: &[PartitionId]) {
-        let ticks = self.ticks.lock().unwrap_or_else(|e| e.into_inner());
+        let ticks = lock(&self.ticks);
         for p in partitions {
             if let Some(t) = ticks.get(p) {
                 t.send_modify(|t| *t += 1);
@@ -564,7 +569,7 @@ impl LogState {
     /// Forgets the kept entries of `p`: its log is being written by another primary's
     /// entries or a snapshot, so what is kept may no longer be its log.
     pub(super) fn forget(&self, p: PartitionId) {
-        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = lock(&self.recent);
         recent.remove(&p);
     }
 }
@@ -585,21 +590,13 @@ impl Engine {
 
     /// Entries of `p` written from now on carry `epoch`.
     pub fn set_epoch(&self, p: PartitionId, epoch: u64) {
-        let mut m = self
-            .log_state()
-            .epochs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut m = lock(&self.log_state().epochs);
         m.insert(p, epoch);
     }
 
     /// The number of `p`'s last committed log entry (0: none).
     pub fn committed_lsn(&self, p: PartitionId) -> u64 {
-        let m = self
-            .log_state()
-            .committed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let m = lock(&self.log_state().committed);
         m.get(&p).copied().unwrap_or(0)
     }
 
@@ -607,11 +604,7 @@ impl Engine {
     /// being committed right now): what an answer must wait for before it is released.
     pub fn visible_lsn(&self, p: PartitionId) -> u64 {
         let pending = {
-            let m = self
-                .log_state()
-                .pending
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let m = lock(&self.log_state().pending);
             m.get(&p).copied().unwrap_or(0)
         };
         pending.max(self.committed_lsn(p))
@@ -620,11 +613,7 @@ impl Engine {
     /// Changes whenever a commit logged something to `p`, and when entries of `p` are
     /// staged for an early shipment.
     pub fn watch_log(&self, p: PartitionId) -> tokio::sync::watch::Receiver<u64> {
-        let mut ticks = self
-            .log_state()
-            .ticks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut ticks = lock(&self.log_state().ticks);
         ticks
             .entry(p)
             .or_insert_with(|| tokio::sync::watch::channel(0).0)
@@ -637,22 +626,14 @@ impl Engine {
     /// that fails after a shipper took such an entry stops the process, since a replica
     /// may hold it (docs/cluster.md, "Replication").
     pub fn ship_early(&self, p: PartitionId) {
-        self.log_state()
-            .early
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(p);
+        lock(&self.log_state().early).insert(p);
     }
 
     /// The number of `p`'s last entry that can be shipped: committed, or staged for the
     /// commit under way.
     pub fn shippable_lsn(&self, p: PartitionId) -> u64 {
         let staged = {
-            let recent = self
-                .log_state()
-                .recent
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let recent = lock(&self.log_state().recent);
             recent
                 .get(&p)
                 .and_then(|r| r.entries.back())
@@ -663,11 +644,7 @@ impl Engine {
 
     /// The epoch of `p`'s entry `lsn` if it is among the entries kept in memory.
     pub fn recent_epoch(&self, p: PartitionId, lsn: u64) -> Option<u64> {
-        let recent = self
-            .log_state()
-            .recent
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let recent = lock(&self.log_state().recent);
         let r = recent.get(&p)?;
         let first = r.entries.front()?.0;
         let i = usize::try_from(lsn.checked_sub(first)?).ok()?;
@@ -685,11 +662,7 @@ impl Engine {
         max_bytes: usize,
     ) -> Result<Option<Vec<(u64, LogEntry)>>, EngineError> {
         let kept = {
-            let mut recent = self
-                .log_state()
-                .recent
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut recent = lock(&self.log_state().recent);
             let mut out = Vec::new();
             if let Some(r) = recent.get_mut(&p)
                 && let Some(first) = r.entries.front().map(|(n, _, _)| *n)
