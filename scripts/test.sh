@@ -47,10 +47,18 @@ if ! command -v aws >/dev/null || ! aws --version >/dev/null 2>&1; then
   python3 -m pip install -q awscli
 fi
 
-step "Kubernetes test tools (kube-apiserver, kube-controller-manager, kubectl, etcd, helm; built once into the cache)"
+step "Kubernetes test tools (kube-apiserver, kube-controller-manager, kubectl, kubelet, kube-scheduler, kube-proxy, etcd, helm; built once into the cache)"
 K8S_BIN=$(tests/e2e/tools/k8s-tools.sh)
 export GRANARY_K8S_BIN_DIR="$K8S_BIN"
 echo "using $K8S_BIN"
+
+step "real-node tools (containerd, CNI plugins, CoreDNS, pause image; built once into the cache)"
+command -v iptables >/dev/null || apt_install iptables
+command -v runc >/dev/null || apt_install runc
+command -v flock >/dev/null || apt_install util-linux
+GRANARY_NODE_TOOLS_DIR=$(tests/e2e/tools/node-tools.sh)
+export GRANARY_NODE_TOOLS_DIR
+echo "using $GRANARY_NODE_TOOLS_DIR"
 
 step "linearizability checker (Porcupine v1.3.1; built once into the cache)"
 GRANARY_LINCHECK_BIN=$(tests/e2e/tools/lincheck.sh)

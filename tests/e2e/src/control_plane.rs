@@ -89,17 +89,17 @@ pub fn poll_until<T>(
 }
 
 /// A process started by the control plane, with its log file and its watchdog.
-struct Proc {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
+pub(crate) struct Proc {
+    pub(crate) name: &'static str,
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
     /// Write end of the watchdog's stdin: "stop" releases it; EOF (we died) fires it.
     watchdog_pipe: Option<ChildStdin>,
     watchdog: Option<Child>,
 }
 
 impl Proc {
-    fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
+    pub(crate) fn spawn(name: &'static str, mut cmd: Command, log: PathBuf) -> Result<Proc> {
         let out =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let child = cmd
@@ -143,7 +143,7 @@ impl Proc {
 
     /// Polls `ready` every 200 ms until it holds; fails at once if the process exits, or
     /// after `timeout`.
-    fn wait_ready(
+    pub(crate) fn wait_ready(
         &mut self,
         timeout: Duration,
         what: &str,
@@ -164,12 +164,12 @@ impl Proc {
         }
     }
 
-    fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         log_tail(&self.log, lines)
     }
 
     /// SIGTERM, wait up to `STOP_GRACE`, then SIGKILL; reaps the process and its watchdog.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = Command::new("kill")
                 .args(["-TERM", &self.child.id().to_string()])
@@ -218,7 +218,7 @@ fn log_tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-fn run(cmd: &mut Command) -> Result<()> {
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
@@ -254,7 +254,7 @@ pub struct Pki {
 impl Pki {
     /// A CA, an apiserver serving certificate, an admin client certificate
     /// (`CN=admin, O=system:masters`) and a ServiceAccount key pair, made with `openssl`.
-    fn generate(dir: &Path) -> Result<Pki> {
+    fn generate(dir: &Path, node_ip: Option<std::net::Ipv4Addr>) -> Result<Pki> {
         std::fs::create_dir_all(dir)?;
         let p = |f: &str| dir.join(f);
         let pki = Pki {
@@ -315,15 +315,18 @@ impl Pki {
                 .arg(cert))
             .with_context(|| format!("signing the {name} certificate"))
         };
+        let node_san = node_ip.map(|ip| format!(",IP:{ip}")).unwrap_or_default();
         sign(
             "apiserver",
             "/CN=kube-apiserver",
-            "basicConstraints=critical,CA:FALSE\n\
-             keyUsage=critical,digitalSignature,keyEncipherment\n\
-             extendedKeyUsage=serverAuth\n\
-             subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,\
-             DNS:kubernetes.default,DNS:kubernetes.default.svc,\
-             DNS:kubernetes.default.svc.cluster.local\n",
+            &format!(
+                "basicConstraints=critical,CA:FALSE\n\
+                 keyUsage=critical,digitalSignature,keyEncipherment\n\
+                 extendedKeyUsage=serverAuth\n\
+                 subjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,\
+                 DNS:kubernetes.default,DNS:kubernetes.default.svc,\
+                 DNS:kubernetes.default.svc.cluster.local{node_san}\n"
+            ),
             &pki.server_key,
             &pki.server_cert,
         )?;
@@ -368,6 +371,9 @@ pub struct ControlPlane {
     /// `http://127.0.0.1:PORT` of etcd.
     pub etcd_url: String,
     pub pki: Pki,
+    /// The address of the real node ([`ControlPlane::start_for_node`]): the apiserver
+    /// listens on it and advertises it (the `kubernetes` Service routes there).
+    pub node_ip: Option<std::net::Ipv4Addr>,
     /// Running processes, in start order (stopped in reverse).
     procs: Vec<Proc>,
     kubeconfigs_written: AtomicUsize,
@@ -379,15 +385,28 @@ impl ControlPlane {
     /// Makes certificates, starts etcd and kube-apiserver, waits until the apiserver's
     /// `/readyz` answers `ok` to the admin client, and writes the admin kubeconfig.
     pub fn start() -> Result<ControlPlane> {
+        Self::start_inner(None)
+    }
+
+    /// A control plane for a real node ([`crate::kubelet`]): the apiserver listens on
+    /// `node_ip` (which must already be a local address) instead of loopback, so that
+    /// pods reach it through the `kubernetes` Service, and it reaches the kubelet with the
+    /// admin client certificate.
+    pub fn start_for_node(node_ip: std::net::Ipv4Addr) -> Result<ControlPlane> {
+        Self::start_inner(Some(node_ip))
+    }
+
+    fn start_inner(node_ip: Option<std::net::Ipv4Addr>) -> Result<ControlPlane> {
         let bin_dir = k8s_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("granary-k8s").tempdir()?;
-        let pki = Pki::generate(&dir.path().join("pki"))?;
+        let pki = Pki::generate(&dir.path().join("pki"), node_ip)?;
         let mut cp = ControlPlane {
             kubeconfig: dir.path().join("admin.kubeconfig"),
             server: String::new(),
             bin_dir,
             etcd_url: String::new(),
             pki,
+            node_ip,
             procs: Vec::new(),
             kubeconfigs_written: AtomicUsize::new(0),
             dir,
@@ -466,19 +485,31 @@ impl ControlPlane {
         let mut last = String::new();
         for _ in 0..3 {
             let port = crate::free_port();
-            let server = format!("https://127.0.0.1:{port}");
+            let host = self
+                .node_ip
+                .map_or_else(|| "127.0.0.1".to_string(), |ip| ip.to_string());
+            let server = format!("https://{host}:{port}");
             let cert_dir = self.dir.path().join("apiserver-certs");
             std::fs::create_dir_all(&cert_dir)?;
             let pki = &self.pki;
             let mut cmd = Command::new(self.bin_dir.join("kube-apiserver"));
             cmd.arg(format!("--etcd-servers={}", self.etcd_url))
                 .arg(format!("--secure-port={port}"))
-                .arg("--bind-address=127.0.0.1")
-                .arg("--advertise-address=127.0.0.1")
+                .arg(format!("--bind-address={host}"))
+                .arg(format!("--advertise-address={host}"));
+            if self.node_ip.is_some() {
+                // Pods reach the apiserver through the `kubernetes` Service, whose
+                // endpoint is the advertised address; `kubectl logs` reaches the kubelet
+                // on its InternalIP (not its name, which no DNS resolves) as the admin.
+                cmd.arg("--kubelet-preferred-address-types=InternalIP")
+                    .arg(path_flag("--kubelet-client-certificate", &pki.admin_cert))
+                    .arg(path_flag("--kubelet-client-key", &pki.admin_key));
+            } else {
                 // The lease reconciler refuses a loopback address for the `kubernetes`
                 // Service's endpoints; nothing here runs in a Pod, so keep none.
-                .arg("--endpoint-reconciler-type=none")
-                .arg(path_flag("--cert-dir", &cert_dir))
+                cmd.arg("--endpoint-reconciler-type=none");
+            }
+            cmd.arg(path_flag("--cert-dir", &cert_dir))
                 .arg(path_flag("--tls-cert-file", &pki.server_cert))
                 .arg(path_flag("--tls-private-key-file", &pki.server_key))
                 .arg(path_flag("--client-ca-file", &pki.ca_cert))
@@ -550,8 +581,13 @@ impl ControlPlane {
         }
         let pki = &self.pki;
         let mut cmd = Command::new(self.bin_dir.join("kube-controller-manager"));
+        let mut controllers = CONTROLLERS.to_vec();
+        if self.node_ip.is_some() {
+            // Takes the not-ready taint off the node once its kubelet reports Ready.
+            controllers.push("node-lifecycle-controller");
+        }
         cmd.arg(path_flag("--kubeconfig", &self.kubeconfig))
-            .arg(format!("--controllers={}", CONTROLLERS.join(",")))
+            .arg(format!("--controllers={}", controllers.join(",")))
             .arg(path_flag("--service-account-private-key-file", &pki.sa_key))
             .arg(path_flag("--root-ca-file", &pki.ca_cert))
             .arg("--leader-elect=false")

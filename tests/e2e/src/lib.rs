@@ -16,6 +16,7 @@ use anyhow::{Context, Result, bail};
 
 pub mod cluster;
 pub mod control_plane;
+pub mod kubelet;
 pub mod netns;
 pub mod otlp;
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the control-plane test tools from pinned Go modules (module proxy only, local
 # Go toolchain) into a cache outside the repository, keyed by version:
-#   kube-apiserver, kube-controller-manager, kubectl  (k8s.io/kubernetes, wrapper module)
+#   kube-apiserver, kube-controller-manager, kubectl, (k8s.io/kubernetes, wrapper module)
+#   kubelet, kube-scheduler, kube-proxy                (the real-node stage)
 #   etcd                                               (go.etcd.io/etcd/server/v3, wrapper module)
 #   helm                                               (helm.sh/helm/v3)
 # Prints the directory holding the binaries. Safe to run repeatedly: built once.
@@ -22,7 +23,10 @@ kms kube-aggregator kube-controller-manager kube-proxy kube-scheduler kubectl ku
 mount-utils pod-security-admission sample-apiserver sample-cli-plugin sample-controller streaming"
 
 built=0
-if [ ! -x "$OUT/bin/kube-apiserver" ] || [ ! -x "$OUT/bin/kube-controller-manager" ] || [ ! -x "$OUT/bin/kubectl" ]; then
+K8S_CMDS="kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy"
+missing=""
+for cmd in $K8S_CMDS; do [ -x "$OUT/bin/$cmd" ] || missing="$missing $cmd"; done
+if [ -n "$missing" ]; then
   minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
   staging_version="v0.${K8S_VERSION#v1.}"
   w="$OUT/src/kubernetes"
@@ -47,11 +51,14 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubernetes/cmd/kubelet"
 )
 GO
   ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
   (cd "$w" && log "resolving k8s.io/kubernetes $K8S_VERSION" && go mod tidy -e >/dev/null 2>&1 || true)
-  for cmd in kube-apiserver kube-controller-manager kubectl; do
+  for cmd in $K8S_CMDS; do
     if [ ! -x "$OUT/bin/$cmd" ]; then
       log "building $cmd $K8S_VERSION (first time only; several minutes)"
       built=1
