@@ -54,6 +54,8 @@ echo "using $K8S_BIN"
 
 step "real-node tools (containerd, CNI plugins, CoreDNS, pause image; built once into the cache)"
 command -v iptables >/dev/null || apt_install iptables
+command -v umoci >/dev/null || apt_install umoci
+command -v skopeo >/dev/null || apt_install skopeo
 command -v runc >/dev/null || apt_install runc
 command -v flock >/dev/null || apt_install util-linux
 GRANARY_NODE_TOOLS_DIR=$(tests/e2e/tools/node-tools.sh)

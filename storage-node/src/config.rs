@@ -87,6 +87,25 @@ pub struct NodeConfig {
     /// A node is declared failed (and left out of the next layout) after this long
     /// without a heartbeat in the catalog. Default 30000.
     pub fail_after_ms: u64,
+    /// Cold tier object store URL (`file:///dir`, `s3://bucket/prefix`,
+    /// `gs://bucket/prefix`, `az://container/prefix`); none: no cold tier. Credentials
+    /// come from the cloud's standard environment variables (`AWS_ACCESS_KEY_ID`, ...)
+    /// or [`NodeConfig::cold_tier_options`].
+    pub cold_tier: Option<String>,
+    /// `object_store` options of the cold tier (e.g. `aws_endpoint`, `aws_region`,
+    /// `aws_allow_http`, `aws_access_key_id`, `aws_secret_access_key`).
+    pub cold_tier_options: std::collections::BTreeMap<String, String>,
+    /// Seconds between passes of the mover. Default 60.
+    pub cold_tier_period_secs: u64,
+    /// Deadline of one cold-store call, in seconds: a read of a cold object answers 503
+    /// after it when the store does not answer. Default 10.
+    pub cold_tier_timeout_secs: u64,
+    /// Cold copies no record names are deleted once they are this many seconds old
+    /// (a move in progress writes younger ones). Default 3600.
+    pub cold_tier_orphan_grace_secs: u64,
+    /// Bytes per second the mover copies at most (background I/O on top). Default
+    /// 134217728 (128 MiB/s); 0: no limit.
+    pub cold_tier_rate: u64,
 }
 
 /// Smallest accepted [`NodeConfig::memory_budget`].
@@ -125,6 +144,12 @@ impl Default for NodeConfig {
             heartbeat_interval_ms: 1000,
             suspect_after_ms: 5000,
             fail_after_ms: 30_000,
+            cold_tier: None,
+            cold_tier_options: Default::default(),
+            cold_tier_period_secs: 60,
+            cold_tier_timeout_secs: 10,
+            cold_tier_orphan_grace_secs: 3600,
+            cold_tier_rate: 128 * 1024 * 1024,
         }
     }
 }
@@ -270,6 +295,21 @@ impl NodeConfig {
         if let Some(v) = g("FAIL_AFTER_MS") {
             self.fail_after_ms = parse("GRANARY_FAIL_AFTER_MS", &v)?;
         }
+        if let Some(v) = g("COLD_TIER") {
+            self.cold_tier = (!v.is_empty()).then_some(v);
+        }
+        if let Some(v) = g("COLD_TIER_PERIOD_SECS") {
+            self.cold_tier_period_secs = parse("GRANARY_COLD_TIER_PERIOD_SECS", &v)?;
+        }
+        if let Some(v) = g("COLD_TIER_TIMEOUT_SECS") {
+            self.cold_tier_timeout_secs = parse("GRANARY_COLD_TIER_TIMEOUT_SECS", &v)?;
+        }
+        if let Some(v) = g("COLD_TIER_ORPHAN_GRACE_SECS") {
+            self.cold_tier_orphan_grace_secs = parse("GRANARY_COLD_TIER_ORPHAN_GRACE_SECS", &v)?;
+        }
+        if let Some(v) = g("COLD_TIER_RATE") {
+            self.cold_tier_rate = parse("GRANARY_COLD_TIER_RATE", &v)?;
+        }
         Ok(())
     }
 
@@ -282,6 +322,13 @@ impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.partitions == 0 {
             return Err(ConfigError::Invalid("partitions must be at least 1".into()));
+        }
+        if self.cold_tier.is_some()
+            && (self.cold_tier_period_secs == 0 || self.cold_tier_timeout_secs == 0)
+        {
+            return Err(ConfigError::Invalid(
+                "cold_tier_period_secs and cold_tier_timeout_secs must be at least 1".into(),
+            ));
         }
         if self.memory_budget < MIN_MEMORY_BUDGET {
             return Err(ConfigError::Invalid(format!(

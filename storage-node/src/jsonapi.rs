@@ -115,7 +115,9 @@ impl From<model::Error> for ApiError {
                     "stored data failed its checksum",
                 )
             }
-            E::NotPrimary(m) | E::QuotaUndecided(m) => ApiError::unavailable(m),
+            E::NotPrimary(m) | E::QuotaUndecided(m) | E::ColdTierUnavailable(m) => {
+                ApiError::unavailable(m)
+            }
             E::QuotaExceeded(q) => ApiError {
                 status: StatusCode::FORBIDDEN,
                 code: "QuotaExceeded",

@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod catalog;
 pub mod cluster;
+pub mod cold;
 pub mod config;
 pub mod engine;
 pub mod jsonapi;

@@ -44,6 +44,24 @@ enum Cmd {
         /// min(3, N), minInSync 2 from 3 nodes). Kill one to watch a failover.
         #[arg(long, env = "GRANARY_DEV_NODES", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=9))]
         nodes: u16,
+        /// Cold tier URL (`file:///dir`, or `s3://bucket/prefix` with `AWS_*`
+        /// variables, say another `granary-node dev`): objects the tenant's `tiering`
+        /// policy or the bucket's lifecycle rules make cold move there.
+        #[arg(long, env = "GRANARY_COLD_TIER")]
+        cold_tier: Option<String>,
+        /// Seconds between passes of the cold-tier mover (short for trying it out).
+        #[arg(long, env = "GRANARY_COLD_TIER_PERIOD_SECS", default_value_t = 5)]
+        cold_tier_period_secs: u64,
+        /// Deadline of one cold-store call in seconds.
+        #[arg(long, env = "GRANARY_COLD_TIER_TIMEOUT_SECS", default_value_t = NodeConfig::default().cold_tier_timeout_secs)]
+        cold_tier_timeout_secs: u64,
+        /// Cold copies no object names are deleted once this many seconds old.
+        #[arg(
+            long,
+            env = "GRANARY_COLD_TIER_ORPHAN_GRACE_SECS",
+            default_value_t = 60
+        )]
+        cold_tier_orphan_grace_secs: u64,
     },
     /// Run a node from a configuration file (TOML), with GRANARY_* overrides.
     Serve {
@@ -137,9 +155,21 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, nodes } => {
+            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, nodes, cold_tier, cold_tier_period_secs, cold_tier_timeout_secs, cold_tier_orphan_grace_secs } => {
                 let _t = granary_node::telemetry::init("granary-node");
-                let config = NodeConfig { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, ..NodeConfig::default() };
+                let config = NodeConfig {
+                    data_dir,
+                    s3_listen,
+                    kv_listen,
+                    admin_listen,
+                    rpc_listen,
+                    memory_budget,
+                    cold_tier,
+                    cold_tier_period_secs,
+                    cold_tier_timeout_secs,
+                    cold_tier_orphan_grace_secs,
+                    ..NodeConfig::default()
+                };
                 if nodes > 1 {
                     dev_cluster::run(config, nodes).await
                 } else {

@@ -96,6 +96,21 @@ impl Node {
         }
         let dyn_catalog: Arc<dyn Catalog> = catalog.clone();
         let store = Store::new(engine, dyn_catalog.clone(), partitions);
+        if let Some(url) = &config.cold_tier {
+            let cold = crate::cold::ColdTier::open(&crate::cold::ColdConfig {
+                url: url.clone(),
+                options: config
+                    .cold_tier_options
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                timeout: Duration::from_secs(config.cold_tier_timeout_secs),
+                delete_grace: Duration::from_secs(config.cold_tier_orphan_grace_secs.min(60)),
+            })
+            .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(url = %cold.url, "cold tier configured");
+            store.set_cold_tier(Arc::new(cold));
+        }
         let indexed = store.kv_backfill_expiry_index().await?;
         if indexed > 0 {
             tracing::info!(
@@ -456,6 +471,12 @@ impl Node {
             upload_max_age,
             shutdown.clone(),
         ));
+        let mover = tokio::spawn(cold_mover(
+            store.clone(),
+            metrics.clone(),
+            ColdSchedule::of(&config),
+            shutdown.clone(),
+        ));
         ready.store(true, Ordering::Relaxed);
         serve_s3(listeners.0, s3_front, shutdown.clone()).await;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
@@ -463,6 +484,7 @@ impl Node {
             let _ = admin_task.await;
             let _ = rpc_task.await;
             let _ = sweeper.await;
+            let _ = mover.await;
             let _ = cluster_task.await;
             let _ = replication_task.await;
         })
@@ -582,6 +604,96 @@ async fn housekeeping(
                 "removed replaced object data that stalled reads held for over 30 minutes"
             );
         }
+    }
+}
+
+/// When the cold-tier mover runs.
+#[derive(Clone, Debug)]
+struct ColdSchedule {
+    period: Duration,
+    orphan_grace: Duration,
+    /// Bytes per second at most (0: no limit).
+    rate: u64,
+}
+
+impl ColdSchedule {
+    fn of(c: &NodeConfig) -> Self {
+        Self {
+            period: Duration::from_secs(c.cold_tier_period_secs.max(1)),
+            orphan_grace: Duration::from_secs(c.cold_tier_orphan_grace_secs),
+            rate: c.cold_tier_rate,
+        }
+    }
+}
+
+/// How many passes of the mover run between two sweeps of unnamed cold copies (and the
+/// first pass sweeps): a sweep lists the whole cold tier.
+const COLD_SWEEP_EVERY: u64 = 10;
+
+/// Every period until shutdown (with a cold tier): moves what the lifecycle rules make
+/// cold, paced to the configured rate, and now and then deletes cold copies no object
+/// names. While the cold tier does not answer, passes back off (up to 16 periods).
+async fn cold_mover(
+    store: Store,
+    metrics: Arc<crate::telemetry::Metrics>,
+    schedule: ColdSchedule,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(cold) = store.cold_tier().cloned() else {
+        return;
+    };
+    let mut pass = 0u64;
+    let mut backoff = 1u32;
+    loop {
+        let wait = schedule.period * backoff;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+        let started = tokio::time::Instant::now();
+        let budget = match schedule.rate {
+            0 => u64::MAX,
+            r => r.saturating_mul(schedule.period.as_secs().max(1)),
+        };
+        let moved = tokio::select! {
+            r = store.tier_pass(budget) => r,
+            _ = shutdown.wait_for(|v| *v) => return,
+        };
+        match moved {
+            Ok(o) => {
+                metrics.cold_moved_objects.inc_by(o.moved);
+                metrics.cold_moved_bytes.inc_by(o.moved_bytes);
+                if o.moved > 0 {
+                    tracing::info!(
+                        objects = o.moved,
+                        bytes = o.moved_bytes,
+                        "moved object data to the cold tier"
+                    );
+                }
+                // Pace: a pass that moved `budget` bytes early waits out its share.
+                if schedule.rate > 0 && o.moved_bytes > 0 {
+                    let due = Duration::from_secs_f64(o.moved_bytes as f64 / schedule.rate as f64);
+                    if let Some(rest) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(rest).await;
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cold-tier pass failed; retrying later"),
+        }
+        if pass.is_multiple_of(COLD_SWEEP_EVERY) && cold.reachable() {
+            match store.sweep_cold_orphans(&cold, schedule.orphan_grace).await {
+                Ok(n) => {
+                    metrics.cold_orphans_deleted.inc_by(n);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cold-tier orphan sweep failed; retrying later")
+                }
+            }
+        }
+        pass += 1;
+        let up = cold.reachable();
+        metrics.cold_tier_reachable.set(i64::from(up));
+        backoff = if up { 1 } else { (backoff * 2).min(16) };
     }
 }
 

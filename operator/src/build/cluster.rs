@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile,
-    SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort, ServiceSpec,
-    TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
+    SecretEnvSource, SecretKeySelector, SecurityContext, Service, ServiceAccount, ServicePort,
+    ServiceSpec, TopologySpreadConstraint, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort,
@@ -182,6 +182,13 @@ pub fn config_map(sc: &StorageCluster, ctx: &Context) -> ConfigMap {
             .sum::<i64>()
             .max(1),
     );
+    let mut toml = toml;
+    if let Some(ct) = &sc.spec.cold_tier {
+        // TOML basic string: the URL's quotes and backslashes escaped.
+        let url: String = ct.url.chars().filter(|c| !c.is_control()).collect();
+        let url = url.replace('\\', "\\\\").replace('"', "\\\"");
+        toml.push_str(&format!("cold_tier = \"{url}\"\n"));
+    }
     ConfigMap {
         metadata: ctx.meta(format!("{}-config", ctx.name), cluster_labels(&ctx.name)),
         data: Some(BTreeMap::from([("node.toml".to_string(), toml)])),
@@ -370,6 +377,22 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
             "/etc/granary/node.toml".into(),
         ]),
         env: Some(envs),
+        // The cold tier's credentials: every key of its Secret becomes a variable
+        // (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT, GOOGLE_*, AZURE_*).
+        env_from: sc
+            .spec
+            .cold_tier
+            .as_ref()
+            .and_then(|c| c.secret_ref.as_ref())
+            .map(|r| {
+                vec![EnvFromSource {
+                    secret_ref: Some(SecretEnvSource {
+                        name: r.name.clone(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }]
+            }),
         ports: Some(
             [
                 ("s3", PORT_S3),

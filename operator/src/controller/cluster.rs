@@ -824,6 +824,58 @@ mod tests {
     }
 
     #[test]
+    fn a_cold_tier_reaches_the_node_config_and_its_secret_the_environment() {
+        let mut sc = cluster(3, 2);
+        let b = builder::Context::of(&sc, "granary-system");
+        let plain = builder::build(&sc, &b);
+        assert!(!plain.config.data.as_ref().unwrap()["node.toml"].contains("cold_tier"));
+        assert!(
+            plain.stateful_sets[0]
+                .spec
+                .template
+                .spec
+                .as_ref()
+                .unwrap()
+                .containers[0]
+                .env_from
+                .is_none()
+        );
+        sc.spec.cold_tier = Some(crate::crd::ColdTier {
+            url: "s3://archive/\"granary\"\n".into(),
+            secret_ref: Some(crate::crd::SecretRef {
+                name: "cold-creds".into(),
+            }),
+        });
+        let d = builder::build(&sc, &b);
+        let toml_text = &d.config.data.as_ref().unwrap()["node.toml"];
+        let parsed: toml::Value =
+            toml::from_str(toml_text).expect("the node config stays valid TOML");
+        assert_eq!(
+            parsed["cold_tier"].as_str(),
+            Some("s3://archive/\"granary\"")
+        );
+        let c = &d.stateful_sets[0]
+            .spec
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0];
+        let from = c
+            .env_from
+            .as_ref()
+            .expect("env from the cold tier's Secret");
+        assert_eq!(
+            from[0].secret_ref.as_ref().map(|r| r.name.as_str()),
+            Some("cold-creds")
+        );
+        assert_ne!(
+            plain.config.data, d.config.data,
+            "the config digest changes, so the pods roll to pick the cold tier up"
+        );
+    }
+
+    #[test]
     fn volume_changes_grow_in_place_and_refuse_shrinking_or_another_class() {
         let cur = sts("500Gi", Some("nvme"));
         assert_eq!(

@@ -50,21 +50,28 @@ pub enum ObjectData {
         crc: u32,
     },
     Chunks(Vec<ChunkRef>),
+    /// Moved to the cold tier (see `model::tiering`).
+    Cold(crate::cold::ColdRef),
 }
 
 impl ObjectData {
     pub fn chunks(&self) -> &[ChunkRef] {
         match self {
-            ObjectData::Inline { .. } => &[],
+            ObjectData::Inline { .. } | ObjectData::Cold(_) => &[],
             ObjectData::Chunks(c) => c,
         }
     }
 
     pub fn into_chunks(self) -> Vec<ChunkRef> {
         match self {
-            ObjectData::Inline { .. } => Vec::new(),
+            ObjectData::Inline { .. } | ObjectData::Cold(_) => Vec::new(),
             ObjectData::Chunks(c) => c,
         }
+    }
+
+    /// Whether the data is in the cold tier.
+    pub fn is_cold(&self) -> bool {
+        matches!(self, ObjectData::Cold(_))
     }
 
     pub fn inline(bytes: Vec<u8>) -> Self {
@@ -349,6 +356,9 @@ pub async fn read_body(
                 stream: Box::pin(futures::stream::once(async move { Ok(piece) })),
             })
         }
+        ObjectData::Cold(_) => Err(Error::ColdTierUnavailable(
+            "cold data is read through the store's cold tier".into(),
+        )),
         ObjectData::Chunks(chunks) => {
             // The files stay on disk until the body is sent or dropped, even if the
             // object is overwritten or deleted meanwhile.

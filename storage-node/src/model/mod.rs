@@ -9,6 +9,7 @@ pub mod kv;
 pub mod multipart;
 pub mod object;
 mod quota;
+pub mod tiering;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -94,6 +95,10 @@ pub enum Error {
     /// stored, retry.
     #[error("{0}")]
     QuotaUndecided(String),
+    /// The object's data is in the cold tier and the cold tier did not answer (or is
+    /// not configured): retry later.
+    #[error("{0}")]
+    ColdTierUnavailable(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
@@ -213,6 +218,8 @@ struct Inner {
     quotas: crate::tenancy::quota::QuotaGate,
     /// The node's I/O scheduler (object body pieces and request turns).
     io: crate::tenancy::sched::IoScheduler,
+    /// Where cold object data lives (none: no cold tier).
+    cold: std::sync::OnceLock<Arc<crate::cold::ColdTier>>,
 }
 
 /// A handle on a [`Store`] that does not keep it alive (for callbacks the store holds).
@@ -260,6 +267,7 @@ impl Store {
                 remote_reader: std::sync::OnceLock::new(),
                 bucket_epoch: Default::default(),
                 bucket_ddl: Mutex::new(()),
+                cold: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -281,6 +289,16 @@ impl Store {
             .io
             .turn(crate::tenancy::sched::Class::Background, cost)
             .await;
+    }
+
+    /// Background work's place in the I/O scheduler (the mover's reads).
+    pub(crate) fn background_io(&self) -> data::Io {
+        data::Io {
+            sched: self.inner.io.clone(),
+            class: crate::tenancy::sched::Class::Background,
+            weight: crate::tenancy::sched::DEFAULT_WEIGHT,
+            announce: None,
+        }
     }
 
     /// `tenant`'s place in the I/O scheduler.

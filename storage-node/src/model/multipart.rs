@@ -549,9 +549,14 @@ impl Store {
                     .filter(|(n, _)| !used.contains(n))
                     .flat_map(|(_, p)| p.chunks)
                     .collect();
-                if let Some(c) = current {
-                    garbage.extend(c.data.into_chunks());
-                }
+                let replaced_cold = match current.map(|c| c.data) {
+                    Some(d @ ObjectData::Cold(_)) => Some(d),
+                    Some(d) => {
+                        garbage.extend(d.into_chunks());
+                        None
+                    }
+                    None => None,
+                };
                 let version = ctx.next_seq();
                 let rec = ObjectRecord {
                     size,
@@ -570,7 +575,7 @@ impl Store {
                 drop(objects);
                 // The parts' chunks now belong to the object (or are in `garbage`).
                 remove_upload(&ctx.txn, &ukey, &up_index)?;
-                Ok(Ok((etag, size, checksum, garbage)))
+                Ok(Ok((etag, size, checksum, garbage, replaced_cold)))
             })
             .await;
         let r = match r {
@@ -585,8 +590,11 @@ impl Store {
             }
         };
         admitted.committed();
-        let (etag, size, checksum, garbage) = r;
+        let (etag, size, checksum, garbage, replaced_cold) = r;
         self.discard_chunks(garbage);
+        if let Some(d) = replaced_cold {
+            self.discard_data(d);
+        }
         Ok((etag, size, checksum))
     }
 

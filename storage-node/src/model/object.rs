@@ -470,16 +470,15 @@ impl Store {
                 t.insert(key_bytes.as_slice(), encode_ext(&rec)?.as_slice())?;
                 drop(t);
                 ctx.ship_chunks(rec.data.chunks());
-                Ok(Ok((
-                    version,
-                    current.map(|c| c.data.into_chunks()).unwrap_or_default(),
-                )))
+                Ok(Ok((version, current.map(|c| c.data))))
             })
             .await;
         match r {
             Ok(Ok((version, replaced))) => {
                 admitted.committed();
-                self.discard_chunks(replaced);
+                if let Some(d) = replaced {
+                    self.discard_data(d);
+                }
                 Ok(PutOutcome {
                     etag,
                     size,
@@ -677,13 +676,13 @@ impl Store {
         let rec = self.head_object(tenant, bucket, key).await?;
         cond.check_read(&rec)?;
         let r = range_of(&rec, range)?;
-        let body = data::read_body(
-            self.engine().chunks(),
-            &rec.data,
-            r.clone(),
-            &self.io(tenant).await,
-        )
-        .await?;
+        let body = match &rec.data {
+            data::ObjectData::Cold(c) => self.read_cold(c, r.clone()).await?,
+            d => {
+                data::read_body(self.engine().chunks(), d, r.clone(), &self.io(tenant).await)
+                    .await?
+            }
+        };
         Ok((rec, r, body))
     }
 
@@ -702,7 +701,7 @@ impl Store {
             .await?;
         if let Some(old) = removed {
             self.quotas().freed(tenant);
-            self.discard_chunks(decode_record(&old)?.data.into_chunks());
+            self.discard_data(decode_record(&old)?.data);
         }
         Ok(())
     }

@@ -5,6 +5,7 @@ use s3s::{S3Request, S3Response, S3Result};
 
 use super::convert::{self, note, timestamp};
 use super::{GranaryS3, to_s3};
+use crate::model::tiering::{LIFECYCLE, Lifecycle};
 
 pub async fn list_buckets(
     s: &GranaryS3,
@@ -423,6 +424,235 @@ pub async fn delete_public_access_block(
         .await
         .map_err(to_s3)?;
     let mut r = S3Response::new(DeletePublicAccessBlockOutput {});
+    r.status = Some(http::StatusCode::NO_CONTENT);
+    Ok(r)
+}
+
+/// PutBucketLifecycleConfiguration: `Transition` rules (after `Days`, to a cold storage
+/// class) with `Prefix` / `ObjectSizeGreaterThan` / `ObjectSizeLessThan` filters move
+/// objects to the node's cold tier (docs/s3-compatibility.md). Elements Granary does not
+/// act on are refused rather than silently ignored.
+pub async fn put_bucket_lifecycle_configuration(
+    s: &GranaryS3,
+    req: S3Request<PutBucketLifecycleConfigurationInput>,
+) -> S3Result<S3Response<PutBucketLifecycleConfigurationOutput>> {
+    note(
+        &req,
+        "PutBucketLifecycleConfiguration",
+        Some(&req.input.bucket),
+    );
+    let t = s.tenant(&req).await?;
+    let i = req.input;
+    let rules = i
+        .lifecycle_configuration
+        .map(|c| c.rules)
+        .unwrap_or_default();
+    let lc = lifecycle_from(rules)?;
+    let v = serde_json::to_string(&lc).map_err(json_err)?;
+    s.store
+        .set_bucket_setting(t, &i.bucket, LIFECYCLE, Some(&v))
+        .await
+        .map_err(to_s3)?;
+    Ok(S3Response::new(
+        PutBucketLifecycleConfigurationOutput::default(),
+    ))
+}
+
+fn lifecycle_from(rules: Vec<LifecycleRule>) -> S3Result<Lifecycle> {
+    use crate::model::tiering::{COLD_CLASSES, LifecycleRule as Rule};
+    let unsupported = |what: &str| {
+        s3s::S3Error::with_message(
+            s3s::S3ErrorCode::NotImplemented,
+            format!(
+                "lifecycle {what} is not supported; Granary supports Transition rules with Days (docs/s3-compatibility.md)"
+            ),
+        )
+    };
+    let malformed = |m: String| s3s::S3Error::with_message(s3s::S3ErrorCode::MalformedXML, m);
+    if rules.is_empty() {
+        return Err(malformed(
+            "a lifecycle configuration needs at least one rule".into(),
+        ));
+    }
+    if rules.len() > 1000 {
+        return Err(malformed(
+            "a lifecycle configuration has at most 1000 rules".into(),
+        ));
+    }
+    let mut out = Vec::new();
+    for r in rules {
+        if r.expiration.is_some() {
+            return Err(unsupported("Expiration"));
+        }
+        if r.noncurrent_version_expiration.is_some() || r.noncurrent_version_transitions.is_some() {
+            return Err(unsupported("NoncurrentVersion actions"));
+        }
+        if r.abort_incomplete_multipart_upload.is_some() {
+            return Err(unsupported(
+                "AbortIncompleteMultipartUpload (uploads expire after multipart_upload_max_age_secs)",
+            ));
+        }
+        let (mut prefix, mut gt, mut lt) = (r.prefix.clone().unwrap_or_default(), None, None);
+        if let Some(f) = &r.filter {
+            if f.tag.is_some() || f.and.as_ref().is_some_and(|a| a.tags.is_some()) {
+                return Err(unsupported("filtering by tag"));
+            }
+            let and = f.and.as_ref();
+            if let Some(p) = f
+                .prefix
+                .clone()
+                .or_else(|| and.and_then(|a| a.prefix.clone()))
+            {
+                prefix = p;
+            }
+            gt = f
+                .object_size_greater_than
+                .or_else(|| and.and_then(|a| a.object_size_greater_than));
+            lt = f
+                .object_size_less_than
+                .or_else(|| and.and_then(|a| a.object_size_less_than));
+        }
+        let size = |v: Option<i64>, what: &str| -> S3Result<Option<u64>> {
+            v.map(|n| {
+                u64::try_from(n).map_err(|_| malformed(format!("{what} must not be negative")))
+            })
+            .transpose()
+        };
+        let (gt, lt) = (
+            size(gt, "ObjectSizeGreaterThan")?,
+            size(lt, "ObjectSizeLessThan")?,
+        );
+        let transitions = r.transitions.unwrap_or_default();
+        if transitions.is_empty() {
+            return Err(unsupported("a rule without a Transition"));
+        }
+        if transitions.len() > 1 {
+            return Err(unsupported("more than one Transition per rule"));
+        }
+        let tr = &transitions[0];
+        if tr.date.is_some() {
+            return Err(unsupported("Transition by Date"));
+        }
+        let days = tr
+            .days
+            .ok_or_else(|| malformed("a Transition needs Days".into()))?;
+        let days = u32::try_from(days).map_err(|_| {
+            s3s::S3Error::with_message(
+                s3s::S3ErrorCode::InvalidArgument,
+                "Days must not be negative",
+            )
+        })?;
+        let class = tr
+            .storage_class
+            .as_ref()
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_default();
+        if !COLD_CLASSES.contains(&class.as_str()) {
+            return Err(s3s::S3Error::with_message(
+                s3s::S3ErrorCode::InvalidStorageClass,
+                format!(
+                    "the transition storage class {class:?} is not one of {}",
+                    COLD_CLASSES.join(", ")
+                ),
+            ));
+        }
+        let enabled = match r.status.as_str() {
+            "Enabled" => true,
+            "Disabled" => false,
+            other => {
+                return Err(malformed(format!(
+                    "rule Status {other:?} is neither Enabled nor Disabled"
+                )));
+            }
+        };
+        out.push(Rule {
+            id: r.id,
+            enabled,
+            prefix,
+            size_greater_than: gt,
+            size_less_than: lt,
+            days,
+            storage_class: class,
+        });
+    }
+    Ok(Lifecycle { rules: out })
+}
+
+pub async fn get_bucket_lifecycle_configuration(
+    s: &GranaryS3,
+    req: S3Request<GetBucketLifecycleConfigurationInput>,
+) -> S3Result<S3Response<GetBucketLifecycleConfigurationOutput>> {
+    note(
+        &req,
+        "GetBucketLifecycleConfiguration",
+        Some(&req.input.bucket),
+    );
+    let t = s.tenant(&req).await?;
+    let v = s
+        .store
+        .bucket_setting(t, &req.input.bucket, LIFECYCLE)
+        .await
+        .map_err(to_s3)?
+        .ok_or_else(|| {
+            s3s::s3_error!(
+                NoSuchLifecycleConfiguration,
+                "The lifecycle configuration does not exist"
+            )
+        })?;
+    let lc: Lifecycle = serde_json::from_str(&v).map_err(json_err)?;
+    let rules = lc
+        .rules
+        .into_iter()
+        .map(|r| {
+            let mut and = LifecycleRuleAndOperator {
+                prefix: Some(r.prefix),
+                object_size_greater_than: r.size_greater_than.map(|n| n as i64),
+                object_size_less_than: r.size_less_than.map(|n| n as i64),
+                ..Default::default()
+            };
+            let mut filter = LifecycleRuleFilter::default();
+            if and.object_size_greater_than.is_none() && and.object_size_less_than.is_none() {
+                filter.prefix = and.prefix.take();
+            } else {
+                filter.and = Some(and);
+            }
+            let tr = Transition {
+                days: Some(r.days as i32),
+                storage_class: Some(TransitionStorageClass::from(r.storage_class)),
+                ..Default::default()
+            };
+            LifecycleRule {
+                abort_incomplete_multipart_upload: None,
+                expiration: None,
+                filter: Some(filter),
+                id: r.id,
+                noncurrent_version_expiration: None,
+                noncurrent_version_transitions: None,
+                prefix: None,
+                status: ExpirationStatus::from(
+                    if r.enabled { "Enabled" } else { "Disabled" }.to_string(),
+                ),
+                transitions: Some(vec![tr]),
+            }
+        })
+        .collect();
+    Ok(S3Response::new(GetBucketLifecycleConfigurationOutput {
+        rules: Some(rules),
+        ..Default::default()
+    }))
+}
+
+pub async fn delete_bucket_lifecycle(
+    s: &GranaryS3,
+    req: S3Request<DeleteBucketLifecycleInput>,
+) -> S3Result<S3Response<DeleteBucketLifecycleOutput>> {
+    note(&req, "DeleteBucketLifecycle", Some(&req.input.bucket));
+    let t = s.tenant(&req).await?;
+    s.store
+        .set_bucket_setting(t, &req.input.bucket, LIFECYCLE, None)
+        .await
+        .map_err(to_s3)?;
+    let mut r = S3Response::new(DeleteBucketLifecycleOutput {});
     r.status = Some(http::StatusCode::NO_CONTENT);
     Ok(r)
 }

@@ -86,7 +86,10 @@ pub fn to_s3(e: Error) -> S3Error {
             e.set_status_code(http::StatusCode::FORBIDDEN);
             e
         }
-        Error::NotPrimary(m) | Error::NotEnoughReplicas(m) | Error::QuotaUndecided(m) => {
+        Error::NotPrimary(m)
+        | Error::NotEnoughReplicas(m)
+        | Error::QuotaUndecided(m)
+        | Error::ColdTierUnavailable(m) => {
             S3Error::with_message(S3ErrorCode::ServiceUnavailable, m)
         }
         e @ Error::CopySourceElsewhere => {

@@ -210,6 +210,24 @@ impl S3 for GranaryS3 {
     ) -> S3Result<S3Response<DeleteBucketTaggingOutput>> {
         bucket::delete_bucket_tagging(self, req).await
     }
+    async fn put_bucket_lifecycle_configuration(
+        &self,
+        req: S3Request<PutBucketLifecycleConfigurationInput>,
+    ) -> S3Result<S3Response<PutBucketLifecycleConfigurationOutput>> {
+        bucket::put_bucket_lifecycle_configuration(self, req).await
+    }
+    async fn get_bucket_lifecycle_configuration(
+        &self,
+        req: S3Request<GetBucketLifecycleConfigurationInput>,
+    ) -> S3Result<S3Response<GetBucketLifecycleConfigurationOutput>> {
+        bucket::get_bucket_lifecycle_configuration(self, req).await
+    }
+    async fn delete_bucket_lifecycle(
+        &self,
+        req: S3Request<DeleteBucketLifecycleInput>,
+    ) -> S3Result<S3Response<DeleteBucketLifecycleOutput>> {
+        bucket::delete_bucket_lifecycle(self, req).await
+    }
     async fn put_public_access_block(
         &self,
         req: S3Request<PutPublicAccessBlockInput>,

@@ -185,6 +185,7 @@ pub async fn get_object(
         metadata: convert::user_metadata(m),
         parts_count: parts_count(&o),
         tag_count: tag_count(&o),
+        storage_class: storage_class(&o),
         ..Default::default()
     };
     let whole = answers_whole(&o, ranged, by_part, &r);
@@ -236,6 +237,7 @@ pub async fn head_object(
         expires: m.expires.map(timestamp),
         metadata: convert::user_metadata(m),
         parts_count: parts_count(&o),
+        storage_class: storage_class(&o),
         ..Default::default()
     };
     let whole = answers_whole(&o, ranged, by_part, &r);
@@ -495,4 +497,11 @@ pub async fn get_object_attributes(
         });
     }
     Ok(S3Response::new(out))
+}
+
+/// `x-amz-storage-class`: only a cold object reports one (S3 omits STANDARD).
+fn storage_class(o: &crate::model::ObjectRecord) -> Option<StorageClass> {
+    o.data
+        .is_cold()
+        .then(|| StorageClass::from(crate::model::tiering::COLD_CLASS.to_string()))
 }

@@ -79,6 +79,13 @@ pub struct Metrics {
     /// When this node last judged its peers (Unix seconds): a stale value means the
     /// cluster view (catalog or peers) is not being refreshed.
     pub cluster_view_at: Gauge,
+    /// Objects and bytes the mover put in the cold tier.
+    pub cold_moved_objects: Counter,
+    pub cold_moved_bytes: Counter,
+    /// Cold copies no record named, deleted by the sweep.
+    pub cold_orphans_deleted: Counter,
+    /// 1 while the last call to the cold tier succeeded (0 also without a cold tier).
+    pub cold_tier_reachable: Gauge,
 }
 
 impl Default for Metrics {
@@ -178,6 +185,32 @@ impl Default for Metrics {
             "When this node last refreshed its view of the cluster's members",
             cluster_view_at.clone(),
         );
+        let cold_moved_objects = Counter::default();
+        registry.register(
+            "cold_moved_objects",
+            "Objects whose data the mover moved to the cold tier",
+            cold_moved_objects.clone(),
+        );
+        let cold_moved_bytes = Counter::default();
+        registry.register(
+            "cold_moved_bytes",
+            "Bytes of object data the mover moved to the cold tier",
+            cold_moved_bytes.clone(),
+        );
+        let cold_orphans_deleted = Counter::default();
+        registry.register(
+            "cold_orphans_deleted",
+            "Cold copies no object named (left by an interrupted move or delete), deleted by \
+             the sweep",
+            cold_orphans_deleted.clone(),
+        );
+        let cold_tier_reachable = Gauge::default();
+        registry.register(
+            "cold_tier_reachable",
+            "1 while the last call to the cold tier succeeded; 0 when it failed or there is \
+             no cold tier",
+            cold_tier_reachable.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -194,6 +227,10 @@ impl Default for Metrics {
             retired_copies,
             forwarded,
             cluster_view_at,
+            cold_moved_objects,
+            cold_moved_bytes,
+            cold_orphans_deleted,
+            cold_tier_reachable,
         }
     }
 }

@@ -16,11 +16,13 @@
 //!   its answer back through the host;
 //! - CoreDNS serves `cluster.local` from the apiserver (Services, StatefulSet pod names).
 //!
-//! Everything is recorded before the start ([`Baseline`]) and removed afterwards:
-//! processes, containers and their shims, mounts, network namespaces, links, iptables
-//! rules and chains, cgroups, the fixed host paths and the sysctls the kubelet and the
-//! harness change. [`RealNode::shutdown`] returns whatever it could not remove, so a test
-//! asserts that nothing is left behind.
+//! Everything the node makes is found by name and removed afterwards: processes in its
+//! cgroup root and containerd's shims, mounts in its directories, `KUBE-*` and `CNI-*`
+//! iptables rules and chains, its bridges, its cgroups, the fixed host paths it created
+//! and the sysctls the kubelet and the harness change (recorded in a state file first, so
+//! a run that was killed is cleaned up by the next one). Nothing else on the host is
+//! touched. [`RealNode::shutdown`] returns whatever it could not remove, so a test
+//! asserts that nothing is left behind. One real node runs per machine (a lock).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -44,8 +46,19 @@ pub const POD_BRIDGE: &str = "grkcni0";
 pub const POD_SUBNET: &str = "10.254.0.0/24";
 /// The image the CRI runs every pod sandbox from (built by `node-tools.sh`).
 const PAUSE_IMAGE: &str = "localhost/pause:3.10-granary1";
+/// Its archive in the `node-tools.sh` directory (named by the tag).
+const PAUSE_ARCHIVE: &str = "pause-3.10-granary1.tar";
 /// How long the node may take to report Ready.
 const NODE_READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// The kubelet's cgroup root (`cgroupRoot`): every pod's cgroup is below it in each
+/// hierarchy, so the harness finds (and kills) exactly its own containers.
+const CGROUP_ROOT: &str = "granary-e2e";
+/// The harness's lock (one real node per machine) and its record of what to restore.
+const STATE_DIR: &str = "/run/granary-e2e-realnode";
+/// Temporary directories of real nodes (`/tmp/grk*`).
+const TMP_PREFIX: &str = "/tmp/grk";
+/// Deadline of one helper command (`ctr`, `ip`, `iptables-restore`, `umount`).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Host paths the kubelet, containerd and the CNI plugins write whatever their
 /// configuration says; removed afterwards when they did not exist before.
@@ -62,13 +75,15 @@ const FIXED_PATHS: &[&str] = &[
     "/run/nri",
 ];
 
-/// Sysctls the harness (forwarding, bridged traffic through iptables) and the kubelet
-/// (its "kernel defaults") set; restored afterwards.
+/// Sysctls the harness (forwarding) and the kubelet (its "kernel defaults") set;
+/// restored afterwards. While the node runs, the kubelet's `kernel.panic=10` and
+/// `kernel.panic_on_oops=1` make the machine reboot on a kernel oops.
 const SYSCTLS: &[&str] = &[
     "net/ipv4/ip_forward",
-    "net/bridge/bridge-nf-call-iptables",
     "kernel/panic",
     "kernel/panic_on_oops",
+    "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes",
     "vm/overcommit_memory",
     "vm/panic_on_oom",
 ];
@@ -82,16 +97,14 @@ pub fn node_tools_dir() -> Result<PathBuf> {
     crate::build_tool("node-tools.sh")
 }
 
-/// What the host looked like before the node started.
-#[derive(Debug, Default)]
-struct Baseline {
+/// What the harness must give back, recorded in [`STATE_DIR`] before it changes
+/// anything: a run that was killed is cleaned up by the next one from this record.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct State {
+    /// Sysctl values before the run.
     sysctls: Vec<(String, String)>,
-    mounts: BTreeSet<String>,
-    netns: BTreeSet<String>,
-    links: BTreeSet<String>,
-    iptables: Vec<(&'static str, String)>,
-    cgroups: BTreeSet<PathBuf>,
-    paths: BTreeSet<String>,
+    /// [`FIXED_PATHS`] that did not exist before the run.
+    created: Vec<String>,
 }
 
 fn read_sysctl(name: &str) -> Option<String> {
@@ -106,7 +119,7 @@ fn write_sysctl(name: &str, value: &str) -> Result<()> {
 }
 
 /// Mount points (field 5 of mountinfo).
-fn mounts() -> BTreeSet<String> {
+fn mounts() -> Vec<String> {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
@@ -124,87 +137,302 @@ fn names_in(dir: &str) -> BTreeSet<String> {
         .unwrap_or_default()
 }
 
-fn netns() -> BTreeSet<String> {
-    names_in("/run/netns")
-}
-
 fn links() -> BTreeSet<String> {
     names_in("/sys/class/net")
 }
 
-/// `iptables-save` / `ip6tables-save` without counters or comments: tables, chains and rules.
-fn iptables_save(tool: &str) -> String {
-    Command::new(tool)
+/// Runs `cmd` with its output captured, killing it after `limit`.
+fn output_within(cmd: &mut Command, limit: Duration) -> Result<std::process::Output> {
+    let mut child = cmd
         .stdin(Stdio::null())
-        .stderr(Stdio::null())
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                .map(|l| {
-                    // ":CHAIN POLICY [p:b]" -> ":CHAIN POLICY"
-                    if l.starts_with(':') {
-                        l.rsplit_once(' ').map_or(l, |(a, _)| a).to_string()
-                    } else {
-                        l.to_string()
-                    }
-                })
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {:?}", cmd.get_program()))?;
+    let deadline = Instant::now() + limit;
+    loop {
+        if child.try_wait()?.is_some() {
+            return Ok(child.wait_with_output()?);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{:?} did not finish within {limit:?}", cmd.get_program());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
-/// First-level cgroup directories of every v1 hierarchy.
-fn cgroups() -> BTreeSet<PathBuf> {
-    let mut out = BTreeSet::new();
+/// `iptables-save` / `ip6tables-save` without counters or comments.
+fn iptables_save(tool: &str) -> Result<String> {
+    let out = output_within(&mut Command::new(tool), COMMAND_TIMEOUT)?;
+    if !out.status.success() {
+        bail!(
+            "{tool} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| {
+            // ":CHAIN POLICY [p:b]" -> ":CHAIN POLICY"
+            if l.starts_with(':') {
+                l.rsplit_once(' ').map_or(l, |(a, _)| a).to_string()
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+/// Whether an `iptables-save` line belongs to the node: kube-proxy's and the kubelet's
+/// `KUBE-*` chains, the CNI plugins' `CNI-*` chains, and jumps to them.
+fn owned_rule(line: &str) -> bool {
+    line.starts_with(":KUBE-")
+        || line.starts_with(":CNI-")
+        || line.starts_with("-A KUBE-")
+        || line.starts_with("-A CNI-")
+        || line.contains(" -j KUBE-")
+        || line.contains(" -j CNI-")
+        || line.contains(" -g KUBE-")
+        || line.contains(" -g CNI-")
+}
+
+/// Removes the node's rules and chains from one tool's tables with one
+/// `iptables-restore --noflush` script (no shell: the rules are passed as data).
+fn remove_owned_rules(tool: &str) -> Result<()> {
+    let saved = iptables_save(tool)?;
+    let mut script = String::new();
+    let (mut table, mut deletes, mut chains) = ("", Vec::new(), Vec::new());
+    let flush =
+        |script: &mut String, table: &str, deletes: &mut Vec<String>, chains: &mut Vec<String>| {
+            if deletes.is_empty() && chains.is_empty() {
+                return;
+            }
+            script.push_str(&format!("*{table}\n"));
+            for d in deletes.drain(..) {
+                script.push_str(&d);
+                script.push('\n');
+            }
+            for c in chains.iter() {
+                script.push_str(&format!("-F {c}\n"));
+            }
+            for c in chains.drain(..) {
+                script.push_str(&format!("-X {c}\n"));
+            }
+            script.push_str("COMMIT\n");
+        };
+    for line in saved.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t;
+        } else if line == "COMMIT" {
+            flush(&mut script, table, &mut deletes, &mut chains);
+        } else if let Some(c) = line.strip_prefix(':') {
+            if owned_rule(line) {
+                chains.push(c.split(' ').next().unwrap_or_default().to_string());
+            }
+        } else if owned_rule(line)
+            && let Some(rule) = line.strip_prefix("-A ")
+        {
+            // Rules inside owned chains go with their chain's flush.
+            if !rule.starts_with("KUBE-") && !rule.starts_with("CNI-") {
+                deletes.push(format!("-D {rule}"));
+            }
+        }
+    }
+    if script.is_empty() {
+        return Ok(());
+    }
+    let restore = tool.replace("-save", "-restore");
+    let mut child = Command::new(&restore)
+        .args(["-w", "10", "--noflush"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {restore}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "{restore} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The cgroup directories of [`CGROUP_ROOT`], one per hierarchy.
+fn own_cgroups() -> Vec<PathBuf> {
+    let mut out = Vec::new();
     for ctrl in std::fs::read_dir("/sys/fs/cgroup")
         .into_iter()
         .flatten()
         .flatten()
     {
-        for d in std::fs::read_dir(ctrl.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if d.file_type().is_ok_and(|t| t.is_dir()) {
-                out.insert(d.path());
-            }
+        let p = ctrl.path().join(CGROUP_ROOT);
+        if p.is_dir() && !out.contains(&p) {
+            out.push(p);
         }
     }
     out
 }
 
-impl Baseline {
-    fn take() -> Baseline {
-        Baseline {
-            sysctls: SYSCTLS
-                .iter()
-                .filter_map(|s| read_sysctl(s).map(|v| (s.to_string(), v)))
-                .collect(),
-            mounts: mounts(),
-            netns: netns(),
-            links: links(),
-            iptables: ["iptables-save", "ip6tables-save"]
-                .into_iter()
-                .map(|t| (t, iptables_save(t)))
-                .collect(),
-            cgroups: cgroups(),
-            paths: FIXED_PATHS
-                .iter()
-                .filter(|p| Path::new(p).exists())
-                .map(|p| p.to_string())
-                .collect(),
+/// Pids (other than ours) in the node's cgroups or started from a real node's
+/// temporary directory (containerd's shims).
+fn own_processes() -> Vec<u32> {
+    let me = std::process::id();
+    let cg = format!("/{CGROUP_ROOT}/");
+    let cg_end = format!("/{CGROUP_ROOT}\n");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let cmdline = std::fs::read(e.path().join("cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        let cgroup = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
+        if cmdline.is_empty() {
+            continue;
+        }
+        if cmdline.contains(TMP_PREFIX) || cgroup.contains(&cg) || cgroup.contains(&cg_end) {
+            out.push(pid);
         }
     }
+    out
+}
+
+/// Removes a cgroup directory tree, children first.
+fn remove_cgroup(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_cgroup(&e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Removes everything a real node owns on the host, by name (the kubelet and
+/// containerd may change other things; nothing else of the host is touched), and gives
+/// back what `state` recorded. Used after a run and, for a run that was killed, before
+/// the next one.
+fn clean_owned(state: &State) {
+    // Processes: its containers, shims and any of its daemons a killed run left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pids = own_processes();
+        if pids.is_empty() || Instant::now() > deadline {
+            break;
+        }
+        for pid in pids {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Mounts in its directories (rootfs, shm, pod volumes, pinned network namespaces),
+    // deepest first; lazily, so a stuck one never blocks.
+    let mut own: Vec<String> = mounts()
+        .into_iter()
+        .filter(|m| {
+            m.starts_with(TMP_PREFIX) || state.created.iter().any(|c| m.starts_with(c.as_str()))
+        })
+        .collect();
+    own.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    own.dedup();
+    for m in own {
+        let _ = output_within(
+            Command::new("umount")
+                .args(["-l", "--no-canonicalize"])
+                .arg(&m),
+            COMMAND_TIMEOUT,
+        );
+    }
+    for tool in ["iptables-save", "ip6tables-save"] {
+        if let Err(e) = remove_owned_rules(tool) {
+            eprintln!("real node: removing its {tool} rules: {e:#}");
+        }
+    }
+    for l in [POD_BRIDGE, NODE_BRIDGE] {
+        if links().contains(l) {
+            let _ = output_within(Command::new("ip").args(["link", "del", l]), COMMAND_TIMEOUT);
+        }
+    }
+    for cg in own_cgroups() {
+        remove_cgroup(&cg);
+    }
+    for p in &state.created {
+        let _ = std::fs::remove_dir_all(p);
+    }
+    for (name, value) in &state.sysctls {
+        let _ = write_sysctl(name, value);
+    }
+}
+
+/// What is left of a real node on the host after [`clean_owned`].
+fn leftovers_of(state: &State) -> Vec<String> {
+    let mut left = Vec::new();
+    for pid in own_processes() {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+            .unwrap_or_default();
+        left.push(format!("process {pid}: {cmd}"));
+    }
+    for m in mounts() {
+        if m.starts_with(TMP_PREFIX) || state.created.iter().any(|c| m.starts_with(c.as_str())) {
+            left.push(format!("mount {m}"));
+        }
+    }
+    for ns in names_in("/run/netns") {
+        if ns.starts_with("cni-") {
+            left.push(format!("network namespace {ns}"));
+        }
+    }
+    for l in links() {
+        if l == NODE_BRIDGE || l == POD_BRIDGE || l.starts_with("veth") {
+            left.push(format!("link {l}"));
+        }
+    }
+    for tool in ["iptables-save", "ip6tables-save"] {
+        match iptables_save(tool) {
+            Ok(s) => {
+                for line in s.lines().filter(|l| owned_rule(l)) {
+                    left.push(format!("{tool}: {line}"));
+                }
+            }
+            Err(e) => left.push(format!("{tool} could not be read: {e:#}")),
+        }
+    }
+    for cg in own_cgroups() {
+        left.push(format!("cgroup {}", cg.display()));
+    }
+    for p in &state.created {
+        if Path::new(p).exists() {
+            left.push(format!("path {p}"));
+        }
+    }
+    for (name, value) in &state.sysctls {
+        if read_sysctl(name).as_deref() != Some(value.as_str()) {
+            left.push(format!("sysctl {name} (was {value})"));
+        }
+    }
+    left
 }
 
 /// A running node. Create the network with [`RealNode::prepare`] before the control
 /// plane (the apiserver listens on [`NODE_IP`]), then [`RealNode::start`] it.
 pub struct RealNode {
-    baseline: Baseline,
+    state: State,
     dir: PathBuf,
     tools: PathBuf,
     k8s_bin: PathBuf,
@@ -212,12 +440,38 @@ pub struct RealNode {
     kubeconfig: PathBuf,
     procs: Vec<Proc>,
     down: bool,
+    /// Held for the node's life: one real node per machine.
+    _lock: std::fs::File,
     // Last: removed after everything else.
     _tmp: tempfile::TempDir,
 }
 
+/// Fails if the addresses the stage uses are already routed on this machine.
+fn check_addresses_free() -> Result<()> {
+    let out = output_within(
+        Command::new("ip").args(["-4", "route", "show", "table", "all"]),
+        COMMAND_TIMEOUT,
+    )?;
+    let routes = String::from_utf8_lossy(&out.stdout);
+    for (prefix, what) in [
+        ("10.0.0.", "the Service range 10.0.0.0/24"),
+        ("10.253.255.", "the node address 10.253.255.1"),
+        ("10.254.0.", "the pod subnet 10.254.0.0/24"),
+    ] {
+        if let Some(r) = routes.lines().find(|l| {
+            l.split_whitespace().any(|w| w.starts_with(prefix))
+                && !l.contains(NODE_BRIDGE)
+                && !l.contains(POD_BRIDGE)
+        }) {
+            bail!("{what} is already in use on this machine ({r}); the real-node stage needs it");
+        }
+    }
+    Ok(())
+}
+
 impl RealNode {
-    /// Records the host's state, builds (once) the runtime tools, and puts [`NODE_IP`]
+    /// Takes the machine's real-node lock, cleans up after a run that was killed,
+    /// records what to restore, builds (once) the runtime tools, and puts [`NODE_IP`]
     /// on [`NODE_BRIDGE`]. Needs root.
     pub fn prepare() -> Result<RealNode> {
         let tools = node_tools_dir()?;
@@ -246,43 +500,58 @@ impl RealNode {
                 );
             }
         }
-        // Leftovers of a run that was killed before its cleanup (its processes were
-        // killed by their watchdogs): its bridge gives it away; its shims and
-        // containers, mounts in its directory and kube-proxy's rules go first.
-        if links().contains(NODE_BRIDGE) {
+        std::fs::create_dir_all(STATE_DIR)
+            .with_context(|| format!("creating {STATE_DIR} (the real-node stage needs root)"))?;
+        let lock = std::fs::File::create(Path::new(STATE_DIR).join("lock"))?;
+        if lock.try_lock().is_err() {
+            eprintln!("real node: another real-node run holds {STATE_DIR}/lock; waiting for it");
+            lock.lock()?;
+        }
+        let state_file = Path::new(STATE_DIR).join("state.json");
+        if let Ok(text) = std::fs::read_to_string(&state_file) {
+            // A run that was killed before its cleanup: its record says what to give
+            // back; its processes, mounts, rules and directories go by name.
             eprintln!("real node: cleaning up after a run that was killed");
-            for pid in processes_matching(|cmdline, cgroup| {
-                cmdline.contains("/tmp/grk") || cgroup.contains("/kubepods")
-            }) {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
+            let old: State = serde_json::from_str(&text).unwrap_or_default();
+            clean_owned(&old);
+            for d in std::fs::read_dir("/tmp").into_iter().flatten().flatten() {
+                if d.path().to_string_lossy().starts_with(TMP_PREFIX) {
+                    let _ = std::fs::remove_dir_all(d.path());
+                }
             }
-            let mut stale: Vec<String> = mounts()
-                .into_iter()
-                .filter(|m| m.starts_with("/tmp/grk"))
-                .collect();
-            stale.sort_by_key(|m| std::cmp::Reverse(m.len()));
-            for m in stale {
-                let _ = Command::new("umount").arg("-l").arg(&m).status();
-            }
-            let _ = Command::new(k8s_bin.join("kube-proxy"))
-                .arg("--cleanup")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            let _ = std::fs::remove_file(&state_file);
         }
-        for l in [NODE_BRIDGE, POD_BRIDGE] {
-            if links().contains(l) {
-                let _ = run(Command::new("ip").args(["link", "del", l]));
+        for tool in ["iptables-save", "ip6tables-save"] {
+            if iptables_save(tool)?.lines().any(owned_rule) {
+                bail!(
+                    "{tool} already shows KUBE-* or CNI-* rules: this machine runs Kubernetes \
+                     networking of its own; the real-node stage needs a machine without it"
+                );
             }
         }
-        let baseline = Baseline::take();
+        if !own_processes().is_empty() || !own_cgroups().is_empty() {
+            bail!(
+                "processes or cgroups of a real node ({CGROUP_ROOT}) exist and could not be removed"
+            );
+        }
+        check_addresses_free()?;
+        let state = State {
+            sysctls: SYSCTLS
+                .iter()
+                .filter_map(|s| read_sysctl(s).map(|v| (s.to_string(), v)))
+                .collect(),
+            created: FIXED_PATHS
+                .iter()
+                .filter(|p| !Path::new(p).exists())
+                .map(|p| p.to_string())
+                .collect(),
+        };
+        std::fs::write(&state_file, serde_json::to_vec(&state)?)?;
         // Short: containerd's socket path must stay under 108 bytes.
         let tmp = tempfile::Builder::new().prefix("grk").tempdir_in("/tmp")?;
         let dir = tmp.path().to_path_buf();
         let node = RealNode {
-            baseline,
+            state,
             socket: dir.join("containerd.sock"),
             kubeconfig: PathBuf::new(),
             dir,
@@ -290,6 +559,7 @@ impl RealNode {
             k8s_bin,
             procs: Vec::new(),
             down: false,
+            _lock: lock,
             _tmp: tmp,
         };
         run(Command::new("ip").args(["link", "add", NODE_BRIDGE, "type", "bridge"]))
@@ -302,11 +572,24 @@ impl RealNode {
             NODE_BRIDGE,
         ]))?;
         run(Command::new("ip").args(["link", "set", NODE_BRIDGE, "up"]))?;
-        // Routed traffic: pod -> Service -> pod on the same bridge comes back through
-        // the host; bridged traffic must pass iptables for kube-proxy's rules.
+        // Pod -> Service -> pod on the same bridge is routed back out through the host.
         write_sysctl("net/ipv4/ip_forward", "1")?;
-        if Path::new("/proc/sys/net/bridge").exists() {
-            write_sysctl("net/bridge/bridge-nf-call-iptables", "1")?;
+        // The kubelet's cgroup root, in every hierarchy; cpuset needs its CPUs and
+        // memory nodes before anything can join it.
+        for ctrl in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+            let p = ctrl.path().join(CGROUP_ROOT);
+            match std::fs::create_dir(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => eprintln!("real node: cannot create {}: {e}", p.display()),
+            }
+        }
+        for f in ["cpuset.cpus", "cpuset.mems"] {
+            let root = Path::new("/sys/fs/cgroup/cpuset");
+            if let Ok(v) = std::fs::read_to_string(root.join(f)) {
+                std::fs::write(root.join(CGROUP_ROOT).join(f), v.trim())
+                    .with_context(|| format!("initialising {f} of the cgroup {CGROUP_ROOT}"))?;
+            }
         }
         Ok(node)
     }
@@ -321,10 +604,16 @@ impl RealNode {
         self.kubeconfig = cp.kubeconfig.clone();
         self.start_coredns()?;
         self.start_containerd()?;
-        let pause = self.tools.join("pause.tar");
+        let pause = self.tools.join(PAUSE_ARCHIVE);
         self.import_image(&pause)?;
         for image in images {
             self.import_image(image)?;
+        }
+        if !self.images()?.iter().any(|i| i == PAUSE_IMAGE) {
+            bail!(
+                "{} does not hold the sandbox image {PAUSE_IMAGE} (rebuild it: remove it and run node-tools.sh)",
+                pause.display()
+            );
         }
         self.start_kubelet(cp)?;
         self.start_scheduler()?;
@@ -385,8 +674,8 @@ impl RealNode {
         let mut cmd = Command::new(self.tools.join("bin/coredns"));
         cmd.arg("-conf").arg(&corefile);
         let proc = self.spawn("coredns", cmd)?;
-        proc.wait_ready(Duration::from_secs(30), "port 53", || {
-            std::net::UdpSocket::bind((NODE_IP, 53)).is_err()
+        proc.wait_ready(Duration::from_secs(30), "answers for cluster.local", || {
+            dns_answers(NODE_IP)
         })
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", proc.log_tail(30)))
     }
@@ -506,11 +795,30 @@ state = "{state}"
 
     /// `ctr images import` of a docker or OCI archive into the CRI's namespace.
     pub fn import_image(&self, archive: &Path) -> Result<()> {
-        run(self
-            .ctr()
-            .args(["images", "import", "--snapshotter", "overlayfs"])
-            .arg(archive))
-        .with_context(|| format!("importing {}", archive.display()))
+        let out = output_within(
+            self.ctr()
+                .args(["images", "import", "--snapshotter", "overlayfs"])
+                .arg(archive),
+            Duration::from_secs(300),
+        )
+        .with_context(|| format!("importing {}", archive.display()))?;
+        if !out.status.success() {
+            bail!(
+                "importing {}: {}",
+                archive.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// References of the images containerd holds for the CRI.
+    fn images(&self) -> Result<Vec<String>> {
+        let out = output_within(self.ctr().args(["images", "ls", "-q"]), COMMAND_TIMEOUT)?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_string)
+            .collect())
     }
 
     fn start_kubelet(&mut self, cp: &ControlPlane) -> Result<()> {
@@ -556,6 +864,8 @@ state = "{state}"
             "imageGCLowThresholdPercent": 99,
             "serializeImagePulls": false,
             "maxPods": 30,
+            // Pods' cgroups under a root of their own (the harness finds them there).
+            "cgroupRoot": format!("/{CGROUP_ROOT}"),
             // Secrets and ConfigMaps reach running pods sooner than the default minute.
             "syncFrequency": "10s",
             "nodeStatusUpdateFrequency": "5s",
@@ -671,11 +981,7 @@ state = "{state}"
     /// Containerd's tasks (containers with a process, stopped ones too until their
     /// sandbox is removed): id and whether it runs.
     fn tasks(&self) -> Vec<(String, bool)> {
-        self.ctr()
-            .args(["tasks", "ls"])
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
+        output_within(self.ctr().args(["tasks", "ls"]), COMMAND_TIMEOUT)
             .map(|o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
@@ -708,130 +1014,44 @@ state = "{state}"
             p.stop();
         }
         if containerd.is_some() {
-            // Whatever still runs: killed, then its container record removed.
+            // Whatever still runs: killed, then its records removed.
             for (id, _) in self.tasks() {
-                let _ = self
-                    .ctr()
-                    .args(["tasks", "kill", "-s", "SIGKILL", &id])
-                    .output();
+                let _ = output_within(
+                    self.ctr().args(["tasks", "kill", "-s", "SIGKILL", &id]),
+                    COMMAND_TIMEOUT,
+                );
             }
             let deadline = Instant::now() + Duration::from_secs(20);
             loop {
                 for (id, _) in self.tasks() {
-                    let _ = self.ctr().args(["tasks", "delete", "-f", &id]).output();
+                    let _ = output_within(
+                        self.ctr().args(["tasks", "delete", "-f", &id]),
+                        COMMAND_TIMEOUT,
+                    );
                 }
                 if self.tasks().is_empty() || Instant::now() > deadline {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(300));
             }
-            if let Ok(o) = self.ctr().args(["containers", "ls", "-q"]).output() {
+            if let Ok(o) =
+                output_within(self.ctr().args(["containers", "ls", "-q"]), COMMAND_TIMEOUT)
+            {
                 for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = self.ctr().args(["containers", "delete", id]).output();
+                    let _ = output_within(
+                        self.ctr().args(["containers", "delete", id]),
+                        COMMAND_TIMEOUT,
+                    );
                 }
             }
         }
         if let Some(mut p) = containerd {
             p.stop();
         }
-        // Shims whose containerd is gone, and anything left in the pods' cgroups.
-        let dir = self.dir.display().to_string();
-        for pid in processes_matching(|cmdline, cgroup| {
-            cmdline.contains(&dir) || cgroup.contains("/kubepods")
-        }) {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        // kube-proxy's chains (its own cleanup), then any other new rule and chain.
-        let _ = Command::new(self.k8s_bin.join("kube-proxy"))
-            .arg("--cleanup")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        for (tool, before) in &self.baseline.iptables {
-            restore_iptables(tool, before);
-        }
-        // Mounts made since the start, deepest first.
-        let mut new_mounts: Vec<String> = mounts()
-            .difference(&self.baseline.mounts)
-            .cloned()
-            .collect();
-        new_mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in new_mounts {
-            let ok = Command::new("umount")
-                .arg(&m)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = Command::new("umount").arg("-l").arg(&m).status();
-            }
-        }
-        for ns in netns().difference(&self.baseline.netns) {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        for l in links().difference(&self.baseline.links) {
-            let _ = Command::new("ip")
-                .args(["link", "del", l])
-                .stderr(Stdio::null())
-                .status();
-        }
-        for cg in cgroups().difference(&self.baseline.cgroups) {
-            remove_cgroup(cg);
-        }
-        for p in FIXED_PATHS {
-            if !self.baseline.paths.contains(*p) && Path::new(p).exists() {
-                let _ = std::fs::remove_dir_all(p);
-            }
-        }
-        for (name, value) in &self.baseline.sysctls {
-            let _ = write_sysctl(name, value);
-        }
-        self.leftovers()
-    }
-
-    /// What differs from the baseline.
-    fn leftovers(&self) -> Vec<String> {
-        let mut left = Vec::new();
-        let dir = self.dir.display().to_string();
-        for pid in processes_matching(|cmdline, cgroup| {
-            cmdline.contains(&dir) || cgroup.contains("/kubepods")
-        }) {
-            left.push(format!("process {pid}"));
-        }
-        for m in mounts().difference(&self.baseline.mounts) {
-            left.push(format!("mount {m}"));
-        }
-        for ns in netns().difference(&self.baseline.netns) {
-            left.push(format!("network namespace {ns}"));
-        }
-        for l in links().difference(&self.baseline.links) {
-            left.push(format!("link {l}"));
-        }
-        for (tool, before) in &self.baseline.iptables {
-            let now = iptables_save(tool);
-            let before: BTreeSet<&str> = before.lines().collect();
-            // Tables and built-in chains appear when a table is first used: only rules
-            // and user-defined chains (policy "-") count.
-            let counts =
-                |l: &&str| l.starts_with("-A ") || (l.starts_with(':') && l.ends_with(" -"));
-            for line in now.lines().filter(counts).filter(|l| !before.contains(l)) {
-                left.push(format!("{tool}: {line}"));
-            }
-        }
-        for cg in cgroups().difference(&self.baseline.cgroups) {
-            left.push(format!("cgroup {}", cg.display()));
-        }
-        for p in FIXED_PATHS {
-            if !self.baseline.paths.contains(*p) && Path::new(p).exists() {
-                left.push(format!("path {p}"));
-            }
-        }
-        for (name, value) in &self.baseline.sysctls {
-            if read_sysctl(name).as_deref() != Some(value.as_str()) {
-                left.push(format!("sysctl {name} (was {value})"));
-            }
+        clean_owned(&self.state);
+        let left = leftovers_of(&self.state);
+        if left.is_empty() {
+            let _ = std::fs::remove_file(Path::new(STATE_DIR).join("state.json"));
         }
         left
     }
@@ -863,79 +1083,32 @@ fn which(tool: &str) -> Option<PathBuf> {
         })
 }
 
-/// Pids (other than ours) whose command line or cgroup file matches.
-fn processes_matching(f: impl Fn(&str, &str) -> bool) -> Vec<u32> {
-    let me = std::process::id();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let cmdline = std::fs::read(e.path().join("cmdline"))
-            .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
-            .unwrap_or_default();
-        let cgroup = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
-        if !cmdline.is_empty() && f(&cmdline, &cgroup) {
-            out.push(pid);
-        }
+/// Asks CoreDNS at `server` for the `kubernetes` Service's A record; true once it
+/// answers with at least one address.
+fn dns_answers(server: Ipv4Addr) -> bool {
+    let name = "kubernetes.default.svc.cluster.local";
+    let mut q = vec![0x47, 0x52, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
     }
-    out
-}
-
-/// Removes a cgroup directory tree, children first.
-fn remove_cgroup(dir: &Path) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_cgroup(&e.path());
-        }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let Ok(sock) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)) else {
+        return false;
+    };
+    let _ = sock.set_read_timeout(Some(Duration::from_millis(500)));
+    if sock.send_to(&q, (server, 53)).is_err() {
+        return false;
     }
-    let _ = std::fs::remove_dir(dir);
-}
-
-/// Deletes the rules and chains that are not in `before` (an [`iptables_save`] of the
-/// same tool): rules first (`-D` of each new `-A` line), then the new chains.
-fn restore_iptables(tool: &str, before: &str) {
-    let cli = tool.trim_end_matches("-save");
-    let before: BTreeSet<&str> = before.lines().collect();
-    let now = iptables_save(tool);
-    let mut table = "";
-    let mut new_chains: Vec<(String, String)> = Vec::new();
-    for line in now.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = t;
-            continue;
+    let mut buf = [0u8; 512];
+    match sock.recv(&mut buf) {
+        // Same id, a response, RCODE 0, at least one answer.
+        Ok(n) if n >= 12 => {
+            buf[0..2] == [0x47, 0x52]
+                && buf[2] & 0x80 != 0
+                && buf[3] & 0x0f == 0
+                && u16::from_be_bytes([buf[6], buf[7]]) > 0
         }
-        if before.contains(line) {
-            continue;
-        }
-        if let Some(chain) = line.strip_prefix(':') {
-            let name = chain.split(' ').next().unwrap_or_default();
-            // A chain whose line differs only by its policy is not new.
-            if !before.iter().any(|b| b.starts_with(&format!(":{name} "))) {
-                new_chains.push((table.to_string(), name.to_string()));
-            }
-        } else if let Some(rule) = line.strip_prefix("-A ") {
-            // iptables-save quotes what needs it for a shell.
-            let _ = Command::new("sh")
-                .arg("-c")
-                .arg(format!("{cli} -w -t {table} -D {rule}"))
-                .stderr(Stdio::null())
-                .status();
-        }
-    }
-    for (table, chain) in &new_chains {
-        let _ = Command::new(cli)
-            .args(["-w", "-t", table, "-F", chain])
-            .stderr(Stdio::null())
-            .status();
-    }
-    for (table, chain) in &new_chains {
-        let _ = Command::new(cli)
-            .args(["-w", "-t", table, "-X", chain])
-            .stderr(Stdio::null())
-            .status();
+        _ => false,
     }
 }

@@ -11,7 +11,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use granary_e2e::control_plane::{ControlPlane, poll_until};
 use granary_e2e::kubelet::{NODE_IP, NODE_NAME, POD_SUBNET, RealNode};
@@ -149,7 +149,7 @@ async fn the_chart_operator_and_storage_pods_run_on_a_real_kubelet() {
     let left = node.shutdown(&cp);
     eprintln!("real node: teardown took {:.1?}", t0.elapsed());
     if let Err(e) = result {
-        panic!("{e:#}");
+        panic!("{e:#}\n(teardown left: {left:#?})");
     }
     assert!(
         left.is_empty(),
@@ -258,22 +258,23 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
     // The kubelet serves logs to the apiserver (`kubectl logs` reaches it by its
     // InternalIP with the apiserver's client certificate).
     let logs = cp.kubectl(&["logs", "-n", NS, &pods[0].0, "--tail=50"])?;
-    assert!(
+    ensure!(
         !logs.trim().is_empty(),
         "kubectl logs {} printed nothing",
         pods[0].0
     );
     // One cluster: every pod is a registered member.
-    let nodes_seen = wait_for("the three members in the catalog", 120, || {
+    wait_for("the three members in the catalog", 120, || {
         let n: i64 = pg_count(&pg, "SELECT count(*) FROM nodes")?;
         Ok((n == 3).then_some(n))
     })?;
-    assert_eq!(nodes_seen, 3);
     // ... and they form one store: through the internal Service, every member is alive
     // and every partition has its three copies in sync.
     let token = secret_field(cp, NS, "main-admin-token", "token")?;
     let admin = via_cluster_ip(cp, &format!("http://main-internal.{NS}.svc:9200"))?;
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
     let t1 = Instant::now();
     let layout = loop {
         let get = |path: &str| {
@@ -281,16 +282,15 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
                 .bearer_auth(&token)
                 .send()
         };
-        let nodes: Value = get("/admin/v1/nodes")
-            .await?
-            .json()
-            .await
-            .unwrap_or_default();
-        let layout: Value = get("/admin/v1/layout")
-            .await?
-            .json()
-            .await
-            .unwrap_or_default();
+        // Until kube-proxy routes the new Service, a request may fail: retried.
+        let nodes: Value = match get("/admin/v1/nodes").await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => Value::Null,
+        };
+        let layout: Value = match get("/admin/v1/layout").await {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => Value::Null,
+        };
         let partitions = layout["partitions"].as_u64().unwrap_or(0);
         let full = layout["partitionsByReplicaCount"][3].as_u64() == Some(partitions);
         if nodes["alive"] == 3 && partitions > 0 && full && layout["partitionsOutOfSync"] == 0 {
@@ -327,7 +327,20 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
     // the same Service by its ClusterIP (routed by kube-proxy like the pods' traffic).
     let s3 = s3_client(&via_cluster_ip(cp, &s3_ep)?, &ak, &sk);
     let kv = KvClient::new(&via_cluster_ip(cp, &kv_ep)?, &ak, &sk);
-    s3.create_bucket().bucket("photos").send().await?;
+    // The first request may reach the Services before kube-proxy routes them: the
+    // bucket creation is retried until one answers.
+    let t1 = Instant::now();
+    loop {
+        let last = match s3.create_bucket().bucket("photos").send().await {
+            Ok(_) => break,
+            Err(e) => format!("{e:?}"),
+        };
+        ensure!(
+            t1.elapsed() < Duration::from_secs(60),
+            "the S3 Service never answered CreateBucket: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     s3.put_object()
         .bucket("photos")
@@ -335,31 +348,51 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         .body(body.clone().into())
         .send()
         .await?;
-    let got = s3
-        .get_object()
-        .bucket("photos")
-        .key("cat.jpg")
-        .send()
-        .await?;
-    assert_eq!(got.body.collect().await?.into_bytes().as_ref(), &body[..]);
-    let r = kv
-        .send("PUT", "/kv/v1/app/greeting", &[], b"hello".to_vec())
-        .await?;
-    assert_eq!(
-        r.status(),
-        200,
-        "KV put: {}",
-        r.text().await.unwrap_or_default()
+    ensure!(
+        read_object(&s3).await? == body,
+        "the object read back through the Service differs"
     );
-    kv.assert_value(
-        "/kv/v1/app/greeting",
-        b"hello",
-        "KV value through the Service",
-    )
-    .await;
+    let t1 = Instant::now();
+    loop {
+        match kv
+            .send("PUT", "/kv/v1/app/greeting", &[], b"hello".to_vec())
+            .await
+        {
+            Ok(r) if r.status() == 200 => break,
+            Ok(r) => bail!(
+                "KV put answered {}: {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            ),
+            Err(e) => ensure!(
+                t1.elapsed() < Duration::from_secs(60),
+                "the KV Service never answered: {e:#}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(
+        kv_value(&kv).await? == b"hello",
+        "the KV value read back through the Service differs"
+    );
 
     // A storage pod deleted comes back on its volume, with its data.
     let (victim, old_uid) = pods[0].clone();
+    let claim_of = |pod: &str| -> Result<(String, String)> {
+        let pvc = json(cp, &["get", "pvc", &format!("data-{pod}"), "-n", NS])?;
+        Ok((
+            pvc["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            pvc["spec"]["volumeName"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ))
+    };
+    let claim_before = claim_of(&victim)?;
+    let members_before = pg_count(&pg, "SELECT count(*) FROM nodes")?;
     let t0 = Instant::now();
     cp.kubectl(&["delete", "pod", &victim, "-n", NS, "--wait=false"])?;
     wait_for(&format!("{victim} back and Ready"), 240, || {
@@ -373,32 +406,27 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         "real node: deleted storage pod {victim} Ready again in {:.1?}",
         t0.elapsed()
     );
-    let claim = json(cp, &["get", "pod", &victim, "-n", NS])?["spec"]["volumes"]
-        .as_array()
-        .and_then(|v| v.iter().find(|v| v["name"] == "data"))
-        .map(|v| v["persistentVolumeClaim"]["claimName"].clone())
-        .unwrap_or_default();
-    assert_eq!(claim, format!("data-{victim}"), "the pod keeps its claim");
+    // The same claim on the same volume, and the node came back as the same member
+    // (its identity is on that volume): no fourth member registered.
+    let claim_after = claim_of(&victim)?;
+    ensure!(
+        claim_after == claim_before && !claim_after.1.is_empty(),
+        "the pod's claim changed: {claim_before:?} -> {claim_after:?}"
+    );
+    let members_after = pg_count(&pg, "SELECT count(*) FROM nodes")?;
+    ensure!(
+        members_after == members_before,
+        "the restarted pod registered as a new member ({members_before} -> {members_after})"
+    );
     let got = wait_for("the object readable after the restart", 120, || {
         let s3 = s3.clone();
-        let out = futures_block(async move {
-            let r = s3
-                .get_object()
-                .bucket("photos")
-                .key("cat.jpg")
-                .send()
-                .await?;
-            Ok::<_, anyhow::Error>(r.body.collect().await?.into_bytes().to_vec())
-        });
-        Ok(out.ok())
+        Ok(futures_block(async move { read_object(&s3).await }).ok())
     })?;
-    assert_eq!(got, body, "the object after the pod came back");
-    kv.assert_value(
-        "/kv/v1/app/greeting",
-        b"hello",
-        "KV value after the pod came back",
-    )
-    .await;
+    ensure!(got == body, "the object differs after the pod came back");
+    ensure!(
+        kv_value(&kv).await? == b"hello",
+        "the KV value differs after the pod came back"
+    );
 
     // A StatefulSet change (a resource request) rolls the storage pods.
     let t0 = Instant::now();
@@ -438,7 +466,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
     let was = before
         .iter()
         .find(|(n, _)| n.starts_with("main-a-default-"));
-    assert!(
+    ensure!(
         rolled.is_some() && rolled.map(|r| &r.1) != was.map(|w| &w.1),
         "the zone-a pod was not replaced: before {before:?}, after {after:?}"
     );
@@ -449,6 +477,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
 
     // helm upgrade to a changed chart version, two operator replicas, leader election.
     let t0 = Instant::now();
+    let lease_before = json(cp, &["get", "lease", "granary-operator", "-n", NS])?;
     let upgraded = cp.dir().join("chart-upgraded");
     copy_dir(&chart, &upgraded)?;
     let chart_yaml = std::fs::read_to_string(upgraded.join("Chart.yaml"))?;
@@ -490,36 +519,76 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         .to_string();
     cp.kubectl(&["rollout", "status", &deploy, "-n", NS, "--timeout=180s"])?;
     let d = json(cp, &["get", &deploy, "-n", NS])?;
-    assert_eq!(
-        d["status"]["readyReplicas"], 2,
+    ensure!(
+        d["status"]["readyReplicas"] == 2,
         "two operator replicas Ready: {d}"
     );
-    let labels = d["metadata"]["labels"].clone();
-    assert_eq!(
-        labels["helm.sh/chart"],
-        format!("granary-{version}-upgrade.1"),
-        "the Deployment is from the upgraded chart"
+    ensure!(
+        d["metadata"]["labels"]["helm.sh/chart"] == format!("granary-{version}-upgrade.1"),
+        "the Deployment is not from the upgraded chart: {}",
+        d["metadata"]["labels"]
     );
-    // One leader holds the Lease; the other replica is a Ready standby.
-    let lease = json(cp, &["get", "lease", "granary-operator", "-n", NS])?;
-    let holder = lease["spec"]["holderIdentity"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    assert!(!holder.is_empty(), "no leader holds the Lease: {lease}");
+    // One of the new pods leads (holds the Lease and renews it); the other is a Ready
+    // standby.
+    let operators: Vec<String> = json(
+        cp,
+        &[
+            "get",
+            "pods",
+            "-n",
+            NS,
+            "-l",
+            "app.kubernetes.io/name=granary",
+            "--field-selector=status.phase=Running",
+        ],
+    )?["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    let holder = wait_for(
+        "a current operator pod to hold and renew the Lease",
+        120,
+        || {
+            let lease = json(cp, &["get", "lease", "granary-operator", "-n", NS])?;
+            let holder = lease["spec"]["holderIdentity"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let renewed = lease["spec"]["renewTime"] != lease_before["spec"]["renewTime"];
+            Ok((operators.contains(&holder) && renewed).then_some(holder))
+        },
+    )?;
     // The cluster still answers after the operator changed hands.
-    kv.assert_value(
-        "/kv/v1/app/greeting",
-        b"hello",
-        "KV value after the upgrade",
-    )
-    .await;
+    ensure!(
+        kv_value(&kv).await? == b"hello",
+        "the KV value differs after the upgrade"
+    );
     eprintln!(
         "real node: helm upgrade (2 replicas, leader {holder}) rolled out in {:.1?}",
         t0.elapsed()
     );
     drop(pg);
     Ok(())
+}
+
+/// The test object, read through the S3 Service.
+async fn read_object(s3: &aws_sdk_s3::Client) -> Result<Vec<u8>> {
+    let r = s3
+        .get_object()
+        .bucket("photos")
+        .key("cat.jpg")
+        .send()
+        .await?;
+    Ok(r.body.collect().await?.into_bytes().to_vec())
+}
+
+/// The test key's value, read through the KV Service.
+async fn kv_value(kv: &KvClient) -> Result<Vec<u8>> {
+    let r = kv.send("GET", "/kv/v1/app/greeting", &[], vec![]).await?;
+    ensure!(r.status() == 200, "KV get answered {}", r.status());
+    Ok(r.bytes().await?.to_vec())
 }
 
 fn secret_field(cp: &ControlPlane, ns: &str, name: &str, key: &str) -> Result<String> {

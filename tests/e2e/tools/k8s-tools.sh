@@ -15,6 +15,10 @@ export GOTOOLCHAIN=local GOFLAGS=-mod=mod GOPATH="$CACHE/gopath" GOMODCACHE="$CA
 OUT="$CACHE/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-helm-$HELM_VERSION"
 mkdir -p "$OUT/bin"
 log() { echo "k8s-tools: $*" >&2; }
+# One Go build at a time in the shared caches (node-tools.sh takes the same lock and
+# both clear the caches when done).
+exec 8>"$CACHE/go.lock"
+flock 8
 
 staging="api apiextensions-apiserver apimachinery apiserver cli-runtime client-go cloud-provider
 cluster-bootstrap code-generator component-base component-helpers controller-manager cri-api
@@ -62,7 +66,8 @@ GO
     if [ ! -x "$OUT/bin/$cmd" ]; then
       log "building $cmd $K8S_VERSION (first time only; several minutes)"
       built=1
-      (cd "$w" && go build -tags tools -ldflags "$ldflags" -o "$OUT/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd")
+      (cd "$w" && go build -tags tools -ldflags "$ldflags" -o "$OUT/bin/.$cmd.tmp" "k8s.io/kubernetes/cmd/$cmd")
+      mv "$OUT/bin/.$cmd.tmp" "$OUT/bin/$cmd"
     fi
   done
 fi
@@ -85,7 +90,8 @@ func main() { etcdmain.Main(os.Args) }
 GO
   log "building etcd $ETCD_VERSION"
   built=1
-  (cd "$w" && go mod tidy >/dev/null && go build -o "$OUT/bin/etcd" .)
+  (cd "$w" && go mod tidy >/dev/null && go build -o "$OUT/bin/.etcd.tmp" .)
+  mv "$OUT/bin/.etcd.tmp" "$OUT/bin/etcd"
 fi
 
 if [ ! -x "$OUT/bin/helm" ]; then

@@ -5,7 +5,7 @@
 #   containerd, containerd-shim-runc-v2, ctr   (github.com/containerd/containerd/v2)
 #   bridge, host-local, loopback, portmap      (github.com/containernetworking/plugins)
 #   coredns                                    (github.com/coredns/coredns, 3 plugins)
-#   pause.tar                                  (a static sandbox binary packed as an OCI
+#   pause-<tag>.tar                            (a static sandbox binary packed as an OCI
 #                                               archive: no registry means no pause image)
 # kubelet, kube-scheduler and kube-proxy come from k8s-tools.sh. runc is Debian's.
 # Prints the directory holding the binaries. Safe to run repeatedly: built once.
@@ -23,6 +23,10 @@ log() { echo "node-tools: $*" >&2; }
 exec 3>&1 1>&2
 exec 9>"$CACHE/node-tools.lock"
 flock 9
+# One Go build at a time in the shared caches (k8s-tools.sh takes the same lock and
+# both clear the caches when done).
+exec 8>"$CACHE/go.lock"
+flock 8
 
 built=0
 if [ ! -x "$OUT/bin/containerd" ] || [ ! -x "$OUT/bin/containerd-shim-runc-v2" ] || [ ! -x "$OUT/bin/ctr" ]; then
@@ -49,7 +53,8 @@ GO
       log "building $cmd $CONTAINERD_VERSION (first time only)"
       built=1
       (cd "$w" && CGO_ENABLED=0 go build -tags "tools $tags" -ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$CONTAINERD_VERSION" \
-        -o "$OUT/bin/$cmd" "github.com/containerd/containerd/v2/cmd/$cmd")
+        -o "$OUT/bin/.$cmd.tmp" "github.com/containerd/containerd/v2/cmd/$cmd")
+      mv "$OUT/bin/.$cmd.tmp" "$OUT/bin/$cmd"
     fi
   done
 fi
@@ -75,7 +80,8 @@ GO
     name=${p#*/}
     log "building CNI plugin $name $CNI_VERSION"
     built=1
-    (cd "$w" && CGO_ENABLED=0 go build -tags tools -ldflags "-s -w" -o "$OUT/cni/$name" "github.com/containernetworking/plugins/plugins/$p")
+    (cd "$w" && CGO_ENABLED=0 go build -tags tools -ldflags "-s -w" -o "$OUT/cni/.$name.tmp" "github.com/containernetworking/plugins/plugins/$p")
+    mv "$OUT/cni/.$name.tmp" "$OUT/cni/$name"
   done
 fi
 
@@ -106,14 +112,15 @@ func main() { coremain.Run() }
 GO
   log "building coredns $COREDNS_VERSION"
   built=1
-  (cd "$w" && go mod tidy >/dev/null && CGO_ENABLED=0 go build -ldflags "-s -w" -o "$OUT/bin/coredns" .)
+  (cd "$w" && go mod tidy >/dev/null 2>&1 && CGO_ENABLED=0 go build -ldflags "-s -w" -o "$OUT/bin/.coredns.tmp" .)
+  mv "$OUT/bin/.coredns.tmp" "$OUT/bin/coredns"
 fi
 
 # The sandbox ("pause") image: a static binary that sleeps until SIGINT/SIGTERM and reaps
 # children, alone in one layer, referenced as localhost/pause:$PAUSE_TAG.
-if [ ! -s "$OUT/pause.tar" ]; then
+if [ ! -s "$OUT/pause-$PAUSE_TAG.tar" ]; then
   for tool in umoci skopeo; do
-    command -v "$tool" >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends umoci skopeo >/dev/null; break; }
+    command -v "$tool" >/dev/null || { echo "node-tools: $tool is missing (Debian package $tool; the test command installs it)" >&2; exit 1; }
   done
   w="$OUT/src/pause"
   rm -rf "$w"; mkdir -p "$w"
@@ -157,8 +164,10 @@ GO
   umoci repack --image "$lay:pause" "$w/bundle"
   umoci config --image "$lay:pause" --config.entrypoint /pause --config.user 65535:65535 \
     --os linux --architecture "$(go env GOARCH)"
+  # skopeo refuses to write into an existing archive (one a killed run left).
+  rm -f "$OUT/pause.tar.tmp"
   skopeo copy -q "oci:$lay:pause" "docker-archive:$OUT/pause.tar.tmp:localhost/pause:$PAUSE_TAG"
-  mv "$OUT/pause.tar.tmp" "$OUT/pause.tar"
+  mv "$OUT/pause.tar.tmp" "$OUT/pause-$PAUSE_TAG.tar"
   rm -rf "$w/bundle"
 fi
 if [ "$built" -eq 1 ]; then

@@ -1,0 +1,403 @@
+//! Lifecycle transitions to the cold tier: which objects are cold (the tenant's
+//! `tiering` policy and the bucket's lifecycle rules), the mover that copies their data
+//! to the cold store and switches their records, and the sweep of cold copies no record
+//! names.
+//!
+//! A move never leaves an object without a readable copy:
+//! 1. the object's chunk files are copied to a fresh name in the cold store (checksummed
+//!    per piece);
+//! 2. one engine write switches the record to the cold manifest, only if the record is
+//!    still the version that was copied (a concurrent overwrite or delete wins, and the
+//!    copy is deleted);
+//! 3. the chunk files are freed the way replaced data is (after reads that use them).
+//!
+//! A crash between 1 and 2 leaves an unnamed cold copy (the sweep deletes it after
+//! [`TierSettings::orphan_grace`]); a crash between 2 and 3 leaves unnamed chunk files
+//! (the start-up sweep of the chunk store deletes them). Cold copies no record names are
+//! deleted by [`Store::sweep_cold_orphans`] once older than its grace (a copy a move in
+//! progress is writing is younger). Only a partition's primary
+//! moves; replicas get the switch through replication.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redb::ReadableTable;
+use serde::{Deserialize, Serialize};
+
+use super::data::{self, ObjectData};
+use super::object::{decode_record, encode_ext};
+use super::{Error, Result, Store};
+use crate::catalog::Bucket;
+use crate::cold::{ColdRef, ColdTier};
+use crate::engine::{EngineError, OBJECTS, keys};
+use crate::types::{PartitionId, now_millis};
+
+/// The bucket setting that holds the bucket's lifecycle rules (JSON of [`Lifecycle`]).
+pub const LIFECYCLE: &str = "lifecycle";
+
+/// The storage class a cold object reports (`x-amz-storage-class`): instant retrieval,
+/// so clients read it like any other object.
+pub const COLD_CLASS: &str = "GLACIER_IR";
+
+/// Storage classes a lifecycle transition may name; all mean "the cold tier".
+pub const COLD_CLASSES: &[&str] = &[
+    "GLACIER",
+    "GLACIER_IR",
+    "DEEP_ARCHIVE",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+];
+
+/// A bucket's lifecycle configuration: the subset Granary acts on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Lifecycle {
+    pub rules: Vec<LifecycleRule>,
+}
+
+/// One rule: objects under `prefix` (and within the size bounds) move to the cold tier
+/// `days` days after their last write.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LifecycleRule {
+    pub id: Option<String>,
+    pub enabled: bool,
+    #[serde(default)]
+    pub prefix: String,
+    /// `ObjectSizeGreaterThan`.
+    pub size_greater_than: Option<u64>,
+    /// `ObjectSizeLessThan`.
+    pub size_less_than: Option<u64>,
+    pub days: u32,
+    pub storage_class: String,
+}
+
+/// When an object is cold, as one rule: after `after_ms` since its last write, if its
+/// key starts with `prefix` and its size is within the bounds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    after_ms: i64,
+    prefix: String,
+    min_size: u64,
+    max_size: Option<u64>,
+}
+
+impl Rule {
+    fn matches(&self, key: &[u8], size: u64, last_modified: i64, now: i64) -> bool {
+        key.starts_with(self.prefix.as_bytes())
+            && size >= self.min_size
+            && self.max_size.is_none_or(|m| size < m)
+            && now.saturating_sub(last_modified) >= self.after_ms
+    }
+}
+
+/// What one pass did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TierOutcome {
+    pub moved: u64,
+    pub moved_bytes: u64,
+    /// Copies made for objects that changed while they were copied (deleted again).
+    pub raced: u64,
+    /// Objects that could not move (they stay hot).
+    pub failed: u64,
+}
+
+impl Store {
+    /// Sets the node's cold tier (once, before it serves).
+    pub fn set_cold_tier(&self, cold: Arc<ColdTier>) {
+        let _ = self.inner.cold.set(cold);
+    }
+
+    pub fn cold_tier(&self) -> Option<&Arc<ColdTier>> {
+        self.inner.cold.get()
+    }
+
+    /// The cold tier, or the error a read of cold data gets without one.
+    pub(crate) fn cold_or_err(&self) -> Result<&Arc<ColdTier>> {
+        self.inner.cold.get().ok_or_else(|| {
+            Error::ColdTierUnavailable(
+                "the object's data is in the cold tier and this node has no cold tier configured"
+                    .into(),
+            )
+        })
+    }
+
+    /// Frees data a record no longer names: chunk files through the log (replicas
+    /// free theirs too), a cold copy from the cold store after the same grace.
+    pub(crate) fn discard_data(&self, data: ObjectData) {
+        match data {
+            ObjectData::Cold(r) => {
+                let Some(cold) = self.inner.cold.get().cloned() else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    // Reads that began before the delete finish from the copy.
+                    tokio::time::sleep(cold.delete_grace).await;
+                    if let Err(e) = cold.delete(&r.key).await {
+                        tracing::warn!(key = %r.key, error = %e, "could not delete a replaced cold copy; the orphan sweep retries");
+                    }
+                });
+            }
+            other => self.discard_chunks(other.into_chunks()),
+        }
+    }
+
+    /// The lifecycle rules of a bucket (none if it has no configuration).
+    pub async fn bucket_lifecycle(&self, bucket: &Bucket) -> Result<Option<Lifecycle>> {
+        let Some(v) = self.catalog().bucket_setting(bucket.id, LIFECYCLE).await? else {
+            return Ok(None);
+        };
+        serde_json::from_str(&v)
+            .map(Some)
+            .map_err(|e| Error::Corrupt(format!("stored lifecycle configuration: {e}")))
+    }
+
+    /// One pass of the mover over the partitions this node leads: moves every object
+    /// that a rule makes cold, at most `max_bytes` of them (the rest wait for the next
+    /// pass). Stops early while the cold tier is unreachable.
+    pub async fn tier_pass(&self, max_bytes: u64) -> Result<TierOutcome> {
+        let mut out = TierOutcome::default();
+        let Some(cold) = self.inner.cold.get().cloned() else {
+            return Ok(out);
+        };
+        let now = now_millis();
+        for tenant in self.catalog().list_tenants().await? {
+            let tenant_rule = tenant.spec.tiering.cold_after_seconds.map(|s| Rule {
+                after_ms: (s as i64).saturating_mul(1000),
+                prefix: String::new(),
+                min_size: tenant.spec.tiering.min_object_size.unwrap_or(0),
+                max_size: None,
+            });
+            for bucket in self.catalog().list_buckets(tenant.id).await? {
+                let mut rules: Vec<Rule> = tenant_rule.iter().cloned().collect();
+                if let Some(lc) = self.bucket_lifecycle(&bucket).await? {
+                    rules.extend(lc.rules.iter().filter(|r| r.enabled).map(|r| Rule {
+                        after_ms: i64::from(r.days) * 86_400_000,
+                        prefix: r.prefix.clone(),
+                        min_size: r.size_greater_than.map_or(0, |s| s.saturating_add(1)),
+                        max_size: r.size_less_than,
+                    }));
+                }
+                if rules.is_empty() {
+                    continue;
+                }
+                let p = self.partition(tenant.id, &bucket.name);
+                if !self.led_partitions().contains(p) {
+                    continue;
+                }
+                self.move_bucket(&cold, p, &bucket, &rules, now, max_bytes, &mut out)
+                    .await?;
+                if out.moved_bytes >= max_bytes || !cold.reachable() {
+                    return Ok(out);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn move_bucket(
+        &self,
+        cold: &Arc<ColdTier>,
+        p: PartitionId,
+        bucket: &Bucket,
+        rules: &[Rule],
+        now: i64,
+        max_bytes: u64,
+        out: &mut TierOutcome,
+    ) -> Result<()> {
+        let prefix = keys::bucket_prefix(p, bucket.id);
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (pfx, rules2, start) = (prefix.clone(), rules.to_vec(), after.clone());
+            // A page of candidates: (full key, record) of hot objects a rule makes cold.
+            let page = self
+                .engine()
+                .read(move |txn| {
+                    let t = txn.open_table(OBJECTS)?;
+                    let end = keys::prefix_end(&pfx);
+                    let lo = match &start {
+                        Some(s) => std::ops::Bound::Excluded(s.as_slice()),
+                        None => std::ops::Bound::Included(pfx.as_slice()),
+                    };
+                    let hi = match &end {
+                        Some(e) => std::ops::Bound::Excluded(e.as_slice()),
+                        None => std::ops::Bound::Unbounded,
+                    };
+                    let mut seen = None;
+                    let mut found = Vec::new();
+                    for (n, e) in t.range::<&[u8]>((lo, hi))?.enumerate() {
+                        let (k, v) = e?;
+                        let key = k.value().to_vec();
+                        seen = Some(key.clone());
+                        if let Ok(rec) = decode_record(v.value())
+                            && rec.size > 0
+                            && !rec.data.is_cold()
+                            && rules2.iter().any(|r| {
+                                r.matches(&key[pfx.len()..], rec.size, rec.last_modified, now)
+                            })
+                        {
+                            found.push((key, rec));
+                        }
+                        if n >= 511 || found.len() >= 16 {
+                            break;
+                        }
+                    }
+                    Ok::<_, EngineError>((found, seen))
+                })
+                .await?;
+            let (found, seen) = page;
+            for (key, rec) in found {
+                if !self.led_partitions().contains(p) {
+                    return Ok(());
+                }
+                match self.move_object(cold, p, bucket, key, rec).await {
+                    Ok(Some(n)) => {
+                        out.moved += 1;
+                        out.moved_bytes += n;
+                    }
+                    Ok(None) => out.raced += 1,
+                    Err(Error::ColdTierUnavailable(why)) => {
+                        tracing::warn!(error = %why, "cold tier unavailable; transitions pause until it answers");
+                        return Ok(());
+                    }
+                    // One object that cannot move (its data fails a checksum, say) must
+                    // not stop the others: it stays hot and is tried again next pass.
+                    Err(e) => {
+                        out.failed += 1;
+                        tracing::warn!(bucket = %bucket.name, error = %e, "an object could not move to the cold tier; it stays hot");
+                    }
+                }
+                if out.moved_bytes >= max_bytes {
+                    return Ok(());
+                }
+            }
+            match seen {
+                Some(s) => after = Some(s),
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Moves one object; `Some(bytes)` once its record names the cold copy, `None` if
+    /// it changed meanwhile (the copy is deleted again).
+    async fn move_object(
+        &self,
+        cold: &Arc<ColdTier>,
+        p: PartitionId,
+        bucket: &Bucket,
+        key: Vec<u8>,
+        rec: super::ObjectRecord,
+    ) -> Result<Option<u64>> {
+        let cold_key = ColdTier::new_key(p.0, &bucket.id.0.simple().to_string(), rec.version);
+        let io = self.background_io();
+        let body = data::read_body(self.engine().chunks(), &rec.data, 0..rec.size, &io).await?;
+        let cref = cold
+            .upload(&cold_key, rec.size, body.stream)
+            .await
+            .map_err(cold_err)?;
+        let (version, old) = (rec.version, rec.data.clone());
+        let new = ObjectData::Cold(cref);
+        let switched = self
+            .engine()
+            .write(vec![], move |ctx| {
+                let mut t = ctx.txn.open_table(OBJECTS)?;
+                let Some(cur) = t.get(key.as_slice())?.map(|v| v.value().to_vec()) else {
+                    return Ok(false);
+                };
+                let mut cur = decode_record(&cur).map_err(|e| EngineError::Db(e.to_string()))?;
+                if cur.version != version || cur.data != old {
+                    return Ok(false);
+                }
+                cur.data = new;
+                t.insert(key.as_slice(), encode_ext(&cur)?.as_slice())?;
+                Ok(true)
+            })
+            .await;
+        match switched {
+            Ok(true) => {
+                self.discard_chunks(rec.data.into_chunks());
+                Ok(Some(rec.size))
+            }
+            Ok(false) => {
+                let _ = cold.delete(&cold_key).await;
+                Ok(None)
+            }
+            Err(e) => {
+                let _ = cold.delete(&cold_key).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Deletes cold copies of the partitions this node leads that no object record
+    /// names and that are older than `grace`. Returns how many.
+    pub async fn sweep_cold_orphans(&self, cold: &Arc<ColdTier>, grace: Duration) -> Result<u64> {
+        let listed = cold.list("").await.map_err(cold_err)?;
+        if listed.is_empty() {
+            return Ok(0);
+        }
+        let led = self.led_partitions();
+        let named = self
+            .engine()
+            .read(move |txn| {
+                let t = txn.open_table(OBJECTS)?;
+                let mut named = std::collections::HashSet::new();
+                for e in t.iter()? {
+                    let (_, v) = e?;
+                    match decode_record(v.value()) {
+                        Ok(rec) => {
+                            if let ObjectData::Cold(r) = rec.data {
+                                named.insert(r.key);
+                            }
+                        }
+                        // A record this node cannot read might name any copy.
+                        Err(e) => return Ok(Err(e)),
+                    }
+                }
+                Ok(Ok(named))
+            })
+            .await??;
+        let cutoff = now_millis().saturating_sub(grace.as_millis() as i64);
+        let mut deleted = 0;
+        for (key, modified) in listed {
+            let Some(p) = key
+                .strip_prefix('p')
+                .and_then(|k| k.get(..5))
+                .and_then(|d| d.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            if !led.contains(PartitionId(p)) || named.contains(&key) || modified > cutoff {
+                continue;
+            }
+            cold.delete(&key).await.map_err(cold_err)?;
+            tracing::info!(key = %key, "deleted a cold copy no object names (left by an interrupted move or delete)");
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
+    /// Reads `range` of cold data.
+    pub(crate) async fn read_cold(
+        &self,
+        r: &ColdRef,
+        range: std::ops::Range<u64>,
+    ) -> Result<data::ObjectBody> {
+        let cold = self.cold_or_err()?;
+        let (len, stream) = cold.read(r, range).await.map_err(cold_err)?;
+        Ok(data::ObjectBody { len, stream })
+    }
+}
+
+/// A cold-tier error as the model reports it.
+pub(crate) fn cold_err(e: crate::cold::ColdError) -> Error {
+    match e {
+        crate::cold::ColdError::Unavailable(m) => Error::ColdTierUnavailable(m),
+        crate::cold::ColdError::Corrupt(m) => Error::Corrupt(m),
+        crate::cold::ColdError::Missing(k) => Error::Corrupt(format!(
+            "the cold copy {k} of this object is missing from the cold tier"
+        )),
+    }
+}

@@ -1,0 +1,542 @@
+//! The cold tier (`object_store`): bucket lifecycle rules and tenant `tiering` policies
+//! move object data to a local directory or to another Granary over S3; reads (full,
+//! ranged, CopyObject source) are unchanged; overwrites, deletes and a tenant purge
+//! remove the cold copies; an unreachable cold tier fails cold reads fast with 503 while
+//! hot data is served; SIGKILL while objects move loses nothing and leaves no orphan.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::types::{
+    BucketLifecycleConfiguration, ExpirationStatus, LifecycleExpiration, LifecycleRule,
+    LifecycleRuleFilter, Transition, TransitionStorageClass,
+};
+use granary_e2e::{Admin, NodeProc, chunk_files, s3_client};
+use md5::Digest;
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i as u64).wrapping_mul(2_654_435_761) >> 13) as u8 ^ seed)
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if !p.to_string_lossy().contains("#") {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Env of a node whose cold tier is `url`, with a fast mover (1 s passes, 2 s grace).
+fn cold_env(url: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("GRANARY_COLD_TIER", url.to_string()),
+        ("GRANARY_COLD_TIER_PERIOD_SECS", "1".into()),
+        ("GRANARY_COLD_TIER_ORPHAN_GRACE_SECS", "2".into()),
+        ("GRANARY_COLD_TIER_TIMEOUT_SECS", "3".into()),
+    ]
+}
+
+fn start(dir: &Path, env: &[(&'static str, String)]) -> NodeProc {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    NodeProc::start_with_env(dir, &env).expect("starting the node")
+}
+
+async fn storage_class(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Option<String> {
+    s3.head_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .ok()
+        .and_then(|h| h.storage_class().map(|c| c.as_str().to_string()))
+}
+
+async fn wait_cold(s3: &aws_sdk_s3::Client, bucket: &str, keys: &[&str], secs: u64) {
+    let t0 = Instant::now();
+    loop {
+        let mut all = true;
+        for k in keys {
+            if storage_class(s3, bucket, k).await.as_deref() != Some("GLACIER_IR") {
+                all = false;
+            }
+        }
+        if all {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "{keys:?} did not all move to the cold tier within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn get(s3: &aws_sdk_s3::Client, bucket: &str, key: &str, range: Option<&str>) -> Vec<u8> {
+    let mut r = s3.get_object().bucket(bucket).key(key);
+    if let Some(range) = range {
+        r = r.range(range);
+    }
+    let out = r
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {key} {range:?}: {e:?}"));
+    out.body.collect().await.unwrap().into_bytes().to_vec()
+}
+
+async fn wait_until(what: &str, secs: u64, mut f: impl AsyncFnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f().await {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+fn cold_rule(prefix: &str, class: &str) -> LifecycleRule {
+    LifecycleRule::builder()
+        .id(format!("to-{class}"))
+        .status(ExpirationStatus::Enabled)
+        .filter(LifecycleRuleFilter::builder().prefix(prefix).build())
+        .transitions(
+            Transition::builder()
+                .days(0)
+                .storage_class(TransitionStorageClass::from(class))
+                .build(),
+        )
+        .build()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifecycle_rules_move_objects_to_a_local_cold_tier_and_reads_are_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let cold = dir.path().join("cold");
+    let node = start(
+        &dir.path().join("node"),
+        &cold_env(&format!("file://{}", cold.display())),
+    );
+    let s3 = s3_client(&node.s3, &node.access_key, &node.secret_key);
+    s3.create_bucket().bucket("lc-bucket").send().await.unwrap();
+
+    // Unsupported lifecycle elements are refused, not ignored.
+    let expiring = LifecycleRule::builder()
+        .id("expire")
+        .status(ExpirationStatus::Enabled)
+        .filter(LifecycleRuleFilter::builder().prefix("").build())
+        .expiration(LifecycleExpiration::builder().days(1).build())
+        .build()
+        .unwrap();
+    let err = s3
+        .put_bucket_lifecycle_configuration()
+        .bucket("lc-bucket")
+        .lifecycle_configuration(
+            BucketLifecycleConfiguration::builder()
+                .rules(expiring)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .expect_err("an Expiration rule is not supported");
+    assert_eq!(
+        err.raw_response().map(|r| r.status().as_u16()),
+        Some(501),
+        "{err:?}"
+    );
+    let err = s3
+        .put_bucket_lifecycle_configuration()
+        .bucket("lc-bucket")
+        .lifecycle_configuration(
+            BucketLifecycleConfiguration::builder()
+                .rules(cold_rule("cold/", "REDUCED_REDUNDANCY"))
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .expect_err("not a cold storage class");
+    assert_eq!(
+        err.raw_response().map(|r| r.status().as_u16()),
+        Some(400),
+        "{err:?}"
+    );
+
+    // Objects under cold/ move at the mover's next pass (Days: 0); hot/ stays.
+    let small = data(4096, 1);
+    let mid = data(8 << 20, 2);
+    let big = data(100 << 20, 3);
+    for (k, v) in [
+        ("cold/small", &small),
+        ("cold/mid", &mid),
+        ("cold/big", &big),
+        ("hot/x", &small),
+    ] {
+        s3.put_object()
+            .bucket("lc-bucket")
+            .key(k)
+            .body(v.clone().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    let hot_files = chunk_files(&node.data_dir).len();
+    assert!(
+        hot_files >= 2,
+        "the 8 and 100 MiB objects are in chunk files"
+    );
+    s3.put_bucket_lifecycle_configuration()
+        .bucket("lc-bucket")
+        .lifecycle_configuration(
+            BucketLifecycleConfiguration::builder()
+                .rules(cold_rule("cold/", "GLACIER"))
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let lc = s3
+        .get_bucket_lifecycle_configuration()
+        .bucket("lc-bucket")
+        .send()
+        .await
+        .unwrap();
+    let rule = &lc.rules()[0];
+    assert_eq!(rule.transitions()[0].days(), Some(0));
+    assert_eq!(
+        rule.transitions()[0].storage_class().map(|c| c.as_str()),
+        Some("GLACIER")
+    );
+    assert_eq!(
+        rule.filter().and_then(|f| f.prefix()),
+        Some("cold/"),
+        "{lc:?}"
+    );
+
+    let t0 = Instant::now();
+    wait_cold(
+        &s3,
+        "lc-bucket",
+        &["cold/small", "cold/mid", "cold/big"],
+        120,
+    )
+    .await;
+    eprintln!(
+        "cold tier: 108 MiB moved to a local directory within {:.1?}",
+        t0.elapsed()
+    );
+    assert_eq!(
+        storage_class(&s3, "lc-bucket", "hot/x").await,
+        None,
+        "hot/x stays hot"
+    );
+    // The local chunk files are freed (after the grace for reads in flight); the cold
+    // directory holds one copy per object.
+    wait_until("the local chunk files to be freed", 60, async || {
+        chunk_files(&node.data_dir).is_empty()
+    })
+    .await;
+    assert_eq!(files_under(&cold).len(), 3, "{:?}", files_under(&cold));
+
+    // Reads: whole, ranges across piece boundaries, the last bytes, a CopyObject source.
+    assert_eq!(get(&s3, "lc-bucket", "cold/small", None).await, small);
+    assert_eq!(get(&s3, "lc-bucket", "cold/mid", None).await, mid);
+    assert_eq!(get(&s3, "lc-bucket", "cold/big", None).await, big);
+    for (range, lo, hi) in [
+        ("bytes=1048570-1048590", 1048570usize, 1048591usize),
+        ("bytes=52428800-55574527", 52428800, 55574528),
+        ("bytes=-10", big.len() - 10, big.len()),
+        ("bytes=0-0", 0, 1),
+    ] {
+        assert_eq!(
+            get(&s3, "lc-bucket", "cold/big", Some(range)).await,
+            big[lo..hi],
+            "range {range}"
+        );
+    }
+    assert_eq!(
+        get(&s3, "lc-bucket", "cold/small", Some("bytes=100-199")).await,
+        small[100..200]
+    );
+    s3.copy_object()
+        .bucket("lc-bucket")
+        .key("hot/big-copy")
+        .copy_source("lc-bucket/cold/big")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get(&s3, "lc-bucket", "hot/big-copy", None).await, big);
+    assert_eq!(storage_class(&s3, "lc-bucket", "hot/big-copy").await, None);
+
+    // An overwrite and a delete remove the old copies; the new version moves too.
+    let small2 = data(5000, 9);
+    s3.put_object()
+        .bucket("lc-bucket")
+        .key("cold/small")
+        .body(small2.clone().into())
+        .send()
+        .await
+        .unwrap();
+    s3.delete_object()
+        .bucket("lc-bucket")
+        .key("cold/mid")
+        .send()
+        .await
+        .unwrap();
+    wait_cold(&s3, "lc-bucket", &["cold/small"], 60).await;
+    assert_eq!(get(&s3, "lc-bucket", "cold/small", None).await, small2);
+    wait_until(
+        "the replaced and deleted cold copies to go",
+        60,
+        async || files_under(&cold).len() == 2,
+    )
+    .await;
+
+    s3.delete_bucket_lifecycle()
+        .bucket("lc-bucket")
+        .send()
+        .await
+        .unwrap();
+    let err = s3
+        .get_bucket_lifecycle_configuration()
+        .bucket("lc-bucket")
+        .send()
+        .await
+        .expect_err("deleted");
+    assert!(
+        format!("{err:?}").contains("NoSuchLifecycleConfiguration"),
+        "{err:?}"
+    );
+    // Emptying the bucket empties the cold tier.
+    for k in ["cold/small", "cold/big", "hot/x", "hot/big-copy"] {
+        s3.delete_object()
+            .bucket("lc-bucket")
+            .key(k)
+            .send()
+            .await
+            .unwrap();
+    }
+    wait_until("the cold tier to be empty", 60, async || {
+        files_under(&cold).is_empty()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_policy_moves_objects_to_another_granary_over_s3_which_may_stall() {
+    // The cold tier: another node's bucket, through object_store's S3 client.
+    let dir = tempfile::tempdir().unwrap();
+    let mut target = NodeProc::start(&dir.path().join("target")).unwrap();
+    let target_s3 = s3_client(&target.s3, &target.access_key, &target.secret_key);
+    target_s3
+        .create_bucket()
+        .bucket("cold")
+        .send()
+        .await
+        .unwrap();
+    let mut env = cold_env("s3://cold/tier");
+    env.extend([
+        ("AWS_ACCESS_KEY_ID", target.access_key.clone()),
+        ("AWS_SECRET_ACCESS_KEY", target.secret_key.clone()),
+        ("AWS_ENDPOINT", target.s3.clone()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]);
+    let node = start(&dir.path().join("node"), &env);
+    let admin = Admin::new(&node);
+    let (ak, sk) = admin
+        .tenant_with_spec(
+            "archive",
+            serde_json::json!({"tiering": {"coldAfterSeconds": 1, "minObjectSize": 1000}}),
+        )
+        .await
+        .unwrap();
+    let s3 = s3_client(&node.s3, &ak, &sk);
+    s3.create_bucket().bucket("docs").send().await.unwrap();
+    let small = data(4096, 4);
+    let mid = data(8 << 20, 5);
+    let tiny = data(100, 6);
+    for (k, v) in [("small", &small), ("mid", &mid), ("tiny", &tiny)] {
+        s3.put_object()
+            .bucket("docs")
+            .key(k)
+            .body(v.clone().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    wait_cold(&s3, "docs", &["small", "mid"], 120).await;
+    assert_eq!(
+        storage_class(&s3, "docs", "tiny").await,
+        None,
+        "below minObjectSize: stays hot"
+    );
+    let listed = |s3: aws_sdk_s3::Client| async move {
+        s3.list_objects_v2()
+            .bucket("cold")
+            .send()
+            .await
+            .map(|o| o.contents().len())
+            .unwrap_or(usize::MAX)
+    };
+    assert_eq!(
+        listed(target_s3.clone()).await,
+        2,
+        "two copies in the cold bucket"
+    );
+    assert_eq!(get(&s3, "docs", "small", None).await, small);
+    assert_eq!(
+        get(&s3, "docs", "mid", Some("bytes=4194300-4194400")).await,
+        mid[4194300..4194401]
+    );
+
+    // The cold tier stalls (SIGSTOP): cold reads answer 503 within the timeout (3 s)
+    // instead of hanging; hot objects and new writes are served.
+    let target_pid = target.pid().expect("target pid").to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-STOP", &target_pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t0 = Instant::now();
+    let err = s3
+        .get_object()
+        .bucket("docs")
+        .key("mid")
+        .send()
+        .await
+        .expect_err("the cold tier does not answer");
+    let waited = t0.elapsed();
+    assert_eq!(
+        err.raw_response().map(|r| r.status().as_u16()),
+        Some(503),
+        "{err:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(15),
+        "the cold read took {waited:?}"
+    );
+    eprintln!(
+        "cold tier: a read of a cold object failed after {waited:.1?} while the tier was stopped"
+    );
+    assert_eq!(get(&s3, "docs", "tiny", None).await, tiny);
+    s3.put_object()
+        .bucket("docs")
+        .key("new")
+        .body(vec![1u8; 10].into())
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-CONT", &target_pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_until("cold reads to work again", 60, async || {
+        s3.get_object()
+            .bucket("docs")
+            .key("mid")
+            .send()
+            .await
+            .is_ok()
+    })
+    .await;
+    assert_eq!(get(&s3, "docs", "mid", None).await, mid);
+
+    // A tenant purge leaves nothing in the cold bucket.
+    let (status, v) = admin
+        .call(reqwest::Method::DELETE, "/tenants/archive?purge=true", None)
+        .await
+        .unwrap();
+    assert!(status == 204 || status == 200, "purge: {status} {v}");
+    wait_until("the cold bucket to be empty", 60, async || {
+        listed(target_s3.clone()).await == 0
+    })
+    .await;
+    target.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_while_objects_move_loses_nothing_and_leaves_no_orphan() {
+    let dir = tempfile::tempdir().unwrap();
+    let cold = dir.path().join("cold");
+    let data_dir = dir.path().join("node");
+    let env = cold_env(&format!("file://{}", cold.display()));
+    let mut node = start(&data_dir, &env);
+    let mut s3 = s3_client(&node.s3, &node.access_key, &node.secret_key);
+    s3.create_bucket().bucket("lc-bucket").send().await.unwrap();
+    s3.put_bucket_lifecycle_configuration()
+        .bucket("lc-bucket")
+        .lifecycle_configuration(
+            BucketLifecycleConfiguration::builder()
+                .rules(cold_rule("", "GLACIER"))
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut objects: Vec<(String, [u8; 16])> = Vec::new();
+    let cycles = std::env::var("GRANARY_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5usize)
+        .clamp(5, 50);
+    for cycle in 0..cycles {
+        for i in 0..3 {
+            let key = format!("c{cycle}/o{i}");
+            let v = data(if i == 0 { 3000 } else { 20 << 20 }, (cycle * 3 + i) as u8);
+            s3.put_object()
+                .bucket("lc-bucket")
+                .key(&key)
+                .body(v.clone().into())
+                .send()
+                .await
+                .unwrap();
+            objects.push((key, md5::Md5::digest(&v).into()));
+        }
+        // Kill at a random point of the next passes (1 s apart).
+        let wait = 200 + rand::random::<u64>() % 2500;
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        node.kill9();
+        node = start(&data_dir, &env);
+        s3 = s3_client(&node.s3, &node.access_key, &node.secret_key);
+        for (k, sum) in &objects {
+            let got = get(&s3, "lc-bucket", k, None).await;
+            assert_eq!(
+                <[u8; 16]>::from(md5::Md5::digest(&got)),
+                *sum,
+                "{k} changed after the kill in cycle {cycle} (killed {wait} ms after the writes)"
+            );
+        }
+    }
+    // Every object ends up cold, exactly one copy each; no local chunk file is left.
+    let keys: Vec<&str> = objects.iter().map(|(k, _)| k.as_str()).collect();
+    wait_cold(&s3, "lc-bucket", &keys, 300).await;
+    wait_until(
+        "one cold copy per object (orphans swept) and no local chunk file",
+        120,
+        async || files_under(&cold).len() == objects.len() && chunk_files(&data_dir).is_empty(),
+    )
+    .await;
+    for (k, sum) in &objects {
+        let got = get(&s3, "lc-bucket", k, None).await;
+        assert_eq!(<[u8; 16]>::from(md5::Md5::digest(&got)), *sum, "{k}");
+    }
+}
