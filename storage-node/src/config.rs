@@ -324,10 +324,14 @@ impl NodeConfig {
             return Err(ConfigError::Invalid("partitions must be at least 1".into()));
         }
         if self.cold_tier.is_some()
-            && (self.cold_tier_period_secs == 0 || self.cold_tier_timeout_secs == 0)
+            && (self.cold_tier_period_secs == 0
+                || self.cold_tier_timeout_secs == 0
+                || self.cold_tier_orphan_grace_secs == 0)
         {
             return Err(ConfigError::Invalid(
-                "cold_tier_period_secs and cold_tier_timeout_secs must be at least 1".into(),
+                "cold_tier_period_secs, cold_tier_timeout_secs and cold_tier_orphan_grace_secs \
+                 must be at least 1"
+                    .into(),
             ));
         }
         if self.memory_budget < MIN_MEMORY_BUDGET {

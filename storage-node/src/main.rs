@@ -62,6 +62,9 @@ enum Cmd {
             default_value_t = 60
         )]
         cold_tier_orphan_grace_secs: u64,
+        /// Bytes per second the mover copies at most (0: no limit).
+        #[arg(long, env = "GRANARY_COLD_TIER_RATE", default_value_t = NodeConfig::default().cold_tier_rate)]
+        cold_tier_rate: u64,
     },
     /// Run a node from a configuration file (TOML), with GRANARY_* overrides.
     Serve {
@@ -155,7 +158,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, nodes, cold_tier, cold_tier_period_secs, cold_tier_timeout_secs, cold_tier_orphan_grace_secs } => {
+            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, nodes, cold_tier, cold_tier_period_secs, cold_tier_timeout_secs, cold_tier_orphan_grace_secs, cold_tier_rate } => {
                 let _t = granary_node::telemetry::init("granary-node");
                 let config = NodeConfig {
                     data_dir,
@@ -168,6 +171,7 @@ fn main() -> anyhow::Result<()> {
                     cold_tier_period_secs,
                     cold_tier_timeout_secs,
                     cold_tier_orphan_grace_secs,
+                    cold_tier_rate,
                     ..NodeConfig::default()
                 };
                 if nodes > 1 {

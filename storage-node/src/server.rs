@@ -642,10 +642,24 @@ async fn cold_mover(
     let Some(cold) = store.cold_tier().cloned() else {
         return;
     };
+    match cold.probe().await {
+        Ok(()) => {
+            tracing::info!(url = %cold.url, "cold tier reachable (a probe object was written, read and deleted)")
+        }
+        Err(e) => tracing::error!(
+            url = %cold.url,
+            error = %e,
+            "the cold tier failed its start-up probe: check the URL, the bucket and the \
+             credentials (cold reads answer 503 and transitions wait until it works)"
+        ),
+    }
+    metrics.cold_tier_reachable.set(i64::from(cold.reachable()));
     let mut pass = 0u64;
     let mut backoff = 1u32;
+    let mut last_pass = schedule.period;
     loop {
-        let wait = schedule.period * backoff;
+        // A pass that took the whole period (a full budget) starts the next at once.
+        let wait = (schedule.period * backoff).saturating_sub(last_pass.min(schedule.period));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = shutdown.wait_for(|v| *v) => return,
@@ -663,6 +677,7 @@ async fn cold_mover(
             Ok(o) => {
                 metrics.cold_moved_objects.inc_by(o.moved);
                 metrics.cold_moved_bytes.inc_by(o.moved_bytes);
+                metrics.cold_move_failures.inc_by(o.failed);
                 if o.moved > 0 {
                     tracing::info!(
                         objects = o.moved,
@@ -691,6 +706,7 @@ async fn cold_mover(
             }
         }
         pass += 1;
+        last_pass = started.elapsed();
         let up = cold.reachable();
         metrics.cold_tier_reachable.set(i64::from(up));
         backoff = if up { 1 } else { (backoff * 2).min(16) };

@@ -185,7 +185,23 @@ pub fn config_map(sc: &StorageCluster, ctx: &Context) -> ConfigMap {
     let mut toml = toml;
     if let Some(ct) = &sc.spec.cold_tier {
         // TOML basic string: the URL's quotes and backslashes escaped.
+        // Each cluster under a prefix of its own: two clusters given the same bucket
+        // never see (and never sweep) each other's copies.
         let url: String = ct.url.chars().filter(|c| !c.is_control()).collect();
+        let url = match url.split_once('?') {
+            Some((base, query)) => format!(
+                "{}/{}/{}?{query}",
+                base.trim_end_matches('/'),
+                ctx.namespace,
+                ctx.name
+            ),
+            None => format!(
+                "{}/{}/{}",
+                url.trim_end_matches('/'),
+                ctx.namespace,
+                ctx.name
+            ),
+        };
         let url = url.replace('\\', "\\\\").replace('"', "\\\"");
         toml.push_str(&format!("cold_tier = \"{url}\"\n"));
     }

@@ -852,7 +852,8 @@ mod tests {
             toml::from_str(toml_text).expect("the node config stays valid TOML");
         assert_eq!(
             parsed["cold_tier"].as_str(),
-            Some("s3://archive/\"granary\"")
+            Some(format!("s3://archive/\"granary\"/{}/{}", b.namespace, b.name).as_str()),
+            "the URL, with the cluster's own prefix"
         );
         let c = &d.stateful_sets[0]
             .spec

@@ -25,9 +25,11 @@ use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use serde::{Deserialize, Serialize};
 
 /// Smallest verified piece of a cold copy; larger objects use larger pieces so that a
-/// manifest holds at most [`MAX_PIECES`] checksums.
+/// manifest holds at most [`MAX_PIECES`] checksums, up to [`MAX_PIECE`] (a read fetches
+/// whole pieces, so a piece bounds what a one-byte range costs).
 pub const MIN_PIECE: u64 = 1024 * 1024;
 const MAX_PIECES: u64 = 4096;
+const MAX_PIECE: u64 = 64 * 1024 * 1024;
 /// Objects up to this size go up in one PUT, larger ones as a multipart upload.
 const SINGLE_PUT_MAX: u64 = 16 * 1024 * 1024;
 /// Part size of multipart uploads to the cold store.
@@ -50,7 +52,20 @@ pub struct ColdRef {
 pub fn piece_size(len: u64) -> u64 {
     let pieces_of_min = len.div_ceil(MIN_PIECE);
     let mib = pieces_of_min.div_ceil(MAX_PIECES).max(1);
-    mib * MIN_PIECE
+    (mib * MIN_PIECE).min(MAX_PIECE)
+}
+
+/// Part size of a multipart upload of `len` bytes: [`UPLOAD_PART`], or more so that no
+/// upload needs more than 10000 parts (the S3, GCS and Azure limit).
+fn part_size(len: u64) -> usize {
+    let need = len.div_ceil(10_000).next_multiple_of(MIN_PIECE);
+    (need as usize).max(UPLOAD_PART)
+}
+
+/// Extra deadline per byte moved in one call: 4 MiB/s, the slowest link the defaults
+/// allow for.
+fn deadline_for(base: Duration, bytes: u64) -> Duration {
+    base + Duration::from_secs(bytes / (4 * 1024 * 1024))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +79,9 @@ pub enum ColdError {
     /// The store has no such object.
     #[error("cold object {0} is missing")]
     Missing(String),
+    /// The node's own data could not be read (its hot copy stays as it is).
+    #[error("reading the local copy: {0}")]
+    Local(String),
 }
 
 /// Settings of the cold tier (node config `cold_tier`, `granary-node dev --cold-tier`).
@@ -122,6 +140,24 @@ impl ColdTier {
                 .map_err(|e| format!("cold tier {}: {e}", dir.display()))?;
             (Arc::new(fs), Path::default())
         } else {
+            // A mistyped option would otherwise be dropped silently (and, say, send the
+            // traffic meant for another endpoint to AWS).
+            for (k, _) in &cfg.options {
+                let known = match url.scheme() {
+                    "s3" | "s3a" => k.parse::<object_store::aws::AmazonS3ConfigKey>().is_ok(),
+                    "gs" => k.parse::<object_store::gcp::GoogleConfigKey>().is_ok(),
+                    "az" | "azure" | "abfs" | "abfss" | "adl" => {
+                        k.parse::<object_store::azure::AzureConfigKey>().is_ok()
+                    }
+                    _ => false,
+                } || k.parse::<object_store::ClientConfigKey>().is_ok();
+                if !known {
+                    return Err(format!(
+                        "cold_tier_options: {k:?} is not an option of {} stores",
+                        url.scheme()
+                    ));
+                }
+            }
             let mut opts: Vec<(String, String)> = std::env::vars()
                 .filter(|(k, _)| {
                     k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
@@ -153,6 +189,7 @@ impl ColdTier {
             Ok(_) | Err(ColdError::Missing(_)) | Err(ColdError::Corrupt(_)) => {
                 self.reachable.store(true, Ordering::Relaxed)
             }
+            Err(ColdError::Local(_)) => {}
             Err(ColdError::Unavailable(_)) => self.reachable.store(false, Ordering::Relaxed),
         }
         r
@@ -163,19 +200,39 @@ impl ColdTier {
         what: &str,
         f: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<T, ColdError> {
-        let r = match tokio::time::timeout(self.timeout, f).await {
+        self.timed_for(what, self.timeout, f).await
+    }
+
+    /// [`Self::timed`] with another deadline.
+    async fn timed_for<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        f: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<T, ColdError> {
+        let r = self.untracked(what, limit, f).await;
+        self.note(r)
+    }
+
+    /// A call whose failure says nothing about the store's health for the mover (a
+    /// listing that is merely long).
+    async fn untracked<T>(
+        &self,
+        what: &str,
+        limit: Duration,
+        f: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<T, ColdError> {
+        match tokio::time::timeout(limit, f).await {
             Ok(r) => r.map_err(unavailable),
             Err(_) => Err(ColdError::Unavailable(format!(
-                "{what} took longer than {:?}",
-                self.timeout
+                "{what} took longer than {limit:?}"
             ))),
-        };
-        self.note(r)
+        }
     }
 
     fn path(&self, key: &str) -> Path {
         let mut p = self.root.clone();
-        for part in key.split('/') {
+        for part in key.split('/').filter(|s| !s.is_empty()) {
             p = p.join(part);
         }
         p
@@ -224,8 +281,7 @@ impl ColdTier {
             }
         };
         let path = self.path(key);
-        let read_err =
-            |e: std::io::Error| ColdError::Unavailable(format!("reading local data: {e}"));
+        let read_err = |e: std::io::Error| ColdError::Local(e.to_string());
         if len <= SINGLE_PUT_MAX {
             let mut buf = Vec::with_capacity(len as usize);
             while let Some(b) = body.next().await {
@@ -239,8 +295,12 @@ impl ColdTier {
                     "local data is {total} bytes, not {len}"
                 )));
             }
-            self.timed("a PUT", self.store.put(&path, buf.into()))
-                .await?;
+            self.timed_for(
+                "a PUT",
+                deadline_for(self.timeout, len),
+                self.store.put(&path, buf.into()),
+            )
+            .await?;
         } else {
             let upload = self
                 .timed(
@@ -248,14 +308,19 @@ impl ColdTier {
                     self.store.put_multipart(&path),
                 )
                 .await?;
-            let mut w = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART);
+            let part = part_size(len);
+            let mut w = WriteMultipart::new_with_chunk_size(upload, part);
             let r: Result<(), ColdError> = async {
                 while let Some(b) = body.next().await {
                     let b = b.map_err(read_err)?;
                     account(&b);
                     total += b.len() as u64;
-                    self.timed("uploading a part", w.wait_for_capacity(2))
-                        .await?;
+                    self.timed_for(
+                        "uploading a part",
+                        deadline_for(self.timeout, part as u64),
+                        w.wait_for_capacity(2),
+                    )
+                    .await?;
                     w.put(b);
                 }
                 if total != len {
@@ -266,19 +331,39 @@ impl ColdTier {
                 Ok(())
             }
             .await;
-            match r {
+            let done = match r {
                 Ok(()) => {
-                    self.timed("completing a multipart upload", w.finish())
-                        .await?;
+                    let limit = deadline_for(self.timeout, 2 * part as u64);
+                    let done = self
+                        .timed_for("completing a multipart upload", limit, w.finish())
+                        .await;
+                    if let Err(e) = &done {
+                        // The upload may or may not have completed: the name is deleted
+                        // (nothing names it yet) so no half-made copy stays behind.
+                        tracing::debug!(key, error = %e, "completing a cold upload failed; deleting it");
+                        let _ = tokio::time::timeout(self.timeout, self.store.delete(&path)).await;
+                    }
+                    done.map(|_| ())
                 }
                 Err(e) => {
                     let _ = tokio::time::timeout(self.timeout, w.abort()).await;
-                    return Err(e);
+                    Err(e)
                 }
-            }
+            };
+            done?;
         }
         if in_piece > 0 {
             crcs.push(crc);
+        }
+        // The copy is checked before anything frees the hot data: a store that
+        // acknowledged and kept something else is caught here, not at read time.
+        let meta = self.timed("a HEAD", self.store.head(&path)).await?;
+        if meta.size != len {
+            let _ = self.delete(key).await;
+            return Err(ColdError::Corrupt(format!(
+                "the store kept {} bytes of {key} after a {len}-byte upload",
+                meta.size
+            )));
         }
         Ok(ColdRef {
             key: key.to_string(),
@@ -293,8 +378,9 @@ impl ColdTier {
         let start = i * r.piece;
         let end = (start + r.piece).min(r.len);
         let bytes = self
-            .timed(
+            .timed_for(
                 "a ranged GET",
+                deadline_for(self.timeout, end - start),
                 self.store.get_range(&self.path(&r.key), start..end),
             )
             .await?;
@@ -352,6 +438,26 @@ impl ColdTier {
         Ok((len, Box::pin(stream)))
     }
 
+    /// Writes, reads back and deletes a small object under `_granary/` (outside every
+    /// partition's names): tells at start whether the URL and credentials work.
+    pub async fn probe(&self) -> Result<(), ColdError> {
+        let key = format!("_granary/probe-{:016x}", rand::random::<u64>());
+        let path = self.path(&key);
+        let body = Bytes::from_static(b"granary cold tier probe");
+        self.timed("a PUT", self.store.put(&path, body.clone().into()))
+            .await?;
+        let got = self
+            .timed("a GET", self.store.get_range(&path, 0..body.len() as u64))
+            .await;
+        let _ = self.timed("a DELETE", self.store.delete(&path)).await;
+        if got? != body {
+            return Err(ColdError::Corrupt(
+                "the probe object read back differently".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Deletes `key` (a missing one is fine).
     pub async fn delete(&self, key: &str) -> Result<(), ColdError> {
         match self
@@ -384,7 +490,9 @@ impl ColdTier {
             }
             Ok(out)
         };
-        self.timed("a LIST", listing).await
+        // A long listing is not an outage: its deadline is generous and its failure does
+        // not pause the mover.
+        self.untracked("a LIST", self.timeout * 30, listing).await
     }
 }
 
@@ -407,11 +515,31 @@ mod tests {
         assert_eq!(piece_size(1), MIN_PIECE);
         assert_eq!(piece_size(MAX_PIECES * MIN_PIECE), MIN_PIECE);
         assert_eq!(piece_size(MAX_PIECES * MIN_PIECE + 1), 2 * MIN_PIECE);
-        for len in [5u64 << 40, 123_456_789_012, 7 << 30] {
+        for len in [123_456_789_012, 7 << 30] {
             let p = piece_size(len);
             assert_eq!(p % MIN_PIECE, 0);
             assert!(len.div_ceil(p) <= MAX_PIECES, "{len}: {p}");
         }
+        // Past 256 GiB the piece stops growing: a range read never fetches more.
+        assert_eq!(piece_size(5 << 40), MAX_PIECE);
+        assert_eq!(part_size(1 << 30), UPLOAD_PART);
+        assert!((5u64 << 40).div_ceil(part_size(5 << 40) as u64) <= 10_000);
+    }
+
+    #[test]
+    fn a_mistyped_option_is_refused() {
+        let cfg = |k: &str| ColdConfig {
+            url: "s3://bucket/prefix".into(),
+            options: vec![(k.to_string(), "http://127.0.0.1:1".to_string())],
+            timeout: Duration::from_secs(1),
+            delete_grace: Duration::ZERO,
+        };
+        let err = ColdTier::open(&cfg("aws_endpont")).unwrap_err();
+        assert!(
+            err.contains("aws_endpont") && err.contains("not an option"),
+            "{err}"
+        );
+        ColdTier::open(&cfg("aws_endpoint")).unwrap();
     }
 
     async fn collect(s: crate::model::data::ByteStream) -> std::io::Result<Vec<u8>> {

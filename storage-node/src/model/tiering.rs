@@ -129,11 +129,24 @@ impl Store {
         match data {
             ObjectData::Cold(r) => {
                 let Some(cold) = self.inner.cold.get().cloned() else {
+                    tracing::warn!(key = %r.key, "a cold copy was replaced on a node without a cold tier; it stays in the cold store");
                     return;
                 };
+                let Some(p) = partition_of(&r.key) else {
+                    return;
+                };
+                let me = self.downgrade();
                 tokio::spawn(async move {
                     // Reads that began before the delete finish from the copy.
                     tokio::time::sleep(cold.delete_grace).await;
+                    // Only while this node still leads the partition (its lease holds): a
+                    // deposed primary's overwrite may not be the history its successor
+                    // kept, and the successor may still name this copy. Left alone, the
+                    // successor's sweep deletes it once no record names it.
+                    let Some(store) = me.upgrade() else { return };
+                    if !store.led_partitions().contains(p) {
+                        return;
+                    }
                     if let Err(e) = cold.delete(&r.key).await {
                         tracing::warn!(key = %r.key, error = %e, "could not delete a replaced cold copy; the orphan sweep retries");
                     }
@@ -164,12 +177,18 @@ impl Store {
         let now = now_millis();
         for tenant in self.catalog().list_tenants().await? {
             let tenant_rule = tenant.spec.tiering.cold_after_seconds.map(|s| Rule {
-                after_ms: (s as i64).saturating_mul(1000),
+                after_ms: i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000),
                 prefix: String::new(),
                 min_size: tenant.spec.tiering.min_object_size.unwrap_or(0),
                 max_size: None,
             });
             for bucket in self.catalog().list_buckets(tenant.id).await? {
+                // Only what this node leads, checked before the catalog is asked for the
+                // bucket's rules.
+                let p = self.partition(tenant.id, &bucket.name);
+                if !self.led_partitions().contains(p) {
+                    continue;
+                }
                 let mut rules: Vec<Rule> = tenant_rule.iter().cloned().collect();
                 if let Some(lc) = self.bucket_lifecycle(&bucket).await? {
                     rules.extend(lc.rules.iter().filter(|r| r.enabled).map(|r| Rule {
@@ -180,10 +199,6 @@ impl Store {
                     }));
                 }
                 if rules.is_empty() {
-                    continue;
-                }
-                let p = self.partition(tenant.id, &bucket.name);
-                if !self.led_partitions().contains(p) {
                     continue;
                 }
                 self.move_bucket(&cold, p, &bucket, &rules, now, max_bytes, &mut out)
@@ -252,12 +267,19 @@ impl Store {
                 if !self.led_partitions().contains(p) {
                     return Ok(());
                 }
+                let size = rec.size;
+                let key_copy = key.clone();
                 match self.move_object(cold, p, bucket, key, rec).await {
                     Ok(Some(n)) => {
                         out.moved += 1;
                         out.moved_bytes += n;
                     }
-                    Ok(None) => out.raced += 1,
+                    Ok(None) => {
+                        out.raced += 1;
+                        // The copy was made and deleted again: it counts against the
+                        // pass's budget all the same.
+                        out.moved_bytes += size;
+                    }
                     Err(Error::ColdTierUnavailable(why)) => {
                         tracing::warn!(error = %why, "cold tier unavailable; transitions pause until it answers");
                         return Ok(());
@@ -266,7 +288,7 @@ impl Store {
                     // not stop the others: it stays hot and is tried again next pass.
                     Err(e) => {
                         out.failed += 1;
-                        tracing::warn!(bucket = %bucket.name, error = %e, "an object could not move to the cold tier; it stays hot");
+                        tracing::warn!(bucket = %bucket.name, key = %String::from_utf8_lossy(&key_copy[prefix.len()..]), error = %e, "an object could not move to the cold tier; it stays hot and is tried again next pass");
                     }
                 }
                 if out.moved_bytes >= max_bytes {
@@ -297,6 +319,12 @@ impl Store {
             .upload(&cold_key, rec.size, body.stream)
             .await
             .map_err(cold_err)?;
+        // The upload took a while: a node that no longer leads the partition must not
+        // write (its successor decides about this object).
+        if !self.led_partitions().contains(p) {
+            let _ = cold.delete(&cold_key).await;
+            return Ok(None);
+        }
         let (version, old) = (rec.version, rec.data.clone());
         let new = ObjectData::Cold(cref);
         let switched = self
@@ -335,6 +363,7 @@ impl Store {
     /// names and that are older than `grace`. Returns how many.
     pub async fn sweep_cold_orphans(&self, cold: &Arc<ColdTier>, grace: Duration) -> Result<u64> {
         let listed = cold.list("").await.map_err(cold_err)?;
+        // Copies of partitions this node leads; the rest are their primaries' business.
         if listed.is_empty() {
             return Ok(0);
         }
@@ -362,14 +391,14 @@ impl Store {
         let cutoff = now_millis().saturating_sub(grace.as_millis() as i64);
         let mut deleted = 0;
         for (key, modified) in listed {
-            let Some(p) = key
-                .strip_prefix('p')
-                .and_then(|k| k.get(..5))
-                .and_then(|d| d.parse::<u16>().ok())
-            else {
+            let Some(p) = partition_of(&key) else {
                 continue;
             };
-            if !led.contains(PartitionId(p)) || named.contains(&key) || modified > cutoff {
+            if !led.contains(p) || named.contains(&key) || modified > cutoff {
+                continue;
+            }
+            // Still leading right before the delete (see `discard_data`).
+            if !self.led_partitions().contains(p) {
                 continue;
             }
             cold.delete(&key).await.map_err(cold_err)?;
@@ -391,6 +420,14 @@ impl Store {
     }
 }
 
+/// The partition a cold copy's name belongs to (`p<5 digits>/...`).
+fn partition_of(key: &str) -> Option<PartitionId> {
+    key.strip_prefix('p')
+        .and_then(|k| k.get(..5))
+        .and_then(|d| d.parse::<u16>().ok())
+        .map(PartitionId)
+}
+
 /// A cold-tier error as the model reports it.
 pub(crate) fn cold_err(e: crate::cold::ColdError) -> Error {
     match e {
@@ -399,5 +436,6 @@ pub(crate) fn cold_err(e: crate::cold::ColdError) -> Error {
         crate::cold::ColdError::Missing(k) => Error::Corrupt(format!(
             "the cold copy {k} of this object is missing from the cold tier"
         )),
+        crate::cold::ColdError::Local(m) => Error::Corrupt(format!("local data: {m}")),
     }
 }

@@ -480,7 +480,19 @@ fn lifecycle_from(rules: Vec<LifecycleRule>) -> S3Result<Lifecycle> {
         ));
     }
     let mut out = Vec::new();
+    let mut ids = std::collections::HashSet::new();
     for r in rules {
+        if let Some(id) = &r.id {
+            if id.len() > 255 {
+                return Err(malformed("a rule ID is at most 255 characters".into()));
+            }
+            if !ids.insert(id.clone()) {
+                return Err(s3s::S3Error::with_message(
+                    s3s::S3ErrorCode::InvalidArgument,
+                    format!("the rule ID {id:?} appears twice"),
+                ));
+            }
+        }
         if r.expiration.is_some() {
             return Err(unsupported("Expiration"));
         }
@@ -522,6 +534,17 @@ fn lifecycle_from(rules: Vec<LifecycleRule>) -> S3Result<Lifecycle> {
             size(gt, "ObjectSizeGreaterThan")?,
             size(lt, "ObjectSizeLessThan")?,
         );
+        if let (Some(g), Some(l)) = (gt, lt)
+            && g >= l
+        {
+            return Err(s3s::S3Error::with_message(
+                s3s::S3ErrorCode::InvalidArgument,
+                "ObjectSizeGreaterThan must be less than ObjectSizeLessThan",
+            ));
+        }
+        if prefix.len() > 1024 {
+            return Err(malformed("a rule prefix is at most 1024 bytes".into()));
+        }
         let transitions = r.transitions.unwrap_or_default();
         if transitions.is_empty() {
             return Err(unsupported("a rule without a Transition"));

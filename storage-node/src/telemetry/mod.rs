@@ -86,6 +86,8 @@ pub struct Metrics {
     pub cold_orphans_deleted: Counter,
     /// 1 while the last call to the cold tier succeeded (0 also without a cold tier).
     pub cold_tier_reachable: Gauge,
+    /// Objects the mover could not move (they stay hot; retried next pass).
+    pub cold_move_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -211,6 +213,13 @@ impl Default for Metrics {
              no cold tier",
             cold_tier_reachable.clone(),
         );
+        let cold_move_failures = Counter::default();
+        registry.register(
+            "cold_move_failures",
+            "Objects the mover could not move to the cold tier (their local data failed to \
+             read or the store refused them); they stay hot and are tried again",
+            cold_move_failures.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -231,6 +240,7 @@ impl Default for Metrics {
             cold_moved_bytes,
             cold_orphans_deleted,
             cold_tier_reachable,
+            cold_move_failures,
         }
     }
 }

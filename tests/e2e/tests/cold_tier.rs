@@ -459,6 +459,27 @@ async fn a_tenant_policy_moves_objects_to_another_granary_over_s3_which_may_stal
     .await;
     assert_eq!(get(&s3, "docs", "mid", None).await, mid);
 
+    // A copy no record names (as an interrupted move leaves) is swept once older than
+    // the grace, under the store's prefix ("tier/").
+    target_s3
+        .put_object()
+        .bucket("cold")
+        .key("tier/p00000/bstray/0000000000000001-0000000000000002")
+        .body(vec![7u8; 100].into())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listed(target_s3.clone()).await, 3);
+    wait_until("the unnamed copy to be swept", 60, async || {
+        listed(target_s3.clone()).await == 2
+    })
+    .await;
+    assert_eq!(
+        get(&s3, "docs", "small", None).await,
+        small,
+        "named copies stay"
+    );
+
     // A tenant purge leaves nothing in the cold bucket.
     let (status, v) = admin
         .call(reqwest::Method::DELETE, "/tenants/archive?purge=true", None)
