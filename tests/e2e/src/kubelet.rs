@@ -4,13 +4,18 @@
 //! started and stopped by the harness, next to a [`ControlPlane`] started with
 //! [`ControlPlane::start_for_node`].
 //!
-//! Layout on the host (one node per machine: the kubelet and containerd write some fixed
-//! host paths, cgroups and iptables chains, so two at once would collide):
-//! - the node address [`NODE_IP`] sits alone on an otherwise empty bridge [`NODE_BRIDGE`]
-//!   (the kubelet refuses a loopback node IP and this kernel has no `dummy` links); the
-//!   apiserver, CoreDNS (port 53) and the kubelet listen on it;
-//! - pods get addresses in [`POD_SUBNET`] on the bridge [`POD_BRIDGE`] that the CNI
-//!   `bridge` plugin creates; the host routes to them directly;
+//! Layout (one node per machine: the kubelet and containerd write some fixed host paths
+//! and cgroups, so two at once would collide):
+//! - the node's network is a namespace of its own, [`NODE_NETNS`], joined to the host by
+//!   a veth pair: [`NODE_IP`] inside, [`HOST_IP`] on the host side ([`HOST_VETH`]).
+//!   containerd, the kubelet, kube-proxy and CoreDNS run in it (`nsenter --net`, their
+//!   files and mounts stay the host's), so the pods' bridge [`POD_BRIDGE`], its routes
+//!   and every iptables rule kube-proxy and the CNI plugins write live there and go
+//!   with it; the host's own tables are never touched;
+//! - the apiserver and the catalog's Postgres listen on [`HOST_IP`]; the host routes the
+//!   pod subnet and the Service range into the namespace;
+//! - pods get addresses in [`POD_SUBNET`] on the bridge that the CNI `bridge` plugin
+//!   creates;
 //! - kube-proxy routes ClusterIP Services (from pods and from the host) with
 //!   `masqueradeAll`, so a pod reaching a Service backed by a pod on the same bridge gets
 //!   its answer back through the host;
@@ -36,10 +41,16 @@ use crate::control_plane::{ControlPlane, Proc, poll_until, run};
 
 /// The node's name (its `kubernetes.io/hostname` label).
 pub const NODE_NAME: &str = "granary-e2e-node";
-/// The node's InternalIP, on [`NODE_BRIDGE`].
+/// The node's InternalIP, inside [`NODE_NETNS`].
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 255, 1);
-/// The empty bridge holding [`NODE_IP`].
-pub const NODE_BRIDGE: &str = "grknode0";
+/// The host's end of the link to the node (the apiserver and Postgres listen on it).
+pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 255, 254);
+/// The node's network namespace.
+pub const NODE_NETNS: &str = "grknode";
+/// The host's end of the veth pair into [`NODE_NETNS`].
+pub const HOST_VETH: &str = "grkh0";
+/// The Service range (the apiserver's `--service-cluster-ip-range`).
+const SERVICE_RANGE: &str = "10.0.0.0/24";
 /// The pods' bridge (made by the CNI `bridge` plugin).
 pub const POD_BRIDGE: &str = "grkcni0";
 /// The pods' addresses.
@@ -363,7 +374,15 @@ fn clean_owned(state: &State) {
             eprintln!("real node: removing its {tool} rules: {e:#}");
         }
     }
-    for l in [POD_BRIDGE, NODE_BRIDGE] {
+    // The node's namespace (its bridge, veths, routes and iptables rules with it), then
+    // the host's end of the link, and a pod bridge an older harness made on the host.
+    if names_in("/run/netns").contains(NODE_NETNS) {
+        let _ = output_within(
+            Command::new("ip").args(["netns", "del", NODE_NETNS]),
+            COMMAND_TIMEOUT,
+        );
+    }
+    for l in [HOST_VETH, POD_BRIDGE, "grknode0"] {
         if links().contains(l) {
             let _ = output_within(Command::new("ip").args(["link", "del", l]), COMMAND_TIMEOUT);
         }
@@ -394,12 +413,12 @@ fn leftovers_of(state: &State) -> Vec<String> {
         }
     }
     for ns in names_in("/run/netns") {
-        if ns.starts_with("cni-") {
+        if ns.starts_with("cni-") || ns == NODE_NETNS {
             left.push(format!("network namespace {ns}"));
         }
     }
     for l in links() {
-        if l == NODE_BRIDGE || l == POD_BRIDGE || l.starts_with("veth") {
+        if l == HOST_VETH || l == POD_BRIDGE || l == "grknode0" {
             left.push(format!("link {l}"));
         }
     }
@@ -430,7 +449,7 @@ fn leftovers_of(state: &State) -> Vec<String> {
 }
 
 /// A running node. Create the network with [`RealNode::prepare`] before the control
-/// plane (the apiserver listens on [`NODE_IP`]), then [`RealNode::start`] it.
+/// plane (the apiserver listens on [`HOST_IP`]), then [`RealNode::start`] it.
 pub struct RealNode {
     state: State,
     dir: PathBuf,
@@ -458,11 +477,10 @@ fn check_addresses_free() -> Result<()> {
         ("10.253.255.", "the node address 10.253.255.1"),
         ("10.254.0.", "the pod subnet 10.254.0.0/24"),
     ] {
-        if let Some(r) = routes.lines().find(|l| {
-            l.split_whitespace().any(|w| w.starts_with(prefix))
-                && !l.contains(NODE_BRIDGE)
-                && !l.contains(POD_BRIDGE)
-        }) {
+        if let Some(r) = routes
+            .lines()
+            .find(|l| l.split_whitespace().any(|w| w.starts_with(prefix)) && !l.contains(HOST_VETH))
+        {
             bail!("{what} is already in use on this machine ({r}); the real-node stage needs it");
         }
     }
@@ -471,8 +489,8 @@ fn check_addresses_free() -> Result<()> {
 
 impl RealNode {
     /// Takes the machine's real-node lock, cleans up after a run that was killed,
-    /// records what to restore, builds (once) the runtime tools, and puts [`NODE_IP`]
-    /// on [`NODE_BRIDGE`]. Needs root.
+    /// records what to restore, builds (once) the runtime tools, and makes the node's
+    /// network namespace and the link to it. Needs root.
     pub fn prepare() -> Result<RealNode> {
         let tools = node_tools_dir()?;
         for bin in [
@@ -562,18 +580,45 @@ impl RealNode {
             _lock: lock,
             _tmp: tmp,
         };
-        run(Command::new("ip").args(["link", "add", NODE_BRIDGE, "type", "bridge"]))
-            .context("creating the node bridge (the real-node stage needs root)")?;
-        run(Command::new("ip").args([
-            "addr",
+        // The node's network namespace and the link to it.
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        ip(&["netns", "add", NODE_NETNS])
+            .context("creating the node's network namespace (the real-node stage needs root)")?;
+        ip(&[
+            "link", "add", HOST_VETH, "type", "veth", "peer", "name", "eth0", "netns", NODE_NETNS,
+        ])?;
+        ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", HOST_VETH])?;
+        ip(&["link", "set", HOST_VETH, "up"])?;
+        let ns = |args: &[&str]| {
+            run(Command::new("ip")
+                .args(["netns", "exec", NODE_NETNS])
+                .args(args))
+        };
+        ns(&["ip", "link", "set", "lo", "up"])?;
+        ns(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
+        ns(&["ip", "link", "set", "eth0", "up"])?;
+        ns(&["ip", "route", "add", "default", "via", &HOST_IP.to_string()])?;
+        // Inside the namespace only: pod -> Service -> pod comes back through it.
+        ns(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // The host reaches pods and Services through the node, as a router would.
+        ip(&[
+            "route",
             "add",
-            &format!("{NODE_IP}/32"),
+            POD_SUBNET,
+            "via",
+            &NODE_IP.to_string(),
             "dev",
-            NODE_BRIDGE,
-        ]))?;
-        run(Command::new("ip").args(["link", "set", NODE_BRIDGE, "up"]))?;
-        // Pod -> Service -> pod on the same bridge is routed back out through the host.
-        write_sysctl("net/ipv4/ip_forward", "1")?;
+            HOST_VETH,
+        ])?;
+        ip(&[
+            "route",
+            "add",
+            SERVICE_RANGE,
+            "via",
+            &NODE_IP.to_string(),
+            "dev",
+            HOST_VETH,
+        ])?;
         // The kubelet's cgroup root, in every hierarchy; cpuset needs its CPUs and
         // memory nodes before anything can join it.
         for ctrl in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
@@ -598,8 +643,8 @@ impl RealNode {
     /// `ctr images import` reads), the kubelet, kube-scheduler and kube-proxy, and waits
     /// until the node is Ready and schedulable.
     pub fn start(&mut self, cp: &ControlPlane, images: &[PathBuf]) -> Result<()> {
-        if cp.node_ip != Some(NODE_IP) {
-            bail!("the control plane must be started with ControlPlane::start_for_node(NODE_IP)");
+        if cp.node_ip != Some(HOST_IP) {
+            bail!("the control plane must be started with ControlPlane::start_for_node(HOST_IP)");
         }
         self.kubeconfig = cp.kubeconfig.clone();
         self.start_coredns()?;
@@ -650,6 +695,16 @@ impl RealNode {
         Ok(())
     }
 
+    /// A command run in the node's network namespace (its mounts and files are the
+    /// host's: `nsenter --net` only, unlike `ip netns exec`).
+    fn in_node(&self, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{NODE_NETNS}"))
+            .arg("--")
+            .arg(program);
+        c
+    }
+
     fn spawn(&mut self, name: &'static str, cmd: Command) -> Result<&mut Proc> {
         let log = self.dir.join(format!("{name}.log"));
         let proc = Proc::spawn(name, cmd, log)?;
@@ -671,7 +726,7 @@ impl RealNode {
                 self.kubeconfig.display()
             ),
         )?;
-        let mut cmd = Command::new(self.tools.join("bin/coredns"));
+        let mut cmd = self.in_node(&self.tools.join("bin/coredns"));
         cmd.arg("-conf").arg(&corefile);
         let proc = self.spawn("coredns", cmd)?;
         proc.wait_ready(Duration::from_secs(30), "answers for cluster.local", || {
@@ -765,7 +820,7 @@ state = "{state}"
         );
         let config_path = self.dir.join("containerd.toml");
         std::fs::write(&config_path, config)?;
-        let mut cmd = Command::new(self.tools.join("bin/containerd"));
+        let mut cmd = self.in_node(&self.tools.join("bin/containerd"));
         // The shim is found on PATH.
         let path = format!(
             "{}:{}",
@@ -872,7 +927,7 @@ state = "{state}"
         });
         let config_path = self.dir.join("kubelet.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-        let mut cmd = Command::new(self.k8s_bin.join("kubelet"));
+        let mut cmd = self.in_node(&self.k8s_bin.join("kubelet"));
         cmd.arg(format!("--config={}", config_path.display()))
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
             .arg(format!("--root-dir={}", self.dir.join("kubelet").display()))
@@ -928,7 +983,7 @@ state = "{state}"
         });
         let config_path = self.dir.join("kube-proxy.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-        let mut cmd = Command::new(self.k8s_bin.join("kube-proxy"));
+        let mut cmd = self.in_node(&self.k8s_bin.join("kube-proxy"));
         cmd.arg(format!("--config={}", config_path.display()));
         self.spawn("kube-proxy", cmd)?;
         Ok(())

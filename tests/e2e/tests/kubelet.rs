@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use base64::Engine;
 use granary_e2e::control_plane::{ControlPlane, poll_until};
-use granary_e2e::kubelet::{NODE_IP, NODE_NAME, POD_SUBNET, RealNode};
+use granary_e2e::kubelet::{HOST_IP, NODE_NAME, POD_SUBNET, RealNode};
 use granary_e2e::{KvClient, PgServer, s3_client, workspace_root};
 use serde_json::Value;
 
@@ -140,7 +140,7 @@ fn diagnostics(cp: &ControlPlane) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_operator_and_storage_pods_run_on_a_real_kubelet() {
     let mut node = RealNode::prepare().expect("preparing the real node");
-    let mut cp = ControlPlane::start_for_node(NODE_IP).expect("control plane");
+    let mut cp = ControlPlane::start_for_node(HOST_IP).expect("control plane");
     let result = run(&mut node, &mut cp).await;
     if result.is_err() {
         eprintln!("{}", diagnostics(&cp));
@@ -174,9 +174,9 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
     );
 
     // The catalog: the harness's Postgres, on the node address, open to the pods.
-    let pg = PgServer::start_listening(Some((NODE_IP, POD_SUBNET)))?;
+    let pg = PgServer::start_listening(Some((HOST_IP, POD_SUBNET)))?;
     pg.create_db("granary_k8s")?;
-    let catalog_url = pg.url_at(NODE_IP, "granary_k8s");
+    let catalog_url = pg.url_at(HOST_IP, "granary_k8s");
     cp.kubectl(&["create", "namespace", NS])?;
     cp.kubectl(&[
         "create",
