@@ -454,6 +454,35 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
             gen_,
         );
     }
+    // ColdTierReachable, from the storage nodes' own calls to the cold tier; without a
+    // cold tier in the spec the condition goes away.
+    if sc.spec.cold_tier.is_none() {
+        conds.retain(|c| c.type_ != "ColdTierReachable");
+    } else if let Some(h) = &health {
+        match h.cold_tier_reachable {
+            Some(true) => {
+                conditions::set(&mut conds, "ColdTierReachable", true, "Reachable", "", gen_)
+            }
+            Some(false) => conditions::set(
+                &mut conds,
+                "ColdTierReachable",
+                false,
+                "Unreachable",
+                "the storage nodes' last call to the cold tier failed: cold objects answer 503 \
+                 and transitions wait (see the nodes' logs for the error)",
+                gen_,
+            ),
+            None => conditions::set(
+                &mut conds,
+                "ColdTierReachable",
+                false,
+                "NotConfigured",
+                "the storage nodes run without the cold tier yet (they pick it up when they \
+                 restart with the new configuration)",
+                gen_,
+            ),
+        }
+    }
     let watch_closely = health.is_none() || conditions::is_true(&conds, "Degraded");
     let status = StorageClusterStatus {
         observed_generation: gen_,
@@ -743,6 +772,9 @@ pub struct Health {
     pub members: MemberCounts,
     pub under_replicated: i64,
     pub below_min_in_sync: i64,
+    /// Whether the answering node's last call to the cold tier succeeded (None: it has
+    /// no cold tier).
+    pub cold_tier_reachable: Option<bool>,
 }
 
 impl Health {
@@ -768,6 +800,7 @@ impl Health {
             },
             under_replicated: layout["underReplicatedPartitions"].as_i64()?,
             below_min_in_sync: below,
+            cold_tier_reachable: nodes["coldTier"]["reachable"].as_bool(),
         })
     }
 
@@ -913,6 +946,15 @@ mod tests {
         let nodes = json!({"alive": 5, "suspected": 0, "failed": 1});
         let h = Health::from_admin(&layout, &nodes, 2).unwrap();
         assert_eq!(h.below_min_in_sync, 10);
+        assert_eq!(h.cold_tier_reachable, None);
+        let cold = json!({"alive": 5, "suspected": 0, "failed": 1,
+                          "coldTier": {"url": "s3://b/p", "reachable": false}});
+        assert_eq!(
+            Health::from_admin(&layout, &cold, 2)
+                .unwrap()
+                .cold_tier_reachable,
+            Some(false)
+        );
         assert_eq!(h.under_replicated, 30);
         assert_eq!(h.members.failed, 1);
         let (reason, msg) = h.degraded(&cluster(3, 2)).unwrap();

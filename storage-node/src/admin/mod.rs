@@ -144,12 +144,17 @@ async fn node(State(s): State<AdminState>) -> Json<serde_json::Value> {
 async fn nodes(State(s): State<AdminState>) -> Json<serde_json::Value> {
     let nodes = s.cluster.nodes();
     let count = |st: NodeState| nodes.iter().filter(|n| n.state == st).count();
-    Json(json!({
+    let mut v = json!({
         "alive": count(NodeState::Alive),
         "suspected": count(NodeState::Suspected),
         "failed": count(NodeState::Failed),
         "nodes": nodes,
-    }))
+    });
+    // The cold tier as this node last found it (the operator's ColdTierReachable).
+    if let Some(cold) = s.store.cold_tier() {
+        v["coldTier"] = json!({"url": cold.url, "reachable": cold.reachable()});
+    }
+    Json(v)
 }
 
 /// A summary of the current partition layout; `?partitions=true` adds every

@@ -736,6 +736,57 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     let (s, t) = node_tenant("team-analytics.analytics").await;
     assert_eq!(s, 200);
     assert_eq!(t["spec"]["quotas"]["storageBytes"], 2u64 * 1024u64.pow(4));
+    // The Tenant's tiering policy reaches the node (what its cold-tier mover acts on).
+    assert_eq!(t["spec"]["tiering"]["coldAfterSeconds"], 720 * 3600, "{t}");
+    assert_eq!(t["spec"]["tiering"]["minObjectSize"], 1024 * 1024, "{t}");
+
+    // A cold tier on the StorageCluster reaches the node configuration (under the
+    // cluster's own prefix) and its Secret the storage pods' environment.
+    cp.kubectl(&[
+        "patch",
+        "storagecluster",
+        "main",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"coldTier":{"url":"s3://archive/granary","secretRef":{"name":"cold-creds"}}}}"#,
+    ])
+    .unwrap();
+    let want = format!("cold_tier = \"s3://archive/granary/{ns}/main\"");
+    wait_for(
+        "the cold tier in the node ConfigMap and the pods' environment",
+        60,
+        || {
+            let cm = json(&cp, &["get", "configmap", "main-config", "-n", ns])?;
+            let in_config = cm["data"]["node.toml"]
+                .as_str()
+                .is_some_and(|t| t.contains(&want));
+            let sts = json(
+                &cp,
+                &[
+                    "get",
+                    "statefulsets",
+                    "-n",
+                    ns,
+                    "-l",
+                    "app.kubernetes.io/instance=main",
+                ],
+            )?;
+            let from_secret = sts["items"].as_array().is_some_and(|items| {
+            !items.is_empty()
+                && items.iter().all(|s| {
+                    s["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"]
+                        == "cold-creds"
+                })
+        });
+            // The node here runs without a cold tier: the condition says so.
+            let sc = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+            let cond = condition(&sc, "ColdTierReachable")
+                .is_some_and(|c| c.0 == "False" && c.1 == "NotConfigured");
+            Ok((in_config && from_secret && cond).then_some(()))
+        },
+    );
     let quota = |objects: u32| {
         cp.kubectl(&[
             "patch",
