@@ -136,8 +136,11 @@ impl ColdTier {
                 .map_err(|()| format!("cold tier URL {:?} is not a local path", cfg.url))?;
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("creating the cold tier directory {}: {e}", dir.display()))?;
+            // A moved object's only copy: durable (file and directories) before the
+            // switch that frees its hot data commits.
             let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
-                .map_err(|e| format!("cold tier {}: {e}", dir.display()))?;
+                .map_err(|e| format!("cold tier {}: {e}", dir.display()))?
+                .with_fsync(true);
             (Arc::new(fs), Path::default())
         } else {
             // A mistyped option would otherwise be dropped silently (and, say, send the

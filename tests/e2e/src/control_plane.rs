@@ -638,6 +638,28 @@ impl ControlPlane {
         self.kubectl_with(&self.kubeconfig, args, None)
     }
 
+    /// Runs `kubectl ARGS -o json` as the admin and parses its output.
+    pub fn kubectl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        Ok(serde_json::from_str(&self.kubectl(&a)?)?)
+    }
+
+    /// The decoded value of `key` in Secret `ns/name`; None when the Secret or the key
+    /// does not exist (yet).
+    pub fn secret_value(&self, ns: &str, name: &str, key: &str) -> Result<Option<String>> {
+        use base64::Engine;
+        let Ok(v) = self.kubectl_json(&["get", "secret", name, "-n", ns]) else {
+            return Ok(None);
+        };
+        let Some(b64) = v["data"][key].as_str() else {
+            return Ok(None);
+        };
+        Ok(Some(String::from_utf8(
+            base64::engine::general_purpose::STANDARD.decode(b64)?,
+        )?))
+    }
+
     /// Runs `kubectl` as the admin with `input` on stdin (e.g. `apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], input: &str) -> Result<String> {
         self.kubectl_with(&self.kubeconfig, args, Some(input))

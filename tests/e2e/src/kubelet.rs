@@ -22,9 +22,10 @@
 //! - CoreDNS serves `cluster.local` from the apiserver (Services, StatefulSet pod names).
 //!
 //! Everything the node makes is found by name and removed afterwards: processes in its
-//! cgroup root and containerd's shims, mounts in its directories, `KUBE-*` and `CNI-*`
-//! iptables rules and chains, its bridges, its cgroups, the fixed host paths it created
-//! and the sysctls the kubelet and the harness change (recorded in a state file first, so
+//! cgroup root and containerd's shims, mounts in its directories, its network namespace
+//! (with every iptables rule of the node) and the host end of its link, its cgroups, the
+//! fixed host paths it created and the sysctls the kubelet changes (recorded in a state
+//! file first, so
 //! a run that was killed is cleaned up by the next one). Nothing else on the host is
 //! touched. [`RealNode::shutdown`] returns whatever it could not remove, so a test
 //! asserts that nothing is left behind. One real node runs per machine (a lock).
@@ -68,7 +69,7 @@ const CGROUP_ROOT: &str = "granary-e2e";
 const STATE_DIR: &str = "/run/granary-e2e-realnode";
 /// Temporary directories of real nodes (`/tmp/grk*`).
 const TMP_PREFIX: &str = "/tmp/grk";
-/// Deadline of one helper command (`ctr`, `ip`, `iptables-restore`, `umount`).
+/// Deadline of one helper command (`ctr`, `ip`, `iptables-save`, `umount`).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Host paths the kubelet, containerd and the CNI plugins write whatever their
@@ -86,11 +87,10 @@ const FIXED_PATHS: &[&str] = &[
     "/run/nri",
 ];
 
-/// Sysctls the harness (forwarding) and the kubelet (its "kernel defaults") set;
+/// Sysctls the kubelet sets (its "kernel defaults", global: not per network namespace);
 /// restored afterwards. While the node runs, the kubelet's `kernel.panic=10` and
 /// `kernel.panic_on_oops=1` make the machine reboot on a kernel oops.
 const SYSCTLS: &[&str] = &[
-    "net/ipv4/ip_forward",
     "kernel/panic",
     "kernel/panic_on_oops",
     "kernel/keys/root_maxkeys",
@@ -198,8 +198,9 @@ fn iptables_save(tool: &str) -> Result<String> {
         .join("\n"))
 }
 
-/// Whether an `iptables-save` line belongs to the node: kube-proxy's and the kubelet's
-/// `KUBE-*` chains, the CNI plugins' `CNI-*` chains, and jumps to them.
+/// Whether an `iptables-save` line is Kubernetes networking: kube-proxy's and the
+/// kubelet's `KUBE-*` chains, the CNI plugins' `CNI-*` chains, and jumps to them. The
+/// node's live in its namespace; on the host there must be none.
 fn owned_rule(line: &str) -> bool {
     line.starts_with(":KUBE-")
         || line.starts_with(":CNI-")
@@ -209,73 +210,6 @@ fn owned_rule(line: &str) -> bool {
         || line.contains(" -j CNI-")
         || line.contains(" -g KUBE-")
         || line.contains(" -g CNI-")
-}
-
-/// Removes the node's rules and chains from one tool's tables with one
-/// `iptables-restore --noflush` script (no shell: the rules are passed as data).
-fn remove_owned_rules(tool: &str) -> Result<()> {
-    let saved = iptables_save(tool)?;
-    let mut script = String::new();
-    let (mut table, mut deletes, mut chains) = ("", Vec::new(), Vec::new());
-    let flush =
-        |script: &mut String, table: &str, deletes: &mut Vec<String>, chains: &mut Vec<String>| {
-            if deletes.is_empty() && chains.is_empty() {
-                return;
-            }
-            script.push_str(&format!("*{table}\n"));
-            for d in deletes.drain(..) {
-                script.push_str(&d);
-                script.push('\n');
-            }
-            for c in chains.iter() {
-                script.push_str(&format!("-F {c}\n"));
-            }
-            for c in chains.drain(..) {
-                script.push_str(&format!("-X {c}\n"));
-            }
-            script.push_str("COMMIT\n");
-        };
-    for line in saved.lines() {
-        if let Some(t) = line.strip_prefix('*') {
-            table = t;
-        } else if line == "COMMIT" {
-            flush(&mut script, table, &mut deletes, &mut chains);
-        } else if let Some(c) = line.strip_prefix(':') {
-            if owned_rule(line) {
-                chains.push(c.split(' ').next().unwrap_or_default().to_string());
-            }
-        } else if owned_rule(line)
-            && let Some(rule) = line.strip_prefix("-A ")
-        {
-            // Rules inside owned chains go with their chain's flush.
-            if !rule.starts_with("KUBE-") && !rule.starts_with("CNI-") {
-                deletes.push(format!("-D {rule}"));
-            }
-        }
-    }
-    if script.is_empty() {
-        return Ok(());
-    }
-    let restore = tool.replace("-save", "-restore");
-    let mut child = Command::new(&restore)
-        .args(["-w", "10", "--noflush"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("running {restore}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use std::io::Write;
-        stdin.write_all(script.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        bail!(
-            "{restore} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// The cgroup directories of [`CGROUP_ROOT`], one per hierarchy.
@@ -369,23 +303,19 @@ fn clean_owned(state: &State) {
             COMMAND_TIMEOUT,
         );
     }
-    for tool in ["iptables-save", "ip6tables-save"] {
-        if let Err(e) = remove_owned_rules(tool) {
-            eprintln!("real node: removing its {tool} rules: {e:#}");
-        }
-    }
     // The node's namespace (its bridge, veths, routes and iptables rules with it), then
-    // the host's end of the link, and a pod bridge an older harness made on the host.
+    // the host's end of the link.
     if names_in("/run/netns").contains(NODE_NETNS) {
         let _ = output_within(
             Command::new("ip").args(["netns", "del", NODE_NETNS]),
             COMMAND_TIMEOUT,
         );
     }
-    for l in [HOST_VETH, POD_BRIDGE, "grknode0"] {
-        if links().contains(l) {
-            let _ = output_within(Command::new("ip").args(["link", "del", l]), COMMAND_TIMEOUT);
-        }
+    if links().contains(HOST_VETH) {
+        let _ = output_within(
+            Command::new("ip").args(["link", "del", HOST_VETH]),
+            COMMAND_TIMEOUT,
+        );
     }
     for cg in own_cgroups() {
         remove_cgroup(&cg);
@@ -418,7 +348,7 @@ fn leftovers_of(state: &State) -> Vec<String> {
         }
     }
     for l in links() {
-        if l == HOST_VETH || l == POD_BRIDGE || l == "grknode0" {
+        if l == HOST_VETH || l == POD_BRIDGE {
             left.push(format!("link {l}"));
         }
     }
@@ -813,7 +743,7 @@ state = "{state}"
             socket = self.socket.display(),
             cni_bin = self.tools.join("cni").display(),
             cni_conf = cni_conf.display(),
-            runc = which("runc")
+            runc = crate::which("runc")
                 .unwrap_or_else(|| PathBuf::from("/usr/sbin/runc"))
                 .display(),
             pause = PAUSE_IMAGE,
@@ -1121,21 +1051,6 @@ impl Drop for RealNode {
             }
         }
     }
-}
-
-fn which(tool: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|paths| {
-            std::env::split_paths(&paths)
-                .map(|p| p.join(tool))
-                .find(|p| p.is_file())
-        })
-        .or_else(|| {
-            ["/usr/sbin", "/sbin"]
-                .iter()
-                .map(|d| Path::new(d).join(tool))
-                .find(|p| p.is_file())
-        })
 }
 
 /// Asks CoreDNS at `server` for the `kubernetes` Service's A record; true once it

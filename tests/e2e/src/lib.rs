@@ -118,7 +118,7 @@ pub fn build_tool(script: &str) -> Result<PathBuf> {
         });
     std::fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
     let lock = cache.join(format!("{script}.lock"));
-    let mut cmd = if which("flock") {
+    let mut cmd = if which("flock").is_some() {
         let mut c = Command::new("flock");
         c.arg(&lock).arg("bash").arg(&path);
         c
@@ -151,9 +151,13 @@ pub fn build_tool(script: &str) -> Result<PathBuf> {
     ))
 }
 
-fn which(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| p.join(tool).is_file()))
+/// Where `tool` is on `PATH`.
+pub fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(tool))
+            .find(|p| p.is_file())
+    })
 }
 
 /// A running `granary-node dev` process on loopback ports chosen by the OS.

@@ -12,7 +12,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use base64::Engine;
 use granary_e2e::control_plane::{ControlPlane, poll_until};
 use granary_e2e::kubelet::{HOST_IP, NODE_NAME, POD_SUBNET, RealNode};
 use granary_e2e::{KvClient, PgServer, s3_client, workspace_root};
@@ -26,12 +25,6 @@ fn images_dir() -> PathBuf {
     std::env::var("GRANARY_IMAGES_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| workspace_root().join("target/images"))
-}
-
-fn json(cp: &ControlPlane, args: &[&str]) -> Result<Value> {
-    let mut a = args.to_vec();
-    a.extend(["-o", "json"]);
-    Ok(serde_json::from_str(&cp.kubectl(&a)?)?)
 }
 
 fn wait_for<T>(what: &str, secs: u64, f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
@@ -60,17 +53,14 @@ fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String> {
 
 /// Pods of the StorageCluster `main` that are Ready, by name.
 fn ready_storage_pods(cp: &ControlPlane) -> Result<Vec<(String, String)>> {
-    let pods = json(
-        cp,
-        &[
-            "get",
-            "pods",
-            "-n",
-            NS,
-            "-l",
-            "app.kubernetes.io/instance=main",
-        ],
-    )?;
+    let pods = cp.kubectl_json(&[
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "app.kubernetes.io/instance=main",
+    ])?;
     let mut out = Vec::new();
     for p in pods["items"].as_array().into_iter().flatten() {
         let ready = p["status"]["conditions"]
@@ -248,7 +238,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
     })?;
     let first_ready = t0.elapsed();
     wait_for("the StorageCluster to be Ready", 180, || {
-        let sc = json(cp, &["get", "storagecluster", "main", "-n", NS])?;
+        let sc = cp.kubectl_json(&["get", "storagecluster", "main", "-n", NS])?;
         Ok(condition_true(&sc, "Ready").then_some(()))
     })?;
     eprintln!(
@@ -317,7 +307,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         ),
     )?;
     wait_for("the Tenant to be Ready", 180, || {
-        let t = json(cp, &["get", "tenant", "web", "-n", TEAM])?;
+        let t = cp.kubectl_json(&["get", "tenant", "web", "-n", TEAM])?;
         Ok(condition_true(&t, "Ready").then_some(()))
     })?;
     let field = |k: &str| secret_field(cp, TEAM, "web-granary", k);
@@ -379,7 +369,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
     // A storage pod deleted comes back on its volume, with its data.
     let (victim, old_uid) = pods[0].clone();
     let claim_of = |pod: &str| -> Result<(String, String)> {
-        let pvc = json(cp, &["get", "pvc", &format!("data-{pod}"), "-n", NS])?;
+        let pvc = cp.kubectl_json(&["get", "pvc", &format!("data-{pod}"), "-n", NS])?;
         Ok((
             pvc["metadata"]["uid"]
                 .as_str()
@@ -445,7 +435,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         "the zone-a StatefulSet to carry the new request",
         120,
         || {
-            let sts = json(cp, &["get", "statefulset", "main-a-default", "-n", NS])?;
+            let sts = cp.kubectl_json(&["get", "statefulset", "main-a-default", "-n", NS])?;
             Ok(
                 (sts["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
                     == "60m")
@@ -477,7 +467,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
 
     // helm upgrade to a changed chart version, two operator replicas, leader election.
     let t0 = Instant::now();
-    let lease_before = json(cp, &["get", "lease", "granary-operator", "-n", NS])?;
+    let lease_before = cp.kubectl_json(&["get", "lease", "granary-operator", "-n", NS])?;
     let upgraded = cp.dir().join("chart-upgraded");
     copy_dir(&chart, &upgraded)?;
     let chart_yaml = std::fs::read_to_string(upgraded.join("Chart.yaml"))?;
@@ -518,7 +508,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         .context("no operator Deployment")?
         .to_string();
     cp.kubectl(&["rollout", "status", &deploy, "-n", NS, "--timeout=180s"])?;
-    let d = json(cp, &["get", &deploy, "-n", NS])?;
+    let d = cp.kubectl_json(&["get", &deploy, "-n", NS])?;
     ensure!(
         d["status"]["readyReplicas"] == 2,
         "two operator replicas Ready: {d}"
@@ -530,18 +520,15 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
     );
     // One of the new pods leads (holds the Lease and renews it); the other is a Ready
     // standby.
-    let operators: Vec<String> = json(
-        cp,
-        &[
-            "get",
-            "pods",
-            "-n",
-            NS,
-            "-l",
-            "app.kubernetes.io/name=granary",
-            "--field-selector=status.phase=Running",
-        ],
-    )?["items"]
+    let operators: Vec<String> = cp.kubectl_json(&[
+        "get",
+        "pods",
+        "-n",
+        NS,
+        "-l",
+        "app.kubernetes.io/name=granary",
+        "--field-selector=status.phase=Running",
+    ])?["items"]
         .as_array()
         .into_iter()
         .flatten()
@@ -551,7 +538,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         "a current operator pod to hold and renew the Lease",
         120,
         || {
-            let lease = json(cp, &["get", "lease", "granary-operator", "-n", NS])?;
+            let lease = cp.kubectl_json(&["get", "lease", "granary-operator", "-n", NS])?;
             let holder = lease["spec"]["holderIdentity"]
                 .as_str()
                 .unwrap_or_default()
@@ -592,13 +579,8 @@ async fn kv_value(kv: &KvClient) -> Result<Vec<u8>> {
 }
 
 fn secret_field(cp: &ControlPlane, ns: &str, name: &str, key: &str) -> Result<String> {
-    let secret = json(cp, &["get", "secret", name, "-n", ns])?;
-    let b64 = secret["data"][key]
-        .as_str()
-        .with_context(|| format!("Secret {ns}/{name} has no {key}"))?;
-    Ok(String::from_utf8(
-        base64::engine::general_purpose::STANDARD.decode(b64)?,
-    )?)
+    cp.secret_value(ns, name, key)?
+        .with_context(|| format!("Secret {ns}/{name} has no {key}"))
 }
 
 fn condition_true(obj: &Value, type_: &str) -> bool {

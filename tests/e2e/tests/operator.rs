@@ -8,16 +8,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use aws_sdk_s3::primitives::ByteStream;
-use base64::Engine as _;
 use granary_e2e::control_plane::{ControlPlane, poll_until};
 use granary_e2e::{ChildGuard, NodeProc, free_port, operator_binary, s3_client, workspace_root};
 use serde_json::Value;
-
-fn json(cp: &ControlPlane, args: &[&str]) -> Result<Value> {
-    let mut a = args.to_vec();
-    a.extend(["-o", "json"]);
-    Ok(serde_json::from_str(&cp.kubectl(&a)?)?)
-}
 
 fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
     obj["status"]["conditions"]
@@ -35,18 +28,6 @@ fn condition(obj: &Value, type_: &str) -> Option<(String, String, String)> {
 
 fn wait_for<T>(what: &str, secs: u64, f: impl FnMut() -> Result<Option<T>>) -> T {
     poll_until(Duration::from_secs(secs), what, f).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-fn secret_value(cp: &ControlPlane, ns: &str, name: &str, key: &str) -> Result<Option<String>> {
-    let Ok(v) = json(cp, &["get", "secret", name, "-n", ns]) else {
-        return Ok(None);
-    };
-    let Some(b64) = v["data"][key].as_str() else {
-        return Ok(None);
-    };
-    Ok(Some(String::from_utf8(
-        base64::engine::general_purpose::STANDARD.decode(b64)?,
-    )?))
 }
 
 /// `kubectl apply` must fail with a message containing `expect`.
@@ -114,18 +95,16 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     // Deployment rolls (RollingUpdate: the new pod turns Ready as a standby while the
     // old one holds the Lease, see leader_election.rs), not Recreate.
     helm_release("upgrade", &["shutdownGraceSeconds=12", "test.cluster=main"]);
-    let deploy = json(
-        &cp,
-        &[
+    let deploy = cp
+        .kubectl_json(&[
             "get",
             "deployments",
             "-n",
             "granary-system",
             "-l",
             "app.kubernetes.io/instance=granary",
-        ],
-    )
-    .unwrap();
+        ])
+        .unwrap();
     let d = &deploy["items"][0];
     assert!(
         d["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -232,18 +211,16 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     );
 
     // The operator runs with exactly the chart's ServiceAccount.
-    let sa = json(
-        &cp,
-        &[
+    let sa = cp
+        .kubectl_json(&[
             "get",
             "serviceaccounts",
             "-n",
             ns,
             "-l",
             "app.kubernetes.io/instance=granary,app.kubernetes.io/name=granary",
-        ],
-    )
-    .unwrap()["items"][0]["metadata"]["name"]
+        ])
+        .unwrap()["items"][0]["metadata"]["name"]
         .as_str()
         .expect("chart ServiceAccount")
         .to_string();
@@ -253,18 +230,16 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     let op_log = dir.path().join("operator.log");
     // ... and with the args and env of the chart's Deployment (only the metrics address
     // moves to loopback, and the downward-API values are filled in by hand).
-    let deploy = json(
-        &cp,
-        &[
+    let deploy = cp
+        .kubectl_json(&[
             "get",
             "deployments",
             "-n",
             ns,
             "-l",
             "app.kubernetes.io/instance=granary",
-        ],
-    )
-    .unwrap();
+        ])
+        .unwrap();
     let container = &deploy["items"][0]["spec"]["template"]["spec"]["containers"][0];
     let mut args: Vec<String> = container["args"]
         .as_array()
@@ -325,10 +300,10 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         .unwrap();
 
     let token = wait_for("admin token Secret", 60, || {
-        secret_value(&cp, ns, "main-admin-token", "token")
+        cp.secret_value(ns, "main-admin-token", "token")
     });
     let master = wait_for("master key Secret", 60, || {
-        secret_value(&cp, ns, "main-master-key", "masterKey")
+        cp.secret_value(ns, "main-master-key", "masterKey")
     });
     let node_dir = dir.path().join("node");
     let config = dir.path().join("node.toml");
@@ -353,17 +328,14 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
 
     // Objects, field by field.
     let stss = wait_for("4 StatefulSets", 60, || {
-        let v = json(
-            &cp,
-            &[
-                "get",
-                "statefulsets",
-                "-n",
-                ns,
-                "-l",
-                "app.kubernetes.io/instance=main",
-            ],
-        )?;
+        let v = cp.kubectl_json(&[
+            "get",
+            "statefulsets",
+            "-n",
+            ns,
+            "-l",
+            "app.kubernetes.io/instance=main",
+        ])?;
         Ok((v["items"].as_array().map_or(0, Vec::len) == 4).then_some(v))
     });
     let names: Vec<_> = stss["items"]
@@ -392,7 +364,9 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     );
     // One budget over all the cluster's storage nodes.
     let pdb = wait_for("the cluster-wide PDB", 30, || {
-        Ok(json(&cp, &["get", "pdb", "main-storage", "-n", ns]).ok())
+        Ok(cp
+            .kubectl_json(&["get", "pdb", "main-storage", "-n", ns])
+            .ok())
     });
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert_eq!(
@@ -402,7 +376,9 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     // A per-pool budget as an earlier operator version applied it (owned by the cluster)
     // goes at the next reconcile, since a pod matched by two budgets cannot be evicted;
     // a budget with the same labels that the cluster does not own is left alone.
-    let uid = json(&cp, &["get", "storagecluster", "main", "-n", ns]).unwrap()["metadata"]["uid"]
+    let uid = cp
+        .kubectl_json(&["get", "storagecluster", "main", "-n", ns])
+        .unwrap()["metadata"]["uid"]
         .as_str()
         .unwrap()
         .to_string();
@@ -417,26 +393,31 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     .unwrap();
     poke(&cp, ns, "granary.dev/test-touch");
     wait_for("the superseded per-pool PDB deleted", 60, || {
-        Ok(json(&cp, &["get", "pdb", "main-a-fast", "-n", ns])
+        Ok(cp
+            .kubectl_json(&["get", "pdb", "main-a-fast", "-n", ns])
             .is_err()
             .then_some(()))
     });
-    json(&cp, &["get", "pdb", "someone-elses", "-n", ns])
+    cp.kubectl_json(&["get", "pdb", "someone-elses", "-n", ns])
         .expect("a PDB the cluster does not own is kept");
     cp.kubectl(&["delete", "pdb", "someone-elses", "-n", ns])
         .unwrap();
     for svc in ["main-s3", "main-kv", "main-internal", "main-a-fast"] {
-        json(&cp, &["get", "service", svc, "-n", ns])
+        cp.kubectl_json(&["get", "service", svc, "-n", ns])
             .unwrap_or_else(|e| panic!("service {svc}: {e}"));
     }
-    let np = json(&cp, &["get", "networkpolicy", "main-node", "-n", ns]).unwrap();
+    let np = cp
+        .kubectl_json(&["get", "networkpolicy", "main-node", "-n", ns])
+        .unwrap();
     assert_eq!(np["spec"]["ingress"].as_array().unwrap().len(), 3);
     // The controller manager creates Pods from the StatefulSets (they stay Pending).
     wait_for("pod main-a-fast-0", 60, || {
-        Ok(json(&cp, &["get", "pod", "main-a-fast-0", "-n", ns]).ok())
+        Ok(cp
+            .kubectl_json(&["get", "pod", "main-a-fast-0", "-n", ns])
+            .ok())
     });
     let cluster = wait_for("cluster status", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Ready").map(|_| v))
     });
     assert_eq!(
@@ -452,7 +433,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     // Replication health from the nodes' admin API: one node for factor 3 and
     // minInSync 2 leaves every partition below minInSync, which Degraded says.
     let cluster = wait_for("replication health in status", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(v["status"]["layoutVersion"].as_i64().map(|_| v))
     });
     let st = &cluster["status"];
@@ -496,38 +477,34 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     )
     .unwrap();
     let ak = wait_for("analytics credentials", 90, || {
-        secret_value(
-            &cp,
+        cp.secret_value("team-analytics", "analytics-granary", "AWS_ACCESS_KEY_ID")
+    });
+    let sk = cp
+        .secret_value(
             "team-analytics",
             "analytics-granary",
-            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
         )
-    });
-    let sk = secret_value(
-        &cp,
-        "team-analytics",
-        "analytics-granary",
-        "AWS_SECRET_ACCESS_KEY",
-    )
-    .unwrap()
-    .unwrap();
-    let s3 = secret_value(&cp, "team-analytics", "analytics-granary", "S3_ENDPOINT")
+        .unwrap()
+        .unwrap();
+    let s3 = cp
+        .secret_value("team-analytics", "analytics-granary", "S3_ENDPOINT")
         .unwrap()
         .unwrap();
     assert_eq!(s3, format!("http://127.0.0.1:{s3p}"));
     assert_eq!(
-        secret_value(&cp, "team-analytics", "analytics-granary", "AWS_REGION")
+        cp.secret_value("team-analytics", "analytics-granary", "AWS_REGION")
             .unwrap()
             .as_deref(),
         Some("eu-west-1")
     );
     assert!(
-        secret_value(&cp, "team-analytics", "analytics-granary", "KV_ENDPOINT")
+        cp.secret_value("team-analytics", "analytics-granary", "KV_ENDPOINT")
             .unwrap()
             .is_some()
     );
     let denied = wait_for("intruder condition", 60, || {
-        let v = json(&cp, &["get", "tenant", "intruder", "-n", "team-denied"])?;
+        let v = cp.kubectl_json(&["get", "tenant", "intruder", "-n", "team-denied"])?;
         Ok(condition(&v, "Ready"))
     });
     assert_eq!(
@@ -536,7 +513,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         "{denied:?}"
     );
     assert!(
-        secret_value(&cp, "team-denied", "intruder-creds", "AWS_ACCESS_KEY_ID")
+        cp.secret_value("team-denied", "intruder-creds", "AWS_ACCESS_KEY_ID")
             .unwrap()
             .is_none()
     );
@@ -561,7 +538,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
 
     // Registered, but not Ready while its cluster is not (no kubelets, no ready nodes).
     let ready = wait_for("analytics Ready condition", 60, || {
-        let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
+        let v = cp.kubectl_json(&["get", "tenant", "analytics", "-n", "team-analytics"])?;
         Ok(condition(&v, "Ready"))
     });
     assert_eq!(
@@ -610,7 +587,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     ])
     .unwrap();
     let suspended = wait_for("analytics suspended", 60, || {
-        let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
+        let v = cp.kubectl_json(&["get", "tenant", "analytics", "-n", "team-analytics"])?;
         Ok(condition(&v, "Ready").filter(|c| c.1 == "NamespaceNotAllowed"))
     });
     assert!(suspended.2.contains("suspended"), "{suspended:?}");
@@ -694,7 +671,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     )
     .unwrap();
     let conflict = wait_for("SecretConflict", 60, || {
-        let v = json(&cp, &["get", "tenant", "squatter", "-n", "team-web"])?;
+        let v = cp.kubectl_json(&["get", "tenant", "squatter", "-n", "team-web"])?;
         Ok(condition(&v, "Ready").filter(|c| c.1 == "SecretConflict"))
     });
     assert!(conflict.2.contains("team-web/precious"), "{conflict:?}");
@@ -708,7 +685,9 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         "--timeout=60s",
     ])
     .unwrap();
-    let precious = json(&cp, &["get", "secret", "precious", "-n", "team-web"]).unwrap();
+    let precious = cp
+        .kubectl_json(&["get", "secret", "precious", "-n", "team-web"])
+        .unwrap();
     assert_eq!(precious["data"].as_object().unwrap().len(), 1, "{precious}");
     assert!(
         precious["metadata"]["ownerReferences"].is_null(),
@@ -758,21 +737,18 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         "the cold tier in the node ConfigMap and the pods' environment",
         60,
         || {
-            let cm = json(&cp, &["get", "configmap", "main-config", "-n", ns])?;
+            let cm = cp.kubectl_json(&["get", "configmap", "main-config", "-n", ns])?;
             let in_config = cm["data"]["node.toml"]
                 .as_str()
                 .is_some_and(|t| t.contains(&want));
-            let sts = json(
-                &cp,
-                &[
-                    "get",
-                    "statefulsets",
-                    "-n",
-                    ns,
-                    "-l",
-                    "app.kubernetes.io/instance=main",
-                ],
-            )?;
+            let sts = cp.kubectl_json(&[
+                "get",
+                "statefulsets",
+                "-n",
+                ns,
+                "-l",
+                "app.kubernetes.io/instance=main",
+            ])?;
             let from_secret = sts["items"].as_array().is_some_and(|items| {
             !items.is_empty()
                 && items.iter().all(|s| {
@@ -781,7 +757,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
                 })
         });
             // The node here runs without a cold tier: the condition says so.
-            let sc = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+            let sc = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
             let cond = condition(&sc, "ColdTierReachable")
                 .is_some_and(|c| c.0 == "False" && c.1 == "NotConfigured");
             Ok((in_config && from_secret && cond).then_some(()))
@@ -813,7 +789,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     assert!(updated, "quota change did not reach the node");
     // The reconcile that followed reports usage from the node.
     let usage = wait_for("usage in Tenant status", 60, || {
-        let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
+        let v = cp.kubectl_json(&["get", "tenant", "analytics", "-n", "team-analytics"])?;
         Ok((v["status"]["usage"]["objects"] == 1).then(|| v["status"]["usage"].clone()))
     });
     assert_eq!(usage["buckets"], 1);
@@ -871,7 +847,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     // Usage above a quota shows as QuotaExceeded (with a Warning event), and clears.
     let quota_condition = |want: &'static str| {
         wait_for("QuotaExceeded condition", 60, || {
-            let v = json(&cp, &["get", "tenant", "analytics", "-n", "team-analytics"])?;
+            let v = cp.kubectl_json(&["get", "tenant", "analytics", "-n", "team-analytics"])?;
             Ok(condition(&v, "QuotaExceeded").filter(|(status, _, _)| status == want))
         })
     };
@@ -879,18 +855,16 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     let (_, reason, message) = quota_condition("True");
     assert_eq!(reason, "OverQuota");
     assert!(message.contains("objects 2 > 0"), "{message}");
-    let events = json(
-        &cp,
-        &[
+    let events = cp
+        .kubectl_json(&[
             "get",
             "events",
             "-n",
             "team-analytics",
             "--field-selector",
             "reason=QuotaExceeded",
-        ],
-    )
-    .unwrap();
+        ])
+        .unwrap();
     assert!(
         events["items"]
             .as_array()
@@ -956,7 +930,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     .unwrap();
     wait_for("scale out to 3", 60, || {
         Ok(
-            (json(&cp, &["get", "sts", "main-a-fast", "-n", ns])?["spec"]["replicas"] == 3)
+            (cp.kubectl_json(&["get", "sts", "main-a-fast", "-n", ns])?["spec"]["replicas"] == 3)
                 .then_some(()),
         )
     });
@@ -974,7 +948,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     // The refusal joins the Degraded message; the reason stays BelowMinInSync (one node
     // for minInSync 2 is the more urgent problem) and an event names the refusal.
     let degraded = wait_for("scale-in refused", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Degraded").filter(|c| c.2.contains("scale-in refused")))
     });
     assert_eq!(degraded.1, "BelowMinInSync", "{degraded:?}");
@@ -993,7 +967,8 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         .unwrap();
     assert!(!events.trim().is_empty(), "a ScaleInRefused event");
     assert_eq!(
-        json(&cp, &["get", "sts", "main-a-fast", "-n", ns]).unwrap()["spec"]["replicas"],
+        cp.kubectl_json(&["get", "sts", "main-a-fast", "-n", ns])
+            .unwrap()["spec"]["replicas"],
         3,
         "never shrunk"
     );
@@ -1007,7 +982,9 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     )
     .unwrap();
     wait_for("claim data-main-a-fast-0", 60, || {
-        Ok(json(&cp, &["get", "pvc", "data-main-a-fast-0", "-n", ns]).ok())
+        Ok(cp
+            .kubectl_json(&["get", "pvc", "data-main-a-fast-0", "-n", ns])
+            .ok())
     });
     cp.kubectl_stdin(
         &["apply", "-f", "-"],
@@ -1017,11 +994,12 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     )
     .unwrap();
     wait_for("claim data-main-a-fast-0 bound", 60, || {
-        let v = json(&cp, &["get", "pvc", "data-main-a-fast-0", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "pvc", "data-main-a-fast-0", "-n", ns])?;
         Ok((v["status"]["phase"] == "Bound").then_some(()))
     });
     let generation = |cp: &ControlPlane| {
-        json(cp, &["get", "storagecluster", "main", "-n", ns]).unwrap()["metadata"]["generation"]
+        cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])
+            .unwrap()["metadata"]["generation"]
             .clone()
     };
     cp.kubectl(&[
@@ -1040,11 +1018,11 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     .unwrap();
     let want_generation = generation(&cp);
     wait_for("claim data-main-a-fast-0 expanded", 60, || {
-        let v = json(&cp, &["get", "pvc", "data-main-a-fast-0", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "pvc", "data-main-a-fast-0", "-n", ns])?;
         Ok((v["spec"]["resources"]["requests"]["storage"] == "600Gi").then_some(()))
     });
     let degraded = wait_for("volume change refused", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Degraded").filter(|c| c.2.contains("volume change refused")))
     });
     assert!(
@@ -1054,13 +1032,15 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         "{degraded:?}"
     );
     wait_for("the PDB follows minInSync despite the refusal", 60, || {
-        let v = json(&cp, &["get", "pdb", "main-storage", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "pdb", "main-storage", "-n", ns])?;
         Ok((v["spec"]["maxUnavailable"] == 2).then_some(()))
     });
-    let cluster = json(&cp, &["get", "storagecluster", "main", "-n", ns]).unwrap();
+    let cluster = cp
+        .kubectl_json(&["get", "storagecluster", "main", "-n", ns])
+        .unwrap();
     assert_eq!(cluster["status"]["observedGeneration"], want_generation);
     let vct = |sts: &str| {
-        json(&cp, &["get", "sts", sts, "-n", ns]).unwrap()["spec"]["volumeClaimTemplates"][0]
+        cp.kubectl_json(&["get", "sts", sts, "-n", ns]).unwrap()["spec"]["volumeClaimTemplates"][0]
             ["spec"]
             .clone()
     };
@@ -1070,7 +1050,9 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         "500Gi",
         "the template keeps its size (the claims grow)"
     );
-    let unbound = json(&cp, &["get", "pvc", "data-main-c-fast-0", "-n", ns]).unwrap();
+    let unbound = cp
+        .kubectl_json(&["get", "pvc", "data-main-c-fast-0", "-n", ns])
+        .unwrap();
     assert_eq!(
         unbound["spec"]["resources"]["requests"]["storage"], "500Gi",
         "an unbound claim cannot be resized (it is on a later pass, once bound)"
@@ -1089,7 +1071,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     ])
     .unwrap();
     let degraded = wait_for("shrink refused", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Degraded").filter(|c| c.2.contains("cannot shrink")))
     });
     assert!(!degraded.2.contains("main-b-fast"), "{degraded:?}");
@@ -1106,7 +1088,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     ])
     .unwrap();
     wait_for("volume refusals cleared", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Degraded").filter(|c| !c.2.contains("volume change refused")))
     });
 
@@ -1123,17 +1105,20 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     ])
     .unwrap();
     let degraded = wait_for("removed pool reported", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Degraded").filter(|c| c.2.contains("pools removed from the spec")))
     });
     assert!(degraded.2.contains("main-c-bulk (1 nodes)"), "{degraded:?}");
-    assert!(json(&cp, &["get", "sts", "main-c-bulk", "-n", ns]).is_ok());
+    assert!(
+        cp.kubectl_json(&["get", "sts", "main-c-bulk", "-n", ns])
+            .is_ok()
+    );
 
     // A missing catalog Secret is named in the Ready condition, not just "0/N ready".
     cp.kubectl(&["delete", "secret", "granary-catalog", "-n", ns])
         .unwrap();
     let ready = wait_for("CatalogSecretMissing", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Ready").filter(|c| c.1 == "CatalogSecretMissing"))
     });
     assert!(
@@ -1144,7 +1129,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     );
     create_catalog_secret();
     wait_for("catalog Secret back", 60, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Ready").filter(|c| c.1 == "NodesNotReady"))
     });
 
@@ -1187,20 +1172,18 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     );
 
     // RBAC: without the PodDisruptionBudget rule the cluster reconcile fails visibly.
-    let role = json(
-        &cp,
-        &[
+    let role = cp
+        .kubectl_json(&[
             "get",
             "clusterroles",
             "-l",
             "app.kubernetes.io/instance=granary",
-        ],
-    )
-    .unwrap()["items"][0]["metadata"]["name"]
+        ])
+        .unwrap()["items"][0]["metadata"]["name"]
         .as_str()
         .expect("the chart's ClusterRole")
         .to_string();
-    let cr = json(&cp, &["get", "clusterrole", &role]).unwrap();
+    let cr = cp.kubectl_json(&["get", "clusterrole", &role]).unwrap();
     let rules: Vec<Value> = cr["rules"]
         .as_array()
         .unwrap()
@@ -1224,25 +1207,23 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         .unwrap();
     poke(&cp, ns, "test/poke");
     let failed = wait_for("forbidden reconcile reported", 90, || {
-        let v = json(&cp, &["get", "storagecluster", "main", "-n", ns])?;
+        let v = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
         Ok(condition(&v, "Ready").filter(|c| c.1 == "ApplyFailed"))
     });
     assert!(
         failed.2.contains("forbidden") || failed.2.contains("Forbidden"),
         "{failed:?}"
     );
-    let events = json(
-        &cp,
-        &[
+    let events = cp
+        .kubectl_json(&[
             "get",
             "events",
             "-n",
             ns,
             "--field-selector",
             "reason=ReconcileFailed",
-        ],
-    )
-    .unwrap();
+        ])
+        .unwrap();
     assert!(
         !events["items"].as_array().unwrap().is_empty(),
         "a Warning event is published"

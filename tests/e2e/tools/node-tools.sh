@@ -3,7 +3,7 @@
 # pinned Go modules (module proxy only, local Go toolchain) into a cache outside the
 # repository, keyed by version:
 #   containerd, containerd-shim-runc-v2, ctr   (github.com/containerd/containerd/v2)
-#   bridge, host-local, loopback, portmap      (github.com/containernetworking/plugins)
+#   bridge, host-local, loopback               (github.com/containernetworking/plugins)
 #   coredns                                    (github.com/coredns/coredns, 3 plugins)
 #   pause-<tag>.tar                            (a static sandbox binary packed as an OCI
 #                                               archive: no registry means no pause image)
@@ -59,7 +59,7 @@ GO
   done
 fi
 
-if [ ! -x "$OUT/cni/bridge" ] || [ ! -x "$OUT/cni/host-local" ] || [ ! -x "$OUT/cni/loopback" ] || [ ! -x "$OUT/cni/portmap" ]; then
+if [ ! -x "$OUT/cni/bridge" ] || [ ! -x "$OUT/cni/host-local" ] || [ ! -x "$OUT/cni/loopback" ]; then
   w="$OUT/src/cni"
   mkdir -p "$w"
   printf 'module granary.dev/cni-tools\n\ngo 1.25\n\nrequire github.com/containernetworking/plugins %s\n' "$CNI_VERSION" > "$w/go.mod"
@@ -72,11 +72,10 @@ import (
 	_ "github.com/containernetworking/plugins/plugins/ipam/host-local"
 	_ "github.com/containernetworking/plugins/plugins/main/bridge"
 	_ "github.com/containernetworking/plugins/plugins/main/loopback"
-	_ "github.com/containernetworking/plugins/plugins/meta/portmap"
 )
 GO
   (cd "$w" && log "resolving CNI plugins $CNI_VERSION" && go mod tidy -e >/dev/null 2>&1 || true)
-  for p in main/bridge ipam/host-local main/loopback meta/portmap; do
+  for p in main/bridge ipam/host-local main/loopback; do
     name=${p#*/}
     log "building CNI plugin $name $CNI_VERSION"
     built=1
