@@ -176,7 +176,7 @@ impl AdminClient {
         self.update_existing_tenant(tenant, &spec).await
     }
 
-    /// `{buckets, objects, storageBytes, kvKeys}` of the tenant.
+    /// `{buckets, objects, storageBytes, hotBytes, coldBytes, kvKeys, ...}` of the tenant.
     pub async fn usage(&self, tenant: &str) -> Result<Value> {
         let (s, v) = self
             .call(

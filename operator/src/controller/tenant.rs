@@ -426,6 +426,8 @@ async fn apply(t: &Tenant, ctx: &Context) -> Result<Action> {
     let n = |k: &str| u[k].as_i64();
     let usage = Usage {
         storage: u["storageBytes"].as_u64().map(|b| b.to_string()),
+        hot_storage: u["hotBytes"].as_u64().map(|b| b.to_string()),
+        cold_storage: u["coldBytes"].as_u64().map(|b| b.to_string()),
         objects: n("objects"),
         buckets: n("buckets"),
         kv_keys: n("kvKeys"),
@@ -630,6 +632,7 @@ mod tests {
             objects: Some(2),
             buckets: Some(50),
             kv_keys: Some(0),
+            ..Default::default()
         };
         assert!(over_quota(&q, &u).is_empty());
         u.storage = Some("1025".into());

@@ -205,7 +205,14 @@ pub struct TenantStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Usage {
+    /// Bytes stored, hot and cold (what `quotas.storage` limits).
     pub storage: Option<String>,
+    /// The part of `storage` on the storage nodes' disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hot_storage: Option<String>,
+    /// The part of `storage` whose data is in the cold tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_storage: Option<String>,
     pub objects: Option<i64>,
     pub buckets: Option<i64>,
     pub kv_keys: Option<i64>,

@@ -62,9 +62,15 @@ impl WriteCtx<'_> {
 
 type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 type Job = Box<dyn FnOnce(&mut WriteCtx<'_>) -> Done + Send>;
+/// Answers a write that was not run (its chunk files could not be made durable).
+type Fail = Box<dyn FnOnce(String) + Send>;
 
 enum Msg {
-    Write { dirs: Vec<PathBuf>, job: Job },
+    Write {
+        dirs: Vec<PathBuf>,
+        job: Job,
+        fail: Fail,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -91,6 +97,19 @@ impl Committer {
         F: FnOnce(&mut WriteCtx<'_>) -> Result<T, EngineError> + Send + 'static,
     {
         let (done_tx, done_rx) = oneshot::channel::<Result<T, EngineError>>();
+        // Either the job answers (after the commit) or `fail` does (it never ran).
+        let done_tx = Arc::new(std::sync::Mutex::new(Some(done_tx)));
+        let answer = move |tx: &std::sync::Mutex<Option<oneshot::Sender<_>>>, r| {
+            if let Some(tx) = tx
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
+            {
+                let _ = tx.send(r);
+            }
+        };
+        let fail_tx = done_tx.clone();
+        let fail: Fail = Box::new(move |e| answer(&fail_tx, Err(EngineError::Db(e))));
         let job: Job = Box::new(move |ctx| {
             let outcome = f(ctx);
             Box::new(move |committed: Result<(), String>| {
@@ -98,11 +117,11 @@ impl Committer {
                     Ok(()) => outcome,
                     Err(e) => Err(EngineError::Db(e)),
                 };
-                let _ = done_tx.send(r);
+                answer(&done_tx, r);
             })
         });
         self.tx
-            .send(Msg::Write { dirs, job })
+            .send(Msg::Write { dirs, job, fail })
             .map_err(|_| EngineError::Closed)?;
         done_rx.await.map_err(|_| EngineError::Closed)?
     }
@@ -128,16 +147,13 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
         let Some(first) = rx.blocking_recv() else {
             break;
         };
-        let mut batch = Vec::new();
-        let mut dirs = BTreeSet::new();
-        let mut push =
-            |msg: Msg, batch: &mut Vec<Job>, stop: &mut Option<oneshot::Sender<()>>| match msg {
-                Msg::Write { dirs: d, job } => {
-                    dirs.extend(d);
-                    batch.push(job);
-                }
-                Msg::Shutdown(s) => *stop = Some(s),
-            };
+        let mut batch: Vec<(Vec<PathBuf>, Job, Fail)> = Vec::new();
+        let push = |msg: Msg,
+                    batch: &mut Vec<(Vec<PathBuf>, Job, Fail)>,
+                    stop: &mut Option<oneshot::Sender<()>>| match msg {
+            Msg::Write { dirs, job, fail } => batch.push((dirs, job, fail)),
+            Msg::Shutdown(s) => *stop = Some(s),
+        };
         push(first, &mut batch, &mut stop);
         while batch.len() < MAX_BATCH && stop.is_none() {
             match rx.try_recv() {
@@ -148,80 +164,104 @@ fn run(db: Arc<redb::Database>, logs: Arc<LogState>, mut rx: mpsc::UnboundedRece
         if batch.is_empty() {
             continue;
         }
-        let synced: Result<(), String> = dirs
-            .iter()
-            .try_for_each(|d| super::chunk::sync_dir(d))
-            .map_err(|e| format!("fsync of chunk directory failed: {e}"));
+        // The directories of the batch's new chunk files, each synced once. A write whose
+        // directory fails to sync fails alone: the others of the batch go on.
+        let dirs: BTreeSet<&PathBuf> = batch.iter().flat_map(|(d, _, _)| d).collect();
+        let failed: BTreeMap<PathBuf, String> = dirs
+            .into_iter()
+            .filter_map(|d| {
+                super::chunk::sync_dir(d).err().map(|e| {
+                    (
+                        d.clone(),
+                        format!("fsync of chunk directory {} failed: {e}", d.display()),
+                    )
+                })
+            })
+            .collect();
+        let batch: Vec<Job> = batch
+            .into_iter()
+            .filter_map(|(d, job, fail)| match d.iter().find_map(|d| failed.get(d)) {
+                Some(e) => {
+                    tracing::error!(error = %e, "a write's chunk files are not durable; it fails");
+                    fail(e.clone());
+                    None
+                }
+                None => Some(job),
+            })
+            .collect();
+        if batch.is_empty() {
+            continue;
+        }
         let before = seq;
         let mut logged = Vec::new();
         let mut staged: Vec<(PartitionId, u64)> = Vec::new();
-        let (dones, result) =
-            match synced.and_then(|()| db.begin_write().map_err(|e| e.to_string())) {
-                Err(e) => (
-                    batch
-                        .into_iter()
-                        .map(|_| None)
-                        .collect::<Vec<Option<Done>>>(),
-                    Err(e),
-                ),
-                Ok(txn) => {
-                    let mut changes = Vec::new();
-                    let mut chunks = Vec::new();
-                    let mut freed = Vec::new();
-                    let mut counted: Result<(), String> = Ok(());
-                    let dones: Vec<Option<Done>> = batch
-                        .into_iter()
-                        .map(|job| {
-                            let recorded = RefCell::new(Vec::new());
-                            let usage = RefCell::new(UsageDeltas::default());
-                            let mut ctx = WriteCtx {
-                                txn: TrackedTxn::new(&txn, &recorded, &usage),
-                                seq: &mut seq,
-                                chunks: Vec::new(),
-                                freed: Vec::new(),
-                                logged: &mut logged,
-                            };
-                            let done = job(&mut ctx);
-                            // Each write's counts are stored before the next write runs, so
-                            // a write sees the usage the writes before it left.
-                            if counted.is_ok() {
-                                counted = usage.borrow_mut().flush(&txn).map_err(|e| {
-                                    format!("updating the usage counters failed: {e}")
-                                });
-                            }
-                            chunks.append(&mut ctx.chunks);
-                            freed.append(&mut ctx.freed);
-                            changes.push(recorded.into_inner());
-                            Some(done)
-                        })
-                        .collect();
-                    // Partitions whose log this batch writes with entries from elsewhere
-                    // (a replica applying its primary's log, a snapshot import).
-                    for (p, _) in &logged {
-                        logs.forget(*p);
-                    }
-                    let result = counted
-                        .and_then(|()| {
-                            log_changes(&txn, &logs, changes, (chunks, freed), seq, &mut logged)
-                        })
-                        .and_then(|entries| store_seq(&txn, seq).map(|()| entries))
-                        .and_then(|entries| {
-                            super::usage::note_positions(&txn, &logged)
-                                .map(|()| entries)
-                                .map_err(|e| e.to_string())
-                        })
-                        .and_then(|entries| {
-                            // Published before the data becomes visible: a read that
-                            // sees it waits for these entries to be replicated.
-                            logs.pending(&logged);
-                            // From here the entries may reach the replicas before the
-                            // commit below is durable (it runs in parallel with their fsync).
-                            staged = logs.stage(entries);
-                            txn.commit().map_err(|e| e.to_string())
-                        });
-                    (dones, result)
+        let (dones, result) = match db.begin_write().map_err(|e| e.to_string()) {
+            Err(e) => (
+                batch
+                    .into_iter()
+                    .map(|_| None)
+                    .collect::<Vec<Option<Done>>>(),
+                Err(e),
+            ),
+            Ok(txn) => {
+                let mut changes = Vec::new();
+                let mut chunks = Vec::new();
+                let mut freed = Vec::new();
+                let mut counted: Result<(), String> = Ok(());
+                let dones: Vec<Option<Done>> = batch
+                    .into_iter()
+                    .map(|job| {
+                        let recorded = RefCell::new(Vec::new());
+                        let usage = RefCell::new(UsageDeltas::default());
+                        let mut ctx = WriteCtx {
+                            txn: TrackedTxn::new(&txn, &recorded, &usage),
+                            seq: &mut seq,
+                            chunks: Vec::new(),
+                            freed: Vec::new(),
+                            logged: &mut logged,
+                        };
+                        let done = job(&mut ctx);
+                        // Each write's counts are stored before the next write runs, so
+                        // a write sees the usage the writes before it left.
+                        if counted.is_ok() {
+                            counted = usage
+                                .borrow_mut()
+                                .flush(&txn)
+                                .map_err(|e| format!("updating the usage counters failed: {e}"));
+                        }
+                        chunks.append(&mut ctx.chunks);
+                        freed.append(&mut ctx.freed);
+                        changes.push(recorded.into_inner());
+                        Some(done)
+                    })
+                    .collect();
+                // Partitions whose log this batch writes with entries from elsewhere
+                // (a replica applying its primary's log, a snapshot import).
+                for (p, _) in &logged {
+                    logs.forget(*p);
                 }
-            };
+                let result = counted
+                    .and_then(|()| {
+                        log_changes(&txn, &logs, changes, (chunks, freed), seq, &mut logged)
+                    })
+                    .and_then(|entries| store_seq(&txn, seq).map(|()| entries))
+                    .and_then(|entries| {
+                        super::usage::note_positions(&txn, &logged)
+                            .map(|()| entries)
+                            .map_err(|e| e.to_string())
+                    })
+                    .and_then(|entries| {
+                        // Published before the data becomes visible: a read that
+                        // sees it waits for these entries to be replicated.
+                        logs.pending(&logged);
+                        // From here the entries may reach the replicas before the
+                        // commit below is durable (it runs in parallel with their fsync).
+                        staged = logs.stage(entries);
+                        txn.commit().map_err(|e| e.to_string())
+                    });
+                (dones, result)
+            }
+        };
         if result.is_err() && !staged.is_empty() && !logs.unstage(&staged) {
             // Some of the batch's log entries may be on replicas already, and their
             // numbers would be handed out again here to other changes: the logs would

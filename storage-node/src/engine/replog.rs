@@ -763,15 +763,16 @@ impl Engine {
         entries: Vec<(u64, LogEntry)>,
     ) -> Result<u64, EngineError> {
         self.log_state().forget(p);
+        // The directories of the chunk files these entries make reachable. A chunk the
+        // primary no longer had when this replica caught up (its data was replaced or
+        // moved to the cold tier since) was never sent and is not here: its directory
+        // may not exist, and there is nothing in it to make durable.
         let dirs = entries
             .iter()
             .flat_map(|(_, e)| &e.chunks)
-            .filter_map(|c| {
-                self.chunks()
-                    .path(c.partition, c.id)
-                    .parent()
-                    .map(std::path::Path::to_path_buf)
-            })
+            .map(|c| self.chunks().path(c.partition, c.id))
+            .filter(|path| path.exists())
+            .filter_map(|path| path.parent().map(std::path::Path::to_path_buf))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -840,6 +841,35 @@ mod tests {
             chunks: Vec::new(),
             freed: Vec::new(),
         }
+    }
+
+    /// A replica catching up applies an entry that names a chunk file its primary no
+    /// longer had (replaced or moved to the cold tier since, so never sent), even in a
+    /// partition whose chunk directory does not exist here; and a write whose chunk
+    /// directory cannot be synced fails alone, not the writes committed with it.
+    #[tokio::test]
+    async fn a_chunk_that_never_came_does_not_block_the_log_or_other_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let p = PartitionId(3);
+        let mut e = entry(1, &[0, 3, 1]);
+        e.chunks = vec![ChunkRef {
+            id: crate::types::ChunkId::random(),
+            partition: p,
+            len: 10,
+        }];
+        let missing_dir = engine.chunks().path(p, e.chunks[0].id);
+        assert!(!missing_dir.parent().unwrap().exists());
+        assert_eq!(engine.apply_log(p, vec![(1, e)]).await.unwrap(), 1);
+
+        let gone = dir.path().join("no-such-directory");
+        let (bad, good) = tokio::join!(
+            engine.write(vec![gone], |_| Ok(())),
+            engine.write(Vec::new(), |_| Ok(()))
+        );
+        let err = bad.expect_err("its directory cannot be synced").to_string();
+        assert!(err.contains("no-such-directory"), "{err}");
+        good.expect("a write without that directory commits");
     }
 
     /// Entries of a commit under way are offered to shippers before the commit is

@@ -1,4 +1,5 @@
-//! Usage counters: per bucket (objects, object bytes, multipart uploads, part bytes) and
+//! Usage counters: per bucket (objects, object bytes and how many of them are in the cold
+//! tier, multipart uploads, part bytes) and
 //! per KV tenant (keys, bytes), each per partition, kept in the node-local table
 //! [`USAGE`] in the same transaction as the changes they count.
 //!
@@ -21,7 +22,8 @@
 //!
 //! Sizes come from the records themselves: an object's and a part's record starts with
 //! its size (the first postcard field after the record header), a KV record with its
-//! version, expiry and value. `model` pins both layouts with tests.
+//! version, expiry and value; whether an object's data is cold is read by
+//! `model::object::body_is_cold`. `model` pins these layouts with tests.
 
 use std::collections::BTreeMap;
 
@@ -33,12 +35,13 @@ use super::replog::PART_LSN;
 use super::{EngineError, KV, META, OBJECTS, PARTS, UPLOADS};
 use crate::types::{BucketId, PartitionId, TenantId};
 
-/// `partition (2) | kind (1) | id (16)` -> [`Counters`] (6 x u64, little-endian).
+/// `partition (2) | kind (1) | id (16)` -> [`Counters`] (7 x u64, little-endian).
 /// Node-local: not logged, not in snapshots.
 pub const USAGE: TableDefinition<&[u8], &[u8]> = TableDefinition::new("usage");
 
-/// Bumped when what the counters count changes: the next open rebuilds them.
-const USAGE_VERSION: u64 = 1;
+/// Bumped when what the counters count changes: the next open rebuilds them (2: cold
+/// bytes).
+const USAGE_VERSION: u64 = 2;
 const VERSION_KEY: &str = "usage_version";
 
 const KIND_BUCKET: u8 = b'b';
@@ -47,7 +50,7 @@ const KIND_KV: u8 = b'k';
 /// big-endian). A binary without counters (a rollback) writes log entries without
 /// moving it; the next open sees the difference and counts again.
 const KIND_POSITION: u8 = b'l';
-const FIELDS: usize = 6;
+const FIELDS: usize = 7;
 /// Bytes of a KV engine key that are not the namespace or the key: partition (2),
 /// tenant (16), the namespace's length (1).
 pub const KV_KEY_OVERHEAD: usize = 19;
@@ -65,6 +68,8 @@ pub struct Counters {
     pub kv_keys: u64,
     /// Namespace, key and value bytes of KV entries.
     pub kv_bytes: u64,
+    /// Bytes of the objects whose data is in the cold tier (part of `object_bytes`).
+    pub cold_bytes: u64,
 }
 
 impl Counters {
@@ -76,6 +81,7 @@ impl Counters {
             self.part_bytes,
             self.kv_keys,
             self.kv_bytes,
+            self.cold_bytes,
         ]
     }
 
@@ -87,6 +93,7 @@ impl Counters {
             part_bytes,
             kv_keys,
             kv_bytes,
+            cold_bytes,
         ] = a;
         Self {
             objects,
@@ -95,6 +102,7 @@ impl Counters {
             part_bytes,
             kv_keys,
             kv_bytes,
+            cold_bytes,
         }
     }
 
@@ -123,7 +131,8 @@ impl Counters {
         Ok(Self::from_array(a))
     }
 
-    /// Every stored byte: objects, parts of uploads in progress, KV entries.
+    /// Every stored byte, hot or cold: objects, parts of uploads in progress, KV
+    /// entries.
     pub fn bytes(&self) -> u64 {
         self.object_bytes
             .saturating_add(self.part_bytes)
@@ -178,6 +187,14 @@ pub fn leading_size(value: &[u8]) -> Option<u64> {
         .map(|(s, _)| s)
 }
 
+/// The size of an object record whose data is in the cold tier; None for hot ones.
+pub fn cold_size(value: &[u8]) -> Option<u64> {
+    // The record layout belongs to `model`, which pins this with tests.
+    crate::model::object::body_is_cold(body_unchecked(value)?)
+        .then(|| leading_size(value))
+        .flatten()
+}
+
 /// The value length of a KV record (version, expiry, value).
 pub fn kv_value_len(value: &[u8]) -> Option<u64> {
     postcard::take_from_bytes::<(u64, Option<i64>, &[u8])>(body_unchecked(value)?)
@@ -207,10 +224,11 @@ impl UsageDeltas {
         };
         let mut d = [0i64; FIELDS];
         let kind = match table {
-            // Objects: count and size.
+            // Objects: count, size, and size in the cold tier.
             0 => {
                 d[0] = present(new) - present(old);
                 d[1] = sized(new, leading_size) - sized(old, leading_size);
+                d[6] = sized(new, cold_size) - sized(old, cold_size);
                 KIND_BUCKET
             }
             // Uploads: count.
@@ -418,6 +436,27 @@ impl super::Engine {
             let mut total = Counters::default();
             for c in read_rows(txn, &rows)? {
                 total += c;
+            }
+            Ok(total)
+        })
+        .await
+    }
+
+    /// Every counter of this node summed (objects of every bucket, replicas included):
+    /// what this node's disks and its share of the cold tier hold.
+    pub async fn usage_total(&self) -> Result<Counters, EngineError> {
+        self.read(|txn| {
+            let mut total = Counters::default();
+            let t = match txn.open_table(USAGE) {
+                Ok(t) => t,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(total),
+                Err(e) => return Err(e.into()),
+            };
+            for e in t.iter()? {
+                let (k, v) = e?;
+                if is_counter_row(k.value()) {
+                    total += Counters::decode(v.value())?;
+                }
             }
             Ok(total)
         })

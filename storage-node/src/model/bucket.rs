@@ -260,6 +260,13 @@ pub struct Usage {
     /// Namespace, key and value bytes of KV entries.
     #[serde(default)]
     pub kv_bytes: u64,
+    /// The part of `storage_bytes` kept on the nodes' disks (counted once, whatever the
+    /// replication factor).
+    #[serde(default)]
+    pub hot_bytes: u64,
+    /// The part of `storage_bytes` whose data is in the cold tier (objects only).
+    #[serde(default)]
+    pub cold_bytes: u64,
 }
 
 impl Usage {
@@ -274,6 +281,8 @@ impl Usage {
             (&mut self.multipart_uploads, o.multipart_uploads),
             (&mut self.multipart_bytes, o.multipart_bytes),
             (&mut self.kv_bytes, o.kv_bytes),
+            (&mut self.hot_bytes, o.hot_bytes),
+            (&mut self.cold_bytes, o.cold_bytes),
         ] {
             *a = a.saturating_add(b);
         }
@@ -311,6 +320,8 @@ impl Store {
             multipart_uploads: c.uploads,
             multipart_bytes: c.part_bytes,
             kv_bytes: c.kv_bytes,
+            hot_bytes: c.bytes().saturating_sub(c.cold_bytes),
+            cold_bytes: c.cold_bytes,
         })
     }
 }

@@ -134,6 +134,27 @@ pub fn decode_summary(bytes: &[u8]) -> Result<ObjectSummary> {
         .map_err(|e| Error::Corrupt(format!("object record: {e}")))
 }
 
+/// Whether the body of a stored object record (after its version byte, before its
+/// checksum) names data in the cold tier. Reads the fields up to the data's variant
+/// only; the usage counters (`engine::usage`) call it for every object they count.
+pub(crate) fn body_is_cold(body: &[u8]) -> bool {
+    /// The head of [`ObjectRecord`] up to [`ObjectData`]'s variant index (postcard
+    /// writes an enum's variant as a varint before its fields).
+    #[derive(Deserialize)]
+    struct Head<'a> {
+        _size: u64,
+        #[serde(borrow)]
+        _etag: &'a str,
+        _last_modified: i64,
+        _version: u64,
+        _meta: ObjectMeta,
+        data_variant: u32,
+    }
+    /// [`ObjectData::Cold`]'s variant index (pinned by a test).
+    const COLD_VARIANT: u32 = 2;
+    postcard::take_from_bytes::<Head<'_>>(body).is_ok_and(|(h, _)| h.data_variant == COLD_VARIANT)
+}
+
 /// Preconditions of a read or a write, already parsed.
 #[derive(Clone, Debug, Default)]
 pub struct Conditions {
@@ -919,6 +940,50 @@ mod tests {
         );
         assert!(decode_summary(&bytes[..3]).is_err());
         assert_eq!(decode_record(&bytes).unwrap(), rec);
+    }
+
+    /// The usage counters tell cold objects from hot ones by the head of the record
+    /// (`body_is_cold`), with user metadata and under both record versions.
+    #[test]
+    fn the_cold_probe_reads_the_data_variant() {
+        let cold = data::ObjectData::Cold(crate::cold::ColdRef {
+            key: "p/1".into(),
+            len: 3,
+            piece: 1 << 20,
+            crcs: vec![1],
+        });
+        let chunks = data::ObjectData::Chunks(Vec::new());
+        for (d, want) in [
+            (data::ObjectData::inline(b"abc".to_vec()), false),
+            (chunks, false),
+            (cold, true),
+        ] {
+            for tags in [vec![], vec![("k".to_string(), "v".to_string())]] {
+                let rec = ObjectRecord {
+                    size: 3,
+                    etag: "e".into(),
+                    last_modified: 1,
+                    version: 2,
+                    meta: ObjectMeta {
+                        content_type: Some("a/b".into()),
+                        user: [("x".to_string(), "y".to_string())].into(),
+                        expires: Some(-5),
+                        ..Default::default()
+                    },
+                    data: d.clone(),
+                    ext: ObjectExt {
+                        tags,
+                        ..Default::default()
+                    },
+                };
+                let bytes = encode_ext(&rec).unwrap();
+                assert_eq!(
+                    crate::engine::usage::cold_size(&bytes),
+                    want.then_some(3),
+                    "{d:?}"
+                );
+            }
+        }
     }
 
     /// Extension fields are written under record version 2 after the version-1 body:

@@ -439,3 +439,97 @@ pub(crate) fn cold_err(e: crate::cold::ColdError) -> Error {
         crate::cold::ColdError::Local(m) => Error::Corrupt(format!("local data: {m}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::cold::ColdConfig;
+    use crate::model::data::ByteStream;
+    use crate::model::object::{Conditions, ObjectMeta};
+
+    fn body(len: usize, seed: u8) -> ByteStream {
+        Box::pin(futures::stream::iter([Ok(Bytes::from(vec![seed; len]))]))
+    }
+
+    /// Moving an object to the cold tier moves its bytes from the hot to the cold
+    /// counter (the total, which quotas limit, stays); deleting or overwriting a cold
+    /// object gives its cold bytes back; the counters always equal a recount.
+    #[tokio::test]
+    async fn a_move_shifts_bytes_from_hot_to_cold_in_the_counters() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = crate::model::test_store_with_tenant(&dir.path().join("node")).await;
+        let cold = ColdTier::open(&ColdConfig {
+            url: format!("file://{}", dir.path().join("cold").display()),
+            options: Vec::new(),
+            timeout: Duration::from_secs(5),
+            delete_grace: Duration::ZERO,
+        })
+        .unwrap();
+        s.set_cold_tier(Arc::new(cold));
+        s.create_bucket(t, "b").await.unwrap();
+        let sizes = [("cold/a", 1000usize), ("cold/b", 3 << 20), ("hot/c", 5000)];
+        for (k, len) in sizes {
+            s.put_object(
+                t,
+                "b",
+                k,
+                body(len, 1),
+                None,
+                ObjectMeta::default(),
+                Conditions::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let usage = || async { s.tenant_usage_in(t, &s.all_partitions()).await.unwrap() };
+        let total: u64 = sizes.iter().map(|(_, l)| *l as u64).sum();
+        let before = usage().await;
+        assert_eq!((before.hot_bytes, before.cold_bytes), (total, 0));
+
+        let lc = Lifecycle {
+            rules: vec![LifecycleRule {
+                enabled: true,
+                prefix: "cold/".into(),
+                storage_class: "GLACIER".into(),
+                ..Default::default()
+            }],
+        };
+        s.set_bucket_setting(
+            t,
+            "b",
+            LIFECYCLE,
+            Some(&serde_json::to_string(&lc).unwrap()),
+        )
+        .await
+        .unwrap();
+        let out = s.tier_pass(u64::MAX).await.unwrap();
+        assert_eq!(out.moved, 2, "{out:?}");
+        let moved = 1000 + (3u64 << 20);
+        let after = usage().await;
+        assert_eq!(after.storage_bytes, total, "quotas count both tiers");
+        assert_eq!(after.object_bytes, total);
+        assert_eq!((after.hot_bytes, after.cold_bytes), (total - moved, moved));
+        assert!(s.engine().verify_usage().await.unwrap().is_empty());
+        assert_eq!(s.engine().usage_total().await.unwrap().cold_bytes, moved);
+
+        // Deleting a cold object and overwriting another (hot again) give it back.
+        s.delete_object(t, "b", "cold/a").await.unwrap();
+        assert_eq!(usage().await.cold_bytes, 3 << 20);
+        s.put_object(
+            t,
+            "b",
+            "cold/b",
+            body(10, 2),
+            None,
+            ObjectMeta::default(),
+            Conditions::default(),
+        )
+        .await
+        .unwrap();
+        let end = usage().await;
+        assert_eq!((end.hot_bytes, end.cold_bytes), (5000 + 10, 0));
+        assert!(s.engine().verify_usage().await.unwrap().is_empty());
+    }
+}

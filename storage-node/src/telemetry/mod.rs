@@ -45,6 +45,11 @@ pub struct NodeStateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TierLabels {
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ForwardLabels {
     pub front: &'static str,
     pub outcome: &'static str,
@@ -88,6 +93,9 @@ pub struct Metrics {
     pub cold_tier_reachable: Gauge,
     /// Objects the mover could not move (they stay hot; retried next pass).
     pub cold_move_failures: Counter,
+    /// Bytes of the data this node holds (every copy it keeps, primary or replica), by
+    /// tier; set from the usage counters at each scrape ([`Metrics::set_stored`]).
+    pub stored_bytes: Family<TierLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -220,6 +228,13 @@ impl Default for Metrics {
              read or the store refused them); they stay hot and are tried again",
             cold_move_failures.clone(),
         );
+        let stored_bytes = Family::<TierLabels, Gauge>::default();
+        registry.register(
+            "stored_bytes",
+            "Bytes of object, multipart part and KV data this node keeps (its primary and \
+             replica copies), by tier: hot on its disks, cold in the cold tier (objects only)",
+            stored_bytes.clone(),
+        );
         Self {
             registry: Mutex::new(registry),
             requests,
@@ -241,6 +256,7 @@ impl Default for Metrics {
             cold_orphans_deleted,
             cold_tier_reachable,
             cold_move_failures,
+            stored_bytes,
         }
     }
 }
@@ -262,6 +278,17 @@ impl Metrics {
         self.latency
             .get_or_create(&l)
             .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// Sets the stored-bytes gauges from this node's usage counters.
+    pub fn set_stored(&self, c: &crate::engine::usage::Counters) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.stored_bytes
+            .get_or_create(&TierLabels { tier: "hot" })
+            .set(gauge(c.bytes().saturating_sub(c.cold_bytes)));
+        self.stored_bytes
+            .get_or_create(&TierLabels { tier: "cold" })
+            .set(gauge(c.cold_bytes));
     }
 
     pub fn render(&self) -> String {

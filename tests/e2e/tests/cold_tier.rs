@@ -119,6 +119,21 @@ fn cold_rule(prefix: &str, class: &str) -> LifecycleRule {
         .unwrap()
 }
 
+/// Sets `rule` as the bucket's only lifecycle rule.
+async fn put_rule(s3: &aws_sdk_s3::Client, bucket: &str, rule: LifecycleRule) {
+    s3.put_bucket_lifecycle_configuration()
+        .bucket(bucket)
+        .lifecycle_configuration(
+            BucketLifecycleConfiguration::builder()
+                .rules(rule)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lifecycle_rules_move_objects_to_a_local_cold_tier_and_reads_are_unchanged() {
     let dir = tempfile::tempdir().unwrap();
@@ -196,17 +211,7 @@ async fn lifecycle_rules_move_objects_to_a_local_cold_tier_and_reads_are_unchang
         hot_files >= 2,
         "the 8 and 100 MiB objects are in chunk files"
     );
-    s3.put_bucket_lifecycle_configuration()
-        .bucket("lc-bucket")
-        .lifecycle_configuration(
-            BucketLifecycleConfiguration::builder()
-                .rules(cold_rule("cold/", "GLACIER"))
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
+    put_rule(&s3, "lc-bucket", cold_rule("cold/", "GLACIER")).await;
     let lc = s3
         .get_bucket_lifecycle_configuration()
         .bucket("lc-bucket")
@@ -396,6 +401,24 @@ async fn a_tenant_policy_moves_objects_to_another_granary_over_s3_which_may_stal
         2,
         "two copies in the cold bucket"
     );
+    // Usage splits hot from cold (the total, which quotas limit, counts both), in the
+    // admin API and the node's metrics.
+    let (st, u) = admin
+        .call(reqwest::Method::GET, "/tenants/archive/usage", None)
+        .await
+        .unwrap();
+    assert_eq!(st, 200, "{u}");
+    let cold_bytes = (4096 + (8 << 20)) as u64;
+    assert_eq!(u["coldBytes"], cold_bytes, "{u}");
+    assert_eq!(u["hotBytes"], 100, "{u}");
+    assert_eq!(u["storageBytes"], cold_bytes + 100, "{u}");
+    let page = node.metrics().await.unwrap();
+    assert!(
+        page.contains(&format!(
+            "granary_stored_bytes{{tier=\"cold\"}} {cold_bytes}"
+        )),
+        "{page}"
+    );
     assert_eq!(get(&s3, "docs", "small", None).await, small);
     assert_eq!(
         get(&s3, "docs", "mid", Some("bytes=4194300-4194400")).await,
@@ -502,17 +525,7 @@ async fn sigkill_while_objects_move_loses_nothing_and_leaves_no_orphan() {
     let mut node = start(&data_dir, &env);
     let mut s3 = s3_client(&node.s3, &node.access_key, &node.secret_key);
     s3.create_bucket().bucket("lc-bucket").send().await.unwrap();
-    s3.put_bucket_lifecycle_configuration()
-        .bucket("lc-bucket")
-        .lifecycle_configuration(
-            BucketLifecycleConfiguration::builder()
-                .rules(cold_rule("", "GLACIER"))
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
+    put_rule(&s3, "lc-bucket", cold_rule("", "GLACIER")).await;
     let mut objects: Vec<(String, [u8; 16])> = Vec::new();
     let cycles = std::env::var("GRANARY_CRASH_CYCLES")
         .ok()
@@ -560,4 +573,160 @@ async fn sigkill_while_objects_move_loses_nothing_and_leaves_no_orphan() {
         let got = get(&s3, "lc-bucket", k, None).await;
         assert_eq!(<[u8; 16]>::from(md5::Md5::digest(&got)), *sum, "{k}");
     }
+}
+
+/// On a cluster (three `serve` nodes in network namespaces, replication factor 3, one
+/// cold directory every node reaches): only each partition's primary moves objects (one
+/// cold copy per object, one move each), the replicas switch through replication (every
+/// node frees its chunk files and counts the bytes as cold), cold objects read back
+/// identical through any node and after their primary is SIGKILLed, and a node that
+/// joins takes its partitions without their cold data (its chunk store stays empty).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_cluster_primaries_move_and_replicas_follow() {
+    use granary_e2e::cluster::{Settings, TestCluster, admin, eventually, metric};
+
+    let cold_dir = tempfile::tempdir().unwrap();
+    let mut c = TestCluster::start(
+        4,
+        Settings {
+            partitions: 16,
+            start_nodes: 3,
+            extra_config: format!(
+                "cold_tier = \"file://{}\"\ncold_tier_period_secs = 1\ncold_tier_timeout_secs = 5\n",
+                cold_dir.path().display()
+            ),
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    c.wait_ready().await;
+    let (ak, sk, _) = c.tenant("archive").await;
+    let client = |c: &TestCluster, i: usize| s3_client(&c.nodes[i].proc.s3, &ak, &sk);
+    let s3 = client(&c, 1);
+    let buckets: Vec<String> = (0..6).map(|i| format!("cold-{i}")).collect();
+    let mut objects = Vec::new();
+    for (i, b) in buckets.iter().enumerate() {
+        s3.create_bucket().bucket(b).send().await.unwrap();
+        for (k, v) in [
+            ("big", data(3 << 20, i as u8)),
+            ("small", data(2048, 100 + i as u8)),
+        ] {
+            s3.put_object()
+                .bucket(b)
+                .key(k)
+                .body(v.clone().into())
+                .send()
+                .await
+                .unwrap();
+            objects.push((b.clone(), k, v));
+        }
+    }
+    let total: u64 = objects.iter().map(|(_, _, v)| v.len() as u64).sum();
+    for i in 0..3 {
+        assert!(
+            !chunk_files(&c.nodes[i].proc.data_dir).is_empty(),
+            "n{} holds chunk files of the replicated objects",
+            i + 1
+        );
+    }
+
+    for b in &buckets {
+        put_rule(&s3, b, cold_rule("", "GLACIER")).await;
+    }
+    let t0 = Instant::now();
+    for b in &buckets {
+        wait_cold(&s3, b, &["big", "small"], 120).await;
+    }
+    println!(
+        "cluster: {} objects ({total} bytes) moved within {:.1?}",
+        objects.len(),
+        t0.elapsed()
+    );
+
+    // One cold copy per object, made once, by the object's primary.
+    assert_eq!(
+        files_under(cold_dir.path()).len(),
+        objects.len(),
+        "{:?}",
+        files_under(cold_dir.path())
+    );
+    let mut moved = 0.0;
+    for m in &c.nodes {
+        moved += metric(
+            &m.proc.metrics().await.unwrap(),
+            "granary_cold_moved_objects_total",
+        );
+    }
+    assert_eq!(moved as usize, objects.len(), "one move per object");
+
+    // Every replica applied the switch: its chunk files are freed and it counts the
+    // objects' bytes as cold.
+    for m in &c.nodes {
+        let dir = m.proc.data_dir.clone();
+        eventually(&format!("{} frees its chunk files", m.id), 60, || async {
+            chunk_files(&dir).is_empty().then_some(())
+        })
+        .await;
+        let page = m.proc.metrics().await.unwrap();
+        assert_eq!(
+            (
+                metric(&page, "granary_stored_bytes{tier=\"cold\"}") as u64,
+                metric(&page, "granary_stored_bytes{tier=\"hot\"}") as u64
+            ),
+            (total, 0),
+            "{}: every copy it holds is cold",
+            m.id
+        );
+        let u = admin(&m.proc, "/tenants/archive/usage").await;
+        assert_eq!(
+            (u["coldBytes"].as_u64(), u["hotBytes"].as_u64()),
+            (Some(total), Some(0)),
+            "{u}"
+        );
+    }
+
+    // Reads through every node: whole and ranged.
+    for i in 0..3 {
+        let s3 = client(&c, i);
+        for (b, k, v) in &objects {
+            assert_eq!(&get(&s3, b, k, None).await, v, "{b}/{k} through n{}", i + 1);
+        }
+        assert_eq!(
+            get(&s3, &buckets[0], "big", Some("bytes=1048570-2097160")).await,
+            objects[0].2[1048570..2097161]
+        );
+    }
+
+    // n1 is SIGKILLed: its partitions get new primaries, which read the same cold
+    // copies.
+    c.nodes[0].proc.kill9();
+    let s3 = client(&c, 2);
+    for (b, k, v) in &objects {
+        let got = eventually(&format!("{b}/{k} readable without n1"), 60, || async {
+            let r = s3.get_object().bucket(b).key(*k).send().await.ok()?;
+            Some(r.body.collect().await.ok()?.into_bytes().to_vec())
+        })
+        .await;
+        assert_eq!(&got, v, "{b}/{k} after n1 was killed");
+    }
+    let m = c.start_node(0).unwrap();
+    c.nodes[0] = m;
+
+    // n4 joins: it receives its partitions' records, not their cold data.
+    c.add_node().unwrap();
+    c.wait_balanced(120).await;
+    let n4 = &c.nodes[3].proc;
+    let page = n4.metrics().await.unwrap();
+    let n4_cold = metric(&page, "granary_stored_bytes{tier=\"cold\"}") as u64;
+    assert!(n4_cold > 0, "n4 holds cold objects' records: {page}");
+    assert!(
+        chunk_files(&n4.data_dir).is_empty(),
+        "n4 took {n4_cold} cold bytes' records and no chunk file"
+    );
+    let s3 = client(&c, 3);
+    for (b, k, v) in &objects {
+        assert_eq!(&get(&s3, b, k, None).await, v, "{b}/{k} through n4");
+    }
+    assert_eq!(files_under(cold_dir.path()).len(), objects.len());
+    println!("cluster: n4 joined and holds {n4_cold} cold bytes' records, no chunk file");
 }

@@ -794,6 +794,9 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     });
     assert_eq!(usage["buckets"], 1);
     assert_eq!(usage["storage"], "15");
+    // Split by tier: this node has no cold tier, so every byte is hot.
+    assert_eq!(usage["hotStorage"], "15", "{usage}");
+    assert_eq!(usage["coldStorage"], "0", "{usage}");
     // The node enforces the Tenant's quotas: a write accepted under 7 objects is refused
     // once the quota is lowered to what the tenant holds.
     c.put_object()
