@@ -61,10 +61,6 @@ pub fn router(state: AdminState) -> Router {
         .route(
             "/metrics",
             get(|State(s): State<AdminState>| async move {
-                match s.store.engine().usage_total().await {
-                    Ok(c) => s.metrics.set_stored(&c),
-                    Err(e) => tracing::warn!(error = %e, "reading the usage counters for /metrics"),
-                }
                 (
                     [(
                         "content-type",

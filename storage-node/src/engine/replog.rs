@@ -771,7 +771,9 @@ impl Engine {
             .iter()
             .flat_map(|(_, e)| &e.chunks)
             .map(|c| self.chunks().path(c.partition, c.id))
-            .filter(|path| path.exists())
+            // Only what is known to be absent: a stat that fails otherwise keeps the
+            // directory, whose sync then fails the write (retried) rather than skipping it.
+            .filter(|path| !matches!(path.try_exists(), Ok(false)))
             .filter_map(|path| path.parent().map(std::path::Path::to_path_buf))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()

@@ -187,12 +187,21 @@ pub fn leading_size(value: &[u8]) -> Option<u64> {
         .map(|(s, _)| s)
 }
 
-/// The size of an object record whose data is in the cold tier; None for hot ones.
+/// The size of an object record whose data is in the cold tier; None for hot ones (and
+/// for records whose head cannot be read: see [`tier_known`]).
 pub fn cold_size(value: &[u8]) -> Option<u64> {
     // The record layout belongs to `model`, which pins this with tests.
     crate::model::object::body_is_cold(body_unchecked(value)?)
+        .unwrap_or(false)
         .then(|| leading_size(value))
         .flatten()
+}
+
+/// Whether an object record's tier can be read (false for a damaged head).
+fn tier_known(value: &[u8]) -> bool {
+    body_unchecked(value)
+        .and_then(crate::model::object::body_is_cold)
+        .is_some()
 }
 
 /// The value length of a KV record (version, expiry, value).
@@ -205,7 +214,13 @@ pub fn kv_value_len(value: &[u8]) -> Option<u64> {
 /// Changes to the counters made by one transaction (or one write of a group commit),
 /// not yet stored.
 #[derive(Default)]
-pub struct UsageDeltas(BTreeMap<[u8; 19], [i64; FIELDS]>);
+pub struct UsageDeltas(BTreeMap<[u8; 19], [i64; FIELDS]>, Suspect);
+
+/// Whether a counted object record's head could not be read (a damaged record): its
+/// tier is then unknown, so the counters may drift from a recount; the next open counts
+/// again.
+#[derive(Default)]
+struct Suspect(bool);
 
 impl UsageDeltas {
     /// Counts a change to record table `table` (its number in logs and snapshots) at
@@ -229,6 +244,9 @@ impl UsageDeltas {
                 d[0] = present(new) - present(old);
                 d[1] = sized(new, leading_size) - sized(old, leading_size);
                 d[6] = sized(new, cold_size) - sized(old, cold_size);
+                if !old.into_iter().chain(new).all(tier_known) {
+                    self.1.0 = true;
+                }
                 KIND_BUCKET
             }
             // Uploads: count.
@@ -264,11 +282,19 @@ impl UsageDeltas {
     /// Adds the deltas to the stored rows inside `txn`; a row that reaches zero is
     /// removed.
     pub fn flush(&mut self, txn: &redb::WriteTransaction) -> Result<(), EngineError> {
+        let mut damaged = std::mem::take(&mut self.1.0);
+        if damaged {
+            tracing::error!(
+                "an object record's head cannot be read (damaged?); usage is counted again at the next start"
+            );
+        }
         if self.0.is_empty() {
+            if damaged {
+                txn.open_table(META)?.remove(VERSION_KEY)?;
+            }
             return Ok(());
         }
         let mut t = txn.open_table(USAGE)?;
-        let mut damaged = false;
         for (k, d) in std::mem::take(&mut self.0) {
             let old = match t.get(k.as_slice())? {
                 Some(v) => Counters::decode(v.value()).unwrap_or_else(|e| {
@@ -516,5 +542,37 @@ impl super::Engine {
             Ok(diff)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An object record whose size reads but whose head does not (damaged) is counted
+    /// as hot and marks the counters for a recount at the next open.
+    #[test]
+    fn a_record_of_unknown_tier_asks_for_a_recount() {
+        let key = [0u8; 18];
+        let damaged = [
+            record::RECORD_VERSION,
+            5,
+            0xff,
+            0xff,
+            0xff,
+            0xff,
+            0x0f,
+            0,
+            0,
+            0,
+            0,
+        ];
+        assert_eq!(leading_size(&damaged), Some(5));
+        assert!(!tier_known(&damaged));
+        let mut d = UsageDeltas::default();
+        d.observe(0, &key, None, Some(&damaged));
+        assert!(d.1.0, "marked for a recount");
+        let c = &d.0[&row([0, 0], KIND_BUCKET, [0; 16])];
+        assert_eq!((c[1], c[6]), (5, 0), "sized, and counted hot");
     }
 }

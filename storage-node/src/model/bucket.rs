@@ -281,11 +281,13 @@ impl Usage {
             (&mut self.multipart_uploads, o.multipart_uploads),
             (&mut self.multipart_bytes, o.multipart_bytes),
             (&mut self.kv_bytes, o.kv_bytes),
-            (&mut self.hot_bytes, o.hot_bytes),
             (&mut self.cold_bytes, o.cold_bytes),
         ] {
             *a = a.saturating_add(b);
         }
+        // Derived, not summed: a peer older than the split reports neither (its bytes
+        // count as hot), and the two always add up to the total.
+        self.hot_bytes = self.storage_bytes.saturating_sub(self.cold_bytes);
     }
 }
 

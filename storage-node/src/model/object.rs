@@ -135,9 +135,10 @@ pub fn decode_summary(bytes: &[u8]) -> Result<ObjectSummary> {
 }
 
 /// Whether the body of a stored object record (after its version byte, before its
-/// checksum) names data in the cold tier. Reads the fields up to the data's variant
-/// only; the usage counters (`engine::usage`) call it for every object they count.
-pub(crate) fn body_is_cold(body: &[u8]) -> bool {
+/// checksum) names data in the cold tier; None if its head cannot be read. Reads the
+/// fields up to the data's variant only; the usage counters (`engine::usage`) call it
+/// for every object they count.
+pub(crate) fn body_is_cold(body: &[u8]) -> Option<bool> {
     /// The head of [`ObjectRecord`] up to [`ObjectData`]'s variant index (postcard
     /// writes an enum's variant as a varint before its fields).
     #[derive(Deserialize)]
@@ -152,7 +153,9 @@ pub(crate) fn body_is_cold(body: &[u8]) -> bool {
     }
     /// [`ObjectData::Cold`]'s variant index (pinned by a test).
     const COLD_VARIANT: u32 = 2;
-    postcard::take_from_bytes::<Head<'_>>(body).is_ok_and(|(h, _)| h.data_variant == COLD_VARIANT)
+    postcard::take_from_bytes::<Head<'_>>(body)
+        .ok()
+        .map(|(h, _)| h.data_variant == COLD_VARIANT)
 }
 
 /// Preconditions of a read or a write, already parsed.

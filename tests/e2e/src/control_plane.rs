@@ -13,7 +13,7 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -93,9 +93,8 @@ pub(crate) struct Proc {
     pub(crate) name: &'static str,
     pub(crate) child: Child,
     pub(crate) log: PathBuf,
-    /// Write end of the watchdog's stdin: "stop" releases it; EOF (we died) fires it.
-    watchdog_pipe: Option<ChildStdin>,
-    watchdog: Option<Child>,
+    /// SIGKILLs the process if the test process dies without stopping it.
+    watchdog: Option<crate::Watchdog>,
 }
 
 impl Proc {
@@ -108,36 +107,15 @@ impl Proc {
             .stderr(out)
             .spawn()
             .with_context(|| format!("spawning {name} ({:?})", cmd.get_program()))?;
-        let pid = child.id().to_string();
-        // Rust opens pipes close-on-exec, so only this process holds the write end.
-        let watchdog = Command::new("sh")
-            .args([
-                "-c",
-                r#"read line; [ "$line" = stop ] || kill -KILL "$1" 2>/dev/null"#,
-                "granary-k8s-watchdog",
-                &pid,
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
+        let watchdog = crate::Watchdog::watch(child.id(), "KILL", None);
         let mut proc = Proc {
             name,
             child,
             log,
-            watchdog_pipe: None,
             watchdog: None,
         };
-        match watchdog {
-            Ok(mut w) => {
-                proc.watchdog_pipe = w.stdin.take();
-                proc.watchdog = Some(w);
-            }
-            Err(e) => {
-                // Dropping `proc` kills the child.
-                return Err(e).context("spawning the watchdog shell");
-            }
-        }
+        // On an error, dropping `proc` kills the child.
+        proc.watchdog = Some(watchdog?);
         Ok(proc)
     }
 
@@ -189,11 +167,8 @@ impl Proc {
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        if let Some(mut pipe) = self.watchdog_pipe.take() {
-            let _ = pipe.write_all(b"stop\n");
-        }
         if let Some(mut w) = self.watchdog.take() {
-            let _ = w.wait();
+            w.release();
         }
     }
 }

@@ -1,34 +1,39 @@
-//! A real Kubernetes node for end-to-end tests: containerd (overlayfs snapshotter,
-//! Debian's runc), a kubelet, kube-scheduler, kube-proxy (iptables mode), the CNI
-//! `bridge` + `host-local` + `loopback` plugins and CoreDNS, all as plain processes
-//! started and stopped by the harness, next to a [`ControlPlane`] started with
-//! [`ControlPlane::start_for_node`].
+//! Real Kubernetes nodes for end-to-end tests: per node containerd (overlayfs
+//! snapshotter, Debian's runc), a kubelet and kube-proxy (iptables mode), with the CNI
+//! `bridge` + `host-local` + `loopback` plugins; one kube-scheduler and one CoreDNS; all
+//! plain processes started and stopped by the harness, next to a [`ControlPlane`]
+//! started with [`ControlPlane::start_for_node`].
 //!
-//! Layout (one node per machine: the kubelet and containerd write some fixed host paths
-//! and cgroups, so two at once would collide):
-//! - the node's network is a namespace of its own, [`NODE_NETNS`], joined to the host by
-//!   a veth pair: [`NODE_IP`] inside, [`HOST_IP`] on the host side ([`HOST_VETH`]).
-//!   containerd, the kubelet, kube-proxy and CoreDNS run in it (`nsenter --net`, their
-//!   files and mounts stay the host's), so the pods' bridge [`POD_BRIDGE`], its routes
-//!   and every iptables rule kube-proxy and the CNI plugins write live there and go
-//!   with it; the host's own tables are never touched;
-//! - the apiserver and the catalog's Postgres listen on [`HOST_IP`]; the host routes the
-//!   pod subnet and the Service range into the namespace;
-//! - pods get addresses in [`POD_SUBNET`] on the bridge that the CNI `bridge` plugin
-//!   creates;
+//! Layout (one set of nodes per machine: the kubelets and containerds write some fixed
+//! host paths and the kubelet's sysctls, so two harnesses at once would collide):
+//! - each node's network is a namespace of its own (`grknode-<zone>`): containerd, its
+//!   kubelet and its kube-proxy run in it (`nsenter --net`; their files and mounts stay
+//!   the host's), so its pods' bridge [`POD_BRIDGE`], its routes and every iptables rule
+//!   kube-proxy and the CNI plugins write live there and go with it; the host's own
+//!   tables are never touched, and its `ip_forward` stays as it is;
+//! - the nodes and the host meet on one Ethernet segment: a bridge in a namespace of its
+//!   own ([`HUB_NETNS`]), one veth from each node's namespace and one from the host
+//!   ([`HOST_VETH`], [`HOST_IP`]); node `k` is `10.253.255.<k+1>` ([`NODE_IP`] for the
+//!   first). So node-to-node traffic is switched, not routed through the host;
+//! - the apiserver and the catalog's Postgres listen on [`HOST_IP`];
+//! - node `k`'s pods get addresses in `10.254.<k>.0/24` (all in [`POD_SUBNET`]); every
+//!   node routes the other nodes' pod subnets to them, and the host routes each pod
+//!   subnet to its node and the Service range to the first node;
 //! - kube-proxy routes ClusterIP Services (from pods and from the host) with
 //!   `masqueradeAll`, so a pod reaching a Service backed by a pod on the same bridge gets
-//!   its answer back through the host;
-//! - CoreDNS serves `cluster.local` from the apiserver (Services, StatefulSet pod names).
+//!   its answer back through its node;
+//! - one CoreDNS, in the first node's namespace, serves `cluster.local` from the
+//!   apiserver (Services, StatefulSet pod names) to every node's pods;
+//! - each node carries the label `topology.kubernetes.io/zone` (`a`, `b`, ...).
 //!
-//! Everything the node makes is found by name and removed afterwards: processes in its
-//! cgroup root and containerd's shims, mounts in its directories, its network namespace
-//! (with every iptables rule of the node) and the host end of its link, its cgroups, the
-//! fixed host paths it created and the sysctls the kubelet changes (recorded in a state
-//! file first, so
-//! a run that was killed is cleaned up by the next one). Nothing else on the host is
-//! touched. [`RealNode::shutdown`] returns whatever it could not remove, so a test
-//! asserts that nothing is left behind. One real node runs per machine (a lock).
+//! Everything the nodes make is found by name and removed afterwards: processes in the
+//! harness's cgroup root and containerd's shims, mounts in its directories, its network
+//! namespaces (with every iptables rule of the nodes) and the host end of the link, its
+//! cgroups, the fixed host paths it created and the sysctls the kubelet changes
+//! (recorded in a state file first, so a run that was killed is cleaned up by the next
+//! one). Nothing else on the host is touched. [`RealNode::shutdown`] returns whatever it
+//! could not remove, so a test asserts that nothing is left behind. One harness runs per
+//! machine (a lock).
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -40,22 +45,25 @@ use anyhow::{Context, Result, bail};
 
 use crate::control_plane::{ControlPlane, Proc, poll_until, run};
 
-/// The node's name (its `kubernetes.io/hostname` label).
-pub const NODE_NAME: &str = "granary-e2e-node";
-/// The node's InternalIP, inside [`NODE_NETNS`].
+/// The first node's InternalIP (node `k` is `10.253.255.<k+1>`).
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 255, 1);
-/// The host's end of the link to the node (the apiserver and Postgres listen on it).
+/// The host's address on the nodes' segment (the apiserver and Postgres listen on it).
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 255, 254);
-/// The node's network namespace.
-pub const NODE_NETNS: &str = "grknode";
-/// The host's end of the veth pair into [`NODE_NETNS`].
+/// Prefix of every network namespace the harness makes (nodes and hub).
+const NETNS_PREFIX: &str = "grk";
+/// The namespace of the nodes' segment (its bridge [`HUB_BRIDGE`]).
+pub const HUB_NETNS: &str = "grkhub";
+const HUB_BRIDGE: &str = "grkbr0";
+/// The host's end of the veth pair into [`HUB_NETNS`].
 pub const HOST_VETH: &str = "grkh0";
 /// The Service range (the apiserver's `--service-cluster-ip-range`).
 const SERVICE_RANGE: &str = "10.0.0.0/24";
-/// The pods' bridge (made by the CNI `bridge` plugin).
+/// Each node's pods' bridge (made by the CNI `bridge` plugin in the node's namespace).
 pub const POD_BRIDGE: &str = "grkcni0";
-/// The pods' addresses.
-pub const POD_SUBNET: &str = "10.254.0.0/24";
+/// Every pod's address (node `k`'s pods are in `10.254.<k>.0/24`).
+pub const POD_SUBNET: &str = "10.254.0.0/16";
+/// At most this many nodes (zones `a`...).
+pub const MAX_NODES: usize = 8;
 /// The image the CRI runs every pod sandbox from (built by `node-tools.sh`).
 const PAUSE_IMAGE: &str = "localhost/pause:3.10-granary1";
 /// Its archive in the `node-tools.sh` directory (named by the tag).
@@ -303,13 +311,15 @@ fn clean_owned(state: &State) {
             COMMAND_TIMEOUT,
         );
     }
-    // The node's namespace (its bridge, veths, routes and iptables rules with it), then
-    // the host's end of the link.
-    if names_in("/run/netns").contains(NODE_NETNS) {
-        let _ = output_within(
-            Command::new("ip").args(["netns", "del", NODE_NETNS]),
-            COMMAND_TIMEOUT,
-        );
+    // The nodes' and the hub's namespaces (their bridges, veths, routes and iptables
+    // rules with them), then the host's end of the link.
+    for ns in names_in("/run/netns") {
+        if ns.starts_with(NETNS_PREFIX) {
+            let _ = output_within(
+                Command::new("ip").args(["netns", "del", &ns]),
+                COMMAND_TIMEOUT,
+            );
+        }
     }
     if links().contains(HOST_VETH) {
         let _ = output_within(
@@ -343,7 +353,7 @@ fn leftovers_of(state: &State) -> Vec<String> {
         }
     }
     for ns in names_in("/run/netns") {
-        if ns.starts_with("cni-") || ns == NODE_NETNS {
+        if ns.starts_with("cni-") || ns.starts_with(NETNS_PREFIX) {
             left.push(format!("network namespace {ns}"));
         }
     }
@@ -378,18 +388,61 @@ fn leftovers_of(state: &State) -> Vec<String> {
     left
 }
 
-/// A running node. Create the network with [`RealNode::prepare`] before the control
-/// plane (the apiserver listens on [`HOST_IP`]), then [`RealNode::start`] it.
+/// One node of a [`RealNode`] set.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    /// Its name (its `kubernetes.io/hostname` label): `granary-e2e-<zone>`.
+    pub name: String,
+    /// Its `topology.kubernetes.io/zone` label: `a`, `b`, ...
+    pub zone: String,
+    /// Its InternalIP, in its namespace.
+    pub ip: Ipv4Addr,
+    /// Its pods' addresses.
+    pub pod_subnet: String,
+    netns: String,
+    /// The hub's end of its veth pair.
+    hub_veth: String,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl NodeInfo {
+    fn new(k: usize, root: &Path) -> NodeInfo {
+        let zone = ((b'a' + k as u8) as char).to_string();
+        let dir = root.join(&zone);
+        NodeInfo {
+            name: format!("granary-e2e-{zone}"),
+            ip: Ipv4Addr::new(10, 253, 255, k as u8 + 1),
+            pod_subnet: format!("10.254.{k}.0/24"),
+            netns: format!("grknode-{zone}"),
+            hub_veth: format!("grkn{k}"),
+            // Short: containerd's socket path must stay under 108 bytes.
+            socket: dir.join("containerd.sock"),
+            dir,
+            zone,
+        }
+    }
+
+    /// Its pods' cgroup root, below the harness's.
+    fn cgroup_root(&self) -> String {
+        format!("/{CGROUP_ROOT}/{}", self.zone)
+    }
+}
+
+/// Running nodes. Create the network with [`RealNode::prepare`] before the control
+/// plane (the apiserver listens on [`HOST_IP`]), then [`RealNode::start`] them.
 pub struct RealNode {
     state: State,
     dir: PathBuf,
     tools: PathBuf,
     k8s_bin: PathBuf,
-    socket: PathBuf,
     kubeconfig: PathBuf,
-    procs: Vec<Proc>,
+    /// The nodes, zone `a` first.
+    pub nodes: Vec<NodeInfo>,
+    /// Processes and the node each belongs to (None: the scheduler).
+    procs: Vec<(Option<usize>, Proc)>,
     down: bool,
-    /// Held for the node's life: one real node per machine.
+    /// Held for the nodes' life: one harness per machine.
     _lock: std::fs::File,
     // Last: removed after everything else.
     _tmp: tempfile::TempDir,
@@ -404,8 +457,8 @@ fn check_addresses_free() -> Result<()> {
     let routes = String::from_utf8_lossy(&out.stdout);
     for (prefix, what) in [
         ("10.0.0.", "the Service range 10.0.0.0/24"),
-        ("10.253.255.", "the node address 10.253.255.1"),
-        ("10.254.0.", "the pod subnet 10.254.0.0/24"),
+        ("10.253.255.", "the nodes' segment 10.253.255.0/24"),
+        ("10.254.", "the pod subnets 10.254.0.0/16"),
     ] {
         if let Some(r) = routes
             .lines()
@@ -419,9 +472,13 @@ fn check_addresses_free() -> Result<()> {
 
 impl RealNode {
     /// Takes the machine's real-node lock, cleans up after a run that was killed,
-    /// records what to restore, builds (once) the runtime tools, and makes the node's
-    /// network namespace and the link to it. Needs root.
-    pub fn prepare() -> Result<RealNode> {
+    /// records what to restore, builds (once) the runtime tools, and makes the network
+    /// of `count` nodes (zones `a`, `b`, ...): their namespaces, the hub and the link to
+    /// the host. Needs root.
+    pub fn prepare(count: usize) -> Result<RealNode> {
+        if count == 0 || count > MAX_NODES {
+            bail!("between 1 and {MAX_NODES} real nodes, not {count}");
+        }
         let tools = node_tools_dir()?;
         for bin in [
             "bin/containerd",
@@ -495,51 +552,101 @@ impl RealNode {
                 .collect(),
         };
         std::fs::write(&state_file, serde_json::to_vec(&state)?)?;
-        // Short: containerd's socket path must stay under 108 bytes.
         let tmp = tempfile::Builder::new().prefix("grk").tempdir_in("/tmp")?;
         let dir = tmp.path().to_path_buf();
+        let nodes: Vec<NodeInfo> = (0..count).map(|k| NodeInfo::new(k, &dir)).collect();
+        for n in &nodes {
+            std::fs::create_dir_all(&n.dir)?;
+        }
         let node = RealNode {
             state,
-            socket: dir.join("containerd.sock"),
             kubeconfig: PathBuf::new(),
             dir,
             tools,
             k8s_bin,
+            nodes,
             procs: Vec::new(),
             down: false,
             _lock: lock,
             _tmp: tmp,
         };
-        // The node's network namespace and the link to it.
+        // The segment: a bridge in the hub's namespace, the host's veth on it.
         let ip = |args: &[&str]| run(Command::new("ip").args(args));
-        ip(&["netns", "add", NODE_NETNS])
-            .context("creating the node's network namespace (the real-node stage needs root)")?;
+        let in_ns = |ns: &str, args: &[&str]| {
+            run(Command::new("ip").args(["netns", "exec", ns]).args(args))
+        };
+        ip(&["netns", "add", HUB_NETNS])
+            .context("creating the nodes' network namespaces (the real-node stage needs root)")?;
+        in_ns(HUB_NETNS, &["ip", "link", "set", "lo", "up"])?;
+        in_ns(
+            HUB_NETNS,
+            &["ip", "link", "add", HUB_BRIDGE, "type", "bridge"],
+        )?;
+        in_ns(HUB_NETNS, &["ip", "link", "set", HUB_BRIDGE, "up"])?;
+        let plug = |outer: &str, inner: &str, inner_ns: &str| -> Result<()> {
+            // `outer` starts in the host's namespace and moves to the hub's.
+            ip(&[
+                "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", inner_ns,
+            ])?;
+            Ok(())
+        };
+        // The host's end stays in the host; its peer joins the bridge.
         ip(&[
-            "link", "add", HOST_VETH, "type", "veth", "peer", "name", "eth0", "netns", NODE_NETNS,
+            "link", "add", HOST_VETH, "type", "veth", "peer", "name", "grkup", "netns", HUB_NETNS,
         ])?;
+        in_ns(
+            HUB_NETNS,
+            &["ip", "link", "set", "grkup", "master", HUB_BRIDGE, "up"],
+        )?;
         ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", HOST_VETH])?;
         ip(&["link", "set", HOST_VETH, "up"])?;
-        let ns = |args: &[&str]| {
-            run(Command::new("ip")
-                .args(["netns", "exec", NODE_NETNS])
-                .args(args))
-        };
-        ns(&["ip", "link", "set", "lo", "up"])?;
-        ns(&["ip", "addr", "add", &format!("{NODE_IP}/24"), "dev", "eth0"])?;
-        ns(&["ip", "link", "set", "eth0", "up"])?;
-        ns(&["ip", "route", "add", "default", "via", &HOST_IP.to_string()])?;
-        // Inside the namespace only: pod -> Service -> pod comes back through it.
-        ns(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
-        // The host reaches pods and Services through the node, as a router would.
-        ip(&[
-            "route",
-            "add",
-            POD_SUBNET,
-            "via",
-            &NODE_IP.to_string(),
-            "dev",
-            HOST_VETH,
-        ])?;
+        for n in &node.nodes {
+            ip(&["netns", "add", &n.netns])?;
+            plug(&n.hub_veth, "eth0", &n.netns)?;
+            ip(&["link", "set", &n.hub_veth, "netns", HUB_NETNS])?;
+            in_ns(
+                HUB_NETNS,
+                &["ip", "link", "set", &n.hub_veth, "master", HUB_BRIDGE, "up"],
+            )?;
+            in_ns(&n.netns, &["ip", "link", "set", "lo", "up"])?;
+            in_ns(
+                &n.netns,
+                &["ip", "addr", "add", &format!("{}/24", n.ip), "dev", "eth0"],
+            )?;
+            in_ns(&n.netns, &["ip", "link", "set", "eth0", "up"])?;
+            in_ns(
+                &n.netns,
+                &["ip", "route", "add", "default", "via", &HOST_IP.to_string()],
+            )?;
+            // Inside the node's namespace only: its pods' traffic passes through it.
+            in_ns(&n.netns, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+            // The other nodes' pods, straight over the segment.
+            for other in node.nodes.iter().filter(|o| o.name != n.name) {
+                in_ns(
+                    &n.netns,
+                    &[
+                        "ip",
+                        "route",
+                        "add",
+                        &other.pod_subnet,
+                        "via",
+                        &other.ip.to_string(),
+                    ],
+                )?;
+            }
+            // The host reaches each node's pods through that node, as a router would.
+            ip(&[
+                "route",
+                "add",
+                &n.pod_subnet,
+                "via",
+                &n.ip.to_string(),
+                "dev",
+                HOST_VETH,
+            ])?;
+        }
+        // ... and the Services through the first node (any node's kube-proxy routes
+        // them).
         ip(&[
             "route",
             "add",
@@ -549,102 +656,136 @@ impl RealNode {
             "dev",
             HOST_VETH,
         ])?;
-        // The kubelet's cgroup root, in every hierarchy; cpuset needs its CPUs and
-        // memory nodes before anything can join it.
-        for ctrl in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
-            let p = ctrl.path().join(CGROUP_ROOT);
-            match std::fs::create_dir(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => eprintln!("real node: cannot create {}: {e}", p.display()),
+        // The harness's cgroup root and each node's below it, in every hierarchy; cpuset
+        // needs its CPUs and memory nodes before anything can join it.
+        let mut roots = vec![CGROUP_ROOT.to_string()];
+        roots.extend(node.nodes.iter().map(|n| n.cgroup_root()[1..].to_string()));
+        for root in &roots {
+            for ctrl in std::fs::read_dir("/sys/fs/cgroup")?.flatten() {
+                let p = ctrl.path().join(root);
+                match std::fs::create_dir(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => eprintln!("real node: cannot create {}: {e}", p.display()),
+                }
             }
-        }
-        for f in ["cpuset.cpus", "cpuset.mems"] {
-            let root = Path::new("/sys/fs/cgroup/cpuset");
-            if let Ok(v) = std::fs::read_to_string(root.join(f)) {
-                std::fs::write(root.join(CGROUP_ROOT).join(f), v.trim())
-                    .with_context(|| format!("initialising {f} of the cgroup {CGROUP_ROOT}"))?;
+            for f in ["cpuset.cpus", "cpuset.mems"] {
+                let cpuset = Path::new("/sys/fs/cgroup/cpuset");
+                if let Ok(v) = std::fs::read_to_string(cpuset.join(f)) {
+                    std::fs::write(cpuset.join(root).join(f), v.trim())
+                        .with_context(|| format!("initialising {f} of the cgroup {root}"))?;
+                }
             }
         }
         Ok(node)
     }
 
-    /// Starts CoreDNS, containerd (and imports the pause image and `images`, archives
-    /// `ctr images import` reads), the kubelet, kube-scheduler and kube-proxy, and waits
-    /// until the node is Ready and schedulable.
+    /// Starts CoreDNS (on the first node), per node containerd (importing the pause
+    /// image and `images`, archives `ctr images import` reads), its kubelet and its
+    /// kube-proxy, and kube-scheduler; waits until every node is Ready and schedulable.
     pub fn start(&mut self, cp: &ControlPlane, images: &[PathBuf]) -> Result<()> {
         if cp.node_ip != Some(HOST_IP) {
             bail!("the control plane must be started with ControlPlane::start_for_node(HOST_IP)");
         }
         self.kubeconfig = cp.kubeconfig.clone();
         self.start_coredns()?;
-        self.start_containerd()?;
         let pause = self.tools.join(PAUSE_ARCHIVE);
-        self.import_image(&pause)?;
-        for image in images {
-            self.import_image(image)?;
+        for k in 0..self.nodes.len() {
+            self.start_containerd(k)?;
         }
-        if !self.images()?.iter().any(|i| i == PAUSE_IMAGE) {
-            bail!(
-                "{} does not hold the sandbox image {PAUSE_IMAGE} (rebuild it: remove it and run node-tools.sh)",
-                pause.display()
-            );
+        for k in 0..self.nodes.len() {
+            self.import_image(k, &pause)?;
+            for image in images {
+                self.import_image(k, image)?;
+            }
+            if !self.images(k)?.iter().any(|i| i == PAUSE_IMAGE) {
+                bail!(
+                    "{} does not hold the sandbox image {PAUSE_IMAGE} (rebuild it: remove it and run node-tools.sh)",
+                    pause.display()
+                );
+            }
         }
-        self.start_kubelet(cp)?;
+        for k in 0..self.nodes.len() {
+            self.start_kubelet(k, cp)?;
+        }
         self.start_scheduler()?;
-        self.start_kube_proxy()?;
+        for k in 0..self.nodes.len() {
+            self.start_kube_proxy(k)?;
+        }
         let t0 = Instant::now();
         let mut last = String::new();
-        let res = poll_until(NODE_READY_TIMEOUT, "the node to be Ready", || {
-            for p in &mut self.procs {
+        let names: Vec<String> = self.nodes.iter().map(|n| n.name.clone()).collect();
+        let res = poll_until(NODE_READY_TIMEOUT, "every node to be Ready", || {
+            for (k, p) in &mut self.procs {
                 if let Ok(Some(status)) = p.child.try_wait() {
-                    bail!("{} exited ({status}):\n{}", p.name, p.log_tail(40));
+                    bail!(
+                        "{} of node {k:?} exited ({status}):\n{}",
+                        p.name,
+                        p.log_tail(40)
+                    );
                 }
             }
-            let out = cp.kubectl(&[
-                "get",
-                "node",
-                NODE_NAME,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.spec.taints}",
-            ])?;
-            last = out.clone();
-            Ok((out.starts_with("True") && !out.contains("not-ready")).then_some(()))
+            let mut all = true;
+            last.clear();
+            for name in &names {
+                let out = cp.kubectl(&[
+                    "get",
+                    "node",
+                    name,
+                    "-o",
+                    "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.spec.taints}",
+                ])?;
+                last.push_str(&format!("{name}: {out}; "));
+                all &= out.starts_with("True") && !out.contains("not-ready");
+            }
+            Ok(all.then_some(()))
         });
         if let Err(e) = res {
-            let kubelet = self.procs.iter().find(|p| p.name == "kubelet");
-            bail!(
-                "{e:#} (last: {last})\n--- kubelet log tail ---\n{}",
-                kubelet.map(|p| p.log_tail(60)).unwrap_or_default()
-            );
+            let tails: String = self
+                .procs
+                .iter()
+                .filter(|(_, p)| p.name == "kubelet")
+                .map(|(k, p)| format!("--- kubelet of node {k:?} ---\n{}\n", p.log_tail(40)))
+                .collect();
+            bail!("{e:#} (last: {last})\n{tails}");
         }
         eprintln!(
-            "real node: Ready {:.1?} after the kubelet started",
+            "real node: {} node(s) Ready {:.1?} after their kubelets started",
+            self.nodes.len(),
             t0.elapsed()
         );
         Ok(())
     }
 
-    /// A command run in the node's network namespace (its mounts and files are the
+    /// A command run in node `k`'s network namespace (its mounts and files are the
     /// host's: `nsenter --net` only, unlike `ip netns exec`).
-    fn in_node(&self, program: &Path) -> Command {
+    fn in_node(&self, k: usize, program: &Path) -> Command {
         let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{NODE_NETNS}"))
+        c.arg(format!("--net=/run/netns/{}", self.nodes[k].netns))
             .arg("--")
             .arg(program);
         c
     }
 
-    fn spawn(&mut self, name: &'static str, cmd: Command) -> Result<&mut Proc> {
-        let log = self.dir.join(format!("{name}.log"));
+    fn spawn(
+        &mut self,
+        name: &'static str,
+        node: Option<usize>,
+        cmd: Command,
+    ) -> Result<&mut Proc> {
+        let log = self.log_path(name, node);
         let proc = Proc::spawn(name, cmd, log)?;
-        self.procs.push(proc);
-        Ok(self.procs.last_mut().expect("just pushed"))
+        self.procs.push((node, proc));
+        Ok(&mut self.procs.last_mut().expect("just pushed").1)
     }
 
-    /// The log file of a node process (`containerd`, `kubelet`, `kube-proxy`, ...).
-    pub fn log_path(&self, process: &str) -> PathBuf {
-        self.dir.join(format!("{process}.log"))
+    /// The log file of a process (`containerd`, `kubelet`, `kube-proxy`, ... of node
+    /// `node`; `kube-scheduler` and `coredns` with None).
+    pub fn log_path(&self, process: &str, node: Option<usize>) -> PathBuf {
+        match node {
+            Some(k) => self.nodes[k].dir.join(format!("{process}.log")),
+            None => self.dir.join(format!("{process}.log")),
+        }
     }
 
     fn start_coredns(&mut self) -> Result<()> {
@@ -656,25 +797,29 @@ impl RealNode {
                 self.kubeconfig.display()
             ),
         )?;
-        let mut cmd = self.in_node(&self.tools.join("bin/coredns"));
+        // In the first node's namespace, on its address: every node's pods reach it over
+        // the segment.
+        let mut cmd = self.in_node(0, &self.tools.join("bin/coredns"));
         cmd.arg("-conf").arg(&corefile);
-        let proc = self.spawn("coredns", cmd)?;
+        let proc = self.spawn("coredns", None, cmd)?;
         proc.wait_ready(Duration::from_secs(30), "answers for cluster.local", || {
             dns_answers(NODE_IP)
         })
         .map_err(|e| anyhow::anyhow!("{e:#}\n{}", proc.log_tail(30)))
     }
 
-    fn ctr(&self) -> Command {
+    /// `ctr` against node `k`'s containerd.
+    fn ctr(&self, k: usize) -> Command {
         let mut c = Command::new(self.tools.join("bin/ctr"));
         c.arg("--address")
-            .arg(&self.socket)
+            .arg(&self.nodes[k].socket)
             .args(["--namespace", "k8s.io"]);
         c
     }
 
-    fn start_containerd(&mut self) -> Result<()> {
-        let cni_conf = self.dir.join("cni/net.d");
+    fn start_containerd(&mut self, k: usize) -> Result<()> {
+        let node = self.nodes[k].clone();
+        let cni_conf = node.dir.join("cni/net.d");
         std::fs::create_dir_all(&cni_conf)?;
         let conflist = serde_json::json!({
             "cniVersion": "1.0.0",
@@ -688,9 +833,9 @@ impl RealNode {
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": POD_SUBNET}]],
+                    "ranges": [[{"subnet": node.pod_subnet}]],
                     "routes": [{"dst": "0.0.0.0/0"}],
-                    "dataDir": self.dir.join("cni/ipam"),
+                    "dataDir": node.dir.join("cni/ipam"),
                 },
             }],
         });
@@ -738,9 +883,9 @@ state = "{state}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
 "#,
-            root = self.dir.join("containerd/root").display(),
-            state = self.dir.join("containerd/state").display(),
-            socket = self.socket.display(),
+            root = node.dir.join("containerd/root").display(),
+            state = node.dir.join("containerd/state").display(),
+            socket = node.socket.display(),
             cni_bin = self.tools.join("cni").display(),
             cni_conf = cni_conf.display(),
             runc = crate::which("runc")
@@ -748,9 +893,9 @@ state = "{state}"
                 .display(),
             pause = PAUSE_IMAGE,
         );
-        let config_path = self.dir.join("containerd.toml");
+        let config_path = node.dir.join("containerd.toml");
         std::fs::write(&config_path, config)?;
-        let mut cmd = self.in_node(&self.tools.join("bin/containerd"));
+        let mut cmd = self.in_node(k, &self.tools.join("bin/containerd"));
         // The shim is found on PATH.
         let path = format!(
             "{}:{}",
@@ -758,7 +903,7 @@ state = "{state}"
             std::env::var("PATH").unwrap_or_else(|_| "/usr/sbin:/usr/bin:/sbin:/bin".into())
         );
         cmd.arg("--config").arg(&config_path).env("PATH", &path);
-        let socket = self.socket.clone();
+        let socket = node.socket.clone();
         let ctr_ok = {
             let tools = self.tools.clone();
             move || {
@@ -773,15 +918,15 @@ state = "{state}"
                         .is_ok_and(|s| s.success())
             }
         };
-        let proc = self.spawn("containerd", cmd)?;
+        let proc = self.spawn("containerd", Some(k), cmd)?;
         proc.wait_ready(Duration::from_secs(60), "its socket", ctr_ok)
             .map_err(|e| anyhow::anyhow!("{e:#}\n{}", proc.log_tail(40)))
     }
 
-    /// `ctr images import` of a docker or OCI archive into the CRI's namespace.
-    pub fn import_image(&self, archive: &Path) -> Result<()> {
+    /// `ctr images import` of a docker or OCI archive into node `k`'s CRI namespace.
+    pub fn import_image(&self, k: usize, archive: &Path) -> Result<()> {
         let out = output_within(
-            self.ctr()
+            self.ctr(k)
                 .args(["images", "import", "--snapshotter", "overlayfs"])
                 .arg(archive),
             Duration::from_secs(300),
@@ -797,17 +942,18 @@ state = "{state}"
         Ok(())
     }
 
-    /// References of the images containerd holds for the CRI.
-    fn images(&self) -> Result<Vec<String>> {
-        let out = output_within(self.ctr().args(["images", "ls", "-q"]), COMMAND_TIMEOUT)?;
+    /// References of the images node `k`'s containerd holds for the CRI.
+    fn images(&self, k: usize) -> Result<Vec<String>> {
+        let out = output_within(self.ctr(k).args(["images", "ls", "-q"]), COMMAND_TIMEOUT)?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .split_whitespace()
             .map(str::to_string)
             .collect())
     }
 
-    fn start_kubelet(&mut self, cp: &ControlPlane) -> Result<()> {
-        let resolv = self.dir.join("resolv.conf");
+    fn start_kubelet(&mut self, k: usize, cp: &ControlPlane) -> Result<()> {
+        let node = self.nodes[k].clone();
+        let resolv = node.dir.join("resolv.conf");
         // Pods get only the cluster DNS (the host's resolvers are not for the pods).
         std::fs::write(&resolv, "")?;
         let config = serde_json::json!({
@@ -819,8 +965,8 @@ state = "{state}"
             "cgroupDriver": "cgroupfs",
             // Test machines may have swap.
             "failSwapOn": false,
-            "containerRuntimeEndpoint": format!("unix://{}", self.socket.display()),
-            "address": NODE_IP.to_string(),
+            "containerRuntimeEndpoint": format!("unix://{}", node.socket.display()),
+            "address": node.ip.to_string(),
             "port": 10250,
             "readOnlyPort": 0,
             "healthzBindAddress": "127.0.0.1",
@@ -836,7 +982,7 @@ state = "{state}"
             "clusterDomain": "cluster.local",
             "resolvConf": resolv,
             // The field is podLogsDir (an unknown field would be silently ignored).
-            "podLogsDir": self.dir.join("pod-logs"),
+            "podLogsDir": node.dir.join("pod-logs"),
             // Test disks are small and shared: evict only when nearly full, never
             // garbage-collect the imported images (they cannot be pulled again).
             "evictionHard": {
@@ -850,25 +996,29 @@ state = "{state}"
             "serializeImagePulls": false,
             "maxPods": 30,
             // Pods' cgroups under a root of their own (the harness finds them there).
-            "cgroupRoot": format!("/{CGROUP_ROOT}"),
+            "cgroupRoot": node.cgroup_root(),
             // Secrets and ConfigMaps reach running pods sooner than the default minute.
             "syncFrequency": "10s",
             "nodeStatusUpdateFrequency": "5s",
         });
-        let config_path = self.dir.join("kubelet.json");
+        let config_path = node.dir.join("kubelet.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-        let mut cmd = self.in_node(&self.k8s_bin.join("kubelet"));
+        let mut cmd = self.in_node(k, &self.k8s_bin.join("kubelet"));
         cmd.arg(format!("--config={}", config_path.display()))
             .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
-            .arg(format!("--root-dir={}", self.dir.join("kubelet").display()))
+            .arg(format!("--root-dir={}", node.dir.join("kubelet").display()))
             .arg(format!(
                 "--cert-dir={}",
-                self.dir.join("kubelet-pki").display()
+                node.dir.join("kubelet-pki").display()
             ))
-            .arg(format!("--hostname-override={NODE_NAME}"))
-            .arg(format!("--node-ip={NODE_IP}"))
+            .arg(format!("--hostname-override={}", node.name))
+            .arg(format!("--node-ip={}", node.ip))
+            .arg(format!(
+                "--node-labels=topology.kubernetes.io/zone={}",
+                node.zone
+            ))
             .arg("--v=1");
-        self.spawn("kubelet", cmd)?;
+        self.spawn("kubelet", Some(k), cmd)?;
         Ok(())
     }
 
@@ -878,22 +1028,23 @@ state = "{state}"
             .arg("--leader-elect=false")
             // No HTTPS endpoint: nothing scrapes it, no port to collide on.
             .arg("--secure-port=0");
-        self.spawn("kube-scheduler", cmd)?;
+        self.spawn("kube-scheduler", None, cmd)?;
         Ok(())
     }
 
-    fn start_kube_proxy(&mut self) -> Result<()> {
+    fn start_kube_proxy(&mut self, k: usize) -> Result<()> {
+        let node = self.nodes[k].clone();
         let config = serde_json::json!({
             "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
             "kind": "KubeProxyConfiguration",
             "clientConnection": {"kubeconfig": self.kubeconfig},
-            "hostnameOverride": NODE_NAME,
+            "hostnameOverride": node.name,
             "mode": "iptables",
             "clusterCIDR": POD_SUBNET,
-            "bindAddress": NODE_IP.to_string(),
+            "bindAddress": node.ip.to_string(),
             "healthzBindAddress": format!("127.0.0.1:{}", crate::free_port()),
             "metricsBindAddress": format!("127.0.0.1:{}", crate::free_port()),
-            "nodePortAddresses": [format!("{NODE_IP}/32")],
+            "nodePortAddresses": [format!("{}/32", node.ip)],
             "iptables": {
                 // Pod -> Service -> pod on the same bridge: without SNAT the answer
                 // would go pod to pod and skip the reverse NAT.
@@ -911,11 +1062,11 @@ state = "{state}"
                 "tcpCloseWaitTimeout": "0s",
             },
         });
-        let config_path = self.dir.join("kube-proxy.json");
+        let config_path = node.dir.join("kube-proxy.json");
         std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-        let mut cmd = self.in_node(&self.k8s_bin.join("kube-proxy"));
+        let mut cmd = self.in_node(k, &self.k8s_bin.join("kube-proxy"));
         cmd.arg(format!("--config={}", config_path.display()));
-        self.spawn("kube-proxy", cmd)?;
+        self.spawn("kube-proxy", Some(k), cmd)?;
         Ok(())
     }
 
@@ -951,7 +1102,9 @@ state = "{state}"
         ]);
         let pods_gone = t0.elapsed();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline && self.tasks().iter().any(|(_, running)| *running) {
+        while Instant::now() < deadline
+            && (0..self.nodes.len()).any(|k| self.tasks(k).iter().any(|(_, running)| *running))
+        {
             std::thread::sleep(Duration::from_millis(500));
         }
         let tasks_gone = t0.elapsed();
@@ -963,10 +1116,10 @@ state = "{state}"
         left
     }
 
-    /// Containerd's tasks (containers with a process, stopped ones too until their
-    /// sandbox is removed): id and whether it runs.
-    fn tasks(&self) -> Vec<(String, bool)> {
-        output_within(self.ctr().args(["tasks", "ls"]), COMMAND_TIMEOUT)
+    /// Node `k`'s containerd's tasks (containers with a process, stopped ones too until
+    /// their sandbox is removed): id and whether it runs.
+    fn tasks(&self, k: usize) -> Vec<(String, bool)> {
+        output_within(self.ctr(k).args(["tasks", "ls"]), COMMAND_TIMEOUT)
             .map(|o| {
                 String::from_utf8_lossy(&o.stdout)
                     .lines()
@@ -982,15 +1135,50 @@ state = "{state}"
             .unwrap_or_default()
     }
 
+    /// Kills node `k`'s containers that still run and removes their records, through its
+    /// containerd (still running).
+    fn remove_containers(&self, k: usize) {
+        for (id, _) in self.tasks(k) {
+            let _ = output_within(
+                self.ctr(k).args(["tasks", "kill", "-s", "SIGKILL", &id]),
+                COMMAND_TIMEOUT,
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for (id, _) in self.tasks(k) {
+                let _ = output_within(
+                    self.ctr(k).args(["tasks", "delete", "-f", &id]),
+                    COMMAND_TIMEOUT,
+                );
+            }
+            if self.tasks(k).is_empty() || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        if let Ok(o) = output_within(
+            self.ctr(k).args(["containers", "ls", "-q"]),
+            COMMAND_TIMEOUT,
+        ) {
+            for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = output_within(
+                    self.ctr(k).args(["containers", "delete", id]),
+                    COMMAND_TIMEOUT,
+                );
+            }
+        }
+    }
+
     /// Stops everything and removes what is left, without the apiserver.
     fn teardown(&mut self) -> Vec<String> {
         self.down = true;
-        // kube-proxy, scheduler, kubelet: no more changes to containers or rules.
-        let mut containerd = None;
+        // kube-proxy, scheduler, kubelets: no more changes to containers or rules.
+        let mut containerds = Vec::new();
         let mut coredns = None;
-        while let Some(mut p) = self.procs.pop() {
+        while let Some((k, mut p)) = self.procs.pop() {
             match p.name {
-                "containerd" => containerd = Some(p),
+                "containerd" => containerds.push((k, p)),
                 "coredns" => coredns = Some(p),
                 _ => p.stop(),
             }
@@ -998,39 +1186,10 @@ state = "{state}"
         if let Some(mut p) = coredns {
             p.stop();
         }
-        if containerd.is_some() {
-            // Whatever still runs: killed, then its records removed.
-            for (id, _) in self.tasks() {
-                let _ = output_within(
-                    self.ctr().args(["tasks", "kill", "-s", "SIGKILL", &id]),
-                    COMMAND_TIMEOUT,
-                );
+        for (k, mut p) in containerds {
+            if let Some(k) = k {
+                self.remove_containers(k);
             }
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                for (id, _) in self.tasks() {
-                    let _ = output_within(
-                        self.ctr().args(["tasks", "delete", "-f", &id]),
-                        COMMAND_TIMEOUT,
-                    );
-                }
-                if self.tasks().is_empty() || Instant::now() > deadline {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(300));
-            }
-            if let Ok(o) =
-                output_within(self.ctr().args(["containers", "ls", "-q"]), COMMAND_TIMEOUT)
-            {
-                for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = output_within(
-                        self.ctr().args(["containers", "delete", id]),
-                        COMMAND_TIMEOUT,
-                    );
-                }
-            }
-        }
-        if let Some(mut p) = containerd {
             p.stop();
         }
         clean_owned(&self.state);

@@ -163,6 +163,8 @@ pub fn which(tool: &str) -> Option<PathBuf> {
 /// A running `granary-node dev` process on loopback ports chosen by the OS.
 pub struct NodeProc {
     child: Option<Child>,
+    /// SIGKILLs the node if the test process dies without stopping it.
+    watchdog: Option<Watchdog>,
     pub data_dir: PathBuf,
     pub s3: String,
     pub kv: String,
@@ -284,8 +286,10 @@ impl NodeProc {
             .stderr(err)
             .spawn()
             .context("spawning granary-node")?;
+        let watchdog = Watchdog::watch(child.id(), "KILL", None);
         let mut node = NodeProc {
             child: Some(child),
+            watchdog: None,
             data_dir: data_dir.to_path_buf(),
             s3: String::new(),
             kv: String::new(),
@@ -294,6 +298,8 @@ impl NodeProc {
             access_key: String::new(),
             secret_key: String::new(),
         };
+        // On an error, dropping `node` kills the child.
+        node.watchdog = Some(watchdog?);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(c) = node.child.as_mut()
@@ -363,6 +369,9 @@ impl NodeProc {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if let Some(mut w) = self.watchdog.take() {
+            w.release();
+        }
     }
 
     /// SIGTERM and wait for a graceful exit; returns whether it exited cleanly.
@@ -370,7 +379,11 @@ impl NodeProc {
         let Some(c) = self.child.take() else {
             return true;
         };
-        terminate(c, Duration::from_secs(30)).is_some_and(|s| s.success())
+        let clean = terminate(c, Duration::from_secs(30)).is_some_and(|s| s.success());
+        if let Some(mut w) = self.watchdog.take() {
+            w.release();
+        }
+        clean
     }
 }
 
@@ -477,11 +490,62 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A shell that kills a process if the test process dies without cleaning up (SIGKILL,
+/// abort): it reads a pipe only the test process holds; "stop" releases it, EOF (the test
+/// process is gone) fires it.
+pub(crate) struct Watchdog {
+    pipe: Option<std::process::ChildStdin>,
+    shell: Option<std::process::Child>,
+}
+
+impl Watchdog {
+    /// Watches `pid`: sends it `signal` if the test process dies, waits up to 10 s for it
+    /// to exit, then removes `dir` (if any: a temporary directory `Drop` would have
+    /// removed).
+    pub(crate) fn watch(pid: u32, signal: &str, dir: Option<&Path>) -> Result<Watchdog> {
+        // Rust opens pipes close-on-exec, so only this process holds the write end.
+        let mut shell = Command::new("sh")
+            .args([
+                "-c",
+                r#"read line; [ "$line" = stop ] && exit 0
+kill "-$2" "$1" 2>/dev/null
+i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+[ -n "$3" ] && rm -rf "$3"
+exit 0"#,
+                "granary-watchdog",
+                &pid.to_string(),
+                signal,
+                &dir.map(|d| d.display().to_string()).unwrap_or_default(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning a watchdog shell")?;
+        Ok(Watchdog {
+            pipe: shell.stdin.take(),
+            shell: Some(shell),
+        })
+    }
+
+    /// Releases the watchdog (the process was stopped) and reaps it.
+    pub(crate) fn release(&mut self) {
+        if let Some(mut pipe) = self.pipe.take() {
+            let _ = std::io::Write::write_all(&mut pipe, b"stop\n");
+        }
+        if let Some(mut w) = self.shell.take() {
+            let _ = w.wait();
+        }
+    }
+}
+
 /// A private Postgres server in a temporary directory, stopped on drop.
 pub struct PgServer {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
+    /// Stops the server (and removes its directory) if the test process is killed.
+    watchdog: Watchdog,
 }
 
 fn pg_bin_dir() -> Result<PathBuf> {
@@ -597,7 +661,21 @@ impl PgServer {
             let log = std::fs::read_to_string(dir.path().join("pg.log")).unwrap_or_default();
             bail!("pg_ctl start failed:\n{log}");
         }
-        Ok(Self { dir, bin, port })
+        // The postmaster's pid is the first line of its pid file; SIGQUIT is its
+        // immediate shutdown.
+        let pid: u32 = std::fs::read_to_string(data.join("postmaster.pid"))
+            .context("reading postmaster.pid")?
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .context("postmaster.pid has no pid")?;
+        let watchdog = Watchdog::watch(pid, "QUIT", Some(dir.path()))?;
+        Ok(Self {
+            dir,
+            bin,
+            port,
+            watchdog,
+        })
     }
 
     pub fn url(&self, db: &str) -> String {
@@ -718,6 +796,7 @@ impl Drop for PgServer {
             .args(["-m", "immediate", "-w", "stop"])
             .stdout(Stdio::null())
             .status();
+        self.watchdog.release();
     }
 }
 

@@ -412,13 +412,12 @@ async fn a_tenant_policy_moves_objects_to_another_granary_over_s3_which_may_stal
     assert_eq!(u["coldBytes"], cold_bytes, "{u}");
     assert_eq!(u["hotBytes"], 100, "{u}");
     assert_eq!(u["storageBytes"], cold_bytes + 100, "{u}");
-    let page = node.metrics().await.unwrap();
-    assert!(
-        page.contains(&format!(
-            "granary_stored_bytes{{tier=\"cold\"}} {cold_bytes}"
-        )),
-        "{page}"
-    );
+    // (The gauges are refreshed every 5 s.)
+    let series = format!("granary_stored_bytes{{tier=\"cold\"}} {cold_bytes}");
+    wait_until("the cold-bytes gauge", 30, async || {
+        node.metrics().await.unwrap().contains(&series)
+    })
+    .await;
     assert_eq!(get(&s3, "docs", "small", None).await, small);
     assert_eq!(
         get(&s3, "docs", "mid", Some("bytes=4194300-4194400")).await,
@@ -667,16 +666,20 @@ async fn on_a_cluster_primaries_move_and_replicas_follow() {
             chunk_files(&dir).is_empty().then_some(())
         })
         .await;
-        let page = m.proc.metrics().await.unwrap();
-        assert_eq!(
-            (
-                metric(&page, "granary_stored_bytes{tier=\"cold\"}") as u64,
-                metric(&page, "granary_stored_bytes{tier=\"hot\"}") as u64
-            ),
-            (total, 0),
-            "{}: every copy it holds is cold",
-            m.id
-        );
+        // (The gauges are refreshed every 5 s.)
+        eventually(
+            &format!("{}: every copy it holds counted cold", m.id),
+            30,
+            || async {
+                let page = m.proc.metrics().await.ok()?;
+                let tiers = (
+                    metric(&page, "granary_stored_bytes{tier=\"cold\"}") as u64,
+                    metric(&page, "granary_stored_bytes{tier=\"hot\"}") as u64,
+                );
+                (tiers == (total, 0)).then_some(())
+            },
+        )
+        .await;
         let u = admin(&m.proc, "/tenants/archive/usage").await;
         assert_eq!(
             (u["coldBytes"].as_u64(), u["hotBytes"].as_u64()),
@@ -716,9 +719,12 @@ async fn on_a_cluster_primaries_move_and_replicas_follow() {
     c.add_node().unwrap();
     c.wait_balanced(120).await;
     let n4 = &c.nodes[3].proc;
-    let page = n4.metrics().await.unwrap();
-    let n4_cold = metric(&page, "granary_stored_bytes{tier=\"cold\"}") as u64;
-    assert!(n4_cold > 0, "n4 holds cold objects' records: {page}");
+    let n4_cold = eventually("n4 counts the cold objects it took", 30, || async {
+        let page = n4.metrics().await.ok()?;
+        let cold = metric(&page, "granary_stored_bytes{tier=\"cold\"}") as u64;
+        (cold > 0).then_some(cold)
+    })
+    .await;
     assert!(
         chunk_files(&n4.data_dir).is_empty(),
         "n4 took {n4_cold} cold bytes' records and no chunk file"

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use granary_e2e::control_plane::{ControlPlane, poll_until};
-use granary_e2e::kubelet::{HOST_IP, NODE_NAME, POD_SUBNET, RealNode};
+use granary_e2e::kubelet::{HOST_IP, POD_SUBNET, RealNode};
 use granary_e2e::{KvClient, PgServer, s3_client, workspace_root};
 use serde_json::Value;
 
@@ -51,16 +51,21 @@ fn helm(cp: &ControlPlane, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Pods of the StorageCluster `main` that are Ready, by name.
-fn ready_storage_pods(cp: &ControlPlane) -> Result<Vec<(String, String)>> {
-    let pods = cp.kubectl_json(&[
+/// The pods of the StorageCluster `main` (`kubectl get pods -o json`).
+fn storage_pods(cp: &ControlPlane) -> Result<Value> {
+    cp.kubectl_json(&[
         "get",
         "pods",
         "-n",
         NS,
         "-l",
         "app.kubernetes.io/instance=main",
-    ])?;
+    ])
+}
+
+/// Pods of the StorageCluster `main` that are Ready, by name.
+fn ready_storage_pods(cp: &ControlPlane) -> Result<Vec<(String, String)>> {
+    let pods = storage_pods(cp)?;
     let mut out = Vec::new();
     for p in pods["items"].as_array().into_iter().flatten() {
         let ready = p["status"]["conditions"]
@@ -129,7 +134,9 @@ fn diagnostics(cp: &ControlPlane) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chart_operator_and_storage_pods_run_on_a_real_kubelet() {
-    let mut node = RealNode::prepare().expect("preparing the real node");
+    // Three nodes, one per zone, each kubelet and containerd in a network namespace of
+    // its own.
+    let mut node = RealNode::prepare(3).expect("preparing the real nodes");
     let mut cp = ControlPlane::start_for_node(HOST_IP).expect("control plane");
     let result = run(&mut node, &mut cp).await;
     if result.is_err() {
@@ -178,22 +185,24 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         &format!("--from-literal=url={catalog_url}"),
     ])?;
 
-    // Volumes: one local PersistentVolume per storage pod (and a spare), pinned to the
-    // node, in root-owned directories: the pod's fsGroup must make them writable for
-    // the image's non-root user, as on a cloud disk.
+    // Volumes: local PersistentVolumes, two per node (one for its storage pod, a
+    // spare), pinned to it, in root-owned directories: the pod's fsGroup must make them
+    // writable for the image's non-root user, as on a cloud disk.
     cp.kubectl_stdin(
         &["apply", "-f", "-"],
         &format!(
             "apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {{name: {STORAGE_CLASS}}}\nprovisioner: kubernetes.io/no-provisioner\nvolumeBindingMode: WaitForFirstConsumer\n"
         ),
     )?;
-    for i in 0..4 {
+    let nodes = node.nodes.clone();
+    for i in 0..2 * nodes.len() {
+        let host = &nodes[i % nodes.len()].name;
         let path = cp.dir().join(format!("pv{i}"));
         std::fs::create_dir_all(&path)?;
         cp.kubectl_stdin(
             &["apply", "-f", "-"],
             &format!(
-                "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: granary-e2e-pv{i}}}\nspec:\n  capacity: {{storage: 2Gi}}\n  accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  storageClassName: {STORAGE_CLASS}\n  local: {{path: {}}}\n  nodeAffinity:\n    required:\n      nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{NODE_NAME}]}}]}}]\n",
+                "apiVersion: v1\nkind: PersistentVolume\nmetadata: {{name: granary-e2e-pv{i}}}\nspec:\n  capacity: {{storage: 2Gi}}\n  accessModes: [ReadWriteOnce]\n  persistentVolumeReclaimPolicy: Retain\n  storageClassName: {STORAGE_CLASS}\n  local: {{path: {}}}\n  nodeAffinity:\n    required:\n      nodeSelectorTerms: [{{matchExpressions: [{{key: kubernetes.io/hostname, operator: In, values: [{host}]}}]}}]\n",
                 path.display()
             ),
         )?;
@@ -228,7 +237,7 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
             "apiVersion: granary.dev/v1alpha1\nkind: StorageCluster\nmetadata: {{name: main, namespace: {NS}}}\nspec:\n  region: us-east-1\n  replication: {{factor: 3, minInSync: 2}}\n  zones:\n{}  catalog: {{postgresSecretRef: {{name: granary-catalog, key: url}}}}\n  tenants:\n    namespaceSelector: {{matchLabels: {{granary.dev/storage: allowed}}}}\n",
             ["a", "b", "c"]
                 .iter()
-                .map(|z| format!("    - {{name: {z}, pools: [{{name: default, replicas: 1, storage: {{size: 1Gi, storageClassName: {STORAGE_CLASS}}}, resources: {{requests: {{cpu: 50m, memory: 64Mi}}, limits: {{memory: 1Gi}}}}}}]}}\n"))
+                .map(|z| format!("    - {{name: {z}, nodeSelector: {{topology.kubernetes.io/zone: {z}}}, pools: [{{name: default, replicas: 1, storage: {{size: 1Gi, storageClassName: {STORAGE_CLASS}}}, resources: {{requests: {{cpu: 50m, memory: 64Mi}}, limits: {{memory: 1Gi}}}}}}]}}\n"))
                 .collect::<String>()
         ),
     )?;
@@ -237,6 +246,23 @@ async fn run(node: &mut RealNode, cp: &mut ControlPlane) -> Result<()> {
         Ok((ready.len() == 3).then_some(ready))
     })?;
     let first_ready = t0.elapsed();
+    // Each zone's pod runs on that zone's node: three kubelets, one storage pod each.
+    let placed = storage_pods(cp)?;
+    for n in &nodes {
+        let on: Vec<&str> = placed["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["spec"]["nodeName"] == n.name.as_str())
+            .filter_map(|p| p["metadata"]["name"].as_str())
+            .collect();
+        ensure!(
+            on.len() == 1 && on[0].starts_with(&format!("main-{}-", n.zone)),
+            "node {} (zone {}) runs {on:?}, not its zone's storage pod",
+            n.name,
+            n.zone
+        );
+    }
     wait_for("the StorageCluster to be Ready", 180, || {
         let sc = cp.kubectl_json(&["get", "storagecluster", "main", "-n", NS])?;
         Ok(condition_true(&sc, "Ready").then_some(()))
