@@ -197,11 +197,11 @@ pub fn cold_size(value: &[u8]) -> Option<u64> {
         .flatten()
 }
 
-/// Whether an object record's tier can be read (false for a damaged head).
+/// Whether an object record's tier can be read: false for a record of a version this
+/// binary knows whose head does not decode (damaged). A record of an unknown version
+/// (a newer writer) is not counted at all, so its tier does not matter.
 fn tier_known(value: &[u8]) -> bool {
-    body_unchecked(value)
-        .and_then(crate::model::object::body_is_cold)
-        .is_some()
+    body_unchecked(value).is_none_or(|b| crate::model::object::body_is_cold(b).is_some())
 }
 
 /// The value length of a KV record (version, expiry, value).

@@ -49,8 +49,8 @@ use crate::control_plane::{ControlPlane, Proc, poll_until, run};
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 255, 1);
 /// The host's address on the nodes' segment (the apiserver and Postgres listen on it).
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 253, 255, 254);
-/// Prefix of every network namespace the harness makes (nodes and hub).
-const NETNS_PREFIX: &str = "grk";
+/// Prefix of the nodes' network namespaces (`grknode-<zone>`).
+const NODE_NETNS_PREFIX: &str = "grknode-";
 /// The namespace of the nodes' segment (its bridge [`HUB_BRIDGE`]).
 pub const HUB_NETNS: &str = "grkhub";
 const HUB_BRIDGE: &str = "grkbr0";
@@ -314,7 +314,7 @@ fn clean_owned(state: &State) {
     // The nodes' and the hub's namespaces (their bridges, veths, routes and iptables
     // rules with them), then the host's end of the link.
     for ns in names_in("/run/netns") {
-        if ns.starts_with(NETNS_PREFIX) {
+        if ns.starts_with(NODE_NETNS_PREFIX) || ns == HUB_NETNS {
             let _ = output_within(
                 Command::new("ip").args(["netns", "del", &ns]),
                 COMMAND_TIMEOUT,
@@ -353,7 +353,7 @@ fn leftovers_of(state: &State) -> Vec<String> {
         }
     }
     for ns in names_in("/run/netns") {
-        if ns.starts_with("cni-") || ns.starts_with(NETNS_PREFIX) {
+        if ns.starts_with("cni-") || ns.starts_with(NODE_NETNS_PREFIX) || ns == HUB_NETNS {
             left.push(format!("network namespace {ns}"));
         }
     }
@@ -414,7 +414,7 @@ impl NodeInfo {
             name: format!("granary-e2e-{zone}"),
             ip: Ipv4Addr::new(10, 253, 255, k as u8 + 1),
             pod_subnet: format!("10.254.{k}.0/24"),
-            netns: format!("grknode-{zone}"),
+            netns: format!("{NODE_NETNS_PREFIX}{zone}"),
             hub_veth: format!("grkn{k}"),
             // Short: containerd's socket path must stay under 108 bytes.
             socket: dir.join("containerd.sock"),

@@ -367,6 +367,10 @@ impl NodeProc {
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
+            // Disarmed before the child is reaped: until then its pid cannot be reused.
+            if let Some(mut w) = self.watchdog.take() {
+                w.release();
+            }
             let _ = c.wait();
         }
         if let Some(mut w) = self.watchdog.take() {
@@ -503,11 +507,16 @@ impl Watchdog {
     /// to exit, then removes `dir` (if any: a temporary directory `Drop` would have
     /// removed).
     pub(crate) fn watch(pid: u32, signal: &str, dir: Option<&Path>) -> Result<Watchdog> {
-        // Rust opens pipes close-on-exec, so only this process holds the write end.
+        // Rust opens pipes close-on-exec, so only this process holds the write end. The
+        // shell is a process group of its own and ignores the terminal's and a timeout's
+        // signals: a Ctrl-C or a group kill that ends the test must still fire it.
+        use std::os::unix::process::CommandExt;
         let mut shell = Command::new("sh")
+            .process_group(0)
             .args([
                 "-c",
-                r#"read line; [ "$line" = stop ] && exit 0
+                r#"trap '' INT TERM HUP
+read line; [ "$line" = stop ] && exit 0
 kill "-$2" "$1" 2>/dev/null
 i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 [ -n "$3" ] && rm -rf "$3"
@@ -663,13 +672,28 @@ impl PgServer {
         }
         // The postmaster's pid is the first line of its pid file; SIGQUIT is its
         // immediate shutdown.
-        let pid: u32 = std::fs::read_to_string(data.join("postmaster.pid"))
-            .context("reading postmaster.pid")?
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .context("postmaster.pid has no pid")?;
-        let watchdog = Watchdog::watch(pid, "QUIT", Some(dir.path()))?;
+        let watchdog = std::fs::read_to_string(data.join("postmaster.pid"))
+            .context("reading postmaster.pid")
+            .and_then(|text| {
+                text.lines()
+                    .next()
+                    .and_then(|l| l.trim().parse::<u32>().ok())
+                    .context("postmaster.pid has no pid")
+            })
+            .and_then(|pid| Watchdog::watch(pid, "QUIT", Some(dir.path())));
+        let watchdog = match watchdog {
+            Ok(w) => w,
+            Err(e) => {
+                // Not left running without a watchdog.
+                let _ = pg_command(&bin, "pg_ctl")
+                    .args(["-D"])
+                    .arg(&data)
+                    .args(["-m", "immediate", "-w", "stop"])
+                    .stdout(Stdio::null())
+                    .status();
+                return Err(e);
+            }
+        };
         Ok(Self {
             dir,
             bin,
