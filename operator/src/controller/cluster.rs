@@ -458,6 +458,15 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
     // cold tier in the spec the condition goes away.
     if sc.spec.cold_tier.is_none() {
         conds.retain(|c| c.type_ != "ColdTierReachable");
+    } else if let Some(why) = builder::cold_tier_refused(sc) {
+        conditions::set(
+            &mut conds,
+            "ColdTierReachable",
+            false,
+            "LocalDirectoryOnCluster",
+            why,
+            gen_,
+        );
     } else if let Some(h) = &health {
         match h.cold_tier_reachable {
             Some(true) => {
@@ -854,6 +863,36 @@ mod tests {
         pool.storage.storage_class_name = class.map(Into::into);
         let b = builder::Context::of(&sc, "granary-system");
         builder::build(&sc, &b).stateful_sets.remove(0)
+    }
+
+    /// A `file://` cold tier reaches a single storage pod only: on several pods each
+    /// would have its own directory, and cold objects would be unreadable after a
+    /// failover, so the nodes run without it and the spec says why.
+    #[test]
+    fn a_local_cold_tier_is_refused_on_a_cluster_of_several_pods() {
+        let mut sc = cluster(1, 1);
+        sc.spec.cold_tier = Some(crate::crd::ColdTier {
+            url: "file:///var/lib/granary/cold".into(),
+            secret_ref: None,
+        });
+        let b = builder::Context::of(&sc, "granary-system");
+        let toml_of = |sc: &StorageCluster| {
+            builder::build(sc, &b).config.data.as_ref().unwrap()["node.toml"].clone()
+        };
+        assert!(builder::cold_tier_refused(&sc).is_some());
+        assert!(!toml_of(&sc).contains("cold_tier"), "{}", toml_of(&sc));
+        sc.spec.zones.truncate(1);
+        sc.spec.zones[0].pools.truncate(1);
+        sc.spec.zones[0].pools[0].replicas = 1;
+        assert_eq!(builder::cold_tier_refused(&sc), None);
+        assert!(toml_of(&sc).contains("cold_tier = \"file:///var/lib/granary/cold/"));
+        // An object store is fine whatever the size.
+        let mut big = cluster(3, 2);
+        big.spec.cold_tier = Some(crate::crd::ColdTier {
+            url: "s3://archive".into(),
+            secret_ref: None,
+        });
+        assert_eq!(builder::cold_tier_refused(&big), None);
     }
 
     #[test]
