@@ -442,6 +442,9 @@ pub struct RealNode {
     /// Processes and the node each belongs to (None: the scheduler).
     procs: Vec<(Option<usize>, Proc)>,
     down: bool,
+    /// Gives the kubelets' sysctls back if the test process dies without its cleanup
+    /// (the next run would, but `kernel.panic_on_oops` must not outlive the run).
+    restore: Option<crate::Watchdog>,
     /// Held for the nodes' life: one harness per machine.
     _lock: std::fs::File,
     // Last: removed after everything else.
@@ -552,6 +555,16 @@ impl RealNode {
                 .collect(),
         };
         std::fs::write(&state_file, serde_json::to_vec(&state)?)?;
+        // After the processes' own watchdogs killed them (a kubelet sets these at start).
+        let pairs: Vec<&str> = state
+            .sysctls
+            .iter()
+            .flat_map(|(n, v)| [n.as_str(), v.as_str()])
+            .collect();
+        let restore = crate::Watchdog::on_exit(
+            r#"sleep 2; while [ $# -gt 1 ]; do printf '%s\n' "$2" > "/proc/sys/$1"; shift 2; done"#,
+            &pairs,
+        )?;
         let tmp = tempfile::Builder::new().prefix("grk").tempdir_in("/tmp")?;
         let dir = tmp.path().to_path_buf();
         let nodes: Vec<NodeInfo> = (0..count).map(|k| NodeInfo::new(k, &dir)).collect();
@@ -567,6 +580,7 @@ impl RealNode {
             nodes,
             procs: Vec::new(),
             down: false,
+            restore: Some(restore),
             _lock: lock,
             _tmp: tmp,
         };
@@ -1193,6 +1207,9 @@ state = "{state}"
             p.stop();
         }
         clean_owned(&self.state);
+        if let Some(mut w) = self.restore.take() {
+            w.release();
+        }
         let left = leftovers_of(&self.state);
         if left.is_empty() {
             let _ = std::fs::remove_file(Path::new(STATE_DIR).join("state.json"));

@@ -507,25 +507,33 @@ impl Watchdog {
     /// to exit, then removes `dir` (if any: a temporary directory `Drop` would have
     /// removed).
     pub(crate) fn watch(pid: u32, signal: &str, dir: Option<&Path>) -> Result<Watchdog> {
+        Self::on_exit(
+            r#"kill "-$2" "$1" 2>/dev/null
+i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+[ -n "$3" ] && rm -rf "$3""#,
+            &[
+                &pid.to_string(),
+                signal,
+                &dir.map(|d| d.display().to_string()).unwrap_or_default(),
+            ],
+        )
+    }
+
+    /// Runs shell `script` (with positional `args`) if the test process dies before
+    /// [`Watchdog::release`].
+    pub(crate) fn on_exit(script: &str, args: &[&str]) -> Result<Watchdog> {
         // Rust opens pipes close-on-exec, so only this process holds the write end. The
         // shell is a process group of its own and ignores the terminal's and a timeout's
         // signals: a Ctrl-C or a group kill that ends the test must still fire it.
         use std::os::unix::process::CommandExt;
         let mut shell = Command::new("sh")
             .process_group(0)
-            .args([
-                "-c",
-                r#"trap '' INT TERM HUP
-read line; [ "$line" = stop ] && exit 0
-kill "-$2" "$1" 2>/dev/null
-i=0; while kill -0 "$1" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-[ -n "$3" ] && rm -rf "$3"
-exit 0"#,
-                "granary-watchdog",
-                &pid.to_string(),
-                signal,
-                &dir.map(|d| d.display().to_string()).unwrap_or_default(),
-            ])
+            .arg("-c")
+            .arg(format!(
+                "trap '' INT TERM HUP\nread line; [ \"$line\" = stop ] && exit 0\n{script}\nexit 0"
+            ))
+            .arg("granary-watchdog")
+            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
