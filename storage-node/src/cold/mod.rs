@@ -404,6 +404,7 @@ impl ColdTier {
         self: &Arc<Self>,
         r: &ColdRef,
         range: Range<u64>,
+        io: crate::model::data::Io,
     ) -> Result<(u64, crate::model::data::ByteStream), ColdError> {
         let len = range.end - range.start;
         if len == 0 || r.len == 0 {
@@ -418,6 +419,9 @@ impl ColdTier {
             let e = ((end - base) as usize).min(b.len());
             b.slice(s.min(e)..e)
         };
+        // Each piece takes the reader's fair turn at the node's I/O scheduler, as a piece
+        // of a hot object does.
+        io.turn(piece).await;
         let head = slice(first, self.read_piece(r, first).await?);
         let (mut tx, rx) = futures::channel::mpsc::channel::<std::io::Result<Bytes>>(1);
         if first < last {
@@ -425,6 +429,7 @@ impl ColdTier {
             tokio::spawn(async move {
                 use futures::SinkExt;
                 for i in first + 1..=last {
+                    io.turn(piece).await;
                     let item = me
                         .read_piece(&r, i)
                         .await
@@ -545,6 +550,18 @@ mod tests {
         ColdTier::open(&cfg("aws_endpoint")).unwrap();
     }
 
+    /// An I/O identity for reads (a tenant's class on a scheduler of its own).
+    fn io() -> crate::model::data::Io {
+        crate::model::data::Io {
+            sched: crate::tenancy::sched::IoScheduler::new(2, None),
+            class: crate::tenancy::sched::Class::Tenant(crate::types::TenantId(
+                uuid::Uuid::from_u128(1),
+            )),
+            weight: 100,
+            announce: None,
+        }
+    }
+
     async fn collect(s: crate::model::data::ByteStream) -> std::io::Result<Vec<u8>> {
         let mut out = Vec::new();
         let mut s = s;
@@ -585,7 +602,7 @@ mod tests {
             (0, 3_670_016),
             (3_000_000, 3_670_016),
         ] {
-            let (len, stream) = tier.read(&r, s..e).await.unwrap();
+            let (len, stream) = tier.read(&r, s..e, io()).await.unwrap();
             assert_eq!(len, e - s);
             assert_eq!(
                 collect(stream).await.unwrap(),
@@ -605,16 +622,16 @@ mod tests {
         let mut bytes = std::fs::read(&file).unwrap();
         bytes[2 * MIN_PIECE as usize + 5] ^= 0xff;
         std::fs::write(&file, bytes).unwrap();
-        let (_, stream) = tier.read(&r, 0..3_670_016).await.unwrap();
+        let (_, stream) = tier.read(&r, 0..3_670_016, io()).await.unwrap();
         assert!(
             collect(stream).await.is_err(),
             "a damaged piece must end the body with an error"
         );
         assert!(matches!(
-            tier.read(&r, 2 * MIN_PIECE..2 * MIN_PIECE + 10).await,
+            tier.read(&r, 2 * MIN_PIECE..2 * MIN_PIECE + 10, io()).await,
             Err(ColdError::Corrupt(_))
         ));
-        let (_, stream) = tier.read(&r, 10..20).await.unwrap();
+        let (_, stream) = tier.read(&r, 10..20, io()).await.unwrap();
         assert_eq!(collect(stream).await.unwrap(), data[10..20]);
 
         // A wrong length is refused and nothing the caller could name is kept.

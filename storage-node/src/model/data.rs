@@ -40,6 +40,13 @@ impl Io {
     async fn slot(&self, bytes: usize) -> crate::tenancy::sched::Slot {
         self.sched.slot(self.class, self.weight, bytes as u64).await
     }
+
+    /// Waits for the class's fair turn for `bytes` of I/O that is not the node's disk
+    /// (a piece read from the cold tier): ordered and charged like a piece, but holding
+    /// no disk slot while the remote store answers.
+    pub async fn turn(&self, bytes: u64) {
+        self.sched.turn(self.class, bytes).await
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -701,7 +701,9 @@ impl Store {
         cond.check_read(&rec)?;
         let r = range_of(&rec, range)?;
         let body = match &rec.data {
-            data::ObjectData::Cold(c) => self.read_cold(c, r.clone()).await?,
+            data::ObjectData::Cold(c) => {
+                self.read_cold(c, r.clone(), self.io(tenant).await).await?
+            }
             d => {
                 data::read_body(self.engine().chunks(), d, r.clone(), &self.io(tenant).await)
                     .await?

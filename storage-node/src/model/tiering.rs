@@ -408,14 +408,15 @@ impl Store {
         Ok(deleted)
     }
 
-    /// Reads `range` of cold data.
+    /// Reads `range` of cold data, each piece in the reader's turn at the I/O scheduler.
     pub(crate) async fn read_cold(
         &self,
         r: &ColdRef,
         range: std::ops::Range<u64>,
+        io: data::Io,
     ) -> Result<data::ObjectBody> {
         let cold = self.cold_or_err()?;
-        let (len, stream) = cold.read(r, range).await.map_err(cold_err)?;
+        let (len, stream) = cold.read(r, range, io).await.map_err(cold_err)?;
         Ok(data::ObjectBody { len, stream })
     }
 }
@@ -513,6 +514,26 @@ mod tests {
         assert_eq!((after.hot_bytes, after.cold_bytes), (total - moved, moved));
         assert!(s.engine().verify_usage().await.unwrap().is_empty());
         assert_eq!(s.engine().usage_total().await.unwrap().cold_bytes, moved);
+
+        // A cold read takes the reader's turns at the I/O scheduler (one per piece), as
+        // a hot read does.
+        let class = crate::tenancy::sched::Class::Tenant(t);
+        let before = s.io_scheduler().charged(class);
+        let (_, _, read) = s
+            .get_object(t, "b", "cold/b", None, &Conditions::default())
+            .await
+            .unwrap();
+        let got = futures::TryStreamExt::try_fold(read.stream, Vec::new(), |mut v, b| async move {
+            v.extend_from_slice(&b);
+            Ok(v)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, vec![1u8; 3 << 20]);
+        assert!(
+            s.io_scheduler().charged(class) > before,
+            "the cold read was charged to its tenant"
+        );
 
         // Deleting a cold object and overwriting another (hot again) give it back.
         s.delete_object(t, "b", "cold/a").await.unwrap();

@@ -188,6 +188,12 @@ impl IoScheduler {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The virtual finish tag of `class`'s last piece or turn (what it has been charged).
+    #[cfg(test)]
+    pub(crate) fn charged(&self, class: Class) -> u128 {
+        self.lock().last.get(&class).copied().unwrap_or(0)
+    }
+
     /// The class's weight (a tenant's QoS, read again after the rate limits' spec
     /// lifetime).
     pub async fn weight(&self, class: Class) -> u32 {
