@@ -100,23 +100,6 @@ pub struct ColdConfig {
     pub delete_grace: Duration,
 }
 
-/// Most bytes of cold pieces a node holds in memory at once, over all reads: 256 MiB, room
-/// for four of the largest pieces ([`MAX_PIECE`]). A read waits for its share (up to the
-/// store-call deadline, then 503) rather than growing the node's memory.
-pub const READ_BUDGET: usize = 256 << 20;
-
-/// A piece's bytes with their share of [`READ_BUDGET`].
-struct Budgeted {
-    bytes: Bytes,
-    _share: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl AsRef<[u8]> for Budgeted {
-    fn as_ref(&self) -> &[u8] {
-        &self.bytes
-    }
-}
-
 /// An open cold tier.
 pub struct ColdTier {
     store: Arc<dyn ObjectStore>,
@@ -125,9 +108,6 @@ pub struct ColdTier {
     pub url: String,
     timeout: Duration,
     reachable: AtomicBool,
-    /// Bytes of cold pieces read into memory and not yet sent, node-wide
-    /// ([`READ_BUDGET`]): a piece holds its share until its last slice is dropped.
-    read_budget: Arc<tokio::sync::Semaphore>,
     /// See [`ColdConfig::delete_grace`].
     pub delete_grace: Duration,
 }
@@ -198,16 +178,8 @@ impl ColdTier {
             url: redact(&url),
             timeout: cfg.timeout,
             reachable: AtomicBool::new(true),
-            read_budget: Arc::new(tokio::sync::Semaphore::new(READ_BUDGET)),
             delete_grace: cfg.delete_grace,
         })
-    }
-
-    /// A tier whose reads may hold at most `bytes` in memory (tests).
-    #[cfg(test)]
-    fn with_read_budget(mut self, bytes: usize) -> Self {
-        self.read_budget = Arc::new(tokio::sync::Semaphore::new(bytes));
-        self
     }
 
     /// Whether the last call to the store succeeded.
@@ -404,28 +376,10 @@ impl ColdTier {
         })
     }
 
-    /// Reads and verifies piece `i` of `r`, returning its bytes; they hold their share
-    /// of the node's cold-read budget until the last of them is dropped.
+    /// Reads and verifies piece `i` of `r`, returning its bytes.
     async fn read_piece(&self, r: &ColdRef, i: u64) -> Result<Bytes, ColdError> {
         let start = i * r.piece;
         let end = (start + r.piece).min(r.len);
-        let want = u32::try_from(end - start)
-            .unwrap_or(u32::MAX)
-            .min(READ_BUDGET as u32);
-        // Waits while other reads hold the budget, as long as a store call may take:
-        // then 503, retry (the memory is not there).
-        let share = tokio::time::timeout(
-            self.timeout,
-            self.read_budget.clone().acquire_many_owned(want),
-        )
-        .await
-        .map_err(|_| {
-            ColdError::Unavailable(format!(
-                "the node's memory for cold reads ({READ_BUDGET} bytes) stayed in use for {:?}",
-                self.timeout
-            ))
-        })?
-        .map_err(|_| ColdError::Unavailable("the cold tier is closing".into()))?;
         let bytes = self
             .timed_for(
                 "a ranged GET",
@@ -440,10 +394,7 @@ impl ColdTier {
                 r.key
             )));
         }
-        Ok(Bytes::from_owner(Budgeted {
-            bytes,
-            _share: share,
-        }))
+        Ok(bytes)
     }
 
     /// Reads `range` of `r`: the first piece before this returns (a store that is down
@@ -599,17 +550,6 @@ mod tests {
         ColdTier::open(&cfg("aws_endpoint")).unwrap();
     }
 
-    /// A tier on a local directory.
-    fn local_tier(dir: &std::path::Path, timeout: Duration) -> ColdTier {
-        ColdTier::open(&ColdConfig {
-            url: format!("file://{}", dir.display()),
-            options: vec![],
-            timeout,
-            delete_grace: Duration::ZERO,
-        })
-        .unwrap()
-    }
-
     /// An I/O identity for reads (a tenant's class on a scheduler of its own).
     fn io() -> crate::model::data::Io {
         crate::model::data::Io {
@@ -631,42 +571,18 @@ mod tests {
         Ok(out)
     }
 
-    /// Pieces read into memory hold the node's cold-read budget until the reader drops
-    /// them: with room for one piece, the next waits for the reader, and a read that
-    /// cannot get its share within the store deadline fails with Unavailable (503).
-    #[tokio::test]
-    async fn reads_hold_the_cold_read_budget_until_their_pieces_are_dropped() {
-        use futures::StreamExt;
-        let dir = tempfile::tempdir().unwrap();
-        let tier = Arc::new(
-            local_tier(dir.path(), Duration::from_millis(500)).with_read_budget(MIN_PIECE as usize),
-        );
-        let data = vec![5u8; 3 * MIN_PIECE as usize];
-        let key = ColdTier::new_key(1, "b", 1);
-        let body = futures::stream::iter([Ok(Bytes::from(data.clone()))]);
-        let r = tier.upload(&key, data.len() as u64, body).await.unwrap();
-        let (_, mut stream) = tier.read(&r, 0..data.len() as u64, io()).await.unwrap();
-        let head = stream.next().await.unwrap().unwrap();
-        assert_eq!(head.len(), MIN_PIECE as usize);
-        // The head holds the whole budget: a second read cannot start.
-        assert!(matches!(
-            tier.read(&r, 0..10, io()).await,
-            Err(ColdError::Unavailable(_))
-        ));
-        // Once the reader lets go of the head, the next piece comes.
-        drop(head);
-        let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
-            .await
-            .expect("the next piece after the head was dropped")
-            .unwrap()
-            .unwrap();
-        assert_eq!(next.len(), MIN_PIECE as usize);
-    }
-
     #[tokio::test]
     async fn a_copy_reads_back_by_range_and_a_damaged_piece_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let tier = Arc::new(local_tier(dir.path(), Duration::from_secs(10)));
+        let tier = Arc::new(
+            ColdTier::open(&ColdConfig {
+                url: format!("file://{}", dir.path().display()),
+                options: vec![],
+                timeout: Duration::from_secs(10),
+                delete_grace: Duration::ZERO,
+            })
+            .unwrap(),
+        );
         // 3.5 MiB in uneven pieces: the checksums follow piece boundaries, not writes.
         let data: Vec<u8> = (0..(7u32 << 19)).map(|i| (i * 31 % 251) as u8).collect();
         let body = futures::stream::iter(
