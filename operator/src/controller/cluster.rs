@@ -458,15 +458,8 @@ async fn apply(sc: &StorageCluster, ctx: &Context) -> Result<Action> {
     // cold tier in the spec the condition goes away.
     if sc.spec.cold_tier.is_none() {
         conds.retain(|c| c.type_ != "ColdTierReachable");
-    } else if let Some(why) = builder::cold_tier_refused(sc) {
-        conditions::set(
-            &mut conds,
-            "ColdTierReachable",
-            false,
-            "LocalDirectoryOnCluster",
-            why,
-            gen_,
-        );
+    } else if let Some((reason, why)) = builder::cold_tier_refused(sc) {
+        conditions::set(&mut conds, "ColdTierReachable", false, reason, why, gen_);
     } else if let Some(h) = &health {
         match h.cold_tier_reachable {
             Some(true) => {
@@ -893,6 +886,17 @@ mod tests {
             secret_ref: None,
         });
         assert_eq!(builder::cold_tier_refused(&big), None);
+        // The URL as the node would see it: control characters removed, any case.
+        for url in ["\u{1}file:///x", "FILE:///x", " file:/x", "file:///x?a=b"] {
+            big.spec.cold_tier.as_mut().unwrap().url = url.into();
+            assert!(builder::cold_tier_refused(&big).is_some(), "{url:?}");
+        }
+        // Never in memory, whatever the size.
+        sc.spec.cold_tier.as_mut().unwrap().url = "memory:///".into();
+        assert_eq!(
+            builder::cold_tier_refused(&sc).map(|r| r.0),
+            Some("InMemoryStore")
+        );
     }
 
     #[test]

@@ -130,6 +130,15 @@ impl ColdTier {
     pub fn open(cfg: &ColdConfig) -> Result<ColdTier, String> {
         let url =
             url::Url::parse(&cfg.url).map_err(|e| format!("cold tier URL {:?}: {e}", cfg.url))?;
+        // A moved object's only copy is in the cold tier: never in this process's memory.
+        if url.scheme() == "memory" {
+            return Err(format!(
+                "cold tier URL {:?}: memory:// keeps cold copies in the node's memory, the only \
+                 copy of every moved object would be lost at the next restart; use file://, \
+                 s3://, gs:// or az://",
+                cfg.url
+            ));
+        }
         let (store, root): (Arc<dyn ObjectStore>, Path) = if url.scheme() == "file" {
             let dir = url
                 .to_file_path()
@@ -420,8 +429,9 @@ impl ColdTier {
             b.slice(s.min(e)..e)
         };
         // Each piece takes the reader's fair turn at the node's I/O scheduler, as a piece
-        // of a hot object does.
-        io.turn(piece).await;
+        // of a hot object does, charged for the bytes of the range it serves.
+        let served = move |i: u64| (end.min((i + 1) * piece)).saturating_sub(start.max(i * piece));
+        io.turn(served(first)).await;
         let head = slice(first, self.read_piece(r, first).await?);
         let (mut tx, rx) = futures::channel::mpsc::channel::<std::io::Result<Bytes>>(1);
         if first < last {
@@ -429,7 +439,11 @@ impl ColdTier {
             tokio::spawn(async move {
                 use futures::SinkExt;
                 for i in first + 1..=last {
-                    io.turn(piece).await;
+                    // The reader went away: nothing more is fetched.
+                    if tx.is_closed() {
+                        return;
+                    }
+                    io.turn(served(i)).await;
                     let item = me
                         .read_piece(&r, i)
                         .await
@@ -532,6 +546,18 @@ mod tests {
         assert_eq!(piece_size(5 << 40), MAX_PIECE);
         assert_eq!(part_size(1 << 30), UPLOAD_PART);
         assert!((5u64 << 40).div_ceil(part_size(5 << 40) as u64) <= 10_000);
+    }
+
+    #[test]
+    fn an_in_memory_store_is_refused() {
+        let err = ColdTier::open(&ColdConfig {
+            url: "memory:///".into(),
+            options: vec![],
+            timeout: Duration::from_secs(1),
+            delete_grace: Duration::ZERO,
+        })
+        .expect_err("memory:// refused");
+        assert!(err.contains("lost at the next restart"), "{err}");
     }
 
     #[test]
