@@ -368,21 +368,7 @@ fn the_memory_budget_is_a_quarter_of_the_pod_memory_limit() {
     use k8s_openapi::api::core::v1::ResourceRequirements;
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     let mut sc = example_cluster();
-    let budget = |sc: &StorageCluster| {
-        build(sc, &ctx(sc)).stateful_sets[0]
-            .spec
-            .template
-            .spec
-            .as_ref()
-            .unwrap()
-            .containers[0]
-            .env
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|e| e.name == "GRANARY_MEMORY_BUDGET")
-            .and_then(|e| e.value.clone())
-    };
+    let budget = |sc: &StorageCluster| build(sc, &ctx(sc)).node_env("GRANARY_MEMORY_BUDGET");
     assert_eq!(budget(&sc), None, "no limit: the node's default");
     sc.spec.zones[0].pools[0].resources = Some(ResourceRequirements {
         limits: Some([("memory".to_string(), Quantity("2Gi".into()))].into()),

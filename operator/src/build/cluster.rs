@@ -91,6 +91,30 @@ pub struct Desired {
     pub network_policy: NetworkPolicy,
 }
 
+impl Desired {
+    /// The storage container of the first StatefulSet.
+    pub fn node_container(&self) -> Option<&Container> {
+        self.stateful_sets
+            .first()?
+            .spec
+            .template
+            .spec
+            .as_ref()?
+            .containers
+            .first()
+    }
+
+    /// The value of the storage container's variable `name` (first StatefulSet).
+    pub fn node_env(&self, name: &str) -> Option<String> {
+        self.node_container()?
+            .env
+            .as_ref()?
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+}
+
 pub fn build(sc: &StorageCluster, ctx: &Context) -> Desired {
     let mut d = Desired {
         service_account: service_account(ctx),
@@ -199,6 +223,31 @@ pub fn cold_tier_refused(sc: &StorageCluster) -> Option<(&'static str, String)> 
     }
 }
 
+/// The cold tier's URL as the nodes get it, if the spec has one that is not refused:
+/// control characters removed, and each cluster under a prefix of its own, so two
+/// clusters given the same bucket never see (and never sweep) each other's copies.
+fn cold_tier_url(sc: &StorageCluster, ctx: &Context) -> Option<String> {
+    let ct = sc.spec.cold_tier.as_ref()?;
+    if cold_tier_refused(sc).is_some() {
+        return None;
+    }
+    let url: String = ct.url.chars().filter(|c| !c.is_control()).collect();
+    Some(match url.split_once('?') {
+        Some((base, query)) => format!(
+            "{}/{}/{}?{query}",
+            base.trim_end_matches('/'),
+            ctx.namespace,
+            ctx.name
+        ),
+        None => format!(
+            "{}/{}/{}",
+            url.trim_end_matches('/'),
+            ctx.namespace,
+            ctx.name
+        ),
+    })
+}
+
 /// The node configuration (secrets come from the environment, never from here).
 pub fn config_map(sc: &StorageCluster, ctx: &Context) -> ConfigMap {
     let toml = format!(
@@ -220,30 +269,8 @@ pub fn config_map(sc: &StorageCluster, ctx: &Context) -> ConfigMap {
         nodes = pods(sc),
     );
     let mut toml = toml;
-    if let Some(ct) = sc
-        .spec
-        .cold_tier
-        .as_ref()
-        .filter(|_| cold_tier_refused(sc).is_none())
-    {
+    if let Some(url) = cold_tier_url(sc, ctx) {
         // TOML basic string: the URL's quotes and backslashes escaped.
-        // Each cluster under a prefix of its own: two clusters given the same bucket
-        // never see (and never sweep) each other's copies.
-        let url: String = ct.url.chars().filter(|c| !c.is_control()).collect();
-        let url = match url.split_once('?') {
-            Some((base, query)) => format!(
-                "{}/{}/{}?{query}",
-                base.trim_end_matches('/'),
-                ctx.namespace,
-                ctx.name
-            ),
-            None => format!(
-                "{}/{}/{}",
-                url.trim_end_matches('/'),
-                ctx.namespace,
-                ctx.name
-            ),
-        };
         let url = url.replace('\\', "\\\\").replace('"', "\\\"");
         toml.push_str(&format!("cold_tier = \"{url}\"\n"));
     }
@@ -419,6 +446,15 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
         .and_then(|t| t.otlp_endpoint.as_deref())
     {
         envs.push(env("OTEL_EXPORTER_OTLP_ENDPOINT", ep));
+    }
+    if sc.spec.cold_tier.is_some() {
+        // Also as an explicit variable, which wins over the credentials Secret's
+        // (`envFrom`): a `GRANARY_COLD_TIER` key there cannot bypass the refusal or the
+        // cluster's prefix. Empty (no cold tier) when refused.
+        envs.push(env(
+            "GRANARY_COLD_TIER",
+            &cold_tier_url(sc, ctx).unwrap_or_default(),
+        ));
     }
     let container = Container {
         name: "node".into(),

@@ -874,11 +874,21 @@ mod tests {
         };
         assert!(builder::cold_tier_refused(&sc).is_some());
         assert!(!toml_of(&sc).contains("cold_tier"), "{}", toml_of(&sc));
+        // The explicit variable (it wins over a key of the credentials Secret) says "none".
+        let cold_env = |sc: &StorageCluster| builder::build(sc, &b).node_env("GRANARY_COLD_TIER");
+        assert_eq!(cold_env(&sc).as_deref(), Some(""));
         sc.spec.zones.truncate(1);
         sc.spec.zones[0].pools.truncate(1);
         sc.spec.zones[0].pools[0].replicas = 1;
         assert_eq!(builder::cold_tier_refused(&sc), None);
         assert!(toml_of(&sc).contains("cold_tier = \"file:///var/lib/granary/cold/"));
+        assert_eq!(
+            cold_env(&sc),
+            Some(format!(
+                "file:///var/lib/granary/cold/{}/{}",
+                b.namespace, b.name
+            ))
+        );
         // An object store is fine whatever the size.
         let mut big = cluster(3, 2);
         big.spec.cold_tier = Some(crate::crd::ColdTier {
@@ -905,17 +915,7 @@ mod tests {
         let b = builder::Context::of(&sc, "granary-system");
         let plain = builder::build(&sc, &b);
         assert!(!plain.config.data.as_ref().unwrap()["node.toml"].contains("cold_tier"));
-        assert!(
-            plain.stateful_sets[0]
-                .spec
-                .template
-                .spec
-                .as_ref()
-                .unwrap()
-                .containers[0]
-                .env_from
-                .is_none()
-        );
+        assert!(plain.node_container().unwrap().env_from.is_none());
         sc.spec.cold_tier = Some(crate::crd::ColdTier {
             url: "s3://archive/\"granary\"\n".into(),
             secret_ref: Some(crate::crd::SecretRef {
