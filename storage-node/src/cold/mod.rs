@@ -143,7 +143,7 @@ impl ColdTier {
             let dir = url
                 .to_file_path()
                 .map_err(|()| format!("cold tier URL {:?} is not a local path", cfg.url))?;
-            std::fs::create_dir_all(&dir)
+            crate::engine::dirs::create_dir_all_durable(&dir)
                 .map_err(|e| format!("creating the cold tier directory {}: {e}", dir.display()))?;
             // A moved object's only copy: durable (file and directories) before the
             // switch that frees its hot data commits.

@@ -770,13 +770,18 @@ impl Engine {
         let dirs = entries
             .iter()
             .flat_map(|(_, e)| &e.chunks)
-            .map(|c| self.chunks().path(c.partition, c.id))
-            // Only what is known to be absent: a stat that fails otherwise keeps the
-            // directory, whose sync then fails the write (retried) rather than skipping it.
-            .filter(|path| !matches!(path.try_exists(), Ok(false)))
-            .filter_map(|path| path.parent().map(std::path::Path::to_path_buf))
+            .filter_map(|c| {
+                self.chunks()
+                    .path(c.partition, c.id)
+                    .parent()
+                    .map(std::path::Path::to_path_buf)
+            })
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
+            // Each directory once; only those known to be absent are left out: a stat that
+            // fails otherwise keeps the directory, whose sync then fails the write
+            // (retried) rather than skipping it.
+            .filter(|dir| !matches!(dir.try_exists(), Ok(false)))
             .collect();
         self.write(dirs, move |ctx| {
             let txn = ctx.txn.untracked();

@@ -131,6 +131,11 @@ impl Counters {
         Ok(Self::from_array(a))
     }
 
+    /// The part of [`Counters::bytes`] on this node's disks (all but the cold objects).
+    pub fn hot_bytes(&self) -> u64 {
+        self.bytes().saturating_sub(self.cold_bytes)
+    }
+
     /// Every stored byte, hot or cold: objects, parts of uploads in progress, KV
     /// entries.
     pub fn bytes(&self) -> u64 {
@@ -187,21 +192,27 @@ pub fn leading_size(value: &[u8]) -> Option<u64> {
         .map(|(s, _)| s)
 }
 
-/// The size of an object record whose data is in the cold tier; None for hot ones (and
-/// for records whose head cannot be read: see [`tier_known`]).
-pub fn cold_size(value: &[u8]) -> Option<u64> {
+/// What an object record puts in the cold counter: its size if its data is in the cold
+/// tier (else 0), and whether its tier could be read at all (false for a record of a
+/// version this binary knows whose head does not decode: damaged). A record of an unknown
+/// version (a newer writer) is not counted at all, so its tier does not matter. One
+/// decode of the record's head.
+fn cold_part(value: &[u8]) -> (u64, bool) {
+    let Some(body) = body_unchecked(value) else {
+        return (0, true);
+    };
     // The record layout belongs to `model`, which pins this with tests.
-    crate::model::object::body_is_cold(body_unchecked(value)?)
-        .unwrap_or(false)
-        .then(|| leading_size(value))
-        .flatten()
+    match crate::model::object::body_is_cold(body) {
+        None => (0, false),
+        Some(false) => (0, true),
+        Some(true) => (leading_size(value).unwrap_or(0), true),
+    }
 }
 
-/// Whether an object record's tier can be read: false for a record of a version this
-/// binary knows whose head does not decode (damaged). A record of an unknown version
-/// (a newer writer) is not counted at all, so its tier does not matter.
-fn tier_known(value: &[u8]) -> bool {
-    body_unchecked(value).is_none_or(|b| crate::model::object::body_is_cold(b).is_some())
+/// The size of an object record whose data is in the cold tier; None for hot ones (and
+/// for records whose head cannot be read).
+pub fn cold_size(value: &[u8]) -> Option<u64> {
+    Some(cold_part(value).0).filter(|n| *n > 0)
 }
 
 /// The value length of a KV record (version, expiry, value).
@@ -243,8 +254,11 @@ impl UsageDeltas {
             0 => {
                 d[0] = present(new) - present(old);
                 d[1] = sized(new, leading_size) - sized(old, leading_size);
-                d[6] = sized(new, cold_size) - sized(old, cold_size);
-                if !old.into_iter().chain(new).all(tier_known) {
+                let (new_cold, new_known) = new.map_or((0, true), cold_part);
+                let (old_cold, old_known) = old.map_or((0, true), cold_part);
+                let signed = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                d[6] = signed(new_cold) - signed(old_cold);
+                if !(new_known && old_known) {
                     self.1.0 = true;
                 }
                 KIND_BUCKET
@@ -568,7 +582,7 @@ mod tests {
             0,
         ];
         assert_eq!(leading_size(&damaged), Some(5));
-        assert!(!tier_known(&damaged));
+        assert_eq!(cold_part(&damaged), (0, false));
         let mut d = UsageDeltas::default();
         d.observe(0, &key, None, Some(&damaged));
         assert!(d.1.0, "marked for a recount");

@@ -322,7 +322,7 @@ impl Store {
             multipart_uploads: c.uploads,
             multipart_bytes: c.part_bytes,
             kv_bytes: c.kv_bytes,
-            hot_bytes: c.bytes().saturating_sub(c.cold_bytes),
+            hot_bytes: c.hot_bytes(),
             cold_bytes: c.cold_bytes,
         })
     }

@@ -94,7 +94,8 @@ pub struct Metrics {
     /// Objects the mover could not move (they stay hot; retried next pass).
     pub cold_move_failures: Counter,
     /// Bytes of the data this node holds (every copy it keeps, primary or replica), by
-    /// tier; set from the usage counters at each scrape ([`Metrics::set_stored`]).
+    /// tier; set from the usage counters every 5 s by the node's housekeeping
+    /// ([`Metrics::set_stored`]).
     pub stored_bytes: Family<TierLabels, Gauge>,
 }
 
@@ -285,7 +286,7 @@ impl Metrics {
         let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.stored_bytes
             .get_or_create(&TierLabels { tier: "hot" })
-            .set(gauge(c.bytes().saturating_sub(c.cold_bytes)));
+            .set(gauge(c.hot_bytes()));
         self.stored_bytes
             .get_or_create(&TierLabels { tier: "cold" })
             .set(gauge(c.cold_bytes));

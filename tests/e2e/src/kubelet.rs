@@ -597,13 +597,6 @@ impl RealNode {
             &["ip", "link", "add", HUB_BRIDGE, "type", "bridge"],
         )?;
         in_ns(HUB_NETNS, &["ip", "link", "set", HUB_BRIDGE, "up"])?;
-        let plug = |outer: &str, inner: &str, inner_ns: &str| -> Result<()> {
-            // `outer` starts in the host's namespace and moves to the hub's.
-            ip(&[
-                "link", "add", outer, "type", "veth", "peer", "name", inner, "netns", inner_ns,
-            ])?;
-            Ok(())
-        };
         // The host's end stays in the host; its peer joins the bridge.
         ip(&[
             "link", "add", HOST_VETH, "type", "veth", "peer", "name", "grkup", "netns", HUB_NETNS,
@@ -616,7 +609,19 @@ impl RealNode {
         ip(&["link", "set", HOST_VETH, "up"])?;
         for n in &node.nodes {
             ip(&["netns", "add", &n.netns])?;
-            plug(&n.hub_veth, "eth0", &n.netns)?;
+            // The node's end (eth0) in its namespace; the other end moves to the hub.
+            ip(&[
+                "link",
+                "add",
+                &n.hub_veth,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &n.netns,
+            ])?;
             ip(&["link", "set", &n.hub_veth, "netns", HUB_NETNS])?;
             in_ns(
                 HUB_NETNS,

@@ -44,6 +44,18 @@ fn assert_rejected(cp: &ControlPlane, yaml: &str, expect: &str) {
     );
 }
 
+/// The StatefulSets of the StorageCluster `main` in `ns` (`kubectl get -o json`).
+fn main_statefulsets(cp: &ControlPlane, ns: &str) -> Result<Value> {
+    cp.kubectl_json(&[
+        "get",
+        "statefulsets",
+        "-n",
+        ns,
+        "-l",
+        "app.kubernetes.io/instance=main",
+    ])
+}
+
 fn cluster_yaml(name: &str, ns: &str, spec: &str) -> String {
     format!(
         "apiVersion: granary.dev/v1alpha1\nkind: StorageCluster\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
@@ -328,14 +340,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
 
     // Objects, field by field.
     let stss = wait_for("4 StatefulSets", 60, || {
-        let v = cp.kubectl_json(&[
-            "get",
-            "statefulsets",
-            "-n",
-            ns,
-            "-l",
-            "app.kubernetes.io/instance=main",
-        ])?;
+        let v = main_statefulsets(&cp, ns)?;
         Ok((v["items"].as_array().map_or(0, Vec::len) == 4).then_some(v))
     });
     let names: Vec<_> = stss["items"]
@@ -741,14 +746,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
             let in_config = cm["data"]["node.toml"]
                 .as_str()
                 .is_some_and(|t| t.contains(&want));
-            let sts = cp.kubectl_json(&[
-                "get",
-                "statefulsets",
-                "-n",
-                ns,
-                "-l",
-                "app.kubernetes.io/instance=main",
-            ])?;
+            let sts = main_statefulsets(&cp, ns)?;
             let from_secret = sts["items"].as_array().is_some_and(|items| {
             !items.is_empty()
                 && items.iter().all(|s| {
