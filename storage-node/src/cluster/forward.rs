@@ -8,8 +8,10 @@
 //! tenant to find the partition): the primary authenticates the request exactly as if
 //! the client had sent it there, with the original method, path, query, `Host` and
 //! `Authorization`. A forwarded request is never forwarded again: a node that gets one
-//! for a partition it does not lead answers 503 (the client retries; the forwarder
-//! refreshes its view of the partition table).
+//! for a partition it does not lead answers 503 [`NOT_PRIMARY`]; the forwarding node
+//! refreshes its view of the partition table and, for a request without a body (nothing
+//! to replay), decides again and resends it; a request with a body gets the 503 and the
+//! client retries.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -31,6 +33,11 @@ const FWD_URI: &str = "x-granary-fwd-uri";
 const FWD_EXPECT: &str = "x-granary-fwd-expect";
 /// On a 503 from a node that does not lead the partition a forwarded request was for.
 pub const NOT_PRIMARY: &str = "x-granary-not-primary";
+
+/// How often a request without a body is resent after a [`NOT_PRIMARY`] answer.
+pub const NOT_PRIMARY_RETRIES: u32 = 4;
+/// How long, at most, a resend waits for this node's partition table to change.
+pub const NOT_PRIMARY_WAIT: Duration = Duration::from_millis(500);
 
 /// A forwarded request that got no answer from the primary.
 #[derive(Debug)]
@@ -218,6 +225,62 @@ impl Forwarder {
                 message,
                 not_primary: false,
             },
+        }
+    }
+
+    /// Where a client's request goes: [`Self::decide`] for one with a body (Ok), and
+    /// [`Self::decide_bodiless`], which also forwards it, for one without.
+    pub async fn route(
+        &self,
+        front: &'static str,
+        parts: &http::request::Parts,
+        container: Option<&str>,
+    ) -> Result<Decision, Result<http::Response<reqwest::Body>, ForwardError>> {
+        let has_body = parts.headers.contains_key(header::TRANSFER_ENCODING)
+            || parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
+        if has_body {
+            Ok(self.decide(parts, container).await)
+        } else {
+            self.decide_bodiless(front, parts, container).await
+        }
+    }
+
+    /// [`Self::decide`] for a request without a body, which is also forwarded here when
+    /// another node leads its partition: Ok is a decision other than `Forward`, Err the
+    /// primary's answer (or why none came). A primary that answers it does not lead the
+    /// partition refused the request before acting on it, so, the request having no body
+    /// to replay, it is decided again and resent, up to [`NOT_PRIMARY_RETRIES`] times,
+    /// each once this node's partition table has changed or [`NOT_PRIMARY_WAIT`] has
+    /// passed. The client sees a handover (this node's table or the primary's behind
+    /// the catalog's) as a slower answer rather than a 503.
+    pub async fn decide_bodiless(
+        &self,
+        front: &'static str,
+        parts: &http::request::Parts,
+        container: Option<&str>,
+    ) -> Result<Decision, Result<http::Response<reqwest::Body>, ForwardError>> {
+        let mut retries = 0;
+        loop {
+            // Subscribed before sending, so a table read while the request is out counts.
+            let mut states = self.cluster.watch_states();
+            states.borrow_and_update();
+            let (node, rpc_addr) = match self.decide(parts, container).await {
+                Decision::Forward { node, rpc_addr } => (node, rpc_addr),
+                d => return Ok(d),
+            };
+            tracing::Span::current().record("primary", node.0.as_str());
+            let body = reqwest::Body::from(bytes::Bytes::new());
+            let answer = self.forward(front, &node, &rpc_addr, parts, body).await;
+            let refused = matches!(&answer, Ok(r) if r.headers().contains_key(NOT_PRIMARY));
+            if !refused || retries == NOT_PRIMARY_RETRIES {
+                return Err(answer);
+            }
+            retries += 1;
+            drop(answer);
+            let _ = tokio::time::timeout(NOT_PRIMARY_WAIT, states.changed()).await;
         }
     }
 

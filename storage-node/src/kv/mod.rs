@@ -344,12 +344,16 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
     let resp = async {
         let (parts, body) = req.into_parts();
         let container = namespace(parts.uri.path()).map(|ns| crate::model::kv::kv_container(&ns));
-        match st.forwarder.decide(&parts, container.as_deref()).await {
-            Decision::Local => {}
-            Decision::Refuse {
+        match st.forwarder.route("kv", &parts, container.as_deref()).await {
+            Ok(Decision::Local) => {}
+            Err(answer) => {
+                slot.set("Forward");
+                return forwarded_answer(answer);
+            }
+            Ok(Decision::Refuse {
                 message,
                 not_primary,
-            } => {
+            }) => {
                 slot.set(Decision::refusal_name(not_primary));
                 let mut r = ApiError::unavailable(message).into_response();
                 if not_primary {
@@ -358,32 +362,15 @@ pub(crate) async fn handle(State(st): State<KvState>, req: Request) -> Response 
                 }
                 return r;
             }
-            Decision::Forward { node, rpc_addr } => {
+            Ok(Decision::Forward { node, rpc_addr }) => {
                 slot.set("Forward");
                 tracing::Span::current().record("primary", node.0.as_str());
                 let body = reqwest::Body::wrap_stream(body.into_data_stream());
-                return match st
-                    .forwarder
-                    .forward("kv", &node, &rpc_addr, &parts, body)
-                    .await
-                {
-                    Ok(r) => r.map(Body::new),
-                    Err(e) if e.outcome_unknown() => ApiError::new(
-                        StatusCode::BAD_GATEWAY,
-                        "OutcomeUnknown",
-                        "the node holding this namespace failed while handling the request; \
-                         whether it took effect is unknown",
-                    )
-                    .into_response(),
-                    Err(e) if e.busy => {
-                        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", e.message)
-                            .into_response()
-                    }
-                    Err(_) => ApiError::unavailable(
-                        "the node holding this namespace cannot be reached; retry",
-                    )
-                    .into_response(),
-                };
+                return forwarded_answer(
+                    st.forwarder
+                        .forward("kv", &node, &rpc_addr, &parts, body)
+                        .await,
+                );
             }
         }
         // Puts, deletes and batch writes must find their partition able to take a write
@@ -682,4 +669,26 @@ fn serde_urlencoded_lite(q: &str) -> Result<ScanQuery, ApiError> {
         }
     }
     Ok(s)
+}
+
+/// The answer to a request forwarded to its namespace's primary: the primary's own, or
+/// the error telling the client why none came.
+fn forwarded_answer(
+    answer: Result<http::Response<reqwest::Body>, crate::cluster::forward::ForwardError>,
+) -> Response {
+    match answer {
+        Ok(r) => r.map(Body::new),
+        Err(e) if e.outcome_unknown() => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "OutcomeUnknown",
+            "the node holding this namespace failed while handling the request; \
+         whether it took effect is unknown",
+        )
+        .into_response(),
+        Err(e) if e.busy => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "SlowDown", e.message).into_response()
+        }
+        Err(_) => ApiError::unavailable("the node holding this namespace cannot be reached; retry")
+            .into_response(),
+    }
 }

@@ -80,12 +80,16 @@ impl S3Front {
                 return refusal;
             }
             let bucket = self.bucket(&parts);
-            match self.forwarder.decide(&parts, bucket.as_deref()).await {
-                Decision::Local => {}
-                Decision::Refuse {
+            match self.forwarder.route("s3", &parts, bucket.as_deref()).await {
+                Ok(Decision::Local) => {}
+                Err(answer) => {
+                    slot.set("Forward");
+                    return forwarded_answer(answer);
+                }
+                Ok(Decision::Refuse {
                     message,
                     not_primary,
-                } => {
+                }) => {
                     slot.set(Decision::refusal_name(not_primary));
                     let mut r = s3_error_response(
                         http::StatusCode::SERVICE_UNAVAILABLE,
@@ -98,33 +102,15 @@ impl S3Front {
                     }
                     return r;
                 }
-                Decision::Forward { node, rpc_addr } => {
+                Ok(Decision::Forward { node, rpc_addr }) => {
                     slot.set("Forward");
                     tracing::Span::current().record("primary", node.0.as_str());
                     let body = reqwest::Body::wrap_stream(body);
-                    return match self
-                        .forwarder
-                        .forward("s3", &node, &rpc_addr, &parts, body)
-                        .await
-                    {
-                        Ok(resp) => resp.map(s3s::Body::http_body_unsync),
-                        Err(e) if e.outcome_unknown() => s3_error_response(
-                            http::StatusCode::BAD_GATEWAY,
-                            "InternalError",
-                            "the node holding this bucket failed while handling the request; \
-                             whether it took effect is unknown",
-                        ),
-                        Err(e) if e.busy => s3_error_response(
-                            http::StatusCode::SERVICE_UNAVAILABLE,
-                            "SlowDown",
-                            &e.message,
-                        ),
-                        Err(_) => s3_error_response(
-                            http::StatusCode::SERVICE_UNAVAILABLE,
-                            "ServiceUnavailable",
-                            "the node holding this bucket cannot be reached; retry",
-                        ),
-                    };
+                    return forwarded_answer(
+                        self.forwarder
+                            .forward("s3", &node, &rpc_addr, &parts, body)
+                            .await,
+                    );
                 }
             }
             // An XML body is read whole by s3s (once the head's signature checks out): it
@@ -519,6 +505,32 @@ fn s3_error_response(
         http::HeaderValue::from_static("close"),
     );
     r
+}
+
+/// The answer to a request forwarded to its partition's primary: the primary's own, or
+/// the error telling the client why none came.
+fn forwarded_answer(
+    answer: Result<http::Response<reqwest::Body>, crate::cluster::forward::ForwardError>,
+) -> http::Response<s3s::Body> {
+    match answer {
+        Ok(resp) => resp.map(s3s::Body::http_body_unsync),
+        Err(e) if e.outcome_unknown() => s3_error_response(
+            http::StatusCode::BAD_GATEWAY,
+            "InternalError",
+            "the node holding this bucket failed while handling the request; \
+         whether it took effect is unknown",
+        ),
+        Err(e) if e.busy => s3_error_response(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "SlowDown",
+            &e.message,
+        ),
+        Err(_) => s3_error_response(
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "the node holding this bucket cannot be reached; retry",
+        ),
+    }
 }
 
 #[cfg(test)]
