@@ -76,6 +76,11 @@ pub struct NodeConfig {
     /// has streamed back). More are refused with 503 `SlowDown` (nothing sent), so a
     /// slow or overloaded primary cannot pile up unbounded work here. Default 512.
     pub max_forwards_per_peer: u32,
+    /// An S3 or KV client connection whose reads or writes wait this long without a
+    /// byte going through is closed (a client that stops reading its answer, or stops
+    /// sending its body); so is one that takes longer to send a request's head, idle
+    /// keep-alive connections included. Default 60.
+    pub client_stall_timeout_secs: u64,
     /// Pieces of object-body I/O (up to 1 MiB each) the node runs at once; more wait in
     /// the fair scheduler's order (tenancy/sched.rs). Default 2.
     pub io_slots: u32,
@@ -140,6 +145,7 @@ impl Default for NodeConfig {
             min_in_sync: None,
             capacity: 100,
             max_forwards_per_peer: 512,
+            client_stall_timeout_secs: 60,
             io_slots: crate::tenancy::sched::DEFAULT_SLOTS as u32,
             heartbeat_interval_ms: 1000,
             suspect_after_ms: 5000,
@@ -262,6 +268,9 @@ impl NodeConfig {
         if let Some(v) = g("MAX_FORWARDS_PER_PEER") {
             self.max_forwards_per_peer = parse("GRANARY_MAX_FORWARDS_PER_PEER", &v)?;
         }
+        if let Some(v) = g("CLIENT_STALL_TIMEOUT_SECS") {
+            self.client_stall_timeout_secs = parse("GRANARY_CLIENT_STALL_TIMEOUT_SECS", &v)?;
+        }
         if let Some(v) = g("IO_SLOTS") {
             self.io_slots = parse("GRANARY_IO_SLOTS", &v)?;
         }
@@ -332,6 +341,11 @@ impl NodeConfig {
                 "cold_tier_period_secs, cold_tier_timeout_secs and cold_tier_orphan_grace_secs \
                  must be at least 1"
                     .into(),
+            ));
+        }
+        if self.client_stall_timeout_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "client_stall_timeout_secs must be at least 1".into(),
             ));
         }
         if self.memory_budget < MIN_MEMORY_BUDGET {

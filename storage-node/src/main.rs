@@ -38,6 +38,11 @@ enum Cmd {
         memory_budget: u64,
         #[arg(long, env = "GRANARY_RPC_LISTEN", default_value = "127.0.0.1:9300")]
         rpc_listen: std::net::SocketAddr,
+        /// Seconds an S3 or KV client may take to send a request's head (idle
+        /// connections included) or leave a write of its answer unread before it is
+        /// disconnected.
+        #[arg(long, env = "GRANARY_CLIENT_STALL_TIMEOUT_SECS", default_value_t = NodeConfig::default().client_stall_timeout_secs, value_parser = clap::value_parser!(u64).range(1..))]
+        client_stall_timeout_secs: u64,
         /// Run a cluster of this many node processes on this machine instead of one
         /// node: node i listens on each port above plus i-1, keeps its data under
         /// DATA_DIR/n<i>, and all share one SQLite catalog (replication factor
@@ -158,7 +163,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, nodes, cold_tier, cold_tier_period_secs, cold_tier_timeout_secs, cold_tier_orphan_grace_secs, cold_tier_rate } => {
+            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, client_stall_timeout_secs, nodes, cold_tier, cold_tier_period_secs, cold_tier_timeout_secs, cold_tier_orphan_grace_secs, cold_tier_rate } => {
                 let _t = granary_node::telemetry::init("granary-node");
                 let config = NodeConfig {
                     data_dir,
@@ -167,6 +172,7 @@ fn main() -> anyhow::Result<()> {
                     admin_listen,
                     rpc_listen,
                     memory_budget,
+                    client_stall_timeout_secs,
                     cold_tier,
                     cold_tier_period_secs,
                     cold_tier_timeout_secs,

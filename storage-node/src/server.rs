@@ -25,6 +25,8 @@ use crate::tenancy::Authenticator;
 use crate::types::{NodeId, now_millis};
 use crate::{admin, kv};
 
+mod stall;
+
 /// How long in-flight requests get to finish after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest request head (request line and headers) accepted by the S3 listener.
@@ -442,11 +444,16 @@ impl Node {
                 let _ = tcp.set_nodelay(true);
             })
         };
-        let kv_task = tokio::spawn(
-            axum::serve(nodelay(listeners.1), kv_router)
-                .with_graceful_shutdown(signal(shutdown.clone()))
-                .into_future(),
-        );
+        // The client-facing ports: a client that stops sending its request's head, or
+        // stops reading its answer, is disconnected (server/stall.rs).
+        let stall = Duration::from_secs(config.client_stall_timeout_secs);
+        let kv_task = tokio::spawn(serve_http(
+            "KV",
+            listeners.1,
+            move || hyper_util::service::TowerToHyperService::new(kv_router.clone()),
+            stall,
+            shutdown.clone(),
+        ));
         let admin_task = tokio::spawn(
             axum::serve(nodelay(listeners.2), admin_router)
                 .with_graceful_shutdown(signal(shutdown.clone()))
@@ -479,7 +486,18 @@ impl Node {
             shutdown.clone(),
         ));
         ready.store(true, Ordering::Relaxed);
-        serve_s3(listeners.0, s3_front, shutdown.clone()).await;
+        let s3 = move || {
+            let front = s3_front.clone();
+            hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let front = front.clone();
+                async move {
+                    let (parts, body) = req.into_parts();
+                    let req = http::Request::from_parts(parts, s3s::Body::from(body));
+                    Ok::<_, std::convert::Infallible>(front.handle(req).await)
+                }
+            })
+        };
+        serve_http("S3", listeners.0, s3, stall, shutdown.clone()).await;
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
             let _ = kv_task.await;
             let _ = admin_task.await;
@@ -497,44 +515,60 @@ impl Node {
     }
 }
 
-async fn serve_s3(
+/// Serves HTTP/1.1 on `listener` with a service from `service` per connection until
+/// `shutdown`, then lets the requests in flight finish (at most [`DRAIN_TIMEOUT`]). A
+/// request head must arrive whole within `stall` of the connection being idle (so idle
+/// keep-alive connections and heads that trickle in are closed), and a write that waits
+/// `stall` for the client to read ends the connection.
+async fn serve_http<S, B>(
+    what: &'static str,
     listener: TcpListener,
-    front: crate::s3::front::S3Front,
+    service: impl Fn() -> S + Send,
+    stall: Duration,
     mut shutdown: watch::Receiver<bool>,
-) {
+) where
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.max_buf_size(MAX_HEAD_BYTES).keep_alive(true);
+    http.max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(stall);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let stream = match accepted {
                     Ok((s, _)) => s,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
+                        // Out of file descriptors, say: wait rather than spin.
+                        tracing::warn!(error = %e, "{what} accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
                 };
+                // Small answers go out at once (no Nagle delay behind the client's
+                // delayed ACK).
                 let _ = stream.set_nodelay(true);
-                let front = front.clone();
-                let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
-                    let front = front.clone();
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        let req = http::Request::from_parts(parts, s3s::Body::from(body));
-                        Ok::<_, std::convert::Infallible>(front.handle(req).await)
-                    }
-                });
-                let conn = http.serve_connection(TokioIo::new(stream), service);
+                let stream = stall::Guarded::new(stream, stall);
+                let conn = http.serve_connection(TokioIo::new(stream), service());
                 let fut = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = fut.await {
-                        tracing::debug!(error = %e, "S3 connection ended with an error");
+                        tracing::debug!(error = %e, "{what} connection ended with an error");
                     }
                 });
             }
-            _ = shutdown.wait_for(|v| *v) => break,
+            () = async {
+                let _ = shutdown.wait_for(|v| *v).await;
+            } => break,
         }
     }
     drop(listener);
@@ -542,7 +576,7 @@ async fn serve_s3(
         .await
         .is_err()
     {
-        tracing::warn!("in-flight S3 requests did not finish within {DRAIN_TIMEOUT:?}");
+        tracing::warn!("in-flight {what} requests did not finish within {DRAIN_TIMEOUT:?}");
     }
 }
 
@@ -751,6 +785,62 @@ mod tests {
     use super::*;
     use crate::catalog::TenantSpec;
     use crate::model::{ByteStream, Conditions, ObjectMeta};
+
+    /// Idle connections and heads that never end are closed after the stall timeout,
+    /// and a connection that sends its request in time is answered.
+    #[tokio::test]
+    async fn client_connections_that_send_nothing_are_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let service = || {
+            hyper::service::service_fn(|_req: http::Request<Incoming>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    Bytes::from_static(b"hello"),
+                )))
+            })
+        };
+        let server = tokio::spawn(serve_http(
+            "test",
+            listener,
+            service,
+            Duration::from_millis(300),
+            shutdown,
+        ));
+        let closed_within = |mut c: tokio::net::TcpStream| async move {
+            let mut buf = vec![0u8; 1024];
+            let mut got = Vec::new();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return got,
+                    Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+                    Err(_) => panic!("still open: {}", String::from_utf8_lossy(&got)),
+                }
+            }
+        };
+        let idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        closed_within(idle).await;
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        closed_within(partial).await;
+        // Answered, then idle: closed as well.
+        let mut good = tokio::net::TcpStream::connect(addr).await.unwrap();
+        good.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = closed_within(good).await;
+        assert!(
+            answer.starts_with(b"HTTP/1.1 200") && answer.ends_with(b"hello"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+        stop.send(true).unwrap();
+        server.await.unwrap();
+    }
 
     /// A node on loopback over `dir` with tenant `t` and its bucket `b`, and what it
     /// takes to open it again.

@@ -102,6 +102,43 @@ async fn raw_request(addr: &str, head: String, body_len: u64) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// A KV `batchGet` of `batch` in `namespace`, signed by `kv`, as raw HTTP/1.1 bytes for
+/// `addr`.
+fn raw_batch_get(kv: &KvClient, addr: &str, namespace: &str, batch: &[u8]) -> Vec<u8> {
+    let path = format!("/kv/v1/{namespace}?batchGet");
+    let signed = kv.signed_headers("POST", &path, &[], batch).unwrap();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n",
+        batch.len()
+    );
+    if !signed.iter().any(|(k, _)| k == "host") {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in &signed {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut bytes = head.into_bytes();
+    bytes.extend_from_slice(batch);
+    bytes
+}
+
+/// Sends `request` on a socket with a tiny receive buffer and reads the first bytes of
+/// the answer; the socket reads nothing more unless the caller does.
+async fn slow_reader(addr: &str, request: &[u8]) -> (tokio::net::TcpStream, String) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut c = socket.connect(addr.parse().unwrap()).await.unwrap();
+    c.write_all(request).await.unwrap();
+    let mut head = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut head))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let text = String::from_utf8_lossy(&head[..n]).into_owned();
+    (c, text)
+}
+
 /// 8 parallel anonymous POST Object requests announcing 1 GiB each, refused at the
 /// file field for want of a signed policy (and an unsigned
 /// PUT, an unsigned XML POST, and KV PUTs of 1 GiB without credentials or with an
@@ -396,35 +433,11 @@ async fn slow_readers_exhaust_the_memory_budget_and_get_slow_down() {
     // 5 MiB of JSON), so the node keeps most of it, and its reservation, while the
     // reader waits.
     let addr = node.kv.trim_start_matches("http://").to_string();
-    let signed = kv
-        .signed_headers("POST", "/kv/v1/slow?batchGet", &[], &batch)
-        .unwrap();
-    let mut request = format!(
-        "POST /kv/v1/slow?batchGet HTTP/1.1\r\nContent-Length: {}\r\n",
-        batch.len()
-    );
-    if !signed.iter().any(|(k, _)| k == "host") {
-        request.push_str(&format!("Host: {addr}\r\n"));
-    }
-    for (k, v) in &signed {
-        request.push_str(&format!("{k}: {v}\r\n"));
-    }
-    request.push_str("\r\n");
-    let mut request = request.into_bytes();
-    request.extend_from_slice(&batch);
+    let request = raw_batch_get(&kv, &addr, "slow", &batch);
     let mut held = Vec::new();
     let mut slowed = 0;
     for _ in 0..16 {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(4096).unwrap();
-        let mut c = socket.connect(addr.parse().unwrap()).await.unwrap();
-        c.write_all(&request).await.unwrap();
-        let mut head = vec![0u8; 512];
-        let n = tokio::time::timeout(Duration::from_secs(10), c.read(&mut head))
-            .await
-            .expect("an answer")
-            .unwrap();
-        let text = String::from_utf8_lossy(&head[..n]).into_owned();
+        let (mut c, text) = slow_reader(&addr, &request).await;
         if text.starts_with("HTTP/1.1 200") {
             held.push(c);
         } else {
@@ -799,4 +812,116 @@ async fn stalled_xml_bodies_count_in_the_memory_budget() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(deleted, "DeleteObjects after the stalled clients left");
+}
+
+/// Clients that stop moving are disconnected after `client_stall_timeout_secs`, and what
+/// their answers held goes back: readers that stop reading KV batch answers (which spend
+/// the memory budget, so others get 503 SlowDown), a request head that never ends, and
+/// connections that send nothing, on the S3 and KV ports. Without it all of them would
+/// be held for as long as the clients liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
+    let budget = 16 * MIB;
+    let stall = 2;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start_with_env(
+        dir.path(),
+        &[
+            ("GRANARY_MEMORY_BUDGET", &budget.to_string()),
+            ("GRANARY_CLIENT_STALL_TIMEOUT_SECS", &stall.to_string()),
+        ],
+    )
+    .unwrap();
+    let kv = KvClient::new(&node.kv, &node.access_key, &node.secret_key);
+    let keys: Vec<String> = (0..8).map(|i| format!("v{i:03}")).collect();
+    for k in &keys {
+        let r = kv
+            .send(
+                "PUT",
+                &format!("/kv/v1/stall/{k}"),
+                &[],
+                vec![1u8; MIB as usize],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let batch = serde_json::json!({ "keys": keys.iter().map(|k| b64(k)).collect::<Vec<_>>() })
+        .to_string()
+        .into_bytes();
+    let addr = node.kv.trim_start_matches("http://").to_string();
+    let request = raw_batch_get(&kv, &addr, "stall", &batch);
+    // Readers on sockets with a tiny receive buffer read the answer's head and then
+    // nothing: what each answer (about 11 MiB of JSON) holds stays in the node,
+    // reserved, until the budget is spent and the next reader is refused.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    let t0 = Instant::now();
+    while refused == 0 && held.len() < 32 {
+        let (c, text) = slow_reader(&addr, &request).await;
+        if text.starts_with("HTTP/1.1 200") {
+            held.push(c);
+        } else {
+            assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+            refused += 1;
+        }
+    }
+    assert!(
+        !held.is_empty() && refused >= 1,
+        "{} held, {refused} refused",
+        held.len()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(stall),
+        "the readers were set up within the stall timeout"
+    );
+
+    // Slow-loris heads and silent connections, on both ports.
+    let s3_addr = node.s3.trim_start_matches("http://").to_string();
+    let mut quiet = Vec::new();
+    for a in [&s3_addr, &addr] {
+        let mut c = tokio::net::TcpStream::connect(a).await.unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+        quiet.push(("a head that never ends", a.clone(), c));
+        let c = tokio::net::TcpStream::connect(a).await.unwrap();
+        quiet.push(("a connection that sends nothing", a.clone(), c));
+    }
+
+    // Past the stall timeout every one of them has been closed by the node.
+    tokio::time::sleep(Duration::from_secs(stall + 2)).await;
+    for (i, mut c) in held.into_iter().enumerate() {
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got += n,
+                Err(_) => panic!(
+                    "stalled reader {i}: the node still holds its connection ({got} bytes read)"
+                ),
+            }
+        }
+        // 8 MiB of values in base64 are more than 10 MiB: the reader got only what the
+        // kernels had buffered when the node gave up on it.
+        assert!(got < 8 * MIB as usize, "stalled reader {i} got {got} bytes");
+    }
+    for (what, a, mut c) in quiet {
+        let mut buf = vec![0u8; 4096];
+        // (It may be told why first: a 408 ends the connection as well.)
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("{what} on {a}: still open past the stall timeout"),
+            }
+        }
+    }
+    // The budget is back: the same batch is answered again (its first page holds a
+    // value or more, 1 MiB each).
+    let r = kv
+        .send("POST", "/kv/v1/stall?batchGet", &[], batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().len() as u64 > MIB);
 }
