@@ -380,6 +380,9 @@ pub const NODE_STARTUP_SECS: i32 = 3600;
 
 /// The storage node's smallest accepted `memory_budget` (its config refuses less).
 const MIN_MEMORY_BUDGET: u64 = 8 << 20;
+/// Prefix of the variables made of the cold tier's credentials Secret; the storage node
+/// reads its credentials under it (`granary_node::cold::CREDENTIAL_ENV_PREFIX`).
+pub const COLD_CREDENTIAL_ENV_PREFIX: &str = "GRANARY_COLD_CREDENTIAL_";
 
 pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool) -> StatefulSet {
     let name = ctx.pool_name(&zone.name, &pool.name);
@@ -448,9 +451,9 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
         envs.push(env("OTEL_EXPORTER_OTLP_ENDPOINT", ep));
     }
     if sc.spec.cold_tier.is_some() {
-        // Also as an explicit variable, which wins over the credentials Secret's
-        // (`envFrom`): a `GRANARY_COLD_TIER` key there cannot bypass the refusal or the
-        // cluster's prefix. Empty (no cold tier) when refused.
+        // Also as an explicit variable (the node's settings come from the ConfigMap and
+        // its environment; the credentials Secret's keys arrive under their own prefix
+        // and cannot set it). Empty (no cold tier) when refused.
         envs.push(env(
             "GRANARY_COLD_TIER",
             &cold_tier_url(sc, ctx).unwrap_or_default(),
@@ -471,8 +474,10 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
             "/etc/granary/node.toml".into(),
         ]),
         env: Some(envs),
-        // The cold tier's credentials: every key of its Secret becomes a variable
-        // (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT, GOOGLE_*, AZURE_*).
+        // The cold tier's credentials: every key of its Secret becomes a variable under
+        // the node's credential prefix (AWS_ACCESS_KEY_ID as
+        // GRANARY_COLD_CREDENTIAL_AWS_ACCESS_KEY_ID, ...), so no key there can set any
+        // other of the node's variables; the node takes AWS_*, GOOGLE_* and AZURE_* ones.
         env_from: sc
             .spec
             .cold_tier
@@ -480,6 +485,7 @@ pub fn stateful_set(sc: &StorageCluster, ctx: &Context, zone: &Zone, pool: &Pool
             .and_then(|c| c.secret_ref.as_ref())
             .map(|r| {
                 vec![EnvFromSource {
+                    prefix: Some(COLD_CREDENTIAL_ENV_PREFIX.into()),
                     secret_ref: Some(SecretEnvSource {
                         name: r.name.clone(),
                         optional: Some(false),

@@ -946,6 +946,12 @@ mod tests {
             from[0].secret_ref.as_ref().map(|r| r.name.as_str()),
             Some("cold-creds")
         );
+        // Under the node's credential prefix: no key of that Secret can set another of
+        // the node's variables.
+        assert_eq!(
+            from[0].prefix.as_deref(),
+            Some(builder::COLD_CREDENTIAL_ENV_PREFIX)
+        );
         assert_ne!(
             plain.config.data, d.config.data,
             "the config digest changes, so the pods roll to pick the cold tier up"

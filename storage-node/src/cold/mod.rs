@@ -170,12 +170,7 @@ impl ColdTier {
                     ));
                 }
             }
-            let mut opts: Vec<(String, String)> = std::env::vars()
-                .filter(|(k, _)| {
-                    k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_")
-                })
-                .map(|(k, v)| (k.to_ascii_lowercase(), v))
-                .collect();
+            let mut opts = credentials_from(std::env::vars());
             opts.extend(cfg.options.iter().cloned());
             let (store, root) = object_store::parse_url_opts(&url, opts)
                 .map_err(|e| format!("cold tier {}: {e}", redact(&url)))?;
@@ -519,6 +514,31 @@ impl ColdTier {
 }
 
 /// The URL without user info or query (which may hold credentials).
+/// Prefix of the variables the operator makes of the cold tier's credentials Secret
+/// (`envFrom` with this prefix), so no key of that Secret can set any other variable of
+/// the node (a `GRANARY_*` setting, say).
+pub const CREDENTIAL_ENV_PREFIX: &str = "GRANARY_COLD_CREDENTIAL_";
+
+/// The object store options among `vars`: `AWS_*`, `GOOGLE_*` and `AZURE_*` variables,
+/// as set by hand or, with [`CREDENTIAL_ENV_PREFIX`] (which wins), from the Secret.
+/// Lower-cased, as `object_store` names its options.
+fn credentials_from(vars: impl Iterator<Item = (String, String)>) -> Vec<(String, String)> {
+    let store_option =
+        |k: &str| k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_");
+    let (mut plain, mut prefixed) = (Vec::new(), Vec::new());
+    for (k, v) in vars {
+        match k.strip_prefix(CREDENTIAL_ENV_PREFIX) {
+            Some(name) if store_option(name) => prefixed.push((name.to_ascii_lowercase(), v)),
+            Some(_) => {}
+            None if store_option(&k) => plain.push((k.to_ascii_lowercase(), v)),
+            None => {}
+        }
+    }
+    // Applied in order: a later value of the same option replaces an earlier one.
+    plain.extend(prefixed);
+    plain
+}
+
 fn redact(url: &url::Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");
@@ -530,6 +550,49 @@ fn redact(url: &url::Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_store_options_are_taken_from_the_environment_and_the_secrets_win() {
+        let vars = [
+            ("AWS_REGION", "by-hand"),
+            ("GRANARY_COLD_CREDENTIAL_AWS_REGION", "from-secret"),
+            ("GRANARY_COLD_CREDENTIAL_AWS_ACCESS_KEY_ID", "AK"),
+            ("GRANARY_COLD_CREDENTIAL_GRANARY_MEMORY_BUDGET", "1"),
+            ("GRANARY_COLD_CREDENTIAL_PATH", "/x"),
+            ("GRANARY_MEMORY_BUDGET", "2"),
+            ("AZURE_STORAGE_ACCOUNT_NAME", "acct"),
+            ("HOME", "/root"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let opts = credentials_from(vars.into_iter());
+        let s3: Vec<(String, String)> = opts
+            .iter()
+            .filter(|(k, _)| k.starts_with("aws_"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            s3,
+            [
+                ("aws_region", "by-hand"),
+                ("aws_region", "from-secret"),
+                ("aws_access_key_id", "AK")
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(opts.len(), 4, "{opts:?}");
+        // Applied in order, the Secret's value is the one the store gets.
+        let store = object_store::aws::AmazonS3Builder::new().with_bucket_name("b");
+        let store = opts
+            .iter()
+            .filter_map(|(k, v)| Some((k.parse::<object_store::aws::AmazonS3ConfigKey>().ok()?, v)))
+            .fold(store, |b, (k, v)| b.with_config(k, v));
+        assert_eq!(
+            store
+                .get_config_value(&object_store::aws::AmazonS3ConfigKey::Region)
+                .as_deref(),
+            Some("from-secret")
+        );
+    }
 
     #[test]
     fn pieces_keep_a_manifest_within_its_bound() {

@@ -748,12 +748,14 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
                 .is_some_and(|t| t.contains(&want));
             let sts = main_statefulsets(&cp, ns)?;
             let from_secret = sts["items"].as_array().is_some_and(|items| {
-            !items.is_empty()
-                && items.iter().all(|s| {
-                    s["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["secretRef"]["name"]
-                        == "cold-creds"
-                })
-        });
+                !items.is_empty()
+                    && items.iter().all(|s| {
+                        let from = &s["spec"]["template"]["spec"]["containers"][0]["envFrom"][0];
+                        // Under the node's credential prefix (accepted by the apiserver).
+                        from["secretRef"]["name"] == "cold-creds"
+                            && from["prefix"] == "GRANARY_COLD_CREDENTIAL_"
+                    })
+            });
             // The node here runs without a cold tier: the condition says so.
             let sc = cp.kubectl_json(&["get", "storagecluster", "main", "-n", ns])?;
             let cond = condition(&sc, "ColdTierReachable")
