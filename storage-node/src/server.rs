@@ -488,11 +488,11 @@ impl Node {
         ready.store(true, Ordering::Relaxed);
         let s3 = move || {
             let front = s3_front.clone();
-            hyper::service::service_fn(move |req: http::Request<Incoming>| {
+            hyper::service::service_fn(move |req: http::Request<stall::Body<Incoming>>| {
                 let front = front.clone();
                 async move {
                     let (parts, body) = req.into_parts();
-                    let req = http::Request::from_parts(parts, s3s::Body::from(body));
+                    let req = http::Request::from_parts(parts, s3s::Body::http_body_unsync(body));
                     Ok::<_, std::convert::Infallible>(front.handle(req).await)
                 }
             })
@@ -518,8 +518,9 @@ impl Node {
 /// Serves HTTP/1.1 on `listener` with a service from `service` per connection until
 /// `shutdown`, then lets the requests in flight finish (at most [`DRAIN_TIMEOUT`]). A
 /// request head must arrive whole within `stall` of the connection being idle (so idle
-/// keep-alive connections and heads that trickle in are closed), and a write that waits
-/// `stall` for the client to read ends the connection.
+/// keep-alive connections and heads that trickle in are closed), a body whose next piece
+/// is awaited for `stall` fails, and a write that waits `stall` for the client to read
+/// ends the connection.
 async fn serve_http<S, B>(
     what: &'static str,
     listener: TcpListener,
@@ -527,7 +528,7 @@ async fn serve_http<S, B>(
     stall: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) where
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>
+    S: hyper::service::Service<http::Request<stall::Body<Incoming>>, Response = http::Response<B>>
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -557,8 +558,14 @@ async fn serve_http<S, B>(
                 // Small answers go out at once (no Nagle delay behind the client's
                 // delayed ACK).
                 let _ = stream.set_nodelay(true);
+                stall::limit_unsent(&stream);
                 let stream = stall::Guarded::new(stream, stall);
-                let conn = http.serve_connection(TokioIo::new(stream), service());
+                let svc = service();
+                // Bodies whose client goes quiet fail after `stall` (stall::Body).
+                let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                    svc.call(req.map(|b| stall::Body::new(b, stall)))
+                });
+                let conn = http.serve_connection(TokioIo::new(stream), svc);
                 let fut = graceful.watch(conn);
                 tokio::spawn(async move {
                     if let Err(e) = fut.await {
@@ -795,7 +802,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let (stop, shutdown) = watch::channel(false);
         let service = || {
-            hyper::service::service_fn(|_req: http::Request<Incoming>| async {
+            hyper::service::service_fn(|_req: http::Request<stall::Body<Incoming>>| async {
                 Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
                     Bytes::from_static(b"hello"),
                 )))

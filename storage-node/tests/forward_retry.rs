@@ -42,7 +42,11 @@ fn record(id: &str, rpc_addr: &str) -> NodeRecord {
 async fn peer(
     id: &'static str,
     hits: Arc<AtomicUsize>,
-    answer: impl Fn(usize) -> axum::response::Response + Clone + Send + Sync + 'static,
+    answer: impl Fn(usize) -> futures::future::BoxFuture<'static, axum::response::Response>
+    + Clone
+    + Send
+    + Sync
+    + 'static,
 ) -> String {
     let router = Router::new()
         .route(
@@ -55,7 +59,7 @@ async fn peer(
             "/rpc/v1/forward/{front}",
             any(move || {
                 let (hits, answer) = (hits.clone(), answer.clone());
-                async move { answer(hits.fetch_add(1, Ordering::SeqCst)) }
+                async move { answer(hits.fetch_add(1, Ordering::SeqCst)).await }
             }),
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -110,17 +114,34 @@ async fn a_bodiless_request_refused_as_not_the_primarys_is_resent_to_the_new_pri
     let p = PartitionId::of(tenant, b"photos", PARTITIONS);
 
     // b led the partition and handed it to c: its first answer moves it in the catalog
-    // (epoch 2) before refusing, as a primary that has just handed over would.
+    // (epoch 2) before refusing, as a primary that has just handed over would; later
+    // ones only refuse.
     let (b_hits, c_hits) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let handed = catalog.clone();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
-    let b = peer("b", b_hits.clone(), move |_| {
-        let _ = tx.send(());
-        not_primary()
+    let led_by = |primary: &str, epoch: u64, partition: u16| PartitionState {
+        partition: PartitionId(partition),
+        epoch: Epoch(epoch),
+        primary: NodeId(primary.into()),
+        in_sync: vec![NodeId("b".into()), NodeId("c".into())],
+    };
+    let b = peer("b", b_hits.clone(), move |hit| {
+        let handed = handed.clone();
+        Box::pin(async move {
+            if hit == 0 {
+                let next = led_by("c", 2, p.0);
+                assert!(
+                    handed
+                        .cas_partition_state(Some(Epoch(1)), &next)
+                        .await
+                        .unwrap()
+                );
+            }
+            not_primary()
+        })
     })
     .await;
     let c = peer("c", c_hits.clone(), |_| {
-        axum::response::Response::new(axum::body::Body::from("served by c"))
+        Box::pin(async { axum::response::Response::new(axum::body::Body::from("served by c")) })
     })
     .await;
     let me = record("a", "");
@@ -128,23 +149,8 @@ async fn a_bodiless_request_refused_as_not_the_primarys_is_resent_to_the_new_pri
         catalog.upsert_node(n).await.unwrap();
         assert!(catalog.heartbeat(&n.id).await.unwrap());
     }
-    let led_by = |primary: &str, epoch: u64, partition: u16| PartitionState {
-        partition: PartitionId(partition),
-        epoch: Epoch(epoch),
-        primary: NodeId(primary.into()),
-        in_sync: vec![NodeId("b".into()), NodeId("c".into())],
-    };
     let initial: Vec<PartitionState> = (0..PARTITIONS).map(|q| led_by("b", 1, q)).collect();
     catalog.init_partition_states(&initial).await.unwrap();
-    tokio::spawn(async move {
-        rx.recv().await;
-        assert!(
-            handed
-                .cas_partition_state(Some(Epoch(1)), &led_by("c", 2, p.0))
-                .await
-                .unwrap()
-        );
-    });
 
     let cluster = Cluster::new(
         ClusterConfig {

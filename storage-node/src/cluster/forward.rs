@@ -38,6 +38,8 @@ pub const NOT_PRIMARY: &str = "x-granary-not-primary";
 pub const NOT_PRIMARY_RETRIES: u32 = 4;
 /// How long, at most, a resend waits for this node's partition table to change.
 pub const NOT_PRIMARY_WAIT: Duration = Duration::from_millis(500);
+/// How long, at least, a resend waits.
+const NOT_PRIMARY_MIN_GAP: Duration = Duration::from_millis(100);
 
 /// A forwarded request that got no answer from the primary.
 #[derive(Debug)]
@@ -280,7 +282,11 @@ impl Forwarder {
             }
             retries += 1;
             drop(answer);
+            // Any partition's change ends the wait; the minimum gap keeps a mass
+            // handover from using the resends up back to back.
+            let waited = tokio::time::Instant::now();
             let _ = tokio::time::timeout(NOT_PRIMARY_WAIT, states.changed()).await;
+            tokio::time::sleep_until(waited + NOT_PRIMARY_MIN_GAP).await;
         }
     }
 
@@ -297,6 +303,7 @@ impl Forwarder {
     ) -> Result<http::Response<reqwest::Body>, ForwardError> {
         let r = self.send(front, node, rpc_addr, parts, body).await;
         let outcome = match &r {
+            Ok(resp) if resp.headers().contains_key(NOT_PRIMARY) => "not_primary",
             Ok(_) => "ok",
             Err(e) if e.outcome_unknown() => "failed",
             Err(e) if e.busy => "busy",

@@ -170,7 +170,10 @@ impl ColdTier {
                     ));
                 }
             }
-            let mut opts = credentials_from(std::env::vars());
+            // (A variable that is not UTF-8 cannot be an option: skipped, not a panic.)
+            let vars = std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+            let mut opts = credentials_from(vars);
             opts.extend(cfg.options.iter().cloned());
             let (store, root) = object_store::parse_url_opts(&url, opts)
                 .map_err(|e| format!("cold tier {}: {e}", redact(&url)))?;
@@ -513,7 +516,6 @@ impl ColdTier {
     }
 }
 
-/// The URL without user info or query (which may hold credentials).
 /// Prefix of the variables the operator makes of the cold tier's credentials Secret
 /// (`envFrom` with this prefix), so no key of that Secret can set any other variable of
 /// the node (a `GRANARY_*` setting, say).
@@ -539,6 +541,7 @@ fn credentials_from(vars: impl Iterator<Item = (String, String)>) -> Vec<(String
     plain
 }
 
+/// The URL without user info or query (which may hold credentials).
 fn redact(url: &url::Url) -> String {
     let mut u = url.clone();
     let _ = u.set_username("");

@@ -1,22 +1,28 @@
-//! Client connections that stop reading are closed. A client that stops reading the
-//! answer it asked for would otherwise hold its connection, its task and whatever of
-//! the answer is in flight (a cold piece, a chunk, a reserved KV page, a forwarded
-//! stream) for as long as the socket lives, and enough such clients exhaust the node.
-//! [`Guarded`] fails a write that has waited `limit` without a byte going through, as
-//! S3 does (its `RequestTimeout`: "Your socket connection to the server was not read
-//! from or written to within the timeout period"); hyper then drops the request and its
-//! answer.
+//! Client connections that stop moving are closed. A client that stops reading the
+//! answer it asked for, or stops sending the body it announced, would otherwise hold its
+//! connection, its task and whatever the request holds (a KV body's or page's share of
+//! the memory budget, a cold piece, a chunk, a forwarded stream) for as long as the
+//! socket lives, and enough such clients exhaust the node. As S3 does (its
+//! `RequestTimeout`: "Your socket connection to the server was not read from or written
+//! to within the timeout period"):
 //!
-//! Reads are not timed here: while a request is being served hyper keeps a read
-//! pending to notice the client leaving, so a read that waits says nothing about the
-//! client. A request head that does not arrive (idle keep-alive connections included)
-//! is bounded by hyper's `header_read_timeout` instead.
+//! - [`Guarded`] fails a write that has waited `limit` without a byte going through (the
+//!   socket's unsent data is kept small, [`NOTSENT_LOWAT`], so a client that reads at all
+//!   lets writes through often);
+//! - [`Body`] fails a request body whose next piece has been awaited for `limit`;
+//! - a request head that does not arrive within `limit` of the connection being idle is
+//!   hyper's `header_read_timeout`.
+//!
+//! Socket reads are not timed as such: while a request is being served hyper keeps a
+//! read pending to notice the client leaving, so a read that waits says nothing about
+//! the client.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
@@ -123,6 +129,92 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     }
 }
 
+/// Unsent bytes a client socket holds before writes wait (`TCP_NOTSENT_LOWAT`): a
+/// write waits for the client's reading, not for the kernel's buffer to drain by a third.
+pub const NOTSENT_LOWAT: u32 = 256 * 1024;
+
+/// Keeps `stream`'s unsent data to [`NOTSENT_LOWAT`] (best effort).
+pub fn limit_unsent(stream: &tokio::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_notsent_lowat(NOTSENT_LOWAT) {
+        tracing::debug!(error = %e, "TCP_NOTSENT_LOWAT not set");
+    }
+}
+
+/// A request body that fails once its next piece has been awaited for `limit`.
+///
+/// The wait is counted from the first poll that found nothing. A reader that stopped
+/// polling (busy with something else) and comes back after the deadline finds a fresh
+/// wait rather than an error: a wait is only judged by a poll that comes soon after its
+/// deadline, as the deadline's own wake-up does.
+pub struct Body<B> {
+    inner: B,
+    limit: Duration,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl<B> Body<B> {
+    pub fn new(inner: B, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            deadline: None,
+        }
+    }
+}
+
+/// How late after its deadline a poll may come and still judge the wait.
+const JUDGE_WITHIN: Duration = Duration::from_secs(1);
+
+impl<B> http_body::Body for Body<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.deadline = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let limit = this.limit;
+                let now = tokio::time::Instant::now();
+                if let Some(d) = &this.deadline
+                    && now > d.deadline() + JUDGE_WITHIN
+                {
+                    // Nobody was waiting when the deadline passed: a new wait.
+                    this.deadline = None;
+                }
+                let sleep = this
+                    .deadline
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match sleep.as_mut().poll(cx) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the client sent nothing of the body for {limit:?}"),
+                    ))))),
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +250,40 @@ mod tests {
         };
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(t0.elapsed() >= Duration::from_millis(300));
+    }
+
+    #[tokio::test]
+    async fn a_body_whose_client_goes_quiet_fails_and_a_late_reader_gets_a_fresh_wait() {
+        use http_body_util::BodyExt;
+        let (mut tx, rx) =
+            futures::channel::mpsc::channel::<Result<http_body::Frame<Bytes>, io::Error>>(4);
+        let inner = http_body_util::StreamBody::new(rx);
+        let mut body = Body::new(inner, Duration::from_millis(300));
+        tx.try_send(Ok(http_body::Frame::data(Bytes::from_static(b"a"))))
+            .unwrap();
+        assert!(body.frame().await.unwrap().is_ok());
+        // One poll finds nothing; the reader then does something else for longer than
+        // the limit and more than JUDGE_WITHIN past it: its next wait starts afresh.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), body.frame())
+                .await
+                .is_err()
+        );
+        tokio::time::sleep(Duration::from_millis(300) + JUDGE_WITHIN + Duration::from_millis(200))
+            .await;
+        let mut late = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            late.try_send(Ok(http_body::Frame::data(Bytes::from_static(b"b"))))
+                .unwrap();
+        });
+        // (Without the fresh wait this poll would fail at once.)
+        assert!(body.frame().await.unwrap().is_ok());
+        // Then the client goes quiet while the reader waits: the body fails.
+        let t0 = tokio::time::Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("sent nothing"), "{err}");
+        assert!(t0.elapsed() >= Duration::from_millis(300));
+        drop(tx);
     }
 }

@@ -816,13 +816,13 @@ async fn stalled_xml_bodies_count_in_the_memory_budget() {
 
 /// Clients that stop moving are disconnected after `client_stall_timeout_secs`, and what
 /// their answers held goes back: readers that stop reading KV batch answers (which spend
-/// the memory budget, so others get 503 SlowDown), a request head that never ends, and
-/// connections that send nothing, on the S3 and KV ports. Without it all of them would
+/// the memory budget, so others get 503 SlowDown), a request head that never ends,
+/// connections that send nothing (on the S3 and KV ports), and a KV body that stops. Without it all of them would
 /// be held for as long as the clients liked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
     let budget = 16 * MIB;
-    let stall = 2;
+    let stall = 5;
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProc::start_with_env(
         dir.path(),
@@ -856,7 +856,6 @@ async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
     // reserved, until the budget is spent and the next reader is refused.
     let mut held = Vec::new();
     let mut refused = 0;
-    let t0 = Instant::now();
     while refused == 0 && held.len() < 32 {
         let (c, text) = slow_reader(&addr, &request).await;
         if text.starts_with("HTTP/1.1 200") {
@@ -871,10 +870,6 @@ async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
         "{} held, {refused} refused",
         held.len()
     );
-    assert!(
-        t0.elapsed() < Duration::from_secs(stall),
-        "the readers were set up within the stall timeout"
-    );
 
     // Slow-loris heads and silent connections, on both ports.
     let s3_addr = node.s3.trim_start_matches("http://").to_string();
@@ -886,6 +881,24 @@ async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
         let c = tokio::net::TcpStream::connect(a).await.unwrap();
         quiet.push(("a connection that sends nothing", a.clone(), c));
     }
+    // A signed KV PUT that announces 1 MiB, sends 1000 bytes of it and goes quiet: its
+    // reservation is held until the body fails.
+    let value = vec![5u8; MIB as usize];
+    let signed = kv
+        .signed_headers("PUT", "/kv/v1/stall/quiet", &[], &value)
+        .unwrap();
+    let mut head = format!("PUT /kv/v1/stall/quiet HTTP/1.1\r\nContent-Length: {MIB}\r\n");
+    if !signed.iter().any(|(k, _)| k == "host") {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in &signed {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    c.write_all(head.as_bytes()).await.unwrap();
+    c.write_all(&value[..1000]).await.unwrap();
+    quiet.push(("a body that stops", addr.clone(), c));
 
     // Past the stall timeout every one of them has been closed by the node.
     tokio::time::sleep(Duration::from_secs(stall + 2)).await;
@@ -902,12 +915,13 @@ async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
             }
         }
         // 8 MiB of values in base64 are more than 10 MiB: the reader got only what the
-        // kernels had buffered when the node gave up on it.
+        // kernels had buffered when the node gave up on it (its own 4 KiB receive buffer
+        // and the node's unsent data, kept to 256 KiB, plus what was in flight).
         assert!(got < 8 * MIB as usize, "stalled reader {i} got {got} bytes");
     }
     for (what, a, mut c) in quiet {
         let mut buf = vec![0u8; 4096];
-        // (It may be told why first: a 408 ends the connection as well.)
+        // (A body that stops may be answered with an error before the close.)
         loop {
             match tokio::time::timeout(Duration::from_secs(10), c.read(&mut buf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
