@@ -311,10 +311,13 @@ impl Node {
         } = self;
         // Registered, heartbeating and holding a layout before any listener answers.
         let cluster_task = cluster.start(shutdown.clone()).await?;
-        // Each node admits 1/N of every tenant's rate limits, N the nodes not failed.
+        // The nodes share every tenant's rate limits by demand (tenancy::rate): each
+        // heartbeat interval this node's counts go out with its probe answers, and the
+        // peers' come in from theirs; N is the nodes not failed.
         tokio::spawn({
             let (cluster, limits, mut shutdown) =
                 (cluster.clone(), auth.limits().clone(), shutdown.clone());
+            let every = Duration::from_millis(config.heartbeat_interval_ms.max(100));
             async move {
                 loop {
                     let serving = cluster
@@ -323,8 +326,17 @@ impl Node {
                         .filter(|v| v.state != crate::cluster::NodeState::Failed)
                         .count();
                     limits.set_nodes(u32::try_from(serving).unwrap_or(u32::MAX));
+                    let mine = limits.roll_demand();
+                    cluster.set_local_demand(mine.into_iter().map(|(t, d)| (t.to_string(), d)));
+                    limits.set_peer_demand(
+                        cluster
+                            .peer_demand()
+                            .into_iter()
+                            .filter_map(|(t, d)| Some((t.parse().ok()?, d)))
+                            .collect(),
+                    );
                     tokio::select! {
-                        _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+                        _ = tokio::time::sleep(every) => {}
                         _ = shutdown.wait_for(|v| *v) => return,
                     }
                 }

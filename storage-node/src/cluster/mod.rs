@@ -123,6 +123,10 @@ struct Inner {
     incarnation: String,
     /// Each peer's incarnation, as its last answered probe said.
     incarnations: Mutex<HashMap<NodeId, String>>,
+    /// Rate-limited tenants' demand (requests per second tried) on this node, as its
+    /// probe answers tell the peers, and on each peer, from its last answered probe.
+    local_demand: Mutex<Arc<serde_json::Map<String, serde_json::Value>>>,
+    peer_demand: Mutex<HashMap<NodeId, HashMap<String, f64>>>,
     /// When the last heartbeat that reached the catalog was sent: this node serves the
     /// partitions it leads only within `suspect_after` of it (its lease), and the
     /// coordinator promotes a replica only after `fail_after` without a heartbeat.
@@ -153,6 +157,8 @@ impl Cluster {
                 idle_logged: Default::default(),
                 incarnation: uuid::Uuid::new_v4().simple().to_string(),
                 incarnations: Mutex::new(HashMap::new()),
+                local_demand: Mutex::default(),
+                peer_demand: Mutex::default(),
                 lease_from: Mutex::new(None),
                 stranded: Mutex::new(Default::default()),
                 wake: Notify::new(),
@@ -298,6 +304,45 @@ impl Cluster {
             .unwrap_or_else(PoisonError::into_inner)
             .get(id)
             .cloned()
+    }
+
+    /// Sets this node's demand per rate-limited tenant (`tenancy::rate`), which its
+    /// probe answers carry to the peers.
+    pub fn set_local_demand(&self, demand: impl IntoIterator<Item = (String, f64)>) {
+        let map = demand
+            .into_iter()
+            .map(|(t, d)| (t, serde_json::Value::from(d)))
+            .collect();
+        *self
+            .inner
+            .local_demand
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(map);
+    }
+
+    pub fn local_demand(&self) -> Arc<serde_json::Map<String, serde_json::Value>> {
+        self.inner
+            .local_demand
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The peers' demand per tenant, summed over the peers whose last probe answered.
+    pub fn peer_demand(&self) -> HashMap<String, f64> {
+        let mut sum = HashMap::new();
+        for demand in self
+            .inner
+            .peer_demand
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            for (t, d) in demand {
+                *sum.entry(t.clone()).or_insert(0.0) += d;
+            }
+        }
+        sum
     }
 
     /// Changes whenever the partition table does.
@@ -619,7 +664,22 @@ impl Cluster {
                     let incarnation = answer
                         .as_ref()
                         .and_then(|v| v["incarnation"].as_str().map(str::to_string));
-                    (id, answer.is_some(), incarnation)
+                    // Bounded as the peer's answer is; a malformed entry is skipped.
+                    let demand: HashMap<String, f64> = answer
+                        .as_ref()
+                        .and_then(|v| v["demand"].as_object())
+                        .map(|m| {
+                            m.iter()
+                                .filter_map(|(t, d)| {
+                                    Some((
+                                        t.clone(),
+                                        d.as_f64().filter(|d| d.is_finite() && *d >= 0.0)?,
+                                    ))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    (id, answer.is_some(), incarnation, demand)
                 }
             });
         let results = futures::future::join_all(probes).await;
@@ -633,13 +693,26 @@ impl Cluster {
             .incarnations
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        for (id, _, inc) in &results {
+        for (id, _, inc, _) in &results {
             if let Some(inc) = inc {
                 incarnations.insert(id.clone(), inc.clone());
             }
         }
         drop(incarnations);
-        for (id, ok, _) in results {
+        let mut demand = self
+            .inner
+            .peer_demand
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // A peer that did not answer (or left) counts for nothing until it answers.
+        demand.clear();
+        for (id, ok, _, d) in &results {
+            if *ok {
+                demand.insert(id.clone(), d.clone());
+            }
+        }
+        drop(demand);
+        for (id, ok, _, _) in results {
             if ok {
                 since.remove(&id);
             } else {

@@ -114,6 +114,8 @@ async fn ping(State(s): State<RpcState>) -> Json<serde_json::Value> {
         "nodeId": c.me().0,
         "incarnation": c.incarnation(),
         "layoutVersion": c.layout().map(|l| l.version),
+        // Rate-limited tenants' requests per second here (tenancy::rate).
+        "demand": *c.local_demand(),
     }))
 }
 

@@ -9,9 +9,18 @@
 //!   next requests wait until it is paid back: the long-run rate holds.
 //! - A refused request gets S3 `SlowDown` (KV: `SlowDown`) with `Retry-After`, the
 //!   seconds until a token is there again, and consumes nothing.
-//! - On a cluster each node admits `1/N` of each limit, N the nodes that serve: the
-//!   tenant's aggregate stays within its limit however its requests spread, at the
-//!   cost that a tenant whose requests all reach one node gets `1/N` of its limit there.
+//! - On a cluster the nodes share each limit by demand: every second each node counts
+//!   the requests each limited tenant tried on it (admitted or refused), and learns the
+//!   peers' counts from their probe answers (`/rpc/v1/ping`). A node admits
+//!   `limit x (d + e) / (D + N e)`: `d` its own demand, `D` the cluster's, `N` the
+//!   nodes that serve, `e = D / 50N` (a floor, so a node that starts seeing a tenant
+//!   is not starved; without any demand each node admits `limit / N`). The shares add
+//!   up to the limit, so a tenant whose requests all reach one node (one bucket: its
+//!   partition's primary) gets about 98% of its limit there, and one spread over
+//!   every node gets its limit in aggregate. The counts are at most two probe
+//!   intervals old: for that long after the tenant's traffic moves between nodes the
+//!   aggregate can exceed the limit (at worst N times) or fall short of it.
+//!   `maxConcurrentRequests` is split evenly (each node `ceil(cap / N)`).
 //! - A Tenant's QoS is read from the catalog at most every [`SPEC_TTL`]: a changed limit
 //!   takes effect within that time. A catalog that cannot be read admits (limits are
 //!   not a security boundary; quotas and authentication are).
@@ -84,8 +93,11 @@ impl Throttled {
 pub struct RateLimits {
     catalog: Arc<dyn Catalog>,
     tenants: Arc<std::sync::Mutex<HashMap<TenantId, Limiter>>>,
-    /// The nodes that serve: each admits 1/N of every limit.
+    /// The nodes that serve.
     nodes: Arc<AtomicU32>,
+    /// Each limited tenant's requests per second on the other nodes, summed (their
+    /// last probe answers).
+    peer_demand: Arc<std::sync::Mutex<HashMap<TenantId, f64>>>,
     /// Requests in flight per tenant (those with a concurrency cap).
     inflight: Counts,
     pub metrics: TenantMetrics,
@@ -204,6 +216,11 @@ struct Limiter {
     read_at: Instant,
     requests: Bucket,
     bytes: Bucket,
+    /// Requests tried here (admitted or refused) since `counted_from`.
+    tried: u64,
+    counted_from: Instant,
+    /// Requests per second tried here over the last completed count.
+    demand: f64,
 }
 
 struct Bucket {
@@ -243,6 +260,7 @@ impl RateLimits {
             catalog,
             tenants: Arc::default(),
             nodes: Arc::new(AtomicU32::new(1)),
+            peer_demand: Arc::default(),
             inflight: Arc::default(),
             metrics: TenantMetrics::default(),
         }
@@ -253,8 +271,47 @@ impl RateLimits {
         self.nodes.store(n.max(1), Ordering::Relaxed);
     }
 
-    fn share(&self, limit: Option<u64>) -> Option<f64> {
-        limit.map(|l| l as f64 / f64::from(self.nodes.load(Ordering::Relaxed).max(1)))
+    /// Ends this node's count of tried requests: each limited tenant's requests per
+    /// second since the last call (those with any), to tell the peers.
+    pub fn roll_demand(&self) -> HashMap<TenantId, f64> {
+        let now = Instant::now();
+        let mut out = HashMap::new();
+        for (t, l) in self.lock().iter_mut() {
+            let secs = now.duration_since(l.counted_from).as_secs_f64().max(0.001);
+            l.demand = l.tried as f64 / secs;
+            l.tried = 0;
+            l.counted_from = now;
+            if l.demand > 0.0 {
+                out.insert(*t, l.demand);
+            }
+        }
+        out
+    }
+
+    /// The other nodes' demand (requests per second tried there), per tenant.
+    pub fn set_peer_demand(&self, demand: HashMap<TenantId, f64>) {
+        *self
+            .peer_demand
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = demand;
+    }
+
+    /// This node's share of a tenant's `limit`, by its part of the tenant's demand
+    /// (module docs).
+    fn share(&self, limit: Option<u64>, mine: f64, others: f64) -> Option<f64> {
+        let n = f64::from(self.nodes.load(Ordering::Relaxed).max(1));
+        let total = mine + others;
+        let floor = (total / (50.0 * n)).max(1e-9);
+        limit.map(|l| l as f64 * (mine + floor) / (total + n * floor))
+    }
+
+    fn others(&self, tenant: TenantId) -> f64 {
+        self.peer_demand
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&tenant)
+            .copied()
+            .unwrap_or(0.0)
     }
 
     async fn limits(&self, tenant: TenantId) -> Limits {
@@ -290,13 +347,17 @@ impl RateLimits {
             }
         };
         let now = Instant::now();
+        let others = self.others(tenant);
         let mut tenants = self.lock();
         let l = tenants.entry(tenant).or_insert_with(|| Limiter {
             name: name.clone(),
             limits: read,
             read_at: now,
-            requests: Bucket::full(self.share(read.0)),
-            bytes: Bucket::full(self.share(read.1)),
+            requests: Bucket::full(self.share(read.0, 0.0, others)),
+            bytes: Bucket::full(self.share(read.1, 0.0, others)),
+            tried: 0,
+            counted_from: now,
+            demand: 0.0,
         });
         l.limits = read;
         l.read_at = now;
@@ -358,12 +419,17 @@ impl RateLimits {
                 });
             }
         }
-        let (rps, bps) = (self.share(rps), self.share(bps));
+        let others = self.others(tenant);
         let now = Instant::now();
         let mut tenants = self.lock();
         let Some(l) = tenants.get_mut(&tenant) else {
             return Ok(held);
         };
+        l.tried += 1;
+        let (rps, bps) = (
+            self.share(rps, l.demand, others),
+            self.share(bps, l.demand, others),
+        );
         if let Some(r) = rps {
             l.requests.refill(r, now);
             if l.requests.tokens < 1.0 {
@@ -424,9 +490,10 @@ impl RateLimits {
     pub fn charge(&self, tenant: TenantId, bytes: u64) {
         let l = self.label(tenant);
         self.metrics.bytes.get_or_create(&l).inc_by(bytes);
+        let others = self.others(tenant);
         let mut tenants = self.lock();
         if let Some(l) = tenants.get_mut(&tenant)
-            && let Some(r) = self.share(l.limits.1)
+            && let Some(r) = self.share(l.limits.1, l.demand, others)
         {
             l.bytes.refill(r, Instant::now());
             l.bytes.tokens -= bytes as f64;
@@ -483,6 +550,54 @@ mod tests {
             n += 1;
         }
         assert_eq!(n, 5);
+    }
+
+    #[tokio::test]
+    async fn nodes_share_a_limit_by_demand() {
+        let (r, t) = limited(Some(30), None).await;
+        r.set_nodes(3);
+        // Without any demand known, a third.
+        assert_eq!(r.share(Some(30), 0.0, 0.0), Some(10.0));
+        // All the demand here: nearly all of it; the shares of three nodes with any
+        // demand add up to the limit.
+        let all = r.share(Some(30), 50.0, 0.0).unwrap();
+        assert!((29.0..30.0).contains(&all), "{all}");
+        let (a, b, c) = (10.0, 20.0, 30.0);
+        let sum: f64 = [(a, b + c), (b, a + c), (c, a + b)]
+            .iter()
+            .map(|&(mine, others)| r.share(Some(30), mine, others).unwrap())
+            .sum();
+        assert!((sum - 30.0).abs() < 1e-6, "{sum}");
+        // A node that sees none of the demand keeps a small floor.
+        let idle = r.share(Some(30), 0.0, 100.0).unwrap();
+        assert!(idle > 0.0 && idle < 1.0, "{idle}");
+
+        // Counted: the requests tried here become this node's demand, and with no
+        // peer demand the whole limit is admitted here.
+        for _ in 0..60 {
+            let _ = r.admit(t, 0).await;
+        }
+        let d = r.roll_demand();
+        assert!(d[&t] > 30.0, "{d:?}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let mut n = 0;
+        while r.admit(t, 0).await.is_ok() {
+            n += 1;
+        }
+        assert!(n >= 29, "admitted {n} of 30 at once");
+        // Peers that try twice as much: a third is left here.
+        r.roll_demand();
+        for _ in 0..30 {
+            let _ = r.admit(t, 0).await;
+        }
+        r.roll_demand();
+        r.set_peer_demand(HashMap::from([(t, 2.0 * r.lock()[&t].demand)]));
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let mut n = 0;
+        while r.admit(t, 0).await.is_ok() {
+            n += 1;
+        }
+        assert!((9..=11).contains(&n), "admitted {n}, a third of 30");
     }
 
     #[tokio::test]

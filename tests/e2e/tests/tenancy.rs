@@ -281,3 +281,97 @@ async fn a_tenants_concurrent_requests_are_capped() {
     let body = g2.body.collect().await.unwrap().into_bytes();
     assert_eq!(body.len(), 48 << 20);
 }
+
+/// HEAD requests of a rate-limited tenant against three nodes (each client on its own
+/// node) for `secs`; what was admitted and refused (every refusal a 503 SlowDown with
+/// Retry-After).
+async fn hammer(clients: &[aws_sdk_s3::Client], buckets: &[String], secs: u64) -> (u64, u64) {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for i in 0..9 {
+        let c = clients[i % clients.len()].clone();
+        let (admitted, refused) = (admitted.clone(), refused.clone());
+        let buckets = buckets.to_vec();
+        tasks.push(tokio::spawn(async move {
+            let mut n = i;
+            while Instant::now() < deadline {
+                n += 1;
+                let b = &buckets[n % buckets.len()];
+                match c.head_bucket().bucket(b).send().await {
+                    Ok(_) => {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        let raw = e.raw_response().expect("an HTTP answer");
+                        assert_eq!(raw.status().as_u16(), 503, "{e:?}");
+                        assert!(raw.headers().get("retry-after").is_some(), "{e:?}");
+                        refused.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (
+        admitted.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    )
+}
+
+/// On three nodes a tenant limited to R requests/s gets its limit, not a third of it
+/// nor three times it: the nodes share the limit by demand. Requests for one bucket all
+/// end on its partition's primary (forwarded there by the other two nodes), which then
+/// admits nearly all of R; requests for buckets led by every node are admitted at most
+/// 1.1 R/s in aggregate over 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
+    use granary_e2e::cluster::{Settings, TestCluster};
+    const R: u64 = 30;
+    let c = TestCluster::start(
+        3,
+        Settings {
+            partitions: 16,
+            ..Settings::default()
+        },
+    )
+    .unwrap();
+    c.wait_balanced(60).await;
+    let admin = Admin::new(&c.nodes[0].proc);
+    let (ak, sk) = limited_tenant(&admin, "limited", json!({"requestsPerSecond": R})).await;
+    let clients: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|m| s3_client(&m.proc.s3, &ak, &sk))
+        .collect();
+    let buckets: Vec<String> = (0..6).map(|i| format!("rate-{i}")).collect();
+    for b in &buckets {
+        clients[0].create_bucket().bucket(b).send().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // One bucket, one primary.
+    let secs = 15;
+    let (ok, no) = hammer(&clients, &buckets[..1], secs).await;
+    let rate = ok as f64 / secs as f64;
+    println!("one bucket through 3 nodes: admitted {ok} ({rate:.1}/s against {R}/s), refused {no}");
+    assert!(no > 0);
+    assert!(ok as f64 <= 1.1 * (R * secs) as f64, "admitted {ok}");
+    // Not a third of the limit (as when each node admitted 1/N).
+    assert!(ok as f64 >= 0.75 * (R * secs) as f64, "admitted only {ok}");
+
+    // Six buckets, spread over the partitions (and so, as a rule, over every node's
+    // primaries): the limit holds in aggregate.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let secs = 30;
+    let (ok, no) = hammer(&clients, &buckets, secs).await;
+    let rate = ok as f64 / secs as f64;
+    println!("6 buckets through 3 nodes: admitted {ok} ({rate:.1}/s against {R}/s), refused {no}");
+    assert!(no > 0);
+    assert!(ok as f64 <= 1.1 * (R * secs) as f64, "admitted {ok}");
+    assert!(ok as f64 >= 0.75 * (R * secs) as f64, "admitted only {ok}");
+}
