@@ -20,7 +20,8 @@
 //!   every node gets its limit in aggregate. The counts are at most two probe
 //!   intervals old: for that long after the tenant's traffic moves between nodes the
 //!   aggregate can exceed the limit (at worst N times) or fall short of it.
-//!   `maxConcurrentRequests` is split evenly (each node `ceil(cap / N)`).
+//!   `maxConcurrentRequests` is shared the same way, each node's share rounded up (so
+//!   the aggregate may exceed the cap by up to N - 1).
 //! - A Tenant's QoS is read from the catalog at most every [`SPEC_TTL`]: a changed limit
 //!   takes effect within that time. A catalog that cannot be read admits (limits are
 //!   not a security boundary; quotas and authentication are).
@@ -406,7 +407,16 @@ impl RateLimits {
 
     async fn admit_inner(&self, tenant: TenantId, bytes: u64) -> Result<InFlight, Throttled> {
         let (rps, bps, concurrent) = self.limits(tenant).await;
-        let held = self.enter(tenant, concurrent)?;
+        if rps.is_none() && bps.is_none() && concurrent.is_none() {
+            return Ok(InFlight(None));
+        }
+        // Counted as demand whatever the verdict (the nodes share limits by it).
+        let mine = self.lock().get_mut(&tenant).map_or(0.0, |l| {
+            l.tried += 1;
+            l.demand
+        });
+        let others = self.others(tenant);
+        let held = self.enter(tenant, concurrent, mine, others)?;
         if rps.is_none() && bps.is_none() {
             return Ok(held);
         }
@@ -419,13 +429,11 @@ impl RateLimits {
                 });
             }
         }
-        let others = self.others(tenant);
         let now = Instant::now();
         let mut tenants = self.lock();
         let Some(l) = tenants.get_mut(&tenant) else {
             return Ok(held);
         };
-        l.tried += 1;
         let (rps, bps) = (
             self.share(rps, l.demand, others),
             self.share(bps, l.demand, others),
@@ -456,8 +464,14 @@ impl RateLimits {
     }
 
     /// Takes one of the tenant's concurrent requests on this node (its share of
-    /// `maxConcurrentRequests`, at least one), or refuses.
-    fn enter(&self, tenant: TenantId, cap: Option<u32>) -> Result<InFlight, Throttled> {
+    /// `maxConcurrentRequests` by demand, rounded up, at least one), or refuses.
+    fn enter(
+        &self,
+        tenant: TenantId,
+        cap: Option<u32>,
+        mine: f64,
+        others: f64,
+    ) -> Result<InFlight, Throttled> {
         let Some(cap) = cap else {
             return Ok(InFlight(None));
         };
@@ -468,8 +482,9 @@ impl RateLimits {
                 limit: "concurrency",
             });
         }
-        let nodes = self.nodes.load(Ordering::Relaxed).max(1);
-        let share = cap.div_ceil(nodes).max(1);
+        let share = self
+            .share(Some(u64::from(cap)), mine, others)
+            .map_or(1, |s| (s - 1e-9).ceil().clamp(1.0, f64::from(cap)) as u32);
         let mut counts = self
             .inflight
             .lock()
@@ -627,6 +642,18 @@ mod tests {
         }
     }
 
+    /// Admits `tenant` until refused (at most 20), holding every admitted request.
+    async fn hold_all(r: &RateLimits, tenant: TenantId) -> Vec<InFlight> {
+        let mut held = Vec::new();
+        while held.len() < 20 {
+            match r.admit(tenant, 0).await {
+                Ok(h) => held.push(h),
+                Err(_) => break,
+            }
+        }
+        held
+    }
+
     #[tokio::test]
     async fn concurrent_requests_are_capped_and_given_back() {
         let (r, t) = limited_with(None, None, Some(2)).await;
@@ -636,5 +663,21 @@ mod tests {
         assert_eq!(e.limit, "concurrency");
         drop(a);
         let _c = r.admit(t, 0).await.unwrap();
+
+        // On three nodes: a third (rounded up) while no demand is known; all of the cap
+        // on the node that has all the demand; a third where peers try twice as much.
+        let (r, t) = limited_with(None, None, Some(9)).await;
+        r.set_nodes(3);
+        let held = hold_all(&r, t).await;
+        assert_eq!(held.len(), 3);
+        drop(held);
+        r.roll_demand();
+        let held = hold_all(&r, t).await;
+        assert_eq!(held.len(), 9);
+        drop(held);
+        r.roll_demand();
+        r.set_peer_demand(HashMap::from([(t, 2.0 * r.lock()[&t].demand)]));
+        let held = hold_all(&r, t).await;
+        assert_eq!(held.len(), 3);
     }
 }
