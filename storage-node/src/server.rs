@@ -328,12 +328,13 @@ impl Node {
                     limits.set_nodes(u32::try_from(serving).unwrap_or(u32::MAX));
                     let mine = limits.roll_demand();
                     cluster.set_local_demand(mine.into_iter().map(|(t, d)| (t.to_string(), d)));
+                    let (peers, known) = cluster.peer_demand();
                     limits.set_peer_demand(
-                        cluster
-                            .peer_demand()
+                        peers
                             .into_iter()
                             .filter_map(|(t, d)| Some((t.parse().ok()?, d)))
                             .collect(),
+                        known,
                     );
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}

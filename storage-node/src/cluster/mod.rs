@@ -100,6 +100,9 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
+/// Requests per second tried, per tenant id (`tenancy::rate`).
+type Demand = HashMap<String, f64>;
+
 struct Inner {
     cfg: ClusterConfig,
     catalog: Arc<dyn Catalog>,
@@ -126,7 +129,7 @@ struct Inner {
     /// Rate-limited tenants' demand (requests per second tried) on this node, as its
     /// probe answers tell the peers, and on each peer, from its last answered probe.
     local_demand: Mutex<Arc<serde_json::Map<String, serde_json::Value>>>,
-    peer_demand: Mutex<HashMap<NodeId, HashMap<String, f64>>>,
+    peer_demand: Mutex<HashMap<NodeId, (Instant, Demand)>>,
     /// When the last heartbeat that reached the catalog was sent: this node serves the
     /// partitions it leads only within `suspect_after` of it (its lease), and the
     /// coordinator promotes a replica only after `fail_after` without a heartbeat.
@@ -328,21 +331,28 @@ impl Cluster {
             .clone()
     }
 
-    /// The peers' demand per tenant, summed over the peers whose last probe answered.
-    pub fn peer_demand(&self) -> HashMap<String, f64> {
+    /// The peers' demand per tenant, summed over the peers that told it within the
+    /// last three intervals, and how many those are.
+    pub fn peer_demand(&self) -> (HashMap<String, f64>, u32) {
+        let fresh = self.inner.cfg.interval * 3;
         let mut sum = HashMap::new();
-        for demand in self
+        let mut known = 0;
+        for (at, demand) in self
             .inner
             .peer_demand
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .values()
         {
+            if at.elapsed() > fresh {
+                continue;
+            }
+            known += 1;
             for (t, d) in demand {
                 *sum.entry(t.clone()).or_insert(0.0) += d;
             }
         }
-        sum
+        (sum, known)
     }
 
     /// Changes whenever the partition table does.
@@ -664,25 +674,23 @@ impl Cluster {
                     let incarnation = answer
                         .as_ref()
                         .and_then(|v| v["incarnation"].as_str().map(str::to_string));
-                    // Bounded as the peer's answer is; a malformed entry is skipped.
-                    let demand: HashMap<String, f64> = answer
+                    // Absent from an older node's answer (its demand stays unknown); a
+                    // malformed entry is skipped, a huge one clamped.
+                    let demand: Option<HashMap<String, f64>> = answer
                         .as_ref()
                         .and_then(|v| v["demand"].as_object())
                         .map(|m| {
                             m.iter()
                                 .filter_map(|(t, d)| {
-                                    Some((
-                                        t.clone(),
-                                        d.as_f64().filter(|d| d.is_finite() && *d >= 0.0)?,
-                                    ))
+                                    let d = d.as_f64().filter(|d| d.is_finite() && *d >= 0.0)?;
+                                    Some((t.clone(), d.min(1e9)))
                                 })
                                 .collect()
-                        })
-                        .unwrap_or_default();
+                        });
                     (id, answer.is_some(), incarnation, demand)
                 }
             });
-        let results = futures::future::join_all(probes).await;
+        let mut results = futures::future::join_all(probes).await;
         let mut since = self
             .inner
             .unreachable_since
@@ -704,11 +712,12 @@ impl Cluster {
             .peer_demand
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        // A peer that did not answer (or left) counts for nothing until it answers.
-        demand.clear();
-        for (id, ok, _, d) in &results {
-            if *ok {
-                demand.insert(id.clone(), d.clone());
+        // A peer that does not answer keeps what it said last until that is too old
+        // (`peer_demand`); one that left the catalog is forgotten.
+        demand.retain(|id, _| records.iter().any(|r| r.id == *id));
+        for (id, _, _, d) in results.iter_mut() {
+            if let Some(d) = d.take() {
+                demand.insert(id.clone(), (Instant::now(), d));
             }
         }
         drop(demand);

@@ -283,8 +283,8 @@ async fn a_tenants_concurrent_requests_are_capped() {
 }
 
 /// HEAD requests of a rate-limited tenant against three nodes (each client on its own
-/// node) for `secs`; what was admitted and refused (every refusal a 503 SlowDown with
-/// Retry-After).
+/// node) for `secs`; what was admitted and refused (every refusal a 503; the rate
+/// limit's carry Retry-After, a forward refused for a busy peer would not).
 async fn hammer(clients: &[aws_sdk_s3::Client], buckets: &[String], secs: u64) -> (u64, u64) {
     let admitted = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
@@ -306,8 +306,9 @@ async fn hammer(clients: &[aws_sdk_s3::Client], buckets: &[String], secs: u64) -
                     Err(e) => {
                         let raw = e.raw_response().expect("an HTTP answer");
                         assert_eq!(raw.status().as_u16(), 503, "{e:?}");
-                        assert!(raw.headers().get("retry-after").is_some(), "{e:?}");
-                        refused.fetch_add(1, Ordering::Relaxed);
+                        if raw.headers().get("retry-after").is_some() {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                 }
@@ -354,7 +355,9 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    // One bucket, one primary.
+    // One bucket, one primary (counted once the nodes have told each other where the
+    // demand is).
+    hammer(&clients, &buckets[..1], 5).await;
     let secs = 15;
     let (ok, no) = hammer(&clients, &buckets[..1], secs).await;
     let rate = ok as f64 / secs as f64;
@@ -366,7 +369,7 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
 
     // Six buckets, spread over the partitions (and so, as a rule, over every node's
     // primaries): the limit holds in aggregate.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    hammer(&clients, &buckets, 5).await;
     let secs = 30;
     let (ok, no) = hammer(&clients, &buckets, secs).await;
     let rate = ok as f64 / secs as f64;
