@@ -7,7 +7,7 @@
 //! to within the timeout period"):
 //!
 //! - [`Guarded`] fails a write that has waited `limit` without a byte going through (the
-//!   socket's unsent data is kept small, [`NOTSENT_LOWAT`], so a client that reads at all
+//!   socket's unsent data is kept to [`NOTSENT_LOWAT`], so a client that reads at all
 //!   lets writes through often);
 //! - [`Body`] fails a request body whose next piece has been awaited for `limit`;
 //! - a request head that does not arrive within `limit` of the connection being idle is
@@ -130,8 +130,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
 }
 
 /// Unsent bytes a client socket holds before writes wait (`TCP_NOTSENT_LOWAT`): a
-/// write waits for the client's reading, not for the kernel's buffer to drain by a third.
-pub const NOTSENT_LOWAT: u32 = 256 * 1024;
+/// write waits for the client's reading (about half of this), not for a send buffer of
+/// up to 4 MiB to drain by a third. 1 MiB keeps large answers to a few wake-ups per
+/// MiB sent.
+pub const NOTSENT_LOWAT: u32 = 1024 * 1024;
 
 /// Keeps `stream`'s unsent data to [`NOTSENT_LOWAT`] (best effort).
 pub fn limit_unsent(stream: &tokio::net::TcpStream) {

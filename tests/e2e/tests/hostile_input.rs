@@ -916,7 +916,7 @@ async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
         }
         // 8 MiB of values in base64 are more than 10 MiB: the reader got only what the
         // kernels had buffered when the node gave up on it (its own 4 KiB receive buffer
-        // and the node's unsent data, kept to 256 KiB, plus what was in flight).
+        // and the node's unsent data, kept to about 1 MiB, plus what was in flight).
         assert!(got < 8 * MIB as usize, "stalled reader {i} got {got} bytes");
     }
     for (what, a, mut c) in quiet {
