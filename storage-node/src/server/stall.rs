@@ -26,13 +26,22 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// An I/O stream whose writes fail after waiting `limit` without progress.
+/// An I/O stream whose writes fail after waiting `limit` without progress, and whose
+/// orderly close lingers (see `poll_shutdown`).
 pub struct Guarded<T> {
     io: T,
     limit: Duration,
     /// Since the first of the writes that have been waiting.
     write: Option<Pin<Box<Sleep>>>,
+    /// The write side is shut down; what the client still sends is being discarded
+    /// (this many bytes so far) until the deadline.
+    lingering: Option<(Pin<Box<Sleep>>, usize)>,
 }
+
+/// How long, and for how many bytes, a closing connection reads and discards what the
+/// client still sends.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
 
 impl<T> Guarded<T> {
     pub fn new(io: T, limit: Duration) -> Self {
@@ -40,6 +49,7 @@ impl<T> Guarded<T> {
             io,
             limit,
             write: None,
+            lingering: None,
         }
     }
 }
@@ -71,7 +81,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Guarded<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -117,15 +127,42 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Guarded<T> {
         }
     }
 
+    /// Shuts the write side down, then reads and discards what the client still sends
+    /// until it closes too, for at most [`LINGER`] and [`LINGER_BYTES`] (a lingering
+    /// close, as web servers do): an answer given before the request's body was read (a
+    /// refusal) would otherwise be lost to the reset that closing a socket with unread
+    /// data sends, before the client has read it.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.io).poll_shutdown(cx) {
-            Poll::Pending => waited(&mut this.write, this.limit, cx),
-            done => {
-                this.write = None;
-                done
+        if this.lingering.is_none() {
+            match Pin::new(&mut this.io).poll_shutdown(cx) {
+                Poll::Pending => return waited(&mut this.write, this.limit, cx),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    this.write = None;
+                    this.lingering = Some((Box::pin(tokio::time::sleep(LINGER)), 0));
+                }
             }
         }
+        let Some((deadline, discarded)) = this.lingering.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        let mut buf = [0u8; 8192];
+        while *discarded < LINGER_BYTES {
+            let mut rb = ReadBuf::new(&mut buf);
+            match Pin::new(&mut this.io).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => *discarded += rb.filled().len(),
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    return match deadline.as_mut().poll(cx) {
+                        Poll::Ready(()) => Poll::Ready(Ok(())),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -287,5 +324,48 @@ mod tests {
         assert!(err.to_string().contains("sent nothing"), "{err}");
         assert!(t0.elapsed() >= Duration::from_millis(300));
         drop(tx);
+    }
+
+    /// A server that answers before reading the body and closes: the client still
+    /// sending reads the whole answer, not a reset.
+    #[tokio::test]
+    async fn an_answer_given_before_the_body_reaches_a_client_still_sending() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut s = Guarded::new(s, Duration::from_secs(5));
+            let mut head = [0u8; 16];
+            s.read_exact(&mut head).await.unwrap();
+            // Unread data is waiting when the answer goes out.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            s.write_all(b"refused").await.unwrap();
+            s.shutdown().await.unwrap();
+        });
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(&[1u8; 16]).await.unwrap();
+        // The body keeps coming while the server answers and closes.
+        let (mut rd, mut wr) = c.into_split();
+        let sender = tokio::spawn(async move {
+            let piece = vec![0u8; 64 * 1024];
+            for i in 0..32 {
+                wr.write_all(&piece)
+                    .await
+                    .map_err(|e| format!("piece {i}: {e}"))?;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, String>(())
+        });
+        let mut answer = Vec::new();
+        rd.read_to_end(&mut answer)
+            .await
+            .expect("the answer, not a reset");
+        assert_eq!(answer, b"refused");
+        // The body sent after the answer was taken in and discarded, not reset.
+        sender
+            .await
+            .unwrap()
+            .expect("every piece of the body went out");
+        server.await.unwrap();
     }
 }
