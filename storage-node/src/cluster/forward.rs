@@ -238,12 +238,7 @@ impl Forwarder {
         parts: &http::request::Parts,
         container: Option<&str>,
     ) -> Result<Decision, Result<http::Response<reqwest::Body>, ForwardError>> {
-        let has_body = parts.headers.contains_key(header::TRANSFER_ENCODING)
-            || parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() != b"0");
-        if has_body {
+        if declares_body(&parts.headers) {
             Ok(self.decide(parts, container).await)
         } else {
             self.decide_bodiless(front, parts, container).await
@@ -438,6 +433,14 @@ fn guarded(
         Poll::Pending
     });
     reqwest::Body::wrap_stream(stream)
+}
+
+/// Whether a request's head announces a body: chunked, or a length other than 0.
+pub fn declares_body(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
 }
 
 /// The client's headers as the forward route carries them: hop-by-hop ones dropped,

@@ -67,11 +67,7 @@ impl S3Front {
             bytes = tracing::field::Empty, primary = tracing::field::Empty);
         crate::cluster::forward::continue_trace(&span, &req);
         let (parts, body) = req.into_parts();
-        let has_body = parts.headers.contains_key(http::header::TRANSFER_ENCODING)
-            || parts
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .is_some_and(|v| v.as_bytes() != b"0");
+        let has_body = crate::cluster::forward::declares_body(&parts.headers);
         let resp = async {
             if let Some(refusal) = refuse_before_body(&parts) {
                 slot.set("Refused");

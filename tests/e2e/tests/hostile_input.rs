@@ -102,6 +102,27 @@ async fn raw_request(addr: &str, head: String, body_len: u64) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// Stores 1 MiB values under the first `stored` of the keys `v000`, `v001`, ... in
+/// `namespace`; the body of a `batchGet` naming `keys` of them.
+async fn batch_of_values(kv: &KvClient, namespace: &str, keys: usize, stored: usize) -> Vec<u8> {
+    let keys: Vec<String> = (0..keys).map(|i| format!("v{i:03}")).collect();
+    for k in keys.iter().take(stored) {
+        let r = kv
+            .send(
+                "PUT",
+                &format!("/kv/v1/{namespace}/{k}"),
+                &[],
+                vec![1u8; MIB as usize],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    serde_json::json!({ "keys": keys.iter().map(|k| b64(k)).collect::<Vec<_>>() })
+        .to_string()
+        .into_bytes()
+}
+
 /// A KV `batchGet` of `batch` in `namespace`, signed by `kv`, as raw HTTP/1.1 bytes for
 /// `addr`.
 fn raw_batch_get(kv: &KvClient, addr: &str, namespace: &str, batch: &[u8]) -> Vec<u8> {
@@ -409,22 +430,7 @@ async fn slow_readers_exhaust_the_memory_budget_and_get_slow_down() {
     )
     .unwrap();
     let kv = KvClient::new(&node.kv, &node.access_key, &node.secret_key);
-    let keys: Vec<String> = (0..100).map(|i| format!("v{i:03}")).collect();
-    for k in keys.iter().take(8) {
-        let r = kv
-            .send(
-                "PUT",
-                &format!("/kv/v1/slow/{k}"),
-                &[],
-                vec![1u8; 1024 * 1024],
-            )
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    let batch = serde_json::json!({ "keys": keys.iter().map(|k| b64(k)).collect::<Vec<_>>() })
-        .to_string()
-        .into_bytes();
+    let batch = batch_of_values(&kv, "slow", 100, 8).await;
     let pid = node.pid().unwrap();
     let before = rss(pid);
     let mut sampler = RssSampler::start(pid);
@@ -833,22 +839,7 @@ async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
     )
     .unwrap();
     let kv = KvClient::new(&node.kv, &node.access_key, &node.secret_key);
-    let keys: Vec<String> = (0..8).map(|i| format!("v{i:03}")).collect();
-    for k in &keys {
-        let r = kv
-            .send(
-                "PUT",
-                &format!("/kv/v1/stall/{k}"),
-                &[],
-                vec![1u8; MIB as usize],
-            )
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
-    let batch = serde_json::json!({ "keys": keys.iter().map(|k| b64(k)).collect::<Vec<_>>() })
-        .to_string()
-        .into_bytes();
+    let batch = batch_of_values(&kv, "stall", 8, 8).await;
     let addr = node.kv.trim_start_matches("http://").to_string();
     let request = raw_batch_get(&kv, &addr, "stall", &batch);
     // Readers on sockets with a tiny receive buffer read the answer's head and then
