@@ -10,12 +10,17 @@
 #
 #   bench/noisy.sh
 #   NOISY_SECONDS=30 NOISY_RATE=200 bench/noisy.sh
+#   NOISY_PEER=none NOISY_CAPPED=0 NOISY_B_OP=put bench/noisy.sh   (Granary alone, equal
+#   QoS only, B's PUTs only: for experiments; the report uses the defaults)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SECS="${NOISY_SECONDS:-20}"
 RATE="${NOISY_RATE:-100}"
 FLOOD="${NOISY_FLOOD_CONCURRENCY:-16}"
+PEER="${NOISY_PEER:-garage}"      # garage | none
+CAPPED="${NOISY_CAPPED:-1}"       # 0: skip the "A capped" pair
+B_OP="${NOISY_B_OP:-mixed}"       # B's operation: mixed | get | put
 NODES=1
 GARAGE_VERSION=2.5.0
 CACHE="${GRANARY_TOOLS_CACHE:-$HOME/.cache/granary-tools}"
@@ -24,7 +29,7 @@ GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"
 echo "==> building granary-node and s3bench (release)" >&2
 cargo build -q --release -p granary-storage-node -p granary-bench
 TARGET="${CARGO_TARGET_DIR:-$PWD/target}/release"
-if [ ! -x "$GARAGE" ]; then
+if [ "$PEER" = garage ] && [ ! -x "$GARAGE" ]; then
   echo "==> building Garage $GARAGE_VERSION from crates.io into $CACHE (first time only; ~20 min)" >&2
   cargo install -q garage --version "$GARAGE_VERSION" --locked --root "$CACHE/garage-$GARAGE_VERSION"
 fi
@@ -51,13 +56,15 @@ tenant() { # name -> "AK SK"
 read -r A_AK A_SK < <(tenant noisy-a)
 read -r B_AK B_SK < <(tenant quiet-b)
 
-start_garage
-$G bucket create quiet >/dev/null
-read -r PB_AK PB_SK < <(garage_key quiet-b quiet)
+if [ "$PEER" = garage ]; then
+  start_garage
+  $G bucket create quiet >/dev/null
+  read -r PB_AK PB_SK < <(garage_key quiet-b quiet)
+fi
 
 quiet() { # endpoint ak sk bucket label
   "$TARGET/s3bench" --endpoint "$1" --access-key "$2" --secret-key "$3" --bucket "$4" \
-    --op mixed --size 4096 --concurrency 4 --rate "$RATE" --seconds "$SECS" --label "$5"
+    --op "$B_OP" --size 4096 --concurrency 4 --rate "$RATE" --seconds "$SECS" --label "$5"
 }
 flood() { # endpoint ak sk bucket label
   "$TARGET/s3bench" --endpoint "$1" --access-key "$2" --secret-key "$3" --bucket "$4" \
@@ -83,10 +90,14 @@ print(f'{name:<20} | B alone p50 {alone["p50_ms"]:7.2f} p99 {alone["p99_ms"]:8.2
       + (f' | errors B {flooded["errors"]}, A {a["errors"]}' if flooded["errors"] or a["errors"] else ''))
 PY
 }
-echo; echo "noisy neighbour: B mixed 4 KiB at $RATE ops/s, A mixed 64 MiB x $FLOOD, ${SECS} s"
+echo; echo "noisy neighbour: B $B_OP 4 KiB at $RATE ops/s, A mixed 64 MiB x $FLOOD, ${SECS} s"
 G_EP="http://127.0.0.1:$GP"
 pair "$G_EP" "$A_AK" "$A_SK" noisy-a "$B_AK" "$B_SK" quiet-b granary
-admin PUT /tenants/noisy-a '{"qos":{"maxConcurrentRequests":4}}' > /dev/null
-sleep 6 # the QoS re-read interval
-pair "$G_EP" "$A_AK" "$A_SK" noisy-a "$B_AK" "$B_SK" quiet-b "granary, A capped 4"
-pair "http://127.0.0.1:$SP" "$P_AK" "$P_SK" bench "$PB_AK" "$PB_SK" quiet garage
+if [ "$CAPPED" = 1 ]; then
+  admin PUT /tenants/noisy-a '{"qos":{"maxConcurrentRequests":4}}' > /dev/null
+  sleep 6 # the QoS re-read interval
+  pair "$G_EP" "$A_AK" "$A_SK" noisy-a "$B_AK" "$B_SK" quiet-b "granary, A capped 4"
+fi
+if [ "$PEER" = garage ]; then
+  pair "http://127.0.0.1:$SP" "$P_AK" "$P_SK" bench "$PB_AK" "$PB_SK" quiet garage
+fi

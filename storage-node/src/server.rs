@@ -740,6 +740,15 @@ async fn cold_mover(
                 metrics.cold_moved_objects.inc_by(o.moved);
                 metrics.cold_moved_bytes.inc_by(o.moved_bytes);
                 metrics.cold_move_failures.inc_by(o.failed);
+                metrics.cold_restored_objects.inc_by(o.restored);
+                metrics.cold_restored_bytes.inc_by(o.restored_bytes);
+                if o.restored > 0 {
+                    tracing::info!(
+                        objects = o.restored,
+                        bytes = o.restored_bytes,
+                        "restored often-read object data from the cold tier"
+                    );
+                }
                 if o.moved > 0 {
                     tracing::info!(
                         objects = o.moved,
@@ -748,8 +757,9 @@ async fn cold_mover(
                     );
                 }
                 // Pace: a pass that moved `budget` bytes early waits out its share.
-                if schedule.rate > 0 && o.moved_bytes > 0 {
-                    let due = Duration::from_secs_f64(o.moved_bytes as f64 / schedule.rate as f64);
+                let done = o.moved_bytes + o.restored_bytes;
+                if schedule.rate > 0 && done > 0 {
+                    let due = Duration::from_secs_f64(done as f64 / schedule.rate as f64);
                     if let Some(rest) = due.checked_sub(started.elapsed()) {
                         tokio::time::sleep(rest).await;
                     }

@@ -62,6 +62,14 @@ pub fn admin_spec(t: &Tenant) -> Result<Value> {
                 .ok_or_else(|| Error::Invalid(format!("tiering.coldAfter: bad duration {d:?}")))
         })
         .transpose()?;
+    let mut tiering = json!({
+        "coldAfterSeconds": cold_after,
+        "minObjectSize": bytes(&s.tiering.as_ref().and_then(|t| t.min_object_size.clone()), "tiering.minObjectSize")?,
+    });
+    // Only when set: a node from before restore on read refuses the field.
+    if let Some(n) = s.tiering.as_ref().and_then(|t| t.restore_after_reads) {
+        tiering["restoreAfterReads"] = json!(n);
+    }
     Ok(json!({
         "quotas": {
             "storageBytes": bytes(&s.quotas.storage, "quotas.storage")?,
@@ -76,10 +84,7 @@ pub fn admin_spec(t: &Tenant) -> Result<Value> {
             "maxConcurrentRequests": s.qos.max_concurrent_requests,
         },
         "placement": {"zones": s.placement.zones, "replicationFactor": s.placement.replication_factor},
-        "tiering": {
-            "coldAfterSeconds": cold_after,
-            "minObjectSize": bytes(&s.tiering.as_ref().and_then(|t| t.min_object_size.clone()), "tiering.minObjectSize")?,
-        },
+        "tiering": tiering,
     }))
 }
 
@@ -661,6 +666,14 @@ mod tests {
         assert_eq!(v["quotas"]["storageBytes"], 2u64 * 1024u64.pow(4));
         assert_eq!(v["qos"]["bandwidthBytesPerSecond"], 400u64 * 1024 * 1024);
         assert_eq!(v["tiering"]["coldAfterSeconds"], 720 * 3600);
+        assert_eq!(v["tiering"]["restoreAfterReads"], 3);
         assert_eq!(node_tenant_name(&t), "team-analytics.analytics");
+        // Unset, the field is left out (a node from before it refuses it).
+        let mut t2 = t.clone();
+        if let Some(tr) = t2.spec.tiering.as_mut() {
+            tr.restore_after_reads = None;
+        }
+        let v = admin_spec(&t2).unwrap();
+        assert!(v["tiering"].get("restoreAfterReads").is_none(), "{v}");
     }
 }

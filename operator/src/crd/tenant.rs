@@ -157,6 +157,12 @@ pub struct Tiering {
     pub cold_after: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_object_size: Option<Quantity>,
+    /// Restore on read: a cold object read this many times is brought back to the hot
+    /// tier by the mover, and its age then counts from the restore. Unset: cold
+    /// objects stay cold until they are overwritten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub restore_after_reads: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

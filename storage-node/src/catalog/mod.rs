@@ -89,6 +89,11 @@ pub struct Placement {
 pub struct Tiering {
     pub cold_after_seconds: Option<u64>,
     pub min_object_size: Option<u64>,
+    /// Restore on read: a cold object read this many times (on its partition's
+    /// primary, since it went cold or the node started) is brought back to the hot
+    /// tier by the mover. None: cold objects stay cold until overwritten.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_after_reads: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -220,6 +220,8 @@ struct Inner {
     io: crate::tenancy::sched::IoScheduler,
     /// Where cold object data lives (none: no cold tier).
     cold: std::sync::OnceLock<Arc<crate::cold::ColdTier>>,
+    /// Reads of cold objects counted for the tenants' restore-on-read policies.
+    restore: tiering::RestoreOnRead,
 }
 
 /// A handle on a [`Store`] that does not keep it alive (for callbacks the store holds).
@@ -268,6 +270,7 @@ impl Store {
                 bucket_epoch: Default::default(),
                 bucket_ddl: Mutex::new(()),
                 cold: std::sync::OnceLock::new(),
+                restore: Default::default(),
             }),
         }
     }

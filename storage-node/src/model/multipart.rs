@@ -569,6 +569,7 @@ impl Store {
                         tags: up.ext.tags,
                         part_sizes,
                         checksum: checksum.clone(),
+                        restored_at: None,
                     },
                 };
                 objects.insert(okey.as_slice(), encode_ext(&rec)?.as_slice())?;

@@ -49,6 +49,11 @@ pub struct ObjectExt {
     pub part_sizes: Vec<u64>,
     /// The flexible checksum the object was uploaded with, verified on upload.
     pub checksum: Option<Checksum>,
+    /// When the object's data was last brought back from the cold tier (restore on
+    /// read), in Unix milliseconds: lifecycle ages count from it as from a write.
+    /// Encoded after the extension (see [`Extended::trailer`]).
+    #[serde(skip)]
+    pub restored_at: Option<i64>,
 }
 
 /// A flexible checksum (`x-amz-checksum-*`).
@@ -79,6 +84,14 @@ pub(crate) trait Extended: Serialize + serde::de::DeserializeOwned {
     type Ext: Serialize + serde::de::DeserializeOwned + Default + PartialEq;
     fn ext(&self) -> &Self::Ext;
     fn set_ext(&mut self, ext: Self::Ext);
+    /// Fields added after the extension: encoded after it, only when set. A binary
+    /// that predates them decodes the extension and leaves the tail unread.
+    fn trailer(&self) -> Option<Vec<u8>> {
+        None
+    }
+    /// Takes the fields [`Extended::trailer`] encoded (a tail it does not know is
+    /// ignored, as a newer binary may have written more).
+    fn set_trailer(&mut self, _tail: &[u8]) {}
 }
 
 impl Extended for ObjectRecord {
@@ -88,6 +101,14 @@ impl Extended for ObjectRecord {
     }
     fn set_ext(&mut self, ext: ObjectExt) {
         self.ext = ext;
+    }
+    fn trailer(&self) -> Option<Vec<u8>> {
+        self.ext
+            .restored_at
+            .and_then(|t| postcard::to_allocvec(&t).ok())
+    }
+    fn set_trailer(&mut self, tail: &[u8]) {
+        self.ext.restored_at = postcard::take_from_bytes::<i64>(tail).ok().map(|(t, _)| t);
     }
 }
 
@@ -99,6 +120,9 @@ pub(crate) fn encode_ext<T: Extended>(v: &T) -> Result<Vec<u8>, EngineError> {
         return Ok(record::seal(&body));
     }
     body.extend_from_slice(&postcard::to_allocvec(v.ext()).map_err(err)?);
+    if let Some(tail) = v.trailer() {
+        body.extend_from_slice(&tail);
+    }
     Ok(record::seal_version(record::EXTENDED_VERSION, &body))
 }
 
@@ -109,7 +133,12 @@ pub(crate) fn decode_ext<T: Extended>(what: &str, bytes: &[u8]) -> std::result::
     let (mut v, rest): (T, _) =
         postcard::take_from_bytes(body).map_err(|e| format!("{what} record: {e}"))?;
     if version == record::EXTENDED_VERSION {
-        v.set_ext(postcard::from_bytes(rest).map_err(|e| format!("{what} record extension: {e}"))?);
+        let (ext, tail) =
+            postcard::take_from_bytes(rest).map_err(|e| format!("{what} record extension: {e}"))?;
+        v.set_ext(ext);
+        if !tail.is_empty() {
+            v.set_trailer(tail);
+        }
     }
     Ok(v)
 }
@@ -579,6 +608,7 @@ impl Store {
             tags: extra.tags,
             part_sizes: Vec::new(),
             checksum,
+            restored_at: None,
         };
         self.commit_object(tenant, k, written, etag, meta, ext, cond)
             .await
@@ -677,6 +707,11 @@ impl Store {
         check_key(key)?;
         let (_, mut k) = self.object_location(tenant, bucket).await?;
         k.extend_from_slice(key.as_bytes());
+        self.record_at(k).await
+    }
+
+    /// The record stored under the engine key `k`.
+    pub(crate) async fn record_at(&self, k: Vec<u8>) -> Result<ObjectRecord> {
         let rec = self
             .engine()
             .read(move |txn| {
@@ -697,12 +732,17 @@ impl Store {
         range: Option<ByteRange>,
         cond: &Conditions,
     ) -> Result<(ObjectRecord, Range<u64>, ObjectBody)> {
-        let rec = self.head_object(tenant, bucket, key).await?;
+        check_key(key)?;
+        let (_, mut k) = self.object_location(tenant, bucket).await?;
+        k.extend_from_slice(key.as_bytes());
+        let rec = self.record_at(k.clone()).await?;
         cond.check_read(&rec)?;
         let r = range_of(&rec, range)?;
         let body = match &rec.data {
             data::ObjectData::Cold(c) => {
-                self.read_cold(c, r.clone(), self.io(tenant).await).await?
+                let body = self.read_cold(c, r.clone(), self.io(tenant).await).await?;
+                self.count_cold_read(tenant, k, rec.version);
+                body
             }
             d => {
                 data::read_body(self.engine().chunks(), d, r.clone(), &self.io(tenant).await)
@@ -801,6 +841,7 @@ impl Store {
             tags: tags.unwrap_or_else(|| src.ext.tags.clone()),
             part_sizes: Vec::new(),
             checksum,
+            restored_at: None,
         };
         let out = self
             .commit_object(tenant, k, written, etag, meta, ext, Conditions::default())
@@ -1011,6 +1052,7 @@ mod tests {
                     value: "AAAAAA==".into(),
                     full_object: true,
                 }),
+                restored_at: Some(1_700_000_000_000),
             },
         };
         let bytes = encode_ext(&rec).unwrap();
@@ -1021,6 +1063,29 @@ mod tests {
         let v1: ObjectRecord = decode_stored("object", &bytes).unwrap();
         assert_eq!(v1.ext, ObjectExt::default());
         assert_eq!(v1.data, rec.data);
+        // What a binary from before the restore stamp decodes (postcard's `from_bytes`
+        // leaves the tail unread): the extension, without the stamp.
+        let (_, body) = record::open_versioned(&bytes).unwrap();
+        let (_, rest): (ObjectRecord, _) = postcard::take_from_bytes(body).unwrap();
+        let old: ObjectExt = postcard::from_bytes(rest).unwrap();
+        assert_eq!(
+            old,
+            ObjectExt {
+                restored_at: None,
+                ..rec.ext.clone()
+            }
+        );
+        // The stamp alone is enough to write version 2, and it comes back.
+        let stamped = ObjectRecord {
+            ext: ObjectExt {
+                restored_at: Some(7),
+                ..Default::default()
+            },
+            ..rec.clone()
+        };
+        let bytes = encode_ext(&stamped).unwrap();
+        assert_eq!(bytes[0], record::EXTENDED_VERSION);
+        assert_eq!(decode_record(&bytes).unwrap().ext.restored_at, Some(7));
         check_tags(&rec.ext.tags).unwrap();
         let many: Vec<_> = (0..11).map(|i| (format!("k{i}"), String::new())).collect();
         assert!(matches!(check_tags(&many), Err(Error::InvalidTag(_))));

@@ -18,6 +18,7 @@
 //! progress is writing is younger). Only a partition's primary
 //! moves; replicas get the switch through replication.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use super::{Error, Result, Store};
 use crate::catalog::Bucket;
 use crate::cold::{ColdRef, ColdTier};
 use crate::engine::{EngineError, OBJECTS, keys};
-use crate::types::{PartitionId, now_millis};
+use crate::types::{PartitionId, TenantId, now_millis};
 
 /// The bucket setting that holds the bucket's lifecycle rules (JSON of [`Lifecycle`]).
 pub const LIFECYCLE: &str = "lifecycle";
@@ -92,11 +93,73 @@ impl Rule {
     }
 }
 
+/// At most this many cold objects have their reads counted at once (the memory bound
+/// of restore on read: about 100 bytes each); a read of another object while the table
+/// is full is not counted.
+const MAX_COUNTED_OBJECTS: usize = 65_536;
+
+/// Restore on read: the tenants' `restoreAfterReads` and the reads of cold objects
+/// counted against it, in memory on the node that serves them (the partition's
+/// primary). A restart or a failover starts the counts from zero.
+#[derive(Default)]
+pub(crate) struct RestoreOnRead {
+    /// Each tenant's threshold, as of the mover's last pass.
+    policy: std::sync::Mutex<HashMap<TenantId, u32>>,
+    /// Engine key of a cold object -> (its tenant, the record version read, reads).
+    reads: std::sync::Mutex<HashMap<Vec<u8>, (TenantId, u64, u32)>>,
+}
+
+impl RestoreOnRead {
+    fn count(&self, tenant: TenantId, key: Vec<u8>, version: u64) {
+        let Some(_) = lock(&self.policy).get(&tenant) else {
+            return;
+        };
+        let mut reads = lock(&self.reads);
+        if reads.len() >= MAX_COUNTED_OBJECTS && !reads.contains_key(&key) {
+            return;
+        }
+        let e = reads.entry(key).or_insert((tenant, version, 0));
+        if e.1 != version {
+            *e = (tenant, version, 0);
+        }
+        e.2 = e.2.saturating_add(1);
+    }
+
+    /// Takes the new thresholds; forgets the counts of tenants without one.
+    fn set_policy(&self, policy: HashMap<TenantId, u32>) {
+        lock(&self.reads).retain(|_, (t, _, _)| policy.contains_key(t));
+        *lock(&self.policy) = policy;
+    }
+
+    /// The objects read at least their tenant's threshold: (engine key, version).
+    fn due(&self) -> Vec<(Vec<u8>, u64)> {
+        let policy = lock(&self.policy).clone();
+        let mut due: Vec<_> = lock(&self.reads)
+            .iter()
+            .filter(|(_, (t, _, n))| policy.get(t).is_some_and(|min| n >= min))
+            .map(|(k, (_, v, _))| (k.clone(), *v))
+            .collect();
+        due.sort();
+        due
+    }
+
+    fn forget(&self, key: &[u8]) {
+        lock(&self.reads).remove(key);
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// What one pass did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TierOutcome {
     pub moved: u64,
     pub moved_bytes: u64,
+    /// Objects brought back to the hot tier by restore on read, and their bytes.
+    pub restored: u64,
+    pub restored_bytes: u64,
     /// Copies made for objects that changed while they were copied (deleted again).
     pub raced: u64,
     /// Objects that could not move (they stay hot).
@@ -166,16 +229,36 @@ impl Store {
             .map_err(|e| Error::Corrupt(format!("stored lifecycle configuration: {e}")))
     }
 
-    /// One pass of the mover over the partitions this node leads: moves every object
-    /// that a rule makes cold, at most `max_bytes` of them (the rest wait for the next
-    /// pass). Stops early while the cold tier is unreachable.
+    /// Counts a read of a cold object for its tenant's restore-on-read policy.
+    pub(crate) fn count_cold_read(&self, tenant: TenantId, key: Vec<u8>, version: u64) {
+        self.inner.restore.count(tenant, key, version);
+    }
+
+    /// One pass of the mover over the partitions this node leads: brings back the cold
+    /// objects read often enough (restore on read), then moves every object that a rule
+    /// makes cold, at most `max_bytes` of both (the rest wait for the next pass). Stops
+    /// early while the cold tier is unreachable.
     pub async fn tier_pass(&self, max_bytes: u64) -> Result<TierOutcome> {
         let mut out = TierOutcome::default();
         let Some(cold) = self.inner.cold.get().cloned() else {
             return Ok(out);
         };
+        let tenants = self.catalog().list_tenants().await?;
+        self.inner.restore.set_policy(
+            tenants
+                .iter()
+                .filter_map(|t| {
+                    let n = t.spec.tiering.restore_after_reads.filter(|n| *n > 0)?;
+                    Some((t.id, n))
+                })
+                .collect(),
+        );
+        self.restore_due(&cold, max_bytes, &mut out).await;
+        if out.moved_bytes + out.restored_bytes >= max_bytes || !cold.reachable() {
+            return Ok(out);
+        }
         let now = now_millis();
-        for tenant in self.catalog().list_tenants().await? {
+        for tenant in tenants {
             let tenant_rule = tenant.spec.tiering.cold_after_seconds.map(|s| Rule {
                 after_ms: i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000),
                 prefix: String::new(),
@@ -203,7 +286,7 @@ impl Store {
                 }
                 self.move_bucket(&cold, p, &bucket, &rules, now, max_bytes, &mut out)
                     .await?;
-                if out.moved_bytes >= max_bytes || !cold.reachable() {
+                if out.moved_bytes + out.restored_bytes >= max_bytes || !cold.reachable() {
                     return Ok(out);
                 }
             }
@@ -250,7 +333,9 @@ impl Store {
                             && rec.size > 0
                             && !rec.data.is_cold()
                             && rules2.iter().any(|r| {
-                                r.matches(&key[pfx.len()..], rec.size, rec.last_modified, now)
+                                // A restored object's age counts from its restore.
+                                let since = rec.last_modified.max(rec.ext.restored_at.unwrap_or(0));
+                                r.matches(&key[pfx.len()..], rec.size, since, now)
                             })
                         {
                             found.push((key, rec));
@@ -291,7 +376,7 @@ impl Store {
                         tracing::warn!(bucket = %bucket.name, key = %String::from_utf8_lossy(&key_copy[prefix.len()..]), error = %e, "an object could not move to the cold tier; it stays hot and is tried again next pass");
                     }
                 }
-                if out.moved_bytes >= max_bytes {
+                if out.moved_bytes + out.restored_bytes >= max_bytes {
                     return Ok(());
                 }
             }
@@ -325,23 +410,8 @@ impl Store {
             let _ = cold.delete(&cold_key).await;
             return Ok(None);
         }
-        let (version, old) = (rec.version, rec.data.clone());
-        let new = ObjectData::Cold(cref);
         let switched = self
-            .engine()
-            .write(vec![], move |ctx| {
-                let mut t = ctx.txn.open_table(OBJECTS)?;
-                let Some(cur) = t.get(key.as_slice())?.map(|v| v.value().to_vec()) else {
-                    return Ok(false);
-                };
-                let mut cur = decode_record(&cur).map_err(|e| EngineError::Db(e.to_string()))?;
-                if cur.version != version || cur.data != old {
-                    return Ok(false);
-                }
-                cur.data = new;
-                t.insert(key.as_slice(), encode_ext(&cur)?.as_slice())?;
-                Ok(true)
-            })
+            .switch_data(key, &rec, ObjectData::Cold(cref), vec![], None)
             .await;
         match switched {
             Ok(true) => {
@@ -357,6 +427,147 @@ impl Store {
                 Err(e.into())
             }
         }
+    }
+
+    /// Brings back the objects their tenants' restore-on-read policies made due, within
+    /// the pass's byte budget (the rest stay due for the next pass).
+    async fn restore_due(&self, cold: &Arc<ColdTier>, max_bytes: u64, out: &mut TierOutcome) {
+        for (key, version) in self.inner.restore.due() {
+            if out.moved_bytes + out.restored_bytes >= max_bytes {
+                return;
+            }
+            let Some(p) = key
+                .get(..2)
+                .map(|b| PartitionId(u16::from_be_bytes([b[0], b[1]])))
+            else {
+                self.inner.restore.forget(&key);
+                continue;
+            };
+            if !self.led_partitions().contains(p) {
+                self.inner.restore.forget(&key);
+                continue;
+            }
+            match self.restore_object(cold, p, key.clone(), version).await {
+                Ok(Some(n)) => {
+                    out.restored += 1;
+                    out.restored_bytes += n;
+                }
+                Ok(None) => {}
+                Err(Error::ColdTierUnavailable(why)) => {
+                    // Still due: tried again once the tier answers.
+                    tracing::warn!(error = %why, "cold tier unavailable; restores pause until it answers");
+                    return;
+                }
+                Err(e) => {
+                    out.failed += 1;
+                    tracing::warn!(error = %e, "an object could not be restored from the cold tier; it stays cold (its reads are counted again)");
+                }
+            }
+            self.inner.restore.forget(&key);
+        }
+    }
+
+    /// Copies a cold object's data back to hot storage and switches its record to it,
+    /// only if the record is still `version` with that cold copy; `Some(bytes)` once
+    /// switched (the cold copy is then deleted after the grace, as replaced data is),
+    /// `None` if the object changed, went away or is hot already.
+    async fn restore_object(
+        &self,
+        cold: &Arc<ColdTier>,
+        p: PartitionId,
+        key: Vec<u8>,
+        version: u64,
+    ) -> Result<Option<u64>> {
+        let rec = match self.record_at(key.clone()).await {
+            Ok(r) => r,
+            Err(Error::NoSuchKey) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let ObjectData::Cold(cref) = &rec.data else {
+            return Ok(None);
+        };
+        if rec.version != version {
+            return Ok(None);
+        }
+        let io = self.background_io();
+        let body = cold
+            .read(cref, 0..rec.size, io.clone())
+            .await
+            .map_err(cold_err)?
+            .1;
+        let written = data::write_body(self.engine().chunks(), p, body, &io).await?;
+        // The cold read verified every piece; a single-part object's ETag is the MD5
+        // of its bytes, checked as well.
+        let single_part = rec.ext.part_sizes.is_empty() && !rec.etag.contains('-');
+        if written.size != rec.size || (single_part && hex::encode(written.md5) != rec.etag) {
+            data::abandon(self.engine().chunks(), written.data).await;
+            return Err(Error::Corrupt(format!(
+                "the cold copy {} read back as other bytes than the object's",
+                cref.key
+            )));
+        }
+        if !self.led_partitions().contains(p) {
+            data::abandon(self.engine().chunks(), written.data).await;
+            return Ok(None);
+        }
+        let switched = self
+            .switch_data(
+                key,
+                &rec,
+                written.data.clone(),
+                written.dirs.clone(),
+                Some(now_millis()),
+            )
+            .await;
+        match switched {
+            Ok(true) => {
+                self.discard_data(rec.data);
+                Ok(Some(rec.size))
+            }
+            Ok(false) => {
+                data::abandon(self.engine().chunks(), written.data).await;
+                Ok(None)
+            }
+            Err(e) => {
+                data::abandon(self.engine().chunks(), written.data).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// One engine write that makes the record under `key` name `new` instead of the
+    /// data of `rec`, only if it is still that version with that data; `Ok(false)` if
+    /// it changed or went away. New chunk files travel to the replicas with the write;
+    /// `restored_at` stamps a restore.
+    async fn switch_data(
+        &self,
+        key: Vec<u8>,
+        rec: &super::ObjectRecord,
+        new: ObjectData,
+        dirs: Vec<std::path::PathBuf>,
+        restored_at: Option<i64>,
+    ) -> std::result::Result<bool, EngineError> {
+        let (version, old) = (rec.version, rec.data.clone());
+        self.engine()
+            .write(dirs, move |ctx| {
+                let mut t = ctx.txn.open_table(OBJECTS)?;
+                let Some(cur) = t.get(key.as_slice())?.map(|v| v.value().to_vec()) else {
+                    return Ok(false);
+                };
+                let mut cur = decode_record(&cur).map_err(|e| EngineError::Db(e.to_string()))?;
+                if cur.version != version || cur.data != old {
+                    return Ok(false);
+                }
+                cur.data = new;
+                if restored_at.is_some() {
+                    cur.ext.restored_at = restored_at;
+                }
+                t.insert(key.as_slice(), encode_ext(&cur)?.as_slice())?;
+                drop(t);
+                ctx.ship_chunks(cur.data.chunks());
+                Ok(true)
+            })
+            .await
     }
 
     /// Deletes cold copies of the partitions this node leads that no object record
@@ -552,5 +763,145 @@ mod tests {
         let end = usage().await;
         assert_eq!((end.hot_bytes, end.cold_bytes), (5000 + 10, 0));
         assert!(s.engine().verify_usage().await.unwrap().is_empty());
+    }
+
+    async fn read_all(s: &Store, t: TenantId, key: &str) -> Vec<u8> {
+        let (_, _, read) = s
+            .get_object(t, "b", key, None, &Conditions::default())
+            .await
+            .unwrap();
+        futures::TryStreamExt::try_fold(read.stream, Vec::new(), |mut v, b| async move {
+            v.extend_from_slice(&b);
+            Ok(v)
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn is_cold(s: &Store, t: TenantId, key: &str) -> bool {
+        s.head_object(t, "b", key).await.unwrap().data.is_cold()
+    }
+
+    /// Restore on read: a cold object read `restoreAfterReads` times comes back to the
+    /// hot tier at the mover's next pass, byte-identical, with its cold copy deleted
+    /// and its lifecycle age counted from the restore (it does not move straight back);
+    /// an object overwritten after its reads were counted is left alone; without the
+    /// policy reads count for nothing.
+    #[tokio::test]
+    async fn objects_read_often_enough_come_back_to_the_hot_tier() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = crate::model::test_store_with_tenant(&dir.path().join("node")).await;
+        let cold = Arc::new(
+            ColdTier::open(&ColdConfig {
+                url: format!("file://{}", dir.path().join("cold").display()),
+                options: Vec::new(),
+                timeout: Duration::from_secs(5),
+                delete_grace: Duration::ZERO,
+            })
+            .unwrap(),
+        );
+        s.set_cold_tier(cold.clone());
+        s.create_bucket(t, "b").await.unwrap();
+        let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let objects = [
+            ("big", big.clone()),
+            ("small", b"tiny".to_vec()),
+            ("other", vec![9u8; 5000]),
+        ];
+        for (k, v) in &objects {
+            s.put_object(
+                t,
+                "b",
+                k,
+                Box::pin(futures::stream::iter([Ok(Bytes::from(v.clone()))])),
+                None,
+                ObjectMeta::default(),
+                Conditions::default(),
+            )
+            .await
+            .unwrap();
+        }
+        let tenant = s.catalog().tenant_by_id(t).await.unwrap().unwrap();
+        let mut spec = tenant.spec.clone();
+        spec.tiering.cold_after_seconds = Some(1);
+        s.catalog()
+            .update_tenant(&tenant.name, &spec)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 3);
+
+        // Without the policy, reads are not counted.
+        for _ in 0..3 {
+            assert_eq!(read_all(&s, t, "big").await, big);
+        }
+        spec.tiering.restore_after_reads = Some(2);
+        s.catalog()
+            .update_tenant(&tenant.name, &spec)
+            .await
+            .unwrap();
+        let out = s.tier_pass(u64::MAX).await.unwrap();
+        assert_eq!((out.restored, out.moved), (0, 0), "{out:?}");
+
+        // One read is not enough; the second makes it due.
+        assert_eq!(read_all(&s, t, "big").await, big);
+        assert_eq!(read_all(&s, t, "small").await, b"tiny");
+        assert_eq!(read_all(&s, t, "other").await, vec![9u8; 5000]);
+        assert_eq!(s.tier_pass(u64::MAX).await.unwrap().restored, 0);
+        assert_eq!(read_all(&s, t, "big").await, big);
+        assert_eq!(read_all(&s, t, "small").await, b"tiny");
+        assert_eq!(read_all(&s, t, "other").await, vec![9u8; 5000]);
+        // "other" is overwritten (hot again, new version) before the pass.
+        s.put_object(
+            t,
+            "b",
+            "other",
+            body(10, 4),
+            None,
+            ObjectMeta::default(),
+            Conditions::default(),
+        )
+        .await
+        .unwrap();
+        let out = s.tier_pass(u64::MAX).await.unwrap();
+        assert_eq!(
+            (out.restored, out.restored_bytes, out.moved),
+            (2, (3u64 << 20) + 4, 0),
+            "{out:?}"
+        );
+        for k in ["big", "small", "other"] {
+            assert!(!is_cold(&s, t, k).await, "{k} is hot");
+        }
+        let rec = s.head_object(t, "b", "big").await.unwrap();
+        assert!(rec.ext.restored_at.is_some_and(|r| r > rec.last_modified));
+        assert_eq!(
+            rec.etag,
+            hex::encode(<md5::Md5 as md5::Digest>::digest(&big))
+        );
+        assert_eq!(read_all(&s, t, "big").await, big);
+        assert_eq!(read_all(&s, t, "small").await, b"tiny");
+        assert_eq!(read_all(&s, t, "other").await, vec![4u8; 10]);
+        let usage = s.tenant_usage_in(t, &s.all_partitions()).await.unwrap();
+        assert_eq!(usage.cold_bytes, 0);
+        assert!(s.engine().verify_usage().await.unwrap().is_empty());
+
+        // The replaced cold copies go (grace zero here); nothing is left in the tier.
+        for _ in 0..100 {
+            if cold.list("").await.unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            cold.list("").await.unwrap().is_empty(),
+            "no cold copy is left"
+        );
+
+        // The restored objects' age counts from the restore: the next pass leaves them;
+        // a second later they are cold again.
+        assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 0);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 3);
+        assert_eq!(read_all(&s, t, "big").await, big);
     }
 }

@@ -87,6 +87,9 @@ pub struct Metrics {
     /// Objects and bytes the mover put in the cold tier.
     pub cold_moved_objects: Counter,
     pub cold_moved_bytes: Counter,
+    /// Objects and bytes restore on read brought back from the cold tier.
+    pub cold_restored_objects: Counter,
+    pub cold_restored_bytes: Counter,
     /// Cold copies no record named, deleted by the sweep.
     pub cold_orphans_deleted: Counter,
     /// 1 while the last call to the cold tier succeeded (0 also without a cold tier).
@@ -208,6 +211,19 @@ impl Default for Metrics {
             "Bytes of object data the mover moved to the cold tier",
             cold_moved_bytes.clone(),
         );
+        let cold_restored_objects = Counter::default();
+        registry.register(
+            "cold_restored_objects",
+            "Cold objects read often enough (the tenant's restoreAfterReads) that the mover \
+             brought their data back to the hot tier",
+            cold_restored_objects.clone(),
+        );
+        let cold_restored_bytes = Counter::default();
+        registry.register(
+            "cold_restored_bytes",
+            "Bytes of object data restore on read brought back to the hot tier",
+            cold_restored_bytes.clone(),
+        );
         let cold_orphans_deleted = Counter::default();
         registry.register(
             "cold_orphans_deleted",
@@ -254,6 +270,8 @@ impl Default for Metrics {
             cluster_view_at,
             cold_moved_objects,
             cold_moved_bytes,
+            cold_restored_objects,
+            cold_restored_bytes,
             cold_orphans_deleted,
             cold_tier_reachable,
             cold_move_failures,

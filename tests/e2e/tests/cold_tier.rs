@@ -736,3 +736,91 @@ async fn on_a_cluster_primaries_move_and_replicas_follow() {
     assert_eq!(files_under(cold_dir.path()).len(), objects.len());
     println!("cluster: n4 joined and holds {n4_cold} cold bytes' records, no chunk file");
 }
+
+/// Restore on read (the tenant's `restoreAfterReads`): a cold object read that many
+/// times comes back to the hot tier at the mover's next pass (STANDARD again, its
+/// chunk files back, its cold copy deleted after the grace, bytes identical), an
+/// object read fewer times stays cold, and a restored object's age counts from its
+/// restore, after which the policy moves it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_read_often_come_back_to_the_hot_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let cold = dir.path().join("cold");
+    let node = start(
+        &dir.path().join("node"),
+        &cold_env(&format!("file://{}", cold.display())),
+    );
+    let node_dir = node.data_dir.clone();
+    let admin = Admin::new(&node);
+    let (ak, sk) = admin
+        .tenant_with_spec(
+            "readers",
+            serde_json::json!({"tiering": {"coldAfterSeconds": 3, "restoreAfterReads": 2}}),
+        )
+        .await
+        .unwrap();
+    let s3 = s3_client(&node.s3, &ak, &sk);
+    s3.create_bucket().bucket("hot-again").send().await.unwrap();
+    let small = data(4096, 7);
+    let big = data(8 << 20, 8);
+    for (k, v) in [("small", &small), ("big", &big)] {
+        s3.put_object()
+            .bucket("hot-again")
+            .key(k)
+            .body(v.clone().into())
+            .send()
+            .await
+            .unwrap();
+    }
+    wait_cold(&s3, "hot-again", &["small", "big"], 60).await;
+    assert_eq!(files_under(&cold).len(), 2, "two cold copies");
+    wait_until("the local chunk files to be freed", 60, async || {
+        chunk_files(&node_dir).is_empty()
+    })
+    .await;
+
+    // Two reads of "big" (one whole, one ranged), one of "small".
+    assert_eq!(get(&s3, "hot-again", "big", None).await, big);
+    assert_eq!(
+        get(&s3, "hot-again", "big", Some("bytes=1000-2000999")).await,
+        big[1000..2_001_000]
+    );
+    assert_eq!(get(&s3, "hot-again", "small", None).await, small);
+    wait_until("big to be restored", 30, async || {
+        storage_class(&s3, "hot-again", "big").await.is_none()
+    })
+    .await;
+    assert_eq!(
+        storage_class(&s3, "hot-again", "small").await.as_deref(),
+        Some("GLACIER_IR"),
+        "read once: stays cold"
+    );
+    assert!(
+        !chunk_files(&node_dir).is_empty(),
+        "big's chunk files are back"
+    );
+    assert_eq!(get(&s3, "hot-again", "big", None).await, big);
+    assert_eq!(
+        get(&s3, "hot-again", "big", Some("bytes=-5")).await,
+        big[big.len() - 5..]
+    );
+    let m = node.metrics().await.unwrap();
+    assert!(
+        m.contains("granary_cold_restored_objects_total 1"),
+        "{}",
+        m.lines()
+            .filter(|l| l.contains("cold_restored"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // The replaced cold copy goes after the grace (2 s); small's stays.
+    wait_until("big's cold copy to be deleted", 30, async || {
+        files_under(&cold).len() == 1
+    })
+    .await;
+
+    // Cold again once its age, counted from the restore, passes the policy's 3 s.
+    wait_cold(&s3, "hot-again", &["big"], 60).await;
+    assert_eq!(get(&s3, "hot-again", "big", None).await, big);
+    assert_eq!(files_under(&cold).len(), 2);
+}

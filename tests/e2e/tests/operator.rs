@@ -221,6 +221,11 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
         &tenant_yaml("t6", "team-web", "  tiering: {coldAfter: \"30 days\"}\n"),
         "coldAfter",
     );
+    assert_rejected(
+        &cp,
+        &tenant_yaml("t6r", "team-web", "  tiering: {restoreAfterReads: 0}\n"),
+        "restoreAfterReads",
+    );
 
     // The operator runs with exactly the chart's ServiceAccount.
     let sa = cp
@@ -723,6 +728,7 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     // The Tenant's tiering policy reaches the node (what its cold-tier mover acts on).
     assert_eq!(t["spec"]["tiering"]["coldAfterSeconds"], 720 * 3600, "{t}");
     assert_eq!(t["spec"]["tiering"]["minObjectSize"], 1024 * 1024, "{t}");
+    assert_eq!(t["spec"]["tiering"]["restoreAfterReads"], 3, "{t}");
 
     // A cold tier on the StorageCluster reaches the node configuration (under the
     // cluster's own prefix) and its Secret the storage pods' environment.
