@@ -108,6 +108,7 @@ impl Node {
                     .collect(),
                 timeout: Duration::from_secs(config.cold_tier_timeout_secs),
                 delete_grace: Duration::from_secs(config.cold_tier_orphan_grace_secs.min(60)),
+                retire_grace: Duration::from_secs(config.cold_tier_orphan_grace_secs),
             })
             .map_err(|e| anyhow::anyhow!(e))?;
             tracing::info!(url = %cold.url, "cold tier configured");
@@ -374,6 +375,13 @@ impl Node {
         }
         // Chunk files reach the replicas while their upload still runs.
         store.set_chunk_hook(replicator.chunk_hook());
+        store.set_barrier({
+            let replicator = replicator.clone();
+            Arc::new(move |at| {
+                let replicator = replicator.clone();
+                Box::pin(async move { replicator.barrier(&at, Duration::from_secs(600)).await })
+            })
+        });
         store.set_remote_reader(crate::cluster::rpc::remote_reader(cluster.clone()));
         store.io_scheduler().set_slots(config.io_slots as usize);
         // Quotas are decided by each tenant's authority, against cluster-wide usage.
@@ -742,6 +750,7 @@ async fn cold_mover(
                 metrics.cold_move_failures.inc_by(o.failed);
                 metrics.cold_restored_objects.inc_by(o.restored);
                 metrics.cold_restored_bytes.inc_by(o.restored_bytes);
+                metrics.cold_restore_failures.inc_by(o.restore_failed);
                 if o.restored > 0 {
                     tracing::info!(
                         objects = o.restored,

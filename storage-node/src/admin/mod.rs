@@ -290,6 +290,11 @@ fn check_spec(spec: &TenantSpec) -> Result<(), ApiError> {
             "qos.weight must be between 1 and 10000, not {w}"
         )));
     }
+    if spec.tiering.restore_after_reads == Some(0) {
+        return Err(ApiError::bad_request(
+            "tiering.restoreAfterReads must be at least 1 (leave it out to never restore)",
+        ));
+    }
     Ok(())
 }
 

@@ -98,6 +98,9 @@ pub struct ColdConfig {
     /// How long a replaced or deleted copy stays (reads of it that began before have
     /// no pin on a remote object).
     pub delete_grace: Duration,
+    /// How long a copy replaced by a restore from the cold tier stays (the orphan
+    /// grace: the object was read often, maybe by long reads).
+    pub retire_grace: Duration,
 }
 
 /// An open cold tier.
@@ -110,6 +113,8 @@ pub struct ColdTier {
     reachable: AtomicBool,
     /// See [`ColdConfig::delete_grace`].
     pub delete_grace: Duration,
+    /// See [`ColdConfig::retire_grace`].
+    pub retire_grace: Duration,
 }
 
 impl std::fmt::Debug for ColdTier {
@@ -186,6 +191,7 @@ impl ColdTier {
             timeout: cfg.timeout,
             reachable: AtomicBool::new(true),
             delete_grace: cfg.delete_grace,
+            retire_grace: cfg.retire_grace,
         })
     }
 
@@ -621,6 +627,7 @@ mod tests {
             options: vec![],
             timeout: Duration::from_secs(1),
             delete_grace: Duration::ZERO,
+            retire_grace: Duration::ZERO,
         })
         .expect_err("memory:// refused");
         assert!(err.contains("lost at the next restart"), "{err}");
@@ -633,6 +640,7 @@ mod tests {
             options: vec![(k.to_string(), "http://127.0.0.1:1".to_string())],
             timeout: Duration::from_secs(1),
             delete_grace: Duration::ZERO,
+            retire_grace: Duration::ZERO,
         };
         let err = ColdTier::open(&cfg("aws_endpont")).unwrap_err();
         assert!(
@@ -672,6 +680,7 @@ mod tests {
                 options: vec![],
                 timeout: Duration::from_secs(10),
                 delete_grace: Duration::ZERO,
+                retire_grace: Duration::ZERO,
             })
             .unwrap(),
         );

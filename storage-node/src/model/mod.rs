@@ -160,6 +160,15 @@ pub type PartitionGuard = Arc<dyn Fn(PartitionId) -> Option<String> + Send + Syn
 /// must not block.
 pub type ChunkHook = Arc<dyn Fn(&crate::engine::ChunkRef) + Send + Sync>;
 
+/// Waits until what the listed partitions' logs held (each with the entry number the
+/// caller saw first) is durable on their in-sync replicas; Err says why that is not
+/// known (see `Replicator::barrier`).
+pub type BarrierHook = Arc<
+    dyn Fn(Vec<(PartitionId, u64)>) -> futures::future::BoxFuture<'static, Result<(), String>>
+        + Send
+        + Sync,
+>;
+
 /// A set of partitions: the share of a tenant-wide job one node does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PartitionSet(Vec<bool>);
@@ -222,6 +231,9 @@ struct Inner {
     cold: std::sync::OnceLock<Arc<crate::cold::ColdTier>>,
     /// Reads of cold objects counted for the tenants' restore-on-read policies.
     restore: tiering::RestoreOnRead,
+    /// Waits until a partition's log, as of the call, is durable on its in-sync
+    /// replicas (none without a cluster: a local commit is all there is).
+    barrier: std::sync::OnceLock<BarrierHook>,
 }
 
 /// A handle on a [`Store`] that does not keep it alive (for callbacks the store holds).
@@ -271,6 +283,7 @@ impl Store {
                 bucket_ddl: Mutex::new(()),
                 cold: std::sync::OnceLock::new(),
                 restore: Default::default(),
+                barrier: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -339,6 +352,13 @@ impl Store {
 
     /// Calls `hook` for every chunk file an upload finishes (see [`ChunkHook`]). Set once,
     /// by the node.
+    /// Sets how background work that replaces data (a restore from the cold tier)
+    /// waits for its write to reach the replicas before it deletes what it replaced.
+    /// Set once, by the node, before it serves.
+    pub fn set_barrier(&self, hook: BarrierHook) {
+        let _ = self.inner.barrier.set(hook);
+    }
+
     pub fn set_chunk_hook(&self, hook: ChunkHook) {
         let _ = self.inner.chunk_hook.set(hook);
     }

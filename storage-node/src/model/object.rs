@@ -102,13 +102,17 @@ impl Extended for ObjectRecord {
     fn set_ext(&mut self, ext: ObjectExt) {
         self.ext = ext;
     }
+    /// The restore time as an `Option`, so a field added later can follow it whether
+    /// or not it is set.
     fn trailer(&self) -> Option<Vec<u8>> {
         self.ext
             .restored_at
-            .and_then(|t| postcard::to_allocvec(&t).ok())
+            .and_then(|t| postcard::to_allocvec(&Some(t)).ok())
     }
     fn set_trailer(&mut self, tail: &[u8]) {
-        self.ext.restored_at = postcard::take_from_bytes::<i64>(tail).ok().map(|(t, _)| t);
+        self.ext.restored_at = postcard::take_from_bytes::<Option<i64>>(tail)
+            .ok()
+            .and_then(|(t, _)| t);
     }
 }
 
@@ -452,7 +456,7 @@ pub fn check_tag_set(tags: &[(String, String)], max: usize) -> Result<()> {
 }
 
 impl Store {
-    async fn object_location(
+    pub(crate) async fn object_location(
         &self,
         tenant: TenantId,
         bucket: &str,

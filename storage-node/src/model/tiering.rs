@@ -93,59 +93,135 @@ impl Rule {
     }
 }
 
-/// At most this many cold objects have their reads counted at once (the memory bound
-/// of restore on read: about 100 bytes each); a read of another object while the table
-/// is full is not counted.
-const MAX_COUNTED_OBJECTS: usize = 65_536;
+/// At most this many cold objects have their reads counted at once on a node, and at
+/// most [`MAX_COUNTED_PER_TENANT`] of one tenant (so one tenant's scans cannot switch
+/// restore on read off for the others). An entry holds the object's engine key (at most
+/// 18 + 1024 bytes): 16 MiB at worst. A read of an object not in the table while it, or
+/// the tenant's share, is full is not counted.
+const MAX_COUNTED_OBJECTS: usize = 16_384;
+const MAX_COUNTED_PER_TENANT: usize = 4_096;
+
+/// Reads count towards a restore while each comes within this long of the previous one:
+/// an entry not read for longer is forgotten at the next pass.
+const RESTORE_READ_WINDOW: Duration = Duration::from_secs(3600);
 
 /// Restore on read: the tenants' `restoreAfterReads` and the reads of cold objects
 /// counted against it, in memory on the node that serves them (the partition's
-/// primary). A restart or a failover starts the counts from zero.
+/// primary). A restart starts the counts from zero.
 #[derive(Default)]
 pub(crate) struct RestoreOnRead {
     /// Each tenant's threshold, as of the mover's last pass.
     policy: std::sync::Mutex<HashMap<TenantId, u32>>,
-    /// Engine key of a cold object -> (its tenant, the record version read, reads).
-    reads: std::sync::Mutex<HashMap<Vec<u8>, (TenantId, u64, u32)>>,
+    /// Engine key of a cold object -> its counted reads.
+    reads: std::sync::Mutex<HashMap<Vec<u8>, Counted>>,
+    /// Cold copies replaced by a restore, with when they may be deleted: the orphan
+    /// sweep leaves them to their timer (reads that began before the restore still
+    /// fetch from them).
+    retiring: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Counted {
+    tenant: TenantId,
+    /// The record version read (an overwrite starts the count again).
+    version: u64,
+    reads: u32,
+    last: std::time::Instant,
 }
 
 impl RestoreOnRead {
     fn count(&self, tenant: TenantId, key: Vec<u8>, version: u64) {
-        let Some(_) = lock(&self.policy).get(&tenant) else {
+        if !lock(&self.policy).contains_key(&tenant) {
             return;
-        };
+        }
+        let now = std::time::Instant::now();
         let mut reads = lock(&self.reads);
-        if reads.len() >= MAX_COUNTED_OBJECTS && !reads.contains_key(&key) {
+        if let Some(e) = reads.get_mut(&key) {
+            if e.version != version {
+                *e = Counted {
+                    tenant,
+                    version,
+                    reads: 0,
+                    last: now,
+                };
+            }
+            e.reads = e.reads.saturating_add(1);
+            e.last = now;
             return;
         }
-        let e = reads.entry(key).or_insert((tenant, version, 0));
-        if e.1 != version {
-            *e = (tenant, version, 0);
+        if reads.len() >= MAX_COUNTED_OBJECTS
+            || reads.values().filter(|c| c.tenant == tenant).count() >= MAX_COUNTED_PER_TENANT
+        {
+            return;
         }
-        e.2 = e.2.saturating_add(1);
+        reads.insert(
+            key,
+            Counted {
+                tenant,
+                version,
+                reads: 1,
+                last: now,
+            },
+        );
     }
 
-    /// Takes the new thresholds; forgets the counts of tenants without one.
-    fn set_policy(&self, policy: HashMap<TenantId, u32>) {
-        lock(&self.reads).retain(|_, (t, _, _)| policy.contains_key(t));
+    /// Takes the new thresholds; forgets the counts of tenants without one, of
+    /// partitions this node does not lead, and those not read within the window.
+    fn refresh(&self, policy: HashMap<TenantId, u32>, led: &super::PartitionSet) {
+        let now = std::time::Instant::now();
+        lock(&self.reads).retain(|k, c| {
+            policy.contains_key(&c.tenant)
+                && partition_of_key(k).is_some_and(|p| led.contains(p))
+                && now.duration_since(c.last) < RESTORE_READ_WINDOW
+        });
         *lock(&self.policy) = policy;
     }
 
-    /// The objects read at least their tenant's threshold: (engine key, version).
-    fn due(&self) -> Vec<(Vec<u8>, u64)> {
+    /// The objects read at least their tenant's threshold: (tenant, engine key,
+    /// version), the most read first.
+    fn due(&self) -> Vec<(TenantId, Vec<u8>, u64)> {
         let policy = lock(&self.policy).clone();
         let mut due: Vec<_> = lock(&self.reads)
             .iter()
-            .filter(|(_, (t, _, n))| policy.get(t).is_some_and(|min| n >= min))
-            .map(|(k, (_, v, _))| (k.clone(), *v))
+            .filter(|(_, c)| policy.get(&c.tenant).is_some_and(|min| c.reads >= *min))
+            .map(|(k, c)| (c.reads, c.tenant, k.clone(), c.version))
             .collect();
-        due.sort();
-        due
+        due.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.2.cmp(&b.2)));
+        due.into_iter().map(|(_, t, k, v)| (t, k, v)).collect()
     }
 
     fn forget(&self, key: &[u8]) {
         lock(&self.reads).remove(key);
     }
+
+    /// How many objects have their reads counted (for tests and the docs' bound).
+    #[cfg(test)]
+    fn counted(&self) -> usize {
+        lock(&self.reads).len()
+    }
+
+    fn is_retiring(&self, cold_key: &str) -> bool {
+        lock(&self.retiring)
+            .get(cold_key)
+            .is_some_and(|until| std::time::Instant::now() < *until)
+    }
+}
+
+/// The partition of an engine key (its first two bytes).
+fn partition_of_key(key: &[u8]) -> Option<PartitionId> {
+    key.get(..2)
+        .map(|b| PartitionId(u16::from_be_bytes([b[0], b[1]])))
+}
+
+/// How a restore went.
+enum Restore {
+    /// The record names the hot data now; its bytes.
+    Done(u64),
+    /// The data was copied back but the object changed meanwhile (or the node stopped
+    /// leading): the copy was removed; the bytes read.
+    Raced(u64),
+    /// Nothing to do: the object is gone, hot already, or another version.
+    Skipped,
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -157,9 +233,13 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct TierOutcome {
     pub moved: u64,
     pub moved_bytes: u64,
-    /// Objects brought back to the hot tier by restore on read, and their bytes.
+    /// Objects brought back to the hot tier by restore on read, and the bytes read
+    /// from the cold tier to do so (including copies made for objects that changed
+    /// meanwhile).
     pub restored: u64,
     pub restored_bytes: u64,
+    /// Objects that could not be restored (they stay cold; their reads count again).
+    pub restore_failed: u64,
     /// Copies made for objects that changed while they were copied (deleted again).
     pub raced: u64,
     /// Objects that could not move (they stay hot).
@@ -244,7 +324,7 @@ impl Store {
             return Ok(out);
         };
         let tenants = self.catalog().list_tenants().await?;
-        self.inner.restore.set_policy(
+        self.inner.restore.refresh(
             tenants
                 .iter()
                 .filter_map(|t| {
@@ -252,12 +332,16 @@ impl Store {
                     Some((t.id, n))
                 })
                 .collect(),
+            &self.led_partitions(),
         );
-        self.restore_due(&cold, max_bytes, &mut out).await;
+        // Ages are judged as of the pass's start: what this pass restores is younger
+        // and does not move back in the same pass.
+        let now = now_millis();
+        // Restores take at most half the pass's budget, so transitions keep moving.
+        self.restore_due(&cold, max_bytes / 2, &mut out).await;
         if out.moved_bytes + out.restored_bytes >= max_bytes || !cold.reachable() {
             return Ok(out);
         }
-        let now = now_millis();
         for tenant in tenants {
             let tenant_rule = tenant.spec.tiering.cold_after_seconds.map(|s| Rule {
                 after_ms: i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000),
@@ -430,37 +514,49 @@ impl Store {
     }
 
     /// Brings back the objects their tenants' restore-on-read policies made due, within
-    /// the pass's byte budget (the rest stay due for the next pass).
-    async fn restore_due(&self, cold: &Arc<ColdTier>, max_bytes: u64, out: &mut TierOutcome) {
-        for (key, version) in self.inner.restore.due() {
-            if out.moved_bytes + out.restored_bytes >= max_bytes {
-                return;
+    /// `budget` bytes shared equally by the tenants that have any due (the rest stay
+    /// due for the next pass).
+    async fn restore_due(&self, cold: &Arc<ColdTier>, budget: u64, out: &mut TierOutcome) {
+        let due = self.inner.restore.due();
+        if due.is_empty() {
+            return;
+        }
+        let tenants: std::collections::HashSet<TenantId> = due.iter().map(|d| d.0).collect();
+        let share = budget / tenants.len() as u64;
+        let mut spent: HashMap<TenantId, u64> = HashMap::new();
+        let led = self.led_partitions();
+        for (tenant, key, version) in due {
+            let used = spent.entry(tenant).or_default();
+            if *used >= share.max(1) {
+                continue;
             }
-            let Some(p) = key
-                .get(..2)
-                .map(|b| PartitionId(u16::from_be_bytes([b[0], b[1]])))
-            else {
+            let Some(p) = partition_of_key(&key).filter(|p| led.contains(*p)) else {
                 self.inner.restore.forget(&key);
                 continue;
             };
-            if !self.led_partitions().contains(p) {
-                self.inner.restore.forget(&key);
-                continue;
-            }
             match self.restore_object(cold, p, key.clone(), version).await {
-                Ok(Some(n)) => {
+                Ok(Restore::Done(n)) => {
                     out.restored += 1;
                     out.restored_bytes += n;
+                    *used += n;
                 }
-                Ok(None) => {}
+                Ok(Restore::Raced(n)) => {
+                    out.restored_bytes += n;
+                    *used += n;
+                }
+                Ok(Restore::Skipped) => {}
                 Err(Error::ColdTierUnavailable(why)) => {
                     // Still due: tried again once the tier answers.
                     tracing::warn!(error = %why, "cold tier unavailable; restores pause until it answers");
                     return;
                 }
                 Err(e) => {
-                    out.failed += 1;
-                    tracing::warn!(error = %e, "an object could not be restored from the cold tier; it stays cold (its reads are counted again)");
+                    out.restore_failed += 1;
+                    tracing::warn!(
+                        key = %String::from_utf8_lossy(key.get(keys::BUCKET_PREFIX_LEN..).unwrap_or_default()),
+                        error = %e,
+                        "an object could not be restored from the cold tier; it stays cold (its reads are counted again)"
+                    );
                 }
             }
             self.inner.restore.forget(&key);
@@ -468,28 +564,33 @@ impl Store {
     }
 
     /// Copies a cold object's data back to hot storage and switches its record to it,
-    /// only if the record is still `version` with that cold copy; `Some(bytes)` once
-    /// switched (the cold copy is then deleted after the grace, as replaced data is),
-    /// `None` if the object changed, went away or is hot already.
+    /// only if the record is still `version` with that cold copy. Once the switch is
+    /// on the partition's in-sync replicas, the cold copy is retired (deleted after the
+    /// orphan grace, so reads that began before finish); until then it stays, as a
+    /// replica promoted before it has the switch still names it.
     async fn restore_object(
         &self,
         cold: &Arc<ColdTier>,
         p: PartitionId,
         key: Vec<u8>,
         version: u64,
-    ) -> Result<Option<u64>> {
+    ) -> Result<Restore> {
         let rec = match self.record_at(key.clone()).await {
             Ok(r) => r,
-            Err(Error::NoSuchKey) => return Ok(None),
+            Err(Error::NoSuchKey) => return Ok(Restore::Skipped),
             Err(e) => return Err(e),
         };
         let ObjectData::Cold(cref) = &rec.data else {
-            return Ok(None);
+            return Ok(Restore::Skipped);
         };
         if rec.version != version {
-            return Ok(None);
+            return Ok(Restore::Skipped);
         }
-        let io = self.background_io();
+        // Background turns at the I/O scheduler; each chunk file goes to the replicas
+        // as soon as it is complete (as a PUT's do), so the switch's commit does not
+        // wait for all of them.
+        let mut io = self.background_io();
+        io.announce = self.inner.chunk_hook.get().cloned();
         let body = cold
             .read(cref, 0..rec.size, io.clone())
             .await
@@ -508,7 +609,7 @@ impl Store {
         }
         if !self.led_partitions().contains(p) {
             data::abandon(self.engine().chunks(), written.data).await;
-            return Ok(None);
+            return Ok(Restore::Raced(rec.size));
         }
         let switched = self
             .switch_data(
@@ -520,19 +621,52 @@ impl Store {
             )
             .await;
         match switched {
-            Ok(true) => {
-                self.discard_data(rec.data);
-                Ok(Some(rec.size))
-            }
+            Ok(true) => {}
             Ok(false) => {
                 data::abandon(self.engine().chunks(), written.data).await;
-                Ok(None)
+                return Ok(Restore::Raced(rec.size));
             }
             Err(e) => {
                 data::abandon(self.engine().chunks(), written.data).await;
-                Err(e.into())
+                return Err(e.into());
             }
         }
+        // Everything the partition's log holds now, the switch included.
+        let durable = match self.inner.barrier.get() {
+            Some(wait) => wait(vec![(p, 0)]).await,
+            None => Ok(()),
+        };
+        match durable {
+            Ok(()) => self.retire_cold_copy(cold, cref.key.clone(), p),
+            // Left to the orphan sweep of whichever node leads the partition once no
+            // record names it.
+            Err(why) => tracing::warn!(
+                cold_key = %cref.key,
+                error = %why,
+                "a restored object's switch is not known to be on the replicas; its cold copy is kept for the orphan sweep"
+            ),
+        }
+        Ok(Restore::Done(rec.size))
+    }
+
+    /// Deletes a cold copy a restore replaced after the orphan grace (reads that began
+    /// before the restore still fetch from it), while this node leads `p`; the orphan
+    /// sweep leaves it alone until then.
+    fn retire_cold_copy(&self, cold: &Arc<ColdTier>, cold_key: String, p: PartitionId) {
+        let grace = cold.retire_grace;
+        lock(&self.inner.restore.retiring)
+            .insert(cold_key.clone(), std::time::Instant::now() + grace);
+        let (me, cold) = (self.downgrade(), cold.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let Some(store) = me.upgrade() else { return };
+            if store.led_partitions().contains(p)
+                && let Err(e) = cold.delete(&cold_key).await
+            {
+                tracing::warn!(key = %cold_key, error = %e, "could not delete a restored object's cold copy; the orphan sweep retries");
+            }
+            lock(&store.inner.restore.retiring).remove(&cold_key);
+        });
     }
 
     /// One engine write that makes the record under `key` name `new` instead of the
@@ -605,7 +739,11 @@ impl Store {
             let Some(p) = partition_of(&key) else {
                 continue;
             };
-            if !led.contains(p) || named.contains(&key) || modified > cutoff {
+            if !led.contains(p)
+                || named.contains(&key)
+                || modified > cutoff
+                || self.inner.restore.is_retiring(&key)
+            {
                 continue;
             }
             // Still leading right before the delete (see `discard_data`).
@@ -677,6 +815,7 @@ mod tests {
             options: Vec::new(),
             timeout: Duration::from_secs(5),
             delete_grace: Duration::ZERO,
+            retire_grace: Duration::ZERO,
         })
         .unwrap();
         s.set_cold_tier(Arc::new(cold));
@@ -797,6 +936,7 @@ mod tests {
                 options: Vec::new(),
                 timeout: Duration::from_secs(5),
                 delete_grace: Duration::ZERO,
+                retire_grace: Duration::ZERO,
             })
             .unwrap(),
         );
@@ -823,12 +963,12 @@ mod tests {
         }
         let tenant = s.catalog().tenant_by_id(t).await.unwrap().unwrap();
         let mut spec = tenant.spec.clone();
-        spec.tiering.cold_after_seconds = Some(1);
+        spec.tiering.cold_after_seconds = Some(2);
         s.catalog()
             .update_tenant(&tenant.name, &spec)
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 3);
 
         // Without the policy, reads are not counted.
@@ -869,6 +1009,8 @@ mod tests {
             (2, (3u64 << 20) + 4, 0),
             "{out:?}"
         );
+        // The restored objects' age counts from the restore: the next pass leaves them.
+        assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 0);
         for k in ["big", "small", "other"] {
             assert!(!is_cold(&s, t, k).await, "{k} is hot");
         }
@@ -897,11 +1039,78 @@ mod tests {
             "no cold copy is left"
         );
 
-        // The restored objects' age counts from the restore: the next pass leaves them;
-        // a second later they are cold again.
-        assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 0);
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // Two seconds after the restore they are cold again.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 3);
         assert_eq!(read_all(&s, t, "big").await, big);
+
+        // The switch is conditional: a record that changed since it was read is left
+        // alone (a restore or move that raced an overwrite).
+        let stale = s.head_object(t, "b", "small").await.unwrap();
+        s.put_object(
+            t,
+            "b",
+            "small",
+            body(3, 5),
+            None,
+            ObjectMeta::default(),
+            Conditions::default(),
+        )
+        .await
+        .unwrap();
+        let (_, mut k) = s.object_location(t, "b").await.unwrap();
+        k.extend_from_slice(b"small");
+        let switched = s
+            .switch_data(
+                k,
+                &stale,
+                ObjectData::inline(b"tiny".to_vec()),
+                vec![],
+                Some(1),
+            )
+            .await
+            .unwrap();
+        assert!(!switched, "a stale switch is refused");
+        assert_eq!(read_all(&s, t, "small").await, vec![5u8; 3]);
+    }
+
+    /// The read counter stays bounded: one tenant gets at most its share of the table
+    /// (another is still counted), and a pass forgets the counts of partitions this
+    /// node does not lead and of tenants without the policy.
+    #[test]
+    fn the_read_counter_is_bounded_per_tenant_and_forgets() {
+        let r = RestoreOnRead::default();
+        let a = TenantId(uuid::Uuid::from_u128(1));
+        let b = TenantId(uuid::Uuid::from_u128(2));
+        let mut all = crate::model::PartitionSet::none(4);
+        for p in 0..4 {
+            all.insert(PartitionId(p));
+        }
+        r.refresh([(a, 1), (b, 1)].into(), &all);
+        let key = |p: u16, i: u32| {
+            let mut k = p.to_be_bytes().to_vec();
+            k.extend_from_slice(&i.to_be_bytes());
+            k
+        };
+        for i in 0..(MAX_COUNTED_PER_TENANT as u32 + 100) {
+            r.count(a, key(0, i), 1);
+        }
+        assert_eq!(r.counted(), MAX_COUNTED_PER_TENANT);
+        r.count(b, key(1, 0), 1);
+        assert_eq!(
+            r.counted(),
+            MAX_COUNTED_PER_TENANT + 1,
+            "b is still counted"
+        );
+        assert_eq!(r.due().len(), MAX_COUNTED_PER_TENANT + 1);
+        // Partition 0 is not led any more, and a loses the policy: only b's count stays.
+        let mut led = crate::model::PartitionSet::none(4);
+        led.insert(PartitionId(1));
+        r.refresh([(b, 1)].into(), &led);
+        assert_eq!(r.counted(), 1);
+        r.refresh(HashMap::new(), &led);
+        assert_eq!(r.counted(), 0);
+        r.count(b, key(1, 0), 1);
+        assert_eq!(r.counted(), 0, "no policy, no count");
     }
 }

@@ -90,6 +90,8 @@ pub struct Metrics {
     /// Objects and bytes restore on read brought back from the cold tier.
     pub cold_restored_objects: Counter,
     pub cold_restored_bytes: Counter,
+    /// Objects restore on read could not bring back (they stay cold).
+    pub cold_restore_failures: Counter,
     /// Cold copies no record named, deleted by the sweep.
     pub cold_orphans_deleted: Counter,
     /// 1 while the last call to the cold tier succeeded (0 also without a cold tier).
@@ -221,8 +223,16 @@ impl Default for Metrics {
         let cold_restored_bytes = Counter::default();
         registry.register(
             "cold_restored_bytes",
-            "Bytes of object data restore on read brought back to the hot tier",
+            "Bytes of object data restore on read read back from the cold tier (including \
+             copies made for objects that changed meanwhile)",
             cold_restored_bytes.clone(),
+        );
+        let cold_restore_failures = Counter::default();
+        registry.register(
+            "cold_restore_failures",
+            "Objects restore on read could not bring back to the hot tier (their cold copy \
+             failed to read or verify, or the local write failed); they stay cold",
+            cold_restore_failures.clone(),
         );
         let cold_orphans_deleted = Counter::default();
         registry.register(
@@ -272,6 +282,7 @@ impl Default for Metrics {
             cold_moved_bytes,
             cold_restored_objects,
             cold_restored_bytes,
+            cold_restore_failures,
             cold_orphans_deleted,
             cold_tier_reachable,
             cold_move_failures,
