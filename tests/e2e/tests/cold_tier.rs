@@ -735,6 +735,66 @@ async fn on_a_cluster_primaries_move_and_replicas_follow() {
     }
     assert_eq!(files_under(cold_dir.path()).len(), objects.len());
     println!("cluster: n4 joined and holds {n4_cold} cold bytes' records, no chunk file");
+
+    // Restore on read on the cluster: the first bucket loses its Days-0 rule, and the
+    // tenant's policy restores an object after two reads (and moves it again only an
+    // hour later). Reads go through n2, which forwards them to the primary, which
+    // counts them.
+    let (st, v) = Admin::new(&c.nodes[1].proc)
+        .call(
+            reqwest::Method::PUT,
+            "/tenants/archive",
+            Some(
+                serde_json::json!({"tiering": {"coldAfterSeconds": 3600, "restoreAfterReads": 2}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st, 200, "{v}");
+    let s3 = client(&c, 1);
+    s3.delete_bucket_lifecycle()
+        .bucket(&buckets[0])
+        .send()
+        .await
+        .unwrap();
+    let (b, _, big) = &objects[0];
+    // (Reads count once a pass has seen the policy: read until the restore happens.)
+    eventually("the often-read object to be restored", 60, || async {
+        assert_eq!(&get(&s3, b, "big", None).await, big);
+        let head = s3.head_object().bucket(b).key("big").send().await.ok()?;
+        head.storage_class().is_none().then_some(())
+    })
+    .await;
+    // Its chunk files reach its three replicas (the switch waits for them).
+    eventually("the restored chunk files on three nodes", 60, || async {
+        let holding = c
+            .nodes
+            .iter()
+            .filter(|m| !chunk_files(&m.proc.data_dir).is_empty())
+            .count();
+        (holding == 3).then_some(())
+    })
+    .await;
+    let mut restored = 0.0;
+    for (i, m) in c.nodes.iter().enumerate() {
+        restored += metric(
+            &m.proc.metrics().await.unwrap(),
+            "granary_cold_restored_objects_total",
+        );
+        assert_eq!(
+            &get(&client(&c, i), b, "big", None).await,
+            big,
+            "{b}/big restored, through n{}",
+            i + 1
+        );
+    }
+    assert_eq!(restored, 1.0, "restored once, by its primary");
+    let u = admin(&c.nodes[2].proc, "/tenants/archive/usage").await;
+    assert_eq!(
+        u["hotBytes"].as_u64(),
+        Some(big.len() as u64),
+        "usage counts it hot again: {u}"
+    );
 }
 
 /// Restore on read (the tenant's `restoreAfterReads`): a cold object read that many
