@@ -6,6 +6,10 @@
 #   granary            A and B with equal QoS (no caps)
 #   granary, A capped  A's QoS maxConcurrentRequests=4 (the isolation Granary has today)
 #   garage             two keys on one Garage node (it has no tenant isolation)
+#   floor              A floods a second granary node (another process, another data
+#                      directory) while B runs on the first: what the machine itself
+#                      (2 cores shared by clients and servers, one disk) costs B, which
+#                      no isolation inside a node can remove
 # Single node, fsync on everywhere, all on this machine, same client (s3bench).
 #
 #   bench/noisy.sh
@@ -21,6 +25,7 @@ FLOOD="${NOISY_FLOOD_CONCURRENCY:-16}"
 PEER="${NOISY_PEER:-garage}"      # garage | none
 CAPPED="${NOISY_CAPPED:-1}"       # 0: skip the "A capped" pair
 B_OP="${NOISY_B_OP:-mixed}"       # B's operation: mixed | get | put
+FLOOR="${NOISY_FLOOR:-1}"         # 0: skip the "floor" pair
 NODES=1
 GARAGE_VERSION=2.5.0
 CACHE="${GRANARY_TOOLS_CACHE:-$HOME/.cache/granary-tools}"
@@ -37,22 +42,29 @@ fi
 . bench/lib.sh
 bench_setup noisy
 
-echo "==> starting granary-node dev in $WORK/granary" >&2
-GP=$(port); AP=$(port)
-"$TARGET/granary-node" dev --data-dir "$WORK/granary" --s3-listen "127.0.0.1:$GP" \
-  --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$AP" --rpc-listen "127.0.0.1:$(port)" \
-  > "$WORK/granary.out" 2> "$WORK/granary.err" &
-PIDS+=($!)
-for _ in $(seq 100); do grep -q "Secret key" "$WORK/granary.out" 2>/dev/null && break; sleep 0.1; done
-TOKEN=$(cat "$WORK/granary/admin.token")
-admin() { # method path [json]
-  curl -sS -f -X "$1" -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
-    ${3:+--data "$3"} "http://127.0.0.1:$AP/admin/v1$2"
+start_node() { # name -> sets GP (S3 port) and AP (admin port) of a dev node in $WORK/name
+  echo "==> starting granary-node dev in $WORK/$1" >&2
+  GP=$(port); AP=$(port)
+  "$TARGET/granary-node" dev --data-dir "$WORK/$1" --s3-listen "127.0.0.1:$GP" \
+    --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$AP" --rpc-listen "127.0.0.1:$(port)" \
+    > "$WORK/$1.out" 2> "$WORK/$1.err" &
+  PIDS+=($!)
+  for _ in $(seq 100); do grep -q "Secret key" "$WORK/$1.out" 2>/dev/null && break; sleep 0.1; done
+}
+admin() { # method path [json] (on the node at $AP, data in $WORK/$NODE_DIR)
+  curl -sS -f -X "$1" -H "Authorization: Bearer $(cat "$WORK/$NODE_DIR/admin.token")" \
+    -H 'content-type: application/json' ${3:+--data "$3"} "http://127.0.0.1:$AP/admin/v1$2"
 }
 tenant() { # name -> "AK SK"
   admin POST /tenants "{\"name\":\"$1\"}" > /dev/null
   admin POST "/tenants/$1/keys" '{}' | python3 -c 'import json,sys; k=json.load(sys.stdin); print(k["accessKeyId"], k["secretAccessKey"])'
 }
+if [ "$FLOOR" = 1 ]; then
+  start_node floor; NODE_DIR=floor
+  FLOOR_EP="http://127.0.0.1:$GP"
+  read -r F_AK F_SK < <(tenant noisy-a)
+fi
+start_node granary; NODE_DIR=granary
 read -r A_AK A_SK < <(tenant noisy-a)
 read -r B_AK B_SK < <(tenant quiet-b)
 
@@ -71,10 +83,10 @@ flood() { # endpoint ak sk bucket label
     --op mixed --size 67108864 --concurrency "$FLOOD" --seconds "$((SECS + 8))" --label "$5"
 }
 # B alone, then B while A floods (A starts first and ends after B).
-pair() { # endpoint a_ak a_sk a_bucket b_ak b_sk b_bucket label
+pair() { # endpoint a_ak a_sk a_bucket b_ak b_sk b_bucket label [A's endpoint]
   local alone flooded a
   alone=$(quiet "$1" "$5" "$6" "$7" "$8-alone")
-  flood "$1" "$2" "$3" "$4" "$8-flood" > "$WORK/flood.json" &
+  flood "${9:-$1}" "$2" "$3" "$4" "$8-flood" > "$WORK/flood.json" &
   local fp=$!
   sleep 4
   flooded=$(quiet "$1" "$5" "$6" "$7" "$8-flooded")
@@ -93,6 +105,9 @@ PY
 echo; echo "noisy neighbour: B $B_OP 4 KiB at $RATE ops/s, A mixed 64 MiB x $FLOOD, ${SECS} s"
 G_EP="http://127.0.0.1:$GP"
 pair "$G_EP" "$A_AK" "$A_SK" noisy-a "$B_AK" "$B_SK" quiet-b granary
+if [ "$FLOOR" = 1 ]; then
+  pair "$G_EP" "$F_AK" "$F_SK" noisy-a "$B_AK" "$B_SK" quiet-b "floor (A elsewhere)" "$FLOOR_EP"
+fi
 if [ "$CAPPED" = 1 ]; then
   admin PUT /tenants/noisy-a '{"qos":{"maxConcurrentRequests":4}}' > /dev/null
   sleep 6 # the QoS re-read interval

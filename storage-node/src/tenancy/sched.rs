@@ -286,7 +286,11 @@ impl IoScheduler {
                 .all(|(c, t)| *c == class || now.duration_since(*t) >= ACTIVE)
                 && s.holders.keys().all(|c| *c == class)
                 && s.in_use < slots * ALONE_FACTOR;
-            if s.queue.is_empty() && (turn || s.in_use < slots || alone) {
+            // A turn takes no slot: when nobody waiting is due before it (its finish
+            // tag is the smallest), it goes now rather than at the next release, which
+            // may be a whole piece (or a chunk's fsync) away.
+            let first = turn && s.queue.peek().is_none_or(|w| finish < w.finish);
+            if first || (s.queue.is_empty() && (turn || s.in_use < slots || alone)) {
                 if !turn {
                     s.in_use += 1;
                     *s.holders.entry(class).or_default() += 1;
@@ -350,8 +354,17 @@ impl IoScheduler {
                 }
                 Err(c) => {
                     if tx.send(()).is_ok() {
-                        // The slot passes to the waiter: in_use is unchanged.
+                        // The slot passes to the waiter: in_use is unchanged. Turns that
+                        // are now first go too (they take no slot).
                         *s.holders.entry(c).or_default() += 1;
+                        while s.queue.peek().is_some_and(|w| w.turn.is_ok()) {
+                            if let Some(mut w) = s.queue.pop() {
+                                s.vtime = s.vtime.max(w.start);
+                                if let Some(tx) = w.tx.take() {
+                                    let _ = tx.send(());
+                                }
+                            }
+                        }
                         return;
                     }
                     // That waiter gave up (its request was cancelled): the next one.
@@ -414,14 +427,22 @@ mod tests {
             order2.lock().unwrap().push("c".into());
         }));
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(order.lock().unwrap().is_empty());
+        // The small request goes at once, while the slot is still held: a turn takes no
+        // slot, and nobody waiting is due before it. The flooder's pieces wait.
+        assert_eq!(*order.lock().unwrap(), vec!["c".to_string()]);
+        // The flooder's own small request is due after its queued pieces: it waits
+        // for them.
+        let mut flooder_turn = Box::pin(s.turn(tenant(1), 4096));
+        assert!(futures::poll!(flooder_turn.as_mut()).is_pending());
         drop(held);
         for t in tasks {
             t.await.unwrap();
         }
+        tokio::time::timeout(Duration::from_secs(1), flooder_turn)
+            .await
+            .expect("the flooder's turn comes once its pieces are served");
         let order = order.lock().unwrap().clone();
-        assert_eq!(order[0], "c", "{order:?}");
-        assert_eq!(order.len(), 5);
+        assert_eq!(order, ["c", "a0", "a1", "a2", "a3"]);
     }
 
     /// A waiter cancelled after it was handed a slot, before it ran, gives the slot to
