@@ -70,6 +70,22 @@ pub fn admin_spec(t: &Tenant) -> Result<Value> {
     if let Some(n) = s.tiering.as_ref().and_then(|t| t.restore_after_reads) {
         tiering["restoreAfterReads"] = json!(n);
     }
+    if let Some(b) = s
+        .tiering
+        .as_ref()
+        .and_then(|t| t.buckets.as_ref())
+        .filter(|b| !b.is_empty())
+    {
+        tiering["buckets"] = json!(b);
+    }
+    if let Some(p) = s
+        .tiering
+        .as_ref()
+        .and_then(|t| t.prefix.as_ref())
+        .filter(|p| !p.is_empty())
+    {
+        tiering["prefix"] = json!(p);
+    }
     Ok(json!({
         "quotas": {
             "storageBytes": bytes(&s.quotas.storage, "quotas.storage")?,
@@ -667,13 +683,21 @@ mod tests {
         assert_eq!(v["qos"]["bandwidthBytesPerSecond"], 400u64 * 1024 * 1024);
         assert_eq!(v["tiering"]["coldAfterSeconds"], 720 * 3600);
         assert_eq!(v["tiering"]["restoreAfterReads"], 3);
+        assert_eq!(v["tiering"]["buckets"], json!(["events"]));
+        assert_eq!(v["tiering"]["prefix"], "raw/");
         assert_eq!(node_tenant_name(&t), "team-analytics.analytics");
         // Unset, the field is left out (a node from before it refuses it).
         let mut t2 = t.clone();
         if let Some(tr) = t2.spec.tiering.as_mut() {
             tr.restore_after_reads = None;
         }
+        if let Some(tr) = t2.spec.tiering.as_mut() {
+            tr.buckets = None;
+            tr.prefix = Some(String::new());
+        }
         let v = admin_spec(&t2).unwrap();
-        assert!(v["tiering"].get("restoreAfterReads").is_none(), "{v}");
+        for field in ["restoreAfterReads", "buckets", "prefix"] {
+            assert!(v["tiering"].get(field).is_none(), "{field}: {v}");
+        }
     }
 }

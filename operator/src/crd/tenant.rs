@@ -163,6 +163,12 @@ pub struct Tiering {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub restore_after_reads: Option<u32>,
+    /// The policy covers only these buckets (unset or empty: all the tenant's buckets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buckets: Option<Vec<String>>,
+    /// The policy covers only object keys starting with this (unset: every key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -94,6 +94,12 @@ pub struct Tiering {
     /// tier by the mover. None: cold objects stay cold until overwritten.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_after_reads: Option<u32>,
+    /// The policy covers only these buckets (empty: all the tenant's buckets).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub buckets: Vec<String>,
+    /// The policy covers only keys starting with this (empty: every key).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prefix: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -343,20 +343,24 @@ impl Store {
             return Ok(out);
         }
         for tenant in tenants {
-            let tenant_rule = tenant.spec.tiering.cold_after_seconds.map(|s| Rule {
+            let policy = &tenant.spec.tiering;
+            let tenant_rule = policy.cold_after_seconds.map(|s| Rule {
                 after_ms: i64::try_from(s).unwrap_or(i64::MAX).saturating_mul(1000),
-                prefix: String::new(),
-                min_size: tenant.spec.tiering.min_object_size.unwrap_or(0),
+                prefix: policy.prefix.clone(),
+                min_size: policy.min_object_size.unwrap_or(0),
                 max_size: None,
             });
             for bucket in self.catalog().list_buckets(tenant.id).await? {
+                let tenant_rule = tenant_rule
+                    .as_ref()
+                    .filter(|_| policy.buckets.is_empty() || policy.buckets.contains(&bucket.name));
                 // Only what this node leads, checked before the catalog is asked for the
                 // bucket's rules.
                 let p = self.partition(tenant.id, &bucket.name);
                 if !self.led_partitions().contains(p) {
                     continue;
                 }
-                let mut rules: Vec<Rule> = tenant_rule.iter().cloned().collect();
+                let mut rules: Vec<Rule> = tenant_rule.into_iter().cloned().collect();
                 if let Some(lc) = self.bucket_lifecycle(&bucket).await? {
                     rules.extend(lc.rules.iter().filter(|r| r.enabled).map(|r| Rule {
                         after_ms: i64::from(r.days) * 86_400_000,
@@ -1072,6 +1076,58 @@ mod tests {
             .unwrap();
         assert!(!switched, "a stale switch is refused");
         assert_eq!(read_all(&s, t, "small").await, vec![5u8; 3]);
+    }
+
+    /// A tenant policy limited to some buckets and a key prefix moves only what it
+    /// names.
+    #[tokio::test]
+    async fn a_tenant_policy_moves_only_its_buckets_and_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, t) = crate::model::test_store_with_tenant(&dir.path().join("node")).await;
+        let cold = ColdTier::open(&ColdConfig {
+            url: format!("file://{}", dir.path().join("cold").display()),
+            options: Vec::new(),
+            timeout: Duration::from_secs(5),
+            delete_grace: Duration::ZERO,
+            retire_grace: Duration::ZERO,
+        })
+        .unwrap();
+        s.set_cold_tier(Arc::new(cold));
+        for b in ["b", "c"] {
+            s.create_bucket(t, b).await.unwrap();
+            for k in ["logs/x", "data/y"] {
+                s.put_object(
+                    t,
+                    b,
+                    k,
+                    body(100, 1),
+                    None,
+                    ObjectMeta::default(),
+                    Conditions::default(),
+                )
+                .await
+                .unwrap();
+            }
+        }
+        let tenant = s.catalog().tenant_by_id(t).await.unwrap().unwrap();
+        let mut spec = tenant.spec.clone();
+        spec.tiering.cold_after_seconds = Some(0);
+        spec.tiering.buckets = vec!["b".into()];
+        spec.tiering.prefix = "logs/".into();
+        s.catalog()
+            .update_tenant(&tenant.name, &spec)
+            .await
+            .unwrap();
+        assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 1);
+        for (b, k, cold) in [
+            ("b", "logs/x", true),
+            ("b", "data/y", false),
+            ("c", "logs/x", false),
+            ("c", "data/y", false),
+        ] {
+            let rec = s.head_object(t, b, k).await.unwrap();
+            assert_eq!(rec.data.is_cold(), cold, "{b}/{k}");
+        }
     }
 
     /// The read counter stays bounded: one tenant gets at most its share of the table

@@ -729,6 +729,12 @@ async fn operator_reconciles_clusters_and_tenants_against_a_real_apiserver() {
     assert_eq!(t["spec"]["tiering"]["coldAfterSeconds"], 720 * 3600, "{t}");
     assert_eq!(t["spec"]["tiering"]["minObjectSize"], 1024 * 1024, "{t}");
     assert_eq!(t["spec"]["tiering"]["restoreAfterReads"], 3, "{t}");
+    assert_eq!(
+        t["spec"]["tiering"]["buckets"],
+        serde_json::json!(["events"]),
+        "{t}"
+    );
+    assert_eq!(t["spec"]["tiering"]["prefix"], "raw/", "{t}");
 
     // A cold tier on the StorageCluster reaches the node configuration (under the
     // cluster's own prefix) and its Secret the storage pods' environment.
