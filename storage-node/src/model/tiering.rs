@@ -803,6 +803,24 @@ mod tests {
     use crate::model::data::ByteStream;
     use crate::model::object::{Conditions, ObjectMeta};
 
+    /// A store with a tenant and a `file://` cold tier under `dir` (no grace for
+    /// deletes).
+    async fn store_with_cold_tier(dir: &std::path::Path) -> (Store, TenantId, Arc<ColdTier>) {
+        let (s, t) = crate::model::test_store_with_tenant(&dir.join("node")).await;
+        let cold = Arc::new(
+            ColdTier::open(&ColdConfig {
+                url: format!("file://{}", dir.join("cold").display()),
+                options: Vec::new(),
+                timeout: Duration::from_secs(5),
+                delete_grace: Duration::ZERO,
+                retire_grace: Duration::ZERO,
+            })
+            .unwrap(),
+        );
+        s.set_cold_tier(cold.clone());
+        (s, t, cold)
+    }
+
     fn body(len: usize, seed: u8) -> ByteStream {
         Box::pin(futures::stream::iter([Ok(Bytes::from(vec![seed; len]))]))
     }
@@ -813,16 +831,7 @@ mod tests {
     #[tokio::test]
     async fn a_move_shifts_bytes_from_hot_to_cold_in_the_counters() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, t) = crate::model::test_store_with_tenant(&dir.path().join("node")).await;
-        let cold = ColdTier::open(&ColdConfig {
-            url: format!("file://{}", dir.path().join("cold").display()),
-            options: Vec::new(),
-            timeout: Duration::from_secs(5),
-            delete_grace: Duration::ZERO,
-            retire_grace: Duration::ZERO,
-        })
-        .unwrap();
-        s.set_cold_tier(Arc::new(cold));
+        let (s, t, _) = store_with_cold_tier(dir.path()).await;
         s.create_bucket(t, "b").await.unwrap();
         let sizes = [("cold/a", 1000usize), ("cold/b", 3 << 20), ("hot/c", 5000)];
         for (k, len) in sizes {
@@ -933,18 +942,7 @@ mod tests {
     #[tokio::test]
     async fn objects_read_often_enough_come_back_to_the_hot_tier() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, t) = crate::model::test_store_with_tenant(&dir.path().join("node")).await;
-        let cold = Arc::new(
-            ColdTier::open(&ColdConfig {
-                url: format!("file://{}", dir.path().join("cold").display()),
-                options: Vec::new(),
-                timeout: Duration::from_secs(5),
-                delete_grace: Duration::ZERO,
-                retire_grace: Duration::ZERO,
-            })
-            .unwrap(),
-        );
-        s.set_cold_tier(cold.clone());
+        let (s, t, cold) = store_with_cold_tier(dir.path()).await;
         s.create_bucket(t, "b").await.unwrap();
         let big: Vec<u8> = (0..(3u32 << 20)).map(|i| (i % 251) as u8).collect();
         let objects = [
@@ -1083,16 +1081,7 @@ mod tests {
     #[tokio::test]
     async fn a_tenant_policy_moves_only_its_buckets_and_prefix() {
         let dir = tempfile::tempdir().unwrap();
-        let (s, t) = crate::model::test_store_with_tenant(&dir.path().join("node")).await;
-        let cold = ColdTier::open(&ColdConfig {
-            url: format!("file://{}", dir.path().join("cold").display()),
-            options: Vec::new(),
-            timeout: Duration::from_secs(5),
-            delete_grace: Duration::ZERO,
-            retire_grace: Duration::ZERO,
-        })
-        .unwrap();
-        s.set_cold_tier(Arc::new(cold));
+        let (s, t, _) = store_with_cold_tier(dir.path()).await;
         for b in ["b", "c"] {
             s.create_bucket(t, b).await.unwrap();
             for k in ["logs/x", "data/y"] {
