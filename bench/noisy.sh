@@ -50,6 +50,7 @@ start_node() { # name -> sets GP (S3 port) and AP (admin port) of a dev node in 
     > "$WORK/$1.out" 2> "$WORK/$1.err" &
   PIDS+=($!)
   for _ in $(seq 100); do grep -q "Secret key" "$WORK/$1.out" 2>/dev/null && break; sleep 0.1; done
+  [ -s "$WORK/$1/admin.token" ] || { echo "granary-node $1 did not start:" >&2; cat "$WORK/$1.err" >&2; exit 1; }
 }
 admin() { # method path [json] (on the node at $AP, data in $WORK/$NODE_DIR)
   curl -sS -f -X "$1" -H "Authorization: Bearer $(cat "$WORK/$NODE_DIR/admin.token")" \
@@ -61,6 +62,7 @@ tenant() { # name -> "AK SK"
 }
 if [ "$FLOOR" = 1 ]; then
   start_node floor; NODE_DIR=floor
+  FLOOR_PID=${PIDS[-1]}
   FLOOR_EP="http://127.0.0.1:$GP"
   read -r F_AK F_SK < <(tenant noisy-a)
 fi
@@ -107,6 +109,7 @@ G_EP="http://127.0.0.1:$GP"
 pair "$G_EP" "$A_AK" "$A_SK" noisy-a "$B_AK" "$B_SK" quiet-b granary
 if [ "$FLOOR" = 1 ]; then
   pair "$G_EP" "$F_AK" "$F_SK" noisy-a "$B_AK" "$B_SK" quiet-b "floor (A elsewhere)" "$FLOOR_EP"
+  kill "$FLOOR_PID" 2>/dev/null || true # idle from here on; not part of the other pairs
 fi
 if [ "$CAPPED" = 1 ]; then
   admin PUT /tenants/noisy-a '{"qos":{"maxConcurrentRequests":4}}' > /dev/null

@@ -327,16 +327,34 @@ impl Node {
                         .filter(|v| v.state != crate::cluster::NodeState::Failed)
                         .count();
                     limits.set_nodes(u32::try_from(serving).unwrap_or(u32::MAX));
+                    // Requests under the tenant's id, bytes under `<id>/bytes` (a key
+                    // older nodes cannot parse as a tenant, so they skip it).
                     let mine = limits.roll_demand();
-                    cluster.set_local_demand(mine.into_iter().map(|(t, d)| (t.to_string(), d)));
+                    cluster.set_local_demand(mine.into_iter().flat_map(|(t, d)| {
+                        [
+                            (t.to_string(), d.requests),
+                            (format!("{t}{BYTES_KEY}"), d.bytes),
+                        ]
+                    }));
                     let (peers, known) = cluster.peer_demand();
-                    limits.set_peer_demand(
-                        peers
-                            .into_iter()
-                            .filter_map(|(t, d)| Some((t.parse().ok()?, d)))
-                            .collect(),
-                        known,
-                    );
+                    let mut demand: std::collections::HashMap<
+                        crate::types::TenantId,
+                        crate::tenancy::rate::Demand,
+                    > = Default::default();
+                    for (key, d) in peers {
+                        let (id, bytes) = match key.strip_suffix(BYTES_KEY) {
+                            Some(id) => (id, true),
+                            None => (key.as_str(), false),
+                        };
+                        let Ok(t) = id.parse() else { continue };
+                        let e = demand.entry(t).or_default();
+                        if bytes {
+                            e.bytes += d;
+                        } else {
+                            e.requests += d;
+                        }
+                    }
+                    limits.set_peer_demand(demand, known);
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}
                         _ = shutdown.wait_for(|v| *v) => return,
@@ -793,6 +811,9 @@ async fn cold_mover(
         backoff = if up { 1 } else { (backoff * 2).min(16) };
     }
 }
+
+/// The suffix of a tenant's byte demand in the demand a node tells its peers.
+const BYTES_KEY: &str = "/bytes";
 
 /// A watch channel that flips to true on SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {

@@ -290,6 +290,21 @@ fn check_spec(spec: &TenantSpec) -> Result<(), ApiError> {
             "qos.weight must be between 1 and 10000, not {w}"
         )));
     }
+    if let Some(b) = spec
+        .tiering
+        .buckets
+        .iter()
+        .find(|b| !(3..=63).contains(&b.len()))
+    {
+        return Err(ApiError::bad_request(format!(
+            "tiering.buckets: {b:?} is not a bucket name (3 to 63 characters)"
+        )));
+    }
+    if spec.tiering.prefix.len() > 1024 {
+        return Err(ApiError::bad_request(
+            "tiering.prefix is longer than an object key can be (1024 bytes)",
+        ));
+    }
     if spec.tiering.restore_after_reads == Some(0) {
         return Err(ApiError::bad_request(
             "tiering.restoreAfterReads must be at least 1 (leave it out to never restore)",

@@ -94,12 +94,29 @@ pub struct Tiering {
     /// tier by the mover. None: cold objects stay cold until overwritten.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_after_reads: Option<u32>,
-    /// The policy covers only these buckets (empty: all the tenant's buckets).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// The policy covers only these buckets (empty or null: all the tenant's buckets).
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub buckets: Vec<String>,
-    /// The policy covers only keys starting with this (empty: every key).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
+    /// The policy covers only keys starting with this (empty or null: every key).
+    #[serde(
+        default,
+        skip_serializing_if = "String::is_empty",
+        deserialize_with = "null_as_default"
+    )]
     pub prefix: String,
+}
+
+/// A field given as `null` takes its default, as an absent one does.
+fn null_as_default<'de, D, T>(d: D) -> std::result::Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -346,17 +346,77 @@ async fn forward_in(
     let f = fronts(&s)?;
     let (mut parts, body) = req.into_parts();
     super::forward::restore(&mut parts).map_err(ApiError::bad_request)?;
-    match front.as_str() {
+    let body = Body::new(DrainOnDrop(Some(body)));
+    let mut answer = match front.as_str() {
         "s3" => {
             let req = http::Request::from_parts(parts, s3s::Body::http_body_unsync(body));
-            Ok(f.s3.handle(req).await.map(Body::new))
+            f.s3.handle(req).await.map(Body::new)
         }
-        "kv" => Ok(crate::kv::handle(State(f.kv.clone()), Request::from_parts(parts, body)).await),
-        _ => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NoSuchRoute",
-            "forwarded requests go to s3 or kv",
-        )),
+        "kv" => crate::kv::handle(State(f.kv.clone()), Request::from_parts(parts, body)).await,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NoSuchRoute",
+                "forwarded requests go to s3 or kv",
+            ));
+        }
+    };
+    // `Connection: close` is for the client's connection (the forwarding node passes
+    // the answer on); this one, between the nodes, stays open while the rest of a
+    // refused body drains.
+    answer.headers_mut().remove(http::header::CONNECTION);
+    Ok(answer)
+}
+
+/// A forwarded request's body. If the front answers without reading all of it (a
+/// refusal such as SlowDown or AccessDenied, given before the body), the rest is read
+/// and dropped in the background (for at most a minute) instead of being left unread:
+/// the peer is still sending it, and a connection closed on unread data is reset,
+/// which can destroy the answer before the peer reads it (it would then tell its client
+/// that the outcome is unknown, a 502, instead of passing the refusal on).
+struct DrainOnDrop(Option<Body>);
+
+impl http_body::Body for DrainOnDrop {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        match self.0.as_mut() {
+            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(http_body::Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.as_ref().map_or_else(
+            || http_body::SizeHint::with_exact(0),
+            http_body::Body::size_hint,
+        )
+    }
+}
+
+impl Drop for DrainOnDrop {
+    fn drop(&mut self) {
+        let Some(body) = self.0.take() else { return };
+        if http_body::Body::is_end_stream(&body) {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let drain = async {
+                    let mut body = body;
+                    while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(60), drain).await;
+            });
+        }
     }
 }
 

@@ -25,10 +25,14 @@
 //!   intervals, during which the aggregate can be above or below the limit; a model of
 //!   the scheme with a tenant alternating floods and lulls on every node, out of phase,
 //!   stays within 1.02x of the limit on average.
-//! - `bandwidthBytesPerSecond` and `maxConcurrentRequests` are split evenly: each node
-//!   admits `1/N` (concurrency `ceil(cap / N)`, at least one), so the aggregate stays
-//!   within them however requests spread, at the cost that a tenant whose transfers all
-//!   reach one node gets `1/N` there.
+//! - `bandwidthBytesPerSecond` is shared the same way, by its own demand: the body bytes
+//!   tried on a node per second (declared bodies, admitted or refused, and the bytes
+//!   reads answered with), capped at the limit and smoothed alike. So a tenant whose
+//!   transfers all reach one node gets about 98% of its bandwidth there, not `1/N`.
+//!   Peers from before this (their answers carry no byte demand) count as having none.
+//! - `maxConcurrentRequests` is split evenly: each node admits `ceil(cap / N)`, at least
+//!   one, so the aggregate stays within it however requests spread, at the cost that a
+//!   tenant whose requests all reach one node gets `1/N` of its concurrency there.
 //! - A Tenant's QoS is read from the catalog at most every [`SPEC_TTL`]: a changed limit
 //!   takes effect within that time. A catalog that cannot be read admits (limits are
 //!   not a security boundary; quotas and authentication are).
@@ -71,6 +75,14 @@ pub struct TenantMetrics {
 /// How long a Tenant's QoS is used before it is read again.
 pub const SPEC_TTL: Duration = Duration::from_secs(5);
 
+/// A tenant's demand on one node (module docs): requests and body bytes per second
+/// tried there, each capped at its limit and smoothed.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Demand {
+    pub requests: f64,
+    pub bytes: f64,
+}
+
 /// A refused request: retry after this long.
 #[derive(Debug)]
 pub struct Throttled {
@@ -105,7 +117,7 @@ pub struct RateLimits {
     nodes: Arc<AtomicU32>,
     /// Each limited tenant's demand on the other nodes, summed over those whose demand
     /// is known, and how many those are.
-    peer_demand: Arc<std::sync::Mutex<(HashMap<TenantId, f64>, u32)>>,
+    peer_demand: Arc<std::sync::Mutex<(HashMap<TenantId, Demand>, u32)>>,
     /// Requests in flight per tenant (those with a concurrency cap).
     inflight: Counts,
     pub metrics: TenantMetrics,
@@ -224,11 +236,15 @@ struct Limiter {
     read_at: Instant,
     requests: Bucket,
     bytes: Bucket,
-    /// Requests tried here (admitted or refused) since `counted_from`.
+    /// Requests tried here (admitted or refused) since `counted_from`, and their body
+    /// bytes (declared, and answered by reads).
     tried: u64,
+    tried_bytes: u64,
     counted_from: Instant,
     /// Requests per second tried here, capped at the limit and smoothed (module docs).
     demand: f64,
+    /// Bytes per second tried here, capped at the bandwidth limit and smoothed.
+    byte_demand: f64,
 }
 
 struct Bucket {
@@ -279,23 +295,32 @@ impl RateLimits {
         self.nodes.store(n.max(1), Ordering::Relaxed);
     }
 
-    /// Ends this node's count of tried requests: each rate-limited tenant's demand
+    /// Ends this node's count of tried requests and bytes: each limited tenant's demand
     /// (module docs), for those with any, to tell the peers.
-    pub fn roll_demand(&self) -> HashMap<TenantId, f64> {
+    pub fn roll_demand(&self) -> HashMap<TenantId, Demand> {
         let now = Instant::now();
         let mut out = HashMap::new();
+        // Capped at the limit, smoothed; a trace is none.
+        let smooth = |d: f64, tried: u64, secs: f64, cap: Option<u64>| {
+            let rate = (tried as f64 / secs).min(cap.map_or(0.0, |r| r as f64));
+            let d = d / 2.0 + rate / 2.0;
+            if d < 0.01 { 0.0 } else { d }
+        };
         for (t, l) in self.lock().iter_mut() {
             let secs = now.duration_since(l.counted_from).as_secs_f64().max(0.001);
-            let cap = l.limits.0.map_or(0.0, |r| r as f64);
-            let rate = (l.tried as f64 / secs).min(cap);
-            l.demand = l.demand / 2.0 + rate / 2.0;
-            if l.demand < 0.01 {
-                l.demand = 0.0;
-            }
+            l.demand = smooth(l.demand, l.tried, secs, l.limits.0);
+            l.byte_demand = smooth(l.byte_demand, l.tried_bytes, secs, l.limits.1);
             l.tried = 0;
+            l.tried_bytes = 0;
             l.counted_from = now;
-            if l.demand > 0.0 {
-                out.insert(*t, l.demand);
+            if l.demand > 0.0 || l.byte_demand > 0.0 {
+                out.insert(
+                    *t,
+                    Demand {
+                        requests: l.demand,
+                        bytes: l.byte_demand,
+                    },
+                );
             }
         }
         out
@@ -303,7 +328,7 @@ impl RateLimits {
 
     /// The demand on the other nodes whose demand is known (`known` of them), summed
     /// per tenant.
-    pub fn set_peer_demand(&self, demand: HashMap<TenantId, f64>, known: u32) {
+    pub fn set_peer_demand(&self, demand: HashMap<TenantId, Demand>, known: u32) {
         *self
             .peer_demand
             .lock()
@@ -333,14 +358,28 @@ impl RateLimits {
 
     /// The peers' demand for `tenant`, each peer whose demand is unknown counted as
     /// having `mine`.
-    fn others(&self, tenant: TenantId, mine: f64) -> f64 {
+    fn others(&self, tenant: TenantId, mine: Demand) -> Demand {
         let peers = self.nodes.load(Ordering::Relaxed).max(1) - 1;
         let g = self
             .peer_demand
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let unknown = peers.saturating_sub(g.1);
-        g.0.get(&tenant).copied().unwrap_or(0.0) + f64::from(unknown) * mine
+        let unknown = f64::from(peers.saturating_sub(g.1));
+        let known = g.0.get(&tenant).copied().unwrap_or_default();
+        Demand {
+            requests: known.requests + unknown * mine.requests,
+            bytes: known.bytes + unknown * mine.bytes,
+        }
+    }
+
+    /// This node's demand for `tenant`.
+    fn mine(&self, tenant: TenantId) -> Demand {
+        self.lock()
+            .get(&tenant)
+            .map_or_else(Demand::default, |l| Demand {
+                requests: l.demand,
+                bytes: l.byte_demand,
+            })
     }
 
     async fn limits(&self, tenant: TenantId) -> Limits {
@@ -376,17 +415,19 @@ impl RateLimits {
             }
         };
         let now = Instant::now();
-        let others = self.others(tenant, 0.0);
+        let others = self.others(tenant, Demand::default());
         let mut tenants = self.lock();
         let l = tenants.entry(tenant).or_insert_with(|| Limiter {
             name: name.clone(),
             limits: read,
             read_at: now,
-            requests: Bucket::full(self.share(read.0, 0.0, others)),
-            bytes: Bucket::full(self.even_share(read.1)),
+            requests: Bucket::full(self.share(read.0, 0.0, others.requests)),
+            bytes: Bucket::full(self.share(read.1, 0.0, others.bytes)),
             tried: 0,
+            tried_bytes: 0,
             counted_from: now,
             demand: 0.0,
+            byte_demand: 0.0,
         });
         l.limits = read;
         l.read_at = now;
@@ -448,7 +489,7 @@ impl RateLimits {
                 });
             }
         }
-        let mine = self.lock().get(&tenant).map_or(0.0, |l| l.demand);
+        let mine = self.mine(tenant);
         let others = self.others(tenant, mine);
         let now = Instant::now();
         let mut tenants = self.lock();
@@ -457,7 +498,11 @@ impl RateLimits {
         };
         // Counted as demand whatever the verdict (the nodes share the limit by it).
         l.tried += 1;
-        let (rps, bps) = (self.share(rps, l.demand, others), self.even_share(bps));
+        l.tried_bytes = l.tried_bytes.saturating_add(bytes);
+        let (rps, bps) = (
+            self.share(rps, l.demand, others.requests),
+            self.share(bps, l.byte_demand, others.bytes),
+        );
         if let Some(r) = rps {
             l.requests.refill(r, now);
             if l.requests.tokens < 1.0 {
@@ -518,12 +563,15 @@ impl RateLimits {
     pub fn charge(&self, tenant: TenantId, bytes: u64) {
         let l = self.label(tenant);
         self.metrics.bytes.get_or_create(&l).inc_by(bytes);
+        let mine = self.mine(tenant);
+        let others = self.others(tenant, mine);
         let mut tenants = self.lock();
-        if let Some(l) = tenants.get_mut(&tenant)
-            && let Some(r) = self.even_share(l.limits.1)
-        {
-            l.bytes.refill(r, Instant::now());
-            l.bytes.tokens -= bytes as f64;
+        if let Some(l) = tenants.get_mut(&tenant) {
+            l.tried_bytes = l.tried_bytes.saturating_add(bytes);
+            if let Some(r) = self.share(l.limits.1, l.byte_demand, others.bytes) {
+                l.bytes.refill(r, Instant::now());
+                l.bytes.tokens -= bytes as f64;
+            }
         }
     }
 }
@@ -608,7 +656,7 @@ mod tests {
             let _ = r.admit(t, 0).await;
         }
         let d = r.roll_demand();
-        assert!((14.0..=15.0).contains(&d[&t]), "{d:?}");
+        assert!((14.0..=15.0).contains(&d[&t].requests), "{d:?}");
         // Peers whose demand is unknown are taken to have this node's: a third here.
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(admitted_now(&r, t).await, 10);
@@ -618,10 +666,49 @@ mod tests {
         assert!(admitted_now(&r, t).await >= 29);
         // Peers that try twice as much (known): a third is left here.
         let mine = r.lock()[&t].demand;
-        r.set_peer_demand(HashMap::from([(t, 2.0 * mine)]), 2);
+        r.set_peer_demand(
+            HashMap::from([(
+                t,
+                Demand {
+                    requests: 2.0 * mine,
+                    bytes: 0.0,
+                },
+            )]),
+            2,
+        );
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let n = admitted_now(&r, t).await;
         assert!((9..=11).contains(&n), "admitted {n}, a third of 30");
+    }
+
+    /// Bandwidth is shared by byte demand: the body bytes tried here (declared, and
+    /// charged for reads) become this node's demand, capped at the limit; with the
+    /// peers known to see none, nearly the whole bandwidth is admitted here, with the
+    /// peers unknown a third.
+    #[tokio::test]
+    async fn nodes_share_bandwidth_by_demand() {
+        let (r, t) = limited(None, Some(3000)).await;
+        r.set_nodes(3);
+        for _ in 0..5 {
+            let _ = r.admit(t, 1000).await;
+        }
+        // (Two admitted, three refused: each tried; a read answered with 1000 more.)
+        r.charge(t, 1000);
+        let d = r.roll_demand();
+        assert!((1400.0..=1500.0).contains(&d[&t].bytes), "{d:?}");
+        assert_eq!(d[&t].requests, 0.0, "no request limit, no request demand");
+        // Peers known to see none of it: nearly all the bandwidth here. The balance,
+        // 2000 below zero, is paid back within 1.1 s (at a third, 1000/s, it would
+        // not be), so a transfer passes; it takes the balance below zero again.
+        r.set_peer_demand(HashMap::new(), 2);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert!(r.admit(t, 2500).await.is_ok());
+        assert_eq!(r.admit(t, 1).await.unwrap_err().limit, "bytes");
+        // Peers unknown (taken to have this node's demand): a third.
+        r.set_peer_demand(HashMap::new(), 0);
+        let mine = r.mine(t);
+        let share = r.share(Some(3000), mine.bytes, r.others(t, mine).bytes);
+        assert!((share.unwrap() - 1000.0).abs() < 1.0, "{share:?}");
     }
 
     /// Admits `tenant` until refused (at most 100); how many were admitted.

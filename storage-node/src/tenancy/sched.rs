@@ -9,8 +9,10 @@
 //! (or at the virtual time, if later) and finishes `cost / weight` later, cost in bytes.
 //! So over a busy period each tenant gets slot time in proportion to its weight (the
 //! Tenant's `qos.weight`, default 100), whatever the number or size of its requests, and
-//! a small request of a quiet tenant waits for at most one piece per slot, not behind a
-//! flooding tenant's queue. A class alone may take up to [`ALONE_FACTOR`] times the slots.
+//! a quiet tenant's request does not queue behind a flooding tenant's pieces: its turn,
+//! which takes no slot, goes at once when its tag is first (its own pieces, if it has
+//! any, wait for the next slot release). A class alone may take up to [`ALONE_FACTOR`]
+//! times the slots.
 //!
 //! [`Class::Background`] (weight [`BACKGROUND_WEIGHT`]) is background work: a partition
 //! snapshot streamed to a replica takes its turn per piece sent, and the KV TTL and
@@ -80,6 +82,36 @@ impl Ord for Waiter {
 impl PartialOrd for Waiter {
     fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(o))
+    }
+}
+
+impl State {
+    /// Pops waiters at the head of the queue whose requests were cancelled.
+    fn drop_cancelled_head(&mut self) {
+        while self
+            .queue
+            .peek()
+            .is_some_and(|w| w.tx.as_ref().is_none_or(|t| t.is_closed()))
+        {
+            self.queue.pop();
+        }
+    }
+
+    /// Wakes the turns at the head of the queue (they take no slot), skipping
+    /// cancelled waiters, until the head is a piece.
+    fn wake_turns_at_head(&mut self) {
+        loop {
+            self.drop_cancelled_head();
+            if self.queue.peek().is_none_or(|w| w.turn.is_err()) {
+                return;
+            }
+            if let Some(mut w) = self.queue.pop() {
+                self.vtime = self.vtime.max(w.start);
+                if let Some(tx) = w.tx.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
     }
 }
 
@@ -289,8 +321,16 @@ impl IoScheduler {
             // A turn takes no slot: when nobody waiting is due before it (its finish
             // tag is the smallest), it goes now rather than at the next release, which
             // may be a whole piece (or a chunk's fsync) away.
-            let first = turn && s.queue.peek().is_none_or(|w| finish < w.finish);
-            if first || (s.queue.is_empty() && (turn || s.in_use < slots || alone)) {
+            // (Waiters that were cancelled are dropped from the head first.)
+            s.drop_cancelled_head();
+            let head = s.queue.peek().map(|w| (w.start, w.finish));
+            let first = turn && head.is_none_or(|(_, f)| finish < f);
+            if first && let Some((head_start, _)) = head {
+                // Past the queue: virtual time moves no further than the head's start,
+                // so the work waiting there is not made to look late.
+                s.vtime = s.vtime.max(start.min(head_start));
+                None
+            } else if first || (s.queue.is_empty() && (turn || s.in_use < slots || alone)) {
                 if !turn {
                     s.in_use += 1;
                     *s.holders.entry(class).or_default() += 1;
@@ -340,8 +380,10 @@ impl IoScheduler {
         }
         let slots = self.slots.load(std::sync::atomic::Ordering::Relaxed);
         if s.in_use > slots {
-            // Taken beyond the slots while a class was alone: shrink back first.
+            // Taken beyond the slots while a class was alone: shrink back first (turns
+            // at the head need no slot: they go).
             s.in_use -= 1;
+            s.wake_turns_at_head();
             return;
         }
         while let Some(mut w) = s.queue.pop() {
@@ -357,14 +399,7 @@ impl IoScheduler {
                         // The slot passes to the waiter: in_use is unchanged. Turns that
                         // are now first go too (they take no slot).
                         *s.holders.entry(c).or_default() += 1;
-                        while s.queue.peek().is_some_and(|w| w.turn.is_ok()) {
-                            if let Some(mut w) = s.queue.pop() {
-                                s.vtime = s.vtime.max(w.start);
-                                if let Some(tx) = w.tx.take() {
-                                    let _ = tx.send(());
-                                }
-                            }
-                        }
+                        s.wake_turns_at_head();
                         return;
                     }
                     // That waiter gave up (its request was cancelled): the next one.

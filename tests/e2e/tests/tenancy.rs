@@ -282,6 +282,30 @@ async fn a_tenants_concurrent_requests_are_capped() {
     assert_eq!(body.len(), 48 << 20);
 }
 
+/// Counts one answer to a limited tenant's request: admitted, or refused. Every
+/// refusal must be a 503; the rate limit's carry Retry-After (a forward refused for a
+/// busy peer would not, and is not counted). After a refusal, waits `pause`.
+async fn tally<T, E: std::fmt::Debug>(
+    answer: Result<T, aws_sdk_s3::error::SdkError<E, aws_sdk_s3::config::http::HttpResponse>>,
+    admitted: &AtomicU64,
+    refused: &AtomicU64,
+    pause: Duration,
+) {
+    match answer {
+        Ok(_) => {
+            admitted.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            let raw = e.raw_response().expect("an HTTP answer");
+            assert_eq!(raw.status().as_u16(), 503, "{e:?}");
+            if raw.headers().get("retry-after").is_some() {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
 /// HEAD requests of a rate-limited tenant against three nodes (each client on its own
 /// node) for `secs`; what was admitted and refused (every refusal a 503; the rate
 /// limit's carry Retry-After, a forward refused for a busy peer would not).
@@ -299,19 +323,8 @@ async fn hammer(clients: &[aws_sdk_s3::Client], buckets: &[String], secs: u64) -
             while Instant::now() < deadline {
                 n += 1;
                 let b = &buckets[n % buckets.len()];
-                match c.head_bucket().bucket(b).send().await {
-                    Ok(_) => {
-                        admitted.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        let raw = e.raw_response().expect("an HTTP answer");
-                        assert_eq!(raw.status().as_u16(), 503, "{e:?}");
-                        if raw.headers().get("retry-after").is_some() {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
+                let answer = c.head_bucket().bucket(b).send().await;
+                tally(answer, &admitted, &refused, Duration::from_millis(20)).await;
             }
         }));
     }
@@ -377,6 +390,83 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
     assert!(no > 0);
     assert!(ok as f64 <= 1.1 * (R * secs) as f64, "admitted {ok}");
     assert!(ok as f64 >= 0.75 * (R * secs) as f64, "admitted only {ok}");
+
+    // Bandwidth is shared by its own demand: a tenant limited to BW bytes/s writing to
+    // one bucket through all three nodes gets about BW at the bucket's primary, not a
+    // third of it. Bound: BW over the window, plus a second's burst and one body per
+    // node that may overdraw.
+    const BW: u64 = 1 << 20;
+    const BODY: usize = 128 << 10;
+    let (ak, sk) =
+        limited_tenant(&admin, "bw-limited", json!({"bandwidthBytesPerSecond": BW})).await;
+    let clients: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|m| s3_client(&m.proc.s3, &ak, &sk))
+        .collect();
+    clients[0]
+        .create_bucket()
+        .bucket("bw-bucket")
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pump(&clients, "bw-bucket", BODY, 5).await;
+    let secs = 15;
+    let (ok, no) = pump(&clients, "bw-bucket", BODY, secs).await;
+    let bytes = ok * BODY as u64;
+    println!(
+        "one bucket through 3 nodes, bandwidth: admitted {bytes} bytes ({:.0} B/s against \
+         {BW} B/s), refused {no}",
+        bytes as f64 / secs as f64
+    );
+    assert!(no > 0, "the limit refused nothing");
+    let bound = 1.1 * (BW * secs) as f64 + BW as f64 + 3.0 * BODY as f64;
+    assert!(
+        bytes as f64 <= bound,
+        "admitted {bytes} bytes, bound {bound}"
+    );
+    // Not a third of the limit (as when each node admitted 1/N).
+    assert!(
+        bytes as f64 >= 0.6 * (BW * secs) as f64,
+        "admitted only {bytes} bytes"
+    );
+}
+
+/// PUTs of `body` bytes by a bandwidth-limited tenant through three nodes (two clients
+/// per node) for `secs`: how many were admitted and refused (each refusal a 503 with
+/// Retry-After).
+async fn pump(clients: &[aws_sdk_s3::Client], bucket: &str, body: usize, secs: u64) -> (u64, u64) {
+    let admitted = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let c = clients[i % clients.len()].clone();
+        let (admitted, refused, bucket) = (admitted.clone(), refused.clone(), bucket.to_string());
+        tasks.push(tokio::spawn(async move {
+            let data = vec![i as u8; body];
+            let mut n = 0;
+            while Instant::now() < deadline {
+                n += 1;
+                let put = c
+                    .put_object()
+                    .bucket(&bucket)
+                    .key(format!("o{i}-{}", n % 4))
+                    .body(ByteStream::from(data.clone()))
+                    .send()
+                    .await;
+                tally(put, &admitted, &refused, Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    (
+        admitted.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
+    )
 }
 
 /// The I/O scheduler's sum of seconds `tenant` waited, from a node's metrics page.
@@ -397,7 +487,8 @@ fn queue_wait(page: &str, tenant: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_tenant_does_not_queue_a_quiet_one() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProc::start(dir.path()).unwrap();
+    // One disk slot: A's flood queues for certain.
+    let node = NodeProc::start_with_env(dir.path(), &[("GRANARY_IO_SLOTS", "1")]).unwrap();
     let admin = Admin::new(&node);
     let (a_ak, a_sk) = admin.tenant_with_spec("flood-a", json!({})).await.unwrap();
     let (b_ak, b_sk) = admin.tenant_with_spec("quiet-b", json!({})).await.unwrap();
@@ -493,6 +584,12 @@ async fn a_flooding_tenant_does_not_queue_a_quiet_one() {
          (slowest GET+PUT pair {slowest:.1?})",
         moved.load(Ordering::Relaxed) as f64 / 1048576.0,
         b_wait * 1000.0
+    );
+    // B's series are there under its name (a wrong label would make the wait 0 too).
+    assert!(
+        granary_e2e::cluster::metric(&page, "granary_tenant_requests_total{tenant=\"quiet-b\"}")
+            >= f64::from(b_requests),
+        "B's requests are counted under its name"
     );
     assert!(
         a_wait > 1.0,
