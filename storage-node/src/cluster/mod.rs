@@ -683,7 +683,9 @@ impl Cluster {
                             m.iter()
                                 .filter_map(|(t, d)| {
                                     let d = d.as_f64().filter(|d| d.is_finite() && *d >= 0.0)?;
-                                    Some((t.clone(), d.min(1e9)))
+                                    // (A sanity bound only: byte demand is in
+                                    // bytes per second.)
+                                    Some((t.clone(), d.min(1e18)))
                                 })
                                 .collect()
                         });

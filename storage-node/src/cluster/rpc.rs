@@ -343,10 +343,11 @@ async fn forward_in(
     Path(front): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let f = fronts(&s)?;
     let (mut parts, body) = req.into_parts();
-    super::forward::restore(&mut parts).map_err(ApiError::bad_request)?;
+    // Wrapped first, so that even a refusal below leaves the body drained.
     let body = Body::new(DrainOnDrop(Some(body)));
+    let f = fronts(&s)?;
+    super::forward::restore(&mut parts).map_err(ApiError::bad_request)?;
     let mut answer = match front.as_str() {
         "s3" => {
             let req = http::Request::from_parts(parts, s3s::Body::http_body_unsync(body));
@@ -370,11 +371,16 @@ async fn forward_in(
 
 /// A forwarded request's body. If the front answers without reading all of it (a
 /// refusal such as SlowDown or AccessDenied, given before the body), the rest is read
-/// and dropped in the background (for at most a minute) instead of being left unread:
-/// the peer is still sending it, and a connection closed on unread data is reset,
-/// which can destroy the answer before the peer reads it (it would then tell its client
-/// that the outcome is unknown, a 502, instead of passing the refusal on).
+/// and dropped in the background, for at most [`DRAIN_FOR`] and [`DRAIN_BYTES`],
+/// instead of being left unread: the peer is still sending it, and a connection closed
+/// on unread data is reset, which can destroy the answer before the peer reads it (it
+/// would then tell its client that the outcome is unknown, a 502, instead of passing
+/// the refusal on). By the end of the drain the peer has read the answer; a reset then
+/// only stops the rest of the upload.
 struct DrainOnDrop(Option<Body>);
+
+const DRAIN_FOR: Duration = Duration::from_secs(5);
+const DRAIN_BYTES: u64 = 8 << 20;
 
 impl http_body::Body for DrainOnDrop {
     type Data = bytes::Bytes;
@@ -384,10 +390,15 @@ impl http_body::Body for DrainOnDrop {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        match self.0.as_mut() {
-            Some(b) => std::pin::Pin::new(b).poll_frame(cx),
-            None => std::task::Poll::Ready(None),
+        let Some(b) = self.0.as_mut() else {
+            return std::task::Poll::Ready(None);
+        };
+        let polled = std::pin::Pin::new(b).poll_frame(cx);
+        // Ended (or failed): nothing is left to drain.
+        if matches!(polled, std::task::Poll::Ready(None | Some(Err(_)))) {
+            self.0 = None;
         }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -411,10 +422,14 @@ impl Drop for DrainOnDrop {
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 let drain = async {
-                    let mut body = body;
-                    while let Some(Ok(_)) = http_body_util::BodyExt::frame(&mut body).await {}
+                    let (mut body, mut read) = (body, 0u64);
+                    while read < DRAIN_BYTES
+                        && let Some(Ok(frame)) = http_body_util::BodyExt::frame(&mut body).await
+                    {
+                        read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                    }
                 };
-                let _ = tokio::time::timeout(Duration::from_secs(60), drain).await;
+                let _ = tokio::time::timeout(DRAIN_FOR, drain).await;
             });
         }
     }

@@ -71,7 +71,9 @@ impl S3Front {
         let resp = async {
             if let Some(refusal) = refuse_before_body(&parts) {
                 slot.set("Refused");
-                // The body is never read: dropping it closes the connection.
+                // The body is never read: dropping it closes a client's connection
+                // (lingering briefly, see server::stall); a forwarded one is drained by
+                // the RPC hop (cluster::rpc::DrainOnDrop).
                 drop(body);
                 return refusal;
             }

@@ -269,6 +269,10 @@ impl Bucket {
     }
 }
 
+/// The most body bytes one request is counted for (the largest S3 object): a declared
+/// length beyond it is a lie that must not block the tenant for ages or buy demand.
+const MAX_BODY: u64 = 5 << 40;
+
 fn burst(rate: f64) -> f64 {
     rate.max(1.0)
 }
@@ -497,6 +501,7 @@ impl RateLimits {
             return Ok(held);
         };
         // Counted as demand whatever the verdict (the nodes share the limit by it).
+        let bytes = bytes.min(MAX_BODY);
         l.tried += 1;
         l.tried_bytes = l.tried_bytes.saturating_add(bytes);
         let (rps, bps) = (
@@ -515,8 +520,12 @@ impl RateLimits {
         if let Some(r) = bps {
             l.bytes.refill(r, now);
             if l.bytes.tokens < 0.0 {
+                // Told at the even share at least: a node whose share is small only
+                // because it has not seen the tenant's demand yet gets a larger one
+                // within an interval or two.
+                let at = r.max(self.even_share(l.limits.1).unwrap_or(0.0));
                 return Err(Throttled {
-                    retry_after: wait(-l.bytes.tokens, r),
+                    retry_after: wait(-l.bytes.tokens, at),
                     limit: "bytes",
                 });
             }
@@ -563,6 +572,14 @@ impl RateLimits {
     pub fn charge(&self, tenant: TenantId, bytes: u64) {
         let l = self.label(tenant);
         self.metrics.bytes.get_or_create(&l).inc_by(bytes);
+        let bytes = bytes.min(MAX_BODY);
+        if self
+            .lock()
+            .get(&tenant)
+            .is_none_or(|l| l.limits.1.is_none())
+        {
+            return;
+        }
         let mine = self.mine(tenant);
         let others = self.others(tenant, mine);
         let mut tenants = self.lock();
