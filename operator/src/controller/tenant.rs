@@ -66,25 +66,17 @@ pub fn admin_spec(t: &Tenant) -> Result<Value> {
         "coldAfterSeconds": cold_after,
         "minObjectSize": bytes(&s.tiering.as_ref().and_then(|t| t.min_object_size.clone()), "tiering.minObjectSize")?,
     });
-    // Only when set: a node from before restore on read refuses the field.
-    if let Some(n) = s.tiering.as_ref().and_then(|t| t.restore_after_reads) {
-        tiering["restoreAfterReads"] = json!(n);
-    }
-    if let Some(b) = s
-        .tiering
-        .as_ref()
-        .and_then(|t| t.buckets.as_ref())
-        .filter(|b| !b.is_empty())
-    {
-        tiering["buckets"] = json!(b);
-    }
-    if let Some(p) = s
-        .tiering
-        .as_ref()
-        .and_then(|t| t.prefix.as_ref())
-        .filter(|p| !p.is_empty())
-    {
-        tiering["prefix"] = json!(p);
+    // Only when set: a node from before these fields refuses them.
+    if let Some(t) = &s.tiering {
+        if let Some(n) = t.restore_after_reads {
+            tiering["restoreAfterReads"] = json!(n);
+        }
+        if let Some(b) = t.buckets.as_ref().filter(|b| !b.is_empty()) {
+            tiering["buckets"] = json!(b);
+        }
+        if let Some(p) = t.prefix.as_ref().filter(|p| !p.is_empty()) {
+            tiering["prefix"] = json!(p);
+        }
     }
     Ok(json!({
         "quotas": {

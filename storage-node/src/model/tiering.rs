@@ -821,6 +821,17 @@ mod tests {
         (s, t, cold)
     }
 
+    /// Changes the tenant's tiering policy in the catalog.
+    async fn set_tiering(s: &Store, t: TenantId, f: impl FnOnce(&mut crate::catalog::Tiering)) {
+        let tenant = s.catalog().tenant_by_id(t).await.unwrap().unwrap();
+        let mut spec = tenant.spec.clone();
+        f(&mut spec.tiering);
+        s.catalog()
+            .update_tenant(&tenant.name, &spec)
+            .await
+            .unwrap();
+    }
+
     fn body(len: usize, seed: u8) -> ByteStream {
         Box::pin(futures::stream::iter([Ok(Bytes::from(vec![seed; len]))]))
     }
@@ -963,13 +974,7 @@ mod tests {
             .await
             .unwrap();
         }
-        let tenant = s.catalog().tenant_by_id(t).await.unwrap().unwrap();
-        let mut spec = tenant.spec.clone();
-        spec.tiering.cold_after_seconds = Some(2);
-        s.catalog()
-            .update_tenant(&tenant.name, &spec)
-            .await
-            .unwrap();
+        set_tiering(&s, t, |p| p.cold_after_seconds = Some(2)).await;
         tokio::time::sleep(Duration::from_millis(2100)).await;
         assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 3);
 
@@ -977,11 +982,7 @@ mod tests {
         for _ in 0..3 {
             assert_eq!(read_all(&s, t, "big").await, big);
         }
-        spec.tiering.restore_after_reads = Some(2);
-        s.catalog()
-            .update_tenant(&tenant.name, &spec)
-            .await
-            .unwrap();
+        set_tiering(&s, t, |p| p.restore_after_reads = Some(2)).await;
         let out = s.tier_pass(u64::MAX).await.unwrap();
         assert_eq!((out.restored, out.moved), (0, 0), "{out:?}");
 
@@ -1098,15 +1099,12 @@ mod tests {
                 .unwrap();
             }
         }
-        let tenant = s.catalog().tenant_by_id(t).await.unwrap().unwrap();
-        let mut spec = tenant.spec.clone();
-        spec.tiering.cold_after_seconds = Some(0);
-        spec.tiering.buckets = vec!["b".into()];
-        spec.tiering.prefix = "logs/".into();
-        s.catalog()
-            .update_tenant(&tenant.name, &spec)
-            .await
-            .unwrap();
+        set_tiering(&s, t, |p| {
+            p.cold_after_seconds = Some(0);
+            p.buckets = vec!["b".into()];
+            p.prefix = "logs/".into();
+        })
+        .await;
         assert_eq!(s.tier_pass(u64::MAX).await.unwrap().moved, 1);
         for (b, k, cold) in [
             ("b", "logs/x", true),
