@@ -263,7 +263,7 @@ async fn create_tenant(
     body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(v) = body.map_err(json_rejection)?;
-    // Flatten and deny_unknown_fields do not combine in serde: split by hand.
+    // The name is not part of the spec: split it off by hand.
     let mut obj = v
         .as_object()
         .cloned()
@@ -272,8 +272,8 @@ async fn create_tenant(
         .remove("name")
         .and_then(|n| n.as_str().map(str::to_string))
         .ok_or_else(|| ApiError::bad_request("name is required"))?;
-    let spec: TenantSpec = serde_json::from_value(serde_json::Value::Object(obj))
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "MalformedJSON", e.to_string()))?;
+    let spec = TenantSpec::from_input(serde_json::Value::Object(obj))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "MalformedJSON", e))?;
     check_tenant_name(&name)?;
     check_spec(&spec)?;
     let t = s.store.catalog().create_tenant(&name, &spec).await?;
@@ -323,9 +323,11 @@ async fn get_tenant(
 async fn update_tenant(
     State(s): State<AdminState>,
     Path(name): Path<String>,
-    body: Result<Json<TenantSpec>, axum::extract::rejection::JsonRejection>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Tenant>, ApiError> {
-    let Json(spec) = body.map_err(json_rejection)?;
+    let Json(v) = body.map_err(json_rejection)?;
+    let spec = TenantSpec::from_input(v)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "MalformedJSON", e))?;
     check_spec(&spec)?;
     let was_suspended = tenant(&s, &name).await?.spec.suspended;
     let t = s.store.catalog().update_tenant(&name, &spec).await?;

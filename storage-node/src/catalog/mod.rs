@@ -40,8 +40,13 @@ pub type Result<T, E = CatalogError> = std::result::Result<T, E>;
 
 /// Everything a tenant is configured with. Stored as JSON so new policy fields need no
 /// schema migration; enforcement lives in `tenancy/`.
+///
+/// Read leniently: a stored spec may carry fields this version does not know (written
+/// through a newer node during a rolling upgrade, or before a rollback), and they are
+/// ignored rather than making the tenant unreadable. Input through the admin API is
+/// strict instead ([`TenantSpec::from_input`]): an unknown field there is a typo.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct TenantSpec {
     #[serde(default)]
     pub quotas: Quotas,
@@ -59,7 +64,7 @@ pub struct TenantSpec {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Quotas {
     pub storage_bytes: Option<u64>,
     pub objects: Option<u64>,
@@ -68,7 +73,7 @@ pub struct Quotas {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Qos {
     pub weight: Option<u32>,
     pub requests_per_second: Option<u64>,
@@ -77,7 +82,7 @@ pub struct Qos {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Placement {
     #[serde(default)]
     pub zones: Vec<String>,
@@ -85,7 +90,7 @@ pub struct Placement {
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Tiering {
     pub cold_after_seconds: Option<u64>,
     pub min_object_size: Option<u64>,
@@ -108,6 +113,21 @@ pub struct Tiering {
         deserialize_with = "null_as_default"
     )]
     pub prefix: String,
+}
+
+impl TenantSpec {
+    /// Parses a spec given through the API, refusing fields this version does not know
+    /// (named with their path, as `qos.weigth`), which reading from the catalog ignores.
+    pub fn from_input(v: serde_json::Value) -> std::result::Result<Self, String> {
+        let mut unknown = Vec::new();
+        let spec: Self = serde_ignored::deserialize(v, |path| unknown.push(path.to_string()))
+            .map_err(|e| e.to_string())?;
+        match unknown.as_slice() {
+            [] => Ok(spec),
+            [field] => Err(format!("unknown field `{field}`")),
+            fields => Err(format!("unknown fields `{}`", fields.join("`, `"))),
+        }
+    }
 }
 
 /// A field given as `null` takes its default, as an absent one does.
@@ -925,5 +945,55 @@ impl Catalog for SqlCatalog {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get("value")?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A spec stored with fields this version does not know (by a newer node) is read,
+    /// with what it knows intact; the same fields given through the API are refused.
+    #[tokio::test]
+    async fn stored_specs_are_read_leniently_and_input_is_strict() {
+        let cat = SqlCatalog::connect("sqlite::memory:", MasterKey::generate())
+            .await
+            .unwrap();
+        cat.create_tenant("t", &TenantSpec::default())
+            .await
+            .unwrap();
+        let newer = serde_json::json!({
+            "quotas": {"storageBytes": 1000, "futureQuota": 7},
+            "qos": {"weight": 3, "burst": {"seconds": 2}},
+            "tiering": {"coldAfterSeconds": 60, "futurePolicy": "x"},
+            "futureSection": [1, 2],
+        });
+        sqlx::query("UPDATE tenants SET spec = $1 WHERE name = $2")
+            .bind(newer.to_string())
+            .bind("t")
+            .execute(&cat.pool)
+            .await
+            .unwrap();
+        let t = cat.tenant_by_name("t").await.unwrap().unwrap();
+        assert_eq!(t.spec.quotas.storage_bytes, Some(1000));
+        assert_eq!(t.spec.qos.weight, Some(3));
+        assert_eq!(t.spec.tiering.cold_after_seconds, Some(60));
+        assert_eq!(cat.list_tenants().await.unwrap().len(), 1);
+
+        let e = TenantSpec::from_input(newer).unwrap_err();
+        for f in [
+            "quotas.futureQuota",
+            "qos.burst",
+            "tiering.futurePolicy",
+            "futureSection",
+        ] {
+            assert!(e.contains(&format!("`{f}`")), "{e}");
+        }
+        let e = TenantSpec::from_input(serde_json::json!({"qos": {"weigth": 3}})).unwrap_err();
+        assert!(e.contains("qos.weigth"), "{e}");
+        let e = TenantSpec::from_input(serde_json::json!({"qos": {"weight": "3"}})).unwrap_err();
+        assert!(e.contains("invalid type"), "{e}");
+        let ok = TenantSpec::from_input(serde_json::json!({"qos": {"weight": 3}})).unwrap();
+        assert_eq!(ok.qos.weight, Some(3));
     }
 }

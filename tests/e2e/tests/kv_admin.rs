@@ -522,7 +522,7 @@ async fn tenants_are_isolated_and_revoked_keys_are_refused_at_once() {
         .unwrap();
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["spec"]["quotas"]["storageBytes"], 1000);
-    let (s, _) = admin
+    let (s, v) = admin
         .call(
             Method::PUT,
             "/tenants/team-a",
@@ -531,6 +531,7 @@ async fn tenants_are_isolated_and_revoked_keys_are_refused_at_once() {
         .await
         .unwrap();
     assert_eq!(s, 400);
+    assert!(v.to_string().contains("quotas.bogus"), "{v}");
     let (s, _) = admin
         .call(
             Method::POST,
