@@ -327,13 +327,15 @@ impl Node {
                         .filter(|v| v.state != crate::cluster::NodeState::Failed)
                         .count();
                     limits.set_nodes(u32::try_from(serving).unwrap_or(u32::MAX));
-                    // Requests under the tenant's id, bytes under `<id>/bytes` (a key
-                    // older nodes cannot parse as a tenant, so they skip it).
+                    // Requests under the tenant's id, bytes under `<id>/bytes` and
+                    // concurrency under `<id>/concurrency` (keys older nodes cannot
+                    // parse as a tenant, so they skip them).
                     let mine = limits.roll_demand();
                     cluster.set_local_demand(mine.into_iter().flat_map(|(t, d)| {
                         [
                             (t.to_string(), d.requests),
                             (format!("{t}{BYTES_KEY}"), d.bytes),
+                            (format!("{t}{CONCURRENCY_KEY}"), d.concurrency),
                         ]
                     }));
                     let (peers, known) = cluster.peer_demand();
@@ -342,17 +344,16 @@ impl Node {
                         crate::tenancy::rate::Demand,
                     > = Default::default();
                     for (key, d) in peers {
-                        let (id, bytes) = match key.strip_suffix(BYTES_KEY) {
-                            Some(id) => (id, true),
-                            None => (key.as_str(), false),
-                        };
+                        let (id, field): (&str, fn(&mut crate::tenancy::rate::Demand) -> &mut f64) =
+                            if let Some(id) = key.strip_suffix(BYTES_KEY) {
+                                (id, |e| &mut e.bytes)
+                            } else if let Some(id) = key.strip_suffix(CONCURRENCY_KEY) {
+                                (id, |e| &mut e.concurrency)
+                            } else {
+                                (key.as_str(), |e| &mut e.requests)
+                            };
                         let Ok(t) = id.parse() else { continue };
-                        let e = demand.entry(t).or_default();
-                        if bytes {
-                            e.bytes += d;
-                        } else {
-                            e.requests += d;
-                        }
+                        *field(demand.entry(t).or_default()) += d;
                     }
                     limits.set_peer_demand(demand, known);
                     tokio::select! {
@@ -812,8 +813,10 @@ async fn cold_mover(
     }
 }
 
-/// The suffix of a tenant's byte demand in the demand a node tells its peers.
+/// The suffixes of a tenant's byte and concurrency demand in the demand a node tells
+/// its peers.
 const BYTES_KEY: &str = "/bytes";
+const CONCURRENCY_KEY: &str = "/concurrency";
 
 /// A watch channel that flips to true on SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {

@@ -30,9 +30,19 @@
 //!   reads answered with), capped at the limit and smoothed alike. So a tenant whose
 //!   transfers all reach one node gets about 98% of its bandwidth there, not `1/N`.
 //!   Peers from before this (their answers carry no byte demand) count as having none.
-//! - `maxConcurrentRequests` is split evenly: each node admits `ceil(cap / N)`, at least
-//!   one, so the aggregate stays within it however requests spread, at the cost that a
-//!   tenant whose requests all reach one node gets `1/N` of its concurrency there.
+//! - `maxConcurrentRequests` is shared by its own demand: the slots a tenant asked for on
+//!   a node, by Little's law the time-averaged number of its requests in flight there
+//!   scaled by how many it tried per one admitted (`in flight x tried / admitted`: a
+//!   node that refuses half of the tenant's requests for want of slots sees twice the
+//!   concurrency it could hold), capped at the cap and smoothed alike. A node holds
+//!   `ceil(cap x (d + e) / (D + N e))` slots, at least one. So a tenant whose requests
+//!   all reach one node gets its whole cap there (up to 76; 99 of 100), and the slots
+//!   held on all nodes together stay below `cap + N` (each node's share is rounded up
+//!   by less than one slot) once the shares have settled; while the tenant's traffic
+//!   moves between nodes, requests admitted under the old shares may briefly add to
+//!   that. With no demand known anywhere each node holds `ceil(cap / N)`, as before.
+//!   Peers from before this (their answers carry no concurrency demand) count as
+//!   having none.
 //! - A Tenant's QoS is read from the catalog at most every [`SPEC_TTL`]: a changed limit
 //!   takes effect within that time. A catalog that cannot be read admits (limits are
 //!   not a security boundary; quotas and authentication are).
@@ -76,11 +86,13 @@ pub struct TenantMetrics {
 pub const SPEC_TTL: Duration = Duration::from_secs(5);
 
 /// A tenant's demand on one node (module docs): requests and body bytes per second
-/// tried there, each capped at its limit and smoothed.
+/// tried there, and the concurrent requests it asked for, each capped at its limit and
+/// smoothed.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Demand {
     pub requests: f64,
     pub bytes: f64,
+    pub concurrency: f64,
 }
 
 /// A refused request: retry after this long.
@@ -123,7 +135,49 @@ pub struct RateLimits {
     pub metrics: TenantMetrics,
 }
 
-type Counts = Arc<std::sync::Mutex<HashMap<TenantId, u32>>>;
+type Counts = Arc<std::sync::Mutex<HashMap<TenantId, Slots>>>;
+
+/// A capped tenant's concurrent requests on this node, and what measures its demand for
+/// them since the last [`RateLimits::roll_demand`].
+#[derive(Debug, Default)]
+struct Slots {
+    /// Requests holding a slot now.
+    held: u32,
+    /// Slot-seconds held, counted up to `at`.
+    held_secs: f64,
+    at: Option<Instant>,
+    /// Requests that asked for a slot, and those refused one.
+    asked: u64,
+    refused: u64,
+}
+
+impl Slots {
+    /// Counts the slots held until `now`.
+    fn advance(&mut self, now: Instant) {
+        if let Some(at) = self.at {
+            self.held_secs +=
+                f64::from(self.held) * now.saturating_duration_since(at).as_secs_f64();
+        }
+        self.at = Some(now);
+    }
+
+    /// The concurrency asked for over the `secs` just ended (module docs), and a fresh
+    /// count.
+    fn roll(&mut self, now: Instant, secs: f64) -> f64 {
+        self.advance(now);
+        let admitted = self.asked.saturating_sub(self.refused).max(1);
+        let scale = if self.asked == 0 {
+            1.0
+        } else {
+            self.asked as f64 / admitted as f64
+        };
+        let asked = self.held_secs / secs * scale;
+        self.held_secs = 0.0;
+        self.asked = 0;
+        self.refused = 0;
+        asked
+    }
+}
 
 /// Where a request's [`InFlight`] waits until its response is done: the S3 front puts
 /// one in the request, the operation fills it, the front ties it to the response body.
@@ -217,10 +271,8 @@ impl Drop for InFlight {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             if let Some(n) = counts.get_mut(&t) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    counts.remove(&t);
-                }
+                n.advance(Instant::now());
+                n.held = n.held.saturating_sub(1);
             }
         }
     }
@@ -245,6 +297,8 @@ struct Limiter {
     demand: f64,
     /// Bytes per second tried here, capped at the bandwidth limit and smoothed.
     byte_demand: f64,
+    /// Concurrent requests asked for here, capped at the cap and smoothed.
+    slot_demand: f64,
 }
 
 struct Bucket {
@@ -305,28 +359,37 @@ impl RateLimits {
         let now = Instant::now();
         let mut out = HashMap::new();
         // Capped at the limit, smoothed; a trace is none.
-        let smooth = |d: f64, tried: u64, secs: f64, cap: Option<u64>| {
-            let rate = (tried as f64 / secs).min(cap.map_or(0.0, |r| r as f64));
-            let d = d / 2.0 + rate / 2.0;
+        let smooth = |d: f64, rate: f64, cap: Option<u64>| {
+            let d = d / 2.0 + rate.min(cap.map_or(0.0, |r| r as f64)) / 2.0;
             if d < 0.01 { 0.0 } else { d }
         };
-        for (t, l) in self.lock().iter_mut() {
+        let mut tenants = self.lock();
+        let mut slots = self
+            .inflight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (t, l) in tenants.iter_mut() {
             let secs = now.duration_since(l.counted_from).as_secs_f64().max(0.001);
-            l.demand = smooth(l.demand, l.tried, secs, l.limits.0);
-            l.byte_demand = smooth(l.byte_demand, l.tried_bytes, secs, l.limits.1);
+            l.demand = smooth(l.demand, l.tried as f64 / secs, l.limits.0);
+            l.byte_demand = smooth(l.byte_demand, l.tried_bytes as f64 / secs, l.limits.1);
+            let asked = slots.get_mut(t).map_or(0.0, |n| n.roll(now, secs));
+            l.slot_demand = smooth(l.slot_demand, asked, l.limits.2.map(u64::from));
             l.tried = 0;
             l.tried_bytes = 0;
             l.counted_from = now;
-            if l.demand > 0.0 || l.byte_demand > 0.0 {
+            if l.demand > 0.0 || l.byte_demand > 0.0 || l.slot_demand > 0.0 {
                 out.insert(
                     *t,
                     Demand {
                         requests: l.demand,
                         bytes: l.byte_demand,
+                        concurrency: l.slot_demand,
                     },
                 );
             }
         }
+        // Tenants with nothing in flight start afresh (and are forgotten).
+        slots.retain(|_, n| n.held > 0);
         out
     }
 
@@ -373,6 +436,7 @@ impl RateLimits {
         Demand {
             requests: known.requests + unknown * mine.requests,
             bytes: known.bytes + unknown * mine.bytes,
+            concurrency: known.concurrency + unknown * mine.concurrency,
         }
     }
 
@@ -383,6 +447,7 @@ impl RateLimits {
             .map_or_else(Demand::default, |l| Demand {
                 requests: l.demand,
                 bytes: l.byte_demand,
+                concurrency: l.slot_demand,
             })
     }
 
@@ -432,6 +497,7 @@ impl RateLimits {
             counted_from: now,
             demand: 0.0,
             byte_demand: 0.0,
+            slot_demand: 0.0,
         });
         l.limits = read;
         l.read_at = now;
@@ -538,7 +604,7 @@ impl RateLimits {
     }
 
     /// Takes one of the tenant's concurrent requests on this node (its share of
-    /// `maxConcurrentRequests`, `ceil(cap / N)`, at least one), or refuses.
+    /// `maxConcurrentRequests` by demand, module docs), or refuses.
     fn enter(&self, tenant: TenantId, cap: Option<u32>) -> Result<InFlight, Throttled> {
         let Some(cap) = cap else {
             return Ok(InFlight(None));
@@ -550,21 +616,41 @@ impl RateLimits {
                 limit: "concurrency",
             });
         }
-        let nodes = self.nodes.load(Ordering::Relaxed).max(1);
-        let share = cap.div_ceil(nodes).max(1);
+        let share = self.slots(tenant, cap);
+        let now = Instant::now();
         let mut counts = self
             .inflight
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = counts.entry(tenant).or_insert(0);
-        if *n >= share {
+        let n = counts.entry(tenant).or_default();
+        n.advance(now);
+        n.asked += 1;
+        if n.held >= share {
+            n.refused += 1;
             return Err(Throttled {
                 retry_after: Duration::from_secs(1),
                 limit: "concurrency",
             });
         }
-        *n += 1;
+        n.held += 1;
         Ok(InFlight(Some((tenant, self.inflight.clone()))))
+    }
+
+    /// How many concurrent requests of `tenant` this node holds: its share of `cap` by
+    /// demand, rounded up, at least one and at most the cap.
+    fn slots(&self, tenant: TenantId, cap: u32) -> u32 {
+        let mine = self.mine(tenant);
+        let others = self.others(tenant, mine);
+        let share = self
+            .share(Some(u64::from(cap)), mine.concurrency, others.concurrency)
+            .unwrap_or(0.0);
+        // (Less a trace, so that an even split of floating-point noise is not one more.)
+        let slots = (share - 1e-6).ceil();
+        if slots.is_finite() {
+            (slots.max(1.0) as u32).min(cap)
+        } else {
+            cap.div_ceil(self.nodes.load(Ordering::Relaxed).max(1))
+        }
     }
 
     /// Takes `bytes` a request answers with (a read) from the tenant's byte balance,
@@ -688,7 +774,7 @@ mod tests {
                 t,
                 Demand {
                     requests: 2.0 * mine,
-                    bytes: 0.0,
+                    ..Demand::default()
                 },
             )]),
             2,
@@ -786,14 +872,50 @@ mod tests {
         drop(a);
         let _c = r.admit(t, 0).await.unwrap();
 
-        // On three nodes: a third of the cap, rounded up, whatever the demand.
+        // On three nodes, while no demand is known: a third of the cap, rounded up.
         let (r, t) = limited_with(None, None, Some(8)).await;
         r.set_nodes(3);
         let held = hold_all(&r, t).await;
         assert_eq!(held.len(), 3);
-        drop(held);
-        r.roll_demand();
+        // Three held for a while and seven asked for (four refused): by Little's law
+        // this node asked for seven slots; smoothed, half of that.
+        for _ in 0..3 {
+            assert_eq!(r.admit(t, 0).await.unwrap_err().limit, "concurrency");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let d = r.roll_demand()[&t];
+        assert!((3.0..=3.6).contains(&d.concurrency), "{d:?}");
+        // Peers whose demand is unknown are taken to have this node's: still a third.
+        assert!(r.admit(t, 0).await.is_err());
+        // Peers known to ask for none: the whole cap here.
         r.set_peer_demand(HashMap::new(), 2);
+        let more = hold_all(&r, t).await;
+        assert_eq!(held.len() + more.len(), 8);
+        // Peers known to ask for as much each: a third again, once these are done.
+        drop((held, more));
+        r.set_peer_demand(
+            HashMap::from([(
+                t,
+                Demand {
+                    concurrency: 2.0 * d.concurrency,
+                    ..Demand::default()
+                },
+            )]),
+            2,
+        );
         assert_eq!(hold_all(&r, t).await.len(), 3);
+        // Peers that ask for twice as much as this node together: the slots of three
+        // such nodes add up to less than the cap plus one per node.
+        let sum: u32 = [(1.0, 5.0), (2.0, 4.0), (3.0, 3.0)]
+            .iter()
+            .map(|&(mine, others)| {
+                let share = r.share(Some(8), mine, others).unwrap();
+                (share - 1e-6).ceil() as u32
+            })
+            .sum();
+        assert!((8..8 + 3).contains(&sum), "{sum}");
+        // A tenant with nothing in flight is forgotten at the next count.
+        r.roll_demand();
+        assert!(r.inflight.lock().unwrap().is_empty());
     }
 }

@@ -397,19 +397,14 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
     // node that may overdraw.
     const BW: u64 = 1 << 20;
     const BODY: usize = 128 << 10;
-    let (ak, sk) =
-        limited_tenant(&admin, "bw-limited", json!({"bandwidthBytesPerSecond": BW})).await;
-    let clients: Vec<_> = c
-        .nodes
-        .iter()
-        .map(|m| s3_client(&m.proc.s3, &ak, &sk))
-        .collect();
-    clients[0]
-        .create_bucket()
-        .bucket("bw-bucket")
-        .send()
-        .await
-        .unwrap();
+    let clients = limited_clients(
+        &c,
+        &admin,
+        "bw-limited",
+        json!({"bandwidthBytesPerSecond": BW}),
+        "bw-bucket",
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     pump(&clients, "bw-bucket", BODY, 5).await;
     let secs = 15;
@@ -431,6 +426,99 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
         bytes as f64 >= 0.6 * (BW * secs) as f64,
         "admitted only {bytes} bytes"
     );
+
+    // maxConcurrentRequests is shared by its own demand too: downloads of one bucket
+    // (so all on its primary), whose bodies nobody reads, through all three nodes, get
+    // the whole cap there within seconds (each node held ceil(cap / 3) before), and
+    // never more than the cap: the next one is refused.
+    const CAP: usize = 6;
+    let clients = limited_clients(
+        &c,
+        &admin,
+        "conc-limited",
+        json!({"maxConcurrentRequests": CAP}),
+        "conc-bucket",
+    )
+    .await;
+    clients[0]
+        .put_object()
+        .bucket("conc-bucket")
+        .key("big")
+        .body(ByteStream::from(vec![7u8; 48 << 20]))
+        .send()
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (mut held, mut refused) = (Vec::new(), 0);
+    while held.len() < CAP && started.elapsed() < Duration::from_secs(30) {
+        let get = clients[held.len() % clients.len()]
+            .get_object()
+            .bucket("conc-bucket")
+            .key("big")
+            .send()
+            .await;
+        match get {
+            Ok(g) => held.push(g),
+            Err(e) => {
+                let raw = e.raw_response().expect("an HTTP answer");
+                assert_eq!(raw.status().as_u16(), 503, "{e:?}");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    println!(
+        "one bucket through 3 nodes, concurrency: {} of {CAP} downloads held after {:.1} s \
+         ({refused} refused on the way)",
+        held.len(),
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(held.len(), CAP, "the primary never held the whole cap");
+    for client in &clients {
+        let e = client
+            .head_object()
+            .bucket("conc-bucket")
+            .key("big")
+            .send()
+            .await
+            .unwrap_err();
+        let raw = e.raw_response().expect("an HTTP answer");
+        assert_eq!(raw.status().as_u16(), 503, "{e:?}");
+        assert_eq!(raw.headers().get("retry-after"), Some("1"));
+    }
+    // The bodies were held back, not lost.
+    let body = held
+        .pop()
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert_eq!(body.len(), 48 << 20);
+}
+
+/// A tenant with `qos`, one S3 client of it per node of `c`, and its bucket `bucket`.
+async fn limited_clients(
+    c: &granary_e2e::cluster::TestCluster,
+    admin: &Admin,
+    name: &str,
+    qos: serde_json::Value,
+    bucket: &str,
+) -> Vec<aws_sdk_s3::Client> {
+    let (ak, sk) = limited_tenant(admin, name, qos).await;
+    let clients: Vec<_> = c
+        .nodes
+        .iter()
+        .map(|m| s3_client(&m.proc.s3, &ak, &sk))
+        .collect();
+    clients[0]
+        .create_bucket()
+        .bucket(bucket)
+        .send()
+        .await
+        .unwrap();
+    clients
 }
 
 /// PUTs of `body` bytes by a bandwidth-limited tenant through three nodes (two clients
