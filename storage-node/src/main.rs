@@ -355,7 +355,9 @@ fn parse_spec(s: Option<&str>) -> anyhow::Result<serde_json::Value> {
         Some(s) => serde_json::from_str(s).context("--spec must be JSON")?,
         None => serde_json::json!({}),
     };
-    // Validate locally for a clearer message than the server's.
+    // Types are checked here, for a clearer message than the server's; fields this
+    // binary does not know are left to the server, which may be newer and refuses the
+    // ones it does not know either.
     serde_json::from_value::<TenantSpec>(v.clone()).context("--spec")?;
     Ok(v)
 }

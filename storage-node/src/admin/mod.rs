@@ -48,6 +48,10 @@ pub fn router(state: AdminState) -> Router {
         )
         .route("/admin/v1/tenants/{name}/usage", get(usage))
         .route(
+            "/admin/v1/tenants/{name}/suspended",
+            axum::routing::put(set_suspended),
+        )
+        .route(
             "/admin/v1/tenants/{name}/keys",
             get(list_keys).post(create_key),
         )
@@ -331,15 +335,41 @@ async fn update_tenant(
     check_spec(&spec)?;
     let was_suspended = tenant(&s, &name).await?.spec.suspended;
     let t = s.store.catalog().update_tenant(&name, &spec).await?;
-    // New quotas apply on this node at once (on the others within quota::SPEC_TTL).
+    changed(&s, &t, was_suspended).await;
+    Ok(Json(t))
+}
+
+/// Applies a tenant's changed settings on this node at once (on the others within
+/// quota::SPEC_TTL and the access-key cache's bound).
+async fn changed(s: &AdminState, t: &Tenant, was_suspended: bool) {
     s.store.quotas().invalidate(t.id);
     // A suspension (or its end) applies on this node from the next request.
-    if was_suspended != spec.suspended {
+    if was_suspended != t.spec.suspended {
         s.auth.invalidate_tenant(t.id).await;
-        if !spec.suspended {
+        if !t.spec.suspended {
             s.auth.forget_unknown();
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Suspension {
+    suspended: bool,
+}
+
+/// `PUT /admin/v1/tenants/{name}/suspended {"suspended": bool}`: suspends a tenant (or
+/// ends it) without rewriting the rest of its settings, so fields a newer node stored
+/// survive (a read, change and `PUT /tenants/{name}` through this node would drop them).
+async fn set_suspended(
+    State(s): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<Suspension>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Tenant>, ApiError> {
+    let Json(Suspension { suspended }) = body.map_err(json_rejection)?;
+    let was_suspended = tenant(&s, &name).await?.spec.suspended;
+    let t = s.store.catalog().set_suspended(&name, suspended).await?;
+    changed(&s, &t, was_suspended).await;
     Ok(Json(t))
 }
 

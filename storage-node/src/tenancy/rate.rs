@@ -34,15 +34,20 @@
 //!   a node, by Little's law the time-averaged number of its requests in flight there
 //!   scaled by how many it tried per one admitted (`in flight x tried / admitted`: a
 //!   node that refuses half of the tenant's requests for want of slots sees twice the
-//!   concurrency it could hold), capped at the cap and smoothed alike. A node holds
-//!   `ceil(cap x (d + e) / (D + N e))` slots, at least one. So a tenant whose requests
-//!   all reach one node gets its whole cap there (up to 76; 99 of 100), and the slots
-//!   held on all nodes together stay below `cap + N` (each node's share is rounded up
-//!   by less than one slot) once the shares have settled; while the tenant's traffic
-//!   moves between nodes, requests admitted under the old shares may briefly add to
-//!   that. With no demand known anywhere each node holds `ceil(cap / N)`, as before.
-//!   Peers from before this (their answers carry no concurrency demand) count as
-//!   having none.
+//!   concurrency it could hold), capped at the cap and smoothed alike. A node holds at
+//!   most `ceil(cap x (d + e) / (D + N e))` slots, and no more than the cap less the
+//!   slots its peers said they hold (each interval, with their demand), at least one.
+//!   So a tenant whose requests all reach one node gets its whole cap there (on three
+//!   nodes up to a cap of 76; 99 of 100), and slots already held elsewhere (long
+//!   downloads) are never granted twice: once the nodes have heard each other (within
+//!   about two intervals) the slots held on all nodes together are at most
+//!   `cap + N - 1` (one per node when the peers hold the whole cap). Within those two
+//!   intervals requests admitted at once on several nodes can add to that. With no
+//!   demand known anywhere each node holds `ceil(cap / N)`, as before. A node whose
+//!   tenant is refused on its floor of one slot sees the demand at the next interval.
+//!   Peers from before this (their answers carry no concurrency demand and no held
+//!   count) count as having none: during a rolling upgrade an upgraded node can take
+//!   nearly the whole cap while each older node still allows `ceil(cap / N)`.
 //! - A Tenant's QoS is read from the catalog at most every [`SPEC_TTL`]: a changed limit
 //!   takes effect within that time. A catalog that cannot be read admits (limits are
 //!   not a security boundary; quotas and authentication are).
@@ -93,6 +98,8 @@ pub struct Demand {
     pub requests: f64,
     pub bytes: f64,
     pub concurrency: f64,
+    /// The tenant's requests holding a slot there when the demand was counted.
+    pub held: f64,
 }
 
 /// A refused request: retry after this long.
@@ -372,18 +379,21 @@ impl RateLimits {
             let secs = now.duration_since(l.counted_from).as_secs_f64().max(0.001);
             l.demand = smooth(l.demand, l.tried as f64 / secs, l.limits.0);
             l.byte_demand = smooth(l.byte_demand, l.tried_bytes as f64 / secs, l.limits.1);
-            let asked = slots.get_mut(t).map_or(0.0, |n| n.roll(now, secs));
+            let (asked, held) = slots
+                .get_mut(t)
+                .map_or((0.0, 0), |n| (n.roll(now, secs), n.held));
             l.slot_demand = smooth(l.slot_demand, asked, l.limits.2.map(u64::from));
             l.tried = 0;
             l.tried_bytes = 0;
             l.counted_from = now;
-            if l.demand > 0.0 || l.byte_demand > 0.0 || l.slot_demand > 0.0 {
+            if l.demand > 0.0 || l.byte_demand > 0.0 || l.slot_demand > 0.0 || held > 0 {
                 out.insert(
                     *t,
                     Demand {
                         requests: l.demand,
                         bytes: l.byte_demand,
                         concurrency: l.slot_demand,
+                        held: f64::from(held),
                     },
                 );
             }
@@ -437,6 +447,8 @@ impl RateLimits {
             requests: known.requests + unknown * mine.requests,
             bytes: known.bytes + unknown * mine.bytes,
             concurrency: known.concurrency + unknown * mine.concurrency,
+            // Only what is known: a peer that does not tell is bounded by its share.
+            held: known.held,
         }
     }
 
@@ -448,6 +460,7 @@ impl RateLimits {
                 requests: l.demand,
                 bytes: l.byte_demand,
                 concurrency: l.slot_demand,
+                held: 0.0,
             })
     }
 
@@ -637,7 +650,8 @@ impl RateLimits {
     }
 
     /// How many concurrent requests of `tenant` this node holds: its share of `cap` by
-    /// demand, rounded up, at least one and at most the cap.
+    /// demand, rounded up, and no more than the peers' held requests leave of the cap;
+    /// at least one, at most the cap.
     fn slots(&self, tenant: TenantId, cap: u32) -> u32 {
         let mine = self.mine(tenant);
         let others = self.others(tenant, mine);
@@ -645,7 +659,7 @@ impl RateLimits {
             .share(Some(u64::from(cap)), mine.concurrency, others.concurrency)
             .unwrap_or(0.0);
         // (Less a trace, so that an even split of floating-point noise is not one more.)
-        let slots = (share - 1e-6).ceil();
+        let slots = (share - 1e-6).ceil().min(f64::from(cap) - others.held);
         if slots.is_finite() {
             (slots.max(1.0) as u32).min(cap)
         } else {
@@ -914,7 +928,26 @@ mod tests {
             })
             .sum();
         assert!((8..8 + 3).contains(&sum), "{sum}");
-        // A tenant with nothing in flight is forgotten at the next count.
+        // Slots the peers hold are not granted here again, however large this node's
+        // share: with 7 of 8 held elsewhere, one here.
+        r.set_peer_demand(
+            HashMap::from([(
+                t,
+                Demand {
+                    held: 7.0,
+                    ..Demand::default()
+                },
+            )]),
+            2,
+        );
+        let _one = hold_all(&r, t).await;
+        assert_eq!(_one.len(), 1);
+        drop(_one);
+        // A tenant with nothing in flight is forgotten at the next count; one holding
+        // slots tells its peers how many.
+        let _two = [r.admit(t, 0).await.unwrap()];
+        assert_eq!(r.roll_demand()[&t].held, 1.0);
+        drop(_two);
         r.roll_demand();
         assert!(r.inflight.lock().unwrap().is_empty());
     }

@@ -362,6 +362,21 @@ impl TestCluster {
 }
 
 impl TestCluster {
+    /// The acting primary (as an index into `nodes`) of `partition` (for a bucket, or
+    /// `kv:<namespace>`: `PartitionId::of(tenant, container, partitions)`), asked of
+    /// any node that answers.
+    pub async fn acting_primary(&self, partition: u16) -> Option<usize> {
+        for m in &self.nodes {
+            let Some(l) = try_admin(&m.proc, "/layout?partitions=true").await else {
+                continue;
+            };
+            if let Some(id) = l["actingPrimaries"][usize::from(partition)].as_str() {
+                return self.nodes.iter().position(|m| m.id == id);
+            }
+        }
+        None
+    }
+
     /// Creates tenant `name` with a key through node 1; returns its access key, secret
     /// and id.
     pub async fn tenant(&self, name: &str) -> (String, String, String) {

@@ -532,6 +532,49 @@ async fn tenants_are_isolated_and_revoked_keys_are_refused_at_once() {
         .unwrap();
     assert_eq!(s, 400);
     assert!(v.to_string().contains("quotas.bogus"), "{v}");
+    // Suspension changes the flag alone (the operator suspends through it).
+    let (s, v) = admin
+        .call(
+            Method::PUT,
+            "/tenants/team-a/suspended",
+            Some(serde_json::json!({"suspended": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["spec"]["suspended"], true);
+    assert_eq!(v["spec"]["quotas"]["storageBytes"], 1000);
+    let (s, v) = admin
+        .call(
+            Method::PUT,
+            "/tenants/team-a/suspended",
+            Some(serde_json::json!({"suspended": false})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "{v}");
+    assert!(v["spec"].get("suspended").is_none(), "{v}");
+    assert_eq!(v["spec"]["quotas"]["storageBytes"], 1000);
+    for (path, body, status) in [
+        (
+            "/tenants/team-a/suspended",
+            serde_json::json!({"suspended": "yes"}),
+            400,
+        ),
+        (
+            "/tenants/team-a/suspended",
+            serde_json::json!({"suspend": true}),
+            400,
+        ),
+        (
+            "/tenants/nobody/suspended",
+            serde_json::json!({"suspended": true}),
+            404,
+        ),
+    ] {
+        let (s, v) = admin.call(Method::PUT, path, Some(body)).await.unwrap();
+        assert_eq!(s, status, "{path}: {v}");
+    }
     let (s, _) = admin
         .call(
             Method::POST,

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use aws_sdk_s3::primitives::ByteStream;
-use granary_e2e::cluster::{Settings, TestCluster, signal, try_admin};
+use granary_e2e::cluster::{Settings, TestCluster, signal};
 use granary_e2e::{KvClient, s3_client};
 use granary_node::types::{PartitionId, TenantId};
 use rand::Rng;
@@ -409,21 +409,6 @@ async fn client(
     }
 }
 
-/// The acting primary (as a node index) of the partition holding `container` (a
-/// bucket, or `kv:<namespace>`), asked of any node that answers.
-async fn primary_of(c: &TestCluster, tenant: TenantId, container: &str) -> Option<usize> {
-    let p = PartitionId::of(tenant, container.as_bytes(), PARTITIONS);
-    for m in &c.nodes {
-        let Some(l) = try_admin(&m.proc, "/layout?partitions=true").await else {
-            continue;
-        };
-        if let Some(id) = l["actingPrimaries"][p.0 as usize].as_str() {
-            return id.strip_prefix('n')?.parse::<usize>().ok().map(|i| i - 1);
-        }
-    }
-    None
-}
-
 /// The Porcupine checker: `$GRANARY_LINCHECK_BIN`, or built by `tools/lincheck.sh`.
 fn lincheck_bin() -> PathBuf {
     match std::env::var("GRANARY_LINCHECK_BIN") {
@@ -608,7 +593,10 @@ async fn kv_and_s3_registers_stay_linearizable_under_kills_stops_and_partitions(
                     .chain(BUCKETS.iter().map(|b| b.to_string()))
                     .collect();
                 let hot = &containers[rand::rng().random_range(0..containers.len())];
-                let Some(p) = primary_of(&c, tenant, hot).await else {
+                let Some(p) = c
+                    .acting_primary(PartitionId::of(tenant, hot.as_bytes(), PARTITIONS).0)
+                    .await
+                else {
                     continue;
                 };
                 let also_catalog = kind == 3;

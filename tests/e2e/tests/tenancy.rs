@@ -346,10 +346,11 @@ async fn hammer(clients: &[aws_sdk_s3::Client], buckets: &[String], secs: u64) -
 async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
     use granary_e2e::cluster::{Settings, TestCluster};
     const R: u64 = 30;
+    const PARTITIONS: u16 = 16;
     let c = TestCluster::start(
         3,
         Settings {
-            partitions: 16,
+            partitions: PARTITIONS,
             ..Settings::default()
         },
     )
@@ -430,8 +431,10 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
     // maxConcurrentRequests is shared by its own demand too: downloads of one bucket
     // (so all on its primary), whose bodies nobody reads, through all three nodes, get
     // the whole cap there within seconds (each node held ceil(cap / 3) before), and
-    // never more than the cap: the next one is refused.
+    // never more than the cap: the next one is refused (through every node: each
+    // forwards it to that primary).
     const CAP: usize = 6;
+    const BIG: usize = 48 << 20;
     let clients = limited_clients(
         &c,
         &admin,
@@ -440,39 +443,71 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
         "conc-bucket",
     )
     .await;
-    clients[0]
-        .put_object()
-        .bucket("conc-bucket")
-        .key("big")
-        .body(ByteStream::from(vec![7u8; 48 << 20]))
-        .send()
+    let (_, t) = admin
+        .call(reqwest::Method::GET, "/tenants/conc-limited", None)
         .await
         .unwrap();
-    let started = Instant::now();
-    let (mut held, mut refused) = (Vec::new(), 0);
-    while held.len() < CAP && started.elapsed() < Duration::from_secs(30) {
-        let get = clients[held.len() % clients.len()]
-            .get_object()
-            .bucket("conc-bucket")
-            .key("big")
-            .send()
-            .await;
-        match get {
-            Ok(g) => held.push(g),
-            Err(e) => {
-                let raw = e.raw_response().expect("an HTTP answer");
-                assert_eq!(raw.status().as_u16(), 503, "{e:?}");
-                refused += 1;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+    let tenant: granary_node::types::TenantId = t["id"].as_str().unwrap().parse().unwrap();
+    let primary_of = |bucket: &str| {
+        c.acting_primary(
+            granary_node::types::PartitionId::of(tenant, bucket.as_bytes(), PARTITIONS).0,
+        )
+    };
+    // A second bucket led by another node.
+    let first = primary_of("conc-bucket").await.unwrap();
+    let mut other = None;
+    for i in 0..16 {
+        let b = format!("conc-{i}");
+        clients[0].create_bucket().bucket(&b).send().await.unwrap();
+        if primary_of(&b).await.is_some_and(|p| p != first) {
+            other = Some(b);
+            break;
         }
     }
-    println!(
-        "one bucket through 3 nodes, concurrency: {} of {CAP} downloads held after {:.1} s \
-         ({refused} refused on the way)",
-        held.len(),
-        started.elapsed().as_secs_f64()
-    );
+    let other = other.expect("a bucket led by another node");
+    for b in ["conc-bucket", other.as_str()] {
+        clients[0]
+            .put_object()
+            .bucket(b)
+            .key("big")
+            .body(ByteStream::from(vec![7u8; BIG]))
+            .send()
+            .await
+            .unwrap();
+    }
+    // Holds downloads of `bucket` through every node in turn until `want` are held or
+    // `secs` pass; every refusal must be a 503.
+    let hold = |bucket: String, want: usize, secs: u64| {
+        let clients = clients.clone();
+        async move {
+            let started = Instant::now();
+            let (mut held, mut refused) = (Vec::new(), 0);
+            while held.len() < want && started.elapsed() < Duration::from_secs(secs) {
+                let get = clients[(held.len() + refused) % clients.len()]
+                    .get_object()
+                    .bucket(&bucket)
+                    .key("big")
+                    .send()
+                    .await;
+                match get {
+                    Ok(g) => held.push(g),
+                    Err(e) => {
+                        let raw = e.raw_response().expect("an HTTP answer");
+                        assert_eq!(raw.status().as_u16(), 503, "{e:?}");
+                        refused += 1;
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            println!(
+                "concurrency, {bucket}: {} downloads held after {:.1} s ({refused} refused)",
+                held.len(),
+                started.elapsed().as_secs_f64()
+            );
+            held
+        }
+    };
+    let mut held = hold("conc-bucket".into(), CAP, 30).await;
     assert_eq!(held.len(), CAP, "the primary never held the whole cap");
     for client in &clients {
         let e = client
@@ -486,7 +521,18 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
         assert_eq!(raw.status().as_u16(), 503, "{e:?}");
         assert_eq!(raw.headers().get("retry-after"), Some("1"));
     }
-    // The bodies were held back, not lost.
+    // The other bucket's primary hears that the cap is held (the nodes tell each other
+    // every heartbeat) and grants one slot, its floor, however long the tenant keeps
+    // asking there (its demand grows with every refusal): the slots held in all are
+    // within cap + N - 1.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let elsewhere = hold(other.clone(), CAP, 6).await;
+    assert_eq!(
+        elsewhere.len(),
+        1,
+        "slots held elsewhere were granted again"
+    );
+    // Once the first downloads are done, their slots move to where the demand is.
     let body = held
         .pop()
         .unwrap()
@@ -495,7 +541,10 @@ async fn on_three_nodes_a_tenant_gets_its_request_rate_in_aggregate() {
         .await
         .unwrap()
         .into_bytes();
-    assert_eq!(body.len(), 48 << 20);
+    assert_eq!(body.len(), BIG, "the body was held back, not lost");
+    drop(held);
+    let more = hold(other, CAP - 1, 20).await;
+    assert_eq!(more.len(), CAP - 1, "the slots did not follow the demand");
 }
 
 /// A tenant with `qos`, one S3 client of it per node of `c`, and its bucket `bucket`.
