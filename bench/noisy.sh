@@ -11,9 +11,13 @@
 #                      (2 cores shared by clients and servers, one disk) costs B, which
 #                      no isolation inside a node can remove
 # Single node, fsync on everywhere, all on this machine, same client (s3bench).
+# NOISY_NODES=3: Granary is a 3-node cluster (`granary-node dev --nodes 3`: factor 3,
+# minInSync 2) and the floor's second Granary is one too; both tenants talk to node 1,
+# which forwards to their buckets' primaries. The Garage peer stays single-node.
 #
 #   bench/noisy.sh
 #   NOISY_SECONDS=30 NOISY_RATE=200 bench/noisy.sh
+#   NOISY_NODES=3 NOISY_PEER=none bench/noisy.sh
 #   NOISY_PEER=none NOISY_CAPPED=0 NOISY_B_OP=put bench/noisy.sh   (Granary alone, equal
 #   QoS only, B's PUTs only: for experiments; the report uses the defaults)
 set -euo pipefail
@@ -26,7 +30,9 @@ PEER="${NOISY_PEER:-garage}"      # garage | none
 CAPPED="${NOISY_CAPPED:-1}"       # 0: skip the "A capped" pair
 B_OP="${NOISY_B_OP:-mixed}"       # B's operation: mixed | get | put
 FLOOR="${NOISY_FLOOR:-1}"         # 0: skip the "floor" pair
-NODES=1
+GRANARY_NODES="${NOISY_NODES:-1}" # 1 | 3: Granary single-node, or a 3-node cluster
+case "$GRANARY_NODES" in 1 | 3) ;; *) echo "NOISY_NODES must be 1 or 3" >&2; exit 2 ;; esac
+NODES=1 # Garage's
 GARAGE_VERSION=2.5.0
 CACHE="${GRANARY_TOOLS_CACHE:-$HOME/.cache/granary-tools}"
 GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"
@@ -42,14 +48,19 @@ fi
 . bench/lib.sh
 bench_setup noisy
 
-start_node() { # name -> sets GP (S3 port) and AP (admin port) of a dev node in $WORK/name
-  echo "==> starting granary-node dev in $WORK/$1" >&2
-  GP=$(port); AP=$(port)
-  "$TARGET/granary-node" dev --data-dir "$WORK/$1" --s3-listen "127.0.0.1:$GP" \
-    --kv-listen "127.0.0.1:$(port)" --admin-listen "127.0.0.1:$AP" --rpc-listen "127.0.0.1:$(port)" \
+start_node() { # name -> sets GP (S3 port) and AP (admin port) of node 1 of a dev Granary in $WORK/name
+  echo "==> starting granary-node dev --nodes $GRANARY_NODES in $WORK/$1" >&2
+  if [ "$GRANARY_NODES" = 1 ]; then
+    GP=$(port); AP=$(port); local KP RP; KP=$(port); RP=$(port)
+  else
+    local B; B=$(portblock)
+    GP=$B; local KP=$((B + 10)); AP=$((B + 20)); local RP=$((B + 30))
+  fi
+  "$TARGET/granary-node" dev --nodes "$GRANARY_NODES" --data-dir "$WORK/$1" --s3-listen "127.0.0.1:$GP" \
+    --kv-listen "127.0.0.1:$KP" --admin-listen "127.0.0.1:$AP" --rpc-listen "127.0.0.1:$RP" \
     > "$WORK/$1.out" 2> "$WORK/$1.err" &
   PIDS+=($!)
-  for _ in $(seq 100); do grep -q "Secret key" "$WORK/$1.out" 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 600); do grep -q "Secret key" "$WORK/$1.out" 2>/dev/null && break; sleep 0.1; done
   [ -s "$WORK/$1/admin.token" ] || { echo "granary-node $1 did not start:" >&2; cat "$WORK/$1.err" >&2; exit 1; }
 }
 admin() { # method path [json] (on the node at $AP, data in $WORK/$NODE_DIR)
@@ -104,7 +115,7 @@ print(f'{name:<20} | B alone p50 {alone["p50_ms"]:7.2f} p99 {alone["p99_ms"]:8.2
       + (f' | errors B {flooded["errors"]}, A {a["errors"]}' if flooded["errors"] or a["errors"] else ''))
 PY
 }
-echo; echo "noisy neighbour: B $B_OP 4 KiB at $RATE ops/s, A mixed 64 MiB x $FLOOD, ${SECS} s"
+echo; echo "noisy neighbour: B $B_OP 4 KiB at $RATE ops/s, A mixed 64 MiB x $FLOOD, ${SECS} s, Granary on $GRANARY_NODES node(s)"
 G_EP="http://127.0.0.1:$GP"
 pair "$G_EP" "$A_AK" "$A_SK" noisy-a "$B_AK" "$B_SK" quiet-b granary
 if [ "$FLOOR" = 1 ]; then
