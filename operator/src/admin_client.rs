@@ -169,9 +169,10 @@ impl AdminClient {
         match s {
             200 => return Ok(true),
             404 if v["error"] == "NoSuchTenant" => return Ok(false),
-            // An older node without the route (axum answers 404 or 405 with no JSON
-            // error): read, change and write back. Such a node refuses to read a spec
-            // with fields it does not know, so nothing it does not know is dropped.
+            // A node from a release without the route (it answers 404 `NoSuchRoute`):
+            // read, change and write back. Every such release also refuses to read a
+            // spec with fields it does not know (lenient reads came with the route), so
+            // nothing it does not know can be dropped this way.
             404 | 405 => {}
             _ => return Err(Self::fail("suspending tenant", s, &v)),
         }

@@ -367,9 +367,24 @@ async fn set_suspended(
     body: Result<Json<Suspension>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Tenant>, ApiError> {
     let Json(Suspension { suspended }) = body.map_err(json_rejection)?;
-    let was_suspended = tenant(&s, &name).await?.spec.suspended;
-    let t = s.store.catalog().set_suspended(&name, suspended).await?;
-    changed(&s, &t, was_suspended).await;
+    let t = match s.store.catalog().set_suspended(&name, suspended).await {
+        Ok(t) => t,
+        Err(crate::catalog::CatalogError::NotFound(_)) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "NoSuchTenant",
+                format!("tenant {name:?} does not exist"),
+            ));
+        }
+        Err(crate::catalog::CatalogError::Invalid(m)) => {
+            // The spec kept changing under the compare-and-set: nothing was written.
+            return Err(ApiError::new(StatusCode::CONFLICT, "Conflict", m));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // Applied here at once whatever the flag was before (a concurrent change may have
+    // set it already): the caches forget the tenant either way.
+    changed(&s, &t, !suspended).await;
     Ok(Json(t))
 }
 

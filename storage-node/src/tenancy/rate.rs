@@ -40,9 +40,10 @@
 //!   So a tenant whose requests all reach one node gets its whole cap there (on three
 //!   nodes up to a cap of 76; 99 of 100), and slots already held elsewhere (long
 //!   downloads) are never granted twice: once the nodes have heard each other (within
-//!   about two intervals) the slots held on all nodes together are at most
-//!   `cap + N - 1` (one per node when the peers hold the whole cap). Within those two
-//!   intervals requests admitted at once on several nodes can add to that. With no
+//!   about three intervals: a peer counts, its answer is fetched, this node applies it)
+//!   the slots held on all nodes together are at most `cap + N - 1` (one per node when
+//!   the peers hold the whole cap). Within those intervals requests admitted at once on
+//!   several nodes can add to that. With no
 //!   demand known anywhere each node holds `ceil(cap / N)`, as before. A node whose
 //!   tenant is refused on its floor of one slot sees the demand at the next interval.
 //!   Peers from before this (their answers carry no concurrency demand and no held

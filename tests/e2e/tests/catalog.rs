@@ -47,6 +47,16 @@ async fn suite(cat: &SqlCatalog) {
         cat.update_tenant("gamma", &spec2).await,
         Err(CatalogError::NotFound(_))
     ));
+    // Suspension changes the flag alone.
+    let t = cat.set_suspended("alpha", true).await.unwrap();
+    assert!(t.spec.suspended);
+    assert_eq!(t.spec.quotas, spec2.quotas);
+    let t = cat.set_suspended("alpha", false).await.unwrap();
+    assert_eq!(t.spec, spec2);
+    assert!(matches!(
+        cat.set_suspended("gamma", true).await,
+        Err(CatalogError::NotFound(_))
+    ));
 
     // Keys: secret sealed at rest, revocation, tenant scoping.
     let k = cat.create_access_key(a.id, "ci").await.unwrap();
@@ -319,6 +329,24 @@ async fn catalog_suite_on_postgres() {
         .unwrap();
     assert_eq!(cat.backend(), Backend::Postgres);
     suite(&cat).await;
+    // A spec with a field a newer node wrote: read, and kept by a suspension.
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let newer = serde_json::json!({"quotas": {"objects": 20}, "futureField": {"x": 1}});
+    sqlx::query("UPDATE tenants SET spec = $1 WHERE name = 'alpha'")
+        .bind(newer.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let t = cat.set_suspended("alpha", true).await.unwrap();
+    assert_eq!(t.spec.quotas.objects, Some(20));
+    let (stored,): (String,) = sqlx::query_as("SELECT spec FROM tenants WHERE name = 'alpha'")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&stored).unwrap();
+    assert_eq!(stored["futureField"], newer["futureField"], "{stored}");
+    assert_eq!(stored["suspended"], true, "{stored}");
+    pool.close().await;
     cat.close().await;
 }
 

@@ -574,7 +574,21 @@ async fn tenants_are_isolated_and_revoked_keys_are_refused_at_once() {
     ] {
         let (s, v) = admin.call(Method::PUT, path, Some(body)).await.unwrap();
         assert_eq!(s, status, "{path}: {v}");
+        if status == 404 {
+            // What the operator tells apart from a node without the route.
+            assert_eq!(v["error"], "NoSuchTenant", "{v}");
+        }
     }
+    let (s, v) = admin
+        .call(
+            Method::PUT,
+            "/tenants/team-a/no-such-route",
+            Some(serde_json::json!({})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, 404);
+    assert_ne!(v["error"], "NoSuchTenant", "{v}");
     let (s, _) = admin
         .call(
             Method::POST,
