@@ -327,42 +327,12 @@ impl Node {
                         .filter(|v| v.state != crate::cluster::NodeState::Failed)
                         .count();
                     limits.set_nodes(u32::try_from(serving).unwrap_or(u32::MAX));
-                    // Requests under the tenant's id, bytes under `<id>/bytes`,
-                    // concurrency under `<id>/concurrency` and held requests under
-                    // `<id>/held` (keys older nodes cannot parse as a tenant, so they
-                    // skip them); a zero is left out (absent is zero).
-                    let mine = limits.roll_demand();
-                    cluster.set_local_demand(
-                        mine.into_iter()
-                            .flat_map(|(t, d)| {
-                                [
-                                    (t.to_string(), d.requests),
-                                    (format!("{t}{BYTES_KEY}"), d.bytes),
-                                    (format!("{t}{CONCURRENCY_KEY}"), d.concurrency),
-                                    (format!("{t}{HELD_KEY}"), d.held),
-                                ]
-                            })
-                            .filter(|(_, v)| *v > 0.0),
-                    );
+                    // The demand travels in the probe answers (`Demand::to_wire`).
+                    cluster.set_local_demand(crate::tenancy::rate::Demand::to_wire(
+                        limits.roll_demand(),
+                    ));
                     let (peers, known) = cluster.peer_demand();
-                    let mut demand: std::collections::HashMap<
-                        crate::types::TenantId,
-                        crate::tenancy::rate::Demand,
-                    > = Default::default();
-                    for (key, d) in peers {
-                        let (id, field): (&str, fn(&mut crate::tenancy::rate::Demand) -> &mut f64) =
-                            if let Some(id) = key.strip_suffix(BYTES_KEY) {
-                                (id, |e| &mut e.bytes)
-                            } else if let Some(id) = key.strip_suffix(CONCURRENCY_KEY) {
-                                (id, |e| &mut e.concurrency)
-                            } else if let Some(id) = key.strip_suffix(HELD_KEY) {
-                                (id, |e| &mut e.held)
-                            } else {
-                                (key.as_str(), |e| &mut e.requests)
-                            };
-                        let Ok(t) = id.parse() else { continue };
-                        *field(demand.entry(t).or_default()) += d;
-                    }
+                    let demand = crate::tenancy::rate::Demand::from_wire(peers);
                     limits.set_peer_demand(demand, known);
                     tokio::select! {
                         _ = tokio::time::sleep(every) => {}
@@ -820,12 +790,6 @@ async fn cold_mover(
         backoff = if up { 1 } else { (backoff * 2).min(16) };
     }
 }
-
-/// The suffixes of a tenant's byte and concurrency demand, and of its held requests, in
-/// the demand a node tells its peers.
-const BYTES_KEY: &str = "/bytes";
-const CONCURRENCY_KEY: &str = "/concurrency";
-const HELD_KEY: &str = "/held";
 
 /// A watch channel that flips to true on SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> watch::Receiver<bool> {

@@ -103,6 +103,52 @@ pub struct Demand {
     pub held: f64,
 }
 
+/// The suffixes of a tenant's byte and concurrency demand, and of its held requests, in
+/// the demand a node tells its peers (requests go under the bare tenant id). Older
+/// nodes cannot parse these keys as tenant ids, so they skip them.
+const BYTES_KEY: &str = "/bytes";
+const CONCURRENCY_KEY: &str = "/concurrency";
+const HELD_KEY: &str = "/held";
+
+impl Demand {
+    /// This node's demand as its probe answers carry it: one number per tenant and
+    /// measure, zeros left out (absent is zero).
+    pub fn to_wire(demand: HashMap<TenantId, Demand>) -> impl Iterator<Item = (String, f64)> {
+        demand
+            .into_iter()
+            .flat_map(|(t, d)| {
+                [
+                    (t.to_string(), d.requests),
+                    (format!("{t}{BYTES_KEY}"), d.bytes),
+                    (format!("{t}{CONCURRENCY_KEY}"), d.concurrency),
+                    (format!("{t}{HELD_KEY}"), d.held),
+                ]
+            })
+            .filter(|(_, v)| *v > 0.0)
+    }
+
+    /// The peers' demand from their answers (summed over the peers), per tenant; keys
+    /// this version does not know are skipped.
+    pub fn from_wire(wire: impl IntoIterator<Item = (String, f64)>) -> HashMap<TenantId, Demand> {
+        let mut demand: HashMap<TenantId, Demand> = HashMap::new();
+        for (key, d) in wire {
+            let (id, field): (&str, fn(&mut Demand) -> &mut f64) =
+                if let Some(id) = key.strip_suffix(BYTES_KEY) {
+                    (id, |e| &mut e.bytes)
+                } else if let Some(id) = key.strip_suffix(CONCURRENCY_KEY) {
+                    (id, |e| &mut e.concurrency)
+                } else if let Some(id) = key.strip_suffix(HELD_KEY) {
+                    (id, |e| &mut e.held)
+                } else {
+                    (key.as_str(), |e| &mut e.requests)
+                };
+            let Ok(t) = id.parse() else { continue };
+            *field(demand.entry(t).or_default()) += d;
+        }
+        demand
+    }
+}
+
 /// A refused request: retry after this long.
 #[derive(Debug)]
 pub struct Throttled {
@@ -560,7 +606,13 @@ impl RateLimits {
 
     async fn admit_inner(&self, tenant: TenantId, bytes: u64) -> Result<InFlight, Throttled> {
         let (rps, bps, concurrent) = self.limits(tenant).await;
-        let held = self.enter(tenant, concurrent)?;
+        if (rps, bps, concurrent) == (None, None, None) {
+            return Ok(InFlight(None));
+        }
+        // Read once for the concurrency share and the rate shares.
+        let mine = self.mine(tenant);
+        let others = self.others(tenant, mine);
+        let held = self.enter(tenant, concurrent, mine, others)?;
         if rps.is_none() && bps.is_none() {
             return Ok(held);
         }
@@ -573,8 +625,6 @@ impl RateLimits {
                 });
             }
         }
-        let mine = self.mine(tenant);
-        let others = self.others(tenant, mine);
         let now = Instant::now();
         let mut tenants = self.lock();
         let Some(l) = tenants.get_mut(&tenant) else {
@@ -619,7 +669,13 @@ impl RateLimits {
 
     /// Takes one of the tenant's concurrent requests on this node (its share of
     /// `maxConcurrentRequests` by demand, module docs), or refuses.
-    fn enter(&self, tenant: TenantId, cap: Option<u32>) -> Result<InFlight, Throttled> {
+    fn enter(
+        &self,
+        tenant: TenantId,
+        cap: Option<u32>,
+        mine: Demand,
+        others: Demand,
+    ) -> Result<InFlight, Throttled> {
         let Some(cap) = cap else {
             return Ok(InFlight(None));
         };
@@ -630,7 +686,7 @@ impl RateLimits {
                 limit: "concurrency",
             });
         }
-        let share = self.slots(tenant, cap);
+        let share = self.slots(cap, mine, others);
         let now = Instant::now();
         let mut counts = self
             .inflight
@@ -653,9 +709,7 @@ impl RateLimits {
     /// How many concurrent requests of `tenant` this node holds: its share of `cap` by
     /// demand, rounded up, and no more than the peers' held requests leave of the cap;
     /// at least one, at most the cap.
-    fn slots(&self, tenant: TenantId, cap: u32) -> u32 {
-        let mine = self.mine(tenant);
-        let others = self.others(tenant, mine);
+    fn slots(&self, cap: u32, mine: Demand, others: Demand) -> u32 {
         let share = self
             .share(Some(u64::from(cap)), mine.concurrency, others.concurrency)
             .unwrap_or(0.0);
@@ -827,6 +881,35 @@ mod tests {
         let mine = r.mine(t);
         let share = r.share(Some(3000), mine.bytes, r.others(t, mine).bytes);
         assert!((share.unwrap() - 1000.0).abs() < 1.0, "{share:?}");
+    }
+
+    /// The demand a node sends its peers comes back as it went, summed over peers;
+    /// zeros are not sent and keys from other versions are skipped.
+    #[test]
+    fn demand_travels_in_the_probe_answers() {
+        let t: TenantId = "7c9e6679-7425-40de-944b-e07fc1f90ae7".parse().unwrap();
+        let d = Demand {
+            requests: 3.0,
+            bytes: 0.0,
+            concurrency: 2.5,
+            held: 2.0,
+        };
+        let wire: Vec<_> = Demand::to_wire(HashMap::from([(t, d)])).collect();
+        assert_eq!(wire.len(), 3, "{wire:?}");
+        let mut back = wire.clone();
+        back.extend(wire);
+        back.push((format!("{t}/future"), 9.0));
+        let got = Demand::from_wire(back);
+        assert_eq!(
+            got[&t],
+            Demand {
+                requests: 6.0,
+                bytes: 0.0,
+                concurrency: 5.0,
+                held: 4.0,
+            }
+        );
+        assert_eq!(got.len(), 1);
     }
 
     /// Admits `tenant` until refused (at most 100); how many were admitted.
