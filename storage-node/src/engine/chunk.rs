@@ -14,14 +14,15 @@
 //! back.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom, Write};
+use std::fs::{self, File};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use super::direct::DirectFile;
 use crate::types::{ChunkId, PartitionId};
 
 /// Bytes of data per checksummed block.
@@ -55,10 +56,25 @@ pub fn stored_len(path: &Path, id: ChunkId) -> Result<u64, ChunkError> {
     header_len(&File::open(path)?, id)
 }
 
+/// The header of a chunk file holding `len` bytes of data.
+fn header_for(len: u64) -> [u8; HEADER as usize] {
+    let mut header = [0u8; HEADER as usize];
+    header[..4].copy_from_slice(MAGIC);
+    header[4..12].copy_from_slice(&len.to_le_bytes());
+    let crc = crc32c::crc32c(&header[..12]);
+    header[12..].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
 /// Reads and checks the header of an open chunk file; returns its data length.
 fn header_len(file: &File, id: ChunkId) -> Result<u64, ChunkError> {
     let mut header = [0u8; HEADER as usize];
     file.read_exact_at(&mut header, 0)?;
+    parse_header(&header, id)
+}
+
+/// Checks a chunk file's header; returns its data length.
+fn parse_header(header: &[u8; HEADER as usize], id: ChunkId) -> Result<u64, ChunkError> {
     let crc = u32::from_le_bytes([header[12], header[13], header[14], header[15]]);
     if &header[..4] != MAGIC || crc32c::crc32c(&header[..12]) != crc {
         return Err(ChunkError::Corrupt {
@@ -256,11 +272,9 @@ impl ChunkStore {
         let path = self.path(partition, id);
         let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
         self.ensure_dir(&dir)?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        file.write_all(&[0u8; HEADER as usize])?;
+        let mut file = DirectFile::create_new(&path)?;
+        // The header's place; it is written last, by `finish`.
+        file.append(&[0u8; HEADER as usize])?;
         Ok(ChunkWriter {
             file,
             path,
@@ -364,7 +378,7 @@ impl ChunkStore {
 
 /// Appends data to a new chunk file. Blocking; run it off the async runtime.
 pub struct ChunkWriter {
-    file: File,
+    file: DirectFile,
     path: PathBuf,
     dir: PathBuf,
     r#ref: ChunkRef,
@@ -390,21 +404,19 @@ impl ChunkWriter {
         let room = (CHUNK_MAX - self.r#ref.len) as usize;
         let data = &data[..data.len().min(room)];
         let mut rest = data;
-        let mut out = Vec::with_capacity(data.len() + data.len() / BLOCK * 4 + 8);
         while !rest.is_empty() {
             let take = rest.len().min(BLOCK - self.block_fill);
             let (piece, tail) = rest.split_at(take);
-            out.extend_from_slice(piece);
+            self.file.append(piece)?;
             self.block_crc = crc32c::crc32c_append(self.block_crc, piece);
             self.block_fill += take;
             if self.block_fill == BLOCK {
-                out.extend_from_slice(&self.block_crc.to_le_bytes());
+                self.file.append(&self.block_crc.to_le_bytes())?;
                 self.block_fill = 0;
                 self.block_crc = 0;
             }
             rest = tail;
         }
-        self.file.write_all(&out)?;
         self.r#ref.len += data.len() as u64;
         Ok(data.len())
     }
@@ -412,16 +424,10 @@ impl ChunkWriter {
     /// Seals the file (last block CRC, header) and makes its contents durable.
     pub fn finish(mut self) -> io::Result<ChunkRef> {
         if self.block_fill > 0 {
-            self.file.write_all(&self.block_crc.to_le_bytes())?;
+            self.file.append(&self.block_crc.to_le_bytes())?;
         }
-        let mut header = [0u8; HEADER as usize];
-        header[..4].copy_from_slice(MAGIC);
-        header[4..12].copy_from_slice(&self.r#ref.len.to_le_bytes());
-        let crc = crc32c::crc32c(&header[..12]);
-        header[12..].copy_from_slice(&crc.to_le_bytes());
-        self.file.seek(SeekFrom::Start(0))?;
-        self.file.write_all(&header)?;
-        self.file.sync_data()?;
+        self.file.patch_start(&header_for(self.r#ref.len))?;
+        self.file.finish()?;
         Ok(self.r#ref.clone())
     }
 
@@ -485,16 +491,101 @@ fn read_range_at(
     Ok(out)
 }
 
-/// Verifies the whole chunk file at `path` (a file received under a temporary name,
-/// before it takes the chunk's own).
-pub fn verify_at(path: &Path, chunk: &ChunkRef) -> Result<(), ChunkError> {
-    let mut pos = 0;
-    while pos < chunk.len {
-        let end = (pos + 4 * BLOCK as u64).min(chunk.len);
-        read_range_at(path, chunk, pos, end)?;
-        pos = end;
+/// Checks the bytes of a chunk file as they arrive from another node, front to back,
+/// so the received file never has to be read back: its header, every block's checksum,
+/// and that it ends exactly where its header says.
+pub struct ImageCheck {
+    id: ChunkId,
+    header: [u8; HEADER as usize],
+    header_fill: usize,
+    /// Data length, once the header is in.
+    len: u64,
+    /// Data bytes seen (whole blocks and the current one).
+    data: u64,
+    block_fill: usize,
+    block_crc: u32,
+    trailer: [u8; 4],
+    trailer_fill: usize,
+}
+
+impl ImageCheck {
+    pub fn new(id: ChunkId) -> Self {
+        Self {
+            id,
+            header: [0; HEADER as usize],
+            header_fill: 0,
+            len: 0,
+            data: 0,
+            block_fill: 0,
+            block_crc: 0,
+            trailer: [0; 4],
+            trailer_fill: 0,
+        }
     }
-    Ok(())
+
+    /// The next bytes of the file.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Result<(), ChunkError> {
+        while !bytes.is_empty() {
+            if self.header_fill < HEADER as usize {
+                let take = bytes.len().min(HEADER as usize - self.header_fill);
+                self.header[self.header_fill..self.header_fill + take]
+                    .copy_from_slice(&bytes[..take]);
+                self.header_fill += take;
+                bytes = &bytes[take..];
+                if self.header_fill == HEADER as usize {
+                    self.len = parse_header(&self.header, self.id)?;
+                }
+                continue;
+            }
+            let block_start = self.data - self.block_fill as u64;
+            let block_len = (self.len - block_start).min(BLOCK as u64) as usize;
+            if block_len == 0 {
+                return Err(self.corrupt("longer than its header says"));
+            }
+            if self.block_fill < block_len {
+                let take = bytes.len().min(block_len - self.block_fill);
+                self.block_crc = crc32c::crc32c_append(self.block_crc, &bytes[..take]);
+                self.block_fill += take;
+                self.data += take as u64;
+                bytes = &bytes[take..];
+                continue;
+            }
+            let take = bytes.len().min(4 - self.trailer_fill);
+            self.trailer[self.trailer_fill..self.trailer_fill + take]
+                .copy_from_slice(&bytes[..take]);
+            self.trailer_fill += take;
+            bytes = &bytes[take..];
+            if self.trailer_fill == 4 {
+                if u32::from_le_bytes(self.trailer) != self.block_crc {
+                    let b = block_start / BLOCK as u64;
+                    return Err(self.corrupt(&format!("checksum mismatch in block {b}")));
+                }
+                self.block_fill = 0;
+                self.block_crc = 0;
+                self.trailer_fill = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that the file ended where its header says; returns its data length.
+    pub fn finish(&self) -> Result<u64, ChunkError> {
+        if self.header_fill < HEADER as usize
+            || self.data < self.len
+            || self.block_fill > 0
+            || self.trailer_fill > 0
+        {
+            return Err(self.corrupt("truncated"));
+        }
+        Ok(self.len)
+    }
+
+    fn corrupt(&self, what: &str) -> ChunkError {
+        ChunkError::Corrupt {
+            id: self.id,
+            what: what.to_string(),
+        }
+    }
 }
 
 pub use super::dirs::sync_dir;
@@ -533,6 +624,41 @@ mod tests {
             );
         }
         store.verify(&r).unwrap();
+    }
+
+    #[test]
+    fn received_files_are_checked_as_they_arrive() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ChunkStore::open(dir.path().to_path_buf()).unwrap();
+        for size in [1, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 123] {
+            let mut w = store.create(PartitionId(3)).unwrap();
+            w.append(&sample(size)).unwrap();
+            let r = w.finish().unwrap();
+            let image = fs::read(store.path(r.partition, r.id)).unwrap();
+            let check = |bytes: &[u8], piece: usize| {
+                let mut c = ImageCheck::new(r.id);
+                for p in bytes.chunks(piece) {
+                    c.feed(p)?;
+                }
+                c.finish()
+            };
+            for piece in [1, 3, 4096, 70_000, image.len()] {
+                assert_eq!(check(&image, piece).unwrap(), size as u64, "{size}/{piece}");
+            }
+            let refused = |bytes: &[u8], why: &str| {
+                let e = check(bytes, 5000).expect_err(why);
+                assert!(matches!(e, ChunkError::Corrupt { .. }), "{why}: {e}");
+            };
+            refused(&image[..image.len() - 1], "cut short in the last checksum");
+            refused(&image[..image.len() - 5], "cut short in the data");
+            refused(&image[..10], "cut short in the header");
+            refused(&[image.clone(), vec![0]].concat(), "one byte too many");
+            for at in [0, 5, 13, 16, 17, image.len() / 2, image.len() - 1] {
+                let mut bad = image.clone();
+                bad[at] ^= 0x40;
+                refused(&bad, &format!("byte {at} flipped"));
+            }
+        }
     }
 
     #[test]

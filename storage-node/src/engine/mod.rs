@@ -12,6 +12,7 @@
 
 pub mod chunk;
 mod commit;
+mod direct;
 pub mod dirs;
 pub mod keys;
 pub mod record;

@@ -24,7 +24,8 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::chunk::{self, ChunkRef};
+use super::chunk::{self, ChunkRef, ImageCheck};
+use super::direct::DirectFile;
 use super::keys::{partition_prefix, prefix_end};
 use super::replog::{PART_LSN, REPL_LOG};
 use super::usage::{USAGE, UsageDeltas};
@@ -596,7 +597,9 @@ impl Engine {
         }
         let mut guard = Temporary(Some(tmp.clone()));
         let received = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
+            let t = tmp.clone();
+            let mut file = off_runtime(move || DirectFile::create_new(&t)).await?;
+            let mut check = ImageCheck::new(id);
             let mut left = size;
             while left > 0 {
                 let Frame::ChunkPiece(piece) = read_frame(input).await? else {
@@ -606,9 +609,12 @@ impl Engine {
                     return Err(invalid("chunk file longer than announced"));
                 }
                 left -= piece.len() as u64;
-                file.write_all(&piece).await?;
+                // Checked as it arrives, so the file is never read back.
+                check.feed(&piece)?;
+                file = off_runtime(move || file.append(&piece).map(|()| file)).await?;
             }
-            file.sync_all().await?;
+            check.finish()?;
+            off_runtime(move || file.finish()).await?;
             Ok(())
         }
         .await;
@@ -617,28 +623,23 @@ impl Engine {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        let chunks = self.chunks.clone();
+        // Verified under its temporary name: only a whole, intact file ever takes the
+        // chunk's name (replacing a copy already there with the same bytes).
         let (tmp2, path2) = (tmp.clone(), path.clone());
-        let verified = tokio::task::spawn_blocking(move || -> Result<(), EngineError> {
-            let len = chunk::stored_len(&tmp2, id)?;
-            // Verified under its temporary name: only a whole, intact file ever takes the
-            // chunk's name (replacing a copy already there with the same bytes).
-            let r = ChunkRef {
-                id,
-                partition: p,
-                len,
-            };
-            chunk::verify_at(&tmp2, &r)?;
-            std::fs::rename(&tmp2, &path2)?;
-            drop(chunks);
-            Ok(())
-        })
-        .await
-        .map_err(|e| EngineError::Db(format!("chunk import task failed: {e}")))?;
-        verified?;
+        off_runtime(move || std::fs::rename(&tmp2, &path2)).await?;
         guard.0 = None;
         Ok(dir)
     }
+}
+
+/// Runs blocking file work off the async worker threads.
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| EngineError::Db(format!("chunk import task failed: {e}")))?
+        .map_err(EngineError::from)
 }
 
 fn remove_temporaries(pdir: &Path) -> Result<(), EngineError> {
