@@ -332,3 +332,61 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
     }
     server.abort();
 }
+
+/// A chunk file sent ahead to a replica (`Engine::chunk_frames` into
+/// `Engine::receive_sent_chunk`, as the RPC does) arrives byte for byte; a damaged or
+/// cut stream is refused and leaves no file, not even a temporary one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunk_file_sent_to_a_replica_arrives_intact_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (
+        Engine::open(&dir.path().join("a")).unwrap(),
+        Engine::open(&dir.path().join("b")).unwrap(),
+    );
+    let p = PartitionId(5);
+    // More than one frame's piece (1 MiB), not a multiple of the block or the alignment.
+    let data: Vec<u8> = (0..2_500_017u32).map(|i| (i * 7 % 253) as u8).collect();
+    let mut w = a.chunks().create(p).unwrap();
+    w.append(&data).unwrap();
+    let c = w.finish().unwrap();
+    let file = |e: &Engine| e.chunks().path(c.partition, c.id);
+    let sent = |e: Engine| {
+        let c = c.clone();
+        async move {
+            let frames = e
+                .chunk_frames(&c)
+                .await
+                .unwrap()
+                .expect("the file is there");
+            let parts: Vec<Bytes> = frames.map(|r| r.unwrap()).collect().await;
+            parts.concat()
+        }
+    };
+    let stream = sent(a.clone()).await;
+    let receive = |bytes: Vec<u8>| {
+        let b = b.clone();
+        async move { b.receive_sent_chunk(p, &mut bytes.as_slice()).await }
+    };
+    let leftovers = || {
+        std::fs::read_dir(file(&b).parent().unwrap())
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    // Damaged: a flipped byte in the data (caught by the frame's checksum), a cut stream.
+    let mut flipped = stream.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 1;
+    assert!(receive(flipped).await.is_err());
+    assert!(receive(stream[..stream.len() - 3].to_vec()).await.is_err());
+    assert!(receive(stream[..stream.len() / 3].to_vec()).await.is_err());
+    assert_eq!(leftovers(), 0, "nothing of a refused transfer stays");
+    receive(stream).await.unwrap();
+    assert_eq!(
+        std::fs::read(file(&b)).unwrap(),
+        std::fs::read(file(&a)).unwrap()
+    );
+    assert_eq!(b.chunks().read_range(&c, 0, c.len).unwrap(), data);
+    // Gone on the sender: nothing to send.
+    a.chunks().remove_files(std::slice::from_ref(&c));
+    assert!(a.chunk_frames(&c).await.unwrap().is_none());
+}

@@ -1286,26 +1286,31 @@ impl Replicator {
         let engine = &self.inner.engine;
         let addr = self.rpc_addr(r)?;
         let secret = self.secret()?;
-        let (mut w, rd) = tokio::io::duplex(256 * 1024);
-        let (engine2, c2) = (engine.clone(), c.clone());
+        let Some(frames) = engine
+            .chunk_frames(c)
+            .await
+            .map_err(|e| format!("reading chunk {}: {e}", c.id.0))?
+        else {
+            // Gone here: replaced since, so the replica never needs it.
+            return Ok(false);
+        };
         // Progress of the transfer: pieces taken by the connection, and whether the whole
         // file has been handed to it.
         let pulled = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let written = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let written2 = written.clone();
-        let writer = tokio::spawn(async move {
-            let sent = engine2.send_chunk(&c2, &mut w).await;
+        let (pulled2, written2) = (pulled.clone(), written.clone());
+        use futures::StreamExt as _;
+        let all_taken = futures::stream::once(async move {
             written2.store(true, std::sync::atomic::Ordering::Release);
-            drop(w);
-            sent
-        });
-        let pulled2 = pulled.clone();
-        let body = reqwest::Body::wrap_stream(futures::StreamExt::inspect(
-            tokio_util::io::ReaderStream::new(rd),
-            move |_| {
-                pulled2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            },
-        ));
+        })
+        .filter_map(|()| futures::future::ready(None));
+        let body = reqwest::Body::wrap_stream(
+            frames
+                .inspect(move |_| {
+                    pulled2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                })
+                .chain(all_taken),
+        );
         let url = format!("http://{addr}/rpc/v1/partitions/{}/chunks", c.partition.0);
         // No overall timeout (chunk files are large); a replica that stops answering
         // is suspected, and the transfer ends then. One that still answers heartbeats but
@@ -1337,18 +1342,11 @@ impl Replicator {
             () = self.inner.cluster.until_not_alive(r) => Err(format!("{} stopped answering", r.0)),
             quiet = stalled => Err(format!("{} took nothing of chunk {} for {quiet:?}", r.0, c.id.0)),
         };
-        let sent = writer.await.map_err(|e| e.to_string())?;
-        match (sent, resp) {
-            // Gone here: replaced since, so the replica never needs it.
-            (Ok(false), _) => Ok(false),
-            // The transfer failed first (the reading side then only saw its end).
-            (_, Err(e)) => Err(format!("chunk to {}: {e}", r.0)),
-            (Err(e), Ok(_)) => Err(format!("reading chunk {}: {e}", c.id.0)),
-            (Ok(true), Ok(resp)) => resp
-                .error_for_status()
-                .map(|_| true)
-                .map_err(|e| format!("chunk to {}: {e}", r.0)),
-        }
+        // A failed read here ends the body early, so it shows as a failed transfer.
+        resp.map_err(|e| format!("chunk to {}: {e}", r.0))?
+            .error_for_status()
+            .map(|_| true)
+            .map_err(|e| format!("chunk to {}: {e}", r.0))
     }
 
     /// The hook the model calls for every chunk file an upload finishes (see

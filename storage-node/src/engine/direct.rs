@@ -1,4 +1,5 @@
-//! Files written once, front to back, around the page cache (`O_DIRECT`).
+//! Files written once, front to back, around the page cache (`O_DIRECT`), and read
+//! the same way when they are sent on.
 //!
 //! Chunk files are written once and read later (often much later), so copying their
 //! bytes into the page cache on the way to the disk buys little and costs much: on the
@@ -23,6 +24,8 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+
+use bytes::Bytes;
 
 /// Alignment of `O_DIRECT` writes: memory, offsets and lengths (the largest logical
 /// block size in common use).
@@ -162,20 +165,67 @@ impl DirectFile {
     }
 
     fn stop_direct(&mut self) -> io::Result<()> {
-        let fd = self.file.as_raw_fd();
-        // SAFETY: `fd` is this open file's descriptor; F_GETFL/F_SETFL only change its
-        // status flags.
-        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
-        if flags < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above.
-        if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        clear_direct(&self.file)?;
         self.direct = false;
         Ok(())
     }
+}
+
+/// Turns `O_DIRECT` off on an open file.
+fn clear_direct(file: &File) -> io::Result<()> {
+    let fd = file.as_raw_fd();
+    // SAFETY: `fd` is an open file's descriptor, borrowed for the call; F_GETFL/F_SETFL
+    // only change its status flags.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading around the page cache where the filesystem allows (for a
+/// file read once, front to back: a chunk file sent to a replica).
+pub fn open_read(path: &Path) -> io::Result<File> {
+    let open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(path);
+    match open(libc::O_DIRECT) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0),
+        r => r,
+    }
+}
+
+/// Reads `n` bytes (a multiple of [`ALIGN`]) of `file` at `offset` (a multiple of
+/// [`ALIGN`]) into memory aligned for `O_DIRECT`, fewer only where the file ends. The
+/// bytes are handed over without a copy.
+pub fn read_aligned(file: &File, offset: u64, n: usize) -> io::Result<Bytes> {
+    if !n.is_multiple_of(ALIGN) || !offset.is_multiple_of(ALIGN as u64) {
+        return Err(io::Error::other("unaligned read"));
+    }
+    let mut mem = vec![0u8; n + ALIGN];
+    let base = mem.as_ptr().align_offset(ALIGN);
+    if base >= ALIGN {
+        return Err(io::Error::other("could not align a read buffer"));
+    }
+    let mut got = 0;
+    let mut retried = false;
+    while got < n {
+        match file.read_at(&mut mem[base + got..base + n], offset + got as u64) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // Opened with `O_DIRECT` but refused for this read: go on buffered.
+            Err(e) if !retried && e.raw_os_error() == Some(libc::EINVAL) => {
+                clear_direct(file)?;
+                retried = true;
+            }
+            Err(e) => return Err(e),
+        }
+        // A short direct read ends at the file's end; the next read answers 0.
+    }
+    Ok(Bytes::from(mem).slice(base..base + got))
 }
 
 #[cfg(test)]
@@ -221,6 +271,32 @@ mod tests {
             want[..patch.len()].copy_from_slice(patch);
             assert_eq!(std::fs::read(&path).unwrap(), want, "size {size}");
         }
+    }
+
+    #[test]
+    fn aligned_reads_return_the_file_up_to_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = sample(3 * ALIGN + 100);
+        let mut f = DirectFile::create_new(&path).unwrap();
+        f.append(&data).unwrap();
+        f.finish().unwrap();
+        let file = open_read(&path).unwrap();
+        let mut back = Vec::new();
+        for at in (0..data.len()).step_by(2 * ALIGN) {
+            back.extend_from_slice(&read_aligned(&file, at as u64, 2 * ALIGN).unwrap());
+        }
+        assert_eq!(back, data);
+        assert!(
+            read_aligned(&file, 4 * ALIGN as u64, ALIGN)
+                .unwrap()
+                .is_empty()
+        );
+        assert!(read_aligned(&file, 1, ALIGN).is_err(), "unaligned offset");
+        assert!(
+            read_aligned(&file, 0, ALIGN + 1).is_err(),
+            "unaligned length"
+        );
     }
 
     #[test]

@@ -20,12 +20,14 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+use bytes::Bytes;
+use futures::{Stream, StreamExt, stream};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::chunk::{self, ChunkRef, ImageCheck};
-use super::direct::DirectFile;
+use super::direct::{self, DirectFile};
 use super::keys::{partition_prefix, prefix_end};
 use super::replog::{PART_LSN, REPL_LOG};
 use super::usage::{USAGE, UsageDeltas};
@@ -112,11 +114,85 @@ fn importing_key(p: PartitionId) -> String {
 }
 
 async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<(), EngineError> {
-    let body = postcard::to_stdvec(f).map_err(|e| invalid(e.to_string()))?;
-    w.write_all(&(body.len() as u32).to_be_bytes()).await?;
-    w.write_all(&body).await?;
-    w.write_all(&crc32c::crc32c(&body).to_be_bytes()).await?;
+    w.write_all(&frame_bytes(f)?).await?;
     Ok(())
+}
+
+/// A frame as sent: body length (u32 BE), body (postcard), the body's CRC32C (BE).
+fn frame_bytes(f: &Frame) -> Result<Vec<u8>, EngineError> {
+    let body = postcard::to_stdvec(f).map_err(|e| invalid(e.to_string()))?;
+    let mut out = Vec::with_capacity(body.len() + 8);
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32c::crc32c(&body).to_be_bytes());
+    Ok(out)
+}
+
+/// Postcard's index of `Frame::ChunkPiece`.
+const CHUNK_PIECE_VARIANT: u8 = 3;
+
+/// The bytes around `data` that make it a `Frame::ChunkPiece` frame, byte for byte what
+/// [`frame_bytes`] makes of it (postcard: the variant's index, then the length as a
+/// varint, then the bytes), so a piece is sent without copying it.
+fn piece_frame(data: &[u8]) -> (Bytes, Bytes) {
+    let mut head = vec![0u8; 4];
+    head.push(CHUNK_PIECE_VARIANT);
+    let mut n = data.len();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            head.push(byte);
+            break;
+        }
+        head.push(byte | 0x80);
+    }
+    let body_len = (head.len() - 4 + data.len()) as u32;
+    head[..4].copy_from_slice(&body_len.to_be_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&head[4..]), data);
+    (
+        Bytes::from(head),
+        Bytes::copy_from_slice(&crc.to_be_bytes()),
+    )
+}
+
+/// Reads a frame that must be a `Frame::ChunkPiece`; returns its body and where the
+/// piece's bytes start in it (read in place, not copied out).
+async fn read_piece<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Vec<u8>, usize), EngineError> {
+    let len = r.read_u32().await?;
+    if len > MAX_FRAME {
+        return Err(invalid(format!(
+            "snapshot frame of {len} bytes is too large"
+        )));
+    }
+    let mut body = vec![0u8; len as usize];
+    r.read_exact(&mut body).await?;
+    if r.read_u32().await? != crc32c::crc32c(&body) {
+        return Err(invalid("snapshot frame fails its checksum"));
+    }
+    let cut_short = || invalid("chunk file cut short in the snapshot");
+    if body.first() != Some(&CHUNK_PIECE_VARIANT) {
+        return Err(cut_short());
+    }
+    let (mut n, mut shift, mut at) = (0u64, 0u32, 1usize);
+    loop {
+        let byte = *body.get(at).ok_or_else(cut_short)?;
+        at += 1;
+        if shift > 63 {
+            return Err(cut_short());
+        }
+        n |= u64::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+    }
+    if n != (body.len() - at) as u64 {
+        return Err(invalid(
+            "bad snapshot frame: piece length differs from the frame's",
+        ));
+    }
+    Ok((body, at))
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, EngineError> {
@@ -514,31 +590,72 @@ impl Engine {
     /// Streams one chunk file into place: temporary name, verified against its own
     /// header and block checksums, fsynced, renamed. Returns its directory (to be synced
     /// by the commit that makes it reachable).
-    /// Writes chunk file `c` as snapshot frames (its start, then its pieces) for a
-    /// replica; false (nothing written) if the file no longer exists (its data was
+    /// Chunk file `c` as snapshot frames (its start, then its pieces) for a replica:
+    /// read around the page cache (it was written that way, and is read once here) and
+    /// handed on without copying. None if the file no longer exists (its data was
     /// replaced since, and the replica will never need it).
-    pub async fn send_chunk<W: AsyncWrite + Unpin>(
+    pub async fn chunk_frames(
         &self,
         c: &ChunkRef,
-        out: &mut W,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<Option<impl Stream<Item = io::Result<Bytes>> + Send + 'static>, EngineError> {
         let path = self.chunks.path(c.partition, c.id);
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e.into()),
+        let opened = off_runtime(move || match direct::open_read(&path) {
+            Ok(f) => {
+                let size = f.metadata()?.len();
+                Ok(Some((f, size)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        })
+        .await?;
+        let Some((file, size)) = opened else {
+            return Ok(None);
         };
-        let size = file.metadata().await?.len();
-        write_frame(out, &Frame::ChunkStart { id: c.id, size }).await?;
-        let mut left = size;
-        let mut buf = vec![0u8; CHUNK_PIECE];
-        while left > 0 {
-            let n = (left as usize).min(CHUNK_PIECE);
-            file.read_exact(&mut buf[..n]).await?;
-            write_frame(out, &Frame::ChunkPiece(buf[..n].to_vec())).await?;
-            left -= n as u64;
+        if size > MAX_CHUNK_FILE {
+            return Err(invalid(format!("chunk file {} of {size} bytes", c.id.0)));
         }
-        Ok(true)
+        let start = Bytes::from(frame_bytes(&Frame::ChunkStart { id: c.id, size })?);
+        let file = std::sync::Arc::new(file);
+        let pieces = stream::unfold(0u64, move |pos| {
+            let file = file.clone();
+            async move {
+                if pos >= size {
+                    return None;
+                }
+                let n = ((size - pos) as usize).min(CHUNK_PIECE);
+                let read = tokio::task::spawn_blocking(move || {
+                    direct::read_aligned(&file, pos, CHUNK_PIECE)
+                })
+                .await
+                .map_err(io::Error::other)
+                .and_then(|r| r)
+                .and_then(|data| {
+                    if data.len() < n {
+                        Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "chunk file shorter than when it was opened",
+                        ))
+                    } else {
+                        Ok(data.slice(..n))
+                    }
+                });
+                // After an error the stream ends.
+                Some(match read {
+                    Ok(data) => {
+                        let (head, tail) = piece_frame(&data);
+                        (Ok([head, data, tail]), pos + n as u64)
+                    }
+                    Err(e) => (Err(e), size),
+                })
+            }
+        })
+        .flat_map(|r| match r {
+            Ok(parts) => stream::iter(parts.map(Ok)).left_stream(),
+            Err(e) => stream::once(futures::future::ready(Err(e))).right_stream(),
+        });
+        Ok(Some(
+            stream::once(futures::future::ready(Ok(start))).chain(pieces),
+        ))
     }
 
     /// Receives one chunk file of partition `p` sent by [`Engine::send_chunk`], verified
@@ -602,16 +719,15 @@ impl Engine {
             let mut check = ImageCheck::new(id);
             let mut left = size;
             while left > 0 {
-                let Frame::ChunkPiece(piece) = read_frame(input).await? else {
-                    return Err(invalid("chunk file cut short in the snapshot"));
-                };
-                if piece.len() as u64 > left {
+                let (body, at) = read_piece(input).await?;
+                let piece = body.len() - at;
+                if piece as u64 > left {
                     return Err(invalid("chunk file longer than announced"));
                 }
-                left -= piece.len() as u64;
+                left -= piece as u64;
                 // Checked as it arrives, so the file is never read back.
-                check.feed(&piece)?;
-                file = off_runtime(move || file.append(&piece).map(|()| file)).await?;
+                check.feed(&body[at..])?;
+                file = off_runtime(move || file.append(&body[at..]).map(|()| file)).await?;
             }
             check.finish()?;
             off_runtime(move || file.finish()).await?;
@@ -751,4 +867,28 @@ fn apply(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn pieces_are_framed_exactly_as_postcard_frames_them() {
+        for n in [0, 1, 127, 128, 16_383, 16_384, 1 << 20] {
+            let data: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            let framed = frame_bytes(&Frame::ChunkPiece(data.clone())).unwrap();
+            let (head, tail) = piece_frame(&data);
+            assert_eq!([&head[..], &data, &tail[..]].concat(), framed, "{n} bytes");
+            let (body, at) = read_piece(&mut framed.as_slice()).await.unwrap();
+            assert_eq!(&body[at..], &data[..]);
+        }
+        // Any other frame where a piece must come is refused.
+        let start = frame_bytes(&Frame::ChunkStart {
+            id: ChunkId::random(),
+            size: 1,
+        })
+        .unwrap();
+        assert!(read_piece(&mut start.as_slice()).await.is_err());
+    }
 }

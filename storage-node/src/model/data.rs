@@ -238,13 +238,16 @@ async fn write_body_inner(
             drop(slot);
             (sink, r)
         });
-    let mut next = BytesMut::with_capacity(IO_PIECE);
+    // The body's own buffers, written from where they are (not copied together).
+    let mut next: Vec<Bytes> = Vec::new();
+    let mut next_len = 0;
     let mut failure: Option<Error> = None;
     loop {
         let item = if ended { None } else { body.next().await };
         let end = match item {
             Some(Ok(b)) => {
-                next.extend_from_slice(&b);
+                next_len += b.len();
+                next.push(b);
                 false
             }
             Some(Err(e)) => {
@@ -253,7 +256,7 @@ async fn write_body_inner(
             }
             None => true,
         };
-        if next.len() >= IO_PIECE || end {
+        if next_len >= IO_PIECE || end {
             let (mut sink, r) = in_flight
                 .await
                 .map_err(|e| Error::Invalid(format!("worker failed: {e}")))?;
@@ -265,10 +268,10 @@ async fn write_body_inner(
                 blocking(move || sink.abandon()).await?;
                 return Err(f);
             }
-            let piece = next.split().freeze();
-            let slot = io.slot(piece.len()).await;
+            let pieces = std::mem::take(&mut next);
+            let slot = io.slot(std::mem::take(&mut next_len)).await;
             in_flight = tokio::task::spawn_blocking(move || {
-                let r = sink.write(&piece);
+                let r = pieces.iter().try_for_each(|p| sink.write(p));
                 drop(slot);
                 (sink, r)
             });
