@@ -159,17 +159,7 @@ fn piece_frame(data: &[u8]) -> (Bytes, Bytes) {
 /// Reads a frame that must be a `Frame::ChunkPiece`; returns its body and where the
 /// piece's bytes start in it (read in place, not copied out).
 async fn read_piece<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Vec<u8>, usize), EngineError> {
-    let len = r.read_u32().await?;
-    if len > MAX_FRAME {
-        return Err(invalid(format!(
-            "snapshot frame of {len} bytes is too large"
-        )));
-    }
-    let mut body = vec![0u8; len as usize];
-    r.read_exact(&mut body).await?;
-    if r.read_u32().await? != crc32c::crc32c(&body) {
-        return Err(invalid("snapshot frame fails its checksum"));
-    }
+    let body = read_frame_body(r).await?;
     let cut_short = || invalid("chunk file cut short in the snapshot");
     if body.first() != Some(&CHUNK_PIECE_VARIANT) {
         return Err(cut_short());
@@ -196,6 +186,12 @@ async fn read_piece<R: AsyncRead + Unpin>(r: &mut R) -> Result<(Vec<u8>, usize),
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, EngineError> {
+    let body = read_frame_body(r).await?;
+    postcard::from_bytes(&body).map_err(|e| invalid(format!("bad snapshot frame: {e}")))
+}
+
+/// A frame's body, its length and checksum checked.
+async fn read_frame_body<R: AsyncRead + Unpin>(r: &mut R) -> Result<Vec<u8>, EngineError> {
     let len = r.read_u32().await?;
     if len > MAX_FRAME {
         return Err(invalid(format!(
@@ -207,7 +203,7 @@ async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Frame, EngineErro
     if r.read_u32().await? != crc32c::crc32c(&body) {
         return Err(invalid("snapshot frame fails its checksum"));
     }
-    postcard::from_bytes(&body).map_err(|e| invalid(format!("bad snapshot frame: {e}")))
+    Ok(body)
 }
 
 /// Sends every entry of `def` in `range` as a record of table `n` (with its value unless
