@@ -51,11 +51,6 @@ pub struct ChunkRef {
     pub len: u64,
 }
 
-/// The data length a chunk file's header declares, after checking the header's CRC.
-pub fn stored_len(path: &Path, id: ChunkId) -> Result<u64, ChunkError> {
-    header_len(&File::open(path)?, id)
-}
-
 /// The header of a chunk file holding `len` bytes of data.
 fn header_for(len: u64) -> [u8; HEADER as usize] {
     let mut header = [0u8; HEADER as usize];

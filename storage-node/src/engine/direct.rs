@@ -22,7 +22,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use bytes::Bytes;
@@ -51,19 +51,15 @@ pub struct DirectFile {
 impl DirectFile {
     /// Creates `path`, which must not exist.
     pub fn create_new(path: &Path) -> io::Result<Self> {
-        let open = |flags| {
-            OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .custom_flags(flags)
-                .open(path)
-        };
-        let (file, direct) = match open(libc::O_DIRECT) {
-            Ok(f) => (f, true),
-            // The filesystem does not do `O_DIRECT` (nothing was created).
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => (open(0)?, false),
-            Err(e) => return Err(e),
-        };
+        Self::create(path, true)
+    }
+
+    /// Creates `path` with `O_DIRECT` if `try_direct` and the filesystem does it.
+    fn create(path: &Path, try_direct: bool) -> io::Result<Self> {
+        // Created first, then switched: an `open` with `O_DIRECT` on a filesystem
+        // without it fails only after creating the file.
+        let file = OpenOptions::new().write(true).create_new(true).open(path)?;
+        let direct = try_direct && set_direct(&file)?;
         let mem = vec![0u8; CAP + 2 * ALIGN];
         let base = mem.as_ptr().align_offset(ALIGN);
         if base >= ALIGN {
@@ -171,8 +167,9 @@ impl DirectFile {
     }
 }
 
-/// Turns `O_DIRECT` off on an open file.
-fn clear_direct(file: &File) -> io::Result<()> {
+/// Turns `O_DIRECT` on or off on an open file. Ok(false): the filesystem does not do it
+/// (the file is unchanged).
+fn switch_direct(file: &File, on: bool) -> io::Result<bool> {
     let fd = file.as_raw_fd();
     // SAFETY: `fd` is an open file's descriptor, borrowed for the call; F_GETFL/F_SETFL
     // only change its status flags.
@@ -180,21 +177,37 @@ fn clear_direct(file: &File) -> io::Result<()> {
     if flags < 0 {
         return Err(io::Error::last_os_error());
     }
+    let flags = if on {
+        flags | libc::O_DIRECT
+    } else {
+        flags & !libc::O_DIRECT
+    };
     // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
-        return Err(io::Error::last_os_error());
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(false),
+            _ => Err(e),
+        };
     }
-    Ok(())
+    Ok(true)
+}
+
+/// Turns `O_DIRECT` on where the filesystem does it; whether it is on.
+fn set_direct(file: &File) -> io::Result<bool> {
+    switch_direct(file, true)
+}
+
+fn clear_direct(file: &File) -> io::Result<()> {
+    switch_direct(file, false).map(|_| ())
 }
 
 /// Opens `path` for reading around the page cache where the filesystem allows (for a
 /// file read once, front to back: a chunk file sent to a replica).
 pub fn open_read(path: &Path) -> io::Result<File> {
-    let open = |flags| OpenOptions::new().read(true).custom_flags(flags).open(path);
-    match open(libc::O_DIRECT) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => open(0),
-        r => r,
-    }
+    let file = File::open(path)?;
+    set_direct(&file)?;
+    Ok(file)
 }
 
 /// Reads `n` bytes (a multiple of [`ALIGN`]) of `file` at `offset` (a multiple of
@@ -256,20 +269,24 @@ mod tests {
         .into_iter()
         .enumerate()
         {
-            let path = dir.path().join(format!("f{i}"));
-            let data = sample(size);
-            let mut f = DirectFile::create_new(&path).unwrap();
-            // Uneven appends cross the buffer's and the blocks' boundaries.
-            for piece in data.chunks(70_001) {
-                f.append(piece).unwrap();
+            for direct in [true, false] {
+                let path = dir.path().join(format!("f{i}-{direct}"));
+                let data = sample(size);
+                // Buffered: what runs where the filesystem refuses O_DIRECT.
+                let mut f = DirectFile::create(&path, direct).unwrap();
+                assert!(direct || !f.is_direct());
+                // Uneven appends cross the buffer's and the blocks' boundaries.
+                for piece in data.chunks(70_001) {
+                    f.append(piece).unwrap();
+                }
+                let header = [0xa5u8; 16];
+                let patch = &header[..16.min(size)];
+                f.patch_start(patch).unwrap();
+                assert_eq!(f.finish().unwrap(), size as u64);
+                let mut want = data.clone();
+                want[..patch.len()].copy_from_slice(patch);
+                assert_eq!(std::fs::read(&path).unwrap(), want, "size {size}");
             }
-            let header = [0xa5u8; 16];
-            let patch = &header[..16.min(size)];
-            f.patch_start(patch).unwrap();
-            assert_eq!(f.finish().unwrap(), size as u64);
-            let mut want = data.clone();
-            want[..patch.len()].copy_from_slice(patch);
-            assert_eq!(std::fs::read(&path).unwrap(), want, "size {size}");
         }
     }
 
@@ -327,6 +344,7 @@ mod tests {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         let f = DirectFile::create_new(&dir.path().join("f")).unwrap();
         let fs_does_direct = {
+            use std::os::unix::fs::OpenOptionsExt;
             let probe = dir.path().join("probe");
             OpenOptions::new()
                 .write(true)

@@ -61,6 +61,8 @@ const LSN_TABLE: u8 = 9;
 const BATCH: usize = 1024;
 /// Largest piece of a chunk file in one frame.
 const CHUNK_PIECE: usize = 1 << 20;
+/// Bytes per item of a chunk file's frames as sent (see [`Engine::chunk_frames`]).
+const SEND_SLICE: usize = 64 << 10;
 /// Largest chunk file there can be: header, data, one CRC per block.
 const MAX_CHUNK_FILE: u64 =
     16 + chunk::CHUNK_MAX + (chunk::CHUNK_MAX / chunk::BLOCK as u64 + 1) * 4;
@@ -583,9 +585,6 @@ impl Engine {
         .await
     }
 
-    /// Streams one chunk file into place: temporary name, verified against its own
-    /// header and block checksums, fsynced, renamed. Returns its directory (to be synced
-    /// by the commit that makes it reachable).
     /// Chunk file `c` as snapshot frames (its start, then its pieces) for a replica:
     /// read around the page cache (it was written that way, and is read once here) and
     /// handed on without copying. None if the file no longer exists (its data was
@@ -612,49 +611,54 @@ impl Engine {
         }
         let start = Bytes::from(frame_bytes(&Frame::ChunkStart { id: c.id, size })?);
         let file = std::sync::Arc::new(file);
-        let pieces = stream::unfold(0u64, move |pos| {
+        // One piece read ahead while the one before is sent.
+        let read = move |pos: u64| {
             let file = file.clone();
-            async move {
-                if pos >= size {
-                    return None;
+            let n = ((size - pos) as usize).min(CHUNK_PIECE);
+            tokio::task::spawn_blocking(move || {
+                let data = direct::read_aligned(&file, pos, CHUNK_PIECE)?;
+                if data.len() < n {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "chunk file shorter than when it was opened",
+                    ));
                 }
-                let n = ((size - pos) as usize).min(CHUNK_PIECE);
-                let read = tokio::task::spawn_blocking(move || {
-                    direct::read_aligned(&file, pos, CHUNK_PIECE)
-                })
-                .await
-                .map_err(io::Error::other)
-                .and_then(|r| r)
-                .and_then(|data| {
-                    if data.len() < n {
-                        Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "chunk file shorter than when it was opened",
-                        ))
-                    } else {
-                        Ok(data.slice(..n))
-                    }
-                });
-                // After an error the stream ends.
-                Some(match read {
-                    Ok(data) => {
-                        let (head, tail) = piece_frame(&data);
-                        (Ok([head, data, tail]), pos + n as u64)
-                    }
-                    Err(e) => (Err(e), size),
-                })
+                Ok(data.slice(..n))
+            })
+        };
+        let first = (size > 0).then(|| read(0));
+        let pieces = stream::unfold((0u64, first), move |(pos, pending)| {
+            let read = read.clone();
+            async move {
+                let pending = pending?;
+                let data = match pending.await.map_err(io::Error::other).and_then(|r| r) {
+                    Ok(data) => data,
+                    // After an error the stream ends.
+                    Err(e) => return Some((vec![Err(e)], (size, None))),
+                };
+                let next = pos + data.len() as u64;
+                let ahead = (next < size).then(|| read(next));
+                let (head, tail) = piece_frame(&data);
+                // Handed on in small slices (no copies): the sender counts what the
+                // connection takes to tell a stalled replica from a slow one.
+                let mut parts = vec![Ok(head)];
+                let mut at = 0;
+                while at < data.len() {
+                    let to = (at + SEND_SLICE).min(data.len());
+                    parts.push(Ok(data.slice(at..to)));
+                    at = to;
+                }
+                parts.push(Ok(tail));
+                Some((parts, (next, ahead)))
             }
         })
-        .flat_map(|r| match r {
-            Ok(parts) => stream::iter(parts.map(Ok)).left_stream(),
-            Err(e) => stream::once(futures::future::ready(Err(e))).right_stream(),
-        });
+        .flat_map(stream::iter);
         Ok(Some(
             stream::once(futures::future::ready(Ok(start))).chain(pieces),
         ))
     }
 
-    /// Receives one chunk file of partition `p` sent by [`Engine::send_chunk`], verified
+    /// Receives one chunk file of partition `p` sent by [`Engine::chunk_frames`], verified
     /// against its own checksums and fsynced; it becomes reachable (and its directory
     /// durable) with the log entry that references it.
     pub async fn receive_sent_chunk<R: AsyncRead + Unpin>(
@@ -668,6 +672,9 @@ impl Engine {
         self.receive_chunk(p, id, size, input).await.map(|_| ())
     }
 
+    /// Streams one chunk file into place: temporary name, verified against its own
+    /// header and block checksums as it arrives, fsynced, renamed. Returns its directory
+    /// (to be synced by the commit that makes it reachable).
     async fn receive_chunk<R: AsyncRead + Unpin>(
         &self,
         p: PartitionId,
