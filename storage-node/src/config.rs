@@ -84,6 +84,11 @@ pub struct NodeConfig {
     /// Pieces of object-body I/O (up to 1 MiB each) the node runs at once; more wait in
     /// the fair scheduler's order (tenancy/sched.rs). Default 2.
     pub io_slots: u32,
+    /// Write chunk files (and read them for replicas) around the page cache with
+    /// `O_DIRECT` (engine/direct.rs): much less CPU per byte for large writes, but on a
+    /// three-node cluster a flooding tenant's writes then reach the disk at once and
+    /// another tenant's tail latency suffers (docs/benchmarks.md). Default false.
+    pub direct_io: bool,
     /// Heartbeat, probe and layout-poll period in milliseconds. Default 1000.
     pub heartbeat_interval_ms: u64,
     /// A node is suspected after this long without a heartbeat or an answered probe.
@@ -147,6 +152,7 @@ impl Default for NodeConfig {
             max_forwards_per_peer: 512,
             client_stall_timeout_secs: 60,
             io_slots: crate::tenancy::sched::DEFAULT_SLOTS as u32,
+            direct_io: false,
             heartbeat_interval_ms: 1000,
             suspect_after_ms: 5000,
             fail_after_ms: 30_000,
@@ -273,6 +279,9 @@ impl NodeConfig {
         }
         if let Some(v) = g("IO_SLOTS") {
             self.io_slots = parse("GRANARY_IO_SLOTS", &v)?;
+        }
+        if let Some(v) = g("DIRECT_IO") {
+            self.direct_io = parse("GRANARY_DIRECT_IO", &v)?;
         }
         if let Some(v) = g("RPC_LISTEN") {
             self.rpc_listen = parse("GRANARY_RPC_LISTEN", &v)?;

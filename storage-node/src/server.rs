@@ -381,6 +381,7 @@ impl Node {
         });
         store.set_remote_reader(crate::cluster::rpc::remote_reader(cluster.clone()));
         store.io_scheduler().set_slots(config.io_slots as usize);
+        crate::engine::set_direct_io(config.direct_io);
         // Quotas are decided by each tenant's authority, against cluster-wide usage.
         store
             .quotas()

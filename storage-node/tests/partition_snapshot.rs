@@ -338,6 +338,16 @@ async fn a_partition_snapshot_reproduces_the_partition_on_another_engine() {
 /// cut stream is refused and leaves no file, not even a temporary one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunk_file_sent_to_a_replica_arrives_intact_or_not_at_all() {
+    // Both ways chunk files can be written and read: through the page cache (the
+    // default) and around it (`direct_io`).
+    for direct in [false, true] {
+        granary_node::engine::set_direct_io(direct);
+        chunk_file_round_trip().await;
+    }
+    granary_node::engine::set_direct_io(false);
+}
+
+async fn chunk_file_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b) = (
         Engine::open(&dir.path().join("a")).unwrap(),

@@ -18,12 +18,19 @@
 //!
 //! Where the filesystem refuses `O_DIRECT` (tmpfs before Linux 6.6, some network file
 //! systems) the same code runs with ordinary buffered writes.
+//!
+//! It is the node's `direct_io` setting, off by default: on a three-node cluster a tenant
+//! flooding large PUTs then puts its writes on the disk at once (no page cache absorbs
+//! them), and another tenant's p99 under that flood was several times worse than with
+//! buffered writes (docs/benchmarks.md). Off, the same code writes through the page
+//! cache.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 
@@ -49,9 +56,10 @@ pub struct DirectFile {
 }
 
 impl DirectFile {
-    /// Creates `path`, which must not exist.
+    /// Creates `path`, which must not exist; written around the page cache when the
+    /// node is configured so ([`set_direct_io`]).
     pub fn create_new(path: &Path) -> io::Result<Self> {
-        Self::create(path, true)
+        Self::create(path, DIRECT_IO.load(Ordering::Relaxed))
     }
 
     /// Creates `path` with `O_DIRECT` if `try_direct` and the filesystem does it.
@@ -202,12 +210,24 @@ fn clear_direct(file: &File) -> io::Result<()> {
     switch_direct(file, false).map(|_| ())
 }
 
-/// Opens `path` for reading around the page cache where the filesystem allows (for a
-/// file read once, front to back: a chunk file sent to a replica).
+/// Opens `path` for reading, around the page cache when the node is configured so and
+/// the filesystem allows (for a file read once, front to back: a chunk file sent to a
+/// replica).
 pub fn open_read(path: &Path) -> io::Result<File> {
     let file = File::open(path)?;
-    set_direct(&file)?;
+    if DIRECT_IO.load(Ordering::Relaxed) {
+        set_direct(&file)?;
+    }
     Ok(file)
+}
+
+/// Whether chunk files are written (and read for replicas) with `O_DIRECT`: the node's
+/// `direct_io` setting, off by default (docs/operations.md).
+static DIRECT_IO: AtomicBool = AtomicBool::new(false);
+
+/// Sets how this process writes chunk files from now on (the node's `direct_io`).
+pub fn set_direct_io(on: bool) {
+    DIRECT_IO.store(on, Ordering::Relaxed);
 }
 
 /// Reads `n` bytes (a multiple of [`ALIGN`]) of `file` at `offset` (a multiple of
@@ -342,7 +362,7 @@ mod tests {
         // The test directory is on the repository's filesystem (ext4 here and in CI),
         // which does O_DIRECT; where it does not, the fallback is what runs.
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
-        let f = DirectFile::create_new(&dir.path().join("f")).unwrap();
+        let f = DirectFile::create(&dir.path().join("f"), true).unwrap();
         let fs_does_direct = {
             use std::os::unix::fs::OpenOptionsExt;
             let probe = dir.path().join("probe");

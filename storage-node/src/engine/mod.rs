@@ -27,6 +27,7 @@ use redb::{ReadableDatabase, TableDefinition};
 
 pub use chunk::{ChunkError, ChunkRef, ChunkStore, ChunkWriter};
 pub use commit::WriteCtx;
+pub use direct::set_direct_io;
 pub use record::Record;
 pub use replog::{LogEntry, LogPosition};
 pub use snapshot::Imported;
