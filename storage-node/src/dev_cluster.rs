@@ -82,6 +82,7 @@ fn node_config(
     int("heartbeat_interval_ms", HEARTBEAT_MS);
     int("suspect_after_ms", SUSPECT_AFTER_MS);
     int("fail_after_ms", FAIL_AFTER_MS);
+    t.insert("direct_io".into(), toml::Value::Boolean(base.direct_io));
     Ok(format!(
         "# Written by `granary-node dev --nodes {n}` on each start; holds secrets.\n{}",
         toml::to_string(&t)?

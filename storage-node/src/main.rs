@@ -43,6 +43,9 @@ enum Cmd {
         /// disconnected.
         #[arg(long, env = "GRANARY_CLIENT_STALL_TIMEOUT_SECS", default_value_t = NodeConfig::default().client_stall_timeout_secs, value_parser = clap::value_parser!(u64).range(1..))]
         client_stall_timeout_secs: u64,
+        /// Write chunk files around the page cache (O_DIRECT); see docs/operations.md.
+        #[arg(long, env = "GRANARY_DIRECT_IO", default_value_t = false, action = clap::ArgAction::Set)]
+        direct_io: bool,
         /// Run a cluster of this many node processes on this machine instead of one
         /// node: node i listens on each port above plus i-1, keeps its data under
         /// DATA_DIR/n<i>, and all share one SQLite catalog (replication factor
@@ -163,7 +166,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.cmd {
-            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, client_stall_timeout_secs, nodes, cold_tier, cold_tier_period_secs, cold_tier_timeout_secs, cold_tier_orphan_grace_secs, cold_tier_rate } => {
+            Cmd::Dev { data_dir, s3_listen, kv_listen, admin_listen, rpc_listen, memory_budget, client_stall_timeout_secs, direct_io, nodes, cold_tier, cold_tier_period_secs, cold_tier_timeout_secs, cold_tier_orphan_grace_secs, cold_tier_rate } => {
                 let _t = granary_node::telemetry::init("granary-node");
                 let config = NodeConfig {
                     data_dir,
@@ -173,6 +176,7 @@ fn main() -> anyhow::Result<()> {
                     rpc_listen,
                     memory_budget,
                     client_stall_timeout_secs,
+                    direct_io,
                     cold_tier,
                     cold_tier_period_secs,
                     cold_tier_timeout_secs,

@@ -128,15 +128,30 @@ impl DirectFile {
     /// Writes what is buffered and the head, cuts the file to its length and syncs its
     /// data. Returns the length.
     pub fn finish(mut self) -> io::Result<u64> {
+        // Direct writes are padded to whole blocks and the file cut back after; buffered
+        // ones write exactly the data.
+        let pad = self.direct;
         if self.filled > 0 || self.at == 0 {
-            let padded = self.filled.div_ceil(ALIGN).max(1) * ALIGN;
-            let (from, to) = (self.base + self.filled, self.base + padded);
-            self.mem[from..to].fill(0);
-            self.write_buffer(padded)?;
+            let n = if pad {
+                let padded = self.filled.div_ceil(ALIGN).max(1) * ALIGN;
+                let (from, to) = (self.base + self.filled, self.base + padded);
+                self.mem[from..to].fill(0);
+                padded
+            } else {
+                self.filled
+            };
+            self.write_buffer(n)?;
         }
         let head = self.base + CAP;
-        self.write_at(head, ALIGN, 0)?;
-        self.file.set_len(self.len)?;
+        let head_len = if pad {
+            ALIGN
+        } else {
+            (ALIGN as u64).min(self.len) as usize
+        };
+        self.write_at(head, head_len, 0)?;
+        if pad {
+            self.file.set_len(self.len)?;
+        }
         self.file.sync_data()?;
         Ok(self.len)
     }

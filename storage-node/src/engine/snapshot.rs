@@ -616,7 +616,8 @@ impl Engine {
             let file = file.clone();
             let n = ((size - pos) as usize).min(CHUNK_PIECE);
             tokio::task::spawn_blocking(move || {
-                let data = direct::read_aligned(&file, pos, CHUNK_PIECE)?;
+                let want = n.next_multiple_of(direct::ALIGN);
+                let data = direct::read_aligned(&file, pos, want)?;
                 if data.len() < n {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
