@@ -125,8 +125,8 @@ impl DirectFile {
         Ok(())
     }
 
-    /// Writes what is buffered and the head, cuts the file to its length and syncs its
-    /// data. Returns the length.
+    /// Writes what is buffered and the head (direct writes padded, and the file cut
+    /// back to its length after them) and syncs its data. Returns the length.
     pub fn finish(mut self) -> io::Result<u64> {
         // Direct writes are padded to whole blocks and the file cut back after; buffered
         // ones write exactly the data.
@@ -156,8 +156,9 @@ impl DirectFile {
         Ok(self.len)
     }
 
-    /// Writes the buffer's first `n` bytes (a multiple of `ALIGN`) at its offset; when
-    /// that offset is 0, the first block goes to the head instead, to be written last.
+    /// Writes the buffer's first `n` bytes (a multiple of `ALIGN` for direct writes)
+    /// at its offset; when that offset is 0, the first block goes to the head instead,
+    /// to be written last.
     fn write_buffer(&mut self, n: usize) -> io::Result<()> {
         let mut skip = 0;
         if self.at == 0 {
