@@ -586,9 +586,9 @@ impl Engine {
     }
 
     /// Chunk file `c` as snapshot frames (its start, then its pieces) for a replica:
-    /// read around the page cache (it was written that way, and is read once here) and
-    /// handed on without copying. None if the file no longer exists (its data was
-    /// replaced since, and the replica will never need it).
+    /// read around the page cache when the node writes chunk files that way
+    /// (`direct_io`), and handed on without user-space copies. None if the file no
+    /// longer exists (its data was replaced since, and the replica will never need it).
     pub async fn chunk_frames(
         &self,
         c: &ChunkRef,
@@ -758,7 +758,7 @@ async fn off_runtime<T: Send + 'static>(
 ) -> Result<T, EngineError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| EngineError::Db(format!("chunk import task failed: {e}")))?
+        .map_err(|e| EngineError::Db(format!("chunk file task failed: {e}")))?
         .map_err(EngineError::from)
 }
 
