@@ -32,6 +32,9 @@ pub const CHUNK_MAX: u64 = 8 * 1024 * 1024;
 const HEADER: u64 = 16;
 const MAGIC: &[u8; 4] = b"GRC1";
 const BLOCK_ON_DISK: u64 = BLOCK as u64 + 4;
+/// How the name of a chunk file being received from another node ends until it is
+/// whole and verified (then it takes the chunk's name).
+pub const TEMPORARY_SUFFIX: &str = ".import";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
@@ -346,6 +349,45 @@ impl ChunkStore {
             }
         }
         Ok(out)
+    }
+
+    /// Removes the files of chunk transfers that never finished (their temporary names
+    /// end in [`TEMPORARY_SUFFIX`]; nothing references them), in `partition` or, with
+    /// `None`, in every partition. Returns how many went. The caller makes sure no
+    /// transfer is in flight there. Not made durable: a removal a power cut brings back
+    /// goes at the next start.
+    pub fn remove_temporaries(&self, partition: Option<PartitionId>) -> io::Result<usize> {
+        let pdirs = match partition {
+            Some(p) => vec![self.root.join(p.to_string())],
+            None => fs::read_dir(&self.root)?
+                .map(|d| d.map(|d| d.path()))
+                .collect::<io::Result<_>>()?,
+        };
+        let mut removed = 0;
+        for pdir in pdirs {
+            let subs = match fs::read_dir(&pdir) {
+                Ok(s) => s,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for sub in subs {
+                let sub = sub?.path();
+                if !sub.is_dir() {
+                    continue;
+                }
+                for f in fs::read_dir(sub)? {
+                    let f = f?;
+                    if f.file_name().to_string_lossy().ends_with(TEMPORARY_SUFFIX) {
+                        match fs::remove_file(f.path()) {
+                            Ok(()) => removed += 1,
+                            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(e),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// The chunk files of one partition (any state: a reader verifies them).

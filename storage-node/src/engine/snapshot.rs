@@ -19,6 +19,8 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use futures::{Stream, StreamExt, stream};
@@ -462,10 +464,8 @@ impl Engine {
             }
         }
         // Temporary files of an import a crash interrupted are never referenced.
-        let pdir = self.chunks.root().join(p.to_string());
-        tokio::task::spawn_blocking(move || remove_temporaries(&pdir))
-            .await
-            .map_err(|e| EngineError::Db(format!("cleanup task failed: {e}")))??;
+        let chunks = self.chunks.clone();
+        off_runtime(move || chunks.remove_temporaries(Some(p))).await?;
         // Clear the partition and mark it incomplete, durably, before anything lands.
         let mark = importing_key(p);
         self.write(Vec::new(), move |ctx| {
@@ -610,7 +610,7 @@ impl Engine {
             return Err(invalid(format!("chunk file {} of {size} bytes", c.id.0)));
         }
         let start = Bytes::from(frame_bytes(&Frame::ChunkStart { id: c.id, size })?);
-        let file = std::sync::Arc::new(file);
+        let file = Arc::new(file);
         // One piece read ahead while the one before is sent.
         let read = move |pos: u64| {
             let file = file.clone();
@@ -696,9 +696,10 @@ impl Engine {
         // A name of its own per transfer: two transfers of one chunk (sent ahead, then
         // again with its entry) never write or rename each other's file.
         let tmp = dir.join(format!(
-            "{}.{}.import",
+            "{}.{}{}",
             id.0.simple(),
-            uuid::Uuid::new_v4().simple()
+            uuid::Uuid::new_v4().simple(),
+            chunk::TEMPORARY_SUFFIX
         ));
         // Durably created like any chunk directory; the file's own name is made durable
         // by the commit that first references it (its directory is passed to it).
@@ -707,19 +708,39 @@ impl Engine {
             .await
             .map_err(|e| EngineError::Db(format!("chunk directory task failed: {e}")))??;
         // Removed however this ends (an error, or the transfer dropped midway), unless
-        // it took the chunk's name.
-        struct Temporary(Option<PathBuf>);
+        // it took the chunk's name. A transfer dropped while its file is being created
+        // leaves the creation running on a blocking thread: `dropped` tells that thread
+        // to remove what it created (it checks after creating, the guard sets it before
+        // removing, so one of the two always sees the file).
+        struct Temporary {
+            path: Option<PathBuf>,
+            dropped: Arc<AtomicBool>,
+        }
         impl Drop for Temporary {
             fn drop(&mut self) {
-                if let Some(t) = self.0.take() {
+                if let Some(t) = self.path.take() {
+                    self.dropped.store(true, Ordering::SeqCst);
                     let _ = std::fs::remove_file(t);
                 }
             }
         }
-        let mut guard = Temporary(Some(tmp.clone()));
+        let dropped = Arc::new(AtomicBool::new(false));
+        let mut guard = Temporary {
+            path: Some(tmp.clone()),
+            dropped: dropped.clone(),
+        };
         let received = async {
             let t = tmp.clone();
-            let mut file = off_runtime(move || DirectFile::create_new(&t)).await?;
+            let mut file = off_runtime(move || {
+                let file = DirectFile::create_new(&t)?;
+                if dropped.load(Ordering::SeqCst) {
+                    drop(file);
+                    let _ = std::fs::remove_file(&t);
+                    return Err(io::Error::other("chunk transfer dropped"));
+                }
+                Ok(file)
+            })
+            .await?;
             let mut check = ImageCheck::new(id);
             let mut left = size;
             while left > 0 {
@@ -747,7 +768,7 @@ impl Engine {
         // chunk's name (replacing a copy already there with the same bytes).
         let (tmp2, path2) = (tmp.clone(), path.clone());
         off_runtime(move || std::fs::rename(&tmp2, &path2)).await?;
-        guard.0 = None;
+        guard.path = None;
         Ok(dir)
     }
 }
@@ -760,21 +781,6 @@ async fn off_runtime<T: Send + 'static>(
         .await
         .map_err(|e| EngineError::Db(format!("chunk file task failed: {e}")))?
         .map_err(EngineError::from)
-}
-
-fn remove_temporaries(pdir: &Path) -> Result<(), EngineError> {
-    let Ok(subs) = std::fs::read_dir(pdir) else {
-        return Ok(());
-    };
-    for sub in subs {
-        for f in std::fs::read_dir(sub?.path())? {
-            let f = f?;
-            if f.file_name().to_string_lossy().ends_with(".import") {
-                std::fs::remove_file(f.path())?;
-            }
-        }
-    }
-    Ok(())
 }
 
 impl Engine {

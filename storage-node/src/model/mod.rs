@@ -429,6 +429,19 @@ impl Store {
     /// the outcome names the first such record.
     pub async fn sweep_orphan_chunks(&self) -> Result<SweepOutcome> {
         let chunks = self.inner.engine.chunks().clone();
+        // Files of transfers from other nodes that a stop interrupted: never referenced
+        // under their temporary names, whatever the records say.
+        let c = chunks.clone();
+        let temporaries = tokio::task::spawn_blocking(move || c.remove_temporaries(None))
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))?
+            .map_err(EngineError::from)?;
+        if temporaries > 0 {
+            tracing::info!(
+                files = temporaries,
+                "removed chunk files whose transfer from another node an earlier stop interrupted"
+            );
+        }
         let live = self
             .inner
             .engine
@@ -564,6 +577,45 @@ mod sweep_tests {
             })
             .await
             .unwrap();
+    }
+
+    /// A chunk file whose transfer from another node a stop interrupted (its temporary
+    /// name) goes at the next start, even when a record cannot be read; the chunk it
+    /// was a copy of stays.
+    #[tokio::test]
+    async fn the_sweep_removes_interrupted_transfers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, tenant) = test_store_with_tenant(dir.path()).await;
+        s.create_bucket(tenant, "b").await.unwrap();
+        put(&s, tenant, "a", 300 * 1024).await;
+        let c = s.engine().chunks().clone();
+        let live = tokio::task::spawn_blocking(move || c.list_all().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 1);
+        let path = s.engine().chunks().path(live[0].partition, live[0].id);
+        let mut names = path.file_name().unwrap().to_os_string();
+        names.push(format!(".0123{}", crate::engine::chunk::TEMPORARY_SUFFIX));
+        let tmp = path.with_file_name(names);
+        std::fs::write(&tmp, b"half a transfer").unwrap();
+        // An unreadable record stops the orphan sweep, not the removal of temporaries.
+        rewrite(&s, tenant, "a", |old| {
+            let mut v = old.to_vec();
+            let n = v.len();
+            v[n - 10] ^= 0x01;
+            v
+        })
+        .await;
+        assert!(matches!(
+            s.sweep_orphan_chunks().await.unwrap(),
+            SweepOutcome::Aborted { .. }
+        ));
+        assert!(
+            !tmp.exists(),
+            "the interrupted transfer's file is still there"
+        );
+        assert!(path.exists(), "the chunk itself went");
+        assert_eq!(chunk_count(&s).await, 1);
     }
 
     /// A bit flip in one record, or a record written by a newer format, must not turn
