@@ -5,7 +5,8 @@
 # Prints B's p99 with A flooding over B's p99 alone, and A's throughput, for:
 #   granary            A and B with equal QoS (no caps)
 #   granary, A capped  A's QoS maxConcurrentRequests=4 (the isolation Granary has today)
-#   garage             two keys on one Garage node (it has no tenant isolation)
+#   garage             two keys on Garage, as many nodes as Granary (it has no tenant
+#                      isolation)
 #   floor              A floods a second granary node (another process, another data
 #                      directory) while B runs on the first: what the machine itself
 #                      (2 cores shared by clients and servers, one disk) costs B, which
@@ -13,7 +14,8 @@
 # Single node, fsync on everywhere, all on this machine, same client (s3bench).
 # NOISY_NODES=3: Granary is a 3-node cluster (`granary-node dev --nodes 3`: factor 3,
 # minInSync 2) and the floor's second Granary is one too; both tenants talk to node 1,
-# which forwards to their buckets' primaries. The Garage peer stays single-node.
+# which forwards to their buckets' primaries. The Garage peer is then three nodes too
+# (replication_factor 3), both keys talking to its first node.
 #
 #   bench/noisy.sh
 #   NOISY_SECONDS=30 NOISY_RATE=200 bench/noisy.sh
@@ -32,7 +34,7 @@ B_OP="${NOISY_B_OP:-mixed}"       # B's operation: mixed | get | put
 FLOOR="${NOISY_FLOOR:-1}"         # 0: skip the "floor" pair
 GRANARY_NODES="${NOISY_NODES:-1}" # 1 | 3: Granary single-node, or a 3-node cluster
 case "$GRANARY_NODES" in 1 | 3) ;; *) echo "NOISY_NODES must be 1 or 3" >&2; exit 2 ;; esac
-NODES=1 # Garage's
+NODES=$GRANARY_NODES # Garage's
 GARAGE_VERSION=2.5.0
 CACHE="${GRANARY_TOOLS_CACHE:-$HOME/.cache/granary-tools}"
 GARAGE="$CACHE/garage-$GARAGE_VERSION/bin/garage"

@@ -31,6 +31,12 @@ pub struct S3Front {
 
 /// Largest XML request body s3s reads (`s3_limits` in server.rs).
 pub const XML_MAX: usize = 4 * 1024 * 1024;
+/// What one object upload (PutObject, UploadPart, a form's file) holds in memory at
+/// most while its body streams to disk: the piece being gathered and the one being
+/// written (`model::data`, 1 MiB each). Reserved from the memory budget for the time of
+/// the request, so that clients that send part of a body and stall cannot pile up
+/// pieces past the budget.
+pub const UPLOAD_HOLD: usize = 2 * 1024 * 1024;
 
 impl S3Front {
     pub fn new(
@@ -113,18 +119,29 @@ impl S3Front {
             }
             // An XML body is read whole by s3s (once the head's signature checks out): it
             // reserves its bytes first, and is refused at once when they are not there.
-            // So do a form upload's fields, read before its policy can be checked.
+            // So do a form upload's fields, read before its policy can be checked, and
+            // its file's pieces after them. An object upload reserves what its pieces
+            // hold (`UPLOAD_HOLD`, or its whole body when smaller).
             let form = super::post::is_form_post(&parts);
-            let mut xml_hold = if form || self.xml_body(&parts) {
-                let declared = parts
-                    .headers
-                    .get(http::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
-                    .unwrap_or(XML_MAX);
+            let xml = !form && self.xml_body(&parts);
+            let upload = !form && !xml && parts.method == http::Method::PUT && has_body;
+            let mut xml_hold = if form || xml || upload {
+                let declared = |name: &str| {
+                    parts
+                        .headers
+                        .get(name)
+                        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+                };
                 let want = if form {
-                    super::post::FIELDS_MAX
+                    super::post::FIELDS_MAX + UPLOAD_HOLD
+                } else if xml {
+                    declared("content-length").unwrap_or(XML_MAX).min(XML_MAX)
                 } else {
-                    declared.min(XML_MAX)
+                    // An aws-chunked body's length counts its chunk signatures too.
+                    declared("x-amz-decoded-content-length")
+                        .or_else(|| declared("content-length"))
+                        .unwrap_or(UPLOAD_HOLD)
+                        .min(UPLOAD_HOLD)
                 };
                 match self.budget.try_reserve(want) {
                     Some(r) => Some(r),

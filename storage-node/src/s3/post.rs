@@ -119,8 +119,8 @@ fn too_large_fields() -> Refusal {
     )
 }
 
-/// Handles a form upload to `bucket`. `hold` (the memory reserved for the fields) is
-/// released once they are read. On a cluster, a form for a bucket another node leads is
+/// Handles a form upload to `bucket`. `hold` (the memory reserved for the fields and
+/// the file's pieces) shrinks to what the pieces hold once the fields are read. On a cluster, a form for a bucket another node leads is
 /// forwarded there whole, once its policy has been verified here.
 pub async fn handle(
     s3: &GranaryS3,
@@ -194,7 +194,11 @@ pub async fn handle(
                 "the form's fields did not arrive in time".into(),
             )
         })??;
-    drop(hold);
+    // The fields are parsed: what stays reserved is what the file's pieces hold.
+    let mut hold = hold;
+    if let Some(h) = &mut hold {
+        h.shrink_to(super::front::UPLOAD_HOLD);
+    }
 
     let tenant = authenticate(s3, &fields).await?;
     let (min, max) = check_policy(&fields, bucket)?;

@@ -63,6 +63,31 @@ impl RssSampler {
 
 const MIB: u64 = 1024 * 1024;
 
+/// The head of an HTTP/1.1 request to `addr` signed by `signer` for `body` (whole),
+/// with its `Content-Length`: for clients that then send less than they announced.
+fn signed_head(
+    signer: &KvClient,
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> String {
+    let signed = signer.signed_headers(method, path, headers, body).unwrap();
+    let mut h = format!(
+        "{method} {path} HTTP/1.1\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !signed.iter().any(|(k, _)| k == "host") {
+        h.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in signed {
+        h.push_str(&format!("{k}: {v}\r\n"));
+    }
+    h.push_str("\r\n");
+    h
+}
+
 /// Sends `head` and then up to `body_len` zero bytes on a raw connection while
 /// reading the answer; returns what the server answered (until it closed).
 async fn raw_request(addr: &str, head: String, body_len: u64) -> String {
@@ -127,19 +152,7 @@ async fn batch_of_values(kv: &KvClient, namespace: &str, keys: usize, stored: us
 /// `addr`.
 fn raw_batch_get(kv: &KvClient, addr: &str, namespace: &str, batch: &[u8]) -> Vec<u8> {
     let path = format!("/kv/v1/{namespace}?batchGet");
-    let signed = kv.signed_headers("POST", &path, &[], batch).unwrap();
-    let mut head = format!(
-        "POST {path} HTTP/1.1\r\nContent-Length: {}\r\n",
-        batch.len()
-    );
-    if !signed.iter().any(|(k, _)| k == "host") {
-        head.push_str(&format!("Host: {addr}\r\n"));
-    }
-    for (k, v) in &signed {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut bytes = head.into_bytes();
+    let mut bytes = signed_head(kv, addr, "POST", &path, &[], batch).into_bytes();
     bytes.extend_from_slice(batch);
     bytes
 }
@@ -709,7 +722,8 @@ async fn damaged_records_never_cost_other_data() {
 /// with a budget of 8 MiB, of 40 signed DeleteObjects requests that send all but the last
 /// byte of a 3 MiB body, two are held (6 MiB) and the others are refused at once with
 /// 503 SlowDown, nothing read, and the node's RSS grows by far less than the 120 MiB they
-/// announced; a PutObject (streamed, not counted) still works; once the stalled ones go
+/// announced; a PutObject (streamed, holding at most 2 MiB of the budget) still works;
+/// once the stalled ones go
 /// away, XML requests are served again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stalled_xml_bodies_count_in_the_memory_budget() {
@@ -725,26 +739,14 @@ async fn stalled_xml_bodies_count_in_the_memory_budget() {
     signer.service = "s3";
     let body = vec![b' '; 3 * MIB as usize];
     let head = |_len: u64| {
-        let signed = signer
-            .signed_headers(
-                "POST",
-                "/xml?delete",
-                &[("content-type", "application/xml")],
-                &body,
-            )
-            .unwrap();
-        let mut h = format!(
-            "POST /xml?delete HTTP/1.1\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        if !signed.iter().any(|(k, _)| k == "host") {
-            h.push_str(&format!("Host: {addr}\r\n"));
-        }
-        for (k, v) in signed {
-            h.push_str(&format!("{k}: {v}\r\n"));
-        }
-        h.push_str("\r\n");
-        h
+        signed_head(
+            &signer,
+            &addr,
+            "POST",
+            "/xml?delete",
+            &[("content-type", "application/xml")],
+            &body,
+        )
     };
     // 40 signed DeleteObjects requests send all but the last byte of a 3 MiB body and
     // stall. Without the budget each would hold its 3 MiB in s3s's buffer (120 MiB in
@@ -782,7 +784,7 @@ async fn stalled_xml_bodies_count_in_the_memory_budget() {
     let refused = raw_request(&addr, head(3 * MIB), 0).await;
     assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
     assert!(refused.contains("<Code>SlowDown</Code>"), "{refused}");
-    // Object data streams and is not counted.
+    // An upload holds at most 2 MiB of its data (its pieces): that still fits.
     s3.put_object()
         .bucket("xml")
         .key("k")
@@ -818,6 +820,106 @@ async fn stalled_xml_bodies_count_in_the_memory_budget() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(deleted, "DeleteObjects after the stalled clients left");
+}
+
+/// Object uploads that send part of their body and stall hold what their pieces hold
+/// (up to 2 MiB each) in the memory budget: once it is spent, further uploads are
+/// refused from their head with 503 SlowDown, and the budget comes back when the
+/// stalled clients leave. Without it, every stalled upload would pin its pieces for as
+/// long as its client liked, however many connections it opened.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stalled_uploads_count_in_the_memory_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let node =
+        NodeProc::start_with_env(dir.path(), &[("GRANARY_MEMORY_BUDGET", "8388608")]).unwrap();
+    let addr = node.s3.trim_start_matches("http://").to_string();
+    let s3 = s3_client(&node.s3, &node.access_key, &node.secret_key);
+    s3.create_bucket().bucket("uploads").send().await.unwrap();
+    let mut signer = KvClient::new(&node.s3, &node.access_key, &node.secret_key);
+    signer.service = "s3";
+    let body: Vec<u8> = (0..3 * MIB as usize).map(|i| (i % 251) as u8).collect();
+    let head = |key: &str| {
+        signed_head(
+            &signer,
+            &addr,
+            "PUT",
+            &format!("/uploads/{key}"),
+            &[],
+            &body,
+        )
+    };
+    // 30 signed 3 MiB PUTs send 2 MiB less a byte and stall: each has a piece written
+    // and nearly another gathered. 2 MiB each, four fit in the 8 MiB budget.
+    let before = rss(node.pid().unwrap());
+    let mut stalled = Vec::new();
+    let mut refused = 0;
+    for i in 0..30 {
+        let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let _ = c.write_all(head(&format!("k{i}")).as_bytes()).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.write_all(&body[..2 * MIB as usize - 1]),
+        )
+        .await;
+        let mut answer = vec![0u8; 1024];
+        match tokio::time::timeout(Duration::from_millis(300), c.read(&mut answer)).await {
+            Ok(Ok(n)) if n > 0 => {
+                let text = String::from_utf8_lossy(&answer[..n]).into_owned();
+                assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+                assert!(text.contains("SlowDown"), "{text}");
+                refused += 1;
+            }
+            _ => stalled.push(c),
+        }
+    }
+    let grown = rss(node.pid().unwrap()).saturating_sub(before);
+    println!(
+        "30 stalled 3 MiB uploads: {} held, {refused} refused (503 SlowDown); RSS grew {:.1} MiB",
+        stalled.len(),
+        grown as f64 / MIB as f64
+    );
+    assert!(
+        (1..=4).contains(&stalled.len()) && refused >= 26,
+        "{} held, {refused} refused",
+        stalled.len()
+    );
+    // Nothing of the stalled uploads was stored.
+    let listed = s3.list_objects_v2().bucket("uploads").send().await.unwrap();
+    assert_eq!(listed.key_count(), Some(0));
+    // The stalled clients leave: their reservations go back, and an upload works again.
+    drop(stalled);
+    let mut stored = false;
+    for _ in 0..50 {
+        let r = s3
+            .put_object()
+            .bucket("uploads")
+            .key("after")
+            .body(body.clone().into())
+            .send()
+            .await;
+        if r.is_ok() {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(stored, "PutObject after the stalled clients left");
+    let got = s3
+        .get_object()
+        .bucket("uploads")
+        .key("after")
+        .send()
+        .await
+        .unwrap()
+        .body
+        .collect()
+        .await
+        .unwrap()
+        .into_bytes();
+    assert!(
+        got == body,
+        "the upload after the stall reads back different bytes"
+    );
 }
 
 /// Clients that stop moving are disconnected after `client_stall_timeout_secs`, and what
@@ -875,17 +977,7 @@ async fn stalled_clients_are_disconnected_and_their_memory_comes_back() {
     // A signed KV PUT that announces 1 MiB, sends 1000 bytes of it and goes quiet: its
     // reservation is held until the body fails.
     let value = vec![5u8; MIB as usize];
-    let signed = kv
-        .signed_headers("PUT", "/kv/v1/stall/quiet", &[], &value)
-        .unwrap();
-    let mut head = format!("PUT /kv/v1/stall/quiet HTTP/1.1\r\nContent-Length: {MIB}\r\n");
-    if !signed.iter().any(|(k, _)| k == "host") {
-        head.push_str(&format!("Host: {addr}\r\n"));
-    }
-    for (k, v) in &signed {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
+    let head = signed_head(&kv, &addr, "PUT", "/kv/v1/stall/quiet", &[], &value);
     let mut c = tokio::net::TcpStream::connect(&addr).await.unwrap();
     c.write_all(head.as_bytes()).await.unwrap();
     c.write_all(&value[..1000]).await.unwrap();
