@@ -22,6 +22,8 @@
 #   NOISY_NODES=3 NOISY_PEER=none bench/noisy.sh
 #   NOISY_PEER=none NOISY_CAPPED=0 NOISY_B_OP=put bench/noisy.sh   (Granary alone, equal
 #   QoS only, B's PUTs only: for experiments; the report uses the defaults)
+#   NOISY_B_ARGS="--show-slow-ms 200 --max-attempts 1"   (more s3bench options for B:
+#   here, print B's slow and failed operations, and count a retry as an error)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,7 +93,8 @@ fi
 
 quiet() { # endpoint ak sk bucket label
   "$TARGET/s3bench" --endpoint "$1" --access-key "$2" --secret-key "$3" --bucket "$4" \
-    --op "$B_OP" --size 4096 --concurrency 4 --rate "$RATE" --seconds "$SECS" --label "$5"
+    --op "$B_OP" --size 4096 --concurrency 4 --rate "$RATE" --seconds "$SECS" --label "$5" \
+    ${NOISY_B_ARGS:-}
 }
 flood() { # endpoint ak sk bucket label
   "$TARGET/s3bench" --endpoint "$1" --access-key "$2" --secret-key "$3" --bucket "$4" \

@@ -45,6 +45,14 @@ struct Args {
     /// ends). Latency is measured from the scheduled start, so a stalled server shows.
     #[arg(long, default_value_t = 0.0)]
     rate: f64,
+    /// Attempts per operation (the SDK's standard retry: 3); 1 counts every failed
+    /// attempt as an error instead of retrying it.
+    #[arg(long, default_value_t = 3)]
+    max_attempts: u32,
+    /// Print to stderr every operation that took longer than this many milliseconds
+    /// (its own time, not its lateness in an open loop) and every failed one (0: none).
+    #[arg(long, default_value_t = 0)]
+    show_slow_ms: u64,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -70,6 +78,10 @@ async fn main() -> anyhow::Result<()> {
             "bench",
         ))
         .force_path_style(true)
+        .retry_config(
+            aws_sdk_s3::config::retry::RetryConfig::standard()
+                .with_max_attempts(a.max_attempts.max(1)),
+        )
         .build();
     let c = aws_sdk_s3::Client::from_conf(conf);
     let _ = c.create_bucket().bucket(&a.bucket).send().await;
@@ -139,25 +151,43 @@ async fn main() -> anyhow::Result<()> {
                 } else {
                     Instant::now()
                 };
-                let ok = if is_put {
+                let sent = Instant::now();
+                let outcome: Result<(), String> = if is_put {
                     c.put_object()
                         .bucket(&a.bucket)
                         .key(&key)
                         .body(ByteStream::from(payload.clone()))
                         .send()
                         .await
-                        .is_ok()
+                        .map(|_| ())
+                        .map_err(|e| format!("{:?}", aws_sdk_s3::error::DisplayErrorContext(e)))
                 } else {
                     match c.get_object().bucket(&a.bucket).key(&key).send().await {
-                        Ok(o) => o
-                            .body
-                            .collect()
-                            .await
-                            .map(|b| b.into_bytes().len() == a.size)
-                            .unwrap_or(false),
-                        Err(_) => false,
+                        Ok(o) => match o.body.collect().await.map(|b| b.into_bytes().len()) {
+                            Ok(n) if n == a.size => Ok(()),
+                            Ok(n) => Err(format!("{n} bytes read, {} expected", a.size)),
+                            Err(e) => Err(e.to_string()),
+                        },
+                        Err(e) => Err(format!("{:?}", aws_sdk_s3::error::DisplayErrorContext(e))),
                     }
                 };
+                let took = sent.elapsed();
+                if a.show_slow_ms > 0
+                    && (outcome.is_err() || took >= Duration::from_millis(a.show_slow_ms))
+                {
+                    eprintln!(
+                        "{} {key}: {:.1} ms after {:.3} s{}",
+                        if is_put { "PUT" } else { "GET" },
+                        took.as_secs_f64() * 1000.0,
+                        started.elapsed().as_secs_f64(),
+                        outcome
+                            .as_ref()
+                            .err()
+                            .map(|e| format!(": {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+                let ok = outcome.is_ok();
                 if ok {
                     lat.push(t0.elapsed());
                     bytes += a.size as u64;
