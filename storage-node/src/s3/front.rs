@@ -125,7 +125,7 @@ impl S3Front {
             let form = super::post::is_form_post(&parts);
             let xml = !form && self.xml_body(&parts);
             let upload = !form && !xml && parts.method == http::Method::PUT && has_body;
-            let mut xml_hold = if form || xml || upload {
+            let mut body_hold = if form || xml || upload {
                 let declared = |name: &str| {
                     parts
                         .headers
@@ -177,7 +177,7 @@ impl S3Front {
                             &parts,
                             &bucket,
                             body,
-                            xml_hold.take(),
+                            body_hold.take(),
                         )
                         .await
                         {
@@ -196,7 +196,7 @@ impl S3Front {
                 crate::model::tracking_partitions(write, self.s3.call(req)).await
             };
             // s3s is done with the body: its bytes go back before the barrier's wait.
-            drop(xml_hold);
+            drop(body_hold);
             let (replicator, wait) = &self.replication;
             if let Err(why) = replicator.barrier(&touched, *wait).await {
                 // A read changed nothing: it may simply be retried (503). A write's
